@@ -1,0 +1,223 @@
+"""Load and validate the TOML configuration.
+
+One typed model per section; unknown keys are errors reported with their
+path. Only `[device]`, `[mqtt]` and `[channels]` are required.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge_daemon.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo in a config must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DeviceConfig(_Section):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="device id, used in MQTT topics and the client id")
+    state_dir: Path = Field(Path("/var/lib/edge-daemon"), description="holds store.db, base/ and adapters/")
+    socket: Path = Field(Path("/run/edge-daemon/control.sock"), description="control socket path")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="logging level")
+
+
+class MqttConfig(_Section):
+    host: str = Field("127.0.0.1", description="broker host")
+    port: int = Field(1883, ge=1, le=65535, description="broker port")
+    topics: list[str] = Field(default_factory=lambda: ["sensors/#"], min_length=1, description="subscriptions")
+    qos: Literal[0, 1] = Field(1, description="subscription QoS; 1 = nothing lost")
+    client_id: str | None = Field(None, description="persistent-session client id (default edge-daemon-<device.id>)")
+    username: str | None = Field(None, description="broker user name")
+    password: str | None = Field(None, description="broker password")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0, description="how long the broker keeps the session (MQTT 5)")
+    reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay")
+    reconnect_max_s: float = Field(30.0, gt=0, description="longest reconnect delay (exponential backoff)")
+    max_payload_bytes: int = Field(16384, ge=64, description="larger payloads are rejected unparsed")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> MqttConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
+class ChannelsConfig(_Section):
+    names: list[str] = Field(min_length=1, description="model inputs, in order; '<sensor>/<channel>'")
+    period_s: float = Field(1.0, gt=0, description="grid period readings are aligned to")
+    max_fill_steps: int = Field(5, ge=0, description="forward-fill at most this many grid steps; longer gaps split windows")
+
+    @field_validator("names")
+    @classmethod
+    def _names_unique(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError("channel names must be unique")
+        for name in names:
+            if name.count("/") != 1 or any(not part for part in name.split("/")):
+                raise ValueError(f"channel {name!r} must look like '<sensor>/<channel>'")
+            if any(ch in name for ch in "#+"):
+                raise ValueError(f"channel {name!r} must not contain MQTT wildcards")
+        return names
+
+
+class StoreConfig(_Section):
+    budget_mb: float = Field(64.0, gt=0, description="store.db is kept under this size")
+    batch_size: int = Field(500, ge=1, description="flush a write batch at this many readings")
+    flush_interval_s: float = Field(0.2, gt=0, description="... or after this long")
+    recent_hours: float = Field(24.0, gt=0, description="readings newer than this are always kept whole")
+    reservoir_fraction: float = Field(0.3, gt=0, lt=1, description="share of the budget kept as a sample of older data")
+    retention_interval_s: float = Field(60.0, gt=0, description="how often retention runs")
+    max_age_s: float = Field(7 * 24 * 3600.0, gt=0, description="readings older than this are rejected")
+    max_skew_s: float = Field(300.0, ge=0, description="readings this far ahead of the device clock are rejected")
+
+
+class ModelConfig(_Section):
+    window: int = Field(64, ge=4, description="steps of history the forecaster sees")
+    d_model: int = Field(64, ge=4, description="embedding width")
+    n_heads: int = Field(4, ge=1, description="attention heads")
+    n_layers: int = Field(3, ge=1, description="transformer blocks")
+    d_ff: int = Field(128, ge=4, description="feed-forward width")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout in training")
+    bootstrap_min_windows: int = Field(512, ge=16, description="windows needed before a device trains its own base model")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError("d_model must be a multiple of n_heads")
+        return self
+
+
+class LoraConfigSection(_Section):
+    r: int = Field(4, ge=1, description="adapter rank")
+    alpha: float = Field(8.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["qkv", "proj", "fc1", "fc2"], min_length=1, description="Linear layers inside a block that get adapters"
+    )
+    max_blocks: int = Field(2, ge=1, description="adapt at most this many blocks, chosen by gradient norm on a probe batch")
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(32, ge=1, description="effective batch (micro-batches accumulate to it)")
+    micro_batch: int = Field(32, ge=1, description="largest micro-batch the planner may start with")
+    steps: int = Field(60, ge=1, description="optimizer steps per update")
+    lr: float = Field(3e-3, gt=0, description="learning rate")
+    replay_fraction: float = Field(0.5, ge=0, lt=1, description="share of each batch drawn from older data in the store")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="newest share of recent windows held out for the gate")
+    gate_tolerance: float = Field(0.05, ge=0, description="replayed-data loss may worsen by at most this fraction")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="'auto' lets the watchdog decide")
+    optimizer: Literal["auto", "adamw", "adamw8bit"] = Field("auto", description="'auto' switches to 8-bit state under pressure")
+    min_interval_s: float = Field(600.0, ge=0, description="minimum spacing between updates")
+    min_new_windows: int = Field(256, ge=1, description="new windows since the last update that justify one without drift")
+    recent_hours: float = Field(1.0, gt=0, description="what counts as recent data for an update")
+    idle_cpu_percent: float = Field(50.0, gt=0, le=100, description="device counts as idle below this CPU use")
+    idle_window_s: float = Field(30.0, gt=0, description="... averaged over this long")
+    check_interval_s: float = Field(10.0, gt=0, description="how often the update trigger is evaluated")
+    keep_versions: int = Field(5, ge=1, description="adapter versions kept on disk")
+    nice: int = Field(10, ge=0, le=19, description="niceness of the training process")
+
+
+class MemoryConfig(_Section):
+    budget_mb: float | None = Field(None, gt=0, description="memory the service may use (default: cgroup limit or machine)")
+    elevated: float = Field(0.70, gt=0, lt=1, description="share of the budget at which checkpointing turns on")
+    high: float = Field(0.80, gt=0, lt=1, description="share at which micro-batches halve and optimizer state goes 8-bit")
+    critical: float = Field(0.90, gt=0, lt=1, description="share at which a running update stops")
+    hysteresis: float = Field(0.05, ge=0, lt=0.5, description="a level is left only this far below its threshold")
+    sample_interval_s: float = Field(0.2, gt=0, description="watchdog sampling period")
+    min_available_mb: float = Field(64.0, ge=0, description="system MemAvailable below this counts as critical")
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> MemoryConfig:
+        if not self.elevated < self.high < self.critical:
+            raise ValueError("thresholds must satisfy elevated < high < critical")
+        return self
+
+
+class DriftConfig(_Section):
+    detector: Literal["adwin", "page_hinkley", "kswin"] = Field("adwin", description="detector on inputs and residuals")
+    delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence")
+    min_samples: int = Field(60, ge=1, description="steps before a detector may fire")
+    evaluate_interval_s: float = Field(5.0, gt=0, description="how often drift status is refreshed")
+
+
+class OutputsConfig(_Section):
+    forecast_every: int = Field(1, ge=0, description="publish every Nth forecast (0 = never)")
+    anomaly_threshold: float = Field(6.0, gt=0, description="alert when the anomaly score exceeds this")
+    status_interval_s: float = Field(30.0, gt=0, description="retained status refresh period")
+    qos: Literal[0, 1] = Field(0, description="QoS of forecast and status messages (alerts always use 1)")
+
+
+class Config(_Section):
+    device: DeviceConfig
+    mqtt: MqttConfig
+    channels: ChannelsConfig
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+
+    @model_validator(mode="after")
+    def _defaults_from_device(self) -> Config:
+        if self.mqtt.client_id is None:
+            self.mqtt.client_id = f"edge-daemon-{self.device.id}"
+        return self
+
+    @property
+    def store_path(self) -> Path:
+        return self.device.state_dir / "store.db"
+
+    @property
+    def base_dir(self) -> Path:
+        return self.device.state_dir / "base"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.device.state_dir / "adapters"
+
+    @property
+    def topic_prefix(self) -> str:
+        return f"edge/{self.device.id}/"
+
+
+def _path_of(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "<root>"
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate an already-parsed TOML document."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            message = err["msg"]
+            if err["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif err["type"] == "missing":
+                message = "required"
+            problems.append((_path_of(err["loc"]), message))
+        lines = "\n".join(f"  {path}: {msg}" for path, msg in problems)
+        raise ConfigError(f"{source}: invalid configuration\n{lines}", problems) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file; raise ConfigError with field paths."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}", [("<file>", str(exc.strerror))]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}", [("<file>", str(exc))]) from None
+    return parse_config(data, source=str(path))

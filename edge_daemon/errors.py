@@ -1,0 +1,59 @@
+"""Exception types of edge-daemon.
+
+Raised inside the library and translated only at the edges: the CLI turns
+them into exit codes and messages, the control socket into `{"ok": false}`.
+"""
+
+from __future__ import annotations
+
+
+class EdgeDaemonError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(EdgeDaemonError):
+    """The configuration file is missing, unreadable or invalid.
+
+    `problems` holds one `(field_path, message)` pair per invalid field.
+    """
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.problems: list[tuple[str, str]] = problems or []
+
+
+class StoreError(EdgeDaemonError):
+    """The replay store cannot be opened, migrated or written."""
+
+
+class PayloadError(EdgeDaemonError):
+    """An MQTT payload was rejected; `reason` is the counter it is filed under."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class ModelError(EdgeDaemonError):
+    """The base model is missing, incompatible with the config, or corrupt."""
+
+
+class AdapterError(EdgeDaemonError):
+    """An adapter version is missing, corrupt or cannot be served."""
+
+
+class TrainingError(EdgeDaemonError):
+    """An update failed (non-finite loss, no data); nothing served changed."""
+
+
+class TrainingAborted(EdgeDaemonError):
+    """An update stopped cleanly at a micro-batch boundary (memory or shutdown)."""
+
+
+class ControlError(EdgeDaemonError):
+    """A control-socket request failed, or the daemon could not be reached."""
+
+
+class PermissionDenied(ControlError):
+    """The peer may not run this command (mutating commands need root or the daemon's user/group)."""

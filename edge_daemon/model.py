@@ -1,0 +1,150 @@
+"""The forecaster: a small causal transformer over windows of sensor channels.
+
+No I/O here: loading and saving live in `adapters` and `trainer`. Inputs are
+normalised channel values on a regular grid; at every position the model
+predicts the next step, so one window gives T training targets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class ForecasterConfig:
+    n_channels: int  # sensor channels in and out, in config order
+    window: int = 64  # steps of history; positions beyond it are not embedded
+    d_model: int = 64  # ~1e5 parameters at the defaults: fits a Pi-class device
+    n_heads: int = 4
+    n_layers: int = 3
+    d_ff: int = 128
+    dropout: float = 0.0  # sensor series are small and noisy; dropout rarely helps
+
+    def __post_init__(self) -> None:
+        assert self.n_channels >= 1, "need at least one channel"
+        assert self.d_model % self.n_heads == 0, "d_model must be a multiple of n_heads"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ForecasterConfig:
+        return cls(**data)
+
+
+# The ~5M-parameter configuration used by the benchmarks (window 256).
+LARGE = {"window": 256, "d_model": 256, "n_heads": 8, "n_layers": 6, "d_ff": 1024}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ForecasterConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        # (B, T, C) -> (B, H, T, C/H)
+        q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
+        k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
+        # Fused attention: no T x T matrix is materialised in Python.
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ForecasterConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        x = x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
+        return x  # (B, T, d_model)
+
+
+class Forecaster(nn.Module):
+    """Next-step forecaster: (B, T, n_channels) -> (B, T, n_channels)."""
+
+    def __init__(self, cfg: ForecasterConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Linear(cfg.n_channels, cfg.d_model)
+        self.pos = nn.Parameter(torch.zeros(1, cfg.window, cfg.d_model))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.n_channels)
+        # Recompute each block's activations in backward instead of keeping
+        # them; switched by the training plan, ignored outside training.
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        nn.init.normal_(self.pos, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        assert C == self.cfg.n_channels, f"expected {self.cfg.n_channels} channels, got {C}"
+        assert T <= self.cfg.window, f"window {T} longer than {self.cfg.window}"
+        h = self.embed(x) + self.pos[:, :T]  # (B, T, d_model)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Non-reentrant: works with frozen inputs and LoRA's extra params.
+                h = checkpoint(block, h, use_reentrant=False)
+            else:
+                h = block(h)
+        return self.head(self.ln_f(h))  # (B, T, n_channels): prediction of step t+1
+
+    def n_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def forecast_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Mean squared next-step error over every position of (B, T+1, C) windows."""
+    inputs, targets = windows[:, :-1], windows[:, 1:]  # (B, T, C) each
+    return F.mse_loss(model(inputs), targets)
+
+
+def anomaly_score(residual: torch.Tensor, residual_scale: torch.Tensor) -> torch.Tensor:
+    """RMS over channels of the residual divided by its typical size: ~1 normal, >>1 anomalous.
+
+    residual: (..., C) forecast minus actual, normalised units; residual_scale: (C,).
+    """
+    z = residual / residual_scale.clamp_min(1e-6)
+    return torch.sqrt((z * z).mean(dim=-1))
+
+
+def lora_scale(alpha: float, r: int) -> float:
+    return alpha / r if r else 0.0
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _check() -> None:  # pragma: no cover - documentation of the default size
+    m = Forecaster(ForecasterConfig(n_channels=3))
+    assert 5e4 < m.n_params() < 2e5, m.n_params()
+    assert math.isfinite(float(forecast_loss(m, torch.randn(2, 65, 3))))

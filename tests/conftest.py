@@ -1,0 +1,46 @@
+"""Fixtures for real resources: an MQTT broker, a state directory, a config."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_daemon.broker import LocalBroker
+from edge_daemon.config import Config, parse_config
+
+# Small models train on 2 cores; more threads only contend.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+CHANNELS = ["m1/temperature", "m1/vibration", "m1/current"]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A mosquitto (or amqtt) broker of this test's own on a free port."""
+    b = LocalBroker(workdir=tmp_path / "broker")
+    (tmp_path / "broker").mkdir()
+    b.start()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def make_config(tmp_path: Path, port: int = 1883, **sections: dict) -> Config:
+    """A valid config rooted in tmp_path; `sections` override or add sections."""
+    data: dict = {
+        "device": {"id": "test-dev", "state_dir": str(tmp_path / "state"), "socket": str(tmp_path / "control.sock")},
+        "mqtt": {"host": "127.0.0.1", "port": port, "topics": ["sensors/#"], "qos": 1},
+        "channels": {"names": list(CHANNELS), "period_s": 1.0},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return parse_config(data)
+
+
+@pytest.fixture
+def config(tmp_path: Path, broker: LocalBroker) -> Config:
+    return make_config(tmp_path, port=broker.port)

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_daemon.config import load_config
+from edge_daemon.errors import ConfigError
+
+MINIMAL = """
+[device]
+id = "pump-07"
+
+[mqtt]
+host = "127.0.0.1"
+
+[channels]
+names = ["m1/temperature", "m1/vibration"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.mqtt.client_id == "edge-daemon-pump-07"
+    assert cfg.mqtt.qos == 1
+    assert cfg.store.max_age_s == 7 * 24 * 3600
+    assert cfg.store_path == Path("/var/lib/edge-daemon/store.db")
+    assert cfg.topic_prefix == "edge/pump-07/"
+
+
+def test_unknown_key_reported_with_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL + "\n[store]\nbudget_mbb = 3\n"))
+    assert ("store.budget_mbb", "unknown key") in err.value.problems
+
+
+def test_unknown_section_and_missing_section(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[channels]", "[chanels]")
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    paths = {path for path, _ in err.value.problems}
+    assert {"chanels", "channels"} <= paths
+
+
+def test_cross_field_rules(tmp_path: Path) -> None:
+    text = MINIMAL + "\n[memory]\nelevated = 0.9\nhigh = 0.8\n\n[model]\nd_model = 30\nn_heads = 4\n"
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    paths = {path for path, _ in err.value.problems}
+    assert {"memory", "model"} <= paths
+
+
+def test_bad_channel_name_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL.replace('"m1/vibration"', '"vibration"')))
+    assert err.value.problems[0][0] == "channels.names"
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[device\n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
