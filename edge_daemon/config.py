@@ -40,6 +40,13 @@ class MqttConfig(_Section):
     reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay")
     reconnect_max_s: float = Field(30.0, gt=0, description="longest reconnect delay (exponential backoff)")
     max_payload_bytes: int = Field(16384, ge=64, description="larger payloads are rejected unparsed")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version ('3.1.1' for brokers without MQTT 5)")
+    receive_maximum: int = Field(
+        1000, ge=1, le=65535, description="MQTT 5: unacknowledged QoS 1 messages the broker may send us at once"
+    )
+    broker_inflight: int = Field(
+        20, ge=1, description="MQTT 3.1.1: the broker's in-flight limit per client (mosquitto max_inflight_messages)"
+    )
 
     @model_validator(mode="after")
     def _backoff_order(self) -> MqttConfig:
@@ -52,6 +59,7 @@ class ChannelsConfig(_Section):
     names: list[str] = Field(min_length=1, description="model inputs, in order; '<sensor>/<channel>'")
     period_s: float = Field(1.0, gt=0, description="grid period readings are aligned to")
     max_fill_steps: int = Field(5, ge=0, description="forward-fill at most this many grid steps; longer gaps split windows")
+    lateness_s: float = Field(1.0, ge=0, description="a live grid step is scored once a reading this long past its end arrives")
 
     @field_validator("names")
     @classmethod
@@ -75,6 +83,10 @@ class StoreConfig(_Section):
     retention_interval_s: float = Field(60.0, gt=0, description="how often retention runs")
     max_age_s: float = Field(7 * 24 * 3600.0, gt=0, description="readings older than this are rejected")
     max_skew_s: float = Field(300.0, ge=0, description="readings this far ahead of the device clock are rejected")
+    segment_s: float = Field(300.0, gt=0, description="retention keeps older data as a sample of whole segments this long")
+    synchronous: Literal["full", "normal"] = Field(
+        "full", description="'full' fsyncs every commit (acked readings survive power loss); 'normal' only process crashes"
+    )
 
 
 class ModelConfig(_Section):
@@ -85,6 +97,10 @@ class ModelConfig(_Section):
     d_ff: int = Field(128, ge=4, description="feed-forward width")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout in training")
     bootstrap_min_windows: int = Field(512, ge=16, description="windows needed before a device trains its own base model")
+    pretrain_steps: int = Field(600, ge=1, description="optimizer steps of base-model training (~30 s on one idle core at the defaults)")
+    pretrain_batch_size: int = Field(32, ge=1, description="windows per base-model training step")
+    pretrain_lr: float = Field(2e-3, gt=0, description="peak AdamW learning rate of base-model training")
+    pretrain_val_fraction: float = Field(0.1, gt=0, lt=1, description="newest share of windows held out to validate the base model")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -101,6 +117,9 @@ class LoraConfigSection(_Section):
         default_factory=lambda: ["qkv", "proj", "fc1", "fc2"], min_length=1, description="Linear layers inside a block that get adapters"
     )
     max_blocks: int = Field(2, ge=1, description="adapt at most this many blocks, chosen by gradient norm on a probe batch")
+    probe_windows: int = Field(
+        16, ge=1, description="windows in the probe batch that ranks blocks (capped by the plan's micro-batch)"
+    )
 
 
 class TrainConfig(_Section):
@@ -121,6 +140,15 @@ class TrainConfig(_Section):
     check_interval_s: float = Field(10.0, gt=0, description="how often the update trigger is evaluated")
     keep_versions: int = Field(5, ge=1, description="adapter versions kept on disk")
     nice: int = Field(10, ge=0, le=19, description="niceness of the training process")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapter weights")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the accumulated gradient to this norm (0 = no clipping)")
+    min_8bit_size: int = Field(
+        0, ge=0, description="bitsandbytes keeps tensors smaller than this in fp32 (its default 4096 would cover every LoRA tensor)"
+    )
+    gate_min_improvement: float = Field(
+        0.0, ge=0, lt=1, description="recent validation loss must fall by at least this fraction to accept an adapter"
+    )
+    rss_sample_interval_s: float = Field(0.01, gt=0, description="how often an update samples its RSS to find its peak")
 
 
 class MemoryConfig(_Section):
@@ -131,6 +159,8 @@ class MemoryConfig(_Section):
     hysteresis: float = Field(0.05, ge=0, lt=0.5, description="a level is left only this far below its threshold")
     sample_interval_s: float = Field(0.2, gt=0, description="watchdog sampling period")
     min_available_mb: float = Field(64.0, ge=0, description="system MemAvailable below this counts as critical")
+    retry_after_s: float = Field(300.0, ge=0, description="back-off after an update stopped at critical; doubles per repeat")
+    retry_max_s: float = Field(3600.0, ge=0, description="longest back-off after repeated critical stops")
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> MemoryConfig:
@@ -144,6 +174,19 @@ class DriftConfig(_Section):
     delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence")
     min_samples: int = Field(60, ge=1, description="steps before a detector may fire")
     evaluate_interval_s: float = Field(5.0, gt=0, description="how often drift status is refreshed")
+    clock: int = Field(32, ge=1, description="ADWIN checks for a cut every this many steps")
+    ph_delta: float = Field(0.1, ge=0, description="Page-Hinkley: change of the mean tolerated per step (standardised units)")
+    ph_threshold: float = Field(50.0, gt=0, description="Page-Hinkley: cumulative deviation that signals drift")
+    kswin_alpha: float = Field(1e-5, gt=0, lt=1, description="KSWIN: significance of the Kolmogorov-Smirnov test")
+    kswin_window_size: int = Field(200, ge=2, description="KSWIN: sliding window length")
+    kswin_stat_size: int = Field(60, ge=1, description="KSWIN: newest values compared with a sample of the older ones")
+    residual_halflife_steps: float = Field(30.0, gt=0, description="half-life of the EWMA of |residual| reported as the level")
+
+    @model_validator(mode="after")
+    def _kswin_sizes(self) -> DriftConfig:
+        if self.kswin_window_size < 2 * self.kswin_stat_size:
+            raise ValueError("kswin_window_size must be >= 2 * kswin_stat_size")
+        return self
 
 
 class OutputsConfig(_Section):

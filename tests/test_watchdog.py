@@ -1,0 +1,743 @@
+"""Memory watchdog: budget, pressure levels, plan tightening, real pressure and real limits.
+
+The real-pressure tests drive the level with tests/memhog.py, a child process
+holding touched memory; the real-limit test runs a process inside a memory
+cgroup it creates (skipped where this machine cannot create one).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_daemon.config import MemoryConfig
+from edge_daemon.plan import TrainingPlan
+from edge_daemon.watchdog import (
+    Budget,
+    Level,
+    MemoryWatchdog,
+    PlanGovernor,
+    PressurePolicy,
+    SharedLevel,
+    UpdateOutcome,
+    cgroup_usage_mb,
+    choose_start_plan,
+    memory_budget,
+    peak_rss_mb,
+    plan_candidates,
+    process_tree_rss_mb,
+    release_memory,
+    reset_peak_rss,
+    tighten,
+)
+
+MB = 1024 * 1024
+MEMHOG = Path(__file__).with_name("memhog.py")
+N, E, H, C = Level.NORMAL, Level.ELEVATED, Level.HIGH, Level.CRITICAL
+POLICY = PressurePolicy(elevated=0.70, high=0.80, critical=0.90, hysteresis=0.05, min_available_mb=64.0)
+PLENTY = 10_000.0  # MB of MemAvailable: no system pressure
+
+
+# ------------------------------------------------------------------ levels
+
+
+@pytest.mark.parametrize(
+    ("fraction", "expected"),
+    [(0.0, N), (0.6999, N), (0.70, E), (0.7999, E), (0.80, H), (0.8999, H), (0.90, C), (1.5, C)],
+)
+def test_thresholds_from_normal(fraction: float, expected: Level) -> None:
+    assert POLICY.next_level(N, fraction, PLENTY) == expected
+
+
+def test_hysteresis_sequence_gives_exact_levels() -> None:
+    fractions = [0.50, 0.72, 0.68, 0.66, 0.64, 0.85, 0.79, 0.76, 0.74, 0.95, 0.89, 0.86, 0.84, 0.20, 0.71, 0.69]
+    expected = [N, E, E, E, N, H, H, H, E, C, C, C, H, N, E, E]
+    level, levels = N, []
+    for fraction in fractions:
+        level = POLICY.next_level(level, fraction, PLENTY)
+        levels.append(level)
+    assert levels == expected
+
+
+def test_hovering_at_a_threshold_does_not_flap() -> None:
+    # Noise of +-3 % around the elevated threshold: one rise, no fall.
+    level, changes = N, 0
+    for i in range(200):
+        fraction = 0.70 + (0.03 if i % 2 else -0.03)
+        new = POLICY.next_level(level, fraction, PLENTY)
+        changes += new != level
+        level = new
+    assert (level, changes) == (E, 1)
+
+
+def test_low_system_available_memory_is_pressure() -> None:
+    assert POLICY.next_level(N, 0.1, 50.0) == C  # < min_available_mb
+    assert POLICY.next_level(N, 0.1, 100.0) == H  # < 2 x min
+    assert POLICY.next_level(N, 0.1, 130.0) == N
+    # Leaving needs MemAvailable 25 % above the threshold: 64 -> 80, 128 -> 160.
+    assert POLICY.next_level(C, 0.1, 70.0) == C
+    assert POLICY.next_level(C, 0.1, 90.0) == H
+    assert POLICY.next_level(H, 0.1, 150.0) == H
+    assert POLICY.next_level(H, 0.1, 170.0) == N
+    # Share and availability combine: the worse one wins.
+    assert POLICY.next_level(N, 0.95, PLENTY) == C
+    assert POLICY.next_level(N, 0.75, 100.0) == H
+
+
+def test_policy_rejects_unordered_thresholds() -> None:
+    with pytest.raises(ValueError, match="elevated < high < critical"):
+        PressurePolicy(elevated=0.8, high=0.7, critical=0.9)
+    with pytest.raises(ValueError, match="hysteresis"):
+        PressurePolicy(hysteresis=0.8)
+
+
+def test_policy_from_config() -> None:
+    memory = MemoryConfig(elevated=0.6, high=0.75, critical=0.85, hysteresis=0.02, min_available_mb=32)
+    assert PressurePolicy.from_config(memory) == PressurePolicy(0.6, 0.75, 0.85, 0.02, 32.0)
+
+
+# ------------------------------------------------------------------ budget
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _fake_machine(tmp_path: Path, proc_cgroup: str, total_mb: int = 2048) -> tuple[Path, Path, Path]:
+    root = tmp_path / "sys-fs-cgroup"
+    root.mkdir(parents=True)
+    _write(tmp_path / "proc-self-cgroup", proc_cgroup)
+    _write(tmp_path / "meminfo", f"MemTotal:       {total_mb * 1024} kB\nMemFree:        1000 kB\n")
+    return root, tmp_path / "proc-self-cgroup", tmp_path / "meminfo"
+
+
+def test_budget_cgroup_v2_memory_max_high_and_ancestors(tmp_path: Path) -> None:
+    root, proc, meminfo = _fake_machine(tmp_path, "0::/system.slice/edge-daemon.service\n")
+    _write(root / "cgroup.controllers", "cpu memory pids\n")
+    service = root / "system.slice" / "edge-daemon.service"
+    _write(service / "memory.max", f"{512 * MB}\n")
+    _write(service / "memory.high", "max\n")
+    _write(root / "system.slice" / "memory.max", "max\n")
+
+    budget = memory_budget(None, root, proc, meminfo)
+    assert budget.mb == 512.0
+    assert "cgroup v2 memory.max" in budget.source and budget.cgroup_dir == service
+
+    _write(service / "memory.high", f"{400 * MB}\n")  # throttling starts here
+    assert memory_budget(None, root, proc, meminfo).mb == 400.0
+    _write(root / "system.slice" / "memory.max", f"{300 * MB}\n")  # the slice bounds its services
+    budget = memory_budget(None, root, proc, meminfo)
+    assert (budget.mb, budget.cgroup_dir) == (300.0, root / "system.slice")
+    assert memory_budget(200.0, root, proc, meminfo) == Budget(200.0, "config [memory] budget_mb")
+    assert memory_budget(1000.0, root, proc, meminfo).mb == 300.0
+
+
+def test_budget_without_limits_is_the_machine(tmp_path: Path) -> None:
+    root, proc, meminfo = _fake_machine(tmp_path, "0::/user.slice\n", total_mb=2048)
+    _write(root / "cgroup.controllers", "memory\n")
+    _write(root / "user.slice" / "memory.max", "max\n")
+    _write(root / "user.slice" / "memory.high", "max\n")
+    assert memory_budget(None, root, proc, meminfo) == Budget(2048.0, "machine MemTotal")
+    assert memory_budget(4096.0, root, proc, meminfo).mb == 2048.0
+
+
+def test_budget_cgroup_v1_limit_and_unlimited_sentinel(tmp_path: Path) -> None:
+    hybrid = "12:pids:/docker/abc\n4:memory:/docker/abc\n0::/docker/abc\n"
+    root, proc, meminfo = _fake_machine(tmp_path, hybrid)
+    # Hybrid layout: no cgroup.controllers at the root, v1 memory hierarchy.
+    _write(root / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")
+    _write(root / "memory" / "docker" / "memory.limit_in_bytes", "9223372036854771712\n")
+    _write(root / "memory" / "docker" / "abc" / "memory.limit_in_bytes", f"{256 * MB}\n")
+    budget = memory_budget(None, root, proc, meminfo)
+    assert budget.mb == 256.0 and "cgroup v1 memory.limit_in_bytes" in budget.source
+
+    _write(root / "memory" / "docker" / "abc" / "memory.limit_in_bytes", "9223372036854771712\n")
+    assert memory_budget(None, root, proc, meminfo).source == "machine MemTotal"
+
+
+def test_budget_v1_inside_a_container_without_cgroup_namespace(tmp_path: Path) -> None:
+    # /proc/self/cgroup names the host path, the mount is rooted at that cgroup.
+    root, proc, meminfo = _fake_machine(tmp_path, "4:memory:/docker/abc\n")
+    _write(root / "memory" / "memory.limit_in_bytes", f"{128 * MB}\n")
+    budget = memory_budget(None, root, proc, meminfo)
+    assert (budget.mb, budget.cgroup_dir) == (128.0, root / "memory")
+
+
+def test_cgroup_usage_subtracts_inactive_page_cache(tmp_path: Path) -> None:
+    root, proc, _ = _fake_machine(tmp_path, "0::/svc\n")
+    _write(root / "cgroup.controllers", "memory\n")
+    _write(root / "svc" / "memory.current", f"{300 * MB}\n")
+    _write(root / "svc" / "memory.stat", f"anon {150 * MB}\nactive_file {50 * MB}\ninactive_file {100 * MB}\n")
+    assert cgroup_usage_mb(None, root, proc) == 200.0
+
+    root1, proc1, _ = _fake_machine(tmp_path / "v1", "4:memory:/svc\n")
+    _write(root1 / "memory" / "svc" / "memory.usage_in_bytes", f"{90 * MB}\n")
+    _write(root1 / "memory" / "svc" / "memory.stat", f"cache {40 * MB}\ntotal_inactive_file {30 * MB}\n")
+    assert cgroup_usage_mb(None, root1, proc1) == 60.0
+    assert cgroup_usage_mb(None, tmp_path / "nowhere", proc1) is None
+
+
+# ---------------------------------------------------------------- tightening
+
+LOOSE = TrainingPlan(32, 1, False, "adamw")
+
+
+def test_tighten_per_level() -> None:
+    assert tighten(LOOSE, N) == LOOSE
+    assert tighten(LOOSE, E) == TrainingPlan(32, 1, True, "adamw")
+    assert tighten(LOOSE, H) == TrainingPlan(16, 2, True, "adamw8bit")
+    assert tighten(LOOSE, C) is None
+    # Halving keeps the effective batch exact, down to micro-batch 1.
+    assert tighten(TrainingPlan(12, 2, True, "adamw8bit"), H) == TrainingPlan(6, 4, True, "adamw8bit")
+    assert tighten(TrainingPlan(3, 8, True, "adamw8bit"), H) == TrainingPlan(1, 24, True, "adamw8bit")
+    assert tighten(TrainingPlan(1, 24, True, "adamw8bit"), H) == TrainingPlan(1, 24, True, "adamw8bit")
+
+
+def test_plan_candidates_ladder() -> None:
+    ladder = plan_candidates(32, 32)
+    assert [(p.micro_batch, p.accumulation, p.checkpointing, p.optimizer) for p in ladder] == [
+        (32, 1, False, "adamw"),
+        (32, 1, True, "adamw"),
+        (16, 2, True, "adamw8bit"),
+        (8, 4, True, "adamw8bit"),
+        (4, 8, True, "adamw8bit"),
+        (2, 16, True, "adamw8bit"),
+        (1, 32, True, "adamw8bit"),
+    ]
+    assert [p.micro_batch for p in plan_candidates(24, 16)] == [12, 12, 6, 3, 1]
+    assert all(p.effective_batch == 24 for p in plan_candidates(24, 16))
+    assert plan_candidates(5, 1)[-1] == TrainingPlan(1, 5, True, "adamw8bit")
+    with pytest.raises(ValueError):
+        plan_candidates(0, 4)
+
+
+class ScriptedLevels:
+    """A level reader that plays a fixed sequence, one value per read."""
+
+    def __init__(self, levels: list[Level]) -> None:
+        self.levels = list(levels)
+        self.last = N
+
+    def __call__(self) -> Level:
+        if self.levels:
+            self.last = self.levels.pop(0)
+        return self.last
+
+
+def _tightness(plan: TrainingPlan) -> tuple[int, bool, bool]:
+    return (-plan.micro_batch, plan.checkpointing, plan.optimizer == "adamw8bit")
+
+
+def test_governor_tightens_once_per_rise_and_never_loosens_mid_update() -> None:
+    levels = [N, E, E, H, H, E, N, N, H, E, C]
+    governor = PlanGovernor(ScriptedLevels(levels))
+    governor.begin_update(LOOSE)
+    plan: TrainingPlan | None = LOOSE
+    plans: list[TrainingPlan | None] = []
+    for _ in levels:
+        assert plan is not None
+        plan = governor.plan_source(plan)
+        plans.append(plan)
+    ckpt, half, quarter = TrainingPlan(32, 1, True, "adamw"), TrainingPlan(16, 2, True, "adamw8bit"), TrainingPlan(8, 4, True, "adamw8bit")
+    assert plans == [LOOSE, ckpt, ckpt, half, half, half, half, half, quarter, quarter, None]
+    kept = [p for p in plans if p is not None]
+    assert all(_tightness(b) >= _tightness(a) for a, b in zip(kept, kept[1:]))
+    assert [(lvl, p) for lvl, p in governor.changes] == [(E, ckpt), (H, half), (H, quarter), (C, None)]
+    assert governor.outcome() == UpdateOutcome(LOOSE, quarter, C, True)
+
+
+def test_governor_between_updates_loosens_slowly_and_backs_off() -> None:
+    now = [1000.0]
+    level = [N]
+    ladder = plan_candidates(32, 32)
+    governor = PlanGovernor(lambda: level[0], ladder, retry_base_s=60, retry_max_s=200, clock=lambda: now[0])
+    assert governor.next_start_plan() == ladder[0] and governor.may_start()
+
+    def run_update(levels: list[Level]) -> UpdateOutcome:
+        plan: TrainingPlan | None = governor.next_start_plan()
+        governor.begin_update(plan)
+        for lvl in levels:
+            level[0] = lvl
+            assert plan is not None
+            plan = governor.plan_source(plan)
+            if plan is None:
+                break
+        outcome = governor.outcome()
+        governor.end_update()
+        return outcome
+
+    # An update that hit high ends at 16x2; the next starts there, not looser.
+    assert run_update([N, H, N]).final_plan == ladder[2]
+    assert governor.next_start_plan() == ladder[2]
+    # Stopped at critical: back off 60 s, then retry with the tightest plan.
+    assert run_update([N, C]).stopped
+    assert governor.retry_after_s == 60 and not governor.may_start()
+    assert governor.next_start_plan() == ladder[-1]
+    now[0] += 61
+    assert governor.may_start()
+    assert run_update([C]).stopped
+    assert governor.retry_after_s == 120  # doubles
+    now[0] += 121
+    run_update([C])
+    assert governor.retry_after_s == 200  # capped
+    now[0] += 201
+    # Calm updates loosen one ladder step each; the back-off resets.
+    for expected in (ladder[-2], ladder[-3], ladder[-4]):
+        run_update([N, N])
+        assert governor.next_start_plan() == expected and governor.retry_after_s == 0
+    assert governor.start_candidates() == ladder[-4:]
+
+
+def test_governor_should_stop_on_shutdown_and_critical() -> None:
+    import threading
+
+    level = [N]
+    stop = threading.Event()
+    governor = PlanGovernor(lambda: level[0], stop_event=stop)
+    governor.begin_update(LOOSE)
+    assert not governor.should_stop()
+    stop.set()
+    assert governor.should_stop() and not governor.outcome().stopped  # shutdown is not a memory stop
+    stop.clear()
+    level[0] = C
+    assert governor.should_stop() and governor.outcome().stopped
+
+
+def test_choose_start_plan_takes_the_loosest_that_fits() -> None:
+    ladder = plan_candidates(32, 32)
+    cost_mb = {ladder[0]: 900.0, ladder[1]: 420.0, ladder[2]: 250.0, ladder[3]: 150.0}
+    measured: list[TrainingPlan] = []
+
+    def measure(plan: TrainingPlan) -> float:
+        measured.append(plan)
+        return cost_mb.get(plan, 100.0)
+
+    # Elevated threshold 0.7 x 1000 = 700 MB; baseline 400 leaves < 300 MB.
+    chosen = choose_start_plan(ladder, measure, baseline_mb=400, budget_mb=1000, elevated_fraction=0.7)
+    assert chosen == ladder[2]
+    assert measured == ladder[:3]  # stops measuring at the first fit
+    measured.clear()
+    assert choose_start_plan(ladder, measure, baseline_mb=100, budget_mb=1000, elevated_fraction=0.7) == ladder[1]
+    # Nothing fits: the tightest, every plan measured.
+    measured.clear()
+    assert choose_start_plan(ladder, measure, baseline_mb=650, budget_mb=1000, elevated_fraction=0.7) == ladder[-1]
+    assert measured == ladder
+
+
+# ----------------------------------------------------------- process memory
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_release_memory_returns_freed_heap_to_the_os() -> None:
+    before = process_tree_rss_mb(os.getpid())
+    # 100k small buffers come from the malloc heap; keeping the last one pins
+    # the top of the heap, so free() alone cannot give the rest back.
+    blocks = [bytes(1024) + bytes([i % 256]) for i in range(100_000)]
+    keep = blocks[-1]
+    del blocks
+    import gc
+
+    gc.collect()
+    held = process_tree_rss_mb(os.getpid())
+    assert release_memory() is True
+    after = process_tree_rss_mb(os.getpid())
+    assert held - after > 60, (before, held, after)
+    assert keep
+
+
+def test_peak_rss_can_be_reset_to_measure_one_step() -> None:
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not support resetting VmHWM via /proc/self/clear_refs")
+    base = peak_rss_mb()
+    buffer = bytearray(80 * MB)
+    buffer[:: 4096] = b"\x01" * len(range(0, len(buffer), 4096))
+    del buffer
+    assert peak_rss_mb() - base > 70
+    reset_peak_rss()
+    assert peak_rss_mb() - base < 20
+
+
+class MemHog:
+    """tests/memhog.py as a child of the test process."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(MEMHOG)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.reply = self._read()
+
+    def _read(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("held "), line
+        return line
+
+    @property
+    def held_mb(self) -> int:
+        return int(self.reply.split()[1])
+
+    def hold(self, mb: float) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"hold {max(0, int(mb))}\n")
+        self.proc.stdin.flush()
+        self.reply = self._read()
+        return self.reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def memhog() -> Iterator[MemHog]:
+    hog = MemHog()
+    try:
+        yield hog
+    finally:
+        hog.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_watchdog_snapshot_listeners_and_a_failing_listener(memhog: MemHog) -> None:
+    # The hog is a child: the watchdog counts it in the process tree.
+    own = process_tree_rss_mb(os.getpid())
+    memhog.hold(60)
+    watchdog = MemoryWatchdog(POLICY, configured_budget_mb=10_000, sample_interval_s=0.05)
+    seen: list[tuple[Level, Level]] = []
+    watchdog.add_listener(lambda old, new: 1 / 0)  # must not kill the thread
+    watchdog.add_listener(lambda old, new: seen.append((old, new)))
+    with watchdog:
+        assert watchdog.rss_mb > own + 55
+        snapshot = watchdog.snapshot()
+        assert set(snapshot) >= {"rss_mb", "budget_mb", "level"}
+        assert snapshot["budget_mb"] == 10_000 and snapshot["level"] == "normal"
+        json.dumps(snapshot)
+        # A budget shrunk at run time (config reload) takes effect on the next sample.
+        assert watchdog.set_configured_budget(watchdog.rss_mb / 0.95).mb < 0.95 * 10_000
+        wait_for(lambda: watchdog.level == C, what="critical after the budget shrank")
+        wait_for(lambda: watchdog.samples > 5)
+        assert watchdog.alive
+        assert watchdog.peak_rss_mb >= watchdog.rss_mb - 1
+    assert seen == [(N, C)]
+    assert watchdog.shared_level.get() == C
+    assert not watchdog.alive
+
+
+# ------------------------------------------------------------ real pressure
+
+
+def governed_training_loop(
+    governor: PlanGovernor, start: TrainingPlan, reports: multiprocessing.Queue, release: Any
+) -> None:
+    """Stands in for the trainer in a spawned child: a micro-batch boundary every 20 ms."""
+    plan: TrainingPlan | None = start
+    governor.begin_update(start)
+    reports.put(("ready", None))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert plan is not None
+        new_plan = governor.plan_source(plan)
+        if new_plan != plan:
+            reports.put(("plan", new_plan))
+        plan = new_plan
+        if plan is None:
+            break
+        time.sleep(0.02)
+    reports.put(("outcome", governor.outcome()))
+    # Stay alive (and resident) until released, so the tree's size holds still.
+    release.wait(30)
+
+
+def test_real_memory_hog_drives_levels_and_a_governed_child(memhog: MemHog) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    shared = SharedLevel(ctx)
+    ladder = plan_candidates(32, 32)
+    reports: multiprocessing.Queue = ctx.Queue()
+    release = ctx.Event()
+    # The training child reads the level from shared memory, as the daemon's will.
+    child = ctx.Process(
+        target=governed_training_loop, args=(PlanGovernor(shared, ladder), ladder[0], reports, release), name="train-child"
+    )
+    child.start()
+    try:
+        assert reports.get(timeout=30) == ("ready", None)
+        time.sleep(0.3)  # let the child's and the hog's own footprint settle
+        base = process_tree_rss_mb(os.getpid())  # test process + hog + child
+        budget = base + 300
+        watchdog = MemoryWatchdog(
+            PressurePolicy(0.70, 0.80, 0.90, 0.05, min_available_mb=0),
+            configured_budget_mb=budget,
+            sample_interval_s=0.05,
+            shared_level=shared,
+        )
+        if watchdog.budget.source != "config [memory] budget_mb":
+            pytest.skip(f"a limit below {budget:.0f} MB applies here: {watchdog.budget.source}")
+        changes: list[Level] = []
+        watchdog.add_listener(lambda old, new: changes.append(new))
+
+        def hold_share(fraction: float) -> None:
+            memhog.hold(fraction * budget - base)
+
+        def next_plan() -> TrainingPlan | None:
+            kind, plan = reports.get(timeout=5)
+            assert kind == "plan", (kind, plan)
+            return plan
+
+        started = time.monotonic()
+        with watchdog:
+            assert watchdog.level == N
+            hold_share(0.75)
+            wait_for(lambda: watchdog.level == E, what="elevated")
+            assert next_plan() == ladder[1]  # checkpointing on
+            hold_share(0.85)
+            wait_for(lambda: watchdog.level == H, what="high")
+            assert next_plan() == ladder[2]  # micro-batch halved, 8-bit state
+            hold_share(0.95)
+            wait_for(lambda: watchdog.level == C, what="critical")
+            assert next_plan() is None  # the update stops at the next boundary
+            kind, outcome = reports.get(timeout=5)
+            assert kind == "outcome" and outcome.stopped and outcome.final_plan == ladder[2]
+            # Below the critical threshold but within hysteresis: stays critical.
+            hold_share(0.87)
+            time.sleep(0.5)
+            assert watchdog.level == C
+            peak = watchdog.peak_rss_mb
+            memhog.hold(0)
+            wait_for(lambda: watchdog.level == N, what="normal after the hog freed")
+        # Up one level at a time, then only down (the hog unmaps block by
+        # block, so the way down may pass through a level) to normal.
+        assert changes[:3] == [E, H, C]
+        falling = changes[2:]
+        assert all(lower < higher for higher, lower in zip(falling, falling[1:])) and falling[-1] == N
+        assert peak >= 0.90 * budget  # critical was reached on a real sample
+        assert time.monotonic() - started < 20
+    finally:
+        release.set()
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+# --------------------------------------------------------------- real limit
+
+
+@dataclass
+class MemoryCgroup:
+    """A memory cgroup of this test's own (v1 or v2), removed afterwards."""
+
+    path: Path
+    version: int
+
+    @property
+    def limit_file(self) -> Path:
+        return self.path / ("memory.max" if self.version == 2 else "memory.limit_in_bytes")
+
+    def set_limit_mb(self, mb: float) -> None:
+        self.limit_file.write_text(str(int(mb * MB)))
+
+    def usage_mb(self) -> float:
+        name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
+        return int((self.path / name).read_text()) / MB
+
+    def oom_kills(self) -> int:
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        for line in (self.path / name).read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def pids(self) -> list[int]:
+        return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+
+    def enter_fn(self) -> Callable[[], None]:
+        """A `preexec_fn` that moves the new process into this cgroup before it execs.
+
+        Joining before exec matters on v1: pages charged before a move stay
+        with the old cgroup (move_charge_at_immigrate is off by default).
+        """
+        procs = str(self.path / "cgroup.procs")
+
+        def enter() -> None:
+            with open(procs, "w") as handle:
+                handle.write(str(os.getpid()))
+
+        return enter
+
+
+def _own_cgroup_path(controller_line: Callable[[str, str], bool]) -> str | None:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hier, controllers, path = line.split(":", 2)
+        if controller_line(hier, controllers):
+            return path
+    return None
+
+
+def _try_create(parent: Path, version: int) -> MemoryCgroup | str:
+    path = parent / f"edge-daemon-test-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+    except OSError as exc:
+        return f"cannot create {path}: {exc.strerror}"
+    group = MemoryCgroup(path, version)
+    try:
+        group.set_limit_mb(1024)
+        assert (path / "cgroup.procs").exists()
+    except (OSError, AssertionError) as exc:
+        path.rmdir()
+        return f"cannot set a memory limit in {path}: {exc}"
+    return group
+
+
+def create_memory_cgroup(root: Path = Path("/sys/fs/cgroup")) -> MemoryCgroup | str:
+    """A new memory cgroup, or the reason none can be created here."""
+    reasons: list[str] = []
+    if (root / "cgroup.controllers").exists():  # unified (v2)
+        if "memory" not in (root / "cgroup.controllers").read_text().split():
+            return "cgroup v2 without the memory controller"
+        own = _own_cgroup_path(lambda hier, controllers: hier == "0")
+        parents = []
+        if own and own != "/":
+            parents.append(root / own.lstrip("/"))
+        parents.append(root)  # the root is exempt from the no-internal-processes rule
+        for parent in parents:
+            try:
+                if "memory" not in (parent / "cgroup.subtree_control").read_text().split():
+                    (parent / "cgroup.subtree_control").write_text("+memory")
+            except OSError as exc:
+                reasons.append(f"{parent}: cannot enable memory for children: {exc.strerror}")
+                continue
+            made = _try_create(parent, 2)
+            if isinstance(made, MemoryCgroup):
+                return made
+            reasons.append(made)
+        return "; ".join(reasons)
+    mount = root / "memory"
+    if not (mount / "memory.limit_in_bytes").exists():
+        return f"no cgroup v2 at {root} and no v1 memory hierarchy at {mount}"
+    own = _own_cgroup_path(lambda hier, controllers: "memory" in controllers.split(","))
+    parents = [mount / own.lstrip("/")] if own and own != "/" else []
+    parents.append(mount)
+    for parent in parents:
+        if not parent.is_dir():
+            continue
+        made = _try_create(parent, 1)
+        if isinstance(made, MemoryCgroup):
+            return made
+        reasons.append(made)
+    return "; ".join(reasons) or "no usable v1 memory cgroup directory"
+
+
+@pytest.fixture
+def memory_cgroup() -> Iterator[MemoryCgroup]:
+    """A fresh memory cgroup (1 GB limit to start); skips with the reason where none can be made."""
+    made = create_memory_cgroup()
+    if not isinstance(made, MemoryCgroup):
+        pytest.skip(f"cannot create a memory cgroup here: {made}")
+    try:
+        yield made
+    finally:
+        for pid in made.pids():
+            # Only processes this test started can be in its fresh cgroup.
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                made.path.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+# Runs inside the cgroup: reads the budget, then grows in 4 MB steps until
+# its watchdog says critical, the point where an update would stop.
+_LIMITED_CHILD = r"""
+import json, sys
+from edge_daemon.watchdog import MemoryWatchdog, PressurePolicy, cgroup_usage_mb
+print(json.dumps({"ready": True, "cgroup_mb": cgroup_usage_mb()}), flush=True)
+sys.stdin.readline()
+watchdog = MemoryWatchdog(PressurePolicy(0.70, 0.80, 0.90, 0.05, min_available_mb=0), sample_interval_s=0.05)
+levels = []
+watchdog.add_listener(lambda old, new: levels.append(new.label))
+blocks = []
+with watchdog:
+    first = watchdog.snapshot()
+    while watchdog.sample() < 3 and len(blocks) < 200:
+        block = bytearray(4 << 20)
+        block[::4096] = b"\x01" * len(range(0, len(block), 4096))
+        blocks.append(block)
+    last = watchdog.snapshot()
+print(json.dumps({"first": first, "last": last, "levels": levels, "grown_mb": 4 * len(blocks)}), flush=True)
+"""
+
+
+def test_watchdog_inside_a_memory_cgroup_reads_its_limit_and_stops_before_oom(memory_cgroup: MemoryCgroup) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _LIMITED_CHILD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=memory_cgroup.enter_fn(),
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        ready = json.loads(child.stdout.readline())
+        assert ready["ready"] and ready["cgroup_mb"] is not None
+        footprint = memory_cgroup.usage_mb()
+        limit_mb = footprint + 48  # just above what it needs to serve
+        memory_cgroup.set_limit_mb(limit_mb)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        line = child.stdout.readline()
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, f"child ended with {child.returncode} (oom kills: {memory_cgroup.oom_kills()})"
+    assert memory_cgroup.oom_kills() == 0
+    result = json.loads(line)
+    first, last = result["first"], result["last"]
+    assert abs(first["budget_mb"] - limit_mb) < 0.2
+    assert first["budget_source"].startswith(f"cgroup v{memory_cgroup.version}")
+    assert first["cgroup_mb"] is not None and first["level"] == "normal"
+    # It grew until critical (>= 90 % of the limit) and was never killed.
+    assert result["levels"][-1] == "critical" and last["usage_mb"] >= 0.9 * limit_mb
+    assert result["grown_mb"] >= 16
