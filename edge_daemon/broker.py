@@ -9,6 +9,7 @@ persistent sessions, so fault tests can pull it away mid-stream.
 
 from __future__ import annotations
 
+import getpass
 import logging
 import shutil
 import signal
@@ -70,6 +71,9 @@ class LocalBroker:
             conf = self.workdir / "mosquitto.conf"
             conf.write_text(
                 f"listener {self.port} 127.0.0.1\n"
+                # Run as the caller: mosquitto started as root would drop to the
+                # `mosquitto` user and lose access to a private persistence dir.
+                f"user {getpass.getuser()}\n"
                 "allow_anonymous true\n"
                 # Sessions and queued QoS 1 messages survive a broker restart.
                 "persistence true\n"

@@ -57,3 +57,7 @@ class ControlError(EdgeDaemonError):
 
 class PermissionDenied(ControlError):
     """The peer may not run this command (mutating commands need root or the daemon's user/group)."""
+
+
+class InstallError(EdgeDaemonError):
+    """Installing or uninstalling the service failed (permissions, venv, systemctl)."""

@@ -1,0 +1,500 @@
+"""MQTT ingestion: payload parsing and validation, and the paho client that feeds the replay store.
+
+A QoS 1 message is acknowledged only after the batch holding it is committed, so a crash at any
+moment loses nothing: the broker redelivers whatever was not acknowledged, and the store's
+(channel, ts) key drops the duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_daemon.config import Config
+from edge_daemon.errors import PayloadError, StoreError
+from edge_daemon.store import Reading, ReplayStore
+
+log = logging.getLogger(__name__)
+
+# Every valid payload nests at most two levels ({"values": {...}}); anything deeper is rejected
+# before json.loads can recurse through it.
+MAX_JSON_DEPTH = 4
+# A rejection reason is logged at most once per this many seconds (with a count of the rest).
+REJECT_LOG_INTERVAL_S = 10.0
+# A failed store write is retried this many times before the ingestor gives up (and the daemon
+# exits non-zero, so systemd restarts it and the broker redelivers the unacknowledged batch).
+WRITE_ATTEMPTS = 3
+
+REASONS = (
+    "bad_topic", "too_large", "bad_utf8", "too_deep", "bad_json", "bad_shape",
+    "bad_ts", "not_a_number", "non_finite", "unknown_channel", "too_old", "future",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PayloadLimits:
+    """What parse_payload accepts; built from the config by `from_config`."""
+
+    max_payload_bytes: int = 16384
+    max_age_s: float = 7 * 24 * 3600.0
+    max_skew_s: float = 300.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> PayloadLimits:
+        return cls(config.mqtt.max_payload_bytes, config.store.max_age_s, config.store.max_skew_s)
+
+
+def _json_depth_exceeds(text: str, limit: int) -> bool:
+    """True if brackets outside strings nest deeper than limit."""
+    # Cheap pre-check: a payload with few brackets cannot nest deeply.
+    if text.count("{") + text.count("[") <= limit:
+        return False
+    depth = 0
+    in_string = False
+    escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def _number(value: Any, what: str) -> float:
+    # bool is an int subclass in Python; `true` is not a sensor reading.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PayloadError("not_a_number", f"{what} is {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise PayloadError("non_finite", f"{what} overflows a float") from None
+    if not math.isfinite(number):
+        raise PayloadError("non_finite", f"{what} is {number}")
+    return number
+
+
+def _timestamp(value: Any, now: float, limits: PayloadLimits) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PayloadError("bad_ts", f"ts is {type(value).__name__}")
+    try:
+        ts = float(value)
+    except OverflowError:
+        raise PayloadError("bad_ts", "ts overflows a float") from None
+    if not math.isfinite(ts):
+        raise PayloadError("bad_ts", f"ts is {ts}")
+    if ts < now - limits.max_age_s:
+        raise PayloadError("too_old", f"ts {ts:.3f} is {now - ts:.0f} s old")
+    if ts > now + limits.max_skew_s:
+        raise PayloadError("future", f"ts {ts:.3f} is {ts - now:.0f} s ahead")
+    return ts
+
+
+def _channel(name: str, channels: set[str]) -> str:
+    if name not in channels:
+        raise PayloadError("unknown_channel", repr(name[:80]))
+    return name
+
+
+def parse_payload(
+    topic: str,
+    payload: bytes,
+    now: float,
+    channels: set[str],
+    limits: PayloadLimits,
+    skipped: list[PayloadError] | None = None,
+) -> list[Reading]:
+    """The readings in one MQTT message, or PayloadError(reason) for a message with none.
+
+    Forms (DESIGN.md): `sensors/<sensor>/<channel>` with `{"ts": t, "value": v}` or a bare
+    number (ts = now, the arrival time); `sensors/<sensor>` with `{"ts": t, "values": {...}}`.
+    In a `values` map each entry stands alone: bad entries are appended to `skipped` and the
+    good ones returned; if no entry is good, the first entry's error is raised.
+    """
+    levels = topic.split("/")
+    if levels[0] != "sensors" or len(levels) not in (2, 3) or not all(levels):
+        raise PayloadError("bad_topic", repr(topic[:120]))
+    # The cap comes before any decoding, so a huge payload costs nothing.
+    if len(payload) > limits.max_payload_bytes:
+        raise PayloadError("too_large", f"{len(payload)} bytes")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PayloadError("bad_utf8") from None
+    if _json_depth_exceeds(text, MAX_JSON_DEPTH):
+        raise PayloadError("too_deep")
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        raise PayloadError("too_deep") from None
+    except ValueError as exc:
+        raise PayloadError("bad_json", str(exc)[:80]) from None
+
+    if len(levels) == 3:
+        channel = _channel(f"{levels[1]}/{levels[2]}", channels)
+        if isinstance(doc, dict):
+            if set(doc) != {"ts", "value"}:
+                raise PayloadError("bad_shape", f"object keys {sorted(doc)[:5]} (want ts, value)")
+            value = _number(doc["value"], "value")
+            return [Reading(channel, _timestamp(doc["ts"], now, limits), value)]
+        return [Reading(channel, now, _number(doc, "payload"))]
+
+    if not isinstance(doc, dict) or set(doc) != {"ts", "values"} or not isinstance(doc["values"], dict):
+        raise PayloadError("bad_shape", "want {\"ts\": t, \"values\": {channel: number}}")
+    ts = _timestamp(doc["ts"], now, limits)
+    if not doc["values"]:
+        raise PayloadError("bad_shape", "empty values map")
+    readings: list[Reading] = []
+    first_error: PayloadError | None = None
+    for key, raw in doc["values"].items():
+        try:
+            if not key or "/" in key or "+" in key or "#" in key:
+                raise PayloadError("unknown_channel", repr(key[:80]))
+            readings.append(Reading(_channel(f"{levels[1]}/{key}", channels), ts, _number(raw, f"values[{key!r}]")))
+        except PayloadError as exc:
+            if first_error is None:
+                first_error = exc
+            if skipped is not None:
+                skipped.append(exc)
+    if not readings:
+        assert first_error is not None
+        if skipped:
+            skipped.pop(0)  # raised instead of skipped
+        raise first_error
+    return readings
+
+
+class _RateLimitedLog:
+    """At most one WARNING per reason per interval, with the count of those not logged."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, reason: str, topic: str, detail: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(reason, -math.inf) < self.interval_s:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        more = self._suppressed.pop(reason, 0)
+        log.warning(
+            "rejected payload on %r: %s%s%s",
+            topic[:120], reason, f" ({detail})" if detail else "",
+            f"; {more} more {reason} since the last report" if more else "",
+        )
+
+
+class _Inbound(NamedTuple):
+    generation: int  # connection the message arrived on: its mid is only valid there
+    message: mqtt.MQTTMessage
+    arrival: float
+
+
+BatchHook = Callable[[Sequence[Reading]], None]
+_STOP = object()
+
+
+class Ingestor:
+    """Subscribes to sensor topics and writes readings to the store in acknowledged batches.
+
+    Threads: paho's network thread only queues messages; one writer thread parses, batches,
+    commits, acknowledges and calls the `on_batch` hooks.
+    """
+
+    def __init__(self, config: Config, store: ReplayStore, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.limits = PayloadLimits.from_config(config)
+        self.channels = set(config.channels.names)
+        self.prefix = config.topic_prefix
+        # Called with each committed batch, in the writer thread: must be cheap and not block.
+        self.on_batch: list[BatchHook] = []
+        # The retained `status` published at every (re)connect; the daemon supplies it.
+        self.online_status: Callable[[], dict[str, Any]] = lambda: {"online": True, "device": config.device.id}
+        mqtt_cfg = config.mqtt
+        self._v5 = mqtt_cfg.protocol == "5"
+        # The broker stops sending once this many QoS 1 messages wait for our ack; flushing at
+        # half of it keeps messages flowing while a batch commits.
+        inflight = mqtt_cfg.receive_maximum if self._v5 else mqtt_cfg.broker_inflight
+        self._ack_flush = max(1, inflight // 2)
+        self._queue: queue.SimpleQueue[_Inbound | object] = queue.SimpleQueue()
+        self._gen_lock = threading.Lock()
+        self._generation = 0
+        self._connected = threading.Event()
+        self._ever_connected = False
+        self._down_reported = False
+        self._stats_lock = threading.Lock()
+        self._stats: dict[str, int] = {"received": 0, "readings": 0, "stored": 0, "duplicates": 0, "rejected": 0, "batches": 0}
+        self._rejected_by_reason: dict[str, int] = {}
+        self._log_reject = _RateLimitedLog(REJECT_LOG_INTERVAL_S)
+        self._writer: threading.Thread | None = None
+        self._writer_error: BaseException | None = None
+        self._stopped = False
+        self.client = self._make_client()
+
+    # -- client ------------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        mqtt_cfg = self.config.mqtt
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=mqtt_cfg.client_id or f"edge-daemon-{self.config.device.id}",
+            # MQTT 3.1.1: no clean session, so the broker keeps our subscription and queues
+            # QoS 1 messages while we are away (MQTT 5 uses clean_start + session expiry).
+            clean_session=None if self._v5 else False,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            # Acknowledge only after the batch holding a message is committed.
+            manual_ack=True,
+        )
+        if mqtt_cfg.username:
+            client.username_pw_set(mqtt_cfg.username, mqtt_cfg.password)
+        client.will_set(self.prefix + "status", json.dumps({"online": False, "device": self.config.device.id}), qos=1, retain=True)
+        client.reconnect_delay_set(mqtt_cfg.reconnect_min_s, mqtt_cfg.reconnect_max_s)  # type: ignore[arg-type]
+        # Our own publishes (status, forecasts) may queue while the broker is away.
+        client.max_queued_messages_set(10000)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_message = self._on_message
+        return client
+
+    def _connect_properties(self) -> Properties | None:
+        if not self._v5:
+            return None
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.config.mqtt.session_expiry_s
+        # Lets the broker keep enough unacknowledged messages in flight to fill a batch.
+        props.ReceiveMaximum = self.config.mqtt.receive_maximum
+        return props
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        if reason.is_failure:
+            self._report_down(f"broker refused the connection: {reason}")
+            return
+        with self._gen_lock:
+            self._generation += 1
+        self._ever_connected = True
+        self._down_reported = False
+        log.info(
+            "connected to %s:%d (session present: %s)",
+            self.config.mqtt.host, self.config.mqtt.port, bool(flags.session_present),
+        )
+        # Subscribe on every connect: a broker that lost our session (restart without
+        # persistence) must get the subscriptions again; with a kept session it is harmless.
+        qos = self.config.mqtt.qos
+        client.subscribe([(topic, qos) for topic in self.config.mqtt.topics])
+        # The last will may have replaced the retained status while we were away.
+        self.publish("status", self.online_status(), qos=1, retain=True)
+        self._connected.set()
+
+    def _report_down(self, what: str) -> None:
+        # The first failure after being up (or at start) is a WARNING; the retries are DEBUG.
+        if not self._down_reported:
+            self._down_reported = True
+            log.warning("%s; reconnecting with backoff up to %.0f s", what, self.config.mqtt.reconnect_max_s)
+        else:
+            log.debug("%s; still retrying", what)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        # Message ids of the old connection mean nothing on the next one: acks still pending
+        # for them are dropped (the broker redelivers those messages, the store dedups them).
+        with self._gen_lock:
+            self._generation += 1
+        self._connected.clear()
+        if not self._stopped:
+            self._report_down(f"lost connection to broker {self.config.mqtt.host}:{self.config.mqtt.port} ({reason})")
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._report_down(f"cannot connect to broker {self.config.mqtt.host}:{self.config.mqtt.port}")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        # Network thread: only hand over; all the work happens in the writer thread.
+        self._queue.put(_Inbound(self._generation, message, self.clock()))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        mqtt_cfg = self.config.mqtt
+        self._writer = threading.Thread(target=self._writer_main, name="ingest-writer", daemon=True)
+        self._writer.start()
+        self.client.connect_async(
+            mqtt_cfg.host,
+            mqtt_cfg.port,
+            keepalive=mqtt_cfg.keepalive_s,
+            clean_start=False if self._v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=self._connect_properties(),
+        )
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def alive(self) -> bool:
+        """False once the writer thread has died (the daemon must then exit non-zero)."""
+        return self._writer is not None and self._writer.is_alive() or self._stopped
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Flush and acknowledge the pending batch, publish `offline` (retained), disconnect."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            self._writer.join(timeout)
+            if self._writer.is_alive():
+                log.error("ingest writer did not finish its last batch within %.0f s", timeout)
+        if self._connected.is_set():
+            info = self.publish("status", {"online": False, "device": self.config.device.id}, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=min(timeout, 5.0))
+            except (RuntimeError, ValueError) as exc:
+                log.warning("could not publish offline status: %s", exc)
+        self.client.disconnect()
+        self.client.loop_stop()
+        log.info("ingest stopped: %s", self.counters())
+
+    def publish(self, topic_suffix: str, payload: Any, qos: int = 0, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """Publish on `edge/<device.id>/<topic_suffix>`; dicts and lists are sent as JSON."""
+        if not isinstance(payload, (bytes, bytearray, str)):
+            payload = json.dumps(payload, separators=(",", ":"))
+        return self.client.publish(self.prefix + topic_suffix, payload, qos=qos, retain=retain)
+
+    # -- counters ----------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, Any]:
+        """received/rejected count messages (and rejected entries of `values` maps); readings,
+        stored and duplicates count readings."""
+        with self._stats_lock:
+            snapshot: dict[str, Any] = dict(self._stats)
+            snapshot["rejected_by_reason"] = dict(self._rejected_by_reason)
+        snapshot["connected"] = self.connected
+        return snapshot
+
+    def _reject(self, topic: str, error: PayloadError) -> None:
+        with self._stats_lock:
+            self._stats["rejected"] += 1
+            self._rejected_by_reason[error.reason] = self._rejected_by_reason.get(error.reason, 0) + 1
+        self._log_reject(error.reason, topic, error.detail)
+
+    # -- writer thread -----------------------------------------------------------------------
+
+    def _writer_main(self) -> None:
+        try:
+            self._write_loop()
+        except BaseException as exc:
+            self._writer_error = exc
+            log.exception("ingest writer died")
+            raise
+        finally:
+            log.info("ingest writer exiting")
+
+    def _write_loop(self) -> None:
+        batch_size = self.config.store.batch_size
+        interval = self.config.store.flush_interval_s
+        readings: list[Reading] = []
+        acks: list[tuple[int, int, int]] = []  # (generation, mid, qos) in arrival order
+        deadline: float | None = None
+        while True:
+            timeout = interval if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                self._flush(readings, acks)
+                return
+            if isinstance(item, _Inbound):
+                self._take(item, readings, acks)
+                if deadline is None:
+                    deadline = time.monotonic() + interval
+            if (readings or acks) and (
+                len(readings) >= batch_size
+                or len(acks) >= self._ack_flush
+                or (deadline is not None and time.monotonic() >= deadline)
+            ):
+                self._flush(readings, acks)
+                readings, acks, deadline = [], [], None
+
+    def _take(self, item: _Inbound, readings: list[Reading], acks: list[tuple[int, int, int]]) -> None:
+        message = item.message
+        if message.qos > 0:
+            acks.append((item.generation, message.mid, message.qos))
+        with self._stats_lock:
+            self._stats["received"] += 1
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            self._reject("<invalid utf-8>", PayloadError("bad_topic", "topic is not UTF-8"))
+            return
+        skipped: list[PayloadError] = []
+        try:
+            parsed = parse_payload(topic, message.payload, item.arrival, self.channels, self.limits, skipped)
+        except PayloadError as exc:
+            self._reject(topic, exc)
+            return
+        for exc in skipped:
+            self._reject(topic, exc)
+        readings.extend(parsed)
+
+    def _flush(self, readings: list[Reading], acks: list[tuple[int, int, int]]) -> None:
+        if readings:
+            for attempt in range(1, WRITE_ATTEMPTS + 1):
+                try:
+                    stored = self.store.write(readings)
+                    break
+                except StoreError as exc:
+                    if attempt == WRITE_ATTEMPTS:
+                        raise
+                    log.warning("store write failed (attempt %d of %d): %s", attempt, WRITE_ATTEMPTS, exc)
+                    time.sleep(0.5 * attempt)
+            with self._stats_lock:
+                self._stats["readings"] += len(readings)
+                self._stats["stored"] += stored
+                self._stats["duplicates"] += len(readings) - stored
+                self._stats["batches"] += 1
+        # Committed: now, and only now, the broker may forget these messages. The lock keeps a
+        # reconnect from slipping in between the generation check and the ack.
+        with self._gen_lock:
+            current = self._generation
+            for generation, mid, qos in acks:
+                if generation == current:
+                    rc = self.client.ack(mid, qos)
+                    if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                        log.debug("ack of mid %d failed: %s", mid, rc)
+        if readings:
+            for hook in self.on_batch:
+                try:
+                    hook(readings)
+                except Exception:
+                    log.exception("on_batch hook %r failed", hook)

@@ -1,0 +1,479 @@
+"""SQLite replay store: schema and migrations, batched writes, retention, replay sampling.
+
+Readings are keyed by (channel, ts) so a redelivered MQTT message is stored once. The file is
+kept under a byte budget: recent readings are kept whole, older ones as a uniform reservoir of
+whole time segments, so older regimes survive for replay in a small file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import sqlite_utils
+
+from edge_daemon.config import StoreConfig
+from edge_daemon.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+# Retention starts trimming when the data pages pass HIGH_WATER of the budget and trims down to
+# LOW_WATER, so the file has room to grow (and the WAL to fill) between two retention runs.
+HIGH_WATER = 0.85
+LOW_WATER = 0.75
+# Share of the budget the WAL may reach before SQLite checkpoints it back into the database.
+WAL_SHARE = 0.05
+
+
+class Reading(NamedTuple):
+    channel: str  # '<sensor>/<channel>'
+    ts: float  # unix seconds
+    value: float
+
+
+def _create_schema(db: sqlite_utils.Database) -> None:
+    conn = db.conn
+    # Channel names are stored once; readings carry a small integer id, which keeps rows short.
+    conn.execute("CREATE TABLE channels (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
+    # WITHOUT ROWID: the (channel_id, ts) key *is* the table, so there is no second b-tree and
+    # per-channel time ranges (reads, retention deletes) are contiguous key ranges.
+    conn.execute(
+        "CREATE TABLE readings (channel_id INTEGER NOT NULL, ts REAL NOT NULL, value REAL NOT NULL,"
+        " PRIMARY KEY (channel_id, ts)) WITHOUT ROWID"
+    )
+    # One row per time segment that holds readings: its row count (so count() and retention do
+    # not scan the readings) and a random priority fixed at creation (bottom-k reservoir sample).
+    conn.execute("CREATE TABLE segments (id INTEGER PRIMARY KEY, priority REAL NOT NULL, rows INTEGER NOT NULL)")
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+# Named schema migrations, applied in order and recorded in the `migrations` table. Append only:
+# never edit or reorder an entry that has shipped.
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+    ("0001_initial", _create_schema),
+]
+
+
+def segment_of(ts: float, segment_s: float) -> int:
+    """Index of the segment [k * segment_s, (k + 1) * segment_s) that holds ts.
+
+    Corrected after the division so it agrees exactly with the range comparisons SQL uses when
+    it deletes or reads a segment.
+    """
+    k = math.floor(ts / segment_s)
+    if k * segment_s > ts:
+        k -= 1
+    elif (k + 1) * segment_s <= ts:
+        k += 1
+    return k
+
+
+class ReplayStore:
+    """The replay store in `path` (created if missing).
+
+    Thread use: one writer thread calls `write` (and retention may run in another thread: writes
+    are serialised by a lock); any thread may read, each on its own connection.
+    """
+
+    def __init__(self, path: Path, cfg: StoreConfig, channels: list[str], seed: int | None = None) -> None:
+        self.path = Path(path)
+        self.cfg = cfg
+        self.channels = list(channels)
+        self._rng = np.random.default_rng(seed)
+        self._write_lock = threading.Lock()
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = self._connect(writer=True)
+            self._db = sqlite_utils.Database(self._conn)
+            self._migrate()
+            self._segment_s = self._check_segment_size()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open replay store: {exc}") from exc
+        self._channel_ids: dict[str, int] = {
+            name: int(cid) for cid, name in self._conn.execute("SELECT id, name FROM channels")
+        }
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _connect(self, writer: bool) -> sqlite3.Connection:
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) below.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        if writer:
+            # Must precede the first table: lets retention hand freed pages back to the file
+            # system with `incremental_vacuum` instead of a full VACUUM every time.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        # WAL: readers (status, trainer) never block the ingest writer, nor it them, and a commit
+        # is one sequential append instead of a rollback-journal rewrite.
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode!r})")
+        # FULL fsyncs the WAL at every commit: a QoS 1 message is acknowledged only after its
+        # batch commits, so the commit must survive power loss too, not only a process crash.
+        # NORMAL keeps process-crash safety and only risks the last commits on power loss.
+        conn.execute(f"PRAGMA synchronous = {self.cfg.synchronous.upper()}")
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        wal_pages = max(16, min(1000, int(self.cfg.budget_mb * 1024 * 1024 * WAL_SHARE / page_size)))
+        # The WAL counts against the byte budget: checkpoint it after a small share of the
+        # budget (SQLite's default is 1000 pages, 4 MB, more than a small budget allows) and
+        # truncate it back to that size after each checkpoint instead of keeping its high-water mark.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
+        conn.execute(f"PRAGMA journal_size_limit = {wal_pages * page_size}")
+        return conn
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """A reader connection from a small pool: threads come and go (one per control client),
+        so connections are lent out per call rather than kept per thread."""
+        with self._readers_lock:
+            if self._closed:
+                raise StoreError("replay store is closed")
+            conn = self._idle_readers.pop() if self._idle_readers else None
+        if conn is None:
+            conn = self._connect(writer=False)
+        try:
+            yield conn
+        finally:
+            with self._readers_lock:
+                if self._closed or len(self._idle_readers) >= 4:
+                    conn.close()
+                else:
+                    self._idle_readers.append(conn)
+
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+        conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        if "migrations" not in self._db.table_names():
+            self._conn.execute("CREATE TABLE migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+        applied = {row[0] for row in self._conn.execute("SELECT name FROM migrations")}
+        for name, apply in MIGRATIONS:
+            if name in applied:
+                continue
+            with self._write_lock, self._transaction(self._conn):
+                apply(self._db)
+                self._conn.execute("INSERT INTO migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
+            log.info("store %s: applied migration %s", self.path, name)
+        unknown = applied - {name for name, _ in MIGRATIONS}
+        if unknown:
+            raise StoreError(f"{self.path}: written by a newer version (migrations {sorted(unknown)})")
+
+    def migrations(self) -> list[str]:
+        """Names of the applied migrations, in the order they were applied."""
+        with self._reader() as conn:
+            return [row[0] for row in conn.execute("SELECT name FROM migrations ORDER BY applied_at, name")]
+
+    def _check_segment_size(self) -> float:
+        """Record segment_s; if the config changed it, rebuild the segment table from the readings."""
+        segment_s = float(self.cfg.segment_s)
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'segment_s'").fetchone()
+        if row is not None and float(row[0]) == segment_s:
+            return segment_s
+        per_segment: dict[int, int] = {}
+        with self._write_lock, self._transaction(self._conn):
+            for (ts,) in self._conn.execute("SELECT ts FROM readings"):
+                seg = segment_of(ts, segment_s)
+                per_segment[seg] = per_segment.get(seg, 0) + 1
+            self._conn.execute("DELETE FROM segments")
+            self._conn.executemany(
+                "INSERT INTO segments (id, priority, rows) VALUES (?, ?, ?)",
+                [(seg, float(self._rng.random()), n) for seg, n in per_segment.items()],
+            )
+            self._conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('segment_s', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (repr(segment_s),),
+            )
+        if row is not None:
+            log.info("store %s: segment_s changed to %s; rebuilt %d segments", self.path, segment_s, len(per_segment))
+        return segment_s
+
+    def _channel_id(self, name: str) -> int:
+        cid = self._channel_ids.get(name)
+        if cid is None:
+            cur = self._conn.execute("INSERT INTO channels (name) VALUES (?)", (name,))
+            cid = int(cur.lastrowid or 0)
+            self._channel_ids[name] = cid
+        return cid
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def write(self, readings: Sequence[Reading]) -> int:
+        """Store a batch in one transaction; duplicates of stored (channel, ts) keys are ignored.
+
+        Returns how many readings were newly stored.
+        """
+        if not readings:
+            return 0
+        segment_s = self._segment_s
+        with self._write_lock:
+            if self._closed:
+                raise StoreError("replay store is closed")
+            try:
+                with self._transaction(self._conn) as conn:
+                    ids = self._channel_ids
+                    if any(r.channel not in ids for r in readings):
+                        for r in readings:
+                            self._channel_id(r.channel)
+                    rows = [(ids[channel], ts, value) for channel, ts, value in readings]
+                    first = segment_of(min(r[1] for r in rows), segment_s)
+                    if first == segment_of(max(r[1] for r in rows), segment_s):
+                        # The usual case, a batch within one segment: no per-row grouping.
+                        by_segment = {first: rows}
+                    else:
+                        by_segment = {}
+                        for row in rows:
+                            by_segment.setdefault(segment_of(row[1], segment_s), []).append(row)
+                    added_total = 0
+                    for seg, seg_rows in by_segment.items():
+                        before = conn.total_changes
+                        conn.executemany(
+                            "INSERT OR IGNORE INTO readings (channel_id, ts, value) VALUES (?, ?, ?)", seg_rows
+                        )
+                        added = conn.total_changes - before
+                        if added:
+                            conn.execute(
+                                "INSERT INTO segments (id, priority, rows) VALUES (?, ?, ?)"
+                                " ON CONFLICT(id) DO UPDATE SET rows = rows + excluded.rows",
+                                (seg, float(self._rng.random()), added),
+                            )
+                            added_total += added
+            except sqlite3.Error as exc:
+                # The in-memory channel ids may name rows the rollback removed.
+                self._channel_ids = {
+                    name: int(cid) for cid, name in self._conn.execute("SELECT id, name FROM channels")
+                }
+                raise StoreError(f"{self.path}: write failed: {exc}") from exc
+        return added_total
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        """Readings in the store (every channel, configured or not)."""
+        with self._reader() as conn:
+            return int(conn.execute("SELECT COALESCE(SUM(rows), 0) FROM segments").fetchone()[0])
+
+    def size_bytes(self) -> int:
+        """Bytes on disk: the database file plus its WAL."""
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.stat(f"{self.path}{suffix}").st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def time_range(self) -> tuple[float, float] | None:
+        """(oldest ts, newest ts) over every stored reading, or None when empty."""
+        lows: list[float] = []
+        highs: list[float] = []
+        with self._reader() as conn, self._transaction(conn, immediate=False):
+            for (cid,) in conn.execute("SELECT id FROM channels").fetchall():
+                # Separate MIN and MAX queries: each is one descent of the primary key.
+                low = conn.execute("SELECT MIN(ts) FROM readings WHERE channel_id = ?", (cid,)).fetchone()[0]
+                if low is None:
+                    continue
+                high = conn.execute("SELECT MAX(ts) FROM readings WHERE channel_id = ?", (cid,)).fetchone()[0]
+                lows.append(low)
+                highs.append(high)
+        if not lows:
+            return None
+        return float(min(lows)), float(max(highs))
+
+    def read(
+        self, since: float | None = None, until: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Readings with since <= ts < until of the configured channels, ordered by ts.
+
+        Returns (ts float64, channel_idx int64, value float64); channel_idx indexes `channels`.
+        """
+        low = -math.inf if since is None else float(since)
+        high = math.inf if until is None else float(until)
+        parts: list[tuple[np.ndarray, int]] = []
+        with self._reader() as conn, self._transaction(conn, immediate=False):
+            ids = {name: int(cid) for cid, name in conn.execute("SELECT id, name FROM channels")}
+            for idx, name in enumerate(self.channels):
+                cid = ids.get(name)
+                if cid is None:
+                    continue
+                rows = conn.execute(
+                    "SELECT ts, value FROM readings WHERE channel_id = ? AND ts >= ? AND ts < ?", (cid, low, high)
+                ).fetchall()
+                if rows:
+                    parts.append((np.asarray(rows, dtype=np.float64).reshape(-1, 2), idx))
+        if not parts:
+            return np.empty(0, np.float64), np.empty(0, np.int64), np.empty(0, np.float64)
+        ts = np.concatenate([p[:, 0] for p, _ in parts])
+        values = np.concatenate([p[:, 1] for p, _ in parts])
+        channel_idx = np.concatenate([np.full(len(p), idx, dtype=np.int64) for p, idx in parts])
+        # Stable: readings sharing a ts keep the configured channel order.
+        order = np.argsort(ts, kind="stable")
+        return ts[order], channel_idx[order], values[order]
+
+    def replay_segments(self, before: float, rng: np.random.Generator, max_segments: int) -> list[tuple[float, float]]:
+        """Up to max_segments (start, end) spans, drawn uniformly without replacement from the
+        stored segments that end at or before `before`; sorted by start.
+
+        Each span is a whole retention segment, so `read(start, end)` returns a contiguous window.
+        """
+        if max_segments <= 0:
+            return []
+        segment_s = self._segment_s
+        last = math.floor(before / segment_s) - 1  # segments ending at or before `before`
+        with self._reader() as conn:
+            ids = [int(r[0]) for r in conn.execute("SELECT id FROM segments WHERE id <= ? AND rows > 0", (last,))]
+        if not ids:
+            return []
+        chosen = rng.choice(np.asarray(ids, dtype=np.int64), size=min(max_segments, len(ids)), replace=False)
+        return [(float(k * segment_s), float((k + 1) * segment_s)) for k in sorted(int(c) for c in chosen)]
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def _page_stats(self) -> tuple[int, int, int]:
+        page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
+        page_count = int(self._conn.execute("PRAGMA page_count").fetchone()[0])
+        freelist = int(self._conn.execute("PRAGMA freelist_count").fetchone()[0])
+        return page_size, page_count, freelist
+
+    def _reclaim(self, budget: float) -> bool:
+        """Give freed pages back to the file system and empty the WAL; VACUUM if that is not enough."""
+        # TRUNCATE also resets the WAL file to zero bytes; it can only be partial while a reader
+        # holds an old snapshot, which the next run catches up on.
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._conn.execute("PRAGMA incremental_vacuum")
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if self.size_bytes() <= budget:
+            return False
+        # Pages half-emptied by deletes are not free pages; only a rebuild packs them again.
+        log.info("store %s: %d bytes after retention, over budget; running VACUUM", self.path, self.size_bytes())
+        self._conn.execute("VACUUM")
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return True
+
+    def run_retention(self, now: float | None = None) -> dict[str, float | int | bool]:
+        """Keep the file under the budget; returns what was done.
+
+        Readings newer than recent_hours are kept whole; older data is kept as a uniform sample of
+        whole segments (the ones with the lowest random priority: bottom-k), at least
+        reservoir_fraction of the budget plus whatever room the recent data leaves.
+        """
+        now = time.time() if now is None else float(now)
+        budget = self.cfg.budget_mb * 1024 * 1024
+        segment_s = self._segment_s
+        recent_from = segment_of(now - self.cfg.recent_hours * 3600.0, segment_s)  # first recent segment
+        report: dict[str, float | int | bool] = {"bytes_before": self.size_bytes()}
+        deleted_rows = 0
+        deleted_segments = 0
+        vacuumed = False
+        with self._write_lock:
+            if self._closed:
+                raise StoreError("replay store is closed")
+            page_size, page_count, freelist = self._page_stats()
+            rows_total = self.count()
+            used = (page_count - freelist) * page_size
+            report["rows_before"] = rows_total
+            if rows_total and used > HIGH_WATER * budget:
+                bytes_per_row = used / rows_total
+                allowed = int(LOW_WATER * budget / bytes_per_row)
+                reservoir_min = int(self.cfg.reservoir_fraction * allowed)
+                segments = self._conn.execute("SELECT id, priority, rows FROM segments").fetchall()
+                recent = sorted((s for s in segments if s[0] >= recent_from), key=lambda s: s[0])
+                old = sorted((s for s in segments if s[0] < recent_from), key=lambda s: s[1])
+                drop: list[int] = []
+                recent_rows = sum(s[2] for s in recent)
+                # The budget is a hard limit: if recent data alone would crowd out the minimum
+                # reservoir, its oldest segments go too (and the operator is told).
+                while recent and recent_rows > allowed - reservoir_min:
+                    seg = recent.pop(0)
+                    recent_rows -= seg[2]
+                    drop.append(seg[0])
+                if drop:
+                    log.warning(
+                        "store %s: recent data exceeds the budget of %.1f MB; dropped its %d oldest segments",
+                        self.path, self.cfg.budget_mb, len(drop),
+                    )
+                room = allowed - recent_rows
+                kept_rows = 0
+                kept_segments = 0
+                full = False
+                # Lowest priorities first: the kept set is the bottom-k of uniform random keys, a
+                # uniform sample of segments whatever k the room allows. Once one segment does
+                # not fit no later one is kept, or large segments would be biased against.
+                for seg_id, _priority, n in old:
+                    if not full and kept_rows + n <= room:
+                        kept_rows += n
+                        kept_segments += 1
+                    else:
+                        full = True
+                        drop.append(seg_id)
+                report["reservoir_segments"] = kept_segments
+                report["recent_rows"] = recent_rows
+                channel_ids = [int(r[0]) for r in self._conn.execute("SELECT id FROM channels")]
+                with self._transaction(self._conn) as conn:
+                    for seg_id in drop:
+                        start, end = seg_id * segment_s, (seg_id + 1) * segment_s
+                        for cid in channel_ids:
+                            cur = conn.execute(
+                                "DELETE FROM readings WHERE channel_id = ? AND ts >= ? AND ts < ?", (cid, start, end)
+                            )
+                            deleted_rows += cur.rowcount
+                        conn.execute("DELETE FROM segments WHERE id = ?", (seg_id,))
+                deleted_segments = len(drop)
+                if deleted_segments:
+                    log.info(
+                        "store %s: retention removed %d readings in %d segments", self.path, deleted_rows, deleted_segments
+                    )
+            vacuumed = self._reclaim(budget)
+            report["rows_after"] = self.count()
+        report.update(
+            deleted_rows=deleted_rows,
+            deleted_segments=deleted_segments,
+            vacuumed=vacuumed,
+            bytes_after=self.size_bytes(),
+        )
+        return report
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the database and close every connection."""
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with self._readers_lock:
+                for conn in self._idle_readers:
+                    conn.close()
+                self._idle_readers.clear()
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("store %s: checkpoint at close failed: %s", self.path, exc)
+            self._conn.close()
+
+    def __enter__(self) -> ReplayStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,309 @@
+"""Payload parsing and validation, and the Ingestor against a real broker and a real store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_daemon.broker import LocalBroker
+from edge_daemon.config import Config
+from edge_daemon.errors import PayloadError
+from edge_daemon.ingest import REASONS, Ingestor, PayloadLimits, parse_payload
+from edge_daemon.store import Reading, ReplayStore
+from conftest import CHANNELS, make_config
+
+NOW = 1_800_000_000.0
+LIMITS = PayloadLimits(max_payload_bytes=1024, max_age_s=7 * 86400, max_skew_s=300)
+KNOWN = set(CHANNELS)
+
+
+def parse(topic: str, payload: bytes | str, skipped: list[PayloadError] | None = None) -> list[Reading]:
+    raw = payload.encode() if isinstance(payload, str) else payload
+    return parse_payload(topic, raw, NOW, KNOWN, LIMITS, skipped)
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+
+def test_every_design_form_is_accepted() -> None:
+    assert parse("sensors/m1/temperature", '{"ts": 1799999990.5, "value": 21.5}') == [
+        Reading("m1/temperature", 1799999990.5, 21.5)
+    ]
+    assert parse("sensors/m1/temperature", '{"value": -3, "ts": 1800000000}') == [
+        Reading("m1/temperature", 1800000000.0, -3.0)
+    ]
+    # A bare number takes the arrival time.
+    assert parse("sensors/m1/vibration", "0.25") == [Reading("m1/vibration", NOW, 0.25)]
+    assert parse("sensors/m1/vibration", " 7 ") == [Reading("m1/vibration", NOW, 7.0)]
+    assert parse("sensors/m1", '{"ts": 1799999999, "values": {"temperature": 20, "current": 1.5}}') == [
+        Reading("m1/temperature", 1799999999.0, 20.0),
+        Reading("m1/current", 1799999999.0, 1.5),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        ("sensors/m1/temperature", b"\xff\xfe12", "bad_utf8"),
+        ("sensors/m1/temperature", '{"ts": 1800000000, "value": 1', "bad_json"),
+        ("sensors/m1/temperature", "", "bad_json"),
+        ("sensors/m1/temperature", "NaN", "non_finite"),
+        ("sensors/m1/temperature", '{"ts": 1800000000, "value": Infinity}', "non_finite"),
+        ("sensors/m1/temperature", '{"ts": 1800000000, "value": 1e999}', "non_finite"),
+        ("sensors/m1/temperature", "1" + "0" * 400, "non_finite"),
+        ("sensors/m1/temperature", '"21.5"', "not_a_number"),
+        ("sensors/m1/temperature", "true", "not_a_number"),
+        ("sensors/m1/temperature", '{"ts": 1800000000, "value": false}', "not_a_number"),
+        ("sensors/m1/temperature", '{"ts": 1800000000, "value": null}', "not_a_number"),
+        ("sensors/m1/temperature", "[1.0]", "not_a_number"),
+        ("sensors/m1/humidity", "1.0", "unknown_channel"),
+        ("sensors/m9/temperature", '{"ts": 1800000000, "value": 1}', "unknown_channel"),
+        ("sensors/m1/temperature", '{"ts": 0, "value": 1}', "too_old"),
+        ("sensors/m1/temperature", '{"ts": 1799395199, "value": 1}', "too_old"),
+        ("sensors/m1/temperature", '{"ts": 1800000301, "value": 1}', "future"),
+        ("sensors/m1/temperature", '{"ts": "1800000000", "value": 1}', "bad_ts"),
+        ("sensors/m1/temperature", '{"ts": true, "value": 1}', "bad_ts"),
+        ("sensors/m1/temperature", '{"ts": NaN, "value": 1}', "bad_ts"),
+        ("sensors/m1/temperature", "1" + " " * 1024, "too_large"),
+        ("sensors/m1/temperature", "[" * 200 + "]" * 200, "too_deep"),
+        ("sensors/m1", '{"ts": 1800000000, "values": {"a": {"b": {"c": {"d": 1}}}}}', "too_deep"),
+        ("sensors/m1/temperature", '{"value": 1}', "bad_shape"),
+        ("sensors/m1/temperature", '{"ts": 1800000000, "value": 1, "unit": "C"}', "bad_shape"),
+        ("sensors/m1", "1.0", "bad_shape"),
+        ("sensors/m1", '{"ts": 1800000000, "values": [1, 2]}', "bad_shape"),
+        ("sensors/m1", '{"ts": 1800000000, "values": {}}', "bad_shape"),
+        ("sensors/m1", '{"values": {"temperature": 1}}', "bad_shape"),
+        ("sensors/m1/temperature/extra", "1.0", "bad_topic"),
+        ("sensors//temperature", "1.0", "bad_topic"),
+        ("other/m1/temperature", "1.0", "bad_topic"),
+    ],
+)
+def test_bad_payloads_are_rejected_with_their_reason(topic: str, payload: str | bytes, reason: str) -> None:
+    with pytest.raises(PayloadError) as err:
+        parse(topic, payload)
+    assert err.value.reason == reason
+    assert reason in REASONS
+
+
+def test_values_map_keeps_good_entries_and_reports_bad_ones() -> None:
+    skipped: list[PayloadError] = []
+    payload = '{"ts": 1800000000, "values": {"temperature": 1, "humidity": 2, "current": "x", "vibration": 3}}'
+    readings = parse("sensors/m1", payload, skipped)
+    assert readings == [Reading("m1/temperature", NOW, 1.0), Reading("m1/vibration", NOW, 3.0)]
+    assert [e.reason for e in skipped] == ["unknown_channel", "not_a_number"]
+    # With no good entry at all the message is rejected with the first entry's reason.
+    skipped = []
+    with pytest.raises(PayloadError) as err:
+        parse("sensors/m1", '{"ts": 1800000000, "values": {"humidity": 2, "current": null}}', skipped)
+    assert err.value.reason == "unknown_channel"
+    assert [e.reason for e in skipped] == ["not_a_number"]
+
+
+_json_leaf = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+_json = st.recursive(
+    _json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    topic=st.sampled_from(["sensors/m1/temperature", "sensors/m1", "sensors/m1/current", "sensors/m2/x", "sensors/a/b/c"]),
+    payload=st.binary(max_size=64) | _json.map(lambda doc: json.dumps(doc).encode()),
+    now=st.floats(1e9, 2e9),
+)
+def test_parse_never_fails_otherwise_and_never_lets_bad_readings_through(topic: str, payload: bytes, now: float) -> None:
+    try:
+        readings = parse_payload(topic, payload, now, KNOWN, LIMITS, [])
+    except PayloadError as exc:
+        assert exc.reason in REASONS
+        return
+    for reading in readings:
+        assert reading.channel in KNOWN
+        assert math.isfinite(reading.value) and not isinstance(reading.value, bool)
+        assert now - LIMITS.max_age_s <= reading.ts <= now + LIMITS.max_skew_s
+
+
+# -- the Ingestor against a real broker -----------------------------------------------------------
+
+
+def config_for(tmp_path: Path, broker: LocalBroker, **store: object) -> Config:
+    mqtt_section: dict[str, object] = {"reconnect_min_s": 0.2, "reconnect_max_s": 1.0}
+    if broker.kind != "mosquitto":
+        mqtt_section["protocol"] = "3.1.1"
+    return make_config(tmp_path, port=broker.port, mqtt=mqtt_section, store={"flush_interval_s": 0.05, **store})
+
+
+def publisher(broker: LocalBroker, client_id: str = "test-publisher") -> mqtt.Client:
+    """A QoS 1 publisher with a persistent session, so it resends across a broker restart."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, protocol=mqtt.MQTTv311)
+    client.max_inflight_messages_set(100)
+    client.reconnect_delay_set(0.1, 0.5)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    return client
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def restartable_broker() -> Iterator[LocalBroker]:
+    """A broker whose sessions and queued messages survive a restart.
+
+    Run as root, mosquitto drops to its own user, so its persistence directory must be writable
+    by that user (pytest's tmp_path is private to root). amqtt keeps nothing across a restart.
+    """
+    if not shutil.which("mosquitto"):
+        pytest.skip("broker restart without loss needs mosquitto's persistence")
+    workdir = Path(tempfile.mkdtemp(prefix="edge-broker-"))
+    workdir.chmod(0o777)
+    broker = LocalBroker(workdir=workdir)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def running(tmp_path: Path, broker: LocalBroker):  # type: ignore[no-untyped-def]
+    config = config_for(tmp_path, broker)
+    store = ReplayStore(config.store_path, config.store, config.channels.names)
+    ingestor = Ingestor(config, store)
+    ingestor.start()
+    assert ingestor.wait_connected(10)
+    yield config, store, ingestor
+    ingestor.stop()
+    store.close()
+
+
+def test_duplicates_are_stored_once_and_hooks_see_committed_batches(running, broker: LocalBroker) -> None:  # type: ignore[no-untyped-def]
+    config, store, ingestor = running
+    batches: list[list[Reading]] = []
+    ingestor.on_batch.append(lambda readings: batches.append(list(readings)))
+    now = time.time()
+    pub = publisher(broker)
+    payload = json.dumps({"ts": now, "value": 1.5})
+    infos = [pub.publish("sensors/m1/temperature", payload, qos=1) for _ in range(3)]
+    infos.append(pub.publish("sensors/m1", json.dumps({"ts": now, "values": {"temperature": 1.5, "current": 2.0}}), qos=1))
+    for info in infos:
+        info.wait_for_publish(5)
+    wait_for(lambda: ingestor.counters()["received"] == 4, 10, "4 messages")
+    wait_for(lambda: ingestor.counters()["readings"] == 5, 10, "the batch to commit")
+    counters = ingestor.counters()
+    assert counters["stored"] == 2 and counters["duplicates"] == 3 and counters["rejected"] == 0
+    assert store.count() == 2
+    seen = [r for batch in batches for r in batch]
+    assert sorted(set(seen)) == sorted({Reading("m1/temperature", now, 1.5), Reading("m1/current", now, 2.0)})
+    pub.loop_stop()
+    pub.disconnect()
+
+
+def test_status_is_retained_online_then_offline_after_stop(tmp_path: Path, broker: LocalBroker) -> None:
+    config = config_for(tmp_path, broker)
+    store = ReplayStore(config.store_path, config.store, config.channels.names)
+    ingestor = Ingestor(config, store)
+    ingestor.start()
+    assert ingestor.wait_connected(10)
+
+    def retained_status() -> dict:
+        got: list[bytes] = []
+        done = threading.Event()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        client.on_message = lambda c, u, m: (got.append(m.payload), done.set())
+        client.connect(broker.host, broker.port)
+        client.subscribe(f"edge/{config.device.id}/status", qos=1)
+        client.loop_start()
+        done.wait(5)
+        client.loop_stop()
+        client.disconnect()
+        assert got, "no retained status"
+        return json.loads(got[0])
+
+    wait_for(lambda: retained_status()["online"] is True, 10, "retained online status")
+    ingestor.publish("forecast", {"step": 1}, qos=1).wait_for_publish(5)
+    ingestor.stop()
+    store.close()
+    assert retained_status() == {"online": False, "device": config.device.id}
+
+
+def test_broker_restart_mid_stream_loses_nothing(
+    tmp_path: Path, restartable_broker: LocalBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = restartable_broker
+    caplog.set_level(logging.DEBUG, logger="edge_daemon.ingest")
+    config = config_for(tmp_path, broker)
+    store = ReplayStore(config.store_path, config.store, config.channels.names)
+    ingestor = Ingestor(config, store)
+    ingestor.start()
+    assert ingestor.wait_connected(10)
+    pub = publisher(broker)
+    total = 3000
+    base = time.time() - 600
+    sent = threading.Event()
+
+    def publish_all() -> None:
+        for i in range(total):
+            pub.publish(f"sensors/{CHANNELS[i % 3]}", json.dumps({"ts": base + i * 0.01, "value": i}), qos=1)
+            time.sleep(0.0005)
+        sent.set()
+
+    thread = threading.Thread(target=publish_all)
+    thread.start()
+    wait_for(lambda: store.count() > 300, 20, "the stream to start")
+    broker.restart()
+    thread.join()
+    wait_for(lambda: store.count() == total, 60, f"all {total} readings (have {store.count()})")
+    pub.loop_stop()
+    pub.disconnect()
+    ingestor.stop()
+    ts, idx, values = store.read()
+    assert len(ts) == total
+    assert sorted(values.astype(int).tolist()) == list(range(total))
+    store.close()
+    # One WARNING for the outage, retries at DEBUG only.
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "connect" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+def test_mqtt_311_with_small_broker_inflight(tmp_path: Path, broker: LocalBroker) -> None:
+    config = make_config(
+        tmp_path, port=broker.port, mqtt={"protocol": "3.1.1", "broker_inflight": 20}, store={"flush_interval_s": 0.05}
+    )
+    store = ReplayStore(config.store_path, config.store, config.channels.names)
+    ingestor = Ingestor(config, store)
+    ingestor.start()
+    assert ingestor.wait_connected(10)
+    pub = publisher(broker, "pub-311")
+    base = time.time() - 60
+    started = time.monotonic()
+    for i in range(2000):
+        pub.publish("sensors/m1/current", json.dumps({"ts": base + i * 0.01, "value": i}), qos=1)
+    wait_for(lambda: store.count() == 2000, 30, "2000 readings over MQTT 3.1.1")
+    # Flushing on the in-flight window keeps the stream moving: far faster than one flush
+    # interval per window of 20 messages (which would take 2000 / 20 * 0.05 = 5 s).
+    assert time.monotonic() - started < 5
+    pub.loop_stop()
+    pub.disconnect()
+    ingestor.stop()
+    store.close()
