@@ -139,6 +139,7 @@ class TrainConfig(_Section):
     idle_window_s: float = Field(30.0, gt=0, description="... averaged over this long")
     check_interval_s: float = Field(10.0, gt=0, description="how often the update trigger is evaluated")
     keep_versions: int = Field(5, ge=1, description="adapter versions kept on disk")
+    stop_timeout_s: float = Field(20.0, gt=0, description="on shutdown, wait this long for an update to stop at a micro-batch boundary")
     nice: int = Field(10, ge=0, le=19, description="niceness of the training process")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapter weights")
     max_grad_norm: float = Field(1.0, ge=0, description="clip the accumulated gradient to this norm (0 = no clipping)")

@@ -17,10 +17,18 @@ from types import FrameType
 from typing import Any
 
 from edge_daemon import __version__
+from edge_daemon.adapters import AdapterStore, AdapterVersion, BaseModel, load_base, serving_model
 from edge_daemon.config import Config
 from edge_daemon.control import ControlServer, Handler
+from edge_daemon.errors import AdapterError, ControlError, ModelError
 from edge_daemon.ingest import Ingestor
+from edge_daemon.pipeline import ScoringPipeline, iso
+from edge_daemon.plan import plan_from_config
+from edge_daemon.scheduler import IdleDetector, JobScheduler, TriggerInputs, UpdateTrigger
+from edge_daemon.scoring import Scorer
 from edge_daemon.store import ReplayStore
+from edge_daemon.updater import UpdateRunner
+from edge_daemon.watchdog import Level, MemoryWatchdog, PlanGovernor, SharedLevel, plan_candidates
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,25 @@ class Daemon:
         self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         self.exit_code = 0
         self.stop_signal: str | None = None
+        self.watchdog: MemoryWatchdog | None = None
+        self.pipeline: ScoringPipeline | None = None
+        self.base: BaseModel | None = None
+        self.adapters = AdapterStore(config.adapters_dir, keep=config.train.keep_versions)
+        self.scheduler: JobScheduler | None = None
+        self.runner: UpdateRunner | None = None
+        self.governor: PlanGovernor | None = None
+        self.trigger = UpdateTrigger(config.train)
+        self.idle = IdleDetector(config.train.idle_cpu_percent, config.train.idle_window_s)
+        self._model_lock = threading.Lock()
+        self.handlers.update(
+            {
+                "adapter": self._adapter,
+                "adapters": self._adapters,
+                "drift": self._drift,
+                "train": self._train,
+                "rollback": self._rollback,
+            }
+        )
 
     # -- build and start, in order -----------------------------------------------------------
 
@@ -66,28 +93,83 @@ class Daemon:
         self.status_sections["store"] = lambda: {"readings": store.count(), "bytes": store.size_bytes()}
         return Part("store", store.close)
 
-    def _start_retention(self) -> Part:
-        # A plain loop for now; the scheduler takes this job over when it exists.
-        assert self.store is not None
+    def _start_watchdog(self) -> Part:
+        import multiprocessing
+
+        shared = SharedLevel(multiprocessing.get_context("spawn"))
+        self.watchdog = MemoryWatchdog.from_config(self.config.memory, shared_level=shared)
+        watchdog = self.watchdog
+        watchdog.add_listener(self._on_level_change)
+        watchdog.start()
+        self.status_sections["memory"] = watchdog.snapshot
+        return Part("watchdog", watchdog.stop, lambda: watchdog.alive)
+
+    def _load_serving(self) -> Scorer | None:
+        """The base model with the current adapter merged in; None while there is no base yet."""
+        cfg = self.config
+        if not (cfg.base_dir / "config.json").exists():
+            log.warning("no base model in %s yet: storing readings; one is trained once enough data is stored", cfg.base_dir)
+            return None
+        self.base = load_base(cfg.base_dir, cfg.channels.names, cfg.channels.period_s)
+        version = self._current_adapter()
+        try:
+            model = serving_model(self.base, version)
+        except AdapterError as exc:
+            log.error("cannot serve adapter v%s (%s); serving the base model", version.version if version else "?", exc)
+            version = None
+            model = serving_model(self.base, None)
+        return Scorer(self.base, model, cfg.outputs.anomaly_threshold, version=version.version if version else None)
+
+    def _current_adapter(self) -> AdapterVersion | None:
+        try:
+            return self.adapters.current()
+        except AdapterError as exc:
+            log.error("current adapter unreadable: %s", exc)
+            return None
+
+    def _start_pipeline(self) -> Part:
+        self.pipeline = ScoringPipeline(self.config, self._publish, self._load_serving())
+        pipeline = self.pipeline
+        pipeline.start()
+        self.status_sections["drift"] = lambda: pipeline.drift.status()
+        self.status_sections["adapter"] = self._adapter_summary
+        self.status_sections["scoring"] = pipeline.status
+        return Part("scoring", pipeline.stop, lambda: pipeline.alive)
+
+    def _start_scheduler(self) -> Part:
+        assert self.watchdog is not None and self.store is not None
+        cfg = self.config
+        ladder = plan_candidates(cfg.train.batch_size, plan_from_config(cfg.train).micro_batch)
+        ladder = [
+            p
+            for p in ladder
+            if not (cfg.train.gradient_checkpointing == "off" and p.checkpointing)
+            and not (cfg.train.gradient_checkpointing == "on" and not p.checkpointing)
+            and not (cfg.train.optimizer == "adamw" and p.optimizer == "adamw8bit")
+            and not (cfg.train.optimizer == "adamw8bit" and p.optimizer == "adamw")
+        ] or ladder
+        shared = self.watchdog.shared_level
+        assert shared is not None
+        self.governor = PlanGovernor.from_config(cfg.memory, shared, ladder)
+        self.runner = UpdateRunner(cfg, self.governor, self._on_update_result)
+        self.governor.stop_event = self.runner._stop_event
+        self.status_sections["training"] = self._training_status
         store = self.store
-        done = threading.Event()
-
-        def loop() -> None:
-            while not done.wait(self.config.store.retention_interval_s):
-                try:
-                    store.run_retention()
-                except Exception:
-                    log.exception("retention run failed")
-            log.info("retention loop exiting")
-
-        thread = threading.Thread(target=loop, name="retention", daemon=True)
-        thread.start()
+        scheduler = JobScheduler()
+        scheduler.add("idle", self.idle.sample, interval_s=max(1.0, cfg.train.idle_window_s / 30), run_now=True)
+        scheduler.add("update-trigger", self._maybe_update, interval_s=cfg.train.check_interval_s)
+        scheduler.add("retention", store.run_retention, interval_s=cfg.store.retention_interval_s)
+        scheduler.add("status", self._publish_status, interval_s=cfg.outputs.status_interval_s)
+        scheduler.start()
+        self.scheduler = scheduler
+        runner = self.runner
 
         def stop() -> None:
-            done.set()
-            thread.join(30.0)
+            scheduler.stop()
+            # An update stops at its next micro-batch boundary; nothing partial is saved.
+            runner.stop(timeout=max(5.0, cfg.train.stop_timeout_s))
 
-        return Part("retention", stop, thread.is_alive)
+        return Part("scheduler", stop, lambda: scheduler.alive)
 
     def _start_control(self) -> Part:
         self.control = ControlServer(self.config.device.socket, self.handlers)
@@ -100,6 +182,8 @@ class Daemon:
         self.ingestor.online_status = self._online_status
         ingestor = self.ingestor
         self.status_sections["ingest"] = ingestor.counters
+        if self.pipeline is not None:
+            ingestor.on_batch.append(self.pipeline.on_batch)
         ingestor.start()
         return Part("ingest", ingestor.stop, lambda: ingestor.alive)
 
@@ -107,9 +191,11 @@ class Daemon:
         """The start order. Later parts (scorer, scheduler, watchdog, trainer) go in here."""
         return [
             ("store", self._start_store),
-            ("retention", self._start_retention),
+            ("watchdog", self._start_watchdog),
+            ("scoring", self._start_pipeline),
             ("control", self._start_control),
             ("ingest", self._start_ingest),
+            ("scheduler", self._start_scheduler),
         ]
 
     def start(self) -> None:
@@ -168,15 +254,271 @@ class Daemon:
 
     def _online_status(self) -> dict[str, Any]:
         """The retained `edge/<id>/status` payload published at every (re)connect."""
-        return {
+        status: dict[str, Any] = {
             "online": True,
             "device": self.config.device.id,
             "version": __version__,
             "started": datetime.fromtimestamp(self.started_at, timezone.utc).isoformat(),
+            "adapter_version": self._adapter_summary()["version"],
         }
+        if self.pipeline is not None:
+            status["drift"] = self.pipeline.drift.residual_drift_detected
+        return status
 
     def _status(self, request: dict[str, Any]) -> dict[str, Any]:
         reply: dict[str, Any] = {"device": self.config.device.id, "uptime_s": round(self.uptime_s(), 3)}
         for key, section in list(self.status_sections.items()):
             reply[key] = section()
         return reply
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    def _publish(self, suffix: str, payload: Any, qos: int = 0, retain: bool = False) -> None:
+        ingestor = self.ingestor
+        if ingestor is None:
+            return
+        try:
+            ingestor.publish(suffix, payload, qos=qos, retain=retain)
+        except Exception as exc:  # publishing is best effort while the broker is away
+            log.debug("publish %s failed: %s", suffix, exc)
+
+    def _publish_status(self) -> None:
+        """Refresh the retained `edge/<id>/status`."""
+        self._publish("status", self._online_status(), self.config.outputs.qos, True)
+
+    def _on_level_change(self, old: Level, new: Level) -> None:
+        log.log(logging.WARNING if new >= Level.HIGH else logging.INFO, "memory level %s -> %s", old.label, new.label)
+
+    # -- adaptation --------------------------------------------------------------------------
+
+    def _maybe_update(self) -> None:
+        """The update-trigger job: start an update (or the base bootstrap) when the trigger says so."""
+        assert self.runner is not None and self.watchdog is not None and self.pipeline is not None
+        if self.runner.running:
+            return
+        pipeline = self.pipeline
+        if self.base is None:
+            self._maybe_bootstrap()
+            return
+        decision = self.trigger.decide(
+            TriggerInputs(
+                idle=self.idle.idle(),
+                memory_level=self.watchdog.level.label,
+                backlog=self.ingestor.backlog if self.ingestor else 0,
+                # Input detectors also fire on seasonal swings; what warrants an update is the
+                # model's residuals drifting.
+                drift_detected=pipeline.drift.residual_drift_detected,
+                new_windows=pipeline.steps_since_update,
+                has_base=True,
+            )
+        )
+        if not decision.start:
+            log.debug("no update: %s", decision.reason)
+            return
+        self.start_update(decision.reason)
+
+    def start_update(self, reason: str) -> bool:
+        assert self.runner is not None and self.governor is not None and self.watchdog is not None
+        job = {
+            "kind": "update",
+            "reason": reason,
+            "candidates": [p.to_dict() for p in self.governor.start_candidates()],
+            "baseline_mb": self.watchdog.usage_mb,
+            "budget_mb": self.watchdog.budget_mb,
+            "seed": int(time.time()),
+        }
+        if not self.runner.start(job):
+            return False
+        self.trigger.started()
+        if self.pipeline is not None:
+            self.pipeline.steps_since_update = 0
+        return True
+
+    def _maybe_bootstrap(self) -> None:
+        """No base model yet: train one in the child once the store holds enough gap-free windows."""
+        assert self.runner is not None and self.store is not None and self.watchdog is not None
+        if self.watchdog.level != Level.NORMAL or not (self.trigger.requested or self.idle.idle()):
+            return
+        if self.store.count() < self.config.model.bootstrap_min_windows * len(self.config.channels.names):
+            return
+        if self.runner.start({"kind": "pretrain", "reason": "no base model"}):
+            self.trigger.started()
+
+    def _on_update_result(self, result: dict[str, Any]) -> None:
+        """In the runner's monitor thread: serve an accepted adapter, publish the outcome."""
+        outcome = result.get("outcome") or {}
+        stopped = bool(outcome.get("stopped")) if isinstance(outcome, dict) else False
+        backoff = self.governor.retry_after_s if self.governor else 0.0
+        self.trigger.finished(stopped_for_memory=stopped, backoff_s=backoff)
+        if self.watchdog is not None:
+            from edge_daemon.watchdog import release_memory
+
+            release_memory()
+        kind = result.get("kind")
+        if kind == "pretrain":
+            if result.get("accepted"):
+                log.info("base model trained from the store")
+                scorer = self._load_serving()
+                if scorer is not None and self.pipeline is not None:
+                    self.pipeline.set_scorer(scorer)
+                    self.pipeline.alert({"type": "base_model", "message": "base model trained from the store"})
+            else:
+                log.warning("base model bootstrap failed: %s", result.get("error"))
+            return
+        if result.get("accepted") and result.get("version") is not None:
+            version = int(result["version"])
+            try:
+                self._serve_version(self.adapters.get(version))
+            except (AdapterError, ModelError) as exc:
+                log.error("accepted adapter v%d cannot be served: %s", version, exc)
+                return
+            summary = result.get("summary", {})
+            self._alert_adapter("adapter_accepted", version, summary, result.get("reason"))
+        else:
+            reason = result.get("error") or result.get("reason")
+            summary = result.get("summary", {})
+            self._alert_adapter("adapter_rejected", None, summary, reason)
+            log.info("update not accepted: %s", reason)
+
+    def _alert_adapter(self, kind: str, version: int | None, summary: dict[str, Any], reason: Any) -> None:
+        if self.pipeline is None:
+            return
+        self.pipeline.alert(
+            {
+                "type": kind,
+                "version": version,
+                "reason": reason,
+                "metrics_before": summary.get("metrics_before"),
+                "metrics_after": summary.get("metrics_after"),
+                "message": f"{kind.replace('_', ' ')}" + (f": v{version}" if version is not None else f": {reason}"),
+            }
+        )
+        self._publish_status()
+
+    def _serve_version(self, version: AdapterVersion | None) -> None:
+        """Merge `version` into a copy of the base and swap it in; the drift baseline restarts."""
+        assert self.base is not None and self.pipeline is not None
+        with self._model_lock:
+            model = serving_model(self.base, version)
+            scorer = self.pipeline.scorer
+            if scorer is not None:
+                scorer.swap_model(model, version.version if version else None)
+            self.pipeline.drift.reset_baseline(time.time())
+
+    # -- control handlers --------------------------------------------------------------------
+
+    def _adapter_summary(self) -> dict[str, Any]:
+        version = self._current_adapter()
+        if version is None:
+            return {"version": None, "created": None, "size_bytes": 0, "val_loss": None}
+        return {
+            "version": version.version,
+            "created": version.created,
+            "size_bytes": version.size_bytes,
+            "val_loss": version.meta.get("val_loss"),
+        }
+
+    def _adapter(self, request: dict[str, Any]) -> dict[str, Any]:
+        version = self._current_adapter()
+        detail = self._adapter_summary()
+        if version is not None:
+            meta = version.meta
+            detail.update(
+                {
+                    "metrics_before": meta.get("metrics_before"),
+                    "metrics_after": meta.get("metrics_after"),
+                    "plan": meta.get("plan"),
+                    "chosen_blocks": meta.get("chosen_blocks"),
+                    "peak_rss_mb": meta.get("peak_rss_mb"),
+                    "reason": meta.get("reason"),
+                }
+            )
+        return {"adapter": detail}
+
+    def _adapters(self, request: dict[str, Any]) -> dict[str, Any]:
+        current = self._current_adapter()
+        listed = []
+        for version in self.adapters.list():
+            before = version.meta.get("metrics_before") or {}
+            after = version.meta.get("metrics_after") or {}
+            listed.append(
+                {
+                    "version": version.version,
+                    "created": version.created,
+                    "size_bytes": version.size_bytes,
+                    "val_loss": version.meta.get("val_loss"),
+                    "current": current is not None and version.version == current.version,
+                    "metrics": {
+                        "recent_before": before.get("recent_val_loss"),
+                        "recent_after": after.get("recent_val_loss"),
+                        "replay_before": before.get("replay_val_loss"),
+                        "replay_after": after.get("replay_val_loss"),
+                    },
+                }
+            )
+        return {"current": current.version if current else None, "adapters": listed}
+
+    def _drift(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.pipeline is not None
+        return {"drift": self.pipeline.drift.status()}
+
+    def _train(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.runner is not None and self.runner.running:
+            return {"accepted": True, "state": "running", "message": "an update is already running"}
+        self.trigger.request()
+        message = "update requested: it starts when the device is idle and memory is normal"
+        if self.base is None:
+            message = "no base model yet: a base model is trained first, once enough data is stored"
+        return {"accepted": True, "state": "idle", "message": message}
+
+    def _rollback(self, request: dict[str, Any]) -> dict[str, Any]:
+        version_number = int(request["version"])  # checked by the control server: an int >= 1
+        if self.base is None:
+            raise ControlError("no base model yet")
+        version = self.adapters.rollback(version_number)
+        self._serve_version(version)
+        log.info("rolled back to adapter v%d", version_number)
+        if self.pipeline is not None:
+            self.pipeline.alert({"type": "rollback", "version": version_number, "message": f"rolled back to v{version_number}"})
+        return {"adapter": self._adapter_summary()}
+
+    def _training_status(self) -> dict[str, Any]:
+        runner = self.runner
+        if runner is None:
+            return {"state": "idle", "last": None, "plan": None}
+        if runner.running:
+            progress = dict(runner.progress)
+            state = "running"
+            plan = progress.get("plan")
+        else:
+            progress = {}
+            state = "paused" if self.governor is not None and not self.governor.may_start() else "idle"
+            plan = None
+        last = runner.last
+        return {
+            "state": state,
+            "plan": plan,
+            "progress": progress,
+            "job": {k: v for k, v in (runner.job or {}).items() if k != "candidates"} or None,
+            "requested": self.trigger.requested,
+            "retry_after_s": self.governor.retry_after_s if self.governor else 0.0,
+            "last": _last_summary(last),
+        }
+
+
+def _last_summary(last: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not last:
+        return None
+    summary = last.get("summary") or {}
+    return {
+        "kind": last.get("kind"),
+        "accepted": last.get("accepted"),
+        "version": last.get("version"),
+        "reason": last.get("reason") or last.get("error"),
+        "duration_s": last.get("duration_s"),
+        "metrics_before": summary.get("metrics_before"),
+        "metrics_after": summary.get("metrics_after"),
+        "peak_rss_mb": (summary.get("peak_rss_bytes") or 0) / 2**20 or None,
+        "outcome": last.get("outcome"),
+        "finished": iso(time.time()),
+    }

@@ -55,6 +55,14 @@ class ControlError(EdgeDaemonError):
     """A control-socket request failed, or the daemon could not be reached."""
 
 
+class DaemonUnreachable(ControlError):
+    """Nothing answered on the control socket; `cause` is missing, refused, permission, timeout or other."""
+
+    def __init__(self, message: str, cause: str = "other") -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
 class PermissionDenied(ControlError):
     """The peer may not run this command (mutating commands need root or the daemon's user/group)."""
 

@@ -392,6 +392,11 @@ class Ingestor:
 
     # -- counters ----------------------------------------------------------------------------
 
+    @property
+    def backlog(self) -> int:
+        """Messages received but not yet parsed and committed."""
+        return self._queue.qsize()
+
     def counters(self) -> dict[str, Any]:
         """received/rejected count messages (and rejected entries of `values` maps); readings,
         stored and duplicates count readings."""

@@ -360,7 +360,7 @@ def test_cli_validate_config_and_status(tmp_path: Path, broker: LocalBroker, dae
     assert human.returncode == 0 and "test-dev" in human.stdout and "readings" in human.stdout
     assert daemon.terminate() == 0
     gone = run_cli("status", "--socket", str(tmp_path / "control.sock"))
-    assert gone.returncode == 1 and "no daemon socket" in gone.stderr
+    assert gone.returncode == 3 and "no daemon socket" in gone.stderr
     for command in ("run", "validate-config", "status"):
         assert "example:" in run_cli(command, "--help").stdout
 

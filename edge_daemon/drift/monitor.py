@@ -61,6 +61,10 @@ def make_detector(cfg: DriftConfig, *, kind: Kind, seed: int = 0) -> DriftDetect
     raise ValueError(f"detector must be one of ['adwin', 'page_hinkley', 'kswin'], got {cfg.detector!r}")
 
 
+# Residual ratios (|residual| / baseline) above this are fed to the detector as this.
+RESIDUAL_CLIP = 4.0
+
+
 @dataclass(frozen=True, slots=True)
 class DriftEvent:
     """One new detection, for the daemon to publish as an alert."""
@@ -299,7 +303,10 @@ class DriftMonitor:
                     if n >= min_samples:
                         channel.residual_baseline = max(channel._baseline_sum / n, _MIN_BASELINE)
                     continue
-                if not channel.residual_detector.update(magnitude / channel.residual_baseline).drift_detected:
+                # Clipped: a spike is an anomaly (alerted on its own), not a change of regime;
+                # unclipped, one large spike shifts ADWIN's window mean and reads as drift.
+                ratio = min(magnitude / channel.residual_baseline, RESIDUAL_CLIP)
+                if not channel.residual_detector.update(ratio).drift_detected:
                     continue
                 if channel.residual_level <= channel.residual_baseline:
                     log.debug("residuals of %s changed but are not above the baseline; not drift", channel.name)

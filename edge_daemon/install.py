@@ -1,0 +1,343 @@
+"""Install and uninstall edge-daemon as a systemd service.
+
+Owns the on-device layout: a virtual environment under /opt, the unit in
+/etc/systemd/system, the default config (never overwritten) and the state
+that uninstall keeps unless asked to purge. Standard library only, so the
+system python3 can run it from a source tree (scripts/install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_daemon.errors import InstallError
+
+log = logging.getLogger(__name__)
+
+UNIT_NAME = "edge-daemon.service"
+DEFAULT_VENV = Path("/opt/edge-daemon/venv")
+UNIT_DIR = Path("/etc/systemd/system")
+CONFIG_PATH = Path("/etc/edge-daemon/config.toml")
+# DynamicUser= keeps the real directories under private/ and links them from
+# the usual place; both forms are removed together.
+STATE_DIRS = (Path("/var/lib/edge-daemon"), Path("/var/lib/private/edge-daemon"))
+CACHE_DIRS = (Path("/var/cache/edge-daemon"), Path("/var/cache/private/edge-daemon"))
+# The device id in systemd/config.toml; the installer replaces it with the
+# host name, since two devices sharing an MQTT client id keep kicking each
+# other off the broker.
+TEMPLATE_DEVICE_ID = "edge-device"
+_EXEC_START_VENV = "/opt/edge-daemon/venv"
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """What install() did; paths are as written (under the prefix)."""
+
+    unit: Path
+    config: Path
+    config_written: bool  # False: an existing config was kept untouched
+    venv: Path | None  # None: venv creation was skipped
+    systemctl_ran: bool  # daemon-reload + enable --now
+
+
+@dataclass(frozen=True)
+class UninstallResult:
+    """What uninstall() removed and what it deliberately kept."""
+
+    removed: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
+    systemctl_ran: bool = False
+
+
+def project_dir() -> Path:
+    """The source tree this module was loaded from (holds systemd/ and pyproject.toml)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def systemd_running() -> bool:
+    """sd_booted(): whether systemd is PID 1 here, so systemctl can act."""
+    return Path("/run/systemd/system").is_dir()
+
+
+def under(prefix: Path, path: Path) -> Path:
+    """`path` (absolute, as on the device) placed under `prefix`."""
+    return Path(prefix) / Path(path).relative_to("/")
+
+
+def device_id_from_hostname(hostname: str | None = None) -> str:
+    """A valid [device] id from the host name (falls back to the template id)."""
+    name = socket.gethostname() if hostname is None else hostname
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name.split(".")[0]).strip("-")[:64]
+    return name or TEMPLATE_DEVICE_ID
+
+
+def render_unit(source: Path, venv_dir: Path = DEFAULT_VENV) -> str:
+    """The unit file text, with ExecStart pointing into `venv_dir`."""
+    text = _read(Path(source) / "systemd" / UNIT_NAME)
+    venv_dir = Path(venv_dir)
+    if not venv_dir.is_absolute():
+        raise InstallError(f"venv directory must be absolute, got {venv_dir}")
+    if str(venv_dir) != _EXEC_START_VENV:
+        text = text.replace(f"ExecStart={_EXEC_START_VENV}/", f"ExecStart={venv_dir}/")
+    return text
+
+
+def render_config(source: Path, device_id: str | None = None) -> str:
+    """The default config text with this device's id filled in."""
+    text = _read(Path(source) / "systemd" / "config.toml")
+    device_id = device_id_from_hostname() if device_id is None else device_id
+    return text.replace(f'id = "{TEMPLATE_DEVICE_ID}"', f'id = "{device_id}"', 1)
+
+
+def torch_pin(source: Path) -> str:
+    """The `torch==X` requirement from constraints.txt (the CPU build)."""
+    for line in _read(Path(source) / "constraints.txt").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if re.match(r"^torch\s*==", line):
+            return line.replace(" ", "")
+    raise InstallError(f"{source}/constraints.txt pins no torch version")
+
+
+def create_venv(venv_path: Path, source: Path, python: str = sys.executable) -> Path:
+    """Create (or reuse) a venv at `venv_path` and install the package from `source` into it.
+
+    torch goes first with the pin from constraints.txt, so nothing later can
+    resolve it to a multi-GB CUDA build. The package itself is a regular
+    (not editable) install: the service must not depend on the source tree.
+    """
+    venv_path = Path(venv_path)
+    source = Path(source)
+    constraints = source / "constraints.txt"
+    venv_python = venv_path / "bin" / "python"
+    if not venv_python.exists():
+        log.info("creating virtual environment %s", venv_path)
+        _run([python, "-m", "venv", str(venv_path)])
+    pip = [str(venv_python), "-m", "pip", "install", "--quiet", "-c", str(constraints)]
+    log.info("installing %s into %s (several minutes on a small device)", torch_pin(source), venv_path)
+    _run([*pip, torch_pin(source)])
+    log.info("installing edge-daemon from %s", source)
+    _run([*pip, str(source)])
+    entry = venv_path / "bin" / "edge-daemon"
+    if not entry.exists():
+        raise InstallError(f"{entry} missing after installing the package")
+    return venv_path
+
+
+def install(
+    prefix: Path = Path("/"),
+    venv_dir: Path | str = DEFAULT_VENV,
+    source: Path | None = None,
+    systemctl: bool = True,
+    with_venv: bool = True,
+    device_id: str | None = None,
+) -> InstallResult:
+    """Install the service under `prefix` (a temporary root in tests, / on a device).
+
+    Writes the unit (replacing an older one: local changes belong in
+    `systemctl edit` drop-ins) and the default config only if none exists.
+    `systemctl daemon-reload` and `enable --now` run only when `systemctl` is
+    True, `prefix` is / and systemd is running. `with_venv=False` skips
+    the venv (tests, or a venv provisioned another way).
+    """
+    prefix = Path(prefix)
+    source = project_dir() if source is None else Path(source)
+    venv_dir = Path(venv_dir)
+    at_root = prefix.resolve() == Path("/")
+    if at_root and os.geteuid() != 0:
+        raise InstallError("installing to / needs root (try sudo)")
+    unit_text = render_unit(source, venv_dir)  # read sources before touching the target
+
+    venv_path: Path | None = None
+    if with_venv:
+        venv_path = create_venv(under(prefix, venv_dir), source)
+
+    unit_path = under(prefix, UNIT_DIR / UNIT_NAME)
+    _write_atomic(unit_path, unit_text, 0o644)
+    log.info("wrote %s", unit_path)
+
+    config_path = under(prefix, CONFIG_PATH)
+    config_written = _write_new(config_path, render_config(source, device_id), 0o644)
+    if config_written:
+        log.info("wrote default config %s", config_path)
+    else:
+        log.info("kept existing config %s", config_path)
+
+    ran = False
+    if systemctl and at_root and systemd_running():
+        _run(["systemctl", "daemon-reload"])
+        _run(["systemctl", "enable", "--now", UNIT_NAME])
+        ran = True
+    elif systemctl:
+        log.info("not running systemctl: %s", "prefix is not /" if not at_root else "systemd is not running")
+    return InstallResult(unit_path, config_path, config_written, venv_path, ran)
+
+
+def uninstall(
+    prefix: Path = Path("/"),
+    purge: bool = False,
+    venv_dir: Path | str = DEFAULT_VENV,
+    systemctl: bool = True,
+) -> UninstallResult:
+    """Stop and remove the service and its venv; keep state and config unless `purge`.
+
+    Caches are always removed (they are rebuilt on demand); `purge` also
+    removes the state directory (store, base model, adapters), the config
+    and any `systemctl edit` drop-ins.
+    """
+    prefix = Path(prefix)
+    at_root = prefix.resolve() == Path("/")
+    if at_root and os.geteuid() != 0:
+        raise InstallError("uninstalling from / needs root (try sudo)")
+    removed: list[Path] = []
+    kept: list[Path] = []
+    ran = False
+    if systemctl and at_root and systemd_running():
+        # Not fatal if the unit was never loaded: the files still go.
+        _run(["systemctl", "disable", "--now", UNIT_NAME], check=False)
+        ran = True
+
+    unit_dir = under(prefix, UNIT_DIR)
+    targets = [unit_dir / UNIT_NAME, unit_dir / "multi-user.target.wants" / UNIT_NAME]
+    targets += [under(prefix, p) for p in CACHE_DIRS]
+    venv_path = under(prefix, Path(venv_dir))
+    if venv_path.exists() and not (venv_path / "pyvenv.cfg").exists():
+        # Guard against a mistyped --venv pointing at something precious.
+        raise InstallError(f"{venv_path} is not a virtual environment (no pyvenv.cfg); not removing it")
+    targets.append(venv_path)
+    data = [under(prefix, p) for p in STATE_DIRS] + [under(prefix, CONFIG_PATH.parent), unit_dir / f"{UNIT_NAME}.d"]
+    if purge:
+        targets += data
+    else:
+        kept += [p for p in data if p.exists() or p.is_symlink()]
+
+    for path in targets:
+        if _remove(path):
+            removed.append(path)
+            log.info("removed %s", path)
+    # /opt/edge-daemon goes too once the venv was its only content (only a
+    # directory of our own name: never /opt or the prefix itself).
+    venv_parent = venv_path.parent
+    if venv_parent.name == "edge-daemon" and venv_parent.is_dir() and not any(venv_parent.iterdir()):
+        venv_parent.rmdir()
+        removed.append(venv_parent)
+    if ran:
+        _run(["systemctl", "daemon-reload"], check=False)
+    for path in kept:
+        log.info("kept %s (uninstall --purge removes it)", path)
+    return UninstallResult(removed, kept, ran)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InstallError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _write_atomic(path: Path, text: str, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(mode)
+    # rename(2): systemd never reads a half-written unit.
+    tmp.replace(path)
+
+
+def _write_new(path: Path, text: str, mode: int) -> bool:
+    """Create `path` with `text`; False (and nothing written) if it exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: an existing config is never overwritten, even by a racing install.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, mode)  # the umask may have narrowed it
+    return True
+
+
+def _remove(path: Path) -> bool:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return True
+    if path.is_dir():
+        shutil.rmtree(path)
+        return True
+    return False
+
+
+def _run(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    log.debug("running %s", " ".join(cmd))
+    try:
+        proc = subprocess.run(list(cmd), check=False, capture_output=True, text=True)
+    except OSError as exc:
+        raise InstallError(f"cannot run {cmd[0]}: {exc.strerror}") from None
+    if proc.returncode != 0:
+        message = f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+        if check:
+            raise InstallError(message)
+        log.warning("%s", message)
+    return proc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-daemon",
+        description="Install or remove the edge-daemon systemd service.",
+        epilog="examples:\n  sudo edge-daemon install\n  edge-daemon install --prefix /tmp/root --no-venv\n"
+        "  sudo edge-daemon uninstall            # keeps /var/lib/edge-daemon and the config\n"
+        "  sudo edge-daemon uninstall --purge",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    inst = sub.add_parser("install", help="venv under /opt, unit, default config; enable and start")
+    rm = sub.add_parser("uninstall", help="stop and remove the service; keep data unless --purge")
+    for p in (inst, rm):
+        p.add_argument("--prefix", type=Path, default=Path("/"), help="install under this root (default /)")
+        p.add_argument("--venv", type=Path, default=DEFAULT_VENV, help=f"venv path on the device (default {DEFAULT_VENV})")
+        p.add_argument("--no-systemctl", action="store_true", help="do not run systemctl")
+    inst.add_argument("--source", type=Path, default=None, help="source tree to install from (default: this one)")
+    inst.add_argument("--no-venv", action="store_true", help="skip creating the venv (it exists or is managed elsewhere)")
+    inst.add_argument("--device-id", default=None, help="[device] id for a new config (default: host name)")
+    rm.add_argument("--purge", action="store_true", help="also remove state (store, models, adapters) and the config")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`install ...` or `uninstall ...`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "install":
+            res = install(
+                prefix=args.prefix,
+                venv_dir=args.venv,
+                source=args.source,
+                systemctl=not args.no_systemctl,
+                with_venv=not args.no_venv,
+                device_id=args.device_id,
+            )
+            if not res.systemctl_ran and args.prefix.resolve() == Path("/"):
+                log.info("start it with: systemctl daemon-reload && systemctl enable --now %s", UNIT_NAME)
+        else:
+            uninstall(prefix=args.prefix, purge=args.purge, venv_dir=args.venv, systemctl=not args.no_systemctl)
+    except InstallError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The live data path after the store: grid steps -> scores -> drift -> MQTT outputs.
+
+Committed batches are handed over by the ingest writer thread through a
+queue, so scoring never slows ingestion; a named worker thread assembles grid
+steps, scores them, feeds the drift monitor and publishes forecasts and
+alerts.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from edge_daemon.config import Config
+from edge_daemon.drift import DriftMonitor
+from edge_daemon.scoring import GridAssembler, Scorer
+from edge_daemon.store import Reading
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, Any, int, bool], Any]
+
+# Batches waiting for the scoring thread; beyond this the oldest are dropped from
+# scoring only (they are already stored) so memory stays bounded on a slow device.
+MAX_PENDING_BATCHES = 1000
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+class ScoringPipeline:
+    """Owns the assembler, the scorer (once a base model exists) and the drift monitor."""
+
+    def __init__(self, config: Config, publish: Publish, scorer: Scorer | None = None) -> None:
+        self.config = config
+        self.publish = publish
+        self.scorer = scorer
+        self.assembler = GridAssembler(
+            config.channels.names, config.channels.period_s, config.channels.max_fill_steps, config.channels.lateness_s
+        )
+        self.drift = DriftMonitor(config.channels.names, config.drift)
+        self._queue: queue.Queue[Sequence[Reading] | None] = queue.Queue(MAX_PENDING_BATCHES)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.steps = 0
+        self.scored = 0
+        self.anomalies = 0
+        self.dropped_batches = 0
+        self.steps_since_update = 0
+        self.last_score: dict[str, Any] | None = None
+        self.heartbeat = time.monotonic()
+        self._newest_ts = float("-inf")
+        # Recent (t, anomaly score, adapter version) for the report; bounded.
+        self.history: list[tuple[float, float, int | None]] = []
+
+    # -- input (ingest writer thread) ------------------------------------------------------
+
+    def on_batch(self, readings: Sequence[Reading]) -> None:
+        try:
+            self._queue.put_nowait(readings)
+        except queue.Full:
+            self.dropped_batches += 1
+
+    # -- worker ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="scoring", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                # Readings stopped: the newest step is complete once the clock is past it (plus
+                # lateness). Bounded by the newest reading, so no forward-filled steps are made
+                # up beyond the data and a backfill's next batch is not counted late.
+                horizon = min(time.time(), self._newest_ts + self.config.channels.period_s + self.config.channels.lateness_s)
+                try:
+                    for step in self.assembler.flush(horizon):
+                        self._on_step(step.t, step.values)
+                except Exception:
+                    log.exception("scoring flushed steps failed")
+                self.heartbeat = time.monotonic()
+                continue
+            if batch is None:
+                break
+            if batch:
+                self._newest_ts = max(self._newest_ts, max(reading.ts for reading in batch))
+            try:
+                for step in self.assembler.add(batch):
+                    self._on_step(step.t, step.values)
+            except Exception:  # one bad step must not stop scoring; it is logged with its traceback
+                log.exception("scoring a batch failed")
+            self.heartbeat = time.monotonic()
+        log.info("scoring thread exiting")
+
+    def _on_step(self, t: float, values: np.ndarray) -> None:
+        self.steps += 1
+        self.steps_since_update += 1
+        for event in self.drift.update_inputs(values, t):
+            self._alert({**event.as_dict(), "message": f"input drift on {event.channel}"})
+        with self._lock:
+            scorer = self.scorer
+        if scorer is None:
+            return
+        result = scorer.add_step(t, values)
+        if result is None or result.residual is None:
+            return
+        self.scored += 1
+        for event in self.drift.update_residuals(result.residual, t):
+            self._alert({**event.as_dict(), "message": f"residual drift on {event.channel}"})
+        score = float(result.score) if result.score is not None else None
+        self.last_score = {"ts": t, "score": score, "version": result.model_version}
+        if len(self.history) >= 20000:
+            del self.history[:10000]
+        self.history.append((t, score if score is not None else float("nan"), result.model_version))
+        every = self.config.outputs.forecast_every
+        if every and self.scored % every == 0:
+            channels = self.config.channels.names
+            self.publish(
+                "forecast",
+                {
+                    "ts": t,
+                    "forecast_ts": result.forecast_t,
+                    "forecast": {c: float(v) for c, v in zip(channels, result.forecast)},
+                    "actual": {c: float(v) for c, v in zip(channels, result.actual)},
+                    "anomaly_score": score,
+                    "adapter_version": result.model_version,
+                },
+                self.config.outputs.qos,
+                False,
+            )
+        if result.anomaly:
+            self.anomalies += 1
+            self._alert(
+                {
+                    "type": "anomaly",
+                    "ts": t,
+                    "time": iso(t),
+                    "score": score,
+                    "threshold": self.config.outputs.anomaly_threshold,
+                    "message": f"anomaly score {score:.1f} over {self.config.outputs.anomaly_threshold}",
+                }
+            )
+
+    def _alert(self, payload: dict[str, Any]) -> None:
+        log.info("alert: %s", payload.get("message", payload.get("type")))
+        # Alerts always at QoS 1: an operator must not miss them over a flaky link.
+        self.publish("alert", payload, 1, False)
+
+    def alert(self, payload: dict[str, Any]) -> None:
+        """Publish an alert from another part (adapter accepted/rejected)."""
+        self._alert(payload)
+
+    # -- model changes (update monitor / control threads) ----------------------------------
+
+    def set_scorer(self, scorer: Scorer) -> None:
+        with self._lock:
+            self.scorer = scorer
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "scored": self.scored,
+            "anomalies": self.anomalies,
+            "dropped_batches": self.dropped_batches,
+            "last": self.last_score,
+        }

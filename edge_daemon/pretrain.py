@@ -1,0 +1,442 @@
+"""Training the base forecaster from scratch: from a CSV, from the replay store, or from a grid.
+
+Owns full training (AdamW on every weight, `forecast_loss`), the residual
+scale the anomaly score is measured in, and saving the result with
+`adapters.save_base`. Thread counts are the caller's to set.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import math
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from edge_daemon.adapters import save_base
+from edge_daemon.config import ModelConfig
+from edge_daemon.errors import TrainingAborted, TrainingError
+from edge_daemon.frames import (
+    Grid,
+    NormStats,
+    Windows,
+    build_grid,
+    make_windows,
+    normalise_grid,
+    split_by_time,
+    valid_window_starts,
+)
+from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
+
+if TYPE_CHECKING:
+    from edge_daemon.config import Config
+    from edge_daemon.store import ReplayStore
+
+log = logging.getLogger(__name__)
+
+MIN_TRAIN_WINDOWS = 16
+EVAL_BATCH = 256
+# Periodic validation looks at an even sample of this many windows; the final
+# numbers use all of them.
+EVAL_SAMPLE = 1024
+TS_COLUMNS = ("ts", "timestamp", "time")
+
+
+def forecaster_config(model_cfg: ModelConfig, n_channels: int) -> ForecasterConfig:
+    """The model shape a `[model]` config section describes."""
+    return ForecasterConfig(
+        n_channels=n_channels,
+        window=model_cfg.window,
+        d_model=model_cfg.d_model,
+        n_heads=model_cfg.n_heads,
+        n_layers=model_cfg.n_layers,
+        d_ff=model_cfg.d_ff,
+        dropout=model_cfg.dropout,
+    )
+
+
+def _lr_at(step: int, total: int, peak: float) -> float:
+    # Short linear warm-up, then cosine decay to a tenth of the peak.
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _eval_loss(model: Forecaster, windows: np.ndarray) -> float:
+    """Mean forecast loss over (M, T+1, C) normalised windows, in batches."""
+    if len(windows) == 0:
+        return float("nan")
+    model.eval()
+    total = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(windows), EVAL_BATCH):
+            batch = torch.from_numpy(windows[start : start + EVAL_BATCH])
+            total += float(forecast_loss(model, batch)) * len(batch)
+    return total / len(windows)
+
+
+def residual_scale_of(model: Forecaster, windows: np.ndarray) -> np.ndarray:
+    """RMS per channel of last-position residuals over (M, T+1, C) normalised windows.
+
+    The last position is the one the scorer uses once it holds a full window,
+    so the scale describes exactly the residuals it will divide.
+    """
+    model.eval()
+    squares = np.zeros(windows.shape[-1], dtype=np.float64)
+    with torch.inference_mode():
+        for start in range(0, len(windows), EVAL_BATCH):
+            batch = torch.from_numpy(windows[start : start + EVAL_BATCH])
+            residual = model(batch[:, :-1])[:, -1] - batch[:, -1]  # (B, C)
+            squares += (residual.double() ** 2).sum(dim=0).numpy()
+    rms = np.sqrt(squares / max(len(windows), 1))
+    # A channel the model predicts perfectly must not make every later wobble an anomaly.
+    return np.maximum(rms, 1e-3).astype(np.float32)
+
+
+def _persistence_loss(windows: np.ndarray) -> float:
+    """Loss of 'next step = this step': the bar any useful forecaster must clear."""
+    if len(windows) == 0:
+        return float("nan")
+    return float(np.mean((windows[:, 1:] - windows[:, :-1]) ** 2))
+
+
+def _prepare(
+    data: Grid | np.ndarray,
+    period_s: float,
+    length: int,
+    val_fraction: float,
+    end_times: np.ndarray | None,
+    stride: int,
+) -> tuple[NormStats, Windows, Windows]:
+    """Raw grid or windows -> normalisation stats, normalised train and validation windows."""
+    if isinstance(data, Grid):
+        if not math.isclose(data.period_s, period_s, rel_tol=1e-9):
+            raise TrainingError(f"grid period {data.period_s} s differs from the configured {period_s} s")
+        grid = data
+    else:
+        data = np.asarray(data, dtype=np.float32)
+        if data.ndim == 2:
+            grid = Grid(0.0, period_s, data)
+        elif data.ndim == 3:
+            if data.shape[1] != length:
+                raise TrainingError(f"windows have {data.shape[1]} steps, the model needs {length} (window + 1)")
+            if np.isnan(data).any():
+                raise TrainingError("windows must not contain NaN")
+            norm = NormStats.fit(data)
+            times = np.arange(len(data), dtype=np.float64) * period_s if end_times is None else np.asarray(end_times)
+            # Without end times, windows are taken as consecutive stride-1 windows in time order.
+            train, val = split_by_time(norm.apply(data), times, val_fraction, period_s=period_s)
+            return norm, train, val
+        else:
+            raise TrainingError(f"expected grid values (N, C) or windows (M, T+1, C), got shape {data.shape}")
+    norm = NormStats.fit(grid.values)
+    windows = make_windows(normalise_grid(grid, norm), length, stride)
+    train, val = split_by_time(windows.windows, windows.end_times, val_fraction, period_s=grid.period_s)
+    return norm, train, val
+
+
+def pretrain(
+    data: Grid | np.ndarray,
+    channels: list[str],
+    period_s: float,
+    model_cfg: ModelConfig,
+    out_dir: Path,
+    *,
+    steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    val_fraction: float | None = None,
+    end_times: np.ndarray | None = None,
+    stride: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+    gradient_checkpointing: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train a base forecaster on raw (unnormalised) data and save it to `out_dir` with `save_base`.
+
+    `data` is a `Grid` (preferred: its times date the model), grid values
+    (N, C), or windows (M, window + 1, C) in time order (`end_times` optional).
+    Length of training: `steps`, else `epochs` over the training windows, else
+    `model_cfg.pretrain_steps`. The best validation checkpoint is kept.
+    `should_stop` is polled every step; True raises TrainingAborted and
+    nothing is saved. Returns the run's metrics (also stored in the base's meta).
+    """
+    started = time.monotonic()
+    fcfg = forecaster_config(model_cfg, len(channels))
+    batch_size = batch_size or model_cfg.pretrain_batch_size
+    lr = lr or model_cfg.pretrain_lr
+    val_fraction = val_fraction or model_cfg.pretrain_val_fraction
+    norm, train, val = _prepare(data, period_s, fcfg.window + 1, val_fraction, end_times, stride)
+    if norm.n_channels != len(channels):
+        raise TrainingError(f"data has {norm.n_channels} channels, config names {len(channels)}")
+    if len(train.windows) < MIN_TRAIN_WINDOWS or len(val.windows) < 1:
+        raise TrainingError(
+            f"not enough data to train a base model: {len(train.windows)} training and {len(val.windows)} "
+            f"validation windows of {fcfg.window + 1} gap-free steps (need {MIN_TRAIN_WINDOWS} and 1)"
+        )
+    if steps is None:
+        steps = math.ceil(epochs * len(train.windows) / batch_size) if epochs is not None else model_cfg.pretrain_steps
+    steps = max(1, steps)
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = Forecaster(fcfg)
+    model.gradient_checkpointing = gradient_checkpointing
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    eval_every = max(50, steps // 10)
+    val_sample = val.windows[np.linspace(0, len(val.windows) - 1, min(EVAL_SAMPLE, len(val.windows))).astype(int)]
+    best_loss, best_step, best_state = math.inf, 0, copy.deepcopy(model.state_dict())
+    order = rng.permutation(len(train.windows))
+    cursor = 0
+    train_loss = float("nan")
+
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        bar = Progress(
+            TextColumn("[bold]pretrain"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[val]:.4f}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        bar.start()
+        task = bar.add_task("pretrain", total=steps, loss=float("nan"), val=float("nan"))
+    try:
+        for step in range(steps):
+            if should_stop is not None and should_stop():
+                raise TrainingAborted(f"base-model training stopped at step {step} of {steps}")
+            # Next batch of a shuffled pass over the training windows.
+            if cursor + batch_size > len(order):
+                order, cursor = rng.permutation(len(train.windows)), 0
+            batch = torch.from_numpy(train.windows[order[cursor : cursor + batch_size]])  # (B, T+1, C)
+            cursor += batch_size
+            # Forward, backward, clipped step at the scheduled learning rate.
+            model.train()
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, steps, lr)
+            loss = forecast_loss(model, batch)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"non-finite loss at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            train_loss = 0.9 * train_loss + 0.1 * loss_value if math.isfinite(train_loss) else loss_value
+            del batch, loss
+            # Periodic validation; keep the best weights seen.
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                val_loss = _eval_loss(model, val_sample)
+                if val_loss < best_loss:
+                    best_loss, best_step, best_state = val_loss, step + 1, copy.deepcopy(model.state_dict())
+                log.debug("pretrain step %d/%d: train %.4f val %.4f", step + 1, steps, train_loss, val_loss)
+                if bar is not None:
+                    bar.update(task, val=val_loss)
+            if bar is not None:
+                bar.update(task, advance=1, loss=train_loss)
+    finally:
+        if bar is not None:
+            bar.stop()
+
+    model.load_state_dict(best_state)
+    model.eval()
+    val_loss = _eval_loss(model, val.windows)
+    residual_scale = residual_scale_of(model, val.windows)
+    first_time = float(train.end_times.min()) - fcfg.window * period_s if len(train.end_times) else None
+    metrics: dict[str, Any] = {
+        "steps": steps,
+        "best_step": best_step,
+        "epochs": round(steps * batch_size / len(train.windows), 3),
+        "batch_size": batch_size,
+        "lr": lr,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "persistence_val_loss": _persistence_loss(val.windows),
+        "residual_scale": residual_scale.tolist(),
+        "train_windows": len(train.windows),
+        "val_windows": len(val.windows),
+        "n_params": model.n_params(),
+        "data_start": first_time,
+        "data_end": float(val.end_times.max()),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    save_base(Path(out_dir), model, norm, list(channels), period_s, residual_scale, {**(meta or {}), **metrics})
+    metrics["path"] = str(out_dir)
+    log.info(
+        "base model trained in %.1f s: val loss %.4f (persistence %.4f), %d parameters",
+        metrics["seconds"],
+        val_loss,
+        metrics["persistence_val_loss"],
+        metrics["n_params"],
+    )
+    return metrics
+
+
+# ---------------------------------------------------------------- data sources
+
+
+def _parse_ts(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        stamp = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=UTC)  # naive times are taken as UTC
+        return stamp.timestamp()
+
+
+def read_csv_readings(csv_path: Path, channels: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Readings of the configured channels from a CSV, as (ts float64[], channel_idx int64[], value float64[]).
+
+    Two layouts, told apart by the header:
+      wide: `ts,<channel>,<channel>,...` - one row per time, one column per channel
+            named exactly like it; empty cells are missing readings.
+      long: `ts,channel,value` - one reading per row.
+    `ts` is unix seconds or ISO 8601 (naive = UTC); the first column may also be
+    called `timestamp` or `time`. Columns and rows of unknown channels and
+    unparsable cells are skipped (counted in the log); a configured channel
+    with no column in a wide file is an error.
+    """
+    index = {name: i for i, name in enumerate(channels)}
+    ts_out: list[float] = []
+    ch_out: list[int] = []
+    val_out: list[float] = []
+    skipped = 0
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = [cell.strip() for cell in next(reader)]
+        except StopIteration:
+            raise TrainingError(f"{csv_path}: empty CSV") from None
+        if not header or header[0].lower() not in TS_COLUMNS:
+            raise TrainingError(f"{csv_path}: first column must be 'ts' (got {header[:1]})")
+        long_format = [h.lower() for h in header] == ["ts", "channel", "value"] or (
+            len(header) == 3 and header[1].lower() == "channel" and header[2].lower() == "value"
+        )
+        if long_format:
+            for row in reader:
+                try:
+                    column = index.get(row[1].strip())
+                    if column is None:
+                        skipped += 1
+                        continue
+                    ts, value = _parse_ts(row[0]), float(row[2])
+                except (ValueError, IndexError):
+                    skipped += 1
+                    continue
+                ts_out.append(ts)
+                ch_out.append(column)
+                val_out.append(value)
+        else:
+            missing = [name for name in channels if name not in header]
+            if missing:
+                raise TrainingError(f"{csv_path}: no column for channels {missing} (columns: {header[1:]})")
+            columns = [(header.index(name), index[name]) for name in channels]
+            for row in reader:
+                try:
+                    ts = _parse_ts(row[0])
+                except (ValueError, IndexError):
+                    skipped += 1
+                    continue
+                for position, column in columns:
+                    cell = row[position].strip() if position < len(row) else ""
+                    if not cell:
+                        continue
+                    try:
+                        value = float(cell)
+                    except ValueError:
+                        skipped += 1
+                        continue
+                    ts_out.append(ts)
+                    ch_out.append(column)
+                    val_out.append(value)
+    if skipped:
+        log.warning("%s: skipped %d unparsable or unknown-channel entries", csv_path, skipped)
+    return np.asarray(ts_out, dtype=np.float64), np.asarray(ch_out, dtype=np.int64), np.asarray(val_out, dtype=np.float64)
+
+
+def pretrain_from_csv(
+    csv_path: Path,
+    channels: list[str],
+    period_s: float,
+    max_fill_steps: int,
+    model_cfg: ModelConfig,
+    out_dir: Path,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Grid a CSV (wide or long, see `read_csv_readings`) and `pretrain` on it; kwargs go to `pretrain`."""
+    ts, channel_idx, values = read_csv_readings(Path(csv_path), channels)
+    if ts.size == 0:
+        raise TrainingError(f"{csv_path}: no readings of the configured channels")
+    grid = build_grid(ts, channel_idx, values, len(channels), period_s, max_fill_steps)
+    meta = {"source": f"csv:{Path(csv_path).name}", **kwargs.pop("meta", {})}
+    return pretrain(grid, channels, period_s, model_cfg, out_dir, meta=meta, **kwargs)
+
+
+def pretrain_from_store(
+    store: ReplayStore,
+    channels: list[str],
+    period_s: float,
+    max_fill_steps: int,
+    model_cfg: ModelConfig,
+    out_dir: Path,
+    *,
+    since: float | None = None,
+    until: float | None = None,
+    min_windows: int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Train the base from the replay store's readings (how a device bootstraps its own base).
+
+    TrainingError if fewer than `min_windows` (default `model_cfg.bootstrap_min_windows`)
+    gap-free windows are available; kwargs go to `pretrain`.
+    """
+    ts, channel_idx, values = store.read(since, until)
+    grid = build_grid(ts, channel_idx, values, len(channels), period_s, max_fill_steps)
+    available = count_windows(grid, model_cfg.window + 1)
+    needed = model_cfg.bootstrap_min_windows if min_windows is None else min_windows
+    if available < needed:
+        raise TrainingError(f"not enough data in the store to train a base model: {available} windows, need {needed}")
+    meta = {"source": "store", **kwargs.pop("meta", {})}
+    return pretrain(grid, channels, period_s, model_cfg, out_dir, meta=meta, **kwargs)
+
+
+def count_windows(grid: Grid, length: int) -> int:
+    """Gap-free windows of `length` steps in the grid (the bootstrap trigger compares this to its minimum)."""
+    return len(valid_window_starts(grid.values, length))
+
+
+def pretrain_from_config(
+    config: Config,
+    csv_path: Path | None = None,
+    store: ReplayStore | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """What `edge-daemon pretrain --config PATH [--data CSV]` runs: train into `config.base_dir`.
+
+    From `csv_path` when given, else from `store` (opened from the config when None).
+    """
+    common = (config.channels.names, config.channels.period_s, config.channels.max_fill_steps, config.model, config.base_dir)
+    if csv_path is not None:
+        return pretrain_from_csv(csv_path, *common, **kwargs)
+    if store is not None:
+        return pretrain_from_store(store, *common, **kwargs)
+    from edge_daemon.store import ReplayStore
+
+    with ReplayStore(config.store_path, config.store, config.channels.names) as opened:
+        return pretrain_from_store(opened, *common, **kwargs)

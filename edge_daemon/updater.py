@@ -1,0 +1,420 @@
+"""Runs one adaptation (or the base-model bootstrap) in a child process.
+
+The child imports peft and transformers, holds the training copy and its
+activations; when it exits, all of that goes back to the OS, so the daemon's
+steady state stays lean. The daemon side (`UpdateRunner`) starts the child,
+relays its progress, and hands the result to a callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue as queue_module
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edge_daemon.config import Config
+from edge_daemon.plan import TrainingPlan
+from edge_daemon.watchdog import Level, PlanGovernor, UpdateOutcome
+
+log = logging.getLogger(__name__)
+
+# Replay spans drawn per update; each segment yields several windows.
+MAX_REPLAY_SEGMENTS = 24
+
+
+# ---------------------------------------------------------------------------
+# Child side
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class UpdateData:
+    """Normalised (N, T+1, C) windows for one update, as float32 tensors."""
+
+    recent_train: Any
+    recent_val: Any
+    replay_train: Any
+    replay_val: Any
+    recent_range: tuple[float, float]
+    replay_spans: list[tuple[float, float]]
+
+
+def prepare_update_data(store: Any, base: Any, config: Config, rng: np.random.Generator) -> UpdateData:
+    """Recent windows (split by time) and replayed windows from older segments of the store."""
+    import torch
+
+    from edge_daemon.errors import TrainingError
+    from edge_daemon.frames import Grid, build_grid, make_windows, split_by_time
+
+    span = store.time_range()
+    if span is None:
+        raise TrainingError("the store is empty")
+    newest = span[1]
+    cutoff = newest - config.train.recent_hours * 3600.0
+    length = base.cfg.window + 1
+    n_channels = len(config.channels.names)
+
+    def windows_between(since: float | None, until: float | None, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        ts, idx, values = store.read(since, until)
+        grid = build_grid(ts, idx, values, n_channels, config.channels.period_s, config.channels.max_fill_steps)
+        normalised = Grid(grid.t0, grid.period_s, base.norm.apply(grid.values).astype(np.float32))
+        made = make_windows(normalised, length, stride)
+        return made.windows, made.end_times
+
+    recent, recent_end = windows_between(cutoff, None)
+    train, val = split_by_time(recent, recent_end, config.train.val_fraction, period_s=config.channels.period_s)
+    if len(train.windows) == 0 or len(val.windows) == 0:
+        raise TrainingError(f"not enough recent data: {len(recent)} windows of {length} gap-free steps since the cutoff")
+
+    spans = store.replay_segments(before=cutoff, rng=rng, max_segments=MAX_REPLAY_SEGMENTS)
+    replay_parts = [windows_between(a, b, stride=max(1, length // 4))[0] for a, b in spans]
+    replay = np.concatenate([p for p in replay_parts if len(p)]) if any(len(p) for p in replay_parts) else np.empty((0, length, n_channels), np.float32)
+    order = rng.permutation(len(replay))
+    n_val = int(round(len(replay) * config.train.val_fraction))
+    replay_val, replay_train = replay[order[:n_val]], replay[order[n_val:]]
+    return UpdateData(
+        recent_train=torch.from_numpy(np.ascontiguousarray(train.windows)),
+        recent_val=torch.from_numpy(np.ascontiguousarray(val.windows)),
+        replay_train=torch.from_numpy(np.ascontiguousarray(replay_train)),
+        replay_val=torch.from_numpy(np.ascontiguousarray(replay_val)),
+        recent_range=(float(cutoff), float(newest)),
+        replay_spans=[(float(a), float(b)) for a, b in spans],
+    )
+
+
+def measure_micro_batch_mb(base_model: Any, windows: Any, plan: TrainingPlan, targets: list[str]) -> float:
+    """Peak MB one forward/backward of `plan.micro_batch` windows adds (kernel high-water mark).
+
+    Every target Linear of every block gets gradients: an upper bound on what
+    LoRA on a subset of blocks keeps, cheap to set up, no peft needed.
+    """
+    import copy
+
+    import torch
+
+    from edge_daemon.model import forecast_loss
+    from edge_daemon.watchdog import peak_rss_mb, process_tree_rss_mb, release_memory, reset_peak_rss
+
+    model = copy.deepcopy(base_model)
+    model.train()
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
+            module.weight.requires_grad_(True)
+    model.gradient_checkpointing = plan.checkpointing
+    batch = windows[: plan.micro_batch]
+    release_memory()
+    before = process_tree_rss_mb(os.getpid())
+    reset_peak_rss()
+    loss = forecast_loss(model, batch)
+    loss.backward()
+    peak = peak_rss_mb()
+    del loss, model, batch
+    release_memory()
+    return max(0.0, peak - before)
+
+
+def _child_main(config_data: dict[str, Any], job: dict[str, Any], governor: PlanGovernor, stop_event: Any, out: Any) -> None:
+    """Entry point of the training child: run the job, put one `result` message on `out`."""
+    import logging as logging_module
+
+    logging_module.basicConfig(level=config_data["device"].get("log_level", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        os.nice(int(config_data.get("train", {}).get("nice", 10)))
+        import psutil
+
+        psutil.Process().ionice(psutil.IOPRIO_CLASS_IDLE)
+    except (OSError, AttributeError, ValueError):
+        pass  # lower priority is best effort (no permission, or no ionice on this platform)
+    import torch
+
+    torch.set_num_threads(1)  # leave the other core(s) to ingestion and scoring
+    from edge_daemon.config import parse_config
+
+    config = parse_config(config_data)
+    try:
+        if job["kind"] == "pretrain":
+            result = _run_pretrain(config, stop_event, out)
+        else:
+            result = _run_update(config, job, governor, stop_event, out)
+        out.put({"type": "result", **result})
+    except Exception as exc:  # reported to the daemon, which logs it: a failed update is not fatal
+        from edge_daemon.errors import TrainingAborted
+
+        log.exception("update job failed") if not isinstance(exc, TrainingAborted) else None
+        out.put(
+            {
+                "type": "result",
+                "kind": job["kind"],
+                "accepted": False,
+                "aborted": isinstance(exc, TrainingAborted),
+                "error": f"{type(exc).__name__}: {exc}",
+                "outcome": governor.outcome() if job["kind"] == "update" else None,
+            }
+        )
+
+
+def _run_pretrain(config: Config, stop_event: Any, out: Any) -> dict[str, Any]:
+    from edge_daemon.pretrain import pretrain_from_config
+
+    out.put({"type": "progress", "phase": "pretrain"})
+    metrics = pretrain_from_config(config, should_stop=stop_event.is_set)
+    return {"kind": "pretrain", "accepted": True, "metrics": metrics}
+
+
+def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, stop_event: Any, out: Any) -> dict[str, Any]:
+    from edge_daemon.adapters import AdapterStore, load_base, serving_model
+    from edge_daemon.store import ReplayStore
+    from edge_daemon.trainer import adapter_bytes, save_peft_adapter, update
+    from edge_daemon.watchdog import choose_start_plan, process_tree_rss_mb
+
+    started = time.time()
+    base = load_base(config.base_dir, config.channels.names, config.channels.period_s)
+    adapters = AdapterStore(config.adapters_dir, keep=config.train.keep_versions)
+    incumbent_version = adapters.current()
+    incumbent = serving_model(base, incumbent_version)
+    rng = np.random.default_rng(job.get("seed"))
+    with ReplayStore(config.store_path, config.store, config.channels.names) as store:
+        data = prepare_update_data(store, base, config, rng)
+    out.put(
+        {
+            "type": "progress",
+            "phase": "planning",
+            "recent_windows": len(data.recent_train),
+            "replay_windows": len(data.replay_train),
+        }
+    )
+
+    # Dry-run candidate plans (loosest first) and start with the loosest that stays under "elevated".
+    candidates = [TrainingPlan.from_dict(p) for p in job["candidates"]]
+    plan = choose_start_plan(
+        candidates,
+        lambda p: measure_micro_batch_mb(base.model, data.recent_train, p, list(config.lora.target_modules)),
+        baseline_mb=job["baseline_mb"],
+        budget_mb=job["budget_mb"],
+        elevated_fraction=config.memory.elevated,
+    )
+    governor.begin_update(plan)
+    out.put({"type": "progress", "phase": "training", "plan": plan.to_dict(), "step": 0})
+
+    last_plan = [plan]
+
+    def plan_source(current: TrainingPlan) -> TrainingPlan | None:
+        new = governor.plan_source(current)
+        if new is not None and new != last_plan[0]:
+            last_plan[0] = new
+            out.put({"type": "progress", "phase": "training", "plan": new.to_dict(), "level": governor.level_reader().label})
+        return new
+
+    def on_progress(info: dict[str, Any]) -> None:
+        out.put({"type": "progress", "phase": "training", "plan": last_plan[0].to_dict(), **_jsonable(info)})
+
+    result = update(
+        base.model,
+        data.recent_train,
+        data.recent_val,
+        data.replay_train,
+        data.replay_val,
+        config.lora,
+        config.train,
+        plan,
+        plan_source=plan_source,
+        should_stop=governor.should_stop,
+        on_progress=on_progress,
+        seed=int(job.get("seed") or 0),
+        incumbent=incumbent,
+    )
+    summary = result.to_dict()
+    summary.pop("train_losses", None)
+    summary.pop("grad_norms", None)
+    reply: dict[str, Any] = {
+        "kind": "update",
+        "accepted": result.accepted,
+        "reason": result.reason,
+        "summary": summary,
+        "outcome": governor.outcome(),
+        "peak_tree_rss_mb": process_tree_rss_mb(os.getpid()),
+        "version": None,
+    }
+    if result.accepted and result.peft_model is not None:
+        staging = adapters.staging_dir()
+        save_peft_adapter(result.peft_model, staging)
+        meta = {
+            "created_unix": started,
+            "reason": job.get("reason"),
+            "data_range": {"recent": list(data.recent_range), "replay": [list(s) for s in data.replay_spans]},
+            "windows": {
+                "recent_train": len(data.recent_train),
+                "recent_val": len(data.recent_val),
+                "replay_train": len(data.replay_train),
+                "replay_val": len(data.replay_val),
+            },
+            "metrics_before": summary["metrics_before"],
+            "metrics_after": summary["metrics_after"],
+            "val_loss": summary["metrics_after"].get("recent_val_loss"),
+            "plan": plan.to_dict(),
+            "plan_history": summary["plan_history"],
+            "chosen_blocks": summary["chosen_blocks"],
+            "block_grad_norms": summary["block_grad_norms"],
+            "trainable_params": summary["trainable_params"],
+            "peak_rss_mb": summary["peak_rss_bytes"] / 2**20,
+            "wall_time_s": summary["wall_time_s"],
+            "previous_version": incumbent_version.version if incumbent_version else None,
+        }
+        version = adapters.commit(staging, meta)
+        reply["version"] = version.version
+        reply["adapter_bytes"] = adapter_bytes(version.path)
+    return reply
+
+
+def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in info.items():
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            out[key] = value
+        elif isinstance(value, dict):
+            out[key] = value
+        elif isinstance(value, TrainingPlan):
+            out[key] = value.to_dict()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Daemon side
+# ---------------------------------------------------------------------------
+
+
+class UpdateRunner:
+    """Starts update/pretrain children one at a time and relays what they report.
+
+    `on_result(message)` runs in the runner's monitor thread when a child ends
+    (message["type"] == "result"); a child that dies without a result is
+    reported as a failed, non-accepted result.
+    """
+
+    def __init__(self, config: Config, governor: PlanGovernor, on_result: Callable[[dict[str, Any]], None]) -> None:
+        self.config = config
+        self.governor = governor
+        self.on_result = on_result
+        self._ctx = mp.get_context("spawn")  # fork would copy the daemon's threads and broker sockets
+        self._stop_event = self._ctx.Event()
+        self._process: Any = None
+        self._queue: Any = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.job: dict[str, Any] | None = None
+        self.progress: dict[str, Any] = {}
+        self.last: dict[str, Any] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None
+
+    @property
+    def child_pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self, job: dict[str, Any]) -> bool:
+        """Start a child for `job` ({"kind": "update"|"pretrain", ...}); False if one is running."""
+        with self._lock:
+            if self._process is not None:
+                return False
+            self._stop_event.clear()
+            self._queue = self._ctx.Queue()
+            config_data = self.config.model_dump(mode="json")
+            self._process = self._ctx.Process(
+                target=_child_main,
+                args=(config_data, job, self.governor, self._stop_event, self._queue),
+                name=f"edge-daemon-{job['kind']}",
+                daemon=True,
+            )
+            self.job = dict(job, started=time.time())
+            self.progress = {"phase": "starting"}
+            self._process.start()
+            log.info("%s started in child pid %d (%s)", job["kind"], self._process.pid, job.get("reason", ""))
+            self._thread = threading.Thread(target=self._monitor, name="update-monitor", daemon=True)
+            self._thread.start()
+            return True
+
+    def _monitor(self) -> None:
+        process, q = self._process, self._queue
+        result: dict[str, Any] | None = None
+        while True:
+            try:
+                message = q.get(timeout=0.2)
+            except queue_module.Empty:
+                if not process.is_alive():
+                    # Drain what the child put before exiting.
+                    try:
+                        while True:
+                            message = q.get_nowait()
+                            if message.get("type") == "result":
+                                result = message
+                            else:
+                                self.progress = message
+                    except queue_module.Empty:
+                        pass
+                    break
+                continue
+            if message.get("type") == "result":
+                result = message
+            else:
+                self.progress = message
+        process.join(5.0)
+        if result is None:
+            result = {
+                "type": "result",
+                "kind": (self.job or {}).get("kind", "update"),
+                "accepted": False,
+                "aborted": False,
+                "error": f"training child exited with code {process.exitcode} and no result",
+            }
+        result["duration_s"] = time.time() - (self.job or {}).get("started", time.time())
+        result["job"] = {k: v for k, v in (self.job or {}).items() if k != "candidates"}
+        outcome = result.get("outcome")
+        if isinstance(outcome, UpdateOutcome):
+            self.governor.end_update(outcome)
+            result["outcome"] = {
+                "start_plan": outcome.start_plan.to_dict(),
+                "final_plan": outcome.final_plan.to_dict(),
+                "worst_level": outcome.worst_level.label,
+                "stopped": outcome.stopped,
+            }
+        elif (self.job or {}).get("kind") == "update":
+            # No outcome (crash): count it as a memory stop only if memory was critical.
+            plan = TrainingPlan.from_dict(self.job["candidates"][0]) if self.job and self.job.get("candidates") else None
+            if plan is not None:
+                level = self.governor.level_reader()
+                self.governor.end_update(UpdateOutcome(plan, plan, level, level >= Level.CRITICAL))
+        with self._lock:
+            self._process = None
+            self._queue = None
+            self.last = result
+            self.job = None
+            self.progress = {}
+        try:
+            self.on_result(result)
+        except Exception:
+            log.exception("handling the update result failed")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask a running child to stop at its next micro-batch boundary; kill it after `timeout`."""
+        process = self._process
+        if process is None:
+            return
+        self._stop_event.set()
+        process.join(timeout)
+        if process.is_alive():
+            log.warning("training child did not stop within %.0f s; killing it", timeout)
+            process.kill()
+            process.join(5.0)
+        if self._thread is not None:
+            self._thread.join(10.0)

@@ -1,0 +1,263 @@
+"""The client commands of the CLI: human and --json output, exit codes, messages, import cost.
+
+Against a real ControlServer whose handlers return the daemon's reply shapes, and `status`
+against a real daemon process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_control import ADAPTER, ADAPTERS, DRIFT, STATUS, FakeDaemon
+
+from edge_daemon import cli
+from edge_daemon.broker import LocalBroker
+from edge_daemon.control import ControlServer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fake() -> FakeDaemon:
+    return FakeDaemon()
+
+
+@pytest.fixture
+def sock(tmp_path: Path, fake: FakeDaemon) -> Iterator[Path]:
+    srv = ControlServer(tmp_path / "run" / "control.sock", fake.handlers())
+    srv.start()
+    try:
+        yield srv.path
+    finally:
+        srv.stop()
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+COMMANDS: list[tuple[list[str], str, dict[str, Any]]] = [
+    (["status"], "status", {"ok": True, **STATUS}),
+    (["adapter"], "adapter", {"ok": True, "adapter": ADAPTER}),
+    (["adapters"], "adapters", {"ok": True, **ADAPTERS}),
+    (["drift"], "drift", {"ok": True, "drift": DRIFT}),
+    (["train"], "train", {"ok": True, "accepted": True, "state": "running", "message": "update started"}),
+]
+
+
+@pytest.mark.parametrize(("argv", "cmd", "expected"), COMMANDS, ids=[c[1] for c in COMMANDS])
+def test_json_output_is_the_reply(
+    capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon, argv: list[str], cmd: str, expected: dict[str, Any]
+) -> None:
+    code, out, err = run(capsys, *argv, "--json", "--socket", str(sock))
+    assert (code, err) == (0, "")
+    assert json.loads(out) == expected
+    assert fake.requests == [{"cmd": cmd}]
+
+
+def test_rollback_json_sends_an_int_version(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:
+    code, out, _ = run(capsys, "rollback", "v2", "--json", "--socket", str(sock))
+    assert code == 0
+    assert json.loads(out) == {"ok": True, "adapter": {k: ADAPTERS["adapters"][1][k] for k in ADAPTER}}
+    assert fake.requests == [{"cmd": "rollback", "version": 2}]
+
+
+def test_status_human(capsys: pytest.CaptureFixture[str], sock: Path) -> None:
+    code, out, _ = run(capsys, "status", "--socket", str(sock))
+    assert code == 0
+    lines = [line.rstrip() for line in out.splitlines()]
+    assert lines[0] == "pump-07  up 1h 2m"
+    assert "store     123,456 readings, 2.3 MB" in lines
+    assert "ingest    1,000 received, 990 stored, 10 rejected (bad_json 4, too_old 6)" in lines
+    assert "adapter   v3 (created 2024-05-01 12:00:03Z, 45.7 kB, val_loss 0.01234)" in lines
+    assert "drift     DETECTED on m1/vibration; last detection 2024-05-01 12:00:03Z" in lines
+    assert "memory    312 MB RSS of 1,024 MB budget (31%); level elevated" in lines
+    assert "training  idle" in lines
+    assert "  plan    micro-batch 8 x 4 accumulation, checkpointing on, optimizer adamw8bit" in lines
+    assert "  last    accepted v3 2024-05-01 12:00:03Z (beat the incumbent)" in lines
+
+
+def test_status_human_with_sections_missing_or_odd(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:
+    fake.status = {"device": "bare", "uptime_s": 5}
+    code, out, _ = run(capsys, "status", "--socket", str(sock))
+    assert code == 0 and out.strip() == "bare  up 5s"
+    # Wrong types, nulls, a base-only adapter, no plan, an unknown extra section, markup-like names.
+    fake.status = {
+        "device": "[red]odd[/red]",
+        "store": {"readings": None},
+        "ingest": "not a dict",
+        "adapter": {"version": None},
+        "drift": {"detected": False, "channels": {"[b]x": {"state": "stable"}}, "last_detected": None},
+        "memory": {"rss_mb": "lots", "level": "weird"},
+        "training": {"state": "paused", "last": {}, "plan": None},
+        "scheduler": {"next_update": "2024-05-01T13:00:00+00:00"},
+    }
+    code, out, _ = run(capsys, "status", "--socket", str(sock))
+    assert code == 0, out
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert lines[0] == "[red]odd[/red] up -"
+    assert "store - readings, -" in lines
+    assert not any(line.startswith("ingest") for line in lines)
+    assert "adapter base model only (no adapter yet)" in lines
+    assert "drift none (1 channels watched)" in lines
+    assert "memory - RSS; level weird" in lines
+    assert "training paused" in lines and not any("plan" in line for line in lines)
+    assert 'scheduler {"next_update": "2024-05-01T13:00:00+00:00"}' in lines
+
+
+def test_adapter_human(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:
+    code, out, _ = run(capsys, "adapter", "--socket", str(sock))
+    assert code == 0
+    lines = [line.rstrip() for line in out.splitlines()]
+    assert lines == ["serving adapter v3", "created   2024-05-01 12:00:03Z", "size      45.7 kB", "val_loss  0.01234"]
+    fake.status["adapter"] = None
+    code, out, _ = run(capsys, "adapter", "--socket", str(sock))
+    assert (code, out) == (0, "serving the base model only (no adapter yet)\n")
+
+
+def test_adapters_human(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:
+    code, out, _ = run(capsys, "adapters", "--socket", str(sock))
+    assert code == 0
+    lines = [line.rstrip() for line in out.splitlines()]
+    assert lines[0].split() == ["version", "created", "size", "val_loss", "recent", "loss", "replay", "loss"]
+    assert lines[1].split() == ["v1", "2024-05-01", "12:00:00Z", "40.0", "kB", "0.1", "0.2", "->", "0.11", "0.3", "->", "0.29"]
+    assert lines[3].split()[:2] == ["*", "v3"]  # the current one is marked
+    assert not lines[1].startswith("*") and not lines[2].startswith("*")
+    assert lines[-1] == "current: v3"
+    fake.adapters = {"current": None, "adapters": []}
+    code, out, _ = run(capsys, "adapters", "--socket", str(sock))
+    assert (code, out) == (0, "no adapters yet (serving the base model)\n")
+
+
+def test_drift_human(capsys: pytest.CaptureFixture[str], sock: Path) -> None:
+    code, out, _ = run(capsys, "drift", "--socket", str(sock))
+    assert code == 0
+    lines = [line.rstrip() for line in out.splitlines()]
+    assert lines[0] == "drift: DETECTED on m1/vibration; last detection 2024-05-01 12:00:03Z"
+    assert lines[1].split() == ["channel", "state", "count", "last", "detected", "residual", "baseline", "ratio"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert rows["m1/vibration"] == ["drift", "2", "2024-05-01", "12:00:03Z", "1.8", "0.9", "2.00"]
+    assert rows["m1/temperature"] == ["stable", "0", "-", "0.4", "0.5", "0.80"]
+    assert rows["m1/current"] == ["stable", "1", "2024-04-30", "08:00:00Z", "-", "-", "-"]
+
+
+def test_train_human_and_not_accepted(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:
+    code, out, _ = run(capsys, "train", "--socket", str(sock))
+    assert (code, out) == (0, "update requested (trainer running): update started\n")
+    fake.train_reply = {"accepted": False, "state": "running", "message": "an update is already running"}
+    code, out, _ = run(capsys, "train", "--socket", str(sock))
+    assert (code, out) == (1, "update not started: an update is already running (trainer running)\n")
+
+
+def test_rollback_human_and_error_reply(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:
+    code, out, _ = run(capsys, "rollback", "1", "--socket", str(sock))
+    assert (code, out) == (0, "now serving v1 (created 2024-05-01 12:00:00Z, 40.0 kB, val_loss 0.1)\n")
+    assert fake.adapters["current"] == 1
+    code, out, err = run(capsys, "rollback", "7", "--socket", str(sock))
+    assert (code, out) == (1, "")
+    assert err == "edge-daemon: no adapter v7 (have v1, v2, v3)\n"
+    # With --json the error object goes to stdout too, for scripts.
+    code, out, err = run(capsys, "rollback", "7", "--json", "--socket", str(sock))
+    assert code == 1 and json.loads(out) == {"ok": False, "error": "no adapter v7 (have v1, v2, v3)"}
+    assert "no adapter v7" in err
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "three", "1.5"])
+def test_rollback_rejects_a_bad_version_before_asking(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon, bad: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["rollback", bad, "--socket", str(sock)])
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert "VERSION" in capsys.readouterr().err
+    assert fake.requests == []
+
+
+def test_unreachable_daemon_says_what_to_check(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    missing = tmp_path / "nothing.sock"
+    code, out, err = run(capsys, "status", "--json", "--socket", str(missing))
+    assert (code, out) == (cli.EXIT_UNREACHABLE, "")
+    assert f"no daemon socket at {missing}" in err
+    assert f"socket path: {missing} (from --socket)" in err
+    assert "systemctl status edge-daemon" in err and "daemon's group" in err
+
+
+def test_stale_socket_is_reported_as_unreachable(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import socket
+
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()
+    code, _, err = run(capsys, "drift", "--socket", str(stale))
+    assert code == cli.EXIT_UNREACHABLE and "stale socket" in err and "systemctl status" in err
+
+
+def test_socket_from_config(capsys: pytest.CaptureFixture[str], tmp_path: Path, sock: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[device]\nid = "pump-07"\nsocket = "{sock}"\n[mqtt]\n[channels]\nnames = ["m1/current"]\n')
+    code, out, _ = run(capsys, "adapter", "--json", "--config", str(config))
+    assert code == 0 and json.loads(out)["adapter"]["version"] == 3
+    config.write_text('[device]\nid = "pump 07"\n')
+    code, _, err = run(capsys, "adapter", "--config", str(config))
+    assert code == cli.EXIT_ERROR and "device.id" in err
+
+
+def test_every_command_has_an_example(capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("run", "validate-config", "status", "adapter", "adapters", "drift", "train", "rollback"):
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        help_text = capsys.readouterr().out
+        assert f"example:\n  edge-daemon {name}" in help_text or f"example:\n  sudo edge-daemon {name}" in help_text
+
+
+def test_json_output_skips_rich_and_pydantic(sock: Path) -> None:
+    script = (
+        "import sys, time; t = time.monotonic(); from edge_daemon.cli import main; "
+        f"code = main(['status', '--json', '--socket', {str(sock)!r}]); "
+        "print('HEAVY', sorted(m for m in ('rich', 'pydantic', 'torch') if m in sys.modules), file=sys.stderr); "
+        "sys.exit(code)"
+    )
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=30)
+    wall = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["device"] == "pump-07"
+    assert "HEAVY []" in result.stderr
+    print(f"edge-daemon status --json: {wall:.2f} s wall (interpreter start included)")
+
+
+# -- against a real daemon ---------------------------------------------------------------------
+
+
+def test_status_against_a_real_daemon(capsys: pytest.CaptureFixture[str], tmp_path: Path, broker: LocalBroker) -> None:
+    from test_daemon_ingest import DaemonProcess, write_config
+
+    daemon = DaemonProcess(write_config(tmp_path, broker), tmp_path / "control.sock", tmp_path / "daemon.log")
+    try:
+        daemon.start()
+        code, out, err = run(capsys, "status", "--json", "--config", str(daemon.config_path))
+        assert (code, err) == (0, "")
+        reply = json.loads(out)
+        assert reply["ok"] is True and reply["device"] == "test-dev"
+        assert set(reply["store"]) == {"readings", "bytes"}
+        assert set(reply["ingest"]) >= {"received", "stored", "rejected", "rejected_by_reason"}
+        code, out, _ = run(capsys, "status", "--socket", str(daemon.socket_path))
+        assert code == 0
+        lines = [line.rstrip() for line in out.splitlines()]
+        assert lines[0].startswith("test-dev  up ")
+        assert any(line.startswith("store     0 readings, ") for line in lines)
+        assert any(line.startswith("ingest    connected; 0 received") for line in lines)
+        assert daemon.terminate() == 0
+        code, _, err = run(capsys, "status", "--socket", str(daemon.socket_path))
+        assert code == cli.EXIT_UNREACHABLE and "no daemon socket" in err
+    finally:
+        daemon.close()
+

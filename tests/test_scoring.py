@@ -1,0 +1,184 @@
+"""Live scoring: stream -> grid steps -> forecasts, residuals and anomaly scores."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_daemon.adapters import BaseModel, load_base
+from edge_daemon.config import ModelConfig
+from edge_daemon.frames import Grid, build_grid
+from edge_daemon.model import anomaly_score
+from edge_daemon.pretrain import pretrain
+from edge_daemon.scoring import GridAssembler, Scorer
+
+torch.set_num_threads(1)
+
+CHANNELS = ["m1/temperature", "m1/vibration"]
+TINY = ModelConfig(window=16, d_model=16, n_heads=2, n_layers=1, d_ff=32)
+
+
+def _signal(n: int, start: int = 0, seed: int = 0) -> np.ndarray:
+    t = np.arange(start, start + n)
+    rng = np.random.default_rng(seed)
+    clean = np.stack([20 + 3 * np.sin(2 * np.pi * t / 40), 1 + 0.5 * np.cos(2 * np.pi * t / 25)], axis=1)
+    return clean + rng.normal(0, 0.05, clean.shape)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> BaseModel:
+    out = tmp_path_factory.mktemp("scoring") / "base"
+    pretrain(Grid(0.0, 1.0, _signal(3000).astype(np.float32)), CHANNELS, 1.0, TINY, out, steps=300, lr=1e-2)
+    return load_base(out)
+
+
+# ---------------------------------------------------------------- GridAssembler
+
+
+def test_step_completes_after_lateness() -> None:
+    assembler = GridAssembler(CHANNELS, period_s=1.0, max_fill_steps=2, lateness_s=1.0)
+    assert assembler.add([("m1/temperature", 0.1, 1.0), ("m1/vibration", -0.2, 2.0)]) == []
+    assert assembler.add([("m1/temperature", 1.4, 3.0)]) == []  # step 0 ends at 0.5: needs a reading at >= 1.5
+    steps = assembler.add([("m1/vibration", 1.5, 4.0)])
+    assert [s.t for s in steps] == [0.0]
+    np.testing.assert_array_equal(steps[0].values, [1.0, 2.0])
+    # Readings for an emitted step are late: dropped and counted; unknown channels too.
+    assert assembler.add([("m1/temperature", 0.3, 9.0), ("m9/other", 2.0, 1.0)]) == []
+    assert assembler.stats.late == 1 and assembler.stats.unknown_channel == 1
+    # The clock completes steps when readings stop.
+    # Step 1 has the temperature at 1.4; the vibration at 1.5 belongs to step 2.
+    flushed = assembler.flush(now=10.0)
+    assert [s.t for s in flushed] == [1.0, 2.0, 3.0, 4.0]
+    np.testing.assert_array_equal(flushed[0].values, [3.0, 2.0])
+    np.testing.assert_array_equal(flushed[1].values, [3.0, 4.0])
+    np.testing.assert_array_equal(flushed[3].values, [np.nan, 4.0])  # temperature past its 2-step fill limit
+    assert assembler.flush(now=10.0) == []  # nothing left to fill: no rows of NaN
+
+
+def test_stream_matches_build_grid() -> None:
+    rng = np.random.default_rng(3)
+    readings = []
+    for k in range(300):
+        for column, channel in enumerate(CHANNELS):
+            if rng.random() < 0.15:
+                continue  # missing readings exercise the forward fill
+            if 120 <= k < 140 and column == 0:
+                continue  # a gap longer than the fill limit
+            readings.append((channel, k + rng.uniform(-0.45, 0.45), float(rng.normal())))
+    # Delivered in batches, each shuffled, so arrival order differs from time order within the lateness.
+    readings.sort(key=lambda r: r[1])
+    assembler = GridAssembler(CHANNELS, period_s=1.0, max_fill_steps=3, lateness_s=1.0)
+    steps = []
+    for start in range(0, len(readings), 7):
+        batch = readings[start : start + 7]
+        rng.shuffle(batch)
+        steps += assembler.add(batch)
+    steps += assembler.flush(now=1e9)
+    assert assembler.stats.late == 0
+
+    ts = np.array([r[1] for r in readings])
+    ch = np.array([CHANNELS.index(r[0]) for r in readings])
+    vals = np.array([r[2] for r in readings])
+    grid = build_grid(ts, ch, vals, len(CHANNELS), 1.0, 3)
+    # The stream keeps forward-filling past the last reading, the grid ends there.
+    assert [s.t for s in steps] == list(grid.times) + [300.0, 301.0, 302.0]
+    steps = steps[: len(grid)]
+    np.testing.assert_allclose(np.stack([s.values for s in steps]), grid.values, rtol=1e-6)
+    assert np.isnan(np.stack([s.values for s in steps])[130, 0])
+
+
+def test_long_outage_is_skipped_not_emitted() -> None:
+    assembler = GridAssembler(CHANNELS, period_s=1.0, max_fill_steps=2, lateness_s=0.0)
+    first = assembler.add([(c, float(t), 1.0) for t in range(5) for c in CHANNELS])
+    later = assembler.add([(c, 100000.0 + t, 2.0) for t in range(5) for c in CHANNELS])
+    times = [s.t for s in first + later]
+    # 5 steps, 2 forward-filled ones after the outage stopped, then the new readings: no 100000 NaN rows.
+    assert times == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 100000.0, 100001.0, 100002.0, 100003.0]
+
+
+# ---------------------------------------------------------------- Scorer
+
+
+def test_forecast_residual_and_score(base: BaseModel) -> None:
+    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0, min_history=8, version=None)
+    data = _signal(30, start=3000, seed=1)
+    results = [scorer.add_step(float(3000 + i), row) for i, row in enumerate(data)]
+    assert all(r is None for r in results[:7])
+    first, second = results[7], results[8]
+    assert first.residual is None and first.score is None and first.forecast_t == 3008.0
+
+    history = torch.from_numpy(base.norm.apply(data[:8])).unsqueeze(0)
+    with torch.no_grad():
+        expected_norm = base.model(history)[0, -1].numpy()
+    np.testing.assert_allclose(first.forecast, base.norm.invert(expected_norm), rtol=1e-5)
+    expected_residual = expected_norm - base.norm.apply(data[8])
+    np.testing.assert_allclose(second.residual, expected_residual, rtol=1e-4, atol=1e-6)
+    expected_score = float(anomaly_score(torch.from_numpy(expected_residual), base.residual_scale_tensor()))
+    assert second.score == pytest.approx(expected_score, rel=1e-5)
+    # Past min_history the buffer keeps growing up to the model window, then rolls.
+    assert results[-1].forecast.shape == (2,)
+    history = torch.from_numpy(base.norm.apply(data[-16:])).unsqueeze(0)
+    with torch.no_grad():
+        np.testing.assert_allclose(results[-1].forecast, base.norm.invert(base.model(history)[0, -1].numpy()), rtol=1e-5)
+
+
+def test_spike_is_an_anomaly_and_normal_data_is_not(base: BaseModel) -> None:
+    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0)
+    data = _signal(200, start=3000, seed=2)
+    data[150, 0] += 3.0  # 60 noise sigmas on the smooth channel
+    results = [scorer.add_step(float(3000 + i), row) for i, row in enumerate(data)]
+    scored = {i: r for i, r in enumerate(results) if r is not None and r.score is not None}
+    normal = [r.score for i, r in scored.items() if i < 150]
+    assert len(normal) == 150 - 16
+    assert np.median(normal) < 2.0  # residual_scale makes ~1 the typical score
+    assert not any(r.anomaly for i, r in scored.items() if i < 150)
+    assert scored[150].anomaly and scored[150].score > 6.0
+
+
+def test_gaps_and_nan_restart_history(base: BaseModel) -> None:
+    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0, min_history=4)
+    data = _signal(20, start=3000)
+    for i in range(6):
+        scorer.add_step(float(i), data[i])
+    assert scorer.add_step(6.0, np.array([np.nan, 1.0])) is None
+    assert [scorer.add_step(float(7 + i), data[i]) is None for i in range(4)] == [True, True, True, False]
+    # A skipped step (t jumps by 2 periods) restarts too.
+    assert scorer.add_step(13.0, data[5]) is None
+
+
+def test_swap_model(base: BaseModel) -> None:
+    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0, min_history=4, version=None)
+    data = _signal(10, start=3000)
+    for i in range(5):
+        before = scorer.add_step(float(i), data[i])
+    other = copy.deepcopy(base.model)
+    with torch.no_grad():
+        other.head.bias += 1.0  # every forecast moves by one std per channel
+    scorer.swap_model(other, version=7)
+    after = scorer.add_step(5.0, data[5])
+    assert after.model_version is None  # the residual at t=5 is of the base model's forecast
+    np.testing.assert_allclose(base.norm.apply(before.forecast) - base.norm.apply(data[5]), after.residual, atol=1e-4)
+    history = torch.from_numpy(base.norm.apply(data[:6])).unsqueeze(0)
+    with torch.no_grad():
+        np.testing.assert_allclose(after.forecast, base.norm.invert(other(history)[0, -1].numpy()), rtol=1e-5)
+    assert scorer.add_step(6.0, data[6]).model_version == 7 and scorer.version == 7
+
+
+def test_end_to_end_stream(base: BaseModel, tmp_path: Path) -> None:
+    """MQTT-like readings -> assembler -> scorer: every completed step after the warm-up is scored."""
+    assembler = GridAssembler(CHANNELS, base.period_s, max_fill_steps=2, lateness_s=1.0)
+    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0)
+    data = _signal(60, start=3000, seed=4)
+    results = []
+    for i, row in enumerate(data):
+        batch = [(CHANNELS[c], 3000.0 + i + 0.1 * c, float(row[c])) for c in range(2)]
+        for step in assembler.add(batch):
+            results.append(scorer.add_step(step.t, step.values))
+    scored = [r for r in results if r is not None and r.score is not None]
+    assert len(results) == 58  # the last two steps wait for the lateness allowance
+    assert len(scored) == 58 - 16
+    assert max(r.score for r in scored) < 6.0
