@@ -51,7 +51,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     base = Forecaster(ForecasterConfig(n_channels=3, window=args.window))
     pretrain(base, regime_windows(OLD, 1024, args.window + 1, seed=1000 + seed), args.pretrain_steps, seed=seed)
     data = make_data(args.window, seed=10 * seed)
-    lora_cfg = LoraConfigSection(max_blocks=args.max_blocks)
+    lora_cfg = LoraConfigSection(max_blocks=args.max_blocks, r=args.rank, extra_modules=args.extra_modules)
     train_cfg = TrainConfig(steps=args.steps, lr=args.lr)
     started = time.monotonic()
     result = update(base, **data, lora_cfg=lora_cfg, train_cfg=train_cfg, plan=plan_from_config(train_cfg), seed=seed, keep_rejected=True)
@@ -86,11 +86,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=TrainConfig().lr, help="update learning rate")
     parser.add_argument("--full-lr", type=float, default=1e-3, help="full fine-tuning learning rate")
     parser.add_argument("--max-blocks", type=int, default=LoraConfigSection().max_blocks)
+    parser.add_argument("--rank", type=int, default=LoraConfigSection().r)
+    parser.add_argument("--extra-modules", nargs="*", default=LoraConfigSection().extra_modules, help="e.g. head embed")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     runs = [run_seed(seed, args) for seed in range(args.seeds)]
-    print(f"window {args.window}, update: {args.steps} steps, lr {args.lr}, max_blocks {args.max_blocks}; full fine-tune lr {args.full_lr}\n")
+    print(f"window {args.window}, update: {args.steps} steps, lr {args.lr}, max_blocks {args.max_blocks}, r {args.rank}, extra {args.extra_modules}; full fine-tune lr {args.full_lr}\n")
     print("| seed | new: base | new: update | new: full FT | old: base | old: update | old: full FT | gate | blocks | update s | full FT s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |")
     for r in runs:

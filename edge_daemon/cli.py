@@ -497,13 +497,11 @@ def _setup_run(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from edge_daemon.config import load_config
 
+    from edge_daemon.logs import setup_logging
+
     config = load_config(args.config)
-    logging.basicConfig(
-        level=config.device.log_level,
-        # systemd's journal adds its own timestamps; the level and logger name still help.
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # Under journald: `<N>` priority prefixes and no timestamps (the journal adds its own).
+    setup_logging(config.device.log_level)
     # paho logs every packet at DEBUG through its own logger only if asked; keep it quiet.
     logging.getLogger("paho").setLevel(logging.WARNING)
     from edge_daemon.daemon import Daemon
@@ -548,6 +546,71 @@ register("train", "ask for an update now (root or the daemon's user/group); exit
          "sudo edge-daemon train", add_socket_options, _train)  # fmt: skip
 register("rollback", "serve an earlier adapter version (root or the daemon's user/group)",
          "sudo edge-daemon rollback 3", _setup_rollback, _rollback)  # fmt: skip
+
+
+# -- pretrain / demo / install ------------------------------------------------------------------
+
+
+def _setup_pretrain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="TOML config file (base model goes to state_dir/base)")
+    parser.add_argument("--data", type=Path, help="CSV: wide 'ts,<channel>,...' or long 'ts,channel,value' (default: the store)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default [model] pretrain_steps)")
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from edge_daemon.config import load_config
+    from edge_daemon.logs import setup_logging
+    from edge_daemon.pretrain import pretrain_from_config
+
+    config = load_config(args.config)
+    setup_logging(config.device.log_level)
+    metrics = pretrain_from_config(config, csv_path=args.data, progress=sys.stderr.isatty(), steps=args.steps)
+    print(
+        f"base model saved to {config.base_dir}: validation loss {metrics.get('val_loss', float('nan')):.4g} "
+        f"(persistence {metrics.get('persistence_val_loss', float('nan')):.4g}), {metrics.get('steps')} steps"
+    )
+    return EXIT_OK
+
+
+def _setup_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, help="where to keep the demo's state (default: a new temp dir)")
+    parser.add_argument("--full-size", action="store_true", help="use the default (~1e5-parameter) model instead of the quick one")
+    parser.add_argument("--timeout", type=float, default=300.0, help="give up waiting for an adapter after this many seconds")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from edge_daemon.demo import run_demo
+    from edge_daemon.logs import setup_logging
+
+    setup_logging("WARNING")
+    summary = run_demo(quick=not args.full_size, state_dir=args.state_dir, timeout_s=args.timeout)
+    return EXIT_OK if summary.get("update_accepted") and summary.get("readings_lost") == 0 else EXIT_ERROR
+
+
+def _setup_passthrough(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="options (see --help of scripts/install)")
+
+
+def _install(args: argparse.Namespace) -> int:
+    from edge_daemon.install import main as install_main
+
+    return int(install_main(["install", *args.rest]))
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    from edge_daemon.install import main as install_main
+
+    return int(install_main(["uninstall", *args.rest]))
+
+
+register("pretrain", "train the base model from a CSV or from the replay store",
+         "edge-daemon pretrain --config /etc/edge-daemon/config.toml --data motor.csv", _setup_pretrain, _pretrain)  # fmt: skip
+register("demo", "the whole mission in a few minutes: broker, daemon, sample motor, drift, adaptation",
+         "edge-daemon demo", _setup_demo, _demo)  # fmt: skip
+register("install", "install as a systemd service (venv under /opt, unit, default config)",
+         "sudo edge-daemon install --prefix /", _setup_passthrough, _install)  # fmt: skip
+register("uninstall", "remove the service; keeps data and config unless --purge",
+         "sudo edge-daemon uninstall --purge", _setup_passthrough, _uninstall)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -120,6 +120,9 @@ class LoraConfigSection(_Section):
     probe_windows: int = Field(
         16, ge=1, description="windows in the probe batch that ranks blocks (capped by the plan's micro-batch)"
     )
+    extra_modules: list[str] = Field(
+        default_factory=list, description="Linear layers outside the blocks that always get adapters, e.g. ['head']"
+    )
 
 
 class TrainConfig(_Section):

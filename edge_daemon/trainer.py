@@ -228,6 +228,10 @@ def choose_blocks(model: Forecaster, probe: torch.Tensor, lora_cfg: LoraConfigSe
     ranked = sorted(range(len(norms)), key=lambda b: norms[b], reverse=True)
     chosen = ranked[: lora_cfg.max_blocks]
     modules = [name for b in sorted(chosen) for name in block_target_modules(model, b, lora_cfg.target_modules)]
+    for name in lora_cfg.extra_modules:
+        if not isinstance(model.get_submodule(name), nn.Linear):
+            raise TrainingError(f"extra module {name!r} is not a Linear layer")
+        modules.append(name)
     return BlockChoice(blocks=chosen, grad_norms=norms, target_modules=modules)
 
 

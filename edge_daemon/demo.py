@@ -1,0 +1,263 @@
+"""The demo: the whole mission on a fresh machine in a few minutes.
+
+Starts a broker if none answers (mosquitto, else amqtt), trains a base model
+on the sample motor's old regime, runs the daemon on a temporary state
+directory, replays the motor over MQTT with a bearing-wear regime change and
+a share of malformed messages, and shows the daemon detect drift, adapt when
+idle and serve the new adapter. Ends with a summary table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_daemon.broker import LocalBroker
+from edge_daemon.config import Config, parse_config
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ["m1/temperature", "m1/vibration", "m1/current"]
+
+
+def demo_config(state_dir: Path, port: int, quick: bool) -> Config:
+    return parse_config(
+        {
+            "device": {"id": "demo-motor", "state_dir": str(state_dir), "socket": str(state_dir / "control.sock")},
+            "mqtt": {"host": "127.0.0.1", "port": port, "topics": ["sensors/#"], "qos": 1},
+            "channels": {"names": CHANNELS, "period_s": 1.0},
+            "model": {"window": 32, "d_model": 32, "n_layers": 2, "d_ff": 64} if quick else {},
+            "train": {
+                "steps": 40 if quick else 60,
+                "batch_size": 16 if quick else 32,
+                "micro_batch": 16 if quick else 32,
+                "check_interval_s": 1.0,
+                "idle_cpu_percent": 100.0,  # the demo's own publisher keeps the CPU busy
+                "idle_window_s": 3.0,
+                "min_interval_s": 30.0,
+                "min_new_windows": 10**6,  # adapt on drift, the point of the demo
+                "recent_hours": 900 / 3600,
+                "gate_tolerance": 0.5,
+            },
+            "drift": {"min_samples": 600},
+            "outputs": {"forecast_every": 10, "status_interval_s": 2.0},
+        }
+    )
+
+
+def run_demo(
+    old_steps: int = 2400,
+    new_steps: int = 900,
+    after_steps: int = 400,
+    malformed: float = 0.02,
+    quick: bool = True,
+    state_dir: Path | None = None,
+    report_dir: Path | None = None,
+    live: bool = True,
+    timeout_s: float = 300.0,
+) -> dict[str, Any]:
+    """Run the demo end to end; returns the summary (also printed as a table when `live`)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge_daemon.daemon import Daemon
+    from edge_daemon.frames import build_grid
+    from edge_daemon.pretrain import pretrain
+    from sample_sensors.generate import generate_labeled
+    from sample_sensors.publish import malformed_message, valid_messages
+
+    workdir = Path(state_dir or tempfile.mkdtemp(prefix="edge-demo-"))
+    # Always a broker of its own on a free port: a broker already on 1883 may hold queued
+    # messages of an earlier run's persistent session, which would mix into this one.
+    (workdir / "broker").mkdir(parents=True, exist_ok=True)
+    broker = LocalBroker(workdir=workdir / "broker")
+    broker.start()
+    port = broker.port
+    config = demo_config(workdir / "state", port, quick)
+    total = old_steps + new_steps + after_steps
+    start_ts = float(int(time.time()) - total - 10)
+    data = generate_labeled(total, start_ts=start_ts, seed=7, regime_change_at=old_steps, time_scale=144)
+    summary: dict[str, Any] = {"state_dir": str(workdir), "broker": broker.kind}
+    console = None
+    if live:
+        from rich.console import Console
+
+        console = Console()
+        console.rule("edge-daemon demo")
+        console.print(f"broker: {summary['broker']} on 127.0.0.1:{port}; state dir {workdir}")
+
+    # 1. Base model trained on the old regime, as a fleet's base would be.
+    t0 = time.monotonic()
+    n = old_steps
+    grid = build_grid(
+        np.repeat(data.ts[:n], 3),
+        np.tile(np.arange(3), n),
+        np.stack([data.values[c][:n] for c in CHANNELS], axis=1).reshape(-1),
+        3,
+        1.0,
+        config.channels.max_fill_steps,
+    )
+    base_metrics = pretrain(grid, CHANNELS, 1.0, config.model, config.base_dir, steps=500 if quick else None, progress=live)
+    summary["base_train_s"] = round(time.monotonic() - t0, 1)
+    summary["base_val_loss"] = base_metrics.get("val_loss")
+
+    alerts: list[dict[str, Any]] = []
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="edge-demo-watcher")
+    sub.on_message = lambda c, u, m: alerts.append(json.loads(m.payload)) if m.topic.endswith("/alert") else None
+    sub.connect("127.0.0.1", port)
+    sub.subscribe(f"edge/{config.device.id}/alert", qos=1)
+    sub.loop_start()
+
+    daemon = Daemon(config)
+    daemon.start()
+    rng = np.random.default_rng(7)
+    sent = {"valid_readings": 0, "malformed": 0}
+
+    def publish_range(begin: int, end: int) -> None:
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-demo-publisher-{begin}")
+        pub.connect("127.0.0.1", port)
+        pub.loop_start()
+        infos = []
+        for k in range(begin, end):
+            readings = {c: float(data.values[c][k]) for c in CHANNELS}
+            for message in valid_messages(float(data.ts[k]), readings, "values"):
+                infos.append(pub.publish(message.topic, message.payload, qos=1))
+            sent["valid_readings"] += 3
+            if rng.random() < malformed:
+                bad = malformed_message(str(rng.choice(["bad_json", "nan", "string_value", "unknown_channel", "ancient_ts", "deep_nesting"])), float(data.ts[k]), rng)
+                infos.append(pub.publish(bad.topic, bad.payload, qos=1))
+                sent["malformed"] += 1
+        for info in infos:
+            info.wait_for_publish(60)
+        pub.loop_stop()
+        pub.disconnect()
+
+    stop_watch = threading.Event()
+    try:
+        publisher = threading.Thread(target=publish_range, args=(0, old_steps + new_steps), name="demo-publisher")
+        publisher.start()
+        deadline = time.monotonic() + timeout_s
+        accepted_at = None
+        progress = _live_view(console, daemon, alerts) if console else None
+        with progress if progress is not None else _Null():
+            while time.monotonic() < deadline:
+                if progress is not None:
+                    progress.update(_render(daemon, alerts))
+                if any(a.get("type") == "adapter_accepted" for a in alerts) and not publisher.is_alive():
+                    accepted_at = time.monotonic()
+                    break
+                time.sleep(0.5)
+            publisher.join()
+            before_scores = [s for t, s, v in daemon.pipeline.history if v is None and t >= data.ts[old_steps + 100] and np.isfinite(s)]
+            if accepted_at is not None:
+                publish_range(old_steps + new_steps, total)
+                end = time.monotonic() + 60
+                while time.monotonic() < end and daemon.store.count() < 3 * total:
+                    if progress is not None:
+                        progress.update(_render(daemon, alerts))
+                    time.sleep(0.5)
+                time.sleep(2.0)
+        after_scores = [s for t, s, v in daemon.pipeline.history if v is not None and np.isfinite(s)]
+        status = daemon._status({})
+        last = status["training"]["last"] or {}
+        summary.update(
+            {
+                "readings_sent": sent["valid_readings"],
+                "readings_stored": status["store"]["readings"],
+                "readings_lost": sent["valid_readings"] - status["store"]["readings"],
+                "malformed_sent": sent["malformed"],
+                "rejected": status["ingest"]["rejected"],
+                "drift_alerts": sum(1 for a in alerts if a.get("type") == "drift"),
+                "adapter_version": status["adapter"]["version"],
+                "adapter_bytes": status["adapter"]["size_bytes"],
+                "update_accepted": bool(last.get("accepted")),
+                "update_reason": (daemon.runner.last or {}).get("job", {}).get("reason") if daemon.runner else None,
+                "update_peak_rss_mb": last.get("peak_rss_mb"),
+                "serving_peak_rss_mb": round(daemon.watchdog.peak_rss_mb, 1) if daemon.watchdog else None,
+                "score_before": float(np.mean(before_scores)) if before_scores else None,
+                "score_after": float(np.mean(after_scores)) if after_scores else None,
+                "metrics_before": last.get("metrics_before"),
+                "metrics_after": last.get("metrics_after"),
+            }
+        )
+    finally:
+        stop_watch.set()
+        daemon.stop()
+        sub.loop_stop()
+        sub.disconnect()
+        broker.stop()
+    if live and console is not None:
+        _print_summary(console, summary)
+    return summary
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _live_view(console: Any, daemon: Any, alerts: list[dict[str, Any]]) -> Any:
+    from rich.live import Live
+
+    return Live(_render(daemon, alerts), console=console, refresh_per_second=4)
+
+
+def _render(daemon: Any, alerts: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    status = daemon._status({})
+    table = Table(title="edge-daemon (live)", show_header=False)
+    ingest = status.get("ingest", {})
+    table.add_row("readings stored", str(status["store"]["readings"]))
+    table.add_row("rejected (malformed)", f"{ingest.get('rejected', 0)} {ingest.get('rejected_by_reason', {})}")
+    drift = status.get("drift", {})
+    drifting = [c for c, s in drift.get("channels", {}).items() if s.get("state") == "drift"]
+    table.add_row("drift", ", ".join(drifting) or "none")
+    training = status.get("training", {})
+    plan = training.get("plan")
+    table.add_row("training", f"{training.get('state')} {json.dumps(plan) if plan else ''}")
+    memory = status.get("memory", {})
+    table.add_row("memory", f"{memory.get('rss_mb', 0):.0f} MB of {memory.get('budget_mb', 0):.0f} MB ({memory.get('level')})")
+    table.add_row("adapter", f"v{status['adapter']['version']}" if status["adapter"]["version"] else "base model")
+    table.add_row("alerts", ", ".join(a.get("type", "?") for a in alerts[-6:]))
+    return table
+
+
+def _print_summary(console: Any, summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="demo summary")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    before, after = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}
+    rows = [
+        ("readings sent / stored / lost", f"{summary.get('readings_sent')} / {summary.get('readings_stored')} / {summary.get('readings_lost')}"),
+        ("malformed sent / rejected", f"{summary.get('malformed_sent')} / {summary.get('rejected')}"),
+        ("drift alerts", fmt(summary.get("drift_alerts"))),
+        ("update accepted (reason)", f"{summary.get('update_accepted')} ({summary.get('update_reason')})"),
+        ("forecast loss on recent data before -> after", f"{fmt(before.get('recent_val_loss'))} -> {fmt(after.get('recent_val_loss'))}"),
+        ("forecast loss on replayed old data before -> after", f"{fmt(before.get('replay_val_loss'))} -> {fmt(after.get('replay_val_loss'))}"),
+        ("anomaly score on new regime: base -> adapted", f"{fmt(summary.get('score_before'))} -> {fmt(summary.get('score_after'))}"),
+        ("peak RSS: daemon (serving) / update child", f"{fmt(summary.get('serving_peak_rss_mb'))} MB / {fmt(summary.get('update_peak_rss_mb'))} MB"),
+        ("adapter version / size", f"v{summary.get('adapter_version')} / {summary.get('adapter_bytes')} bytes"),
+        ("state dir", summary.get("state_dir")),
+    ]
+    for what, value in rows:
+        table.add_row(what, str(value))
+    console.print(table)
