@@ -69,6 +69,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "old_update": mae(result.peft_model, data["replay_val"]),
         "old_full": mae(full, data["replay_val"]),
         "accepted": result.accepted,
+        "replay_mse_ratio": result.metrics_after["replay_val_loss"] / result.metrics_before["replay_val_loss"],
         "gate": result.reason,
         "blocks": result.chosen_blocks,
         "trainable": result.trainable_params,
@@ -92,13 +93,13 @@ def main() -> None:
     torch.set_num_threads(1)
 
     runs = [run_seed(seed, args) for seed in range(args.seeds)]
-    print(f"window {args.window}, update: {args.steps} steps, lr {args.lr}, max_blocks {args.max_blocks}, r {args.rank}, extra {args.extra_modules}; full fine-tune lr {args.full_lr}\n")
-    print("| seed | new: base | new: update | new: full FT | old: base | old: update | old: full FT | gate | blocks | update s | full FT s |")
+    print(f"window {args.window}, update: {args.steps} steps, lr {args.lr}, gate tolerance {TrainConfig().gate_tolerance}, max_blocks {args.max_blocks}, r {args.rank}, extra {args.extra_modules}; full fine-tune lr {args.full_lr}\n")
+    print("| seed | new: base | new: update | new: full FT | old: base | old: update | old: full FT | gate (replay MSE after/before) | blocks | update s | full FT s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |")
     for r in runs:
         print(
             f"| {r['seed']} | {r['new_base']:.4f} | {r['new_update']:.4f} | {r['new_full']:.4f} | {r['old_base']:.4f} | "
-            f"{r['old_update']:.4f} | {r['old_full']:.4f} | {'accepted' if r['accepted'] else 'rejected'} | {r['blocks']} | "
+            f"{r['old_update']:.4f} | {r['old_full']:.4f} | {'accepted' if r['accepted'] else 'rejected'} ({r['replay_mse_ratio']:.2f}) | {r['blocks']} | "
             f"{r['update_s']:.1f} | {r['full_s']:.1f} |"
         )
     mean = {k: statistics.fmean(r[k] for r in runs) for k in ("new_base", "new_update", "new_full", "old_base", "old_update", "old_full")}

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge_daemon.config import LoraConfigSection  # pydantic only: no torch in the parent process
+
 ROWS = ("serving", "serving+peft", "full fine-tune", "plain PEFT", "update", "update (loose plan)")
 SIZES: dict[str, dict[str, Any]] = {
     # steps = optimizer steps of every training row; pretrain = steps that make the base
@@ -54,8 +56,6 @@ def model_config(size: str) -> Any:
 
 
 def lora_rank() -> int:
-    from edge_daemon.config import LoraConfigSection
-
     return LoraConfigSection().r
 
 
@@ -161,6 +161,7 @@ def run_row(row: str, size: str, workdir: Path) -> dict[str, Any]:
 
             model = copy.deepcopy(base)
             targets = [n for b in range(base.cfg.n_layers) for n in block_target_modules(model, b, lora_cfg.target_modules)]
+            targets += lora_cfg.extra_modules  # the same layers as the update, on every block
             peft_model = get_peft_model(model, LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, target_modules=targets))
             result = plain_loop(peft_model, LR_LORA)
             result["adapter_bytes"] = adapter_bytes(save_peft_adapter(peft_model, workdir / "plain"))
@@ -213,7 +214,7 @@ def table(size: str, info: dict[str, Any], rows: dict[str, dict[str, Any]]) -> s
         f"\n## {size}: {info['params']:,} parameters, window {model_config(size).window}, effective batch {BATCH}, "
         f"{SIZES[size]['steps']} steps (base pretrained {SIZES[size]['pretrain']} steps, {info['pretrain_s']:.0f}s); "
         f"update plan: micro-batch {UPDATE_PLAN['micro_batch']} x {UPDATE_PLAN['accumulation']}, checkpointing, "
-        f"{UPDATE_PLAN['optimizer']}; LoRA r={lora_rank()} on {MAX_BLOCKS} chosen blocks (plain PEFT: all blocks)",
+        f"{UPDATE_PLAN['optimizer']}; LoRA r={lora_rank()} on {MAX_BLOCKS} chosen blocks + {LoraConfigSection().extra_modules} (plain PEFT: all blocks + the same)",
         "",
         "| row | peak RSS MB | baseline MB | increase MB | over torch-only MB | wall s | val loss | trainable % | adapter bytes |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -237,7 +238,7 @@ def table(size: str, info: dict[str, Any], rows: dict[str, dict[str, Any]]) -> s
     ]
     lines += ["", "| ratio | measured | target | met |", "| --- | ---: | ---: | --- |"]
     for label, value, target in checks:
-        lines.append(f"| {label} | {value:.2f} | <= {target} | {'yes' if value <= target else 'NO'} |")
+        lines.append(f"| {label} | {value:.3f} | <= {target} | {'yes' if value <= target else 'NO'} |")
     lines.append(
         f"\nimport cost: torch+model {mb(serving['baseline']).strip()} MB; peft adds "
         f"{mb(serving_peft['baseline'] - serving_peft['rss_torch']).strip()} MB. Update: blocks {upd['chosen_blocks']}, "

@@ -121,7 +121,8 @@ class LoraConfigSection(_Section):
         16, ge=1, description="windows in the probe batch that ranks blocks (capped by the plan's micro-batch)"
     )
     extra_modules: list[str] = Field(
-        default_factory=list, description="Linear layers outside the blocks that always get adapters, e.g. ['head']"
+        default_factory=lambda: ["head"],
+        description="Linear layers outside the blocks that always get adapters (the output head follows level and scale shifts)",
     )
 
 
@@ -132,7 +133,9 @@ class TrainConfig(_Section):
     lr: float = Field(3e-3, gt=0, description="learning rate")
     replay_fraction: float = Field(0.5, ge=0, lt=1, description="share of each batch drawn from older data in the store")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="newest share of recent windows held out for the gate")
-    gate_tolerance: float = Field(0.05, ge=0, description="replayed-data loss may worsen by at most this fraction")
+    gate_tolerance: float = Field(
+        0.20, ge=0, description="replayed-data loss (MSE) may worsen by at most this fraction; 0.20 is ~10% in RMS error"
+    )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="'auto' lets the watchdog decide")
     optimizer: Literal["auto", "adamw", "adamw8bit"] = Field("auto", description="'auto' switches to 8-bit state under pressure")
     min_interval_s: float = Field(600.0, ge=0, description="minimum spacing between updates")

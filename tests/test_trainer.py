@@ -286,8 +286,8 @@ def test_update_that_learns_the_new_regime_is_accepted(base: Forecaster, data: d
     assert result.accepted, result.reason
     assert result.metrics_after["recent_val_loss"] < 0.8 * result.metrics_before["recent_val_loss"]
     assert result.peft_model is not None
-    # Two blocks x (qkv 4x32 + 96x4, proj 4x32 + 32x4, fc1 4x32 + 64x4, fc2 4x64 + 32x4) LoRA weights.
-    assert result.trainable_params == 2 * (512 + 256 + 384 + 384)
+    # Two blocks x (qkv 4x32 + 96x4, proj 4x32 + 32x4, fc1 4x32 + 64x4, fc2 4x64 + 32x4), head 4x32 + 3x4.
+    assert result.trainable_params == 2 * (512 + 256 + 384 + 384) + 140
     assert 0 < result.trainable_fraction < 0.2
     assert result.peak_rss_bytes >= result.start_rss_bytes > 0
     meta = json.loads(json.dumps(result.to_dict()))  # what the adapter store writes to meta.json
@@ -418,7 +418,7 @@ def test_blocks_are_chosen_by_gradient_norm(base: Forecaster, data: dict) -> Non
     choice = choose_blocks(model, data["recent_train"][:8], lora(max_blocks=1))
     assert choice.blocks == [1]
     assert choice.grad_norms[1] > 10 * max(choice.grad_norms[0], choice.grad_norms[2])
-    assert choice.target_modules == ["blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.fc1", "blocks.1.fc2"]
+    assert choice.target_modules == ["blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.fc1", "blocks.1.fc2", "head"]
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # probe left no trace
     assert all(p.grad is None for p in model.parameters())
 
@@ -426,7 +426,8 @@ def test_blocks_are_chosen_by_gradient_norm(base: Forecaster, data: dict) -> Non
     assert result.chosen_blocks == [1]
     assert result.peft_model is not None
     trained = {n for n, p in result.peft_model.named_parameters() if p.requires_grad}
-    assert trained and all(".blocks.1." in n for n in trained)
+    assert trained and all(".blocks.1." in n or ".head." in n for n in trained)
+    assert any(".head." in n for n in trained)  # extra_modules are adapted whatever the ranking
 
 
 def test_rss_sampler_sees_an_allocation() -> None:
