@@ -9,6 +9,7 @@ peft and bitsandbytes are imported lazily: serving never pays for them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -16,9 +17,10 @@ import gc
 import logging
 import math
 import resource
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -38,8 +40,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-PlanSource = Callable[[TrainingPlan], "TrainingPlan | None"]
+
+@contextlib.contextmanager
+def without_bitsandbytes() -> Iterator[None]:
+    """Keep peft from loading bitsandbytes while it imports and wraps a model.
+
+    peft imports bitsandbytes eagerly (`peft.helpers`) and again when it
+    dispatches LoRA layers. That costs ~44 MB RSS and ~1.4 s here and is only
+    needed when a plan keeps 8-bit optimizer state, which imports bitsandbytes
+    itself (`make_optimizer`). A `None` entry in sys.modules makes those
+    imports fail as if the package were absent and `find_spec` report it
+    missing; the entry is removed on exit, so a later import works normally.
+    Once bitsandbytes is loaded, this does nothing.
+    """
+    hide = "bitsandbytes" not in sys.modules
+    if hide:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if hide and "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+
+
+def import_peft() -> Any:
+    """peft, imported without bitsandbytes (see `without_bitsandbytes`)."""
+    with without_bitsandbytes():
+        import peft
+    return peft
 
 
 # ---------------------------------------------------------------------------
@@ -242,16 +270,17 @@ def choose_blocks(model: Forecaster, probe: torch.Tensor, lora_cfg: LoraConfigSe
 
 def build_peft_model(model: Forecaster, target_modules: list[str], lora_cfg: LoraConfigSection) -> PeftModel:
     """Wrap `model` in place with LoRA adapters on `target_modules`; every base weight frozen."""
-    from peft import LoraConfig, get_peft_model
+    peft = import_peft()
 
-    config = LoraConfig(
+    config = peft.LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=list(target_modules),
         bias="none",
     )
-    return get_peft_model(model, config)
+    with without_bitsandbytes():
+        return peft.get_peft_model(model, config)
 
 
 def forecaster_of(model: nn.Module) -> Forecaster:
@@ -728,9 +757,10 @@ def save_peft_adapter(peft_model: nn.Module, directory: str | Path) -> Path:
 
 def load_peft_adapter(base_model: Forecaster, directory: str | Path) -> PeftModel:
     """Base + the adapter in `directory`, for inference, on a copy (the base is untouched)."""
-    from peft import PeftModel
+    PeftModel = import_peft().PeftModel  # noqa: N806
 
-    model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(directory))
+    with without_bitsandbytes():
+        model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(directory))
     model.eval()
     return model
 

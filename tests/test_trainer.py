@@ -437,3 +437,29 @@ def test_rss_sampler_sees_an_allocation() -> None:
     peak = sampler.result()
     assert peak.increase_bytes > 48 * 2**20
     assert peak.samples > 0
+
+
+def test_peft_is_imported_without_bitsandbytes_until_8bit_state_is_needed() -> None:
+    # In a fresh interpreter: building the LoRA model must not load bitsandbytes
+    # (~44 MB), and an 8-bit optimizer must still work afterwards.
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from edge_daemon.config import LoraConfigSection
+from edge_daemon.model import Forecaster, ForecasterConfig
+from edge_daemon.trainer import build_peft_model, make_optimizer
+model = build_peft_model(Forecaster(ForecasterConfig(n_channels=3, window=8, d_model=16, n_layers=1, d_ff=16)),
+                         ["blocks.0.fc1"], LoraConfigSection())
+assert "peft" in sys.modules and "bitsandbytes" not in sys.modules, "bitsandbytes loaded with peft"
+params = [p for p in model.parameters() if p.requires_grad]
+opt = make_optimizer(params, "adamw8bit", lr=1e-3)
+model(torch.randn(2, 8, 3)).pow(2).mean().backward()
+opt.step()
+assert "bitsandbytes" in sys.modules
+assert any(s["state1"].dtype == torch.uint8 for s in opt.state.values())
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
