@@ -613,6 +613,26 @@ register("uninstall", "remove the service; keeps data and config unless --purge"
          "sudo edge-daemon uninstall --purge", _setup_passthrough, _uninstall)  # fmt: skip
 
 
+def _setup_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="TOML config file (the report reads its state_dir)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the PNG files and index.html (created if missing)")
+    parser.add_argument("--hours", type=float, help="only the newest H hours of the store (default: all of it)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from edge_daemon.config import load_config
+    from edge_daemon.report import write_report
+
+    config = load_config(args.config)
+    for path in write_report(config, args.out, hours=args.hours):
+        print(path)
+    return EXIT_OK
+
+
+register("report", "plots of a state directory: channels with forecasts, anomaly scores, drift, adapters, update memory",
+         "edge-daemon report --config /etc/edge-daemon/config.toml --out ./report", _setup_report, _report)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-daemon",

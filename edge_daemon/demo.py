@@ -193,9 +193,23 @@ def run_demo(
         sub.loop_stop()
         sub.disconnect()
         broker.stop()
+    summary["report"] = _write_report(config, Path(report_dir) if report_dir is not None else workdir / "report")
     if live and console is not None:
         _print_summary(console, summary)
     return summary
+
+
+def _write_report(config: Config, out_dir: Path) -> str | None:
+    """The report of the demo's state dir; None (logged) if it cannot be made, e.g. without matplotlib."""
+    from edge_daemon.errors import EdgeDaemonError
+    from edge_daemon.report import write_report
+
+    try:
+        files = write_report(config, out_dir)
+    except (ImportError, EdgeDaemonError) as exc:
+        log.warning("no report: %s", exc)
+        return None
+    return str(files[-1])
 
 
 class _Null:
@@ -257,6 +271,7 @@ def _print_summary(console: Any, summary: dict[str, Any]) -> None:
         ("peak RSS: daemon (serving) / update child", f"{fmt(summary.get('serving_peak_rss_mb'))} MB / {fmt(summary.get('update_peak_rss_mb'))} MB"),
         ("adapter version / size", f"v{summary.get('adapter_version')} / {summary.get('adapter_bytes')} bytes"),
         ("state dir", summary.get("state_dir")),
+        ("report", summary.get("report") or "not written (pip install 'edge-daemon[report]')"),
     ]
     for what, value in rows:
         table.add_row(what, str(value))

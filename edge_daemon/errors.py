@@ -69,3 +69,7 @@ class PermissionDenied(ControlError):
 
 class InstallError(EdgeDaemonError):
     """Installing or uninstalling the service failed (permissions, venv, systemctl)."""
+
+
+class ReportError(EdgeDaemonError):
+    """A report cannot be made from this state directory (no replay store, or it holds no readings)."""

@@ -8,6 +8,7 @@ relays its progress, and hands the result to a callback.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,16 @@ log = logging.getLogger(__name__)
 
 # Replay spans drawn per update; each segment yields several windows.
 MAX_REPLAY_SEGMENTS = 24
+# Memory and plan trace of each update, for `edge-daemon report`: `trace.json` in an accepted
+# adapter's directory, and `updates/<start ms>.json` under the state dir for every update
+# (rejected and failed ones too), of which the newest KEEP_UPDATE_TRACES are kept.
+TRACE_FILE = "trace.json"
+UPDATES_DIR = "updates"
+KEEP_UPDATE_TRACES = 20
+# Samples are thinned (every other one dropped, interval doubled) past this many, so a long
+# update's trace stays a few tens of kB.
+TRACE_MAX_POINTS = 600
+TRACE_INTERVAL_S = 0.1  # first sampling period; fine enough to see a plan change take effect
 
 
 # ---------------------------------------------------------------------------
@@ -122,6 +134,135 @@ def measure_micro_batch_mb(base_model: Any, windows: Any, plan: TrainingPlan, ta
     return max(0.0, peak - before)
 
 
+class UpdateTrace:
+    """RSS over time, phases, plan changes and step losses of one update, sampled from a thread.
+
+    Times are seconds since `start()`. `service_pid` (the daemon, when this
+    runs in its training child) adds the RSS of that whole process tree: what
+    the memory budget is measured against.
+    """
+
+    def __init__(self, interval_s: float = 0.1, service_pid: int | None = None, level_reader: Callable[[], Any] | None = None) -> None:
+        import psutil
+
+        self.interval_s = interval_s
+        self.service_pid = service_pid
+        self.level_reader = level_reader
+        self._process = psutil.Process()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.started_unix = time.time()
+        self._t0 = time.monotonic()
+        self.samples: dict[str, list[float | None]] = {"t": [], "rss_mb": [], "service_mb": []}
+        self.phases: list[dict[str, Any]] = []
+        self.plans: list[dict[str, Any]] = []
+        self.levels: list[dict[str, Any]] = []
+        self.steps: dict[str, list[float]] = {"t": [], "step": [], "loss": []}
+
+    def now(self) -> float:
+        return round(time.monotonic() - self._t0, 3)
+
+    def _sample(self) -> None:
+        from edge_daemon.watchdog import process_tree_rss_mb
+
+        t = self.now()
+        rss = self._process.memory_info().rss / 2**20
+        service = None
+        if self.service_pid is not None:
+            try:
+                service = round(process_tree_rss_mb(self.service_pid), 1)
+            except Exception:  # the daemon may be gone; the child's own RSS is still worth keeping
+                service = None
+        level = None
+        if self.level_reader is not None:
+            try:
+                level = self.level_reader().label
+            except Exception:
+                level = None
+        with self._lock:
+            self.samples["t"].append(t)
+            self.samples["rss_mb"].append(round(rss, 1))
+            self.samples["service_mb"].append(service)
+            if level is not None and (not self.levels or self.levels[-1]["level"] != level):
+                self.levels.append({"t": t, "level": level})
+            if len(self.samples["t"]) > TRACE_MAX_POINTS:
+                for key in self.samples:
+                    self.samples[key] = self.samples[key][::2]
+                self.interval_s *= 2
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def start(self) -> UpdateTrace:
+        self.started_unix = time.time()
+        self._t0 = time.monotonic()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="update-trace", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._sample()
+
+    def phase(self, name: str) -> None:
+        with self._lock:
+            self.phases.append({"t": self.now(), "phase": name})
+
+    def plan(self, plan: TrainingPlan, level: str | None = None) -> None:
+        with self._lock:
+            self.plans.append({"t": self.now(), "plan": plan.to_dict(), "level": level})
+
+    def step(self, step: int, loss: float) -> None:
+        with self._lock:
+            if len(self.steps["t"]) >= 4 * TRACE_MAX_POINTS:
+                for key in self.steps:
+                    self.steps[key] = self.steps[key][::2]
+            self.steps["t"].append(self.now())
+            self.steps["step"].append(step)
+            self.steps["loss"].append(float(loss))
+
+    def to_dict(self, **extra: Any) -> dict[str, Any]:
+        with self._lock:
+            rss = [v for v in self.samples["rss_mb"] if v is not None]
+            return {
+                "started_unix": self.started_unix,
+                "duration_s": self.now(),
+                "interval_s": self.interval_s,
+                "peak_sampled_rss_mb": max(rss) if rss else None,
+                "samples": {k: list(v) for k, v in self.samples.items()},
+                "phases": list(self.phases),
+                "plans": list(self.plans),
+                "levels": list(self.levels),
+                "steps": {k: list(v) for k, v in self.steps.items()},
+                **extra,
+            }
+
+
+def write_json_file(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` via a temp file and a rename, so a reader never sees half a trace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_update_trace(state_dir: Path, trace: dict[str, Any], keep: int = KEEP_UPDATE_TRACES) -> Path:
+    """Write `state_dir/updates/<start ms>.json` and keep only the newest `keep` traces."""
+    directory = Path(state_dir) / UPDATES_DIR
+    path = directory / f"{int(trace['started_unix'] * 1000)}.json"
+    write_json_file(path, trace)
+    # Names are start times in ms: same width for centuries, so name order is time order.
+    for old in sorted(directory.glob("*.json"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
 def _child_main(config_data: dict[str, Any], job: dict[str, Any], governor: PlanGovernor, stop_event: Any, out: Any) -> None:
     """Entry point of the training child: run the job, put one `result` message on `out`."""
     import logging as logging_module
@@ -171,12 +312,49 @@ def _run_pretrain(config: Config, stop_event: Any, out: Any) -> dict[str, Any]:
 
 
 def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, stop_event: Any, out: Any) -> dict[str, Any]:
+    """One update with its memory/plan trace saved under the state dir whatever the outcome."""
+    from edge_daemon.errors import TrainingAborted
+
+    # In the daemon's training child the parent is the daemon: its process tree is what the
+    # budget is measured against. Run in-process (tests, benchmarks) there is no such service.
+    service_pid = os.getppid() if mp.parent_process() is not None else None
+    trace = UpdateTrace(TRACE_INTERVAL_S, service_pid, governor.level_reader).start()
+    extra: dict[str, Any] = {
+        "reason": job.get("reason"),
+        "budget_mb": job.get("budget_mb"),
+        "baseline_mb": job.get("baseline_mb"),
+        "thresholds": {"elevated": config.memory.elevated, "high": config.memory.high, "critical": config.memory.critical},
+    }
+    reply: dict[str, Any] | None = None
+    try:
+        reply = _update_traced(config, job, governor, out, trace)
+        extra.update(outcome="accepted" if reply["accepted"] else "rejected", detail=reply.get("reason"), version=reply.get("version"))
+        extra.update(metrics_before=reply["summary"]["metrics_before"], metrics_after=reply["summary"]["metrics_after"])
+        return reply
+    except BaseException as exc:
+        extra.update(outcome="aborted" if isinstance(exc, TrainingAborted) else "failed", detail=f"{type(exc).__name__}: {exc}", version=None)
+        raise
+    finally:
+        trace.stop()
+        record = trace.to_dict(**extra)
+        try:
+            save_update_trace(config.device.state_dir, record)
+            if reply is not None and reply.get("version_path"):
+                write_json_file(Path(reply["version_path"]) / TRACE_FILE, record)
+        except OSError as exc:  # telemetry only: never turn a finished update into a failed one
+            log.warning("could not save the update trace: %s", exc)
+        if reply is not None:
+            reply.pop("version_path", None)
+
+
+def _update_traced(config: Config, job: dict[str, Any], governor: PlanGovernor, out: Any, trace: UpdateTrace) -> dict[str, Any]:
     from edge_daemon.adapters import AdapterStore, load_base, serving_model
     from edge_daemon.store import ReplayStore
     from edge_daemon.trainer import adapter_bytes, save_peft_adapter, update
     from edge_daemon.watchdog import choose_start_plan, process_tree_rss_mb
 
     started = time.time()
+    trace.phase("loading")
     base = load_base(config.base_dir, config.channels.names, config.channels.period_s)
     adapters = AdapterStore(config.adapters_dir, keep=config.train.keep_versions)
     incumbent_version = adapters.current()
@@ -184,6 +362,7 @@ def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, sto
     rng = np.random.default_rng(job.get("seed"))
     with ReplayStore(config.store_path, config.store, config.channels.names) as store:
         data = prepare_update_data(store, base, config, rng)
+    trace.phase("planning")
     out.put(
         {
             "type": "progress",
@@ -203,6 +382,8 @@ def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, sto
         elevated_fraction=config.memory.elevated,
     )
     governor.begin_update(plan)
+    trace.phase("training")
+    trace.plan(plan, governor.level_reader().label)
     out.put({"type": "progress", "phase": "training", "plan": plan.to_dict(), "step": 0})
 
     last_plan = [plan]
@@ -211,10 +392,14 @@ def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, sto
         new = governor.plan_source(current)
         if new is not None and new != last_plan[0]:
             last_plan[0] = new
-            out.put({"type": "progress", "phase": "training", "plan": new.to_dict(), "level": governor.level_reader().label})
+            level = governor.level_reader().label
+            trace.plan(new, level)
+            out.put({"type": "progress", "phase": "training", "plan": new.to_dict(), "level": level})
         return new
 
     def on_progress(info: dict[str, Any]) -> None:
+        if "step" in info and "loss" in info:
+            trace.step(int(info["step"]), float(info["loss"]))
         out.put({"type": "progress", "phase": "training", "plan": last_plan[0].to_dict(), **_jsonable(info)})
 
     result = update(
@@ -232,6 +417,7 @@ def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, sto
         seed=int(job.get("seed") or 0),
         incumbent=incumbent,
     )
+    trace.phase("saving" if result.accepted else "done")
     summary = result.to_dict()
     summary.pop("train_losses", None)
     summary.pop("grad_norms", None)
@@ -247,8 +433,13 @@ def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, sto
     if result.accepted and result.peft_model is not None:
         staging = adapters.staging_dir()
         save_peft_adapter(result.peft_model, staging)
+        # The newest reading when the adapter goes live: where serving switches on the data's own
+        # clock (a backfill or a sped-up replay runs ahead of the wall clock).
+        with ReplayStore(config.store_path, config.store, config.channels.names) as store:
+            span = store.time_range()
         meta = {
             "created_unix": started,
+            "served_from_ts": span[1] if span is not None else None,
             "reason": job.get("reason"),
             "data_range": {"recent": list(data.recent_range), "replay": [list(s) for s in data.replay_spans]},
             "windows": {
@@ -272,6 +463,8 @@ def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, sto
         version = adapters.commit(staging, meta)
         reply["version"] = version.version
         reply["adapter_bytes"] = adapter_bytes(version.path)
+        reply["version_path"] = str(version.path)  # where the trace goes; removed before the reply leaves
+        trace.phase("committed")
     return reply
 
 

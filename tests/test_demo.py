@@ -16,3 +16,6 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert summary["update_reason"] == "drift detected"
     assert summary["adapter_bytes"] < 100_000
     assert summary["score_after"] < summary["score_before"]
+    report = Path(summary["report"])
+    assert report.name == "index.html" and report.exists()
+    assert len(list(report.parent.glob("*.png"))) >= 3
