@@ -2,11 +2,14 @@
 
 One `threading.Event` means "stop"; signal handlers only set it. A part that dies makes the
 process exit non-zero so systemd's Restart=on-failure takes over: never a half-alive daemon.
+Under systemd it also speaks sd_notify: READY=1 once started, STATUS= lines, WATCHDOG=1 only
+while every part (and the main loop) is alive, STOPPING=1 on shutdown.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -16,12 +19,13 @@ from datetime import datetime, timezone
 from types import FrameType
 from typing import Any
 
-from edge_daemon import __version__
+from edge_daemon import __version__, notify
 from edge_daemon.adapters import AdapterStore, AdapterVersion, BaseModel, load_base, serving_model
 from edge_daemon.config import Config
 from edge_daemon.control import ControlServer, Handler
 from edge_daemon.errors import AdapterError, ControlError, ModelError
 from edge_daemon.ingest import Ingestor
+from edge_daemon.notify import Heartbeat
 from edge_daemon.pipeline import ScoringPipeline, iso
 from edge_daemon.plan import plan_from_config
 from edge_daemon.scheduler import IdleDetector, JobScheduler, TriggerInputs, UpdateTrigger
@@ -34,6 +38,15 @@ log = logging.getLogger(__name__)
 
 # How often the main thread checks that every part is still alive.
 HEALTH_INTERVAL_S = 1.0
+# The main loop counts as wedged (and the watchdog pings stop) when its last iteration is older
+# than this: many missed iterations, yet well inside WatchdogSec/2.
+MAIN_LOOP_STALE_S = 10.0
+# How long start-up waits for the broker subscription before READY=1 is sent anyway. A device
+# often boots before its broker (or network) is up: failing the start instead would make systemd
+# restart the daemon until StartLimitBurst gives up for good, while the ingestor reconnects by
+# itself and the broker keeps our persistent session's messages meanwhile. So a missing broker is
+# reported in STATUS= (and the log), not treated as a failed start; well inside TimeoutStartSec.
+READY_BROKER_WAIT_S = 30.0
 
 
 @dataclass
@@ -48,8 +61,9 @@ class Part:
 class Daemon:
     """Owns every part of the running service; `run()` blocks until stopped."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, broker_wait_s: float = READY_BROKER_WAIT_S) -> None:
         self.config = config
+        self.broker_wait_s = broker_wait_s
         self.stop_event = threading.Event()
         self.started_at = time.time()
         self._started_mono = time.monotonic()
@@ -75,6 +89,9 @@ class Daemon:
         self.trigger = UpdateTrigger(config.train)
         self.idle = IdleDetector(config.train.idle_cpu_percent, config.train.idle_window_s)
         self._model_lock = threading.Lock()
+        self.heartbeat: Heartbeat | None = None
+        # Monotonic time of the main loop's last health check; the heartbeat watches it.
+        self._loop_mono = time.monotonic()
         self.handlers.update(
             {
                 "adapter": self._adapter,
@@ -212,6 +229,8 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop the started parts in reverse order; safe to call twice."""
+        # Whoever calls stop() (run()'s shutdown or an embedding program), it means "stop".
+        self.stop_event.set()
         while self.parts:
             part = self.parts.pop()
             try:
@@ -232,20 +251,118 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+        _claim_watchdog()
         self.start()
+        reason = ""
         try:
+            self._wait_for_broker()
+            if not self.stop_event.is_set():
+                self._loop_mono = time.monotonic()  # start-up (and the broker wait) is not a wedged loop
+                self.heartbeat = self._make_heartbeat()
+                # READY first, then the heartbeat's first beat sends STATUS= and WATCHDOG=1 at once
+                # (no window after READY in which systemd waits for a first ping).
+                notify.ready()
+                self.heartbeat.start()
             while not self.stop_event.wait(HEALTH_INTERVAL_S):
+                self._loop_mono = time.monotonic()
                 dead = [part.name for part in self.parts if not part.alive()]
+                if self.heartbeat is not None and not self.heartbeat.is_alive():
+                    dead.append("heartbeat")
                 if dead:
                     log.error("part(s) %s died; exiting so the service manager restarts the daemon", ", ".join(dead))
                     self.exit_code = 1
+                    reason = f"not alive: {', '.join(dead)}"
                     break
             if self.stop_signal:
                 log.info("received %s; shutting down", self.stop_signal)
+                reason = self.stop_signal
         finally:
+            # Pings end before any part stops: a part stopping on purpose is not a dead part, and
+            # after STOPPING=1 systemd times the shutdown with TimeoutStopSec, not the watchdog.
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
+            training = self.runner is not None and self.runner.running
+            notify.stopping(
+                "stopping" + (f" ({reason})" if reason else "") + (": ending the running update" if training else "")
+            )
             self.stop()
         log.info("edge-daemon stopped (exit code %d)", self.exit_code)
         return self.exit_code
+
+    def _wait_for_broker(self) -> bool:
+        """Block until the broker subscription is up, `broker_wait_s` passes, or stop is asked."""
+        ingestor = self.ingestor
+        if ingestor is None:
+            return False
+        deadline = time.monotonic() + self.broker_wait_s
+        while not self.stop_event.is_set():
+            left = deadline - time.monotonic()
+            if ingestor.wait_connected(min(max(left, 0.0), 0.5)):
+                return True
+            if left <= 0:
+                log.warning(
+                    "broker %s:%d not reachable after %.0f s; ready anyway, storing nothing until it is",
+                    self.config.mqtt.host, self.config.mqtt.port, self.broker_wait_s,
+                )  # fmt: skip
+                return False
+        return False
+
+    def _make_heartbeat(self) -> Heartbeat:
+        """A heartbeat over every started part plus the main loop's own liveness."""
+        heartbeat = Heartbeat(self.status_line)
+        for part in self.parts:
+            heartbeat.register(part.name, part.alive)
+        heartbeat.register("main-loop", self._main_loop_alive)
+        return heartbeat
+
+    def _main_loop_alive(self) -> bool:
+        return time.monotonic() - self._loop_mono < MAIN_LOOP_STALE_S
+
+    def status_line(self) -> str:
+        """The one-line STATUS= text: adapter, memory, drift, readings, broker and training.
+
+        Each piece is best effort: one that fails is left out rather than losing the line.
+        """
+        pieces: list[str] = []
+
+        def add(build: Callable[[], str | None]) -> None:
+            try:
+                piece = build()
+            except Exception as exc:  # noqa: BLE001 - a status line must never raise
+                log.debug("status line piece failed: %s", exc)
+                return
+            if piece:
+                pieces.append(piece)
+
+        add(self._status_adapter)
+        add(lambda: f"memory {self.watchdog.level.label}" if self.watchdog is not None else None)
+        add(self._status_drift)
+        add(lambda: f"{self.store.count()} readings" if self.store is not None else None)
+        add(lambda: "broker unreachable" if self.ingestor is not None and not self.ingestor.connected else None)
+        add(self._status_training)
+        return ", ".join(pieces)
+
+    def _status_adapter(self) -> str:
+        if self.base is None:
+            return "no base model yet"
+        version = self._current_adapter()
+        return f"adapter v{version.version}" if version is not None else "base model"
+
+    def _status_drift(self) -> str | None:
+        if self.pipeline is None:
+            return None
+        channels = self.pipeline.drift.status().get("channels", {})
+        drifted = [name for name, detail in channels.items() if detail.get("state") == "drift"]
+        return f"drift {' '.join(drifted)}" if drifted else "drift none"
+
+    def _status_training(self) -> str | None:
+        runner = self.runner
+        if runner is None or not runner.running:
+            return None
+        job = runner.job or {}
+        phase = runner.progress.get("phase", "starting")
+        step = runner.progress.get("step")
+        return f"{job.get('kind', 'update')} {phase}" + (f" step {step}" if step is not None else "")
 
     # -- status ------------------------------------------------------------------------------
 
@@ -355,6 +472,11 @@ class Daemon:
 
             release_memory()
         kind = result.get("kind")
+        if result.get("aborted") and self.stop_event.is_set():
+            # Stopped for shutdown at a micro-batch boundary: nothing was saved, and it is no
+            # verdict on the adapter, so no `adapter_rejected` alert.
+            log.info("%s stopped for shutdown; nothing saved", kind)
+            return
         if kind == "pretrain":
             if result.get("accepted"):
                 log.info("base model trained from the store")
@@ -504,6 +626,16 @@ class Daemon:
             "retry_after_s": self.governor.retry_after_s if self.governor else 0.0,
             "last": _last_summary(last),
         }
+
+
+def _claim_watchdog() -> None:
+    """Pin WatchdogSec= to this process before any child is started.
+
+    sd_watchdog_enabled() treats a missing WATCHDOG_PID as "for me"; the training child inherits
+    the environment and must not take the parent's watchdog as its own, so it is set to our pid.
+    """
+    if os.environ.get("WATCHDOG_USEC") and not os.environ.get("WATCHDOG_PID"):
+        os.environ["WATCHDOG_PID"] = str(os.getpid())
 
 
 def _last_summary(last: dict[str, Any] | None) -> dict[str, Any] | None:

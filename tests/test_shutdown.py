@@ -1,0 +1,413 @@
+"""The daemon under systemd's protocol and its shutdown: sd_notify from the real process, a dead
+part stopping the watchdog pings, and SIGTERM during ingestion and during an update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import psutil
+import pytest
+import torch
+
+from conftest import CHANNELS, make_config
+from edge_daemon.broker import LocalBroker, free_port
+from edge_daemon.config import ModelConfig, StoreConfig
+from edge_daemon.control import request
+from edge_daemon.daemon import Daemon
+from edge_daemon.frames import build_grid
+from edge_daemon.pretrain import pretrain
+from edge_daemon.store import Reading, ReplayStore
+from test_daemon_ingest import PUBLISHER, stored_keys, wait_for, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(1)
+
+STATUS_RE = re.compile(r"STATUS=.*memory (normal|elevated|high|critical), drift none, (\d+) readings")
+
+
+class NotifySocket:
+    """systemd's side of sd_notify: a bound AF_UNIX datagram socket that keeps every message."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.messages: list[tuple[float, str]] = []  # (arrival, unix time; datagram)
+        self._cursor = 0  # wait_for looks from here on
+
+    def pump(self, duration: float) -> None:
+        """Receive for `duration` seconds."""
+        deadline = time.monotonic() + duration
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                return
+            self.messages.append((time.time(), data.decode("utf-8")))
+
+    def wait_for(self, predicate, timeout: float, what: str) -> tuple[float, str]:  # type: ignore[no-untyped-def]
+        """The first message after the previous match that satisfies `predicate`, receiving as needed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for index in range(self._cursor, len(self.messages)):
+                if predicate(self.messages[index][1]):
+                    self._cursor = index + 1
+                    return self.messages[index]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {what} within {timeout} s; got {self.texts()}")
+            self.pump(min(left, 0.2))
+
+    def texts(self) -> list[str]:
+        return [text for _, text in self.messages]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[NotifySocket]:
+    # A short directory: AF_UNIX paths are limited to 108 bytes and tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="sdn") as d:
+        listener = NotifySocket(os.path.join(d, "notify"))
+        try:
+            yield listener
+        finally:
+            listener.close()
+
+
+class Service:
+    """`python -m edge_daemon run --config PATH` started the way systemd starts it."""
+
+    def __init__(self, config_path: Path, socket_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        env.update(self.env)
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edge_daemon", "run", "--config", str(self.config_path)],
+                stdout=log_file, stderr=log_file, cwd=REPO, env=env,
+            )  # fmt: skip
+
+    def wait_up(self, timeout: float = 30.0) -> None:
+        """Until the daemon answers `status` and is connected to the broker."""
+
+        def up() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, f"daemon exited:\n{self.log()}"
+            try:
+                return bool(self.status(1.0)["ingest"]["connected"])
+            except Exception:  # noqa: BLE001 - not up yet
+                return False
+
+        wait_for(up, timeout, "the daemon to come up")
+
+    def status(self, timeout: float = 5.0) -> dict:
+        return request(self.socket_path, {"cmd": "status"}, timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def terminate(self, timeout: float = 60.0) -> tuple[int, float]:
+        """SIGTERM as systemd sends it (KillMode=mixed: the main process only); (exit code, seconds)."""
+        assert self.proc is not None
+        sent = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        return code, time.monotonic() - sent
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def gone(pid: int) -> bool:
+    """The process no longer runs (a zombie left for an init that does not reap counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# -- sd_notify from the real process ------------------------------------------------------------
+
+
+def test_ready_status_watchdog_in_order_then_stopping(tmp_path: Path, broker: LocalBroker, notify_socket: NotifySocket) -> None:
+    # WatchdogSec=2s and no WATCHDOG_PID: sd_watchdog_enabled() takes that as "for me".
+    env = {"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "2000000"}
+    service = Service(write_config(tmp_path, broker), tmp_path / "control.sock", tmp_path / "daemon.log", env)
+    service.start()
+    try:
+        ready_at, _ = notify_socket.wait_for(lambda m: "READY=1" in m, 60, "READY=1")
+        # READY only once the store is open and the broker subscription is up.
+        assert service.status()["ingest"]["connected"] is True
+        notify_socket.pump(2.6)
+        texts = notify_socket.texts()
+        assert texts[0] == "READY=1", texts
+        assert STATUS_RE.fullmatch(texts[1]), texts
+        assert "no base model yet" in texts[1] and STATUS_RE.fullmatch(texts[1]).group(2) == "0"  # type: ignore[union-attr]
+        assert texts[2] == "WATCHDOG=1", texts
+        # Every WatchdogSec/2 = 1 s: a ping right after READY, then two more within 2.6 s.
+        pings = [t for t, m in notify_socket.messages if m == "WATCHDOG=1"]
+        assert len(pings) >= 3 and pings[0] - ready_at < 0.5
+        assert max(np.diff(pings)) < 1.5
+
+        # STATUS= follows what the daemon holds.
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        pub.connect(broker.host, broker.port)
+        pub.loop_start()
+        base = time.time() - 100
+        for i in range(30):
+            pub.publish("sensors/m1/current", json.dumps({"ts": base + i, "value": i}), qos=1).wait_for_publish(5)
+        pub.loop_stop()
+        pub.disconnect()
+        notify_socket.wait_for(lambda m: (s := STATUS_RE.fullmatch(m)) is not None and s.group(2) == "30", 10, "STATUS with 30 readings")
+
+        code, seconds = service.terminate()
+        notify_socket.pump(0.3)
+    finally:
+        service.close()
+    assert code == 0, service.log()
+    texts = notify_socket.texts()
+    stopping = [i for i, m in enumerate(texts) if m.startswith("STOPPING=1")]
+    assert len(stopping) == 1 and texts[stopping[0]] == "STOPPING=1\nSTATUS=stopping (SIGTERM)", texts[-3:]
+    assert "WATCHDOG=1" not in texts[stopping[0] :]
+    assert texts.count("READY=1") == 1
+    assert seconds < 15
+
+
+def test_dead_part_stops_the_pings_and_the_daemon_exits_non_zero(
+    tmp_path: Path,
+    broker: LocalBroker,
+    notify_socket: NotifySocket,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # In process, so a part can be broken for real: the store is closed under the ingest writer,
+    # whose writes then fail until it gives up and its thread ends.
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.path)
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # a ping every 0.5 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    cfg = make_config(tmp_path, port=broker.port, store={"flush_interval_s": 0.05})
+    daemon = Daemon(cfg)
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(daemon.run()), name="daemon-under-test")
+    runner.start()
+    try:
+        notify_socket.wait_for(lambda m: m == "WATCHDOG=1", 30, "the first ping")
+        # The daemon claimed the watchdog for itself, so the training child will not inherit it.
+        assert os.environ["WATCHDOG_PID"] == str(os.getpid())
+        notify_socket.pump(1.2)
+        assert notify_socket.texts().count("WATCHDOG=1") >= 3
+        assert daemon.heartbeat is not None
+        assert {"store", "watchdog", "scoring", "control", "ingest", "scheduler", "main-loop"} <= set(daemon.heartbeat._parts)
+
+        assert daemon.store is not None
+        with caplog.at_level(logging.ERROR, logger="edge_daemon.ingest"):
+            daemon.store.close()
+            pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+            pub.connect(broker.host, broker.port)
+            pub.loop_start()
+            pub.publish("sensors/m1/current", json.dumps({"ts": time.time() - 5, "value": 1.0}), qos=1).wait_for_publish(5)
+            pub.loop_stop()
+            pub.disconnect()
+            notify_socket.wait_for(lambda m: m.startswith("STOPPING=1"), 20, "STOPPING=1")
+            runner.join(15)
+        assert not runner.is_alive()
+        notify_socket.pump(0.3)
+    finally:
+        daemon.stop_event.set()
+        runner.join(30)
+    assert codes == [1]
+    died_at = next(r.created for r in caplog.records if r.getMessage() == "ingest writer died")
+    # Pings went on right up to the failure...
+    before = [t for t, m in notify_socket.messages if m == "WATCHDOG=1" and t < died_at]
+    assert died_at - before[-1] < 0.75
+    # ...then at most one from a beat that checked just before the writer died, and none after.
+    after = [m for t, m in notify_socket.messages if t >= died_at]
+    assert after.count("WATCHDOG=1") <= 1, after
+    assert "WATCHDOG=1" not in after[1:], after
+    assert after[-1] == "STOPPING=1\nSTATUS=stopping (not alive: ingest)", after
+    assert not daemon.heartbeat.is_alive()
+
+
+def test_broker_down_at_start_ready_after_the_wait_and_pings_go_on(
+    tmp_path: Path, notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing listens on the port: the device booted before its broker. READY comes after the
+    # bounded wait (not never: systemd would fail the start and restart into the same wait), the
+    # status says why nothing is stored, and the daemon is alive, so the pings go on.
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.path)
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    cfg = make_config(tmp_path, port=free_port(), mqtt={"reconnect_min_s": 0.2, "reconnect_max_s": 0.5})
+    daemon = Daemon(cfg, broker_wait_s=1.0)
+    codes: list[int] = []
+    started = time.time()
+    runner = threading.Thread(target=lambda: codes.append(daemon.run()), name="daemon-under-test")
+    runner.start()
+    try:
+        ready_at, _ = notify_socket.wait_for(lambda m: m == "READY=1", 30, "READY=1")
+        assert ready_at - started >= 1.0
+        _, line = notify_socket.wait_for(lambda m: m.startswith("STATUS="), 5, "STATUS=")
+        assert line.endswith(", broker unreachable"), line
+        notify_socket.pump(1.2)
+        assert notify_socket.texts().count("WATCHDOG=1") >= 2
+    finally:
+        daemon.stop_event.set()
+        runner.join(30)
+    notify_socket.pump(0.3)
+    assert codes == [0]
+    assert notify_socket.texts()[-1].startswith("STOPPING=1")
+
+
+# -- SIGTERM during ingestion ---------------------------------------------------------------------
+
+
+def test_sigterm_while_readings_flow_loses_nothing(tmp_path: Path, broker: LocalBroker) -> None:
+    total = 6000
+    service = Service(write_config(tmp_path, broker), tmp_path / "control.sock", tmp_path / "daemon.log")
+    service.start()
+    service.wait_up()
+    base = time.time() - 3600
+    publisher = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, str(broker.port), str(total), "2000", str(base)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        # SIGTERM mid-stream: a batch pending, messages in flight, more arriving during the stop.
+        wait_for(lambda: service.status()["store"]["readings"] >= 0.3 * total, 30, "30% stored")
+        code, seconds = service.terminate()
+        assert code == 0, service.log()
+        assert seconds < 15
+        committed_at_stop = len(stored_keys(tmp_path))
+        assert committed_at_stop < total, "the stream must still be flowing at SIGTERM"
+        service.start()
+        service.wait_up()
+        out, _ = publisher.communicate(timeout=60)
+        assert publisher.returncode == 0, out
+        wait_for(lambda: service.status()["store"]["readings"] >= total, 60, "every reading stored")
+        code, _ = service.terminate()
+        assert code == 0
+    finally:
+        if publisher.poll() is None:
+            publisher.kill()
+        service.close()
+    assert stored_keys(tmp_path) == {(i % 3, base + (i // 3) * 0.01) for i in range(total)}
+
+
+# -- SIGTERM during an update -----------------------------------------------------------------------
+
+STEPS = 1500  # grid steps of data; the newest RECENT_STEPS are "recent"
+RECENT_STEPS = 400
+
+
+@pytest.mark.slow  # ~30 s: the training child imports peft (~7 s) before its first micro-batch
+def test_sigterm_during_an_update_stops_it_saves_nothing_and_exits_zero(tmp_path: Path, broker: LocalBroker) -> None:
+    model = {"window": 32, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64}
+    train = {
+        "steps": 100_000,  # far longer than the test: only SIGTERM ends it
+        "batch_size": 16,
+        "micro_batch": 16,
+        "check_interval_s": 0.5,
+        "idle_cpu_percent": 100,
+        "idle_window_s": 1,
+        "min_interval_s": 0,
+        "min_new_windows": 10**6,  # only the request may start it
+        "recent_hours": RECENT_STEPS / 3600,
+        "stop_timeout_s": 20,
+    }
+    config_path = write_config(tmp_path, broker, model=model, train=train, drift={"min_samples": 10**6})
+    cfg = make_config(tmp_path, port=broker.port, model=model)
+
+    # A base model and a store the daemon finds at start, as after earlier runs.
+    rng = np.random.default_rng(0)
+    t0 = float(int(time.time()) - STEPS - 10)
+    ts = t0 + np.arange(STEPS, dtype=float)
+    phase = 2 * np.pi * np.arange(STEPS) / 120
+    values = np.stack([20 + 3 * np.sin(phase), 1 + 0.5 * np.cos(phase), 5 + np.sin(2 * phase)], axis=1)
+    values += rng.normal(0, 0.05, values.shape)
+    n_old = STEPS - RECENT_STEPS
+    grid = build_grid(np.repeat(ts[:n_old], 3), np.tile(np.arange(3), n_old), values[:n_old].reshape(-1), 3, 1.0, 5)
+    pretrain(grid, list(CHANNELS), 1.0, ModelConfig(**model), cfg.base_dir, steps=30)
+    with ReplayStore(cfg.store_path, StoreConfig(), list(CHANNELS)) as store:
+        store.write([Reading(CHANNELS[c], float(ts[k]), float(values[k, c])) for k in range(STEPS) for c in range(3)])
+    stored_before = 3 * STEPS
+
+    service = Service(config_path, tmp_path / "control.sock", tmp_path / "daemon.log")
+    service.start()
+    try:
+        service.wait_up()
+        reply = request(service.socket_path, {"cmd": "train"}, 5)
+        assert reply["ok"] and reply["accepted"], reply
+        training = wait_for_value(lambda: _training(service), 90, "the update to reach its training phase")
+        # The training child: the daemon's child that is not multiprocessing's resource tracker.
+        assert service.proc is not None
+        children = psutil.Process(service.proc.pid).children(recursive=True)
+        trainers = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
+        assert len(trainers) == 1, [c.cmdline() for c in children]
+        time.sleep(0.5)  # some micro-batches into the update
+        assert _training(service)["progress"]["step"] > training["progress"]["step"]
+        code, seconds = service.terminate(timeout=60)
+    finally:
+        service.close()
+    log_text = service.log()
+    assert code == 0, log_text
+    # TimeoutStopSec=60s in the unit. A micro-batch boundary comes within milliseconds here; most
+    # of the stop is the child's interpreter tear-down (torch + peft: ~2 s on 2 idle cores). Under
+    # stop_timeout_s it was not killed but stopped on its own (asserted from the log below).
+    assert seconds < 20, f"stop took {seconds:.1f} s"
+    print(f"\nstop during an update: {seconds:.2f} s")
+    assert all(gone(c.pid) for c in children), [c.pid for c in children if not gone(c.pid)]
+    assert "stopped for shutdown; nothing saved" in log_text
+    assert "killing it" not in log_text
+    adapters_dir = cfg.adapters_dir
+    leftovers = sorted(p.name for p in adapters_dir.iterdir()) if adapters_dir.exists() else []
+    assert not [name for name in leftovers if name.startswith("v") or name.startswith(".staging")], leftovers
+    with sqlite3.connect(cfg.store_path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert len(stored_keys(tmp_path)) == stored_before
+
+
+def _training(service: Service) -> dict | None:
+    training = service.status()["training"]
+    progress = training.get("progress") or {}
+    # Step 0 is announced before the gate's "before" metrics and peft's import; from step 1 on
+    # the loop runs micro-batches, and stop requests are honoured at their boundaries.
+    if training["state"] == "running" and progress.get("phase") == "training" and (progress.get("step") or 0) >= 1:
+        return training
+    return None
+
+
+def wait_for_value(produce, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = produce()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
