@@ -504,6 +504,8 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(config.device.log_level)
     # paho logs every packet at DEBUG through its own logger only if asked; keep it quiet.
     logging.getLogger("paho").setLevel(logging.WARNING)
+    # apscheduler logs every job run at INFO: noise in the journal every few seconds.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     from edge_daemon.daemon import Daemon
 
     return Daemon(config).run()

@@ -89,6 +89,7 @@ class Daemon:
         self.trigger = UpdateTrigger(config.train)
         self.idle = IdleDetector(config.train.idle_cpu_percent, config.train.idle_window_s)
         self._model_lock = threading.Lock()
+        self._bootstrap_not_before = 0.0
         self.heartbeat: Heartbeat | None = None
         # Monotonic time of the main loop's last health check; the heartbeat watches it.
         self._loop_mono = time.monotonic()
@@ -456,6 +457,8 @@ class Daemon:
         assert self.runner is not None and self.store is not None and self.watchdog is not None
         if self.watchdog.level != Level.NORMAL or not (self.trigger.requested or self.idle.idle()):
             return
+        if time.monotonic() < self._bootstrap_not_before:
+            return
         if self.store.count() < self.config.model.bootstrap_min_windows * len(self.config.channels.names):
             return
         if self.runner.start({"kind": "pretrain", "reason": "no base model"}):
@@ -485,7 +488,10 @@ class Daemon:
                     self.pipeline.set_scorer(scorer)
                     self.pipeline.alert({"type": "base_model", "message": "base model trained from the store"})
             else:
-                log.warning("base model bootstrap failed: %s", result.get("error"))
+                # Usually too few gap-free windows yet; each try costs a child and its imports.
+                retry_s = max(60.0, self.config.train.min_interval_s)
+                self._bootstrap_not_before = time.monotonic() + retry_s
+                log.warning("base model bootstrap failed: %s; retrying in %.0f s", result.get("error"), retry_s)
             return
         if result.get("accepted") and result.get("version") is not None:
             version = int(result["version"])

@@ -266,7 +266,11 @@ def save_update_trace(state_dir: Path, trace: dict[str, Any], keep: int = KEEP_U
 def _child_main(config_data: dict[str, Any], job: dict[str, Any], governor: PlanGovernor, stop_event: Any, out: Any) -> None:
     """Entry point of the training child: run the job, put one `result` message on `out`."""
     import logging as logging_module
+    import signal
 
+    # A Ctrl-C in a terminal reaches the whole process group; the daemon decides when
+    # the child stops (its stop event), so the child ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging_module.basicConfig(level=config_data["device"].get("log_level", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     try:
         os.nice(int(config_data.get("train", {}).get("nice", 10)))
@@ -298,9 +302,24 @@ def _child_main(config_data: dict[str, Any], job: dict[str, Any], governor: Plan
                 "accepted": False,
                 "aborted": isinstance(exc, TrainingAborted),
                 "error": f"{type(exc).__name__}: {exc}",
-                "outcome": governor.outcome() if job["kind"] == "update" else None,
+                # No outcome when it failed before training began (no plan was chosen).
+                "outcome": governor.outcome() if job["kind"] == "update" and governor.current_plan is not None else None,
             }
         )
+    # Leave without the interpreter's teardown of torch and peft (~2 s here): the result
+    # is flushed to the pipe first, and nothing else in this process needs finalising.
+    out.close()
+    out.join_thread()
+    logging_module.shutdown()
+    os._exit(0)
+
+
+def _check_stop(stop_event: Any) -> None:
+    """Setup phases (data, dry runs) take seconds on a device: a shutdown need not wait for them."""
+    from edge_daemon.errors import TrainingAborted
+
+    if stop_event.is_set():
+        raise TrainingAborted("stopped for shutdown before training")
 
 
 def _run_pretrain(config: Config, stop_event: Any, out: Any) -> dict[str, Any]:
@@ -327,7 +346,7 @@ def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, sto
     }
     reply: dict[str, Any] | None = None
     try:
-        reply = _update_traced(config, job, governor, out, trace)
+        reply = _update_traced(config, job, governor, stop_event, out, trace)
         extra.update(outcome="accepted" if reply["accepted"] else "rejected", detail=reply.get("reason"), version=reply.get("version"))
         extra.update(metrics_before=reply["summary"]["metrics_before"], metrics_after=reply["summary"]["metrics_after"])
         return reply
@@ -347,7 +366,9 @@ def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, sto
             reply.pop("version_path", None)
 
 
-def _update_traced(config: Config, job: dict[str, Any], governor: PlanGovernor, out: Any, trace: UpdateTrace) -> dict[str, Any]:
+def _update_traced(
+    config: Config, job: dict[str, Any], governor: PlanGovernor, stop_event: Any, out: Any, trace: UpdateTrace
+) -> dict[str, Any]:
     from edge_daemon.adapters import AdapterStore, load_base, serving_model
     from edge_daemon.store import ReplayStore
     from edge_daemon.trainer import adapter_bytes, save_peft_adapter, update
@@ -355,6 +376,7 @@ def _update_traced(config: Config, job: dict[str, Any], governor: PlanGovernor, 
 
     started = time.time()
     trace.phase("loading")
+    _check_stop(stop_event)
     base = load_base(config.base_dir, config.channels.names, config.channels.period_s)
     adapters = AdapterStore(config.adapters_dir, keep=config.train.keep_versions)
     incumbent_version = adapters.current()
@@ -362,6 +384,7 @@ def _update_traced(config: Config, job: dict[str, Any], governor: PlanGovernor, 
     rng = np.random.default_rng(job.get("seed"))
     with ReplayStore(config.store_path, config.store, config.channels.names) as store:
         data = prepare_update_data(store, base, config, rng)
+    _check_stop(stop_event)
     trace.phase("planning")
     out.put(
         {
@@ -381,6 +404,7 @@ def _update_traced(config: Config, job: dict[str, Any], governor: PlanGovernor, 
         budget_mb=job["budget_mb"],
         elevated_fraction=config.memory.elevated,
     )
+    _check_stop(stop_event)
     governor.begin_update(plan)
     trace.phase("training")
     trace.plan(plan, governor.level_reader().label)

@@ -217,3 +217,26 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
         assert daemon.pipeline.scorer.version == 1
     finally:
         daemon.stop()
+
+
+def test_device_without_a_base_model_bootstraps_one_from_its_store(tmp_path: Path, broker: LocalBroker) -> None:
+    total = 1500
+    start_ts = float(int(time.time()) - total - 30)
+    data = generate_labeled(total, start_ts=start_ts, seed=2, time_scale=144)
+    cfg = small_config(tmp_path, broker.port, model={"bootstrap_min_windows": 400, "pretrain_steps": 150})
+    collector = Collector(broker.port)
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        assert daemon.base is None and daemon.pipeline is not None and daemon.pipeline.scorer is None
+        publish_steps(broker.port, data.ts, data.values, 0, total)
+        wait_for(lambda: daemon.store.count() == 3 * total, 60, "every reading stored")
+        # Idle and enough gap-free windows: the daemon trains its own base in the child.
+        wait_for(lambda: daemon.base is not None, 180, "a bootstrapped base model")
+        assert (cfg.base_dir / "model.safetensors").exists()
+        assert daemon.pipeline.scorer is not None and daemon.pipeline.scorer.version is None
+        wait_for(lambda: any(a["type"] == "base_model" for a in collector.of("alert")), 10, "base_model alert")
+        assert daemon.runner is not None and daemon.runner.last["kind"] == "pretrain" and daemon.runner.last["accepted"]
+    finally:
+        daemon.stop()
+        collector.close()
