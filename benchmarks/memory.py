@@ -6,6 +6,11 @@ optimizer steps for every training row; synthetic data from `_common`.
 
     python benchmarks/memory.py                 # default (~1e5 params, window 64) and large (~4.8M, window 256)
     python benchmarks/memory.py --size default --json out.json
+    python benchmarks/memory.py --size default --no-budget   # skip the smallest-budget search
+
+On the default model it also bisects the smallest memory budget, as a
+multiple of the serving peak, under which an update still completes, and
+reports which plan ran (fresh process per probe, watchdog budget set).
 
 How the libraries are counted: `import torch` is in every row's baseline.
 `import peft` (which pulls in transformers, and bitsandbytes, whose import
@@ -193,6 +198,75 @@ def run_row(row: str, size: str, workdir: Path) -> dict[str, Any]:
     return out
 
 
+def run_budget(size: str, workdir: Path, budget_mb: float) -> dict[str, Any]:
+    """One update through the project's update path under a memory budget of `budget_mb`.
+
+    The path the training child takes: a watchdog on this process (budget =
+    the configured one), dry-run planning of the plan ladder against the
+    elevated threshold, then `update` with the governor tightening at every
+    micro-batch boundary and stopping at critical. Completed = not stopped.
+    """
+    import torch
+    from _common import make_data
+
+    from edge_daemon.config import LoraConfigSection, MemoryConfig, TrainConfig
+    from edge_daemon.errors import TrainingAborted
+    from edge_daemon.model import Forecaster, ForecasterConfig
+    from edge_daemon.trainer import release_memory, update
+    from edge_daemon.updater import measure_micro_batch_mb
+    from edge_daemon.watchdog import MemoryWatchdog, PlanGovernor, choose_start_plan, plan_candidates
+
+    saved = torch.load(workdir / "base.pt")
+    base = Forecaster(ForecasterConfig.from_dict(saved["config"]))
+    base.load_state_dict(saved["state"])
+    base.eval()
+    data = make_data(base.cfg.window)
+    import bitsandbytes  # noqa: F401  (as in the update rows: peft pulls these in anyway)
+    import peft  # noqa: F401
+
+    release_memory()
+    memory = MemoryConfig(budget_mb=budget_mb, sample_interval_s=0.02)
+    lora_cfg = LoraConfigSection(max_blocks=MAX_BLOCKS)
+    train_cfg = TrainConfig(batch_size=BATCH, micro_batch=BATCH, steps=SIZES[size]["steps"], lr=LR_LORA, replay_fraction=0.5)
+    out: dict[str, Any] = {"budget_mb": budget_mb}
+    with MemoryWatchdog.from_config(memory) as watchdog:
+        assert watchdog.budget.source.startswith("config"), watchdog.budget
+        time.sleep(0.1)
+        out["level_at_start"] = watchdog.level.label
+        baseline = watchdog.usage_mb
+        governor = PlanGovernor.from_config(memory, watchdog.read_level, plan_candidates(BATCH, BATCH))
+        plan = choose_start_plan(
+            governor.start_candidates(),
+            lambda p: measure_micro_batch_mb(base, data["recent_train"], p, list(lora_cfg.target_modules)),
+            baseline_mb=baseline,
+            budget_mb=watchdog.budget_mb,
+            elevated_fraction=memory.elevated,
+        )
+        governor.begin_update(plan)
+        watchdog.reset_peak()
+        started = time.monotonic()
+        try:
+            res = update(
+                base, **data, lora_cfg=lora_cfg, train_cfg=train_cfg, plan=plan,
+                plan_source=governor.plan_source, should_stop=governor.should_stop, seed=0,
+            )  # fmt: skip
+            out["accepted"] = res.accepted
+            out["plan_history"] = [change.to_dict() for change in res.plan_history]
+        except TrainingAborted as exc:
+            out["aborted"] = str(exc)
+        out["wall_s"] = time.monotonic() - started
+        outcome = governor.outcome()
+        out.update(
+            baseline=baseline,
+            peak_tree_rss=watchdog.peak_rss_mb,
+            start_plan=outcome.start_plan.describe(),
+            final_plan=outcome.final_plan.describe(),
+            worst_level=outcome.worst_level.label,
+            completed=not outcome.stopped,
+        )
+    return out
+
+
 # --- parent side --------------------------------------------------------------
 
 
@@ -247,6 +321,73 @@ def table(size: str, info: dict[str, Any], rows: dict[str, dict[str, Any]]) -> s
     return "\n".join(lines)
 
 
+def budget_search(size: str, workdir: Path, serving_peak: int, lo: float = 1.0, hi: float = 2.0, rounds: int = 6) -> list[dict[str, Any]]:
+    """Bisect the budget (a multiple of the serving peak) down to the smallest that completes an update.
+
+    `hi` is checked first and doubled until an update completes there; every
+    probe is a fresh process, so allocator state never carries over.
+    """
+    probes: list[dict[str, Any]] = []
+
+    def probe(multiple: float) -> bool:
+        r = child(["--budget", str(multiple * serving_peak / 2**20), "--size", size, "--workdir", str(workdir)])
+        r["multiple"] = multiple
+        probes.append(r)
+        print(
+            f"[{size}] budget {multiple:.3f}x = {r['budget_mb']:.0f} MB: {'completed' if r['completed'] else 'stopped'} "
+            f"({r['start_plan']} -> {r['final_plan']}, worst {r['worst_level']})",
+            file=sys.stderr,
+        )
+        return bool(r["completed"])
+
+    while not probe(hi):
+        lo, hi = hi, hi * 2
+        if hi > 16:
+            return probes
+    for _ in range(rounds):
+        mid = (lo + hi) / 2
+        if probe(mid):
+            hi = mid
+        else:
+            lo = mid
+    return probes
+
+
+def budget_table(size: str, rows: dict[str, dict[str, Any]], probes: list[dict[str, Any]]) -> str:
+    serving, serving_peft = rows["serving"]["peak"] / 2**20, rows["serving+peft"]["peak"] / 2**20
+    lines = [
+        f"\n### {size}: smallest memory budget under which an update completes "
+        f"(serving peak {serving:.0f} MB torch only, {serving_peft:.0f} MB with peft imported)",
+        "",
+        "Each probe is a fresh process running the update path (watchdog with the budget configured, dry-run "
+        "planner, governor at every micro-batch boundary; default thresholds 0.70/0.80/0.90). A daemon starts "
+        "an update only at level normal: 'level at start' shows whether it would have.",
+        "",
+        "| budget x serving | x serving+peft | budget MB | level at start | start plan | final plan | worst level | peak tree RSS MB | completed | wall s |",
+        "| ---: | ---: | ---: | --- | --- | --- | --- | ---: | --- | ---: |",
+    ]
+    for r in sorted(probes, key=lambda r: r["multiple"]):
+        lines.append(
+            f"| {r['multiple']:.3f} | {r['budget_mb'] / serving_peft:.3f} | {r['budget_mb']:.0f} | {r['level_at_start']} "
+            f"| {r['start_plan']} | {r['final_plan']} | {r['worst_level']} | {r['peak_tree_rss']:.0f} "
+            f"| {'yes' if r['completed'] else 'no (stopped at critical)'} | {r['wall_s']:.1f} |"
+        )
+    done = [r for r in probes if r["completed"]]
+    if done:
+        best = min(done, key=lambda r: r["multiple"])
+        normal = [r for r in done if r["level_at_start"] == "normal"]
+        lines.append(
+            f"\nsmallest completing budget: {best['multiple']:.3f}x serving ({best['budget_mb'] / serving_peft:.3f}x serving+peft), "
+            f"plan {best['start_plan']} -> {best['final_plan']}; target <= 1.15x serving: {'met' if best['multiple'] <= 1.15 else 'NOT met'}."
+        )
+        if normal:
+            first = min(normal, key=lambda r: r["multiple"])
+            lines.append(f"smallest completing budget that a daemon would also start (level normal): {first['multiple']:.3f}x serving.")
+    else:
+        lines.append("\nno probed budget completed an update.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["default", "large", "both"], default="both")
@@ -254,8 +395,16 @@ def main() -> None:
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--no-budget", action="store_true", help="skip the smallest-budget search")
     args = parser.parse_args()
 
+    if args.budget is not None:
+        import torch
+
+        torch.set_num_threads(1)
+        print(json.dumps(run_budget(args.size, args.workdir, args.budget)))
+        return
     if args.prepare or args.row:  # child process: one measurement, one JSON line
         import torch
 
@@ -274,6 +423,10 @@ def main() -> None:
                 print(f"[{size}] {row}: peak {rows[row]['peak'] / 2**20:.0f} MB, {rows[row]['wall_s']:.1f}s", file=sys.stderr)
             raw[size] = {"info": info, "rows": rows}
             print(table(size, info, rows), flush=True)
+            if size == "default" and not args.no_budget:
+                probes = budget_search(size, Path(tmp), rows["serving"]["peak"])
+                raw[size]["budget_probes"] = probes
+                print(budget_table(size, rows, probes), flush=True)
     if args.json:
         args.json.write_text(json.dumps(raw, indent=2))
 

@@ -1,0 +1,303 @@
+"""Memory pressure on a running daemon: a real hog during an update, and a real cgroup limit.
+
+The first test runs the daemon in this process with tests/memhog.py as a
+child, so the hog counts in the process tree the watchdog watches; the second
+runs `python -m edge_daemon run` inside a memory cgroup of its own (skipped
+where none can be created) and trains under a limit just above serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_daemon.broker import LocalBroker
+from edge_daemon.config import Config
+from edge_daemon.control import request
+from edge_daemon.daemon import Daemon
+from edge_daemon.frames import build_grid
+from edge_daemon.pretrain import pretrain
+from edge_daemon.watchdog import Level
+from sample_sensors.generate import CHANNELS, generate_labeled
+from tests.conftest import make_config
+from tests.test_end_to_end import publish_steps, wait_for
+from tests.test_watchdog import MemHog, MemoryCgroup, memhog, memory_cgroup  # noqa: F401  (fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent
+HISTORY_STEPS = 1200  # readings per channel stored before the update
+LATER_STEPS = 300  # published while memory is under pressure
+PRETRAIN_STEPS = 40  # the base only has to exist; its accuracy is not under test here
+
+
+def _sections(**overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A small model and an update that runs until stopped (or long enough to be squeezed)."""
+    sections: dict[str, dict[str, Any]] = {
+        "model": {"window": 32, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64},
+        "train": {
+            "steps": 100_000,
+            "batch_size": 16,
+            "micro_batch": 16,
+            "check_interval_s": 0.3,
+            "idle_cpu_percent": 100,
+            "idle_window_s": 1,
+            "min_interval_s": 0,
+            "min_new_windows": 10**6,  # only the request starts an update
+            "recent_hours": 600 / 3600,
+            "gate_tolerance": 5.0,
+            "stop_timeout_s": 10,
+        },
+        "outputs": {"forecast_every": 0, "status_interval_s": 5},
+        "store": {"segment_s": 300},
+        "drift": {"min_samples": 10**6},
+        "memory": {"sample_interval_s": 0.05},
+    }
+    for name, values in overrides.items():
+        sections.setdefault(name, {}).update(values)
+    return sections
+
+
+def _data_and_base(cfg: Config, seed: int) -> Any:
+    total = HISTORY_STEPS + LATER_STEPS
+    data = generate_labeled(total, start_ts=float(int(time.time()) - total - 30), seed=seed, time_scale=144)
+    n = HISTORY_STEPS
+    grid = build_grid(
+        np.repeat(data.ts[:n], 3),
+        np.tile(np.arange(3), n),
+        np.stack([data.values[c][:n] for c in CHANNELS], axis=1).reshape(-1),
+        3,
+        1.0,
+        5,
+    )
+    pretrain(grid, list(CHANNELS), 1.0, cfg.model, cfg.base_dir, steps=PRETRAIN_STEPS)
+    return data
+
+
+class StatusWatcher:
+    """Polls `status` over the control socket in a thread, keeping every training plan it sees."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.plans: list[dict[str, Any]] = []
+        self.last: dict[str, Any] = {}
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                reply = request(self.socket_path, {"cmd": "status"})
+            except Exception:
+                self.errors += 1
+                continue
+            self.last = reply
+            plan = (reply.get("training") or {}).get("plan")
+            if plan and (not self.plans or self.plans[-1] != plan):
+                self.plans.append(plan)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def test_pressure_during_an_update_tightens_the_plan_and_ingestion_goes_on(
+    tmp_path: Path, broker: LocalBroker, memhog: MemHog
+) -> None:
+    cfg = make_config(tmp_path, port=broker.port, **_sections())
+    data = _data_and_base(cfg, seed=3)
+    total = HISTORY_STEPS + LATER_STEPS
+    daemon = Daemon(cfg)
+    daemon.start()
+    watcher: StatusWatcher | None = None
+    publisher: threading.Thread | None = None
+    try:
+        assert daemon.store is not None and daemon.watchdog is not None and daemon.runner is not None
+        watchdog, runner, store = daemon.watchdog, daemon.runner, daemon.store
+        publish_steps(broker.port, data.ts, data.values, 0, HISTORY_STEPS)
+        wait_for(lambda: store.count() == 3 * HISTORY_STEPS, 60, "the history stored")
+
+        watcher = StatusWatcher(cfg.device.socket)
+        reply = request(cfg.device.socket, {"cmd": "train"})
+        assert reply["ok"] and reply["accepted"]
+        # Training proper: past the child's imports, data and dry-run planning.
+        wait_for(lambda: runner.progress.get("step", 0) >= 2, 60, "the update's first steps", interval=0.05)
+        start_plan = runner.progress["plan"]
+        assert start_plan == {"micro_batch": 16, "accumulation": 1, "checkpointing": False, "optimizer": "adamw"}
+
+        # The budget (a config reload) puts the tree - this process, the training child, the
+        # hog - at 60 % of it, then the hog drives the share through each level.
+        usage = []
+        for _ in range(5):
+            time.sleep(0.1)
+            usage.append(watchdog.usage_mb)
+        budget = max(usage) / 0.60
+        watchdog.set_configured_budget(budget)
+        wait_for(lambda: watchdog.budget_mb == budget and watchdog.samples > 0, 5, "the new budget", interval=0.05)
+        assert watchdog.level == Level.NORMAL, watchdog.snapshot()
+
+        # Readings keep arriving while memory is squeezed.
+        publisher = threading.Thread(target=publish_steps, args=(broker.port, data.ts, data.values, HISTORY_STEPS, total))
+        publisher.start()
+
+        def squeeze_to(share: float) -> None:
+            memhog.hold(memhog.held_mb + share * budget - watchdog.usage_mb)
+
+        def seen(predicate: Any) -> bool:
+            return any(predicate(plan) for plan in watcher.plans)
+
+        squeeze_to(0.75)
+        wait_for(lambda: watchdog.level == Level.ELEVATED, 10, "elevated", interval=0.02)
+        wait_for(lambda: seen(lambda p: p["checkpointing"] and p["micro_batch"] == 16), 15, "checkpointing on", interval=0.05)
+        squeeze_to(0.85)
+        wait_for(lambda: watchdog.level == Level.HIGH, 10, "high", interval=0.02)
+        wait_for(lambda: seen(lambda p: p["micro_batch"] == 8), 15, "the micro-batch halved", interval=0.05)
+        assert runner.running, "the update goes on at high"
+        squeeze_to(0.95)
+        wait_for(lambda: runner.last is not None, 30, "the update to stop at critical", interval=0.05)
+        memhog.hold(0)
+
+        # Plans only tightened: loose, then checkpointing, then half the micro-batch with 8-bit state.
+        assert watcher.plans[0] == start_plan
+        assert [(p["micro_batch"], p["accumulation"], p["checkpointing"], p["optimizer"]) for p in watcher.plans[1:3]] == [
+            (16, 1, True, "adamw"),
+            (8, 2, True, "adamw8bit"),
+        ], watcher.plans
+        # Stopped cleanly: a result (not a crash), nothing saved, a back-off before the retry.
+        last = runner.last
+        assert last is not None and last["kind"] == "update"
+        assert last["aborted"] is True and last["accepted"] is False and last.get("version") is None, last
+        assert "TrainingAborted" in last["error"], last
+        outcome = last["outcome"]
+        assert outcome["stopped"] is True and outcome["worst_level"] == "critical", outcome
+        assert outcome["start_plan"] == start_plan
+        assert outcome["final_plan"]["micro_batch"] <= 8 and outcome["final_plan"]["checkpointing"], outcome
+        assert not (cfg.adapters_dir / "v1").exists()
+        status = request(cfg.device.socket, {"cmd": "status"})
+        assert status["training"]["state"] == "paused" and status["training"]["retry_after_s"] > 0
+        assert status["training"]["last"]["outcome"]["stopped"] is True
+
+        # The data path never stopped: every reading published under pressure is stored.
+        publisher.join(60)
+        wait_for(lambda: store.count() == 3 * total, 60, "the readings published under pressure stored")
+        wait_for(lambda: watchdog.level == Level.NORMAL, 10, "normal once the hog freed")
+        assert status["memory"]["budget_mb"] == pytest.approx(budget, abs=0.1)
+        assert all(part.alive() for part in daemon.parts)
+        assert watcher.errors == 0
+    finally:
+        if watcher is not None:
+            watcher.close()
+        if publisher is not None:
+            publisher.join(60)
+        daemon.stop()
+
+
+# ------------------------------------------------------------------ real limit
+
+
+def _toml(data: dict[str, dict[str, Any]]) -> str:
+    """The config sections as TOML: JSON scalars and lists of them are valid TOML values."""
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items() if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _status(socket_path: Path) -> dict[str, Any] | None:
+    try:
+        reply = request(socket_path, {"cmd": "status"})
+    except Exception:
+        return None  # not listening yet
+    return reply if reply.get("ok") else None
+
+
+def _tree_rss_mb(pid: int) -> float:
+    from edge_daemon.watchdog import process_tree_rss_mb
+
+    return process_tree_rss_mb(pid)
+
+
+# ~25 s (a daemon process, its training child, shutdown): out of the default run.
+@pytest.mark.slow
+def test_daemon_under_a_cgroup_limit_just_above_serving_trains_without_oom(
+    tmp_path: Path, broker: LocalBroker, memory_cgroup: MemoryCgroup
+) -> None:
+    sections = _sections(train={"steps": 20}, memory={"retry_after_s": 0})
+    cfg = make_config(tmp_path, port=broker.port, **sections)
+    data = _data_and_base(cfg, seed=4)
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(_toml(cfg.model_dump(mode="json", include=set(sections) | {"device", "mqtt", "channels"})))
+    log_file = tmp_path / "daemon.log"
+    with open(log_file, "w") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "edge_daemon", "run", "--config", str(config_file)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=memory_cgroup.enter_fn(),
+            cwd=ROOT,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+    try:
+        socket_path = cfg.device.socket
+        wait_for(lambda: _status(socket_path), 60, "the daemon's control socket")
+        publish_steps(broker.port, data.ts, data.values, 0, HISTORY_STEPS)
+        wait_for(lambda: (_status(socket_path) or {}).get("store", {}).get("readings") == 3 * HISTORY_STEPS, 60, "the history stored")
+        time.sleep(1.0)  # scoring catches up: this is the serving footprint
+        serving_mb = max(memory_cgroup.usage_mb(), _tree_rss_mb(daemon.pid))
+        limit_mb = serving_mb / 0.60  # serving sits at 60 % of the limit: normal, so an update may start
+        memory_cgroup.set_limit_mb(limit_mb)
+        status = wait_for(
+            lambda: (s := _status(socket_path)) and abs(s["memory"]["budget_mb"] - limit_mb) < 1 and s, 30, "the cgroup limit as budget"
+        )
+        assert status["memory"]["budget_source"].startswith(f"cgroup v{memory_cgroup.version}"), status["memory"]
+
+        reply = request(socket_path, {"cmd": "train"})
+        assert reply["ok"] and reply["accepted"]
+        levels: set[str] = set()
+        plans: list[dict[str, Any]] = []
+
+        def finished() -> dict[str, Any] | None:
+            s = _status(socket_path)
+            if s is None:
+                return None
+            levels.add(s["memory"]["level"])
+            plan = s["training"]["plan"]
+            if plan and (not plans or plans[-1] != plan):
+                plans.append(plan)
+            return s["training"]["last"]
+
+        last = wait_for(finished, 120, "the update to finish or stop", interval=0.1)
+        assert daemon.poll() is None, "the daemon must survive its update"
+        assert memory_cgroup.oom_kills() == 0
+        assert last["kind"] == "update"
+        outcome = last["outcome"]
+        # Finished (gated either way) or stopped cleanly at a boundary: never a crash.
+        assert outcome is not None, last
+        if outcome["stopped"]:
+            assert "TrainingAborted" in (last["reason"] or ""), last
+        else:
+            assert last["reason"] and "exited with code" not in last["reason"], last
+        peak_mb = int((memory_cgroup.path / "memory.max_usage_in_bytes").read_text()) / 2**20 if memory_cgroup.version == 1 else None
+        print(
+            f"serving {serving_mb:.0f} MB, limit {limit_mb:.0f} MB, cgroup peak {peak_mb} MB, levels {sorted(levels)}, "
+            f"plans {plans}, outcome {outcome}, accepted {last['accepted']}"
+        )
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        assert memory_cgroup.oom_kills() == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        print(log_file.read_text()[-3000:])
