@@ -36,6 +36,10 @@ from edge_daemon.watchdog import Level, MemoryWatchdog, PlanGovernor, SharedLeve
 
 log = logging.getLogger(__name__)
 
+# RSS of an update child before any has been measured on this device: torch (~240 MB) and
+# peft without bitsandbytes (~127 MB) plus a default-size update, measured on a 2-core x86 box.
+EXPECTED_CHILD_MB = 400.0
+
 # How often the main thread checks that every part is still alive.
 HEALTH_INTERVAL_S = 1.0
 # The main loop counts as wedged (and the watchdog pings stop) when its last iteration is older
@@ -90,6 +94,9 @@ class Daemon:
         self.idle = IdleDetector(config.train.idle_cpu_percent, config.train.idle_window_s)
         self._model_lock = threading.Lock()
         self._bootstrap_not_before = 0.0
+        self._last_decision: str | None = None  # why the trigger last did (not) start an update
+        # Expected RSS of a training child; replaced by each update's measured peak.
+        self._expected_child_mb = EXPECTED_CHILD_MB
         self.heartbeat: Heartbeat | None = None
         # Monotonic time of the main loop's last health check; the heartbeat watches it.
         self._loop_mono = time.monotonic()
@@ -428,12 +435,25 @@ class Daemon:
                 drift_detected=pipeline.drift.residual_drift_detected,
                 new_windows=pipeline.steps_since_update,
                 has_base=True,
+                headroom_mb=self._child_headroom_mb(),
             )
         )
+        self._last_decision = decision.reason
         if not decision.start:
             log.debug("no update: %s", decision.reason)
             return
         self.start_update(decision.reason)
+
+    def _child_headroom_mb(self) -> float:
+        """MB under the elevated threshold left once a training child of the expected size runs.
+
+        The child imports torch and peft before its first micro-batch (~370 MB RSS for the
+        default model here, see README): a level check on the daemon alone would start
+        updates that stop at their first boundary.
+        """
+        assert self.watchdog is not None
+        limit = self.config.memory.elevated * self.watchdog.budget_mb
+        return limit - (self.watchdog.usage_mb + self._expected_child_mb)
 
     def start_update(self, reason: str) -> bool:
         assert self.runner is not None and self.governor is not None and self.watchdog is not None
@@ -456,6 +476,9 @@ class Daemon:
         """No base model yet: train one in the child once the store holds enough gap-free windows."""
         assert self.runner is not None and self.store is not None and self.watchdog is not None
         if self.watchdog.level != Level.NORMAL or not (self.trigger.requested or self.idle.idle()):
+            return
+        if self._child_headroom_mb() < 0:
+            log.debug("no bootstrap: not enough memory for the training child")
             return
         if time.monotonic() < self._bootstrap_not_before:
             return
@@ -629,6 +652,7 @@ class Daemon:
             "progress": progress,
             "job": {k: v for k, v in (runner.job or {}).items() if k != "candidates"} or None,
             "requested": self.trigger.requested,
+            "trigger": self._last_decision,
             "retry_after_s": self.governor.retry_after_s if self.governor else 0.0,
             "last": _last_summary(last),
         }

@@ -89,6 +89,9 @@ class TriggerInputs:
     drift_detected: bool
     new_windows: int  # scoring windows completed since the last update
     has_base: bool  # a base model exists (else nothing to adapt)
+    # MB left under the elevated threshold once the training child's expected size is added;
+    # negative: starting an update would itself push memory up a level.
+    headroom_mb: float = float("inf")
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ class UpdateTrigger:
                 return Decision(False, f"last update {now - self._last_start:.0f}s ago (min {self.cfg.min_interval_s:.0f}s)")
             if inputs.memory_level != "normal":
                 return Decision(False, f"memory level {inputs.memory_level}")
+            if inputs.headroom_mb < 0:
+                return Decision(False, f"not enough memory for the training child ({-inputs.headroom_mb:.0f} MB short)")
             if inputs.backlog > self.max_backlog:
                 return Decision(False, f"ingestion backlog of {inputs.backlog} readings")
             if not inputs.idle:

@@ -67,6 +67,9 @@ def test_trigger_needs_a_reason_and_idle() -> None:
     assert trigger.decide(calm(drift_detected=True, memory_level="elevated")).reason == "memory level elevated"
     assert "backlog" in trigger.decide(calm(drift_detected=True, backlog=5000)).reason
     assert trigger.decide(calm(drift_detected=True, has_base=False)).reason == "no base model yet"
+    short = trigger.decide(calm(drift_detected=True, headroom_mb=-120.4))
+    assert not short.start and short.reason == "not enough memory for the training child (120 MB short)"
+    assert trigger.decide(calm(drift_detected=True, headroom_mb=5.0)).start
 
 
 def test_trigger_spacing_single_flight_and_requests() -> None:
