@@ -7,17 +7,21 @@ moment loses nothing: the broker redelivers whatever was not acknowledged, and t
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
-import queue
+import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from math import isfinite
+from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import PUBACK
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -37,6 +41,16 @@ REJECT_LOG_INTERVAL_S = 10.0
 # A failed store write is retried this many times before the ingestor gives up (and the daemon
 # exits non-zero, so systemd restarts it and the broker redelivers the unacknowledged batch).
 WRITE_ATTEMPTS = 3
+# After taking what arrived, the writer sleeps this long before looking again (unless a batch
+# is due), so a steady stream wakes it a few hundred times a second rather than once per
+# message: each wake-up takes the GIL from paho's network thread, the ingest bottleneck.
+LINGER_S = 0.004
+# PUBACK fixed header (type 4, remaining length 2) in the high half of a big-endian uint32
+# whose low half is the message id: one PUBACK packet per packed integer.
+_PUBACK_WORD = 0x4002 << 16
+
+# Integers below this magnitude convert to a finite float without the OverflowError check.
+_INT_LIMIT = 1 << 1000
 
 REASONS = (
     "bad_topic", "too_large", "bad_utf8", "too_deep", "bad_json", "bad_shape",
@@ -85,26 +99,30 @@ def _json_depth_exceeds(text: str, limit: int) -> bool:
 
 
 def _number(value: Any, what: str) -> float:
-    # bool is an int subclass in Python; `true` is not a sensor reading.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PayloadError("not_a_number", f"{what} is {type(value).__name__}")
+    # Exact type checks first: the usual JSON number takes one comparison, and bool (an int
+    # subclass: `true` is not a sensor reading) never matches `type(value) is int`.
+    kind = type(value)
+    if kind is float:
+        if isfinite(value):
+            return value  # type: ignore[no-any-return]
+        raise PayloadError("non_finite", f"{what} is {value}")
+    if kind is not int:
+        raise PayloadError("not_a_number", f"{what} is {kind.__name__}")
     try:
-        number = float(value)
+        return float(value)
     except OverflowError:
         raise PayloadError("non_finite", f"{what} overflows a float") from None
-    if not math.isfinite(number):
-        raise PayloadError("non_finite", f"{what} is {number}")
-    return number
 
 
 def _timestamp(value: Any, now: float, limits: PayloadLimits) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PayloadError("bad_ts", f"ts is {type(value).__name__}")
+    kind = type(value)
+    if kind is not float and kind is not int:
+        raise PayloadError("bad_ts", f"ts is {kind.__name__}")
     try:
         ts = float(value)
     except OverflowError:
         raise PayloadError("bad_ts", "ts overflows a float") from None
-    if not math.isfinite(ts):
+    if not isfinite(ts):
         raise PayloadError("bad_ts", f"ts is {ts}")
     if ts < now - limits.max_age_s:
         raise PayloadError("too_old", f"ts {ts:.3f} is {now - ts:.0f} s old")
@@ -117,6 +135,11 @@ def _channel(name: str, channels: set[str]) -> str:
     if name not in channels:
         raise PayloadError("unknown_channel", repr(name[:80]))
     return name
+
+
+# A Reading built by tuple.__new__ directly skips the namedtuple's Python-level __new__, which
+# is a measurable share of the per-reading cost in the ingest writer.
+_new_tuple: Callable[[type[Reading], tuple[str, float, float]], Reading] = tuple.__new__  # type: ignore[assignment]
 
 
 def parse_payload(
@@ -155,25 +178,32 @@ def parse_payload(
 
     if len(levels) == 3:
         channel = _channel(f"{levels[1]}/{levels[2]}", channels)
-        if isinstance(doc, dict):
-            if set(doc) != {"ts", "value"}:
+        if type(doc) is dict:
+            if len(doc) != 2 or "ts" not in doc or "value" not in doc:
                 raise PayloadError("bad_shape", f"object keys {sorted(doc)[:5]} (want ts, value)")
             value = _number(doc["value"], "value")
-            return [Reading(channel, _timestamp(doc["ts"], now, limits), value)]
-        return [Reading(channel, now, _number(doc, "payload"))]
+            return [_new_tuple(Reading, (channel, _timestamp(doc["ts"], now, limits), value))]
+        return [_new_tuple(Reading, (channel, now, _number(doc, "payload")))]
 
-    if not isinstance(doc, dict) or set(doc) != {"ts", "values"} or not isinstance(doc["values"], dict):
+    values = doc.get("values") if type(doc) is dict and len(doc) == 2 and "ts" in doc else None
+    if type(values) is not dict:
         raise PayloadError("bad_shape", "want {\"ts\": t, \"values\": {channel: number}}")
     ts = _timestamp(doc["ts"], now, limits)
-    if not doc["values"]:
+    if not values:
         raise PayloadError("bad_shape", "empty values map")
+    prefix = levels[1] + "/"
     readings: list[Reading] = []
     first_error: PayloadError | None = None
-    for key, raw in doc["values"].items():
+    for key, raw in values.items():
+        # Configured names hold exactly one "/" and no wildcard, so a key with "/", "+" or "#"
+        # (or an empty one) can never match: the set lookup alone rejects it.
+        channel = prefix + key
+        kind = type(raw)
+        if channel in channels and (kind is float and isfinite(raw) or kind is int and -_INT_LIMIT < raw < _INT_LIMIT):
+            readings.append(_new_tuple(Reading, (channel, ts, float(raw))))
+            continue
         try:
-            if not key or "/" in key or "+" in key or "#" in key:
-                raise PayloadError("unknown_channel", repr(key[:80]))
-            readings.append(Reading(_channel(f"{levels[1]}/{key}", channels), ts, _number(raw, f"values[{key!r}]")))
+            readings.append(_new_tuple(Reading, (_channel(channel, channels), ts, _number(raw, f"values[{key!r}]"))))
         except PayloadError as exc:
             if first_error is None:
                 first_error = exc
@@ -209,10 +239,9 @@ class _RateLimitedLog:
         )
 
 
-class _Inbound(NamedTuple):
-    generation: int  # connection the message arrived on: its mid is only valid there
-    message: mqtt.MQTTMessage
-    arrival: float
+# (generation, message, arrival): the generation is the connection the message arrived on (its
+# mid is only valid there). A plain tuple: the network thread builds one per message.
+_Inbound = tuple[int, mqtt.MQTTMessage, float]
 
 
 BatchHook = Callable[[Sequence[Reading]], None]
@@ -223,7 +252,8 @@ class Ingestor:
     """Subscribes to sensor topics and writes readings to the store in acknowledged batches.
 
     Threads: paho's network thread only queues messages; one writer thread parses, batches,
-    commits, acknowledges and calls the `on_batch` hooks.
+    commits, acknowledges and calls the `on_batch` hooks. Both share the GIL, so the writer
+    keeps its per-message work small and wakes up in bursts, not per message.
     """
 
     def __init__(self, config: Config, store: ReplayStore, clock: Callable[[], float] = time.time) -> None:
@@ -243,7 +273,11 @@ class Ingestor:
         # half of it keeps messages flowing while a batch commits.
         inflight = mqtt_cfg.receive_maximum if self._v5 else mqtt_cfg.broker_inflight
         self._ack_flush = max(1, inflight // 2)
-        self._queue: queue.SimpleQueue[_Inbound | object] = queue.SimpleQueue()
+        # Network thread -> writer. A deque append is atomic and wakes nobody: `_wake` is set
+        # only while the writer waits on an empty inbox, not once per message.
+        self._inbox: deque[_Inbound | object] = deque()
+        self._wake = threading.Event()
+        self._writer_idle = False
         self._gen_lock = threading.Lock()
         self._generation = 0
         self._connected = threading.Event()
@@ -257,6 +291,7 @@ class Ingestor:
         self._writer_error: BaseException | None = None
         self._stopped = False
         self.client = self._make_client()
+        self._queue_packet = _packet_queue_of(self.client)
 
     # -- client ------------------------------------------------------------------------------
 
@@ -335,7 +370,9 @@ class Ingestor:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         # Network thread: only hand over; all the work happens in the writer thread.
-        self._queue.put(_Inbound(self._generation, message, self.clock()))
+        self._inbox.append((self._generation, message, self.clock()))
+        if self._writer_idle:
+            self._wake.set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -370,7 +407,8 @@ class Ingestor:
             return
         self._stopped = True
         if self._writer is not None:
-            self._queue.put(_STOP)
+            self._inbox.append(_STOP)
+            self._wake.set()
             self._writer.join(timeout)
             if self._writer.is_alive():
                 log.error("ingest writer did not finish its last batch within %.0f s", timeout)
@@ -395,7 +433,7 @@ class Ingestor:
     @property
     def backlog(self) -> int:
         """Messages received but not yet parsed and committed."""
-        return self._queue.qsize()
+        return len(self._inbox)
 
     def counters(self) -> dict[str, Any]:
         """received/rejected count messages (and rejected entries of `values` maps); readings,
@@ -427,36 +465,53 @@ class Ingestor:
     def _write_loop(self) -> None:
         batch_size = self.config.store.batch_size
         interval = self.config.store.flush_interval_s
+        ack_flush = self._ack_flush
+        inbox = self._inbox
         readings: list[Reading] = []
         acks: list[tuple[int, int, int]] = []  # (generation, mid, qos) in arrival order
-        deadline: float | None = None
+        deadline: float | None = None  # flush time of the oldest message taken and not flushed
         while True:
-            timeout = interval if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                self._flush(readings, acks)
-                return
-            if isinstance(item, _Inbound):
-                self._take(item, readings, acks)
+            if not inbox:
+                timeout = interval if deadline is None else deadline - time.monotonic()
+                if timeout > 0:
+                    self._wake.clear()
+                    self._writer_idle = True
+                    # Looked at again after raising the flag: a message appended just before
+                    # it was raised did not set `_wake`.
+                    if not inbox:
+                        self._wake.wait(timeout)
+                    self._writer_idle = False
+            taken = 0
+            stop = False
+            while inbox and len(readings) < batch_size and len(acks) < ack_flush:
+                item = inbox.popleft()
+                if item is _STOP:
+                    stop = True
+                    break
+                taken += 1
+                self._take(item, readings, acks)  # type: ignore[arg-type]
+            if taken:
+                with self._stats_lock:
+                    self._stats["received"] += taken
                 if deadline is None:
                     deadline = time.monotonic() + interval
-            if (readings or acks) and (
-                len(readings) >= batch_size
-                or len(acks) >= self._ack_flush
-                or (deadline is not None and time.monotonic() >= deadline)
+            if stop:
+                self._flush(readings, acks)
+                return
+            if deadline is not None and (
+                len(readings) >= batch_size or len(acks) >= ack_flush or time.monotonic() >= deadline
             ):
+                # Also when only rejected QoS 0 messages were taken (nothing to write or ack):
+                # the deadline must be cleared or the wait above would spin.
                 self._flush(readings, acks)
                 readings, acks, deadline = [], [], None
+            elif taken and not inbox:
+                time.sleep(LINGER_S)
 
     def _take(self, item: _Inbound, readings: list[Reading], acks: list[tuple[int, int, int]]) -> None:
-        message = item.message
+        generation, message, arrival = item
         if message.qos > 0:
-            acks.append((item.generation, message.mid, message.qos))
-        with self._stats_lock:
-            self._stats["received"] += 1
+            acks.append((generation, message.mid, message.qos))
         try:
             topic = message.topic
         except UnicodeDecodeError:
@@ -464,7 +519,7 @@ class Ingestor:
             return
         skipped: list[PayloadError] = []
         try:
-            parsed = parse_payload(topic, message.payload, item.arrival, self.channels, self.limits, skipped)
+            parsed = parse_payload(topic, message.payload, arrival, self.channels, self.limits, skipped)
         except PayloadError as exc:
             self._reject(topic, exc)
             return
@@ -490,16 +545,46 @@ class Ingestor:
                 self._stats["batches"] += 1
         # Committed: now, and only now, the broker may forget these messages. The lock keeps a
         # reconnect from slipping in between the generation check and the ack.
-        with self._gen_lock:
-            current = self._generation
-            for generation, mid, qos in acks:
-                if generation == current:
-                    rc = self.client.ack(mid, qos)
-                    if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                        log.debug("ack of mid %d failed: %s", mid, rc)
+        if acks:
+            with self._gen_lock:
+                current = self._generation
+                mids = [mid for generation, mid, qos in acks if generation == current and qos == 1]
+                if mids:
+                    self._send_pubacks(mids)
+                for generation, mid, qos in acks:
+                    if generation == current and qos > 1:
+                        rc = self.client.ack(mid, qos)
+                        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                            log.debug("ack of mid %d failed: %s", mid, rc)
         if readings:
             for hook in self.on_batch:
                 try:
                     hook(readings)
                 except Exception:
                     log.exception("on_batch hook %r failed", hook)
+
+    def _send_pubacks(self, mids: list[int]) -> None:
+        """Acknowledge QoS 1 messages of the current connection (caller holds _gen_lock)."""
+        if self._queue_packet is None:
+            for mid in mids:
+                rc = self.client.ack(mid, 1)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    log.debug("ack of mid %d failed: %s", mid, rc)
+            return
+        # The PUBACKs of a batch as one queued write: client.ack() queues each one on its own
+        # and pokes the network thread's wake-up socket per message, and that thread then
+        # makes one send() per 4-byte packet. Byte for byte what client.ack() sends.
+        self._queue_packet(PUBACK, struct.pack(f">{len(mids)}I", *[_PUBACK_WORD | mid for mid in mids]), 0, 0)
+
+
+def _packet_queue_of(client: mqtt.Client) -> Callable[[int, bytes, int, int], Any] | None:
+    """paho's internal `_packet_queue(command, packet, mid, qos)` if this paho version has it
+    with that signature, else None (acks then go one by one through the public `ack`)."""
+    method = getattr(client, "_packet_queue", None)
+    if method is None:
+        return None
+    try:
+        params = list(inspect.signature(method).parameters)
+    except (TypeError, ValueError):
+        return None
+    return method if params[:4] == ["command", "packet", "mid", "qos"] else None

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
@@ -75,6 +76,32 @@ def segment_of(ts: float, segment_s: float) -> int:
     elif (k + 1) * segment_s <= ts:
         k += 1
     return k
+
+
+# Rows per INSERT statement: 3 parameters each stays under 999, the variable limit of SQLite
+# builds before 3.32. One multi-row statement is one sqlite3_step: executemany binds and steps
+# row by row, releasing and retaking the GIL each time, which starves the MQTT network thread.
+INSERT_CHUNK = 256
+_insert_sql: dict[int, str] = {}
+
+
+def _insert_readings(conn: sqlite3.Connection, flat: list[int | float]) -> None:
+    """INSERT OR IGNORE the rows in `flat` (channel_id, ts, value, channel_id, ...).
+
+    Chunks are powers of two up to INSERT_CHUNK rows, so a handful of distinct statements
+    cover every batch size and stay in the connection's prepared-statement cache.
+    """
+    rows = len(flat) // 3
+    start = 0
+    while rows:
+        k = INSERT_CHUNK if rows >= INSERT_CHUNK else 1 << (rows.bit_length() - 1)
+        sql = _insert_sql.get(k)
+        if sql is None:
+            values = ",".join(["(?,?,?)"] * k)
+            sql = _insert_sql[k] = f"INSERT OR IGNORE INTO readings (channel_id, ts, value) VALUES {values}"
+        conn.execute(sql, flat[start : start + 3 * k])
+        start += 3 * k
+        rows -= k
 
 
 class ReplayStore:
@@ -233,24 +260,26 @@ class ReplayStore:
             try:
                 with self._transaction(self._conn) as conn:
                     ids = self._channel_ids
-                    if any(r.channel not in ids for r in readings):
-                        for r in readings:
-                            self._channel_id(r.channel)
-                    rows = [(ids[channel], ts, value) for channel, ts, value in readings]
-                    first = segment_of(min(r[1] for r in rows), segment_s)
-                    if first == segment_of(max(r[1] for r in rows), segment_s):
+                    channels, stamps, values = zip(*readings)
+                    if not ids.keys() >= set(channels):
+                        for name in channels:
+                            self._channel_id(name)
+                    # One flat parameter list (channel_id, ts, value, ...) built by C iterators.
+                    flat: list[int | float] = list(
+                        chain.from_iterable(zip(map(ids.__getitem__, channels), stamps, values))
+                    )
+                    first = segment_of(min(stamps), segment_s)
+                    if first == segment_of(max(stamps), segment_s):
                         # The usual case, a batch within one segment: no per-row grouping.
-                        by_segment = {first: rows}
+                        by_segment = {first: flat}
                     else:
                         by_segment = {}
-                        for row in rows:
-                            by_segment.setdefault(segment_of(row[1], segment_s), []).append(row)
+                        for i in range(0, len(flat), 3):
+                            by_segment.setdefault(segment_of(flat[i + 1], segment_s), []).extend(flat[i : i + 3])
                     added_total = 0
-                    for seg, seg_rows in by_segment.items():
+                    for seg, seg_flat in by_segment.items():
                         before = conn.total_changes
-                        conn.executemany(
-                            "INSERT OR IGNORE INTO readings (channel_id, ts, value) VALUES (?, ?, ?)", seg_rows
-                        )
+                        _insert_readings(conn, seg_flat)
                         added = conn.total_changes - before
                         if added:
                             conn.execute(

@@ -55,6 +55,23 @@ def test_write_dedups_on_channel_and_ts(tmp_path: Path) -> None:
     store.close()
 
 
+def test_large_batch_across_segments_and_insert_chunks_counts_every_new_key_once(tmp_path: Path) -> None:
+    store = open_store(tmp_path, segment_s=60)
+    # 1,001 distinct keys over three segments: several multi-row INSERT chunks of different sizes.
+    batch = [Reading(CHANNELS[i % 3], NOW + 50 + (i // 3) * 0.25, float(i)) for i in range(1001)]
+    assert store.write(batch) == 1001
+    # Redelivered keys (first and last chunk), duplicates within the batch, and new ones.
+    again = batch[:300] + batch[-5:] + [Reading("m1/current", NOW + 500.0, -1.0)] * 3 + [Reading("m2/new", NOW, 7.0)]
+    assert store.write(again) == 2
+    assert store.count() == 1003 == sql_count(store.path)
+    with sqlite3.connect(store.path) as conn:
+        per_segment = dict(conn.execute("SELECT id, rows FROM segments").fetchall())
+    assert sum(per_segment.values()) == 1003 and len(per_segment) == 4
+    ts, idx, values = store.read()
+    assert sorted(values.tolist()) == sorted([float(i) for i in range(1001)] + [-1.0])  # m2/new is not configured
+    store.close()
+
+
 def test_read_orders_by_ts_filters_range_and_unconfigured_channels(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     rng = np.random.default_rng(1)
