@@ -70,7 +70,7 @@ def run_demo(
     from edge_daemon.daemon import Daemon
     from edge_daemon.frames import build_grid
     from edge_daemon.pretrain import pretrain
-    from sample_sensors.generate import generate_labeled
+    from sample_sensors.generate import generate_labeled, readings
     from sample_sensors.publish import malformed_message, valid_messages
 
     workdir = Path(state_dir or tempfile.mkdtemp(prefix="edge-demo-"))
@@ -95,15 +95,7 @@ def run_demo(
 
     # 1. Base model trained on the old regime, as a fleet's base would be.
     t0 = time.monotonic()
-    n = old_steps
-    grid = build_grid(
-        np.repeat(data.ts[:n], 3),
-        np.tile(np.arange(3), n),
-        np.stack([data.values[c][:n] for c in CHANNELS], axis=1).reshape(-1),
-        3,
-        1.0,
-        config.channels.max_fill_steps,
-    )
+    grid = build_grid(*readings(data, 0, old_steps), len(CHANNELS), 1.0, config.channels.max_fill_steps)
     base_metrics = pretrain(grid, CHANNELS, 1.0, config.model, config.base_dir, steps=500 if quick else None, progress=live)
     summary["base_train_s"] = round(time.monotonic() - t0, 1)
     summary["base_val_loss"] = base_metrics.get("val_loss")

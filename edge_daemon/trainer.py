@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+PlanSource = Callable[[TrainingPlan], "TrainingPlan | None"]
+
 
 @contextlib.contextmanager
 def without_bitsandbytes() -> Iterator[None]:

@@ -74,6 +74,21 @@ class SensorData:
     regime: str
 
 
+def readings(data: SensorData, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps [start, stop) as flat (ts, channel index, value) arrays, channels in CHANNELS order.
+
+    The form edge-daemon's replay store returns from `read()`, so
+    `frames.build_grid(*readings(data, 0, n), len(CHANNELS), period_s, max_fill)`
+    gives the grid a base model trains on.
+    """
+    stop = len(data.ts) if stop is None else stop
+    n = stop - start
+    ts = np.repeat(data.ts[start:stop], len(CHANNELS))
+    channel_idx = np.tile(np.arange(len(CHANNELS)), n)
+    values = np.stack([data.values[c][start:stop] for c in CHANNELS], axis=1).reshape(-1)
+    return ts, channel_idx, values
+
+
 def timestamps(n_steps: int, period_s: float = 1.0, start_ts: float = DEFAULT_START_TS) -> np.ndarray:
     """The timestamp of every step: start_ts + k * period_s, rounded to microseconds."""
     return np.round(start_ts + np.arange(n_steps, dtype=np.float64) * period_s, 6)

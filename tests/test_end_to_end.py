@@ -9,13 +9,11 @@ and the residual on fresh data of the new regime falls.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.broker import LocalBroker
@@ -23,7 +21,7 @@ from edge_daemon.control import request
 from edge_daemon.daemon import Daemon
 from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain
-from sample_sensors.generate import CHANNELS, generate_labeled
+from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from sample_sensors.publish import valid_messages
 from tests.conftest import make_config
 
@@ -115,16 +113,7 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
     cfg = small_config(tmp_path, broker.port)
 
     # Base model: trained on the old regime only, as a fleet's base would be.
-    old = slice(0, OLD_STEPS)
-    n = OLD_STEPS
-    grid = build_grid(
-        np.repeat(data.ts[old], 3),
-        np.tile(np.arange(3), n),
-        np.stack([data.values[c][old] for c in CHANNELS], axis=1).reshape(-1),
-        3,
-        1.0,
-        5,
-    )
+    grid = build_grid(*readings(data, 0, OLD_STEPS), 3, 1.0, 5)
     pretrain(grid, list(CHANNELS), 1.0, cfg.model, cfg.base_dir, steps=500)
 
     collector = Collector(broker.port)
@@ -181,15 +170,7 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
     # Drift can't fire here: only the request starts an update. The gate is loose: this test is
     # about requests and rollback, the gate has its own tests.
     cfg = small_config(tmp_path, broker.port, drift={"min_samples": 10**6}, train={"gate_tolerance": 5.0})
-    n = OLD_STEPS
-    grid = build_grid(
-        np.repeat(data.ts[:n], 3),
-        np.tile(np.arange(3), n),
-        np.stack([data.values[c][:n] for c in CHANNELS], axis=1).reshape(-1),
-        3,
-        1.0,
-        5,
-    )
+    grid = build_grid(*readings(data, 0, OLD_STEPS), 3, 1.0, 5)
     pretrain(grid, list(CHANNELS), 1.0, cfg.model, cfg.base_dir, steps=500)
     daemon = Daemon(cfg)
     daemon.start()

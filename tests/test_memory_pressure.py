@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from edge_daemon.broker import LocalBroker
@@ -28,7 +27,7 @@ from edge_daemon.daemon import Daemon
 from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain
 from edge_daemon.watchdog import Level
-from sample_sensors.generate import CHANNELS, generate_labeled
+from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from tests.conftest import make_config
 from tests.test_end_to_end import publish_steps, wait_for
 from tests.test_watchdog import MemHog, MemoryCgroup, memhog, memory_cgroup  # noqa: F401  (fixtures)
@@ -69,15 +68,7 @@ def _sections(**overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _data_and_base(cfg: Config, seed: int) -> Any:
     total = HISTORY_STEPS + LATER_STEPS
     data = generate_labeled(total, start_ts=float(int(time.time()) - total - 30), seed=seed, time_scale=144)
-    n = HISTORY_STEPS
-    grid = build_grid(
-        np.repeat(data.ts[:n], 3),
-        np.tile(np.arange(3), n),
-        np.stack([data.values[c][:n] for c in CHANNELS], axis=1).reshape(-1),
-        3,
-        1.0,
-        5,
-    )
+    grid = build_grid(*readings(data, 0, HISTORY_STEPS), 3, 1.0, 5)
     pretrain(grid, list(CHANNELS), 1.0, cfg.model, cfg.base_dir, steps=PRETRAIN_STEPS)
     return data
 

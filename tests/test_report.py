@@ -30,7 +30,7 @@ from edge_daemon.report import write_report
 from edge_daemon.store import Reading, ReplayStore
 from edge_daemon.updater import TRACE_FILE, UPDATES_DIR, _run_update, save_update_trace
 from edge_daemon.watchdog import Level, PlanGovernor, plan_candidates
-from sample_sensors.generate import CHANNELS, generate_labeled
+from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from tests.conftest import make_config
 
 pytest.importorskip("matplotlib")
@@ -95,14 +95,7 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Config:
     data = generate_labeled(OLD_STEPS + NEW_STEPS + AFTER_STEPS, start_ts=START_TS, seed=7, regime_change_at=OLD_STEPS, time_scale=144)
     write_readings(config, data, 0, OLD_STEPS + NEW_STEPS)
     n = OLD_STEPS
-    grid = build_grid(
-        np.repeat(data.ts[:n], 3),
-        np.tile(np.arange(3), n),
-        np.stack([data.values[c][:n] for c in CHANNELS], axis=1).reshape(-1),
-        3,
-        1.0,
-        config.channels.max_fill_steps,
-    )
+    grid = build_grid(*readings(data, 0, n), 3, 1.0, config.channels.max_fill_steps)
     pretrain(grid, list(CHANNELS), 1.0, config.model, config.base_dir, steps=200)
     reply = run_update(config, HIGH_FROM_STEP, seed=1)
     assert reply["accepted"] and reply["version"] == 1, reply["reason"]
@@ -208,9 +201,7 @@ def test_report_without_adapters(tmp_path: Path) -> None:
     config = report_config(tmp_path)
     data = generate_labeled(900, start_ts=START_TS, seed=3, time_scale=144)
     write_readings(config, data, 0, 900)
-    grid = build_grid(
-        np.repeat(data.ts, 3), np.tile(np.arange(3), 900), np.stack([data.values[c] for c in CHANNELS], axis=1).reshape(-1), 3, 1.0, 5
-    )
+    grid = build_grid(*readings(data), 3, 1.0, 5)
     pretrain(grid, list(CHANNELS), 1.0, config.model, config.base_dir, steps=20)
     files = write_report(config, tmp_path / "out")
     assert [f.name for f in files] == ["channels.png", "anomaly.png", "drift.png", "index.html"]
