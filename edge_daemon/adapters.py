@@ -46,6 +46,8 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "meta.json"
 POINTER_FILE = "current"
 NO_ADAPTER = "none"
+# One JSON line per change of what is served (commit, rollback, base only), for reports.
+HISTORY_FILE = "history.jsonl"
 # peft prefixes every saved key with its wrapper path (PeftModel -> LoraModel -> our model).
 PEFT_PREFIX = "base_model.model."
 # Staging dirs older than this are leftovers of a crashed update.
@@ -385,25 +387,55 @@ class AdapterStore:
             _fsync_path(self.root)
             if make_current:
                 _replace_file_atomically(self.root / POINTER_FILE, f"v{number}\n")
+                self._record("commit", number, meta.get("served_from_ts"))
             self._prune()
         version = self.get(number)
         log.info("committed adapter v%d (%d bytes)%s", number, version.size_bytes, ", now current" if make_current else "")
         return version
 
-    def rollback(self, version: int) -> AdapterVersion:
-        """Serve an earlier (or any stored) version; AdapterError if it is missing or corrupt."""
+    def rollback(self, version: int, data_ts: float | None = None) -> AdapterVersion:
+        """Serve an earlier (or any stored) version; AdapterError if it is missing or corrupt.
+
+        `data_ts`: the newest reading's time when it happened (the data's clock), for reports.
+        """
         with self._locked():
             target = self.get(version)
             load_lora_state(target.path)  # refuse to point at something we could not serve
             _replace_file_atomically(self.root / POINTER_FILE, f"v{version}\n")
+            self._record("rollback", version, data_ts)
         log.info("adapter pointer set to v%d", version)
         return target
 
-    def use_base(self) -> None:
+    def use_base(self, data_ts: float | None = None) -> None:
         """Serve the base model alone (pointer 'none'); stored versions stay."""
         with self._locked():
             _replace_file_atomically(self.root / POINTER_FILE, f"{NO_ADAPTER}\n")
+            self._record("use_base", None, data_ts)
         log.info("adapter pointer set to none (base model only)")
+
+    def _record(self, event: str, version: int | None, data_ts: Any) -> None:
+        # Appended, not fsynced: losing the last line in a power cut only blurs a report.
+        entry = {"ts": time.time(), "event": event, "version": version}
+        if isinstance(data_ts, (int, float)) and math.isfinite(data_ts):
+            entry["data_ts"] = float(data_ts)
+        with open(self.root / HISTORY_FILE, "a", encoding="utf-8") as history:
+            history.write(json.dumps(entry) + "\n")
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every recorded change of the served adapter, oldest first (unreadable lines skipped)."""
+        try:
+            lines = (self.root / HISTORY_FILE).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        entries = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("ts"), (int, float)):
+                entries.append(entry)
+        return entries
 
     def _prune(self) -> None:
         versions = sorted(self._version_dirs().items())

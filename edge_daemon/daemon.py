@@ -626,7 +626,7 @@ class Daemon:
         version_number = int(request["version"])  # checked by the control server: an int >= 1
         if self.base is None:
             raise ControlError("no base model yet")
-        version = self.adapters.rollback(version_number)
+        version = self.adapters.rollback(version_number, data_ts=self.pipeline.newest_ts if self.pipeline else None)
         self._serve_version(version)
         log.info("rolled back to adapter v%d", version_number)
         if self.pipeline is not None:

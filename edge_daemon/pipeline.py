@@ -177,6 +177,11 @@ class ScoringPipeline:
         with self._lock:
             self.scorer = scorer
 
+    @property
+    def newest_ts(self) -> float | None:
+        """Time of the newest reading handed to scoring (the data's clock), None before any."""
+        return self._newest_ts if self._newest_ts != float("-inf") else None
+
     def status(self) -> dict[str, Any]:
         return {
             "steps": self.steps,

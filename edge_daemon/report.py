@@ -46,11 +46,11 @@ DPI = 100
 
 @dataclass
 class Switch:
-    """One stored adapter and the data time from which it served."""
+    """What served from a data time on: a stored adapter, or the base model alone (version 0)."""
 
-    version: int
+    version: int  # 0: the base model alone
     t: float  # unix seconds on the data's clock
-    adapter: AdapterVersion
+    adapter: AdapterVersion | None
 
 
 @dataclass
@@ -118,11 +118,26 @@ def read_adapters(config: Config) -> tuple[list[Switch], int | None]:
     if not config.adapters_dir.is_dir():  # AdapterStore would create it; a report changes nothing
         return [], None
     adapters = AdapterStore(config.adapters_dir, keep=config.train.keep_versions)
+    stored = {adapter.version: adapter for adapter in adapters.list()}
     switches = []
-    for adapter in adapters.list():
-        t = _switch_time(adapter)
-        if t is not None:
-            switches.append(Switch(adapter.version, t, adapter))
+    history = adapters.history()
+    if history:
+        # The recorded changes (commits, rollbacks, base only), on the data's clock where known.
+        for entry in history:
+            version = entry.get("version")
+            t = float(entry.get("data_ts", entry["ts"]))
+            if version is None:
+                switches.append(Switch(0, t, None))
+            elif version in stored:
+                switches.append(Switch(int(version), t, stored[version]))
+            else:
+                log.info("adapter v%s served from %s but is no longer stored (pruned)", version, t)
+    else:
+        # Older state dirs: each stored adapter from the time it was committed.
+        for adapter in stored.values():
+            t = _switch_time(adapter)
+            if t is not None:
+                switches.append(Switch(adapter.version, t, adapter))
     try:
         current = adapters.current_version()
     except AdapterError as exc:
@@ -188,6 +203,10 @@ def compute_forecasts(grid: Grid, base: BaseModel, switches: list[Switch], max_f
     for switch in switches:
         since = t >= switch.t
         if not since.any():
+            continue
+        if switch.adapter is None:  # back to the base model alone
+            served[since] = base_pred[since]
+            served_version[since] = 0
             continue
         try:
             model = serving_model(base, switch.adapter)
@@ -313,7 +332,7 @@ def _mark_switches(ax: Axes, switches: list[Switch], label: bool) -> None:
         x = _dates(np.array([switch.t]))[0]
         ax.axvline(x, color="tab:green", linestyle="--", linewidth=1.2, label="adapter switch" if label and switch is switches[0] else None)
         if label:
-            ax.annotate(f"v{switch.version}", (x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+            ax.annotate(f"v{switch.version}" if switch.version else "base", (x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
                         textcoords="offset points", color="tab:green", fontsize=9)  # fmt: skip
 
 
@@ -559,7 +578,12 @@ def render_html(data: ReportData, figures: list[tuple[str, Path]], elapsed_s: fl
             summary_rows.append([f"mean anomaly score while {name} served",
                                  f"{float(np.mean(fc.served_score[mask])):.3g} over {int(mask.sum()):,} steps"])  # fmt: skip
     adapter_rows = []
+    listed: set[int] = set()
     for switch in data.switches:
+        # One row per adapter, from when it first served; rollbacks show in the figures.
+        if switch.adapter is None or switch.version in listed:
+            continue
+        listed.add(switch.version)
         meta = switch.adapter.meta
         before, after = meta.get("metrics_before") or {}, meta.get("metrics_after") or {}
         adapter_rows.append(

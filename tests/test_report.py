@@ -195,6 +195,30 @@ def test_report_shows_adaptation(state: Config) -> None:
     assert any(e.kind == "inputs" and e.t >= START_TS + OLD_STEPS for e in data.drift_events)
 
 
+def test_report_follows_a_rollback_to_the_base_model(state: Config, tmp_path: Path) -> None:
+    """A recorded switch back to the base (data time mid-way through v1's period) is replayed as such."""
+    import shutil
+
+    from edge_daemon.adapters import AdapterStore
+    from edge_daemon.report import collect
+
+    copy_root = tmp_path / "copy"
+    config = report_config(copy_root, gate_tolerance=5.0)
+    shutil.copytree(state.device.state_dir, config.device.state_dir)
+    back_to_base_at = START_TS + OLD_STEPS + NEW_STEPS + AFTER_STEPS // 2
+    store = AdapterStore(config.adapters_dir, keep=config.train.keep_versions)
+    assert [e["event"] for e in store.history()] == ["commit"]
+    store.use_base(data_ts=back_to_base_at)
+    assert [(e["event"], e["version"]) for e in store.history()] == [("commit", 1), ("use_base", None)]
+    fc = collect(config).forecasts
+    assert fc is not None
+    after = fc.t >= back_to_base_at
+    assert after.any() and (fc.served_version[after] == 0).all()
+    assert np.array_equal(fc.served[after], fc.base[after])
+    before = (fc.served_version == 1) & ~after
+    assert before.sum() >= AFTER_STEPS // 2 - 2
+
+
 def test_report_without_adapters(tmp_path: Path) -> None:
     """Only a store and a base: forecasts and drift, no adapters, no updates."""
     torch.set_num_threads(1)
