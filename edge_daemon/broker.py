@@ -23,11 +23,23 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on now and this process has not handed out before.
+
+    Not reusing ports keeps a client that still reconnects to an earlier, stopped broker from
+    reaching a later one.
+    """
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no unused TCP port found")
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def make_config(tmp_path: Path, port: int = 1883, **sections: dict) -> Config:
     """A valid config rooted in tmp_path; `sections` override or add sections."""
     data: dict = {
         "device": {"id": "test-dev", "state_dir": str(tmp_path / "state"), "socket": str(tmp_path / "control.sock")},
-        "mqtt": {"host": "127.0.0.1", "port": port, "topics": ["sensors/#"], "qos": 1},
+        # A client id of this test's own: an MQTT client left over from an earlier test that
+        # reconnects to a broker now on a reused port must not take over this test's session.
+        "mqtt": {"host": "127.0.0.1", "port": port, "topics": ["sensors/#"], "qos": 1, "client_id": f"edge-daemon-test-{uuid.uuid4().hex[:8]}"},
         "channels": {"names": list(CHANNELS), "period_s": 1.0},
     }
     for name, values in sections.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,7 @@ class Collector:
 
     def __init__(self, port: int) -> None:
         self.messages: list[tuple[str, dict]] = []
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="e2e-collector")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"e2e-collector-{uuid.uuid4().hex[:8]}")
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
         self.client.subscribe("edge/#", qos=1)
@@ -82,7 +83,7 @@ class Collector:
 
 
 def publish_steps(port: int, ts: np.ndarray, values: dict[str, np.ndarray], start: int, stop: int) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="e2e-publisher")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"e2e-publisher-{uuid.uuid4().hex[:8]}")
     client.connect("127.0.0.1", port)
     client.loop_start()
     infos = []
