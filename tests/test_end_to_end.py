@@ -29,6 +29,8 @@ from tests.conftest import make_config
 OLD_STEPS = 2400
 NEW_STEPS = 900
 EXTRA_STEPS = 400  # new-regime data published after the update, to see the residual fall
+# Storing a few thousand readings takes seconds; a full suite on two busy cores has needed more than 60.
+READINGS_TIMEOUT_S = 180
 
 
 def small_config(tmp_path: Path, port: int, **overrides: dict):
@@ -97,14 +99,14 @@ def publish_steps(port: int, ts: np.ndarray, values: dict[str, np.ndarray], star
     client.disconnect()
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2, detail=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f": {detail()}" if detail else ""))
 
 
 def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: LocalBroker) -> None:
@@ -123,7 +125,8 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
     try:
         publish_steps(broker.port, data.ts, data.values, 0, OLD_STEPS + NEW_STEPS)
         assert daemon.store is not None
-        wait_for(lambda: daemon.store.count() == 3 * (OLD_STEPS + NEW_STEPS), 60, "every reading stored")
+        wait_for(lambda: daemon.store.count() == 3 * (OLD_STEPS + NEW_STEPS), READINGS_TIMEOUT_S, "every reading stored",
+                 detail=lambda: (daemon.store.count(), daemon.ingestor.counters()))  # fmt: skip
 
         # Drift on the residuals, then an update started by it, accepted and served.
         accepted = wait_for(lambda: collector.of("alert") and [a for a in collector.of("alert") if a["type"] == "adapter_accepted"], 240, "adapter_accepted alert")
@@ -148,7 +151,7 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         history = list(daemon.pipeline.history)
         before = [s for t, s, v in history if t >= data.ts[OLD_STEPS + 100] and v is None and np.isfinite(s)]
         publish_steps(broker.port, data.ts, data.values, OLD_STEPS + NEW_STEPS, total)
-        wait_for(lambda: daemon.store.count() == 3 * total, 60, "the extra readings stored")
+        wait_for(lambda: daemon.store.count() == 3 * total, READINGS_TIMEOUT_S, "the extra readings stored")
         wait_for(lambda: sum(1 for _, _, v in daemon.pipeline.history if v == 1) > EXTRA_STEPS - 80, 30, "scores with v1")
         after = [s for t, s, v in daemon.pipeline.history if v == 1 and np.isfinite(s)]
         assert np.mean(after) < 0.8 * np.mean(before), (np.mean(before), np.mean(after))
@@ -177,7 +180,7 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
     daemon.start()
     try:
         publish_steps(broker.port, data.ts, data.values, 0, total)
-        wait_for(lambda: daemon.store.count() == 3 * total, 60, "every reading stored")
+        wait_for(lambda: daemon.store.count() == 3 * total, READINGS_TIMEOUT_S, "every reading stored", detail=lambda: (daemon.store.count(), daemon.ingestor.counters()))
         time.sleep(2)
         assert daemon.runner is not None and daemon.runner.last is None, "nothing may start an update unasked"
         reply = request(cfg.device.socket, {"cmd": "train"})
@@ -212,7 +215,7 @@ def test_device_without_a_base_model_bootstraps_one_from_its_store(tmp_path: Pat
     try:
         assert daemon.base is None and daemon.pipeline is not None and daemon.pipeline.scorer is None
         publish_steps(broker.port, data.ts, data.values, 0, total)
-        wait_for(lambda: daemon.store.count() == 3 * total, 60, "every reading stored")
+        wait_for(lambda: daemon.store.count() == 3 * total, READINGS_TIMEOUT_S, "every reading stored", detail=lambda: (daemon.store.count(), daemon.ingestor.counters()))
         # Idle and enough gap-free windows: the daemon trains its own base in the child.
         wait_for(lambda: daemon.base is not None, 180, "a bootstrapped base model")
         assert (cfg.base_dir / "model.safetensors").exists()

@@ -116,7 +116,7 @@ def test_pressure_during_an_update_tightens_the_plan_and_ingestion_goes_on(
         assert daemon.store is not None and daemon.watchdog is not None and daemon.runner is not None
         watchdog, runner, store = daemon.watchdog, daemon.runner, daemon.store
         publish_steps(broker.port, data.ts, data.values, 0, HISTORY_STEPS)
-        wait_for(lambda: store.count() == 3 * HISTORY_STEPS, 60, "the history stored")
+        wait_for(lambda: store.count() == 3 * HISTORY_STEPS, 180, "the history stored", detail=lambda: store.count())
 
         watcher = StatusWatcher(cfg.device.socket)
         reply = request(cfg.device.socket, {"cmd": "train"})
