@@ -160,7 +160,7 @@ def persisted(
 
     ingestor.on_batch.append(count)
     ingestor.start()
-    ingestor.wait_connected(10)
+    ingestor.wait_subscribed(10)
     time.sleep(0.3)
     publisher = start_publisher(broker.port, qos, form, n, channels, time.time() - 3600)
     meter.wait(publisher)

@@ -305,7 +305,7 @@ class Daemon:
         deadline = time.monotonic() + self.broker_wait_s
         while not self.stop_event.is_set():
             left = deadline - time.monotonic()
-            if ingestor.wait_connected(min(max(left, 0.0), 0.5)):
+            if ingestor.wait_subscribed(min(max(left, 0.0), 0.5)):
                 return True
             if left <= 0:
                 log.warning(

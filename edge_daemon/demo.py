@@ -21,6 +21,7 @@ import numpy as np
 
 from edge_daemon.broker import LocalBroker
 from edge_daemon.config import Config, parse_config
+from edge_daemon.errors import EdgeDaemonError
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,11 @@ def run_demo(
 
     daemon = Daemon(config)
     daemon.start()
+    # Publish only once the daemon's subscription is granted: a fresh session gets nothing before.
+    assert daemon.ingestor is not None
+    if not daemon.ingestor.wait_subscribed(30):
+        daemon.stop()
+        raise EdgeDaemonError(f"the daemon did not subscribe to the demo broker on port {port} within 30 s")
     rng = np.random.default_rng(7)
     sent = {"valid_readings": 0, "malformed": 0}
 
@@ -195,7 +201,6 @@ def run_demo(
 
 def _write_report(config: Config, out_dir: Path) -> str | None:
     """The report of the demo's state dir; None (logged) if it cannot be made, e.g. without matplotlib."""
-    from edge_daemon.errors import EdgeDaemonError
     from edge_daemon.report import write_report
 
     try:

@@ -281,6 +281,10 @@ class Ingestor:
         self._gen_lock = threading.Lock()
         self._generation = 0
         self._connected = threading.Event()
+        # Set when the broker has granted our subscriptions: before that, a message published
+        # on a fresh session is not routed to us at all.
+        self._subscribed = threading.Event()
+        self._subscribe_mid: int | None = None
         self._ever_connected = False
         self._down_reported = False
         self._stats_lock = threading.Lock()
@@ -317,6 +321,7 @@ class Ingestor:
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _connect_properties(self) -> Properties | None:
@@ -343,10 +348,21 @@ class Ingestor:
         # Subscribe on every connect: a broker that lost our session (restart without
         # persistence) must get the subscriptions again; with a kept session it is harmless.
         qos = self.config.mqtt.qos
-        client.subscribe([(topic, qos) for topic in self.config.mqtt.topics])
+        _, self._subscribe_mid = client.subscribe([(topic, qos) for topic in self.config.mqtt.topics])
         # The last will may have replaced the retained status while we were away.
         self.publish("status", self.online_status(), qos=1, retain=True)
         self._connected.set()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list, props: Any) -> None:
+        if mid != self._subscribe_mid:
+            return
+        refused = [
+            f"{topic} ({code})" for topic, code in zip(self.config.mqtt.topics, reason_codes) if code.is_failure
+        ]
+        if refused:
+            # Nothing arrives on a refused topic (an ACL, a bad filter): say so loudly, keep the rest.
+            log.error("broker refused the subscription to %s", ", ".join(refused))
+        self._subscribed.set()
 
     def _report_down(self, what: str) -> None:
         # The first failure after being up (or at start) is a WARNING; the retries are DEBUG.
@@ -362,6 +378,7 @@ class Ingestor:
         with self._gen_lock:
             self._generation += 1
         self._connected.clear()
+        self._subscribed.clear()
         if not self._stopped:
             self._report_down(f"lost connection to broker {self.config.mqtt.host}:{self.config.mqtt.port} ({reason})")
 
@@ -389,12 +406,14 @@ class Ingestor:
         )
         self.client.loop_start()
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Block until connected with the subscriptions granted, so nothing published from now on is missed."""
+        return self._subscribed.wait(timeout)
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        """Connected with the subscriptions granted: readings published now reach us."""
+        return self._subscribed.is_set()
 
     @property
     def alive(self) -> bool:
@@ -456,9 +475,10 @@ class Ingestor:
         try:
             self._write_loop()
         except BaseException as exc:
+            # Logged with its traceback here; the thread then ends, `alive` turns False and the
+            # daemon exits non-zero so the service manager restarts it.
             self._writer_error = exc
             log.exception("ingest writer died")
-            raise
         finally:
             log.info("ingest writer exiting")
 

@@ -11,6 +11,7 @@ import pytest
 
 from edge_daemon.broker import LocalBroker
 from edge_daemon.config import Config, parse_config
+from edge_daemon.daemon import Daemon
 
 # Small models train on 2 cores; more threads only contend.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -47,3 +48,16 @@ def make_config(tmp_path: Path, port: int = 1883, **sections: dict) -> Config:
 @pytest.fixture
 def config(tmp_path: Path, broker: LocalBroker) -> Config:
     return make_config(tmp_path, port=broker.port)
+
+
+def start_daemon(daemon: Daemon, timeout: float = 60.0) -> None:
+    """Start an in-process daemon and wait until its subscriptions are granted.
+
+    A fresh MQTT session receives nothing published before its SUBACK, so a test that
+    publishes right after `start()` would lose its first messages to that race.
+    """
+    daemon.start()
+    assert daemon.ingestor is not None
+    if not daemon.ingestor.wait_subscribed(timeout):
+        daemon.stop()
+        raise AssertionError(f"daemon not subscribed within {timeout:.0f} s")

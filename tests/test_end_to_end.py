@@ -24,7 +24,7 @@ from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from sample_sensors.publish import valid_messages
-from tests.conftest import make_config
+from tests.conftest import make_config, start_daemon
 
 OLD_STEPS = 2400
 NEW_STEPS = 900
@@ -121,7 +121,7 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
 
     collector = Collector(broker.port)
     daemon = Daemon(cfg)
-    daemon.start()
+    start_daemon(daemon)
     try:
         publish_steps(broker.port, data.ts, data.values, 0, OLD_STEPS + NEW_STEPS)
         assert daemon.store is not None
@@ -177,7 +177,7 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
     grid = build_grid(*readings(data, 0, OLD_STEPS), 3, 1.0, 5)
     pretrain(grid, list(CHANNELS), 1.0, cfg.model, cfg.base_dir, steps=500)
     daemon = Daemon(cfg)
-    daemon.start()
+    start_daemon(daemon)
     try:
         publish_steps(broker.port, data.ts, data.values, 0, total)
         wait_for(lambda: daemon.store.count() == 3 * total, READINGS_TIMEOUT_S, "every reading stored", detail=lambda: (daemon.store.count(), daemon.ingestor.counters()))
@@ -211,7 +211,7 @@ def test_device_without_a_base_model_bootstraps_one_from_its_store(tmp_path: Pat
     cfg = small_config(tmp_path, broker.port, model={"bootstrap_min_windows": 400, "pretrain_steps": 150})
     collector = Collector(broker.port)
     daemon = Daemon(cfg)
-    daemon.start()
+    start_daemon(daemon)
     try:
         assert daemon.base is None and daemon.pipeline is not None and daemon.pipeline.scorer is None
         publish_steps(broker.port, data.ts, data.values, 0, total)

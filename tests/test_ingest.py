@@ -191,7 +191,7 @@ def running(tmp_path: Path, broker: LocalBroker):  # type: ignore[no-untyped-def
     store = ReplayStore(config.store_path, config.store, config.channels.names)
     ingestor = Ingestor(config, store)
     ingestor.start()
-    assert ingestor.wait_connected(10)
+    assert ingestor.wait_subscribed(10)
     yield config, store, ingestor
     ingestor.stop()
     store.close()
@@ -219,12 +219,36 @@ def test_duplicates_are_stored_once_and_hooks_see_committed_batches(running, bro
     pub.disconnect()
 
 
+def test_a_fresh_session_misses_nothing_published_once_subscribed(tmp_path: Path, broker: LocalBroker) -> None:
+    # A new session gets nothing published before its SUBACK. `wait_subscribed` (what the daemon
+    # waits for before READY) must cover that: a reading published the moment it returns is stored.
+    pub = publisher(broker, client_id=f"fresh-session-publisher-{time.monotonic_ns()}")
+    try:
+        for attempt in range(5):
+            config = config_for(tmp_path / str(attempt), broker)
+            store = ReplayStore(config.store_path, config.store, config.channels.names)
+            ingestor = Ingestor(config, store)
+            try:
+                assert not ingestor.connected
+                ingestor.start()
+                assert ingestor.wait_subscribed(10)
+                assert ingestor.connected
+                pub.publish("sensors/m1/temperature", json.dumps({"ts": time.time(), "value": attempt}), qos=1).wait_for_publish(5)
+                wait_for(lambda: store.count() == 1, 10, f"the reading published right after the SUBACK (round {attempt})")
+            finally:
+                ingestor.stop()
+                store.close()
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+
+
 def test_status_is_retained_online_then_offline_after_stop(tmp_path: Path, broker: LocalBroker) -> None:
     config = config_for(tmp_path, broker)
     store = ReplayStore(config.store_path, config.store, config.channels.names)
     ingestor = Ingestor(config, store)
     ingestor.start()
-    assert ingestor.wait_connected(10)
+    assert ingestor.wait_subscribed(10)
 
     def retained_status() -> dict:
         got: list[bytes] = []
@@ -256,7 +280,7 @@ def test_broker_restart_mid_stream_loses_nothing(
     store = ReplayStore(config.store_path, config.store, config.channels.names)
     ingestor = Ingestor(config, store)
     ingestor.start()
-    assert ingestor.wait_connected(10)
+    assert ingestor.wait_subscribed(10)
     pub = publisher(broker)
     total = 3000
     base = time.time() - 600
@@ -293,7 +317,7 @@ def test_mqtt_311_with_small_broker_inflight(tmp_path: Path, broker: LocalBroker
     store = ReplayStore(config.store_path, config.store, config.channels.names)
     ingestor = Ingestor(config, store)
     ingestor.start()
-    assert ingestor.wait_connected(10)
+    assert ingestor.wait_subscribed(10)
     pub = publisher(broker, "pub-311")
     base = time.time() - 60
     started = time.monotonic()
@@ -314,7 +338,7 @@ def test_acks_reach_the_broker_so_a_restarted_session_gets_nothing_again(tmp_pat
     store = ReplayStore(config.store_path, config.store, config.channels.names)
     ingestor = Ingestor(config, store)
     ingestor.start()
-    assert ingestor.wait_connected(10)
+    assert ingestor.wait_subscribed(10)
     pub = publisher(broker, "pub-acks")
     total = 2500  # more than the receive maximum: the broker stalls unless batches are acknowledged
     base = time.time() - 60
@@ -328,7 +352,7 @@ def test_acks_reach_the_broker_so_a_restarted_session_gets_nothing_again(tmp_pat
     # Same client id, kept session: anything committed but not acknowledged would come again.
     again = Ingestor(config, store)
     again.start()
-    assert again.wait_connected(10)
+    assert again.wait_subscribed(10)
     time.sleep(1.0)
     again.stop()
     assert again.counters()["received"] == 0

@@ -28,7 +28,7 @@ from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain
 from edge_daemon.watchdog import Level
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
-from tests.conftest import make_config
+from tests.conftest import make_config, start_daemon
 from tests.test_end_to_end import publish_steps, wait_for
 from tests.test_watchdog import MemHog, MemoryCgroup, memhog, memory_cgroup  # noqa: F401  (fixtures)
 
@@ -109,7 +109,7 @@ def test_pressure_during_an_update_tightens_the_plan_and_ingestion_goes_on(
     data = _data_and_base(cfg, seed=3)
     total = HISTORY_STEPS + LATER_STEPS
     daemon = Daemon(cfg)
-    daemon.start()
+    start_daemon(daemon)
     watcher: StatusWatcher | None = None
     publisher: threading.Thread | None = None
     try:
