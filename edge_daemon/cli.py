@@ -589,20 +589,22 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK if summary.get("update_accepted") and summary.get("readings_lost") == 0 else EXIT_ERROR
 
 
-def _setup_passthrough(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help="options (see --help of scripts/install)")
+def _setup_install(parser: argparse.ArgumentParser) -> None:
+    from edge_daemon.install import add_arguments
+
+    add_arguments(parser, "install")
 
 
-def _install(args: argparse.Namespace) -> int:
-    from edge_daemon.install import main as install_main
+def _setup_uninstall(parser: argparse.ArgumentParser) -> None:
+    from edge_daemon.install import add_arguments
 
-    return int(install_main(["install", *args.rest]))
+    add_arguments(parser, "uninstall")
 
 
-def _uninstall(args: argparse.Namespace) -> int:
-    from edge_daemon.install import main as install_main
+def _install_or_uninstall(args: argparse.Namespace) -> int:
+    from edge_daemon.install import run
 
-    return int(install_main(["uninstall", *args.rest]))
+    return run(args)
 
 
 register("pretrain", "train the base model from a CSV or from the replay store",
@@ -610,9 +612,9 @@ register("pretrain", "train the base model from a CSV or from the replay store",
 register("demo", "the whole mission in a few minutes: broker, daemon, sample motor, drift, adaptation",
          "edge-daemon demo", _setup_demo, _demo)  # fmt: skip
 register("install", "install as a systemd service (venv under /opt, unit, default config)",
-         "sudo edge-daemon install --prefix /", _setup_passthrough, _install)  # fmt: skip
+         "sudo edge-daemon install", _setup_install, _install_or_uninstall)  # fmt: skip
 register("uninstall", "remove the service; keeps data and config unless --purge",
-         "sudo edge-daemon uninstall --purge", _setup_passthrough, _uninstall)  # fmt: skip
+         "sudo edge-daemon uninstall --purge", _setup_uninstall, _install_or_uninstall)  # fmt: skip
 
 
 def _setup_report(parser: argparse.ArgumentParser) -> None:

@@ -4,6 +4,11 @@ Owns the on-device layout: a virtual environment under /opt, the unit in
 /etc/systemd/system, the default config (never overwritten) and the state
 that uninstall keeps unless asked to purge. Standard library only, so the
 system python3 can run it from a source tree (scripts/install).
+
+The unit and the default config are package data (edge_daemon/data/), so an
+edge-daemon installed from a wheel into a venv installs the service too: the
+service then runs from that venv. From a source tree the installer creates
+the venv itself, with the CPU torch pin from constraints.txt.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ CONFIG_PATH = Path("/etc/edge-daemon/config.toml")
 # the usual place; both forms are removed together.
 STATE_DIRS = (Path("/var/lib/edge-daemon"), Path("/var/lib/private/edge-daemon"))
 CACHE_DIRS = (Path("/var/cache/edge-daemon"), Path("/var/cache/private/edge-daemon"))
-# The device id in systemd/config.toml; the installer replaces it with the
+DATA_DIR = Path(__file__).resolve().parent / "data"
+# The device id in the default config.toml; the installer replaces it with the
 # host name, since two devices sharing an MQTT client id keep kicking each
 # other off the broker.
 TEMPLATE_DEVICE_ID = "edge-device"
@@ -60,8 +66,25 @@ class UninstallResult:
 
 
 def project_dir() -> Path:
-    """The source tree this module was loaded from (holds systemd/ and pyproject.toml)."""
+    """Where a source tree holding this module would be (it may be site-packages instead)."""
     return Path(__file__).resolve().parents[1]
+
+
+def is_source_tree(path: Path) -> bool:
+    """Whether `path` is an edge-daemon source tree pip can install from."""
+    path = Path(path)
+    return (path / "pyproject.toml").is_file() and (path / "constraints.txt").is_file() and (path / "edge_daemon").is_dir()
+
+
+def running_venv() -> Path:
+    """The virtual environment this edge-daemon runs from (installed from a wheel)."""
+    if sys.prefix == sys.base_prefix:
+        raise InstallError(
+            "edge-daemon runs neither from a source tree nor from a virtual environment: install it into a "
+            "venv (pip install -c constraints.txt torch==<pin> edge_daemon-*.whl) and run that venv's "
+            "edge-daemon install, or pass --source with a source tree"
+        )
+    return Path(sys.prefix)
 
 
 def systemd_running() -> bool:
@@ -81,9 +104,9 @@ def device_id_from_hostname(hostname: str | None = None) -> str:
     return name or TEMPLATE_DEVICE_ID
 
 
-def render_unit(source: Path, venv_dir: Path = DEFAULT_VENV) -> str:
+def render_unit(venv_dir: Path = DEFAULT_VENV) -> str:
     """The unit file text, with ExecStart pointing into `venv_dir`."""
-    text = _read(Path(source) / "systemd" / UNIT_NAME)
+    text = _read(DATA_DIR / UNIT_NAME)
     venv_dir = Path(venv_dir)
     if not venv_dir.is_absolute():
         raise InstallError(f"venv directory must be absolute, got {venv_dir}")
@@ -92,9 +115,9 @@ def render_unit(source: Path, venv_dir: Path = DEFAULT_VENV) -> str:
     return text
 
 
-def render_config(source: Path, device_id: str | None = None) -> str:
+def render_config(device_id: str | None = None) -> str:
     """The default config text with this device's id filled in."""
-    text = _read(Path(source) / "systemd" / "config.toml")
+    text = _read(DATA_DIR / "config.toml")
     device_id = device_id_from_hostname() if device_id is None else device_id
     return text.replace(f'id = "{TEMPLATE_DEVICE_ID}"', f'id = "{device_id}"', 1)
 
@@ -150,15 +173,32 @@ def install(
     the venv (tests, or a venv provisioned another way).
     """
     prefix = Path(prefix)
-    source = project_dir() if source is None else Path(source)
     venv_dir = Path(venv_dir)
     at_root = prefix.resolve() == Path("/")
     if at_root and os.geteuid() != 0:
         raise InstallError("installing to / needs root (try sudo)")
-    unit_text = render_unit(source, venv_dir)  # read sources before touching the target
+    if source is not None:
+        source = Path(source)
+        if not is_source_tree(source):
+            raise InstallError(f"{source} is not an edge-daemon source tree (no pyproject.toml, constraints.txt, edge_daemon/)")
+    elif is_source_tree(project_dir()):
+        source = project_dir()
+    elif with_venv:
+        # Installed from a wheel: the venv exists already and the service runs from it.
+        running = running_venv()
+        if venv_dir != DEFAULT_VENV and venv_dir.resolve() != running.resolve():
+            raise InstallError(
+                f"--venv {venv_dir}: this edge-daemon runs from {running}, so the service would run from there; "
+                f"drop --venv, or add --no-venv if {venv_dir} is provisioned another way"
+            )
+        venv_dir, with_venv = running, False
+        log.info("edge-daemon is installed in %s: the service runs from that venv", venv_dir)
+    unit_text = render_unit(venv_dir)  # read everything before touching the target
+    config_text = render_config(device_id)
 
     venv_path: Path | None = None
     if with_venv:
+        assert source is not None
         venv_path = create_venv(under(prefix, venv_dir), source)
 
     unit_path = under(prefix, UNIT_DIR / UNIT_NAME)
@@ -166,7 +206,7 @@ def install(
     log.info("wrote %s", unit_path)
 
     config_path = under(prefix, CONFIG_PATH)
-    config_written = _write_new(config_path, render_config(source, device_id), 0o644)
+    config_written = _write_new(config_path, config_text, 0o644)
     if config_written:
         log.info("wrote default config %s", config_path)
     else:
@@ -291,6 +331,21 @@ def _run(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[
     return proc
 
 
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """The options of `install` or `uninstall` (also used by the `edge-daemon` CLI)."""
+    verb = "install under" if command == "install" else "remove from"
+    parser.add_argument("--prefix", type=Path, default=Path("/"), help=f"{verb} this root (default /)")
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help=f"venv path on the device (default {DEFAULT_VENV})")
+    parser.add_argument("--no-systemctl", action="store_true", help="do not run systemctl")
+    if command == "install":
+        parser.add_argument("--source", type=Path, default=None,
+                            help="source tree to build the venv from (default: this one; installed from a wheel: the venv it runs from)")  # fmt: skip
+        parser.add_argument("--no-venv", action="store_true", help="skip creating the venv (it exists or is managed elsewhere)")
+        parser.add_argument("--device-id", default=None, help="[device] id for a new config (default: host name)")
+    else:
+        parser.add_argument("--purge", action="store_true", help="also remove state (store, models, adapters) and the config")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-daemon",
@@ -301,22 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    inst = sub.add_parser("install", help="venv under /opt, unit, default config; enable and start")
-    rm = sub.add_parser("uninstall", help="stop and remove the service; keep data unless --purge")
-    for p in (inst, rm):
-        p.add_argument("--prefix", type=Path, default=Path("/"), help="install under this root (default /)")
-        p.add_argument("--venv", type=Path, default=DEFAULT_VENV, help=f"venv path on the device (default {DEFAULT_VENV})")
-        p.add_argument("--no-systemctl", action="store_true", help="do not run systemctl")
-    inst.add_argument("--source", type=Path, default=None, help="source tree to install from (default: this one)")
-    inst.add_argument("--no-venv", action="store_true", help="skip creating the venv (it exists or is managed elsewhere)")
-    inst.add_argument("--device-id", default=None, help="[device] id for a new config (default: host name)")
-    rm.add_argument("--purge", action="store_true", help="also remove state (store, models, adapters) and the config")
+    add_arguments(sub.add_parser("install", help="venv under /opt, unit, default config; enable and start"), "install")
+    add_arguments(sub.add_parser("uninstall", help="stop and remove the service; keep data unless --purge"), "uninstall")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`install ...` or `uninstall ...`; returns the exit code."""
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Carry out parsed `install` / `uninstall` options; returns the exit code."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -337,6 +383,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`install ...` or `uninstall ...`; returns the exit code."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

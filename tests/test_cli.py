@@ -261,3 +261,17 @@ def test_status_against_a_real_daemon(capsys: pytest.CaptureFixture[str], tmp_pa
     finally:
         daemon.close()
 
+
+
+def test_install_and_uninstall_take_their_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # The documented `edge-daemon install --prefix ...` form: options reach the installer.
+    code, _, err = run(capsys, "install", "--prefix", str(tmp_path), "--no-venv", "--no-systemctl", "--device-id", "pump-07")
+    assert code == 0, err
+    assert 'id = "pump-07"' in (tmp_path / "etc/edge-daemon/config.toml").read_text()
+    assert (tmp_path / "etc/systemd/system/edge-daemon.service").is_file()
+    code, _, err = run(capsys, "uninstall", "--prefix", str(tmp_path), "--no-systemctl", "--purge")
+    assert code == 0, err
+    assert not (tmp_path / "etc/edge-daemon").exists() and not (tmp_path / "etc/systemd/system/edge-daemon.service").exists()
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["install", "--no-such-option"])
+    assert usage.value.code == 2

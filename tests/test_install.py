@@ -182,3 +182,38 @@ def test_install_creates_a_working_venv(tmp_path: Path) -> None:
     assert module_file.startswith(str(res.venv))
     inst.uninstall(prefix=tmp_path)
     assert not (tmp_path / "opt/edge-daemon").exists()
+
+
+def test_a_wheel_installs_the_service_from_its_own_venv(tmp_path: Path) -> None:
+    # A fleet ships a wheel, not a source tree: the unit and default config travel in it as
+    # package data, and the service runs from the venv the wheel was installed into.
+    import sys
+    import zipfile
+
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = dist.glob("edge_daemon-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        for name in ("edge-daemon.service", "config.toml"):
+            assert zf.read(f"edge_daemon/data/{name}") == (ROOT / "systemd" / name).read_bytes()
+    # The wheel's files, not this source tree's, first on the path of this venv's python
+    # (which has the dependencies); run from elsewhere so the source tree is not on the path.
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    root = tmp_path / "root"
+    cmd = [sys.executable, "-m", "edge_daemon", "install", "--prefix", str(root), "--no-systemctl", "--device-id", "pump-07"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"installed in {sys.prefix}" in proc.stderr
+    unit = (root / "etc/systemd/system/edge-daemon.service").read_text()
+    assert f"ExecStart={sys.prefix}/bin/edge-daemon " in unit
+    assert load_config(root / "etc/edge-daemon/config.toml").device.id == "pump-07"
+    assert not (root / "opt").exists(), "no venv is created: the service uses the wheel's"
+    # A --venv the wheel is not installed in is refused, not silently replaced.
+    other = subprocess.run([*cmd, "--venv", "/opt/elsewhere"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1 and f"runs from {sys.prefix}" in other.stderr
