@@ -424,22 +424,41 @@ def render_drift(out: Console, reply: dict[str, Any]) -> None:
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name, justify in (("channel", "left"), ("state", "left"), ("count", "right"), ("last detected", "left"),
-                          ("residual", "right"), ("baseline", "right"), ("ratio", "right")):  # fmt: skip
+                          ("input PSI", "right"), ("residual", "right"), ("baseline", "right"), ("ratio", "right")):  # fmt: skip
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for name, channel in channels.items():
         channel = channel if isinstance(channel, dict) else {}
         level, baseline = _number(channel.get("residual_level")), _number(channel.get("residual_baseline"))
         state = str(channel.get("state", NONE))
+        window = channel.get("residual_window") if isinstance(channel.get("residual_window"), dict) else {}
         table.add_row(
             esc(name),
             "[red]drift[/red]" if state == "drift" else esc(state),
             fmt_int(channel.get("detections")),
             fmt_time(channel.get("last_detected")),
+            _psi_cell(channel.get("psi")),
             fmt_float(level),
-            fmt_float(baseline),
+            fmt_float(baseline) if baseline is not None or not window else _learning(window),
             f"{level / baseline:.2f}" if level is not None and baseline else NONE,
         )
+    # Never ellipsise a column (the default width of piped output is 80): let long lines be long.
+    out.width = max(out.width, 120)
     out.print(table)
+
+
+def _learning(window: dict[str, Any]) -> str:
+    filled = _number(window.get("window_filled"))
+    return f"learning {filled:.0%}" if filled is not None else "learning"
+
+
+def _psi_cell(psi: Any) -> str:
+    """PSI against the reference, or how far the reference is learnt."""
+    if not isinstance(psi, dict):
+        return NONE
+    if psi.get("reference") == "learning" or psi.get("value") is None:
+        return _learning(psi)
+    value = _number(psi.get("value"))
+    return fmt_float(value)
 
 
 def _drift(args: argparse.Namespace) -> int:

@@ -138,8 +138,10 @@ class TrainConfig(_Section):
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="'auto' lets the watchdog decide")
     optimizer: Literal["auto", "adamw", "adamw8bit"] = Field("auto", description="'auto' switches to 8-bit state under pressure")
-    min_interval_s: float = Field(600.0, ge=0, description="minimum spacing between updates")
-    min_new_windows: int = Field(256, ge=1, description="new windows since the last update that justify one without drift")
+    min_interval_s: float = Field(3600.0, ge=0, description="minimum spacing between updates")
+    min_new_windows: int = Field(
+        21600, ge=1, description="new windows since the last update that justify one without drift (6 h at 1 s)"
+    )
     recent_hours: float = Field(1.0, gt=0, description="what counts as recent data for an update")
     idle_cpu_percent: float = Field(50.0, gt=0, le=100, description="device counts as idle below this CPU use")
     idle_window_s: float = Field(30.0, gt=0, description="... averaged over this long")
@@ -188,11 +190,31 @@ class DriftConfig(_Section):
     kswin_window_size: int = Field(200, ge=2, description="KSWIN: sliding window length")
     kswin_stat_size: int = Field(60, ge=1, description="KSWIN: newest values compared with a sample of the older ones")
     residual_halflife_steps: float = Field(30.0, gt=0, description="half-life of the EWMA of |residual| reported as the level")
+    inputs: Literal["reference", "stream"] = Field(
+        "reference",
+        description="input drift: 'reference' compares a rolling window with the training data (PSI); "
+        "'stream' runs `detector` on every value (fast, but fires at every change of operating state)",
+    )
+    input_window_s: float = Field(86400.0, gt=0, description="'reference': span of the rolling window; hold whole cycles (a day)")
+    psi_threshold: float = Field(1.0, gt=0, description="'reference': PSI over this is input drift")
+    psi_rearm: float = Field(0.5, gt=0, description="'reference': PSI under this ends the episode (one alert each)")
+    residuals: Literal["window", "stream"] = Field(
+        "window",
+        description="residual drift: 'window' compares the mean |residual| of a rolling window with the first "
+        "window after start or an accepted adapter; 'stream' runs `detector` on every residual",
+    )
+    residual_window_s: float = Field(86400.0, gt=0, description="'window': span of the rolling window; hold whole cycles")
+    residual_ratio: float = Field(2.0, gt=1, description="'window': mean |residual| this many times the baseline is drift")
+    residual_rearm_ratio: float = Field(1.5, ge=1, description="'window': under this ratio a new episode may alert again")
 
     @model_validator(mode="after")
     def _kswin_sizes(self) -> DriftConfig:
         if self.kswin_window_size < 2 * self.kswin_stat_size:
             raise ValueError("kswin_window_size must be >= 2 * kswin_stat_size")
+        if self.psi_rearm >= self.psi_threshold:
+            raise ValueError("psi_rearm must be below psi_threshold")
+        if self.residual_rearm_ratio >= self.residual_ratio:
+            raise ValueError("residual_rearm_ratio must be below residual_ratio")
         return self
 
 

@@ -47,7 +47,8 @@ def demo_config(state_dir: Path, port: int, quick: bool) -> Config:
                 "recent_hours": 900 / 3600,
                 "gate_tolerance": 0.5,
             },
-            "drift": {"min_samples": 600},
+            # The sample motor's day lasts 600 steps here (time_scale 144): drift windows hold one.
+            "drift": {"input_window_s": 600, "residual_window_s": 600},
             "outputs": {"forecast_every": 10, "status_interval_s": 2.0},
         }
     )

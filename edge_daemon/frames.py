@@ -180,6 +180,22 @@ class NormStats:
             raise ValueError(f"bad normalisation stats: {exc}") from None
 
 
+def value_reference(values: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """The distribution of one channel's finite values: `bins`-quantile edges and each bin's share.
+
+    What input drift is judged against (drift/reference.py); pretraining
+    records it per channel with the base model. A value equal to an edge
+    belongs to the bin above it.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size < bins:
+        raise ValueError(f"a reference needs at least {bins} finite values, got {x.size}")
+    edges = np.unique(np.quantile(x, np.linspace(0, 1, bins + 1)[1:-1]))
+    counts = np.bincount(np.searchsorted(edges, x, side="right"), minlength=edges.size + 1)
+    return {"edges": edges.tolist(), "proportions": (counts / x.size).tolist(), "samples": int(x.size)}
+
+
 def normalise_grid(grid: Grid, norm: NormStats) -> Grid:
     """The same grid in normalised units (what windows for the model are cut from)."""
     return Grid(grid.t0, grid.period_s, norm.apply(grid.values))

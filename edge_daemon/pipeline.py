@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from edge_daemon.adapters import BaseModel
 from edge_daemon.config import Config
 from edge_daemon.drift import DriftMonitor
+from edge_daemon.drift.reference import Reference, references_from_meta
 from edge_daemon.scoring import GridAssembler, Scorer
 from edge_daemon.store import Reading
 
@@ -36,6 +38,11 @@ def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
+def input_references(base: BaseModel) -> list[Reference | None]:
+    """Per channel, the input distribution the base model was trained on (None: not recorded)."""
+    return references_from_meta(base.meta, base.channels)
+
+
 class ScoringPipeline:
     """Owns the assembler, the scorer (once a base model exists) and the drift monitor."""
 
@@ -46,7 +53,12 @@ class ScoringPipeline:
         self.assembler = GridAssembler(
             config.channels.names, config.channels.period_s, config.channels.max_fill_steps, config.channels.lateness_s
         )
-        self.drift = DriftMonitor(config.channels.names, config.drift)
+        self.drift = DriftMonitor(
+            config.channels.names,
+            config.drift,
+            input_reference=None if scorer is None else input_references(scorer.base),
+            period_s=config.channels.period_s,
+        )
         self._queue: queue.Queue[Sequence[Reading] | None] = queue.Queue(MAX_PENDING_BATCHES)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -175,7 +187,12 @@ class ScoringPipeline:
 
     def set_scorer(self, scorer: Scorer) -> None:
         with self._lock:
+            previous = self.scorer
             self.scorer = scorer
+        if previous is None or previous.base.fingerprint != scorer.base.fingerprint:
+            # A new base model (e.g. bootstrapped from the store): its training data is the
+            # reference for input drift from now on.
+            self.drift.set_input_reference(input_references(scorer.base))
 
     @property
     def newest_ts(self) -> float | None:

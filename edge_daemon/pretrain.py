@@ -32,6 +32,7 @@ from edge_daemon.frames import (
     normalise_grid,
     split_by_time,
     valid_window_starts,
+    value_reference,
 )
 from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
 
@@ -109,6 +110,23 @@ def _persistence_loss(windows: np.ndarray) -> float:
     return float(np.mean((windows[:, 1:] - windows[:, :-1]) ** 2))
 
 
+def input_references_of(data: Grid | np.ndarray) -> list[dict[str, Any] | None]:
+    """Per channel, the decile reference of the raw training values (None: too few values)."""
+    if isinstance(data, Grid):
+        raw = np.asarray(data.values, dtype=np.float64)
+    else:
+        raw = np.asarray(data, dtype=np.float64)
+        if raw.ndim == 3:
+            raw = raw[:, -1, :]  # each window's last step: every value about once
+    references: list[dict[str, Any] | None] = []
+    for c in range(raw.shape[1]):
+        try:
+            references.append(value_reference(raw[:, c]))
+        except ValueError:
+            references.append(None)
+    return references
+
+
 def _prepare(
     data: Grid | np.ndarray,
     period_s: float,
@@ -179,6 +197,7 @@ def pretrain(
     lr = lr or model_cfg.pretrain_lr
     val_fraction = val_fraction or model_cfg.pretrain_val_fraction
     norm, train, val = _prepare(data, period_s, fcfg.window + 1, val_fraction, end_times, stride)
+    input_reference = input_references_of(data)
     if norm.n_channels != len(channels):
         raise TrainingError(f"data has {norm.n_channels} channels, config names {len(channels)}")
     if len(train.windows) < MIN_TRAIN_WINDOWS or len(val.windows) < 1:
@@ -268,6 +287,8 @@ def pretrain(
         "val_loss": val_loss,
         "persistence_val_loss": _persistence_loss(val.windows),
         "residual_scale": residual_scale.tolist(),
+        # What input drift is judged against (drift/reference.py): deciles of the raw data.
+        "input_reference": input_reference,
         "train_windows": len(train.windows),
         "val_windows": len(val.windows),
         "n_params": model.n_params(),

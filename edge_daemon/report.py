@@ -223,15 +223,19 @@ def compute_forecasts(grid: Grid, base: BaseModel, switches: list[Switch], max_f
     return Forecasts(rows, t, base_pred, served, served_version, actual, base_score, served_score, stride)
 
 
-def recompute_drift(config: Config, grid: Grid, forecasts: Forecasts | None, switches: list[Switch]) -> list[DriftEvent]:
+def recompute_drift(
+    config: Config, grid: Grid, forecasts: Forecasts | None, switches: list[Switch], base: BaseModel | None = None
+) -> list[DriftEvent]:
     """Run a fresh DriftMonitor (same config as the daemon's) over the grid and the served residuals.
 
     As in the daemon, every grid step feeds the input detectors, every scored step the residual
     detectors, and the residual baseline restarts when an adapter begins serving.
     """
     from edge_daemon.drift import DriftMonitor
+    from edge_daemon.drift.reference import references_from_meta
 
-    monitor = DriftMonitor(config.channels.names, config.drift)
+    references = None if base is None else references_from_meta(base.meta, config.channels.names)
+    monitor = DriftMonitor(config.channels.names, config.drift, input_reference=references, period_s=grid.period_s)
     events: list[DriftEvent] = []
     residual_at: dict[int, np.ndarray] = {}
     if forecasts is not None:
@@ -287,7 +291,7 @@ def collect(config: Config, hours: float | None = None, max_forecasts: int = MAX
             f"Forecasts (and the residual drift detectors) use every {forecasts.stride}th step "
             f"to keep the report fast; input drift uses every step."
         )
-    events = recompute_drift(config, grid, forecasts, switches)
+    events = recompute_drift(config, grid, forecasts, switches, base)
     return ReportData(
         config=config,
         grid=grid,

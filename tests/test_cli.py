@@ -143,11 +143,12 @@ def test_drift_human(capsys: pytest.CaptureFixture[str], sock: Path) -> None:
     assert code == 0
     lines = [line.rstrip() for line in out.splitlines()]
     assert lines[0] == "drift: DETECTED on m1/vibration; last detection 2024-05-01 12:00:03Z"
-    assert lines[1].split() == ["channel", "state", "count", "last", "detected", "residual", "baseline", "ratio"]
+    assert lines[1].split() == ["channel", "state", "count", "last", "detected", "input", "PSI", "residual", "baseline", "ratio"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
-    assert rows["m1/vibration"] == ["drift", "2", "2024-05-01", "12:00:03Z", "1.8", "0.9", "2.00"]
-    assert rows["m1/temperature"] == ["stable", "0", "-", "0.4", "0.5", "0.80"]
-    assert rows["m1/current"] == ["stable", "1", "2024-04-30", "08:00:00Z", "-", "-", "-"]
+    assert rows["m1/vibration"] == ["drift", "2", "2024-05-01", "12:00:03Z", "2.5", "1.8", "0.9", "2.00"]
+    assert rows["m1/temperature"] == ["stable", "0", "-", "0.12", "0.4", "0.5", "0.80"]
+    # Both windows still learning their reference.
+    assert rows["m1/current"] == ["stable", "1", "2024-04-30", "08:00:00Z", "learning", "35%", "-", "learning", "40%", "-"]
 
 
 def test_train_human_and_not_accepted(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:

@@ -34,11 +34,15 @@ DRIFT = {
     "detected": True,
     "channels": {
         "m1/temperature": {"state": "stable", "detections": 0, "last_detected": None,
-                           "residual_level": 0.4, "residual_baseline": 0.5},
+                           "residual_level": 0.4, "residual_baseline": 0.5,
+                           "psi": {"value": 0.12, "threshold": 1.0, "reference": "training data", "window_filled": 1.0}},
         "m1/vibration": {"state": "drift", "detections": 2, "last_detected": "2024-05-01T12:00:03+00:00",
-                         "residual_level": 1.8, "residual_baseline": 0.9},
+                         "residual_level": 1.8, "residual_baseline": 0.9,
+                         "psi": {"value": 2.5, "threshold": 1.0, "reference": "training data", "window_filled": 1.0}},
         "m1/current": {"state": "stable", "detections": 1, "last_detected": "2024-04-30T08:00:00+00:00",
-                       "residual_level": None, "residual_baseline": None},
+                       "residual_level": None, "residual_baseline": None,
+                       "psi": {"value": None, "threshold": 1.0, "reference": "learning", "window_filled": 0.35},
+                       "residual_window": {"ratio": None, "threshold": 2.0, "baseline": "learning", "window_filled": 0.4}},
     },
     "last_detected": "2024-05-01T12:00:03+00:00",
 }  # fmt: skip

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from itertools import accumulate
 
 import numpy as np
@@ -153,18 +152,6 @@ def test_agrees_with_river_on_seeded_streams() -> None:
     assert total > 100  # the streams really exercised detections
 
 
-def test_per_update_cost_is_small() -> None:
-    # Loose bound (shared CPU); typical numbers are in the module docstring.
-    stream = np.random.default_rng(3).normal(0, 1, 20000).tolist()
-    for name in DETECTORS:
-        detector = make_detector(DriftConfig(detector=name), kind="inputs", seed=0)
-        start = time.perf_counter()
-        for x in stream:
-            detector.update(x)
-        per_update_us = (time.perf_counter() - start) / len(stream) * 1e6
-        assert per_update_us < 200, f"{name}: {per_update_us:.1f} us per update"
-
-
 # -- DriftMonitor ---------------------------------------------------------------
 
 CHANNELS = ["m1/temperature", "m1/vibration"]
@@ -190,7 +177,7 @@ def run(monitor: DriftMonitor, values: np.ndarray, residuals: np.ndarray | None 
 @pytest.mark.parametrize("name", DETECTORS)
 def test_monitor_stationary_raises_no_drift(name: str) -> None:
     values, residuals = monitor_streams()
-    monitor = DriftMonitor(CHANNELS, DriftConfig(detector=name))
+    monitor = DriftMonitor(CHANNELS, DriftConfig(detector=name, inputs="stream", residuals="stream"))
     assert run(monitor, values, residuals) == []
     assert not monitor.drift_detected
     assert monitor.last_detected is None
@@ -200,7 +187,7 @@ def test_monitor_stationary_raises_no_drift(name: str) -> None:
 def test_monitor_input_level_change(name: str, expected: int) -> None:
     values, _ = monitor_streams()
     values[STEP:, 1] += 0.01  # one standard deviation of the vibration channel
-    monitor = DriftMonitor(CHANNELS, DriftConfig(detector=name))
+    monitor = DriftMonitor(CHANNELS, DriftConfig(detector=name, inputs="stream", residuals="stream"))
     assert run(monitor, values) == [(expected, "m1/vibration", "inputs")]
     assert expected - STEP <= MAX_DELAY
 
@@ -209,7 +196,7 @@ def test_monitor_input_level_change(name: str, expected: int) -> None:
 def test_monitor_input_variance_change(name: str, expected: int) -> None:
     values, _ = monitor_streams()
     values[STEP:, 0] = 20.0 + (values[STEP:, 0] - 20.0) * 3.0  # same mean, 3x the spread
-    monitor = DriftMonitor(CHANNELS, DriftConfig(detector=name))
+    monitor = DriftMonitor(CHANNELS, DriftConfig(detector=name, inputs="stream", residuals="stream"))
     # One event: after it the channel learns the new scale instead of re-alarming.
     assert run(monitor, values) == [(expected, "m1/temperature", "inputs")]
     assert expected - STEP <= MAX_DELAY
@@ -221,12 +208,12 @@ def test_monitor_residual_increase_is_drift_and_decrease_is_not(name: str, expec
     values, residuals = monitor_streams()
     worse = residuals.copy()
     worse[STEP:, 1] *= 2.0
-    monitor = DriftMonitor(CHANNELS, DriftConfig(detector=name))
+    monitor = DriftMonitor(CHANNELS, DriftConfig(detector=name, inputs="stream", residuals="stream"))
     assert run(monitor, values, worse) == [(expected, "m1/vibration", "residuals")]
     assert monitor.drift_detected and monitor.residual_drift_detected
     better = residuals.copy()
     better[STEP:, 1] *= 0.5
-    assert run(DriftMonitor(CHANNELS, DriftConfig(detector=name)), values, better) == []
+    assert run(DriftMonitor(CHANNELS, DriftConfig(detector=name, inputs="stream", residuals="stream")), values, better) == []
 
 
 @pytest.mark.parametrize("name", ["adwin", "page_hinkley"])
@@ -237,17 +224,17 @@ def test_residual_spikes_are_not_drift(name: str) -> None:
     spiky = residuals.copy()
     for at in (900, 1500, 1501, 2500, 3100, 3101, 3102):
         spiky[at, 1] = 30.0 * np.abs(residuals[:, 1]).mean()
-    assert run(DriftMonitor(CHANNELS, DriftConfig(detector=name)), values, spiky) == []
+    assert run(DriftMonitor(CHANNELS, DriftConfig(detector=name, inputs="stream", residuals="stream")), values, spiky) == []
 
 
 def test_status_shape_and_json() -> None:
     values, residuals = monitor_streams()
     values[STEP:, 1] += 0.01
-    monitor = DriftMonitor(CHANNELS, DriftConfig())
+    monitor = DriftMonitor(CHANNELS, DriftConfig(inputs="stream", residuals="stream"))
     run(monitor, values[:2100], residuals[:2100])
     status = monitor.status()
     json.dumps(status, allow_nan=False)
-    assert set(status) == {"detected", "channels", "last_detected", "detector", "baseline_since"}
+    assert set(status) == {"detected", "channels", "last_detected", "detector", "inputs", "residuals", "baseline_since"}
     assert status["detected"] is True and status["detector"] == "adwin"
     assert status["last_detected"] == "1970-01-01T00:34:03.000+00:00"  # step 2043 as unix seconds
     assert status["baseline_since"] is None
@@ -270,7 +257,7 @@ def test_status_shape_and_json() -> None:
 def test_reset_baseline_after_accepted_adapter() -> None:
     values, residuals = monitor_streams()
     residuals[STEP:, 1] *= 2.0
-    monitor = DriftMonitor(CHANNELS, DriftConfig())
+    monitor = DriftMonitor(CHANNELS, DriftConfig(inputs="stream", residuals="stream"))
     assert run(monitor, values[:2500], residuals[:2500]) == [(2043, "m1/vibration", "residuals")]
     before = monitor.status()["channels"]["m1/vibration"]
     assert before["residual_level"] > 1.5 * before["residual_baseline"]
@@ -297,7 +284,7 @@ def test_reset_baseline_after_accepted_adapter() -> None:
 
 
 def test_nan_skipped_and_shape_checked() -> None:
-    monitor = DriftMonitor(CHANNELS, DriftConfig())
+    monitor = DriftMonitor(CHANNELS, DriftConfig(inputs="stream", residuals="stream"))
     monitor.update_inputs(np.array([1.0, np.nan]), 0.0)
     monitor.update_residuals(np.array([np.inf, 0.1]), 0.0)
     samples = {name: ch["samples"] for name, ch in monitor.status()["channels"].items()}
@@ -305,15 +292,15 @@ def test_nan_skipped_and_shape_checked() -> None:
     with pytest.raises(ValueError, match=r"values must have shape \(2,\), got \(3,\)"):
         monitor.update_inputs(np.zeros(3), 1.0)
     with pytest.raises(ValueError, match="input_scale needs 2 means and stds"):
-        DriftMonitor(CHANNELS, DriftConfig(), input_scale=([0.0], [1.0]))
+        DriftMonitor(CHANNELS, DriftConfig(inputs="stream", residuals="stream"), input_scale=([0.0], [1.0]))
     with pytest.raises(ValueError, match="unique"):
-        DriftMonitor(["a/b", "a/b"], DriftConfig())
+        DriftMonitor(["a/b", "a/b"], DriftConfig(inputs="stream", residuals="stream"))
 
 
 def test_input_scale_skips_warm_up() -> None:
     values, _ = monitor_streams()
     values[STEP:, 1] += 0.01
-    monitor = DriftMonitor(CHANNELS, DriftConfig(), input_scale=([20.0, 0.5], [2.0, 0.01]))
+    monitor = DriftMonitor(CHANNELS, DriftConfig(inputs="stream", residuals="stream"), input_scale=([20.0, 0.5], [2.0, 0.01]))
     events = run(monitor, values)
     assert [(channel, kind) for _, channel, kind in events] == [("m1/vibration", "inputs")]
     assert 0 <= events[0][0] - STEP <= MAX_DELAY

@@ -51,8 +51,8 @@ def small_config(tmp_path: Path, port: int, **overrides: dict):
         },
         "outputs": {"forecast_every": 50, "status_interval_s": 1},
         "store": {"segment_s": 300},
-        # The residual baseline spans a whole (compressed) day, so daily swings are not drift.
-        "drift": {"min_samples": 600},
+        # Drift windows span a whole (compressed: 600 steps) day, so daily swings are not drift.
+        "drift": {"input_window_s": 600, "residual_window_s": 600},
     }
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)

@@ -48,7 +48,7 @@ def report_config(root: Path, **train: Any) -> Config:
         model={"window": 32, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64},
         train={"steps": 40, "batch_size": 16, "micro_batch": 16, "lr": 5e-3, "recent_hours": NEW_STEPS / 3600, **train},
         store={"segment_s": 300},
-        drift={"min_samples": 600},
+        drift={"input_window_s": 600, "residual_window_s": 600},  # a (compressed) day
     )
 
 

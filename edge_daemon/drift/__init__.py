@@ -1,6 +1,9 @@
-"""Drift detection over the inputs and the model's residuals: streaming
-detectors (ADWIN, Page-Hinkley, KSWIN; one per module) and DriftMonitor,
-which keeps the per-channel drift status the daemon reports and alerts on.
+"""Drift detection over the inputs and the model's residuals: windowed
+comparisons against a reference (reference.py: PSI of a day of inputs
+against the training data, a day's mean |residual| against a baseline; the
+daemon's default), streaming detectors (ADWIN, Page-Hinkley, KSWIN; one per
+module) and DriftMonitor, which keeps the per-channel drift status the
+daemon reports and alerts on.
 
 Implemented here rather than depending on river: `import river.drift` costs
 ~1.9 s and 111 MB peak RSS (it loads scipy.stats for KSWIN) against 0.3 s and

@@ -19,6 +19,7 @@ from edge_daemon.drift.adwin import ADWIN
 from edge_daemon.drift.base import DriftDetector
 from edge_daemon.drift.kswin import KSWIN
 from edge_daemon.drift.page_hinkley import PageHinkley
+from edge_daemon.drift.reference import Reference, ReferenceShift, ResidualRatio
 
 if TYPE_CHECKING:
     from edge_daemon.config import DriftConfig
@@ -116,9 +117,21 @@ class _Channel:
     """Detectors and levels of one channel."""
 
     def __init__(
-        self, name: str, index: int, cfg: DriftConfig, center: float | None, scale: float | None
+        self,
+        name: str,
+        index: int,
+        cfg: DriftConfig,
+        center: float | None,
+        scale: float | None,
+        shift: ReferenceShift | None = None,
+        residual_window: ResidualRatio | None = None,
     ) -> None:
         self.name = name
+        # cfg.residuals == "window": the rolling mean |residual| against its first window.
+        self.residual_window = residual_window
+        # cfg.inputs == "reference": the rolling window against the training data, and no
+        # per-value input detectors.
+        self.shift = shift
         self.inputs = _Track()
         self.residuals = _Track()
         seed = 1000 * index
@@ -157,6 +170,8 @@ class _Channel:
         self._warm_mean = self._warm_m2 = 0.0
 
     def reset_residuals(self) -> None:
+        if self.residual_window is not None:
+            self.residual_window.reset()
         self.residual_detector.reset()
         self.residual_samples = 0
         self.residual_level = None
@@ -185,6 +200,29 @@ class _Channel:
             "residual_level": self.residual_level,
             "residual_baseline": self.residual_baseline,
             "samples": {"inputs": self.input_samples, "residuals": self.residual_samples},
+            **({} if self.shift is None else {"psi": self._psi_status()}),
+            **({} if self.residual_window is None else {"residual_window": self._window_status()}),
+        }
+
+    def _window_status(self) -> dict[str, Any]:
+        window = self.residual_window
+        assert window is not None
+        return {
+            "ratio": None if window.ratio is None else round(window.ratio, 3),
+            "threshold": window.threshold,
+            "baseline": "learning" if window.baseline is None else "first window",
+            "window_filled": round(window.filled / window.window, 3),
+        }
+
+    def _psi_status(self) -> dict[str, Any]:
+        shift = self.shift
+        assert shift is not None
+        learning = shift.reference is None or shift.filled < shift.window
+        return {
+            "value": None if shift.last_psi is None else round(shift.last_psi, 4),
+            "threshold": shift.threshold,
+            "reference": "learning" if shift.reference is None else "first window" if shift.learned else "training data",
+            "window_filled": round(shift.filled / shift.window, 3) if learning else 1.0,
         }
 
 
@@ -197,20 +235,32 @@ class DriftMonitor:
     training std). Non-finite entries are skipped. Both return the new
     detections, for alerts. After an accepted adapter, `reset_baseline(t)`.
 
-    Residual detectors watch |residual| divided by the baseline: the mean
-    |residual| of the first `cfg.min_samples` residuals after the last reset
-    (start-up or accepted adapter). A residual detection counts only while the
-    current level (EWMA of |residual|) is above that baseline, so a model that
-    improves does not ask for an update. Input detectors are not reset by an
-    adapter; their past detections stay counted but the state returns to
-    "stable".
+    By default (`cfg.inputs = "reference"`, `cfg.residuals = "window"`) both
+    are judged over a rolling window of whole cycles (`input_window_s`,
+    `residual_window_s`: a day), so the daily and batch cycles of normal
+    operation are not drift (drift/reference.py):
 
-    `input_scale` (mean, std per channel, e.g. the base model's normalisation
-    stats) standardises the inputs; without it the first `cfg.min_samples`
-    finite values of each channel estimate them. After an input detection
-    the channel re-estimates them from its next `cfg.min_samples` values and
-    its input detectors start afresh. Safe to call from several threads (one
-    lock).
+    - inputs: PSI of the window against `input_reference` (the deciles of the
+      base model's training data; without one, the first full window);
+    - residuals: mean |residual| of the window against the mean of the first
+      full window after start-up or the last accepted adapter. A model that
+      gets better is never drift.
+
+    Each signals once an episode (hysteresis). An accepted adapter restarts
+    the residual baseline and makes the next input window the reference.
+
+    The "stream" modes run `cfg.detector` on every value instead:
+
+    - residuals: on |residual| divided by the baseline, the mean |residual|
+      of the first `cfg.min_samples` residuals after the last reset; a
+      detection counts only while the level (EWMA of |residual|) is above
+      that baseline;
+    - inputs: on the standardised value and its step-to-step change.
+      `input_scale` (mean, std per channel) standardises them; without it the
+      first `cfg.min_samples` values estimate them, and again after each
+      input detection, when the detectors start afresh.
+
+    Safe to call from several threads (one lock).
     """
 
     def __init__(
@@ -219,6 +269,8 @@ class DriftMonitor:
         cfg: DriftConfig,
         *,
         input_scale: tuple[Sequence[float], Sequence[float]] | None = None,
+        input_reference: Sequence[Reference | None] | None = None,
+        period_s: float = 1.0,
     ) -> None:
         if not channels:
             raise ValueError("channels must not be empty")
@@ -230,8 +282,11 @@ class DriftMonitor:
                 raise ValueError(f"input_scale needs {len(channels)} means and stds, got {len(means)} and {len(stds)}")
             if not all(math.isfinite(m) and math.isfinite(s) and s > 0 for m, s in zip(means, stds, strict=True)):
                 raise ValueError("input_scale means must be finite and stds finite and > 0")
+        if input_reference is not None and len(input_reference) != len(channels):
+            raise ValueError(f"input_reference needs {len(channels)} references, got {len(input_reference)}")
         self.cfg = cfg
         self.channels = list(channels)
+        self._window = max(20, round(cfg.input_window_s / period_s))
         self._channels = [
             _Channel(
                 name,
@@ -239,12 +294,39 @@ class DriftMonitor:
                 cfg,
                 None if input_scale is None else means[index],
                 None if input_scale is None else stds[index],
+                self._shift(None if input_reference is None else input_reference[index]),
+                self._residual_window(period_s),
             )
             for index, name in enumerate(channels)
         ]
         self._level_rate = 1.0 - 0.5 ** (1.0 / cfg.residual_halflife_steps)
         self._baseline_since: float | None = None
         self._lock = threading.Lock()
+
+    def _shift(self, reference: Reference | None) -> ReferenceShift | None:
+        if self.cfg.inputs != "reference":
+            return None
+        return ReferenceShift(
+            self._window, reference=reference, threshold=self.cfg.psi_threshold, rearm=self.cfg.psi_rearm
+        )
+
+    def _residual_window(self, period_s: float) -> ResidualRatio | None:
+        if self.cfg.residuals != "window":
+            return None
+        return ResidualRatio(
+            max(2, round(self.cfg.residual_window_s / period_s)),
+            threshold=self.cfg.residual_ratio,
+            rearm=self.cfg.residual_rearm_ratio,
+        )
+
+    def set_input_reference(self, references: Sequence[Reference | None]) -> None:
+        """The training data of a (new) base model becomes the input reference of every channel."""
+        if len(references) != len(self._channels):
+            raise ValueError(f"need {len(self._channels)} references, got {len(references)}")
+        with self._lock:
+            for channel, reference in zip(self._channels, references, strict=True):
+                channel.shift = self._shift(reference)
+                channel.inputs.since_reset = 0
 
     # -- feeding -------------------------------------------------------------
 
@@ -258,6 +340,14 @@ class DriftMonitor:
                 if not math.isfinite(x):
                     continue
                 channel.input_samples += 1
+                if channel.shift is not None:
+                    if channel.shift.update(x):
+                        channel.inputs.record(t)
+                        events.append(self._event(channel, "inputs", t))
+                    elif channel.inputs.since_reset and not channel.shift.drifted:
+                        log.info("input drift on %s over: PSI %.3f", channel.name, channel.shift.last_psi or 0.0)
+                        channel.inputs.since_reset = 0
+                    continue
                 if channel.scale is None:
                     # Warm-up: Welford's mean and variance, then freeze them.
                     n = channel.input_samples
@@ -292,6 +382,13 @@ class DriftMonitor:
                     continue
                 magnitude = abs(r)
                 channel.residual_samples += 1
+                window = channel.residual_window
+                if window is not None:
+                    if window.update(magnitude):
+                        channel.residuals.record(t)
+                        events.append(self._event(channel, "residuals", t))
+                    channel.residual_level, channel.residual_baseline = window.level, window.baseline
+                    continue
                 n = channel.residual_samples
                 # Plain mean until the EWMA has that much memory, so the
                 # first value does not dominate the level.
@@ -316,10 +413,15 @@ class DriftMonitor:
         return events
 
     def reset_baseline(self, t: float | None = None) -> None:
-        """An adapter was accepted: restart residual detectors, level and baseline; all states stable."""
+        """An adapter was accepted: restart residual detectors, level and baseline, and the input
+        references (re-learnt from the next window); all states stable."""
         with self._lock:
             for channel in self._channels:
                 channel.reset_residuals()
+                if channel.shift is not None:
+                    # The adapter learnt the recent data: inputs are judged against it from now on
+                    # (the next full window becomes the reference).
+                    channel.shift = self._shift(None)
             self._baseline_since = t
         log.info("drift baseline reset%s", f" at {iso8601(t)}" if t is not None else "")
 
@@ -352,6 +454,8 @@ class DriftMonitor:
                 "channels": channels,
                 "last_detected": iso8601(self._last_t()),
                 "detector": self.cfg.detector,
+                "inputs": self.cfg.inputs,
+                "residuals": self.cfg.residuals,
                 "baseline_since": iso8601(self._baseline_since),
             }
 
