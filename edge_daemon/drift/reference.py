@@ -100,6 +100,27 @@ def psi(window_counts: Sequence[int], reference: Reference) -> float:
     return total
 
 
+def _due(judge: ReferenceShift | ResidualRatio) -> bool:
+    """Count one value; True on every `every`-th, when the window is judged."""
+    judge._since_check += 1
+    if judge._since_check < judge.every:
+        return False
+    judge._since_check = 0
+    return True
+
+
+def _episode_starts(judge: ReferenceShift | ResidualRatio, value: float) -> bool:
+    """Hysteresis: True when `value` rises over the threshold; re-armed once under `rearm`."""
+    if judge.drifted:
+        if value < judge.rearm:
+            judge.drifted = False
+        return False
+    if value > judge.threshold:
+        judge.drifted = True
+        return True
+    return False
+
+
 class ReferenceShift:
     """PSI of the last `window` values of one channel against a `Reference`.
 
@@ -171,21 +192,11 @@ class ReferenceShift:
         self._pos = (self._pos + 1) % self.window
         if self._filled < self.window:
             return False
-        self._since_check += 1
-        if self._since_check < self.every:
+        if not _due(self):
             return False
-        self._since_check = 0
         assert self.reference is not None
-        value = psi(self._counts, self.reference)
-        self.last_psi = value
-        if self.drifted:
-            if value < self.rearm:
-                self.drifted = False
-            return False
-        if value > self.threshold:
-            self.drifted = True
-            return True
-        return False
+        self.last_psi = psi(self._counts, self.reference)
+        return _episode_starts(self, self.last_psi)
 
 
 class ResidualRatio:
@@ -235,18 +246,9 @@ class ResidualRatio:
                 self.baseline = max(float(self._ring.mean(dtype=np.float64)), 1e-9)
                 self.level, self.ratio = self.baseline, 1.0
             return False
-        self._since_check += 1
-        if self._since_check < self.every:
+        if not _due(self):
             return False
-        self._since_check = 0
         assert self.baseline is not None
         self.level = float(self._ring.mean(dtype=np.float64))
         self.ratio = self.level / self.baseline
-        if self.drifted:
-            if self.ratio < self.rearm:
-                self.drifted = False
-            return False
-        if self.ratio > self.threshold:
-            self.drifted = True
-            return True
-        return False
+        return _episode_starts(self, self.ratio)
