@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from edge_daemon import __version__
 from edge_daemon.control import request
@@ -513,7 +515,7 @@ def _setup_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="TOML config file")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> NoReturn:
     from edge_daemon.config import load_config
 
     from edge_daemon.logs import setup_logging
@@ -527,7 +529,18 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     from edge_daemon.daemon import Daemon
 
-    return Daemon(config).run()
+    code = Daemon(config).run()
+    # Every part is stopped and everything is flushed: end the process here rather than in
+    # interpreter finalization, where a daemon thread still inside a native call (torch's
+    # own threads, for one) is unwound and aborts the process ("terminate called without an
+    # active exception", exit by SIGABRT) after a clean stop.
+    alive = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive())
+    if alive:
+        logging.getLogger("edge_daemon.cli").info("exiting with threads still running: %s", ", ".join(alive))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # -- validate-config ---------------------------------------------------------------------------
