@@ -28,7 +28,7 @@ from edge_daemon.ingest import Ingestor
 from edge_daemon.notify import Heartbeat
 from edge_daemon.pipeline import ScoringPipeline, iso
 from edge_daemon.plan import plan_from_config
-from edge_daemon.scheduler import IdleDetector, JobScheduler, TriggerInputs, UpdateTrigger
+from edge_daemon.scheduler import IdleDetector, JobScheduler, TriggerInputs, UpdateTrigger, resets_drift_baseline
 from edge_daemon.scoring import Scorer
 from edge_daemon.store import ReplayStore
 from edge_daemon.updater import UpdateRunner
@@ -519,7 +519,7 @@ class Daemon:
         if result.get("accepted") and result.get("version") is not None:
             version = int(result["version"])
             try:
-                self._serve_version(self.adapters.get(version))
+                self._serve_version(self.adapters.get(version), resets_drift_baseline(result.get("job", {}).get("reason")))
             except (AdapterError, ModelError) as exc:
                 log.error("accepted adapter v%d cannot be served: %s", version, exc)
                 return
@@ -546,15 +546,17 @@ class Daemon:
         )
         self._publish_status()
 
-    def _serve_version(self, version: AdapterVersion | None) -> None:
-        """Merge `version` into a copy of the base and swap it in; the drift baseline restarts."""
+    def _serve_version(self, version: AdapterVersion | None, reset_drift: bool = True) -> None:
+        """Merge `version` into a copy of the base and swap it in; the drift baseline restarts
+        unless `reset_drift` is False (see scheduler.resets_drift_baseline)."""
         assert self.base is not None and self.pipeline is not None
         with self._model_lock:
             model = serving_model(self.base, version)
             scorer = self.pipeline.scorer
             if scorer is not None:
                 scorer.swap_model(model, version.version if version else None)
-            self.pipeline.drift.reset_baseline(time.time())
+            if reset_drift:
+                self.pipeline.drift.reset_baseline(time.time())
 
     # -- control handlers --------------------------------------------------------------------
 

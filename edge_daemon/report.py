@@ -51,6 +51,7 @@ class Switch:
     version: int  # 0: the base model alone
     t: float  # unix seconds on the data's clock
     adapter: AdapterVersion | None
+    resets_drift: bool = True  # as the daemon did: False for a routine update on new data
 
 
 @dataclass
@@ -114,6 +115,7 @@ def _switch_time(adapter: AdapterVersion) -> float | None:
 def read_adapters(config: Config) -> tuple[list[Switch], int | None]:
     """Stored adapters ordered by the time they began serving, and the current version."""
     from edge_daemon.adapters import AdapterStore
+    from edge_daemon.scheduler import resets_drift_baseline
 
     if not config.adapters_dir.is_dir():  # AdapterStore would create it; a report changes nothing
         return [], None
@@ -129,7 +131,9 @@ def read_adapters(config: Config) -> tuple[list[Switch], int | None]:
             if version is None:
                 switches.append(Switch(0, t, None))
             elif version in stored:
-                switches.append(Switch(int(version), t, stored[version]))
+                adapter = stored[version]
+                routine = entry.get("event") == "commit" and not resets_drift_baseline(adapter.meta.get("reason"))
+                switches.append(Switch(int(version), t, adapter, resets_drift=not routine))
             else:
                 log.info("adapter v%s served from %s but is no longer stored (pruned)", version, t)
     else:
@@ -137,7 +141,7 @@ def read_adapters(config: Config) -> tuple[list[Switch], int | None]:
         for adapter in stored.values():
             t = _switch_time(adapter)
             if t is not None:
-                switches.append(Switch(adapter.version, t, adapter))
+                switches.append(Switch(adapter.version, t, adapter, resets_drift_baseline(adapter.meta.get("reason"))))
     try:
         current = adapters.current_version()
     except AdapterError as exc:
@@ -229,7 +233,8 @@ def recompute_drift(
     """Run a fresh DriftMonitor (same config as the daemon's) over the grid and the served residuals.
 
     As in the daemon, every grid step feeds the input detectors, every scored step the residual
-    detectors, and the residual baseline restarts when an adapter begins serving.
+    detectors, and the references restart when an adapter begins serving, except after a
+    routine update on new data (scheduler.resets_drift_baseline).
     """
     from edge_daemon.drift import DriftMonitor
     from edge_daemon.drift.reference import references_from_meta
@@ -241,7 +246,7 @@ def recompute_drift(
     if forecasts is not None:
         residuals = forecasts.served - forecasts.actual
         residual_at = {int(r): residuals[i] for i, r in enumerate(forecasts.rows)}
-    pending = [s.t for s in switches]
+    pending = [s.t for s in switches if s.resets_drift]
     for row in range(len(grid.values)):
         values = grid.values[row]
         if np.isnan(values).all():

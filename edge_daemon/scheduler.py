@@ -23,6 +23,22 @@ from edge_daemon.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
+# The end of the reason of an update started only because enough new data came in.
+NEW_DATA_REASON = " new windows"
+
+
+def resets_drift_baseline(reason: str | None) -> bool:
+    """Whether an adapter from an update started for `reason` restarts the drift references.
+
+    After drift, a request or a rollback the served model meets data it was
+    not judged on, so the references are learnt again. A routine update on
+    new data is not: the gate found it no worse on recent data, so the
+    current references stay the yardstick. Were they restarted, updates every
+    few hours would keep a day-long window learning for ever.
+    """
+    return not (reason or "").endswith(NEW_DATA_REASON)
+
+
 Clock = Callable[[], float]
 
 
@@ -150,7 +166,7 @@ class UpdateTrigger:
             elif inputs.drift_detected:
                 reason = "drift detected"
             elif inputs.new_windows >= self.cfg.min_new_windows:
-                reason = f"{inputs.new_windows} new windows"
+                reason = f"{inputs.new_windows}{NEW_DATA_REASON}"
             else:
                 return Decision(False, "no reason to adapt")
             return Decision(True, reason)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from edge_daemon.config import TrainConfig
-from edge_daemon.scheduler import IdleDetector, JobScheduler, TriggerInputs, UpdateTrigger
+from edge_daemon.scheduler import IdleDetector, JobScheduler, TriggerInputs, UpdateTrigger, resets_drift_baseline
 
 
 class FakeClock:
@@ -70,6 +70,19 @@ def test_trigger_needs_a_reason_and_idle() -> None:
     short = trigger.decide(calm(drift_detected=True, headroom_mb=-120.4))
     assert not short.start and short.reason == "not enough memory for the training child (120 MB short)"
     assert trigger.decide(calm(drift_detected=True, headroom_mb=5.0)).start
+
+
+def test_only_a_routine_update_keeps_the_drift_references() -> None:
+    # Updates every few hours on new data must not keep a day-long drift window learning for
+    # ever; after drift, a request or a rollback the references are learnt again.
+    trigger = UpdateTrigger(TrainConfig(min_interval_s=0, min_new_windows=100), clock=FakeClock())
+    routine = trigger.decide(calm(new_windows=250))
+    assert routine.start and routine.reason == "250 new windows"
+    assert not resets_drift_baseline(routine.reason)
+    assert resets_drift_baseline(trigger.decide(calm(new_windows=250, drift_detected=True)).reason)
+    trigger.request()
+    assert resets_drift_baseline(trigger.decide(calm(new_windows=250)).reason)
+    assert resets_drift_baseline(None)
 
 
 def test_trigger_spacing_single_flight_and_requests() -> None:
