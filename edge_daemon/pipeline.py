@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_daemon.adapters import BaseModel
 from edge_daemon.config import Config
 from edge_daemon.drift import DriftMonitor
-from edge_daemon.drift.reference import Reference, references_from_meta
+from edge_daemon.drift.reference import references_from_meta
 from edge_daemon.scoring import GridAssembler, Scorer
 from edge_daemon.store import Reading
 
@@ -38,11 +37,6 @@ def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-def input_references(base: BaseModel) -> list[Reference | None]:
-    """Per channel, the input distribution the base model was trained on (None: not recorded)."""
-    return references_from_meta(base.meta, base.channels)
-
-
 class ScoringPipeline:
     """Owns the assembler, the scorer (once a base model exists) and the drift monitor."""
 
@@ -56,7 +50,7 @@ class ScoringPipeline:
         self.drift = DriftMonitor(
             config.channels.names,
             config.drift,
-            input_reference=None if scorer is None else input_references(scorer.base),
+            input_reference=None if scorer is None else references_from_meta(scorer.base.meta, scorer.base.channels),
             period_s=config.channels.period_s,
         )
         self._queue: queue.Queue[Sequence[Reading] | None] = queue.Queue(MAX_PENDING_BATCHES)
@@ -192,7 +186,7 @@ class ScoringPipeline:
         if previous is None or previous.base.fingerprint != scorer.base.fingerprint:
             # A new base model (e.g. bootstrapped from the store): its training data is the
             # reference for input drift from now on.
-            self.drift.set_input_reference(input_references(scorer.base))
+            self.drift.set_input_reference(references_from_meta(scorer.base.meta, scorer.base.channels))
 
     @property
     def newest_ts(self) -> float | None:

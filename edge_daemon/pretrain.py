@@ -197,7 +197,6 @@ def pretrain(
     lr = lr or model_cfg.pretrain_lr
     val_fraction = val_fraction or model_cfg.pretrain_val_fraction
     norm, train, val = _prepare(data, period_s, fcfg.window + 1, val_fraction, end_times, stride)
-    input_reference = input_references_of(data)
     if norm.n_channels != len(channels):
         raise TrainingError(f"data has {norm.n_channels} channels, config names {len(channels)}")
     if len(train.windows) < MIN_TRAIN_WINDOWS or len(val.windows) < 1:
@@ -288,7 +287,7 @@ def pretrain(
         "persistence_val_loss": _persistence_loss(val.windows),
         "residual_scale": residual_scale.tolist(),
         # What input drift is judged against (drift/reference.py): deciles of the raw data.
-        "input_reference": input_reference,
+        "input_reference": input_references_of(data),
         "train_windows": len(train.windows),
         "val_windows": len(val.windows),
         "n_params": model.n_params(),

@@ -139,10 +139,11 @@ class _Channel:
         # blind to a change of spread, and KSWIN on short windows nearly so
         # (sd x2 went unseen on 10 of 10 seeded streams), so a second detector
         # watches |step-to-step change|, whose mean scales with the noise and
-        # not with the level.
-        self.level_detector = make_detector(cfg, kind="inputs", seed=seed)
-        self.spread_detector = make_detector(cfg, kind="inputs", seed=seed + 1)
-        self.residual_detector = make_detector(cfg, kind="residuals", seed=seed + 2)
+        # not with the level. Only the "stream" modes have per-value detectors.
+        stream_inputs, stream_residuals = cfg.inputs == "stream", cfg.residuals == "stream"
+        self.level_detector = make_detector(cfg, kind="inputs", seed=seed) if stream_inputs else None
+        self.spread_detector = make_detector(cfg, kind="inputs", seed=seed + 1) if stream_inputs else None
+        self.residual_detector = make_detector(cfg, kind="residuals", seed=seed + 2) if stream_residuals else None
         # Inputs are standardised so detector thresholds mean the same on
         # every channel; without given stats the first values estimate them.
         self.center = center
@@ -163,6 +164,7 @@ class _Channel:
         With the old scale frozen, a regime of larger spread would look like
         drift again and again to Page-Hinkley, whose threshold is absolute.
         """
+        assert self.level_detector is not None and self.spread_detector is not None
         self.level_detector.reset()
         self.spread_detector.reset()
         self.center = self.scale = self.previous_z = None
@@ -172,7 +174,8 @@ class _Channel:
     def reset_residuals(self) -> None:
         if self.residual_window is not None:
             self.residual_window.reset()
-        self.residual_detector.reset()
+        if self.residual_detector is not None:
+            self.residual_detector.reset()
         self.residual_samples = 0
         self.residual_level = None
         self.residual_baseline = None
@@ -361,9 +364,11 @@ class DriftMonitor:
                         channel.scale = std if std > 1e-9 * (1.0 + abs(channel._warm_mean)) else 1.0
                     continue
                 z = (x - channel.center) / channel.scale  # type: ignore[operator]
-                fired = channel.level_detector.update(z).drift_detected
+                level, spread = channel.level_detector, channel.spread_detector
+                assert level is not None and spread is not None
+                fired = level.update(z).drift_detected
                 if channel.previous_z is not None:
-                    fired = channel.spread_detector.update(abs(z - channel.previous_z)).drift_detected or fired
+                    fired = spread.update(abs(z - channel.previous_z)).drift_detected or fired
                 channel.previous_z = z
                 if fired:
                     channel.inputs.record(t)
@@ -403,6 +408,7 @@ class DriftMonitor:
                 # Clipped: a spike is an anomaly (alerted on its own), not a change of regime;
                 # unclipped, one large spike shifts ADWIN's window mean and reads as drift.
                 ratio = min(magnitude / channel.residual_baseline, RESIDUAL_CLIP)
+                assert channel.residual_detector is not None
                 if not channel.residual_detector.update(ratio).drift_detected:
                     continue
                 if channel.residual_level <= channel.residual_baseline:
