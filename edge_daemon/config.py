@@ -138,12 +138,16 @@ class TrainConfig(_Section):
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="'auto' lets the watchdog decide")
     optimizer: Literal["auto", "adamw", "adamw8bit"] = Field("auto", description="'auto' switches to 8-bit state under pressure")
+    start_on: list[Literal["drift", "new_data", "request"]] = Field(
+        ["drift", "new_data", "request"],
+        description="reasons that may start an update: residual drift, min_new_windows of new data, an operator's request",
+    )
     min_interval_s: float = Field(3600.0, ge=0, description="minimum spacing between updates")
     min_new_windows: int = Field(
         21600, ge=1, description="new windows since the last update that justify one without drift (6 h at 1 s)"
     )
     recent_hours: float = Field(1.0, gt=0, description="what counts as recent data for an update")
-    idle_cpu_percent: float = Field(50.0, gt=0, le=100, description="device counts as idle below this CPU use")
+    idle_cpu_percent: float = Field(50.0, gt=0, le=100, description="device counts as idle below this CPU use (100: always)")
     idle_window_s: float = Field(30.0, gt=0, description="... averaged over this long")
     check_interval_s: float = Field(10.0, gt=0, description="how often the update trigger is evaluated")
     keep_versions: int = Field(5, ge=1, description="adapter versions kept on disk")

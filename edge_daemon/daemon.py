@@ -95,6 +95,7 @@ class Daemon:
         self._model_lock = threading.Lock()
         self._bootstrap_not_before = 0.0
         self._last_decision: str | None = None  # why the trigger last did (not) start an update
+        self.trigger_checks = 0  # decisions taken so far (a test waits for the next one)
         # Expected RSS of a training child; replaced by each update's measured peak.
         self._expected_child_mb = EXPECTED_CHILD_MB
         self.heartbeat: Heartbeat | None = None
@@ -439,6 +440,7 @@ class Daemon:
             )
         )
         self._last_decision = decision.reason
+        self.trigger_checks += 1
         if not decision.start:
             log.debug("no update: %s", decision.reason)
             return
@@ -618,7 +620,9 @@ class Daemon:
     def _train(self, request: dict[str, Any]) -> dict[str, Any]:
         if self.runner is not None and self.runner.running:
             return {"accepted": True, "state": "running", "message": "an update is already running"}
-        self.trigger.request()
+        if not self.trigger.request():
+            message = 'requests may not start an update here: [train] start_on leaves out "request"'
+            return {"accepted": False, "state": "idle", "message": message}
         message = "update requested: it starts when the device is idle and memory is normal"
         if self.base is None:
             message = "no base model yet: a base model is trained first, once enough data is stored"

@@ -151,6 +151,7 @@ class Heartbeat:
         self._last_status: str | None = None
         self._dead: list[str] = []
         self.pings = 0  # WATCHDOG=1 messages sent; read by status and tests
+        self.beats = 0  # rounds completed, pinging or not; read by tests
 
     def register(self, name: str, alive: Callable[[], bool]) -> None:
         """Add a part; `alive()` must be cheap and must not block."""
@@ -197,11 +198,11 @@ class Heartbeat:
         if text is not None and text != self._last_status:
             if status(text):
                 self._last_status = text
-        if dead:
-            return False
-        if self.watchdog_enabled and watchdog_ping():
+        alive = not dead
+        if alive and self.watchdog_enabled and watchdog_ping():
             self.pings += 1
-        return True
+        self.beats += 1
+        return alive
 
     def _compose_status(self, dead: list[str]) -> str | None:
         text = None

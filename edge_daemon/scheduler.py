@@ -87,12 +87,16 @@ class IdleDetector:
             return sum(c for _, c in self._samples) / len(self._samples)
 
     def idle(self) -> bool:
-        """True once a whole window has been observed and its mean is below the threshold."""
+        """True once a whole window has been observed and its mean is below the threshold.
+
+        A threshold of 100 counts every window as idle: CPU use never exceeds 100%, and a device
+        that is meant to adapt whatever else it runs must not wait for a share it cannot see.
+        """
         with self._lock:
             if self._first_sample_at is None or self._clock() - self._first_sample_at < self.window_s:
                 return False
         mean = self.cpu_percent
-        return mean is not None and mean < self.cpu_threshold
+        return mean is not None and (mean < self.cpu_threshold or self.cpu_threshold >= 100)
 
 
 @dataclass(frozen=True)
@@ -129,10 +133,16 @@ class UpdateTrigger:
         self._retry_not_before: float | None = None
         self._lock = threading.Lock()
 
-    def request(self) -> None:
-        """An operator asked for an update (`train`): it still waits for idle and memory."""
+    def request(self) -> bool:
+        """An operator asked for an update (`train`): it still waits for idle and memory.
+
+        False, and nothing remembered, when `train.start_on` leaves requests out.
+        """
+        if "request" not in self.cfg.start_on:
+            return False
         with self._lock:
             self._requested = True
+        return True
 
     @property
     def requested(self) -> bool:
@@ -161,11 +171,12 @@ class UpdateTrigger:
                 return Decision(False, f"ingestion backlog of {inputs.backlog} readings")
             if not inputs.idle:
                 return Decision(False, "device busy")
-            if self._requested:
+            allowed = self.cfg.start_on
+            if self._requested and "request" in allowed:
                 reason = "requested"
-            elif inputs.drift_detected:
+            elif inputs.drift_detected and "drift" in allowed:
                 reason = "drift detected"
-            elif inputs.new_windows >= self.cfg.min_new_windows:
+            elif inputs.new_windows >= self.cfg.min_new_windows and "new_data" in allowed:
                 reason = f"{inputs.new_windows}{NEW_DATA_REASON}"
             else:
                 return Decision(False, "no reason to adapt")

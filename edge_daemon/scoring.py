@@ -175,6 +175,12 @@ class Scorer:
     def version(self) -> int | None:
         return self._version
 
+    @property
+    def model(self) -> Forecaster:
+        """The merged model being served."""
+        with self._lock:
+            return self._model
+
     def swap_model(self, merged_model: Forecaster, version: int | None = None) -> None:
         """Serve a new merged model from the next step on; a step being scored finishes with the old one."""
         merged_model.eval()

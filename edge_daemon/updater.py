@@ -211,12 +211,16 @@ class UpdateTrace:
         self._sample()
 
     def phase(self, name: str) -> None:
+        """Mark the start of a phase, with a memory sample at it (as at every plan change), so a
+        trace has its memory at each event whatever the sampling period caught in between."""
         with self._lock:
             self.phases.append({"t": self.now(), "phase": name})
+        self._sample()
 
     def plan(self, plan: TrainingPlan, level: str | None = None) -> None:
         with self._lock:
             self.plans.append({"t": self.now(), "plan": plan.to_dict(), "level": level})
+        self._sample()
 
     def step(self, step: int, loss: float) -> None:
         with self._lock:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from edge_daemon.broker import LocalBroker
 from edge_daemon.config import Config, parse_config
 from edge_daemon.daemon import Daemon
+
+if TYPE_CHECKING:
+    import torch
 
 # Small models train on 2 cores; more threads only contend.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -61,3 +66,20 @@ def start_daemon(daemon: Daemon, timeout: float = 60.0) -> None:
     if not daemon.ingestor.wait_subscribed(timeout):
         daemon.stop()
         raise AssertionError(f"daemon not subscribed within {timeout:.0f} s")
+
+
+def save_random_peft_adapter(
+    model: torch.nn.Module, directory: Path, target_modules: list[str], seed: int = 1, **lora_kwargs: Any
+) -> None:
+    """What the trainer does: wrap a copy of the base with peft, give it non-zero B, save_pretrained."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    options = {"r": 4, "lora_alpha": 8, "target_modules": target_modules, **lora_kwargs}
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**options))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.3)  # B is zero at init; a zero adapter would prove nothing
+    peft_model.save_pretrained(str(directory))

@@ -25,6 +25,7 @@ from edge_daemon.adapters import (
 from edge_daemon.errors import AdapterError, ModelError
 from edge_daemon.frames import NormStats
 from edge_daemon.model import Forecaster, ForecasterConfig
+from tests.conftest import save_random_peft_adapter
 
 torch.set_num_threads(1)
 
@@ -46,18 +47,8 @@ def _norm() -> NormStats:
 
 
 def _save_peft_adapter(model: Forecaster, directory: Path, seed: int = 1, **lora_kwargs: Any) -> None:
-    """What the trainer does: wrap a copy of the base with peft, give it non-zero B, save_pretrained."""
-    from peft import LoraConfig, get_peft_model
-
-    options = {"r": 4, "lora_alpha": 8, "target_modules": ["blocks.0.attn.qkv", "blocks.0.fc2", "blocks.2.attn.proj"]}
-    options.update(lora_kwargs)
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**options))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0.0, 0.3)  # B is zero at init; a zero adapter would prove nothing
-    peft_model.save_pretrained(str(directory))
+    targets = lora_kwargs.pop("target_modules", ["blocks.0.attn.qkv", "blocks.0.fc2", "blocks.2.attn.proj"])
+    save_random_peft_adapter(model, directory, targets, seed=seed, **lora_kwargs)
 
 
 def _commit_adapter(store: AdapterStore, model: Forecaster, seed: int = 1, **meta: Any) -> Any:

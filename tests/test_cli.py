@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,19 +219,17 @@ def test_every_command_has_an_example(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_json_output_skips_rich_and_pydantic(sock: Path) -> None:
+    # What the command imports is the cost that matters here; its wall time belongs to benchmarks.
     script = (
-        "import sys, time; t = time.monotonic(); from edge_daemon.cli import main; "
+        "import sys; from edge_daemon.cli import main; "
         f"code = main(['status', '--json', '--socket', {str(sock)!r}]); "
         "print('HEAVY', sorted(m for m in ('rich', 'pydantic', 'torch') if m in sys.modules), file=sys.stderr); "
         "sys.exit(code)"
     )
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=30)
-    wall = time.monotonic() - started
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["device"] == "pump-07"
     assert "HEAVY []" in result.stderr
-    print(f"edge-daemon status --json: {wall:.2f} s wall (interpreter start included)")
 
 
 # -- against a real daemon ---------------------------------------------------------------------

@@ -25,6 +25,8 @@ from edge_daemon.control import request
 from edge_daemon.store import ReplayStore
 
 REPO = Path(__file__).resolve().parents[1]
+# Bounds a wait for something that must happen; never how long anything is expected to take.
+HANG_S = 60.0
 
 
 def write_config(tmp_path: Path, broker: LocalBroker, **extra: dict[str, object]) -> Path:
@@ -57,7 +59,7 @@ class DaemonProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = HANG_S) -> None:
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edge_daemon", "run", "--config", str(self.config_path)],
@@ -67,22 +69,22 @@ class DaemonProcess:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"daemon exited at start:\n{self.log_path.read_text()[-3000:]}"
             try:
-                if self.status(1.0)["ingest"]["connected"]:
+                if self.status(10.0)["ingest"]["connected"]:
                     return
             except Exception:  # noqa: BLE001 - not up yet
                 pass
             time.sleep(0.1)
         raise AssertionError(f"daemon not connected within {timeout} s:\n{self.log_path.read_text()[-3000:]}")
 
-    def status(self, timeout: float = 5.0) -> dict:
+    def status(self, timeout: float = HANG_S) -> dict:
         return request(self.socket_path, {"cmd": "status"}, timeout)
 
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
-        self.proc.wait(10)
+        self.proc.wait(HANG_S)
 
-    def terminate(self, timeout: float = 20.0) -> int:
+    def terminate(self, timeout: float = HANG_S) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
@@ -90,7 +92,7 @@ class DaemonProcess:
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(10)
+            self.proc.wait(HANG_S)
 
 
 @pytest.fixture
@@ -158,14 +160,16 @@ def test_zero_loss_across_sigkills(tmp_path: Path, broker: LocalBroker, daemon: 
         kills = 0
         for fraction in (0.25, 0.55):
             # Kill while the stream is flowing: some readings committed, some in a pending batch.
-            wait_for(lambda f=fraction: daemon.status()["store"]["readings"] >= f * total, 30, f"{fraction:.0%} stored")
+            wait_for(lambda f=fraction: daemon.status()["store"]["readings"] >= f * total, HANG_S, f"{fraction:.0%} stored")
             daemon.kill()
             kills += 1
-            time.sleep(0.5)  # the broker queues for the persistent session meanwhile
+            # An outage of at least this long, so the broker queues for the persistent session
+            # meanwhile; nothing below depends on how long it really lasts.
+            time.sleep(0.5)
             daemon.start()
-        out, _ = publisher.communicate(timeout=60)
+        out, _ = publisher.communicate(timeout=2 * HANG_S)
         assert publisher.returncode == 0, out
-        wait_for(lambda: daemon.status()["store"]["readings"] >= total, 60, "every reading stored")
+        wait_for(lambda: daemon.status()["store"]["readings"] >= total, HANG_S, "every reading stored")
         status = daemon.status()
         assert daemon.terminate() == 0
     finally:
@@ -286,8 +290,8 @@ def test_malformed_payloads_never_fatal_and_every_valid_reading_stored(
     client.disconnect()
     client.loop_stop()
     assert sent >= 2000
-    wait_for(lambda: daemon.status()["ingest"]["received"] >= sent, 60, f"{sent} messages received")
-    wait_for(lambda: daemon.status()["ingest"]["readings"] >= len(expected_readings), 30, "the last batch")
+    wait_for(lambda: daemon.status()["ingest"]["received"] >= sent, HANG_S, f"{sent} messages received")
+    wait_for(lambda: daemon.status()["ingest"]["readings"] >= len(expected_readings), HANG_S, "the last batch")
     status = daemon.status()
     assert daemon.proc is not None and daemon.proc.poll() is None  # alive throughout
     ingest = status["ingest"]
@@ -307,8 +311,9 @@ def test_malformed_payloads_never_fatal_and_every_valid_reading_stored(
 
 
 def test_sigterm_flushes_publishes_offline_and_exits_zero(tmp_path: Path, broker: LocalBroker, daemon: DaemonProcess) -> None:
-    # A long flush interval: the readings are still in the pending batch when SIGTERM arrives.
-    write_config(tmp_path, broker, store={"flush_interval_s": 30.0, "batch_size": 10_000}, mqtt={"broker_inflight": 1000})
+    # A flush interval no run of this test reaches: the readings are still in the pending batch
+    # when SIGTERM arrives, however slowly the steps before it go.
+    write_config(tmp_path, broker, store={"flush_interval_s": 3600.0, "batch_size": 10_000}, mqtt={"broker_inflight": 1000})
     daemon.start()
     statuses: list[bytes] = []
     watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
@@ -316,7 +321,7 @@ def test_sigterm_flushes_publishes_offline_and_exits_zero(tmp_path: Path, broker
     watcher.connect(broker.host, broker.port)
     watcher.subscribe("edge/test-dev/status", qos=1)
     watcher.loop_start()
-    wait_for(lambda: bool(statuses), 10, "retained online status")
+    wait_for(lambda: bool(statuses), HANG_S, "retained online status")
     online = json.loads(statuses[-1])
     assert online["online"] is True and online["device"] == "test-dev"
 
@@ -325,11 +330,11 @@ def test_sigterm_flushes_publishes_offline_and_exits_zero(tmp_path: Path, broker
     pub.connect(broker.host, broker.port)
     pub.loop_start()
     for i in range(50):
-        pub.publish("sensors/m1/current", json.dumps({"ts": base + i, "value": i}), qos=1).wait_for_publish(5)
-    wait_for(lambda: daemon.status()["ingest"]["received"] == 50, 10, "50 messages received")
+        pub.publish("sensors/m1/current", json.dumps({"ts": base + i, "value": i}), qos=1).wait_for_publish(HANG_S)
+    wait_for(lambda: daemon.status()["ingest"]["received"] == 50, HANG_S, "50 messages received")
     assert daemon.status()["store"]["readings"] == 0  # still pending
     assert daemon.terminate() == 0
-    wait_for(lambda: json.loads(statuses[-1])["online"] is False, 10, "offline status")
+    wait_for(lambda: json.loads(statuses[-1])["online"] is False, HANG_S, "offline status")
     pub.loop_stop()
     watcher.loop_stop()
     assert len(stored_keys(tmp_path)) == 50
@@ -337,7 +342,7 @@ def test_sigterm_flushes_publishes_offline_and_exits_zero(tmp_path: Path, broker
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge_daemon", *args], capture_output=True, text=True, cwd=REPO, timeout=60)
+    return subprocess.run([sys.executable, "-m", "edge_daemon", *args], capture_output=True, text=True, cwd=REPO, timeout=2 * HANG_S)
 
 
 def test_cli_validate_config_and_status(tmp_path: Path, broker: LocalBroker, daemon: DaemonProcess) -> None:
@@ -369,6 +374,6 @@ def test_control_socket_mode_and_errors(tmp_path: Path, daemon: DaemonProcess) -
     daemon.start()
     mode = os.stat(tmp_path / "control.sock").st_mode & 0o777
     assert mode & 0o007 == 0 and mode <= 0o660
-    reply = request(tmp_path / "control.sock", {"cmd": "no-such-command"}, 5)
+    reply = request(tmp_path / "control.sock", {"cmd": "no-such-command"}, HANG_S)
     assert reply["ok"] is False and "unknown command" in reply["error"]
     assert daemon.terminate() == 0

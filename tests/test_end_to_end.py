@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import torch
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_daemon.adapters import load_base, serving_model
 from edge_daemon.broker import LocalBroker
 from edge_daemon.control import request
 from edge_daemon.daemon import Daemon
@@ -24,7 +26,7 @@ from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from sample_sensors.publish import valid_messages
-from tests.conftest import make_config, start_daemon
+from tests.conftest import make_config, save_random_peft_adapter, start_daemon
 
 OLD_STEPS = 2400
 NEW_STEPS = 900
@@ -45,7 +47,7 @@ def small_config(tmp_path: Path, port: int, **overrides: dict):
             "idle_cpu_percent": 100,
             "idle_window_s": 2,
             "min_interval_s": 0,
-            "min_new_windows": 10**6,  # only drift (or a request) may start an update here
+            "start_on": ["drift", "request"],  # not new data alone
             "recent_hours": NEW_STEPS / 3600,
             "gate_tolerance": 0.5,
         },
@@ -144,6 +146,16 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         assert daemon.runner is not None and daemon.runner.last is not None
         assert daemon.runner.last["job"]["reason"] == "drift detected"
         assert (cfg.adapters_dir / "v1" / "adapter_model.safetensors").stat().st_size < 100_000
+        # The update mixed in replay windows drawn from the store's older segments, and the gate
+        # judged forgetting on held-out ones.
+        meta = json.loads((cfg.adapters_dir / "v1" / "meta.json").read_text())
+        assert meta["windows"]["replay_train"] > 0 and meta["windows"]["replay_val"] > 0, meta["windows"]
+        recent_from = meta["data_range"]["recent"][0]
+        spans = meta["data_range"]["replay"]
+        segment_s = cfg.store.segment_s  # spans are whole store segments holding old readings
+        assert spans and all(data.ts[0] - segment_s < a < b <= recent_from for a, b in spans), (spans, recent_from)
+        for metrics in (meta["metrics_before"], meta["metrics_after"]):
+            assert np.isfinite(metrics["replay_val_loss"]), metrics
         assert status["drift"]["detected"] is False  # the accepted adapter reset the residual baseline
 
         # The residual falls: fresh new-regime data is forecast better by base + adapter.
@@ -171,9 +183,9 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
     total = OLD_STEPS + NEW_STEPS
     start_ts = float(int(time.time()) - total - 30)
     data = generate_labeled(total, start_ts=start_ts, seed=1, regime_change_at=OLD_STEPS, time_scale=144)
-    # Drift can't fire here: only the request starts an update. The gate is loose: this test is
-    # about requests and rollback, the gate has its own tests.
-    cfg = small_config(tmp_path, broker.port, drift={"min_samples": 10**6}, train={"gate_tolerance": 5.0})
+    # Only a request may start an update here, though the residuals drift. The gate is loose:
+    # this test is about requests and rollback, the gate has its own tests.
+    cfg = small_config(tmp_path, broker.port, train={"gate_tolerance": 5.0, "start_on": ["request"]})
     grid = build_grid(*readings(data, 0, OLD_STEPS), 3, 1.0, 5)
     pretrain(grid, list(CHANNELS), 1.0, cfg.model, cfg.base_dir, steps=500)
     daemon = Daemon(cfg)
@@ -181,8 +193,15 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
     try:
         publish_steps(broker.port, data.ts, data.values, 0, total)
         wait_for(lambda: daemon.store.count() == 3 * total, READINGS_TIMEOUT_S, "every reading stored", detail=lambda: (daemon.store.count(), daemon.ingestor.counters()))
-        time.sleep(2)
+        # The new regime drifts the residuals, and the trigger judges that on an idle device (twice,
+        # so one decision comes after the drift is seen): no reason of its own may start an update.
+        assert daemon.pipeline is not None
+        wait_for(lambda: daemon.pipeline.drift.residual_drift_detected, 120, "residual drift")
+        checks = daemon.trigger_checks
+        wait_for(lambda: daemon.trigger_checks >= checks + 2, 60, "two more trigger decisions")
         assert daemon.runner is not None and daemon.runner.last is None, "nothing may start an update unasked"
+        assert request(cfg.device.socket, {"cmd": "status"})["training"]["trigger"] == "no reason to adapt"
+
         reply = request(cfg.device.socket, {"cmd": "train"})
         assert reply["ok"] and reply["accepted"]
         wait_for(lambda: daemon.runner.last is not None, 240, "the requested update")
@@ -193,13 +212,36 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
         assert adapters["current"] == 1 and [a["version"] for a in adapters["adapters"]] == [1]
         first = adapters["adapters"][0]
         assert first["metrics"]["recent_after"] < first["metrics"]["recent_before"]
+
+        # A second version in the store (peft's format, as one shipped to the device would be),
+        # served by a rollback to it; then a rollback to the older v1 serves v1's weights again.
+        base = load_base(cfg.base_dir, list(CHANNELS), 1.0)
+        staging = daemon.adapters.staging_dir()
+        save_random_peft_adapter(base.model, staging, ["blocks.0.attn.qkv", "blocks.1.fc2", "head"])
+        assert daemon.adapters.commit(staging, {"reason": "shipped"}, make_current=False).version == 2
+        window = torch.randn(1, cfg.model.window, len(CHANNELS), generator=torch.Generator().manual_seed(0))
+
+        def forecast_of(model: torch.nn.Module) -> torch.Tensor:
+            with torch.no_grad():
+                return model.eval()(window)
+
+        served_v1, served_v2 = (forecast_of(serving_model(base, daemon.adapters.get(v))) for v in (1, 2))
+        assert not torch.allclose(served_v1, served_v2, atol=1e-4)
+        assert daemon.pipeline.scorer.version == 1
+        assert torch.allclose(forecast_of(daemon.pipeline.scorer.model), served_v1)
+        rolled = request(cfg.device.socket, {"cmd": "rollback", "version": 2})
+        assert rolled["ok"] and rolled["adapter"]["version"] == 2
+        assert daemon.pipeline.scorer.version == 2
+        assert torch.allclose(forecast_of(daemon.pipeline.scorer.model), served_v2)
         rolled = request(cfg.device.socket, {"cmd": "rollback", "version": 1})
         assert rolled["ok"] and rolled["adapter"]["version"] == 1
-        assert daemon.pipeline is not None and daemon.pipeline.scorer is not None and daemon.pipeline.scorer.version == 1
+        assert daemon.pipeline.scorer.version == 1
+        assert torch.allclose(forecast_of(daemon.pipeline.scorer.model), served_v1)
         assert request(cfg.device.socket, {"cmd": "adapter"})["adapter"]["version"] == 1
         missing = request(cfg.device.socket, {"cmd": "rollback", "version": 7})
         assert not missing["ok"] and "7" in missing["error"]
         assert daemon.pipeline.scorer.version == 1
+        assert torch.allclose(forecast_of(daemon.pipeline.scorer.model), served_v1)
     finally:
         daemon.stop()
 

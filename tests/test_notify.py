@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,35 +20,64 @@ from edge_daemon import notify
 from edge_daemon.notify import Heartbeat
 
 
+# Bounds a wait for something that must happen; never how long anything is expected to take.
+HANG_S = 30.0
+
+
 class NotifyListener:
-    """Plays systemd's side: a bound datagram socket that collects messages."""
+    """Plays systemd's side: a bound datagram socket that collects messages.
+
+    A local datagram is queued at the receiver before the sender's sendto() returns, so once a
+    sender is known to have finished a round, `pending()` holds everything that round sent.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.received: list[str] = []  # every message taken off the socket, in order
 
-    def recv(self, timeout: float = 2.0) -> str:
+    def recv(self, timeout: float = HANG_S, what: str = "a notification") -> str:
         self.sock.settimeout(timeout)
-        return self.sock.recv(4096).decode("utf-8")
+        try:
+            message = self.sock.recv(4096).decode("utf-8")
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}; last received {self.received[-3:]}") from None
+        self.received.append(message)
+        return message
 
-    def wait_for(self, wanted: str, timeout: float = 3.0) -> list[str]:
+    def wait_for(self, wanted: str, timeout: float = HANG_S) -> list[str]:
         """Receive until `wanted` arrives; return what came before it."""
         before = []
         deadline = time.monotonic() + timeout
-        while (message := self.recv(max(deadline - time.monotonic(), 0.01))) != wanted:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {wanted!r}; got {before}")
+            message = self.recv(left, repr(wanted))
+            if message == wanted:
+                return before
             before.append(message)
-        return before
 
-    def recv_all(self, duration: float) -> list[str]:
-        """Every message that arrives within `duration` seconds."""
+    def pending(self) -> list[str]:
+        """The messages already queued, without waiting for more."""
         messages = []
-        deadline = time.monotonic() + duration
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
+        self.sock.setblocking(False)
+        try:
+            while True:
                 messages.append(self.sock.recv(4096).decode("utf-8"))
-            except TimeoutError:
-                break
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.setblocking(True)
+        self.received.extend(messages)
         return messages
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = HANG_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -95,7 +124,7 @@ def test_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     name = f"edge-daemon-test-{uuid.uuid4().hex}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0" + name)
-        sock.settimeout(2.0)
+        sock.settimeout(HANG_S)
         monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
         assert notify.notify("READY=1")
         assert sock.recv(4096) == b"READY=1"
@@ -157,30 +186,42 @@ def test_heartbeat_pings_only_while_parts_alive(listener: NotifyListener, monkey
 
     notify.ready()
     hb.start()
+    thread = hb._thread
     try:
-        first = listener.recv_all(0.45)
         # READY, then the status line once, then pings; the status is not resent unchanged.
-        assert first[:3] == ["READY=1", "STATUS=adapter v3, memory normal", "WATCHDOG=1"]
-        assert set(first[3:]) == {"WATCHDOG=1"} and len(first) >= 4
+        first = [listener.recv() for _ in range(5)]
+        assert first == ["READY=1", "STATUS=adapter v3, memory normal"] + ["WATCHDOG=1"] * 3
 
         ingest_alive.clear()
         # Pings sent before the next beat noticed are fine; from the status
         # change on there must be none.
         dying = listener.wait_for("STATUS=not alive: ingest; adapter v3, memory normal")
         assert set(dying) <= {"WATCHDOG=1"}
-        silent = listener.recv_all(0.5)
-        assert silent == [], "watchdog pinged while a part was dead"
+        pings, beats = hb.pings, hb.beats
+        # Rounds that found ingest dead (the one that sent the status may still be finishing).
+        wait_until(lambda: hb.beats >= beats + 3, "heartbeat rounds with ingest dead")
+        assert listener.pending() == [], "watchdog pinged while a part was dead"
+        assert hb.pings == pings
         assert dead_reports == [["ingest"]]
 
         ingest_alive.set()
         assert listener.wait_for("STATUS=adapter v3, memory normal") == []
-        assert listener.recv_all(0.35).count("WATCHDOG=1") >= 2
+        revived = len(listener.received)
+        assert [listener.recv(), listener.recv()] == ["WATCHDOG=1", "WATCHDOG=1"]
     finally:
-        hb.stop()
+        # Read while stopping: a sender blocks while the socket's queue is full (net.unix.max_dgram_qlen, often 10).
+        stopper = threading.Thread(target=hb.stop, kwargs={"timeout": HANG_S})
+        stopper.start()
+        while stopper.is_alive():
+            listener.pending()
+            stopper.join(0.01)
     assert not hb.is_alive()
-    pings = hb.pings
-    time.sleep(0.25)
-    assert hb.pings == pings and listener.recv_all(0.1) == []
+    assert thread is not None and not thread.is_alive()
+    # The thread has ended, so all it ever sent is queued by now: since the revival only
+    # pings, and every ping it counted arrived.
+    listener.pending()
+    assert set(listener.received[revived:]) == {"WATCHDOG=1"}
+    assert listener.received.count("WATCHDOG=1") == hb.pings
 
 
 def test_heartbeat_counts_a_raising_check_dead(listener: NotifyListener, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -193,7 +234,8 @@ def test_heartbeat_counts_a_raising_check_dead(listener: NotifyListener, monkeyp
     hb.register("store", broken)
     assert hb.beat() is False
     assert listener.recv() == "STATUS=not alive: store"
-    assert listener.recv_all(0.2) == []
+    # beat() has returned: a ping it sent would be queued already.
+    assert listener.pending() == [] and hb.pings == 0
     hb.unregister("store")
     assert hb.beat() is True
     assert listener.recv() == "WATCHDOG=1"
@@ -204,6 +246,6 @@ def test_heartbeat_without_watchdog_sends_status_only(listener: NotifyListener) 
     assert not hb.watchdog_enabled and hb.period == 10.0
     hb.register("ingest", lambda: True)
     assert hb.beat() is True
-    assert listener.recv_all(0.2) == ["STATUS=memory normal"]
+    assert listener.pending() == ["STATUS=memory normal"]
     with pytest.raises(ValueError):
         hb.register("ingest", lambda: True)

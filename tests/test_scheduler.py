@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
 from edge_daemon.config import TrainConfig
 from edge_daemon.scheduler import IdleDetector, JobScheduler, TriggerInputs, UpdateTrigger, resets_drift_baseline
+
+# Bounds a wait for something that must happen; never how long anything is expected to take.
+HANG_S = 60.0
 
 
 class FakeClock:
@@ -50,6 +54,20 @@ def test_idle_needs_a_full_window_below_threshold() -> None:
     assert idle.idle()
 
 
+def test_idle_threshold_of_100_counts_a_saturated_device_as_idle() -> None:
+    clock = FakeClock()
+    idle = IdleDetector(cpu_threshold=100, window_s=10, clock=clock, cpu_reader=lambda: 100.0)
+    for _ in range(3):
+        idle.sample()
+        clock.now += 5
+    assert idle.cpu_percent == 100.0 and idle.idle()
+    strict = IdleDetector(cpu_threshold=99.9, window_s=10, clock=clock, cpu_reader=lambda: 100.0)
+    for _ in range(3):
+        strict.sample()
+        clock.now += 5
+    assert not strict.idle()
+
+
 def test_idle_detector_checks_parameters() -> None:
     with pytest.raises(ValueError, match="cpu_threshold"):
         IdleDetector(cpu_threshold=0, window_s=10)
@@ -70,6 +88,23 @@ def test_trigger_needs_a_reason_and_idle() -> None:
     short = trigger.decide(calm(drift_detected=True, headroom_mb=-120.4))
     assert not short.start and short.reason == "not enough memory for the training child (120 MB short)"
     assert trigger.decide(calm(drift_detected=True, headroom_mb=5.0)).start
+
+
+def test_start_on_limits_the_reasons_that_start_an_update() -> None:
+    clock = FakeClock()
+    every = calm(drift_detected=True, new_windows=500)
+    only_requests = UpdateTrigger(TrainConfig(min_interval_s=0, min_new_windows=100, start_on=["request"]), clock=clock)
+    assert only_requests.decide(every).reason == "no reason to adapt"
+    assert only_requests.request()
+    assert only_requests.decide(every).reason == "requested"
+    no_requests = UpdateTrigger(TrainConfig(min_interval_s=0, min_new_windows=100, start_on=["drift", "new_data"]), clock=clock)
+    assert not no_requests.request() and not no_requests.requested
+    assert no_requests.decide(every).reason == "drift detected"
+    new_data = UpdateTrigger(TrainConfig(min_interval_s=0, min_new_windows=100, start_on=["new_data"]), clock=clock)
+    assert new_data.decide(every).reason == "500 new windows"
+    assert new_data.decide(calm(drift_detected=True)).reason == "no reason to adapt"
+    with pytest.raises(ValueError, match="start_on"):
+        TrainConfig(start_on=["weather"])  # type: ignore[list-item]
 
 
 def test_only_a_routine_update_keeps_the_drift_references() -> None:
@@ -116,11 +151,31 @@ def test_trigger_backs_off_after_a_memory_stop() -> None:
     assert trigger.decide(calm(drift_detected=True)).start
 
 
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = HANG_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.01)
+
+
 def test_job_scheduler_coalesces_and_survives_failing_jobs() -> None:
+    from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_SUBMITTED
+
+    interval = 0.1
     scheduler = JobScheduler()
+    # apscheduler's decision at each due time of the slow job: started (with the run times it
+    # stands for) or skipped because it was still running.
+    decisions: list[tuple[int, list]] = []
+    scheduler._scheduler.add_listener(
+        lambda event: decisions.append((event.code, list(event.scheduled_run_times))) if event.job_id == "slow" else None,
+        EVENT_JOB_SUBMITTED | EVENT_JOB_MAX_INSTANCES,
+    )
     runs: list[float] = []
     running = threading.Lock()
     overlaps = []
+    release = threading.Event()
+    failures = [0]
 
     def slow_job() -> None:
         if not running.acquire(blocking=False):
@@ -128,19 +183,43 @@ def test_job_scheduler_coalesces_and_survives_failing_jobs() -> None:
             return
         try:
             runs.append(time.monotonic())
-            time.sleep(0.35)  # longer than its interval: apscheduler must not overlap it
+            if len(runs) == 1:
+                release.wait(HANG_S)  # the first run lasts over many of its due times
         finally:
             running.release()
 
     def failing_job() -> None:
+        failures[0] += 1
         raise RuntimeError("boom")
 
-    scheduler.add("slow", slow_job, interval_s=0.1, run_now=True)
-    scheduler.add("failing", failing_job, interval_s=0.1, run_now=True)
+    def skipped() -> int:
+        return sum(code == EVENT_JOB_MAX_INSTANCES for code, _ in decisions)
+
+    scheduler.add("slow", slow_job, interval_s=interval, run_now=True)
+    scheduler.add("failing", failing_job, interval_s=interval, run_now=True)
     scheduler.start()
-    time.sleep(1.2)
-    assert scheduler.alive
-    scheduler.stop()
+    try:
+        # Due times come while the first run goes on: each is skipped, none starts a second run.
+        wait_until(lambda: skipped() >= 3 or overlaps, "due times of the slow job skipped while it ran")
+        assert len(runs) == 1 and not overlaps
+        release.set()
+        wait_until(lambda: len(runs) >= 2, "the slow job to run again after its long run")
+        # Suspended for several intervals (as a device that slept), then resumed: the due times
+        # missed meanwhile are caught up with one run, not a queue of them.
+        scheduler._scheduler.pause()
+        time.sleep(6 * interval)  # at least this long; longer only misses more due times
+        scheduler._scheduler.resume()
+
+        def caught_up() -> bool:
+            times = [run_times[-1] for _, run_times in decisions]
+            return any((b - a).total_seconds() >= 3 * interval for a, b in zip(times, times[1:]))
+
+        wait_until(caught_up, "the slow job's first run after the pause")
+        wait_until(lambda: failures[0] >= 3, "the failing job to have run (and failed) three times")
+        assert scheduler.alive
+    finally:
+        release.set()
+        scheduler.stop()
     assert not overlaps
-    assert 2 <= len(runs) <= 4  # ~1.2 s / 0.35 s, missed runs coalesced rather than queued
+    assert all(len(run_times) == 1 for _, run_times in decisions), decisions
     assert {"slow", "failing"} <= set(scheduler.heartbeats())

@@ -33,13 +33,17 @@ from edge_daemon.daemon import Daemon
 from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain
 from edge_daemon.store import Reading, ReplayStore
-from test_daemon_ingest import PUBLISHER, stored_keys, wait_for, write_config
+from test_daemon_ingest import stored_keys, wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(1)
 
 STATUS_RE = re.compile(r"STATUS=.*memory (normal|elevated|high|critical), drift none, (\d+) readings")
+# Every wait below is for an event (a message, a status value, an exit); its timeout only bounds
+# a hang, so it is generous enough for a loaded machine. Nothing here times the daemon: its speed
+# is for benchmarks/, and the ping period is checked as a value (here and in test_notify).
+HANG_S = 300
 
 
 class NotifySocket:
@@ -113,26 +117,29 @@ class Service:
                 stdout=log_file, stderr=log_file, cwd=REPO, env=env,
             )  # fmt: skip
 
-    def wait_up(self, timeout: float = 30.0) -> None:
+    def wait_up(self, timeout: float = HANG_S) -> None:
         """Until the daemon answers `status` and is connected to the broker."""
 
         def up() -> bool:
             assert self.proc is not None and self.proc.poll() is None, f"daemon exited:\n{self.log()}"
             try:
-                return bool(self.status(1.0)["ingest"]["connected"])
+                return bool(self.status(10.0)["ingest"]["connected"])
             except Exception:  # noqa: BLE001 - not up yet
                 return False
 
         wait_for(up, timeout, "the daemon to come up")
 
-    def status(self, timeout: float = 5.0) -> dict:
+    def status(self, timeout: float = 60.0) -> dict:
         return request(self.socket_path, {"cmd": "status"}, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 
-    def terminate(self, timeout: float = 60.0) -> tuple[int, float]:
-        """SIGTERM as systemd sends it (KillMode=mixed: the main process only); (exit code, seconds)."""
+    def terminate(self, timeout: float = HANG_S) -> tuple[int, float]:
+        """SIGTERM as systemd sends it (KillMode=mixed: the main process only); (exit code, seconds).
+
+        The seconds are for the log only: how long a stop takes depends on the machine.
+        """
         assert self.proc is not None
         sent = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
@@ -169,19 +176,17 @@ def test_ready_status_watchdog_in_order_then_stopping(tmp_path: Path, broker: Lo
     service = Service(write_config(tmp_path, broker), tmp_path / "control.sock", tmp_path / "daemon.log", env)
     service.start()
     try:
-        ready_at, _ = notify_socket.wait_for(lambda m: "READY=1" in m, 60, "READY=1")
+        notify_socket.wait_for(lambda m: "READY=1" in m, HANG_S, "READY=1")
         # READY only once the store is open and the broker subscription is up.
         assert service.status()["ingest"]["connected"] is True
-        notify_socket.pump(2.6)
+        # The heartbeat's first beat right after READY (STATUS=, then a ping), then more pings.
+        for n in range(3):
+            notify_socket.wait_for(lambda m: m == "WATCHDOG=1", HANG_S, f"watchdog ping {n + 1}")
         texts = notify_socket.texts()
         assert texts[0] == "READY=1", texts
         assert STATUS_RE.fullmatch(texts[1]), texts
         assert "no base model yet" in texts[1] and STATUS_RE.fullmatch(texts[1]).group(2) == "0"  # type: ignore[union-attr]
         assert texts[2] == "WATCHDOG=1", texts
-        # Every WatchdogSec/2 = 1 s: a ping right after READY, then two more within 2.6 s.
-        pings = [t for t, m in notify_socket.messages if m == "WATCHDOG=1"]
-        assert len(pings) >= 3 and pings[0] - ready_at < 0.5
-        assert max(np.diff(pings)) < 1.5
 
         # STATUS= follows what the daemon holds.
         pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
@@ -189,13 +194,15 @@ def test_ready_status_watchdog_in_order_then_stopping(tmp_path: Path, broker: Lo
         pub.loop_start()
         base = time.time() - 100
         for i in range(30):
-            pub.publish("sensors/m1/current", json.dumps({"ts": base + i, "value": i}), qos=1).wait_for_publish(5)
+            pub.publish("sensors/m1/current", json.dumps({"ts": base + i, "value": i}), qos=1).wait_for_publish(HANG_S)
         pub.loop_stop()
         pub.disconnect()
-        notify_socket.wait_for(lambda m: (s := STATUS_RE.fullmatch(m)) is not None and s.group(2) == "30", 10, "STATUS with 30 readings")
+        notify_socket.wait_for(
+            lambda m: (s := STATUS_RE.fullmatch(m)) is not None and s.group(2) == "30", HANG_S, "STATUS with 30 readings"
+        )
 
-        code, seconds = service.terminate()
-        notify_socket.pump(0.3)
+        code, _ = service.terminate()
+        notify_socket.pump(0.3)  # the daemon has exited: this only drains what it sent
     finally:
         service.close()
     assert code == 0, service.log()
@@ -204,7 +211,6 @@ def test_ready_status_watchdog_in_order_then_stopping(tmp_path: Path, broker: Lo
     assert len(stopping) == 1 and texts[stopping[0]] == "STOPPING=1\nSTATUS=stopping (SIGTERM)", texts[-3:]
     assert "WATCHDOG=1" not in texts[stopping[0] :]
     assert texts.count("READY=1") == 1
-    assert seconds < 15
 
 
 def test_dead_part_stops_the_pings_and_the_daemon_exits_non_zero(
@@ -225,40 +231,45 @@ def test_dead_part_stops_the_pings_and_the_daemon_exits_non_zero(
     runner = threading.Thread(target=lambda: codes.append(daemon.run()), name="daemon-under-test")
     runner.start()
     try:
-        notify_socket.wait_for(lambda m: m == "WATCHDOG=1", 30, "the first ping")
+        for n in range(3):
+            notify_socket.wait_for(lambda m: m == "WATCHDOG=1", HANG_S, f"watchdog ping {n + 1}")
         # The daemon claimed the watchdog for itself, so the training child will not inherit it.
         assert os.environ["WATCHDOG_PID"] == str(os.getpid())
-        notify_socket.pump(1.2)
-        assert notify_socket.texts().count("WATCHDOG=1") >= 3
         assert daemon.heartbeat is not None
+        # A ping every WatchdogSec/2, as sd_watchdog_enabled(3) advises.
+        assert daemon.heartbeat.period == pytest.approx(0.5)
         assert {"store", "watchdog", "scoring", "control", "ingest", "scheduler", "main-loop"} <= set(daemon.heartbeat._parts)
 
         assert daemon.store is not None
         with caplog.at_level(logging.ERROR, logger="edge_daemon.ingest"):
             daemon.store.close()
+            # Nothing has failed yet (the writer fails at its next write): the pings go on.
+            notify_socket.wait_for(lambda m: m == "WATCHDOG=1", HANG_S, "a ping with the store closed")
             pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
             pub.connect(broker.host, broker.port)
             pub.loop_start()
-            pub.publish("sensors/m1/current", json.dumps({"ts": time.time() - 5, "value": 1.0}), qos=1).wait_for_publish(5)
+            pub.publish("sensors/m1/current", json.dumps({"ts": time.time() - 5, "value": 1.0}), qos=1).wait_for_publish(HANG_S)
             pub.loop_stop()
             pub.disconnect()
-            notify_socket.wait_for(lambda m: m.startswith("STOPPING=1"), 20, "STOPPING=1")
-            runner.join(15)
+            notify_socket.wait_for(lambda m: m.startswith("STOPPING=1"), HANG_S, "STOPPING=1")
+            runner.join(HANG_S)
         assert not runner.is_alive()
-        notify_socket.pump(0.3)
+        notify_socket.pump(0.3)  # run() has returned: this only drains what it sent
     finally:
         daemon.stop_event.set()
-        runner.join(30)
+        runner.join(HANG_S)
     assert codes == [1]
-    died_at = next(r.created for r in caplog.records if r.getMessage() == "ingest writer died")
-    # Pings went on right up to the failure...
-    before = [t for t, m in notify_socket.messages if m == "WATCHDOG=1" and t < died_at]
-    assert died_at - before[-1] < 0.75
-    # ...then at most one from a beat that checked just before the writer died, and none after.
-    after = [m for t, m in notify_socket.messages if t >= died_at]
-    assert after.count("WATCHDOG=1") <= 1, after
-    assert "WATCHDOG=1" not in after[1:], after
-    assert after[-1] == "STOPPING=1\nSTATUS=stopping (not alive: ingest)", after
+    assert any(r.getMessage() == "ingest writer died" for r in caplog.records)
+    # The pings ended with the writer: a beat that finds a part dead sends its name instead of
+    # a ping (if the heartbeat saw it before the main loop did), and none follows STOPPING=1,
+    # which names the dead part. How many beats fall between the death and its detection
+    # depends on thread scheduling, so it is not counted.
+    texts = notify_socket.texts()
+    first_dead = next((i for i, m in enumerate(texts) if m.startswith("STATUS=not alive")), len(texts))
+    assert first_dead == len(texts) or texts[first_dead].startswith("STATUS=not alive: ingest"), texts[-4:]
+    assert "WATCHDOG=1" not in texts[first_dead:], texts[-4:]
+    stopping = [i for i, m in enumerate(texts) if m.startswith("STOPPING=1")]
+    assert stopping == [len(texts) - 1] and texts[-1] == "STOPPING=1\nSTATUS=stopping (not alive: ingest)", texts[-4:]
     assert not daemon.heartbeat.is_alive()
 
 
@@ -278,46 +289,77 @@ def test_broker_down_at_start_ready_after_the_wait_and_pings_go_on(
     runner = threading.Thread(target=lambda: codes.append(daemon.run()), name="daemon-under-test")
     runner.start()
     try:
-        ready_at, _ = notify_socket.wait_for(lambda m: m == "READY=1", 30, "READY=1")
-        assert ready_at - started >= 1.0
-        _, line = notify_socket.wait_for(lambda m: m.startswith("STATUS="), 5, "STATUS=")
+        ready_at, _ = notify_socket.wait_for(lambda m: m == "READY=1", HANG_S, "READY=1")
+        assert ready_at - started >= 1.0  # not before the wait is over (a lower bound: load only adds)
+        _, line = notify_socket.wait_for(lambda m: m.startswith("STATUS="), HANG_S, "STATUS=")
         assert line.endswith(", broker unreachable"), line
-        notify_socket.pump(1.2)
-        assert notify_socket.texts().count("WATCHDOG=1") >= 2
+        for n in range(2):
+            notify_socket.wait_for(lambda m: m == "WATCHDOG=1", HANG_S, f"watchdog ping {n + 1}")
     finally:
         daemon.stop_event.set()
-        runner.join(30)
-    notify_socket.pump(0.3)
+        runner.join(HANG_S)
+    notify_socket.pump(0.3)  # run() has returned: this only drains what it sent
     assert codes == [0]
     assert notify_socket.texts()[-1].startswith("STOPPING=1")
 
 
 # -- SIGTERM during ingestion ---------------------------------------------------------------------
 
+# QoS 1 readings at a steady rate, each with its own ts (as test_daemon_ingest's publisher), that
+# holds back the readings from `hold_at` on until a line arrives on its stdin: the stream is still
+# flowing at SIGTERM however fast or slow the machine is.
+HOLDING_PUBLISHER = r"""
+import json, sys, time
+import paho.mqtt.client as mqtt
+port, total, rate, base, hold_at = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+channels = ["m1/temperature", "m1/vibration", "m1/current"]
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="holding-publisher", protocol=mqtt.MQTTv311)
+client.max_inflight_messages_set(200)
+client.connect("127.0.0.1", port)
+client.loop_start()
+started = time.monotonic()
+infos = []
+for i in range(total):
+    if i == hold_at:
+        sys.stdin.readline()
+        started = time.monotonic() - i / rate
+    payload = json.dumps({"ts": base + (i // 3) * 0.01, "value": i})
+    infos.append(client.publish("sensors/" + channels[i % 3], payload, qos=1))
+    ahead = started + i / rate - time.monotonic()
+    if ahead > 0:
+        time.sleep(ahead)
+for info in infos:
+    info.wait_for_publish(300)
+client.disconnect()
+client.loop_stop()
+print("published", total, flush=True)
+"""
+
 
 def test_sigterm_while_readings_flow_loses_nothing(tmp_path: Path, broker: LocalBroker) -> None:
     total = 6000
+    hold_at = int(0.9 * total)
     service = Service(write_config(tmp_path, broker), tmp_path / "control.sock", tmp_path / "daemon.log")
     service.start()
     service.wait_up()
     base = time.time() - 3600
     publisher = subprocess.Popen(
-        [sys.executable, "-c", PUBLISHER, str(broker.port), str(total), "2000", str(base)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-c", HOLDING_PUBLISHER, str(broker.port), str(total), "2000", str(base), str(hold_at)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         # SIGTERM mid-stream: a batch pending, messages in flight, more arriving during the stop.
-        wait_for(lambda: service.status()["store"]["readings"] >= 0.3 * total, 30, "30% stored")
-        code, seconds = service.terminate()
+        wait_for(lambda: service.status()["store"]["readings"] >= 0.3 * total, HANG_S, "30% stored")
+        code, _ = service.terminate()
         assert code == 0, service.log()
-        assert seconds < 15
         committed_at_stop = len(stored_keys(tmp_path))
-        assert committed_at_stop < total, "the stream must still be flowing at SIGTERM"
+        assert 0.3 * total <= committed_at_stop <= hold_at, committed_at_stop
         service.start()
         service.wait_up()
-        out, _ = publisher.communicate(timeout=60)
+        # The rest of the stream, into the restarted daemon (and its persistent session).
+        out, _ = publisher.communicate(b"go\n", timeout=HANG_S)
         assert publisher.returncode == 0, out
-        wait_for(lambda: service.status()["store"]["readings"] >= total, 60, "every reading stored")
+        wait_for(lambda: service.status()["store"]["readings"] >= total, HANG_S, "every reading stored")
         code, _ = service.terminate()
         assert code == 0
     finally:
@@ -344,11 +386,13 @@ def test_sigterm_during_an_update_stops_it_saves_nothing_and_exits_zero(tmp_path
         "idle_cpu_percent": 100,
         "idle_window_s": 1,
         "min_interval_s": 0,
-        "min_new_windows": 10**6,  # only the request may start it
+        "start_on": ["request"],  # neither drift nor new data: only the request starts it
         "recent_hours": RECENT_STEPS / 3600,
-        "stop_timeout_s": 20,
+        # Only bounds a hang: the child is asked to stop and does at its next micro-batch
+        # boundary; past this it would be killed, which the log must not show.
+        "stop_timeout_s": HANG_S / 2,
     }
-    config_path = write_config(tmp_path, broker, model=model, train=train, drift={"min_samples": 10**6})
+    config_path = write_config(tmp_path, broker, model=model, train=train)
     cfg = make_config(tmp_path, port=broker.port, model=model)
 
     # A base model and a store the daemon finds at start, as after earlier runs.
@@ -369,29 +413,31 @@ def test_sigterm_during_an_update_stops_it_saves_nothing_and_exits_zero(tmp_path
     service.start()
     try:
         service.wait_up()
-        reply = request(service.socket_path, {"cmd": "train"}, 5)
+        reply = request(service.socket_path, {"cmd": "train"}, 60)
         assert reply["ok"] and reply["accepted"], reply
-        training = wait_for_value(lambda: _training(service), 90, "the update to reach its training phase")
+        training = wait_for_value(lambda: _training(service), HANG_S, "the update to reach its training phase")
         # The training child: the daemon's child that is not multiprocessing's resource tracker.
         assert service.proc is not None
         children = psutil.Process(service.proc.pid).children(recursive=True)
         trainers = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
         assert len(trainers) == 1, [c.cmdline() for c in children]
-        time.sleep(0.5)  # some micro-batches into the update
-        assert _training(service)["progress"]["step"] > training["progress"]["step"]
-        code, seconds = service.terminate(timeout=60)
+        # Some micro-batches into the update: its optimizer steps go on.
+        first = training["progress"]["step"]
+        wait_for_value(
+            lambda: (t := _training(service)) and t["progress"]["step"] > first, HANG_S, f"an optimizer step after step {first}"
+        )
+        code, seconds = service.terminate()
     finally:
         service.close()
     log_text = service.log()
     assert code == 0, log_text
-    # TimeoutStopSec=60s in the unit. A micro-batch boundary comes within milliseconds here; most
-    # of the stop is the child's interpreter tear-down (torch + peft: ~2 s on 2 idle cores). Under
-    # stop_timeout_s it was not killed but stopped on its own (asserted from the log below).
-    assert seconds < 20, f"stop took {seconds:.1f} s"
+    # The unit's TimeoutStopSec=60s is for a device's stop; how long it takes is the machine's,
+    # so it is printed, not asserted. A micro-batch boundary comes within milliseconds here, and
+    # the child leaves without the interpreter's tear-down of torch and peft.
     print(f"\nstop during an update: {seconds:.2f} s")
     # The training child is waited for before the daemon exits; multiprocessing's resource
     # tracker ends when it reads EOF from the daemon's pipe, a moment after the daemon exits.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + HANG_S
     while not all(gone(c.pid) for c in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(gone(c.pid) for c in children), [(c.pid, _cmdline(c)) for c in children if not gone(c.pid)]

@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import platform
+import queue
 import signal
 import subprocess
 import sys
@@ -49,6 +50,8 @@ MEMHOG = Path(__file__).with_name("memhog.py")
 N, E, H, C = Level.NORMAL, Level.ELEVATED, Level.HIGH, Level.CRITICAL
 POLICY = PressurePolicy(elevated=0.70, high=0.80, critical=0.90, hysteresis=0.05, min_available_mb=64.0)
 PLENTY = 10_000.0  # MB of MemAvailable: no system pressure
+# Bounds a wait for something that must happen; never how long anything is expected to take.
+HANG_S = 60.0
 
 
 # ------------------------------------------------------------------ levels
@@ -420,7 +423,7 @@ def memhog() -> Iterator[MemHog]:
         hog.close()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float = HANG_S, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -445,7 +448,7 @@ def test_watchdog_snapshot_listeners_and_a_failing_listener(memhog: MemHog) -> N
         # A budget shrunk at run time (config reload) takes effect on the next sample.
         assert watchdog.set_configured_budget(watchdog.rss_mb / 0.95).mb < 0.95 * 10_000
         wait_for(lambda: watchdog.level == C, what="critical after the budget shrank")
-        wait_for(lambda: watchdog.samples > 5)
+        wait_for(lambda: watchdog.samples > 5, what="more samples")
         assert watchdog.alive
         assert watchdog.peak_rss_mb >= watchdog.rss_mb - 1
     assert seen == [(N, C)]
@@ -463,8 +466,10 @@ def governed_training_loop(
     plan: TrainingPlan | None = start
     governor.begin_update(start)
     reports.put(("ready", None))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    # Until the update stops; `release` ends it sooner when the test is over, and the deadline
+    # only keeps an orphaned child from running for ever.
+    deadline = time.monotonic() + 10 * HANG_S
+    while not release.is_set() and time.monotonic() < deadline:
         assert plan is not None
         new_plan = governor.plan_source(plan)
         if new_plan != plan:
@@ -475,7 +480,7 @@ def governed_training_loop(
         time.sleep(0.02)
     reports.put(("outcome", governor.outcome()))
     # Stay alive (and resident) until released, so the tree's size holds still.
-    release.wait(30)
+    release.wait(10 * HANG_S)
 
 
 def test_real_memory_hog_drives_levels_and_a_governed_child(memhog: MemHog) -> None:
@@ -491,10 +496,17 @@ def test_real_memory_hog_drives_levels_and_a_governed_child(memhog: MemHog) -> N
     child = ctx.Process(
         target=governed_training_loop, args=(PlanGovernor(shared, ladder), ladder[0], reports, release), name="train-child"
     )
+
+    def report() -> tuple[str, Any]:
+        try:
+            return reports.get(timeout=HANG_S)  # type: ignore[no-any-return]
+        except queue.Empty:
+            raise AssertionError(f"no report from the training child within {HANG_S:.0f} s") from None
+
     child.start()
     try:
-        assert reports.get(timeout=30) == ("ready", None)
-        time.sleep(0.3)  # let the child's and the hog's own footprint settle
+        assert report() == ("ready", None)
+        # The hog has answered its first command and idles on stdin: its footprint holds still.
         base = process_tree_rss_mb(memhog.proc.pid)  # the hog holding nothing yet
         budget = base + 300
         watchdog = MemoryWatchdog(
@@ -513,11 +525,10 @@ def test_real_memory_hog_drives_levels_and_a_governed_child(memhog: MemHog) -> N
             memhog.hold(fraction * budget - base)
 
         def next_plan() -> TrainingPlan | None:
-            kind, plan = reports.get(timeout=5)
+            kind, plan = report()
             assert kind == "plan", (kind, plan)
             return plan
 
-        started = time.monotonic()
         with watchdog:
             assert watchdog.level == N
             hold_share(0.75)
@@ -529,22 +540,23 @@ def test_real_memory_hog_drives_levels_and_a_governed_child(memhog: MemHog) -> N
             hold_share(0.95)
             wait_for(lambda: watchdog.level == C, what="critical")
             assert next_plan() is None  # the update stops at the next boundary
-            kind, outcome = reports.get(timeout=5)
+            kind, outcome = report()
             assert kind == "outcome" and outcome.stopped and outcome.final_plan == ladder[2]
-            # Below the critical threshold but within hysteresis: stays critical.
+            # Below the critical threshold but within hysteresis: stays critical, on samples
+            # taken after the hog shrank (hold() returns once it has).
             hold_share(0.87)
-            time.sleep(0.5)
-            assert watchdog.level == C
+            samples = watchdog.samples
+            wait_for(lambda: watchdog.samples >= samples + 3, what="samples of the shrunk hog")
+            assert watchdog.fraction < 0.90 and watchdog.level == C, (watchdog.fraction, watchdog.level)
             peak = watchdog.peak_rss_mb
             memhog.hold(0)
-            wait_for(lambda: watchdog.level == N, timeout=20.0, what="normal after the hog freed")
+            wait_for(lambda: watchdog.level == N, what="normal after the hog freed")
         # Up one level at a time, then only down (the hog unmaps block by
         # block, so the way down may pass through a level) to normal.
         assert changes[:3] == [E, H, C]
         falling = changes[2:]
         assert all(lower < higher for higher, lower in zip(falling, falling[1:])) and falling[-1] == N
         assert peak >= 0.90 * budget  # critical was reached on a real sample
-        assert time.monotonic() - started < 20
     finally:
         release.set()
         child.join(10)
@@ -678,14 +690,15 @@ def memory_cgroup() -> Iterator[MemoryCgroup]:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 5
+        # Killed processes leave the cgroup as they exit; until then it cannot be removed.
+        deadline = time.monotonic() + HANG_S
         while True:
             try:
                 made.path.rmdir()
                 break
-            except OSError:
+            except OSError as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    raise AssertionError(f"{made.path} still busy {HANG_S:.0f} s after killing its processes") from exc
                 time.sleep(0.05)
 
 
@@ -730,7 +743,7 @@ def test_watchdog_inside_a_memory_cgroup_reads_its_limit_and_stops_before_oom(me
         child.stdin.write("go\n")
         child.stdin.flush()
         line = child.stdout.readline()
-        child.wait(30)
+        child.wait(HANG_S)
     finally:
         if child.poll() is None:
             child.kill()
