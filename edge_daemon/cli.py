@@ -277,6 +277,19 @@ def describe_drift(drift: dict[str, Any]) -> str:
     return text
 
 
+def describe_scoring(scoring: dict[str, Any]) -> str:
+    text = f"{scoring.get('scored', 0):,} steps scored, {scoring.get('anomalies', 0):,} anomalies"
+    serving = scoring.get("serving")
+    if isinstance(serving, dict):
+        served = str(serving.get("served", NONE))
+        text += f"; serving [bold]{esc(served)}[/bold]"
+        mae = serving.get("mae")
+        if isinstance(mae, dict) and serving.get("steps_compared"):
+            errors = ", ".join(f"{esc(name)} {fmt_float(value)}" for name, value in mae.items() if value is not None)
+            text += f" (mean |error| {errors} over {serving['steps_compared']:,} steps)"
+    return text
+
+
 def describe_memory(memory: dict[str, Any]) -> str:
     level = str(memory.get("level", NONE))
     style = LEVEL_STYLE.get(level, "")
@@ -332,6 +345,7 @@ def render_status(out: Console, reply: dict[str, Any]) -> None:
         "adapter": describe_adapter,
         "drift": describe_drift,
         "memory": describe_memory,
+        "scoring": describe_scoring,
     }
     for key, describe in describers.items():
         part = section(reply, key)
@@ -603,6 +617,13 @@ def _pretrain(args: argparse.Namespace) -> int:
         f"base model saved to {config.base_dir}: validation loss {metrics.get('val_loss', float('nan')):.4g} "
         f"(persistence {metrics.get('persistence_val_loss', float('nan')):.4g}), {metrics.get('steps')} steps"
     )
+    held_out = metrics.get("held_out") or {}
+    mse = held_out.get("mse") or {}
+    if mse:
+        print("one-step MSE on held-out windows: " + ", ".join(f"{name} {value:.4g}" for name, value in mse.items()))
+        served = held_out.get("serve")
+        if served and served != "model":
+            print(f"the model loses to {served}: the daemon serves {served} until a model beats it")
     return EXIT_OK
 
 

@@ -83,7 +83,12 @@ class StoreConfig(_Section):
     retention_interval_s: float = Field(60.0, gt=0, description="how often retention runs")
     max_age_s: float = Field(7 * 24 * 3600.0, gt=0, description="readings older than this are rejected")
     max_skew_s: float = Field(300.0, ge=0, description="readings this far ahead of the device clock are rejected")
-    segment_s: float = Field(300.0, gt=0, description="retention keeps older data as a sample of whole segments this long")
+    segment_steps: int = Field(
+        300, ge=2, description="retention keeps older data as a sample of whole segments of this many grid steps"
+    )
+    segment_s: float = Field(
+        300.0, gt=0, description="segment length in seconds (default: segment_steps x channels.period_s; set it to override)"
+    )
     synchronous: Literal["full", "normal"] = Field(
         "full", description="'full' fsyncs every commit (acked readings survive power loss); 'normal' only process crashes"
     )
@@ -101,6 +106,11 @@ class ModelConfig(_Section):
     pretrain_batch_size: int = Field(32, ge=1, description="windows per base-model training step")
     pretrain_lr: float = Field(2e-3, gt=0, description="peak AdamW learning rate of base-model training")
     pretrain_val_fraction: float = Field(0.1, gt=0, lt=1, description="newest share of windows held out to validate the base model")
+    season_steps: int = Field(
+        0, ge=0, description="grid steps per season for the seasonal-naive baseline (0: detect it in the training data)"
+    )
+    season_max_steps: int = Field(1440, ge=4, description="longest season looked for when detecting one")
+    ridge_lags: int = Field(16, ge=1, description="steps of every channel the ridge baseline regresses on")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -227,6 +237,11 @@ class OutputsConfig(_Section):
     anomaly_threshold: float = Field(6.0, gt=0, description="alert when the anomaly score exceeds this")
     status_interval_s: float = Field(30.0, gt=0, description="retained status refresh period")
     qos: Literal[0, 1] = Field(0, description="QoS of forecast and status messages (alerts always use 1)")
+    serve: Literal["best", "model"] = Field(
+        "best", description="'best': serve the model or a baseline (persistence, seasonal naive, ridge), whichever forecasts best"
+    )
+    compare_steps: int = Field(600, ge=10, description="... judged by mean |error| over this many recent scored steps")
+    switch_margin: float = Field(0.05, ge=0, lt=1, description="... and switched only when another is this much better")
 
 
 class Config(_Section):
@@ -245,6 +260,11 @@ class Config(_Section):
     def _defaults_from_device(self) -> Config:
         if self.mqtt.client_id is None:
             self.mqtt.client_id = f"edge-daemon-{self.device.id}"
+        # Replay segments are sized in grid steps, so every period gets whole windows to replay
+        # (300 s at a 30-minute period would hold one reading a segment).
+        if "segment_s" not in self.store.model_fields_set:
+            self.store.segment_s = self.store.segment_steps * self.channels.period_s
+            self.store.model_fields_set.discard("segment_s")
         return self
 
     @property

@@ -29,7 +29,8 @@ from edge_daemon.notify import Heartbeat
 from edge_daemon.pipeline import ScoringPipeline, iso
 from edge_daemon.plan import plan_from_config
 from edge_daemon.scheduler import IdleDetector, JobScheduler, TriggerInputs, UpdateTrigger, resets_drift_baseline
-from edge_daemon.scoring import Scorer
+from edge_daemon.baselines import Baseline
+from edge_daemon.scoring import Scorer, ServingRule, baselines_of
 from edge_daemon.store import ReplayStore
 from edge_daemon.updater import UpdateRunner
 from edge_daemon.watchdog import Level, MemoryWatchdog, PlanGovernor, SharedLevel, plan_candidates
@@ -144,7 +145,18 @@ class Daemon:
             log.error("cannot serve adapter v%s (%s); serving the base model", version.version if version else "?", exc)
             version = None
             model = serving_model(self.base, None)
-        return Scorer(self.base, model, cfg.outputs.anomaly_threshold, version=version.version if version else None)
+        baselines, held_out = self._baselines_for(version)
+        return Scorer(
+            self.base, model, cfg.outputs.anomaly_threshold, version=version.version if version else None,
+            baselines=baselines, held_out=held_out, rule=serving_rule(cfg),
+        )  # fmt: skip
+
+    def _baselines_for(self, version: AdapterVersion | None) -> tuple[list[Baseline], dict[str, Any] | None]:
+        """The baselines fitted with `version` (refitted with each update), else the base's."""
+        assert self.base is not None
+        meta = version.meta if version is not None and version.meta.get("baselines") else self.base.meta
+        held_out = meta.get("held_out") if version is None or meta is version.meta else None
+        return baselines_of(meta), held_out
 
     def _current_adapter(self) -> AdapterVersion | None:
         try:
@@ -226,6 +238,13 @@ class Daemon:
 
     def start(self) -> None:
         """Start every part in order; if one fails, stop those already started and re-raise."""
+        # Scoring forwards one small step at a time: a second intra-op thread only contends with
+        # ingestion and whatever else the device runs, and with the other core busy it makes a
+        # forward many times slower (benchmarks/scoring.py). Training runs in its own process
+        # and sets its own.
+        import torch
+
+        torch.set_num_threads(1)
         for name, starter in self.starters():
             try:
                 self.parts.append(starter())
@@ -556,7 +575,8 @@ class Daemon:
             model = serving_model(self.base, version)
             scorer = self.pipeline.scorer
             if scorer is not None:
-                scorer.swap_model(model, version.version if version else None)
+                baselines, held_out = self._baselines_for(version)
+                scorer.swap_model(model, version.version if version else None, baselines, held_out)
             if reset_drift:
                 self.pipeline.drift.reset_baseline(time.time())
 
@@ -690,3 +710,8 @@ def _last_summary(last: dict[str, Any] | None) -> dict[str, Any] | None:
         "outcome": last.get("outcome"),
         "finished": iso(time.time()),
     }
+
+
+def serving_rule(config: Config) -> ServingRule:
+    outputs = config.outputs
+    return ServingRule(mode=outputs.serve, compare_steps=outputs.compare_steps, margin=outputs.switch_margin)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_daemon.baselines import MODEL
 from edge_daemon.config import Config
 from edge_daemon.drift import DriftMonitor
 from edge_daemon.drift.reference import references_from_meta
@@ -132,10 +133,12 @@ class ScoringPipeline:
         if result is None or result.residual is None:
             return
         self.scored += 1
-        for event in self.drift.update_residuals(result.residual, t):
+        # Drift is the model's: what warrants adapting it is its own residuals, whoever is served.
+        model_residual = result.model_residual if result.model_residual is not None else result.residual
+        for event in self.drift.update_residuals(model_residual, t):
             self._alert({**event.as_dict(), "message": f"residual drift on {event.channel}"})
         score = float(result.score) if result.score is not None else None
-        self.last_score = {"ts": t, "score": score, "version": result.model_version}
+        self.last_score = {"ts": t, "score": score, "version": result.model_version, "served_by": result.served_by}
         if len(self.history) >= 20000:
             del self.history[:10000]
         self.history.append((t, score if score is not None else float("nan"), result.model_version))
@@ -150,7 +153,12 @@ class ScoringPipeline:
                     "forecast": {c: float(v) for c, v in zip(channels, result.forecast)},
                     "actual": {c: float(v) for c, v in zip(channels, result.actual)},
                     "anomaly_score": score,
-                    "adapter_version": result.model_version,
+                    # Who made the forecast this message carries: the model (with adapter
+                    # adapter_version, None for the base alone) or the baseline served while no
+                    # model beats it. The anomaly score is of the forecast made one step earlier.
+                    "model": forecaster_label(result.forecast_by, result.forecast_version),
+                    "adapter_version": result.forecast_version if result.forecast_by == MODEL else None,
+                    "scored_by": result.served_by,
                 },
                 self.config.outputs.qos,
                 False,
@@ -194,10 +202,21 @@ class ScoringPipeline:
         return self._newest_ts if self._newest_ts != float("-inf") else None
 
     def status(self) -> dict[str, Any]:
+        with self._lock:
+            scorer = self.scorer
         return {
             "steps": self.steps,
             "scored": self.scored,
             "anomalies": self.anomalies,
             "dropped_batches": self.dropped_batches,
             "last": self.last_score,
+            # Who is served, and the live mean |error| of the model and each baseline.
+            "serving": scorer.comparison() if scorer is not None else None,
         }
+
+
+def forecaster_label(name: str, version: int | None) -> str:
+    """"adapter" or "base" when the model forecasts, else the baseline's name."""
+    if name != MODEL:
+        return name
+    return "base" if version is None else "adapter"

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from edge_daemon.adapters import save_base
+from edge_daemon.baselines import MODEL, detect_season, held_out_report, make_baselines
 from edge_daemon.config import ModelConfig
 from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.frames import (
@@ -85,20 +86,25 @@ def _eval_loss(model: Forecaster, windows: np.ndarray) -> float:
     return total / len(windows)
 
 
-def residual_scale_of(model: Forecaster, windows: np.ndarray) -> np.ndarray:
-    """RMS per channel of last-position residuals over (M, T+1, C) normalised windows.
+def last_step_errors(model: torch.nn.Module, windows: np.ndarray) -> np.ndarray:
+    """(M, C) forecast - actual at the last position of (M, T+1, C) normalised windows.
 
-    The last position is the one the scorer uses once it holds a full window,
-    so the scale describes exactly the residuals it will divide.
+    The last position is the one the scorer uses once it holds a full window.
     """
     model.eval()
-    squares = np.zeros(windows.shape[-1], dtype=np.float64)
+    parts = [np.zeros((0, windows.shape[-1]))]
     with torch.inference_mode():
         for start in range(0, len(windows), EVAL_BATCH):
-            batch = torch.from_numpy(windows[start : start + EVAL_BATCH])
-            residual = model(batch[:, :-1])[:, -1] - batch[:, -1]  # (B, C)
-            squares += (residual.double() ** 2).sum(dim=0).numpy()
-    rms = np.sqrt(squares / max(len(windows), 1))
+            batch = torch.from_numpy(np.ascontiguousarray(windows[start : start + EVAL_BATCH]))
+            parts.append((model(batch[:, :-1])[:, -1] - batch[:, -1]).double().numpy())  # (B, C)
+    return np.concatenate(parts)
+
+
+def residual_scale_of(model: Forecaster, windows: np.ndarray) -> np.ndarray:
+    """RMS per channel of last-position residuals over (M, T+1, C) normalised windows,
+    exactly the residuals the scorer divides by it."""
+    errors = last_step_errors(model, windows)
+    rms = np.sqrt((errors**2).sum(axis=0) / max(len(windows), 1))
     # A channel the model predicts perfectly must not make every later wobble an anomaly.
     return np.maximum(rms, 1e-3).astype(np.float32)
 
@@ -275,6 +281,12 @@ def pretrain(
     model.eval()
     val_loss = _eval_loss(model, val.windows)
     residual_scale = residual_scale_of(model, val.windows)
+    # The yardstick: what a user gets for free, fitted on the same training windows and judged
+    # on the same held-out ones. A model that loses is kept (updates start from it) but not
+    # served: the daemon serves the best baseline until a model beats it.
+    season = model_cfg.season_steps or _detected_season(data, norm, model_cfg.season_max_steps)
+    baselines = make_baselines(train.windows, season, model_cfg.ridge_lags)
+    held_out = held_out_report(baselines, val.windows, last_step_errors(model, val.windows))
     first_time = float(train.end_times.min()) - fcfg.window * period_s if len(train.end_times) else None
     metrics: dict[str, Any] = {
         "steps": steps,
@@ -285,6 +297,9 @@ def pretrain(
         "train_loss": train_loss,
         "val_loss": val_loss,
         "persistence_val_loss": _persistence_loss(val.windows),
+        "baselines": [b.to_dict() for b in baselines],
+        "held_out": held_out,
+        "season_steps": season,
         "residual_scale": residual_scale.tolist(),
         # What input drift is judged against (drift/reference.py): deciles of the raw data.
         "input_reference": input_references_of(data),
@@ -298,13 +313,28 @@ def pretrain(
     save_base(Path(out_dir), model, norm, list(channels), period_s, residual_scale, {**(meta or {}), **metrics})
     metrics["path"] = str(out_dir)
     log.info(
-        "base model trained in %.1f s: val loss %.4f (persistence %.4f), %d parameters",
+        "base model trained in %.1f s: val loss %.4f (persistence %.4f), %d parameters; one-step MSE on held-out windows: %s",
         metrics["seconds"],
         val_loss,
         metrics["persistence_val_loss"],
         metrics["n_params"],
+        ", ".join(f"{name} {mse:.4g}" for name, mse in held_out["mse"].items()),
     )
+    if held_out["serve"] != MODEL:
+        log.warning(
+            "the base model loses to %s on held-out windows (one-step MSE %.4g vs %.4g): the daemon serves %s "
+            "until a model beats it",
+            held_out["serve"], held_out["mse"][held_out["serve"]], held_out["mse"][MODEL], held_out["serve"],
+        )  # fmt: skip
     return metrics
+
+
+def _detected_season(data: Grid | np.ndarray, norm: NormStats, max_steps: int) -> int | None:
+    """The season of a grid's values (windows carry too little history to see one); None for windows."""
+    values = data.values if isinstance(data, Grid) else np.asarray(data)
+    if values.ndim != 2:
+        return None
+    return detect_season(norm.apply(np.asarray(values, dtype=np.float64)), max_steps)
 
 
 # ---------------------------------------------------------------- data sources

@@ -608,6 +608,20 @@ def render_html(data: ReportData, figures: list[tuple[str, Path]], elapsed_s: fl
                 html.escape(str(meta.get("reason") or "-")),
             ]
         )
+    # The yardstick: one-step MSE of the model and each baseline on the held-out windows of the
+    # base's training and of each adapter's update, and who serves first after it.
+    yardstick_rows = []
+    held_out_sources = [("base model", data.base.meta)] if data.base is not None else []
+    held_out_sources += [(f"v{s.version}", s.adapter.meta) for s in data.switches if s.adapter is not None]
+    seen: set[str] = set()
+    for name, meta in held_out_sources:
+        held_out = meta.get("held_out")
+        if name in seen or not isinstance(held_out, dict):
+            continue
+        seen.add(name)
+        mse = held_out.get("mse") or {}
+        yardstick_rows.append([name, html.escape(str(held_out.get("serve", "-"))), f"{held_out.get('windows', 0):,}",
+                               ", ".join(f"{html.escape(k)} {_num(v)}" for k, v in mse.items()) or "-"])  # fmt: skip
     update_rows = []
     for trace in data.updates:
         peak = trace.get("peak_sampled_rss_mb")
@@ -639,6 +653,12 @@ def render_html(data: ReportData, figures: list[tuple[str, Path]], elapsed_s: fl
         _table(["version", "created", "serving from (data time)", "size (bytes)", "recent val loss before &rarr; after",
                 "replayed val loss before &rarr; after", "peak RSS (MB)", "start plan", "reason"], adapter_rows)
         if adapter_rows else "<p>No adapters stored: the base model serves.</p>",  # fmt: skip
+        "<h2>Against the baselines</h2>",
+        _table(["trained", "serves first", "held-out windows", "one-step MSE (normalised)"], yardstick_rows)
+        if yardstick_rows else "<p>No held-out comparison recorded.</p>",  # fmt: skip
+        "<p>While serving, the daemon keeps comparing the model with persistence, seasonal naive and the ridge "
+        "autoregression on every scored step and serves whichever has the lowest mean |error| "
+        "(<code>[outputs] serve</code>); <code>edge-daemon status</code> shows the live figures.</p>",
         "<h2>Updates</h2>",
         _table(["started", "outcome", "reason", "duration (s)", "peak RSS (MB)", "plans", "detail"], update_rows)
         if update_rows else "<p>No update traces recorded.</p>",  # fmt: skip

@@ -8,14 +8,18 @@ model (base with the current adapter merged in) once per completed step.
 from __future__ import annotations
 
 import logging
+import math
 import threading
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from edge_daemon.adapters import BaseModel
+from edge_daemon.baselines import MODEL, Baseline, Persistence, baselines_from_dict
 from edge_daemon.frames import bucket_of
 from edge_daemon.model import Forecaster, anomaly_score
 
@@ -133,18 +137,56 @@ class ScoreResult:
     actual: np.ndarray  # (C,) raw values of step t
     forecast_t: float  # time the forecast is for (t + period)
     forecast: np.ndarray  # (C,) raw units, forecast of step forecast_t
-    residual: np.ndarray | None  # (C,) normalised forecast - actual at t; None without a forecast for t
+    residual: np.ndarray | None  # (C,) normalised served forecast - actual at t; None without a forecast for t
     score: float | None  # anomaly score at t (~1 normal); None without a forecast for t
     anomaly: bool  # score above the threshold
-    model_version: int | None  # adapter version that made the forecast for t (None: base alone)
+    model_version: int | None  # adapter version of the model whose forecast for t is scored here (None: base alone)
+    forecast_version: int | None = None  # adapter version of the model behind `forecast`
+    served_by: str | None = None  # who made the scored forecast for t: "model" or a baseline's name
+    forecast_by: str = MODEL  # who made `forecast`
+    model_residual: np.ndarray | None = None  # (C,) the model's own residual at t (drift is judged on it)
+    residuals: dict[str, np.ndarray] | None = None  # every forecaster's residual at t: the live comparison
+
+
+@dataclass(frozen=True)
+class ServingRule:
+    """Which forecaster's forecasts are served: the model, or the best of the model and the baselines
+    by mean |error| over the last `compare_steps` scored steps (held-out: each forecast is made
+    before its step arrives). A switch needs `margin` better than the one served."""
+
+    mode: str = "best"  # "best" | "model"
+    compare_steps: int = 600
+    margin: float = 0.05
+
+
+class _Tally:
+    """Mean over the last `size` steps of a forecaster's mean |residual| across channels."""
+
+    def __init__(self, size: int) -> None:
+        self.values: deque[float] = deque(maxlen=size)
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        if len(self.values) == self.values.maxlen:
+            self.total -= self.values[0]
+        self.values.append(value)
+        self.total += value
+
+    @property
+    def mean(self) -> float:
+        return self.total / len(self.values) if self.values else math.inf
 
 
 class Scorer:
-    """Scores every completed grid step with the serving model.
+    """Scores every completed grid step with the served forecaster.
 
-    Keeps the last `window` normalised steps. A step with a NaN channel or a
-    skipped step (a gap) clears the history, as gaps split training windows.
-    Forecasts start once `min_history` consecutive steps are buffered.
+    Keeps a ring of normalised steps (the model's window, or a whole season for
+    seasonal naive, whichever is longer). A step with a NaN channel or a skipped
+    step (a gap) clears the history, as gaps split training windows. Forecasts
+    start once `min_history` consecutive steps are buffered. Every step the
+    model and each baseline forecast the next one; what is served (published,
+    scored for anomalies) follows `ServingRule`, starting from the choice made
+    on held-out windows when the model was trained (`held_out["serve"]`).
     """
 
     def __init__(
@@ -154,6 +196,9 @@ class Scorer:
         anomaly_threshold: float,
         min_history: int | None = None,
         version: int | None = None,
+        baselines: list[Baseline] | None = None,
+        held_out: dict[str, Any] | None = None,
+        rule: ServingRule | None = None,
     ) -> None:
         self.base = base
         self.window = base.cfg.window
@@ -161,15 +206,35 @@ class Scorer:
         if not 1 <= self.min_history <= self.window:
             raise ValueError(f"min_history must be in [1, {self.window}], got {min_history}")
         self.anomaly_threshold = float(anomaly_threshold)
-        self._residual_scale = base.residual_scale_tensor()
+        self.rule = rule or ServingRule()
         self._lock = threading.Lock()
         self._model = merged_model.eval()
         self._version = version
-        self._buffer = np.zeros((self.window, len(base.channels)), dtype=np.float32)  # (window, C) ring, oldest first
+        n = len(base.channels)
+        self._set_forecasters(baselines if baselines is not None else baselines_of(base.meta), held_out if held_out is not None else base.meta.get("held_out"))
+        self._capacity = max([self.window] + [b.history_steps for b in self._baselines])
+        # Each step is written twice, at i and i + capacity, so the newest `capacity` steps are always
+        # one contiguous slice: no copy of the whole buffer per step.
+        self._ring = np.zeros((2 * self._capacity, n), dtype=np.float32)
+        self._next = 0
         self._filled = 0
         self._last_t: float | None = None
-        self._pending_forecast: np.ndarray | None = None  # (C,) normalised forecast of the next step
+        self._pending: dict[str, np.ndarray] = {}  # name -> (C,) normalised forecast of the next step
         self._pending_version: int | None = None
+        self._pending_served: str | None = None
+        self._fresh_tallies = False
+
+    def _set_forecasters(self, baselines: list[Baseline], held_out: dict[str, Any] | None) -> None:
+        self._baselines = list(baselines)
+        names = [MODEL] + [b.name for b in self._baselines]
+        self._tallies = {name: _Tally(self.rule.compare_steps) for name in names}
+        scale = self.base.residual_scale.astype(np.float32)
+        rms = (held_out or {}).get("rms", {})
+        self._scales = {name: torch.as_tensor(np.maximum(np.asarray(rms.get(name, scale), np.float32), 1e-6)) for name in names}
+        self._scales[MODEL] = self.base.residual_scale_tensor()
+        choice = (held_out or {}).get("serve", MODEL)
+        self._served = choice if self.rule.mode == "best" and choice in names else MODEL
+        self._switches = 0
 
     @property
     def version(self) -> int | None:
@@ -181,66 +246,133 @@ class Scorer:
         with self._lock:
             return self._model
 
-    def swap_model(self, merged_model: Forecaster, version: int | None = None) -> None:
-        """Serve a new merged model from the next step on; a step being scored finishes with the old one."""
+    @property
+    def served(self) -> str:
+        """Whose forecasts are served now: "model" or a baseline's name."""
+        return self._served
+
+    def comparison(self) -> dict[str, Any]:
+        """Live mean |error| (normalised units) of each forecaster over the comparison window."""
+        with self._lock:
+            return {
+                "served": self._served,
+                "mode": self.rule.mode,
+                "steps_compared": len(self._tallies[MODEL].values),
+                "mae": {name: (t.mean if t.values else None) for name, t in self._tallies.items()},
+                "switches": self._switches,
+            }
+
+    def swap_model(
+        self, merged_model: Forecaster, version: int | None = None, baselines: list[Baseline] | None = None,
+        held_out: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        """Serve a new merged model from the next step on; a step being scored finishes with the old one.
+
+        The live comparison starts again: the new model's record is its own. `baselines` refitted
+        with the update replace the old ones; `held_out` is the update's held-out comparison.
+        """
         merged_model.eval()
         with self._lock:
             self._model = merged_model
             self._version = version
-        log.info("scoring with adapter %s", f"v{version}" if version is not None else "none (base model)")
+            new = baselines if baselines is not None else self._baselines
+            fits = max([self.window] + [b.history_steps for b in new]) <= self._capacity
+            self._set_forecasters(new if fits else self._baselines, held_out)
+            self._fresh_tallies = True  # the next residuals are of forecasts made before the swap
+        log.info("scoring with adapter %s; serving %s", f"v{version}" if version is not None else "none (base model)", self._served)
 
     def reset(self) -> None:
         self._filled = 0
         self._last_t = None
-        self._pending_forecast = None
+        self._pending = {}
+
+    def _history(self, steps: int) -> np.ndarray:
+        """The newest `steps` buffered steps, oldest first (a view)."""
+        end = self._next + self._capacity
+        return self._ring[end - steps : end]
+
+    def _choose(self) -> None:
+        if self.rule.mode != "best" or len(self._tallies[MODEL].values) < self.rule.compare_steps:
+            return
+        means = {name: t.mean for name, t in self._tallies.items() if len(t.values) == len(self._tallies[MODEL].values)}
+        best = min(means, key=means.__getitem__)
+        if best != self._served and means[best] < (1.0 - self.rule.margin) * means.get(self._served, math.inf):
+            log.info("serving %s instead of %s: mean |error| %.4g vs %.4g over %d steps", best, self._served,
+                     means[best], means.get(self._served, math.inf), len(self._tallies[MODEL].values))  # fmt: skip
+            self._served = best
+            self._switches += 1
 
     def add_step(self, t: float, values: np.ndarray) -> ScoreResult | None:
         """Score the step at time `t` (raw (C,) values, NaN allowed); None while there is not enough history."""
         with self._lock:
             model, version = self._model, self._version
-        raw = np.asarray(values, dtype=np.float64)
-        assert raw.shape == (len(self.base.channels),), f"expected {len(self.base.channels)} values, got {raw.shape}"
-        period = self.base.period_s
-        contiguous = self._last_t is not None and abs(t - (self._last_t + period)) < 0.5 * period
-        if not contiguous:
-            self.reset()
-        if np.isnan(raw).any():
-            self.reset()
-            return None
-        self._last_t = t
-        x = self.base.norm.apply(raw)  # (C,)
+            raw = np.asarray(values, dtype=np.float64)
+            assert raw.shape == (len(self.base.channels),), f"expected {len(self.base.channels)} values, got {raw.shape}"
+            period = self.base.period_s
+            contiguous = self._last_t is not None and abs(t - (self._last_t + period)) < 0.5 * period
+            if not contiguous:
+                self.reset()
+            if np.isnan(raw).any():
+                self.reset()
+                return None
+            self._last_t = t
+            x = self.base.norm.apply(raw).astype(np.float32)  # (C,)
 
-        residual = score = None
-        anomaly = False
-        forecast_version = self._pending_version
-        if self._pending_forecast is not None:
-            residual = (self._pending_forecast - x).astype(np.float32)
-            score = float(anomaly_score(torch.from_numpy(residual), self._residual_scale))
-            anomaly = score > self.anomaly_threshold
+            # Residuals of the forecasts made for this step, and the live comparison.
+            residuals = {name: (f - x).astype(np.float32) for name, f in self._pending.items()}
+            if MODEL in residuals and not self._fresh_tallies:
+                for name, r in residuals.items():
+                    if name in self._tallies:
+                        self._tallies[name].add(float(np.abs(r).mean()))
+                self._choose()
+            self._fresh_tallies = False
+            scored_by = self._pending_served if self._pending_served in residuals else (MODEL if MODEL in residuals else None)
+            residual = residuals.get(scored_by) if scored_by is not None else None
+            score = None
+            anomaly = False
+            if residual is not None:
+                scale = self._scales.get(scored_by, self._scales[MODEL])
+                score = float(anomaly_score(torch.from_numpy(residual), scale))
+                anomaly = score > self.anomaly_threshold
+            scored_version = self._pending_version
 
-        # Append to the rolling window (oldest first).
-        if self._filled < self.window:
-            self._buffer[self._filled] = x
-            self._filled += 1
-        else:
-            self._buffer[:-1] = self._buffer[1:]
-            self._buffer[-1] = x
-        if self._filled < self.min_history:
-            self._pending_forecast = None
-            return None
+            # Append to the ring.
+            self._ring[self._next] = x
+            self._ring[self._next + self._capacity] = x
+            self._next = (self._next + 1) % self._capacity
+            self._filled = min(self._filled + 1, self._capacity)
+            if self._filled < self.min_history:
+                self._pending = {}
+                return None
 
-        history = torch.from_numpy(self._buffer[: self._filled]).unsqueeze(0)  # (1, T, C)
-        with torch.inference_mode():
-            next_norm = model(history)[0, -1].numpy().copy()  # (C,)
-        self._pending_forecast = next_norm
-        self._pending_version = version
-        return ScoreResult(
-            t=t,
-            actual=raw,
-            forecast_t=t + period,
-            forecast=self.base.norm.invert(next_norm),
-            residual=residual,
-            score=score,
-            anomaly=anomaly,
-            model_version=forecast_version if residual is not None else None,
-        )
+            history = self._history(min(self._filled, self.window))
+            with torch.inference_mode():
+                next_model = model(torch.from_numpy(history).unsqueeze(0))[0, -1].numpy().copy()  # (C,)
+            pending = {MODEL: next_model}
+            longest = self._history(self._filled).astype(np.float64)
+            for b in self._baselines:
+                pending[b.name] = np.asarray(b.predict(longest), dtype=np.float32)
+            self._pending = pending
+            self._pending_version = version
+            self._pending_served = self._served
+            return ScoreResult(
+                t=t,
+                actual=raw,
+                forecast_t=t + period,
+                forecast=self.base.norm.invert(pending[self._served]),
+                residual=residual,
+                score=score,
+                anomaly=anomaly,
+                model_version=scored_version if residual is not None else None,
+                forecast_version=version,
+                served_by=scored_by,
+                forecast_by=self._served,
+                model_residual=residuals.get(MODEL),
+                residuals=residuals,
+            )
+
+
+def baselines_of(meta: dict[str, Any]) -> list[Baseline]:
+    """The baselines recorded with a base or an adapter; persistence alone when none were."""
+    items = meta.get("baselines")
+    return baselines_from_dict(items) if items else [Persistence()]

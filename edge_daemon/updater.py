@@ -487,6 +487,9 @@ def _update_traced(
             "peak_rss_mb": summary["peak_rss_bytes"] / 2**20,
             "wall_time_s": summary["wall_time_s"],
             "previous_version": incumbent_version.version if incumbent_version else None,
+            # The baselines refitted on this update's windows, and how the adapted model compares
+            # with them on its held-out ones: where serving starts (scoring.ServingRule).
+            **refit_baselines(base, config, data, result.peft_model),
         }
         version = adapters.commit(staging, meta)
         reply["version"] = version.version
@@ -494,6 +497,20 @@ def _update_traced(
         reply["version_path"] = str(version.path)  # where the trace goes; removed before the reply leaves
         trace.phase("committed")
     return reply
+
+
+def refit_baselines(base: Any, config: Config, data: UpdateData, model: Any) -> dict[str, Any]:
+    """Baselines fitted on an update's training windows (recent and replayed) and the held-out
+    comparison on its recent validation windows, with `model` the adapted forecaster."""
+    from edge_daemon.baselines import held_out_report, make_baselines
+    from edge_daemon.pretrain import last_step_errors
+
+    train = np.concatenate([data.recent_train.numpy(), data.replay_train.numpy()])
+    season = base.meta.get("season_steps") or config.model.season_steps or None
+    baselines = make_baselines(train, season, config.model.ridge_lags)
+    val = data.recent_val.numpy()
+    held_out = held_out_report(baselines, val, last_step_errors(model, val))
+    return {"baselines": [b.to_dict() for b in baselines], "held_out": held_out}
 
 
 def _jsonable(info: dict[str, Any]) -> dict[str, Any]:

@@ -115,7 +115,9 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
     total = OLD_STEPS + NEW_STEPS + EXTRA_STEPS
     start_ts = float(int(time.time()) - total - 30)
     data = generate_labeled(total, start_ts=start_ts, seed=0, regime_change_at=OLD_STEPS, time_scale=144)
-    cfg = small_config(tmp_path, broker.port)
+    # The model serves throughout, so the residuals before and after the update are both its own
+    # (serving a baseline instead has its tests in test_scoring and below).
+    cfg = small_config(tmp_path, broker.port, outputs={"serve": "model"})
 
     # Base model: trained on the old regime only, as a fleet's base would be.
     grid = build_grid(*readings(data, 0, OLD_STEPS), 3, 1.0, 5)
@@ -156,6 +158,9 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         assert spans and all(data.ts[0] - segment_s < a < b <= recent_from for a, b in spans), (spans, recent_from)
         for metrics in (meta["metrics_before"], meta["metrics_after"]):
             assert np.isfinite(metrics["replay_val_loss"]), metrics
+        # The baselines were refitted on the update's windows and judged beside it on held-out ones.
+        assert {b["kind"] for b in meta["baselines"]} >= {"persistence", "ridge"}
+        assert set(meta["held_out"]["mse"]) >= {"model", "persistence", "ridge"}
         assert status["drift"]["detected"] is False  # the accepted adapter reset the residual baseline
 
         # The residual falls: fresh new-regime data is forecast better by base + adapter.
@@ -170,7 +175,8 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
 
         forecasts = collector.of("forecast")
         assert forecasts and set(forecasts[-1]["forecast"]) == set(CHANNELS)
-        assert any(f["adapter_version"] == 1 for f in forecasts)
+        assert any(f["adapter_version"] == 1 and f["model"] == "adapter" for f in forecasts)
+        assert {f["model"] for f in forecasts} == {"base", "adapter"}
         statuses = collector.of("status")
         assert statuses and statuses[-1]["online"] is True and statuses[-1]["adapter_version"] == 1
     finally:
@@ -200,7 +206,10 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
         checks = daemon.trigger_checks
         wait_for(lambda: daemon.trigger_checks >= checks + 2, 60, "two more trigger decisions")
         assert daemon.runner is not None and daemon.runner.last is None, "nothing may start an update unasked"
-        assert request(cfg.device.socket, {"cmd": "status"})["training"]["trigger"] == "no reason to adapt"
+        status = request(cfg.device.socket, {"cmd": "status"})
+        assert status["training"]["trigger"] == "no reason to adapt"
+        serving = status["scoring"]["serving"]  # the model and the baselines, compared live
+        assert serving["steps_compared"] > 0 and set(serving["mae"]) >= {"model", "persistence", "ridge"}, serving
 
         reply = request(cfg.device.socket, {"cmd": "train"})
         assert reply["ok"] and reply["accepted"]

@@ -223,6 +223,9 @@ def test_report_from_state_dir(state: Config, tmp_path: Path) -> None:
     assert f"{3 * (OLD_STEPS + NEW_STEPS + AFTER_STEPS):,}" in page  # readings count
     assert "2023-11-14T22:13:20Z" in page  # oldest reading (START_TS)
     assert "accepted v1" in page and "rejected" in page
+    # The base and the adapter against the baselines on their held-out windows.
+    yardstick = page[page.index("Against the baselines") :]
+    assert "<td>base model</td>" in yardstick and "<td>v1</td>" in yardstick and "persistence" in yardstick
     # Self-contained: every link or resource the page names is embedded or on the page itself.
     links = page_links(page)
     assert len([v for v in links if v.startswith("data:image/png;base64,")]) == len(embedded)

@@ -14,12 +14,13 @@ from edge_daemon.config import ModelConfig
 from edge_daemon.frames import Grid, build_grid
 from edge_daemon.model import anomaly_score
 from edge_daemon.pretrain import pretrain
-from edge_daemon.scoring import GridAssembler, Scorer
+from edge_daemon.scoring import GridAssembler, Scorer, ServingRule
 
 torch.set_num_threads(1)
 
 CHANNELS = ["m1/temperature", "m1/vibration"]
 TINY = ModelConfig(window=16, d_model=16, n_heads=2, n_layers=1, d_ff=32)
+MODEL_ONLY = ServingRule(mode="model")  # tests of the model's own forecasts and scores
 
 
 def _signal(n: int, start: int = 0, seed: int = 0) -> np.ndarray:
@@ -104,7 +105,7 @@ def test_long_outage_is_skipped_not_emitted() -> None:
 
 
 def test_forecast_residual_and_score(base: BaseModel) -> None:
-    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0, min_history=8, version=None)
+    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0, min_history=8, version=None, rule=MODEL_ONLY)
     data = _signal(30, start=3000, seed=1)
     results = [scorer.add_step(float(3000 + i), row) for i, row in enumerate(data)]
     assert all(r is None for r in results[:7])
@@ -127,7 +128,7 @@ def test_forecast_residual_and_score(base: BaseModel) -> None:
 
 
 def test_spike_is_an_anomaly_and_normal_data_is_not(base: BaseModel) -> None:
-    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0)
+    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0, rule=MODEL_ONLY)
     data = _signal(200, start=3000, seed=2)
     data[150, 0] += 3.0  # 60 noise sigmas on the smooth channel
     results = [scorer.add_step(float(3000 + i), row) for i, row in enumerate(data)]
@@ -140,7 +141,7 @@ def test_spike_is_an_anomaly_and_normal_data_is_not(base: BaseModel) -> None:
 
 
 def test_gaps_and_nan_restart_history(base: BaseModel) -> None:
-    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0, min_history=4)
+    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0, min_history=4, rule=MODEL_ONLY)
     data = _signal(20, start=3000)
     for i in range(6):
         scorer.add_step(float(i), data[i])
@@ -151,7 +152,7 @@ def test_gaps_and_nan_restart_history(base: BaseModel) -> None:
 
 
 def test_swap_model(base: BaseModel) -> None:
-    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0, min_history=4, version=None)
+    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0, min_history=4, version=None, rule=MODEL_ONLY)
     data = _signal(10, start=3000)
     for i in range(5):
         before = scorer.add_step(float(i), data[i])
@@ -161,6 +162,7 @@ def test_swap_model(base: BaseModel) -> None:
     scorer.swap_model(other, version=7)
     after = scorer.add_step(5.0, data[5])
     assert after.model_version is None  # the residual at t=5 is of the base model's forecast
+    assert after.forecast_version == 7  # the forecast of t=6 is the new model's
     np.testing.assert_allclose(base.norm.apply(before.forecast) - base.norm.apply(data[5]), after.residual, atol=1e-4)
     history = torch.from_numpy(base.norm.apply(data[:6])).unsqueeze(0)
     with torch.no_grad():
@@ -171,7 +173,7 @@ def test_swap_model(base: BaseModel) -> None:
 def test_end_to_end_stream(base: BaseModel, tmp_path: Path) -> None:
     """MQTT-like readings -> assembler -> scorer: every completed step after the warm-up is scored."""
     assembler = GridAssembler(CHANNELS, base.period_s, max_fill_steps=2, lateness_s=1.0)
-    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0)
+    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0, rule=MODEL_ONLY)
     data = _signal(60, start=3000, seed=4)
     results = []
     for i, row in enumerate(data):
@@ -182,3 +184,50 @@ def test_end_to_end_stream(base: BaseModel, tmp_path: Path) -> None:
     assert len(results) == 58  # the last two steps wait for the lateness allowance
     assert len(scored) == 58 - 16
     assert max(r.score for r in scored) < 6.0
+
+
+def _biased(base: BaseModel) -> torch.nn.Module:
+    model = copy.deepcopy(base.model)
+    with torch.no_grad():
+        model.head.bias += 1.0  # every forecast one std off: any baseline beats it
+    return model
+
+
+def test_a_model_that_loses_to_a_baseline_is_not_served(base: BaseModel) -> None:
+    rule = ServingRule(mode="best", compare_steps=50, margin=0.05)
+    scorer = Scorer(base, _biased(base), anomaly_threshold=6.0, held_out={}, rule=rule)
+    baselines = {b.name: b for b in scorer._baselines}  # the base's: persistence, seasonal naive (periods 40 and 25), ridge
+    assert scorer.served == "model" and {"persistence", "ridge"} <= set(baselines)
+    data = _signal(200, start=3000, seed=5)
+    results = [scorer.add_step(float(3000 + i), row) for i, row in enumerate(data)]
+    status = scorer.comparison()
+    assert status["served"] == "ridge" and status["switches"] == 1, status
+    assert status["mae"]["ridge"] == min(status["mae"].values()) and status["mae"]["persistence"] < status["mae"]["model"]
+    switched = next(i for i, r in enumerate(results) if r is not None and r.forecast_by == "ridge")
+    assert switched == 16 + 50 - 1  # a whole comparison window first: residuals from step 16, the 50th at 65
+    last = results[-1]
+    ridge = baselines["ridge"]
+    expected = ridge.predict(base.norm.apply(data[-scorer._capacity :]))
+    np.testing.assert_allclose(last.forecast, base.norm.invert(expected), rtol=1e-5)
+    # The residual scored is the served forecast's; drift still sees the model's own.
+    assert last.served_by == "ridge" and last.model_residual is not None
+    assert np.abs(last.model_residual).mean() > 3 * np.abs(last.residual).mean()
+    # "model" serves the model whatever the comparison says.
+    pinned = Scorer(base, _biased(base), anomaly_threshold=6.0, held_out={}, rule=ServingRule(mode="model", compare_steps=50))
+    for i, row in enumerate(data):
+        pinned.add_step(float(3000 + i), row)
+    assert pinned.comparison()["served"] == "model" and pinned.comparison()["switches"] == 0
+
+
+def test_serving_starts_from_the_held_out_choice_and_a_new_model_starts_a_new_record(base: BaseModel) -> None:
+    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0, held_out={"serve": "persistence"})
+    data = _signal(40, start=3000, seed=6)
+    results = [scorer.add_step(float(3000 + i), row) for i, row in enumerate(data)]
+    assert results[-1].forecast_by == "persistence"
+    np.testing.assert_allclose(results[-1].forecast, data[-1], rtol=1e-5)
+    assert scorer.comparison()["steps_compared"] > 0
+    scorer.swap_model(copy.deepcopy(base.model), version=3, held_out={"serve": "model"})
+    assert scorer.served == "model" and scorer.comparison()["steps_compared"] == 0
+    after = scorer.add_step(3040.0, _signal(1, start=3040, seed=6)[0])
+    assert after.forecast_by == "model" and after.forecast_version == 3
+    assert scorer.comparison()["steps_compared"] == 0  # that residual was of a forecast from before the swap

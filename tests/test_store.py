@@ -230,3 +230,35 @@ def test_replay_segments_are_whole_old_spans(tmp_path: Path) -> None:
     # Asking for more than exist returns each eligible segment once.
     assert len(store.replay_segments(before, rng, max_segments=1000)) == 30
     store.close()
+
+
+@pytest.mark.parametrize("period_s", [1.0, 60.0, 1800.0])
+def test_an_update_gets_replay_windows_at_any_period(tmp_path: Path, period_s: float) -> None:
+    """Segments are sized in grid steps: at a 30-minute period a segment still holds whole windows."""
+    import torch
+
+    from edge_daemon.adapters import BaseModel
+    from edge_daemon.frames import NormStats
+    from edge_daemon.model import Forecaster, ForecasterConfig
+    from edge_daemon.updater import prepare_update_data
+    from tests.conftest import make_config
+
+    steps, recent_steps = 3000, 400
+    config = make_config(
+        tmp_path,
+        channels={"period_s": period_s},
+        store={"recent_hours": 10 * steps * period_s / 3600},  # nothing is dropped here
+        train={"recent_hours": recent_steps * period_s / 3600},
+    )
+    assert config.store.segment_s == config.store.segment_steps * period_s
+    cfg = ForecasterConfig(n_channels=3, window=32, d_model=16, n_heads=2, n_layers=1, d_ff=32)
+    norm = NormStats(np.zeros(3), np.ones(3))
+    base = BaseModel(Forecaster(cfg), cfg, norm, CHANNELS, period_s, np.ones(3, np.float32), {}, tmp_path, "0")
+    start = float(int(NOW / config.store.segment_s) * config.store.segment_s)  # on a segment boundary
+    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+        assert fill(store, start, int(steps * period_s), step=period_s) == 3 * steps
+        data = prepare_update_data(store, base, config, np.random.default_rng(0))
+    assert len(data.recent_train) > 0 and len(data.recent_val) > 0
+    assert len(data.replay_train) > 0 and len(data.replay_val) > 0
+    assert data.replay_train.shape[1:] == (cfg.window + 1, 3) and torch.isfinite(data.replay_train).all()
+    assert all(b <= data.recent_range[0] for _, b in data.replay_spans)

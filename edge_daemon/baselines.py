@@ -1,0 +1,217 @@
+"""What a user gets for free: persistence, seasonal naive and a ridge autoregression.
+
+Each forecasts the next grid step from the normalised history (oldest first,
+shape (T, C)) with numpy alone, in microseconds. They are the yardstick the
+served model must beat, and what the daemon serves while it does not
+(`scoring.Scorer`). The ridge model predicts the change from the last value
+from the last `lags` steps of every channel, so heavy shrinkage falls back to
+persistence; it is fitted in closed form on the same windows the model trains
+on, at pretraining and again with every update. Everything round-trips
+through JSON (`to_dict` / `baselines_from_dict`) inside the base's and each
+adapter's meta.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PERSISTENCE = "persistence"
+SEASONAL = "seasonal_naive"
+RIDGE = "ridge"
+MODEL = "model"
+
+RIDGE_PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # per row; the best on held-out rows is kept
+MAX_RIDGE_ROWS = 50_000  # enough for lags x channels coefficients; keeps the fit to a few MB
+
+
+class Persistence:
+    name = PERSISTENCE
+    history_steps = 1
+
+    def predict(self, history: np.ndarray) -> np.ndarray:
+        return history[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.name}
+
+
+@dataclass
+class SeasonalNaive:
+    """The value one season ago; persistence until a whole season is buffered."""
+
+    season: int
+    name: str = field(default=SEASONAL, init=False)
+
+    @property
+    def history_steps(self) -> int:
+        return self.season
+
+    def predict(self, history: np.ndarray) -> np.ndarray:
+        # The step being forecast lies one step after history[-1]; a season before it is history[-season].
+        return history[-self.season] if len(history) >= self.season else history[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.name, "season": self.season}
+
+
+@dataclass
+class RidgeAR:
+    """next - last = [last, history[-k] - last for k in 2..lags, 1] @ coef, over every channel."""
+
+    lags: int
+    coef: np.ndarray  # (lags * C + 1, C)
+    penalty: float
+    name: str = field(default=RIDGE, init=False)
+
+    @property
+    def history_steps(self) -> int:
+        return self.lags
+
+    def predict(self, history: np.ndarray) -> np.ndarray:
+        if len(history) < self.lags:
+            return history[-1]
+        return history[-1] + _features(history[None, -self.lags :])[0] @ self.coef
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.name, "lags": self.lags, "penalty": self.penalty, "coef": self.coef.tolist()}
+
+
+Baseline = Persistence | SeasonalNaive | RidgeAR
+
+
+def _features(histories: np.ndarray) -> np.ndarray:
+    """(N, lags, C) -> (N, lags * C + 1): the last value, the earlier ones relative to it, a constant."""
+    last = histories[:, -1]  # (N, C)
+    relative = histories[:, :-1] - last[:, None]  # (N, lags - 1, C)
+    n = histories.shape[0]
+    return np.concatenate([last, relative.reshape(n, -1), np.ones((n, 1))], axis=1)
+
+
+def fit_ridge(windows: np.ndarray, lags: int, rng: np.random.Generator | None = None) -> RidgeAR | None:
+    """Fit on the last step of each (N, L, C) window from the `lags` before it; None if too few windows.
+
+    The penalty is chosen on the newest fifth of the windows (time order), then
+    the coefficients are refitted on all of them.
+    """
+    windows = np.asarray(windows, dtype=np.float64)
+    n, length, channels = windows.shape
+    lags = min(lags, length - 1)
+    if n < 4 * (lags * channels + 1) or lags < 1:
+        return None
+    if n > MAX_RIDGE_ROWS:
+        keep = np.sort((rng or np.random.default_rng(0)).choice(n, MAX_RIDGE_ROWS, replace=False))
+        windows, n = windows[keep], MAX_RIDGE_ROWS
+    x = _features(windows[:, -1 - lags : -1])
+    y = windows[:, -1] - windows[:, -2]
+    split = int(n * 0.8)
+
+    def solve(rows: slice, penalty: float) -> np.ndarray:
+        a, b = x[rows], y[rows]
+        gram = a.T @ a + penalty * len(a) * np.eye(a.shape[1])
+        gram[-1, -1] -= penalty * len(a)  # the constant is not shrunk
+        return np.linalg.solve(gram, a.T @ b)
+
+    errors = {p: float(np.mean((x[split:] @ solve(slice(0, split), p) - y[split:]) ** 2)) for p in RIDGE_PENALTIES}
+    penalty = min(errors, key=errors.__getitem__)
+    return RidgeAR(lags, solve(slice(None), penalty), penalty)
+
+
+def detect_season(values: np.ndarray, max_lag: int, min_lag: int = 4, threshold: float = 0.3) -> int | None:
+    """The lag of the strongest autocorrelation peak in [min_lag, max_lag], averaged over channels.
+
+    `values` is (n, C), NaN where unknown. None when no peak reaches `threshold`
+    or the series is shorter than three seasons.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    max_lag = min(max_lag, n // 3)
+    if max_lag <= min_lag:
+        return None
+    centred = values - np.nanmean(values, axis=0)
+    centred = np.nan_to_num(centred)
+    size = 1 << math.ceil(math.log2(2 * n))
+    spectrum = np.fft.rfft(centred, size, axis=0)
+    acf = np.fft.irfft(spectrum * np.conj(spectrum), size, axis=0)[: max_lag + 1]
+    variance = acf[0]
+    usable = variance > 0
+    if not usable.any():
+        return None
+    acf = (acf[:, usable] / variance[usable]).mean(axis=1) * n / (n - np.arange(max_lag + 1))  # unbiased
+    lags = np.arange(min_lag, max_lag + 1)
+    # A peak: higher than both neighbours (a slowly decaying ACF has none, so it is not a season).
+    peaks = [k for k in lags if k + 1 <= max_lag and acf[k] >= acf[k - 1] and acf[k] >= acf[k + 1]]
+    if not peaks:
+        return None
+    # Multiples of a season correlate as well as the season itself: take the shortest near the best.
+    strongest = max(acf[k] for k in peaks)
+    if strongest < threshold:
+        return None
+    return int(next(k for k in peaks if acf[k] >= 0.9 * strongest))
+
+
+def baselines_from_dict(items: list[dict[str, Any]]) -> list[Baseline]:
+    made: list[Baseline] = []
+    for item in items:
+        kind = item.get("kind")
+        if kind == PERSISTENCE:
+            made.append(Persistence())
+        elif kind == SEASONAL:
+            made.append(SeasonalNaive(int(item["season"])))
+        elif kind == RIDGE:
+            made.append(RidgeAR(int(item["lags"]), np.asarray(item["coef"], dtype=np.float64), float(item["penalty"])))
+        else:
+            raise ValueError(f"unknown baseline kind {kind!r}")
+    return made
+
+
+def make_baselines(train_windows: np.ndarray, season: int | None, lags: int) -> list[Baseline]:
+    """Persistence, seasonal naive (when there is a season) and ridge (when there are enough windows)."""
+    made: list[Baseline] = [Persistence()]
+    if season:
+        made.append(SeasonalNaive(int(season)))
+    ridge = fit_ridge(train_windows, lags)
+    if ridge is not None:
+        made.append(ridge)
+    return made
+
+
+def one_step_errors(baselines: list[Baseline], windows: np.ndarray) -> dict[str, np.ndarray]:
+    """(N, C) errors (forecast - actual) of each baseline on the last step of (N, L, C) windows.
+
+    A baseline that needs more history than the windows hold (seasonal naive
+    with a season longer than a window) is left out: it is judged on the live
+    stream instead, where the scorer buffers whole seasons.
+    """
+    windows = np.asarray(windows, dtype=np.float64)
+    history, actual = windows[:, :-1], windows[:, -1]
+    out: dict[str, np.ndarray] = {}
+    for b in baselines:
+        if b.history_steps > history.shape[1]:
+            continue
+        if isinstance(b, RidgeAR):
+            forecast = history[:, -1] + _features(history[:, -b.lags :]) @ b.coef
+        elif isinstance(b, SeasonalNaive):
+            forecast = history[:, -b.season]
+        else:
+            forecast = history[:, -1]
+        out[b.name] = forecast - actual
+    return out
+
+
+def held_out_report(baselines: list[Baseline], windows: np.ndarray, model_errors: np.ndarray | None) -> dict[str, Any]:
+    """One-step MSE and per-channel RMS error of the model and each baseline on held-out windows,
+    and which of them to serve (the lowest MSE)."""
+    errors = one_step_errors(baselines, windows)
+    if model_errors is not None:
+        errors = {MODEL: np.asarray(model_errors, dtype=np.float64), **errors}
+    mse = {name: float(np.mean(e**2)) for name, e in errors.items()}
+    return {
+        "mse": mse,
+        "rms": {name: np.sqrt(np.mean(e**2, axis=0)).tolist() for name, e in errors.items()},
+        "serve": min(mse, key=mse.__getitem__),
+        "windows": int(len(windows)),
+    }

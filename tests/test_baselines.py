@@ -1,0 +1,92 @@
+"""Baselines a user gets for free: persistence, seasonal naive, ridge autoregression."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_daemon.baselines import (
+    MODEL,
+    Persistence,
+    RidgeAR,
+    SeasonalNaive,
+    baselines_from_dict,
+    detect_season,
+    fit_ridge,
+    held_out_report,
+    make_baselines,
+    one_step_errors,
+)
+
+
+def _ar2(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 2): x_t = 1.6 x_{t-1} - 0.8 x_{t-2} + noise (a damped oscillation), and a noisy copy of it."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros(n)
+    for t in range(2, n):
+        x[t] = 1.6 * x[t - 1] - 0.8 * x[t - 2] + rng.normal(0, 0.1)
+    return np.stack([x, x + rng.normal(0, 0.05, n)], axis=1)
+
+
+def _windows(series: np.ndarray, length: int) -> np.ndarray:
+    return np.lib.stride_tricks.sliding_window_view(series, length, axis=0).transpose(0, 2, 1).copy()
+
+
+def test_ridge_learns_an_autoregression_and_beats_persistence() -> None:
+    series = _ar2(6000)
+    windows = _windows(series, 17)
+    train, val = windows[:4000], windows[4000:]
+    ridge = fit_ridge(train, lags=8)
+    assert ridge is not None and ridge.coef.shape == (8 * 2 + 1, 2)
+    errors = one_step_errors([Persistence(), ridge], val)
+    mse = {name: float(np.mean(e[:, 0] ** 2)) for name, e in errors.items()}
+    # The noise floor is 0.1^2 = 0.01: ridge reaches it, persistence is about three times worse.
+    assert mse["ridge"] < 0.0115 and mse["persistence"] > 2.5 * mse["ridge"], mse
+    # Its live form gives the same forecasts as the batch form.
+    live = np.stack([ridge.predict(w[:-1]) for w in val[:50]])
+    np.testing.assert_allclose(live - val[:50, -1], errors["ridge"][:50], atol=1e-10)
+
+
+def test_ridge_needs_enough_windows_and_falls_back_to_persistence_without_history() -> None:
+    assert fit_ridge(_windows(_ar2(40), 17), lags=8) is None  # 24 windows for 17 coefficients
+    ridge = RidgeAR(4, np.ones((4 * 2 + 1, 2)), 1.0)
+    history = np.array([[1.0, 2.0], [3.0, 4.0]])
+    np.testing.assert_array_equal(ridge.predict(history), [3.0, 4.0])
+
+
+def test_seasonal_naive_and_detected_season() -> None:
+    t = np.arange(3000)
+    rng = np.random.default_rng(1)
+    series = np.stack([np.sin(2 * np.pi * t / 96), np.cos(2 * np.pi * t / 96)], axis=1) + rng.normal(0, 0.05, (3000, 2))
+    assert detect_season(series, max_lag=500) == 96
+    series[100:130, 0] = np.nan  # gaps do not hide it
+    assert detect_season(series, max_lag=500) == 96
+    assert detect_season(np.cumsum(rng.normal(size=(3000, 2)), axis=0), max_lag=500) is None  # a random walk has none
+    assert detect_season(series[:100], max_lag=500) is None  # shorter than three seasons
+    seasonal = SeasonalNaive(96)
+    np.testing.assert_array_equal(seasonal.predict(series[:200]), series[200 - 96])
+    np.testing.assert_array_equal(seasonal.predict(series[:50]), series[49])  # persistence until a season is buffered
+
+
+def test_held_out_report_serves_the_lowest_error_and_leaves_out_what_windows_cannot_judge() -> None:
+    windows = _windows(_ar2(3000), 33)
+    baselines = make_baselines(windows[:2000], season=96, lags=8)
+    assert [b.name for b in baselines] == ["persistence", "seasonal_naive", "ridge"]
+    perfect = np.zeros((1000, 2))
+    report = held_out_report(baselines, windows[2000:], perfect)
+    assert report["serve"] == MODEL and "seasonal_naive" not in report["mse"]  # a 96-step season in 32-step windows
+    report = held_out_report(baselines, windows[2000:], np.ones((1000, 2)))
+    assert report["serve"] == "ridge" and report["mse"][MODEL] == 1.0
+    assert len(report["rms"]["ridge"]) == 2
+
+
+def test_baselines_round_trip_through_json() -> None:
+    baselines = make_baselines(_windows(_ar2(2000), 17), season=24, lags=4)
+    again = baselines_from_dict(json.loads(json.dumps([b.to_dict() for b in baselines])))
+    history = _ar2(100, seed=3)
+    for a, b in zip(baselines, again, strict=True):
+        np.testing.assert_allclose(a.predict(history), b.predict(history))
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baselines_from_dict([{"kind": "oracle"}])
