@@ -14,7 +14,7 @@ gate, commit, baselines refitted), then the rest of the new regime streamed
 through `Scorer`, the serving path. Every row is scored on the same steps:
 
 - the frozen base model and the adapted model (base + adapter);
-- the daemon as served (`[outputs] serve = "best"`: the model or a baseline,
+- the daemon as served (`[outputs] serve = "best"`: per channel, the model or a baseline,
   whichever has the lower mean |error| over the last 600 steps);
 - the built-in baselines, refitted with the update: persistence, seasonal
   naive (season detected in the training data) and the ridge autoregression;

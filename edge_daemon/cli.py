@@ -282,6 +282,9 @@ def describe_scoring(scoring: dict[str, Any]) -> str:
     serving = scoring.get("serving")
     if isinstance(serving, dict):
         served = str(serving.get("served", NONE))
+        by_channel = serving.get("served_by_channel")
+        if served == "mixed" and isinstance(by_channel, dict):
+            served = ", ".join(f"{name} for {channel}" for channel, name in by_channel.items())
         text += f"; serving [bold]{esc(served)}[/bold]"
         mae = serving.get("mae")
         if isinstance(mae, dict) and serving.get("steps_compared"):

@@ -157,7 +157,9 @@ class ScoringPipeline:
                     # adapter_version, None for the base alone) or the baseline served while no
                     # model beats it. The anomaly score is of the forecast made one step earlier.
                     "model": forecaster_label(result.forecast_by, result.forecast_version),
-                    "adapter_version": result.forecast_version if result.forecast_by == MODEL else None,
+                    "models": {c: forecaster_label(name, result.forecast_version)
+                               for c, name in zip(channels, result.forecast_by_channel, strict=True)},  # fmt: skip
+                    "adapter_version": result.forecast_version if MODEL in result.forecast_by_channel else None,
                     "scored_by": result.served_by,
                 },
                 self.config.outputs.qos,
@@ -216,7 +218,7 @@ class ScoringPipeline:
 
 
 def forecaster_label(name: str, version: int | None) -> str:
-    """"adapter" or "base" when the model forecasts, else the baseline's name."""
+    """"adapter" or "base" when the model forecasts, else the baseline's name (or "mixed")."""
     if name != MODEL:
         return name
     return "base" if version is None else "adapter"

@@ -142,8 +142,9 @@ class ScoreResult:
     anomaly: bool  # score above the threshold
     model_version: int | None  # adapter version of the model whose forecast for t is scored here (None: base alone)
     forecast_version: int | None = None  # adapter version of the model behind `forecast`
-    served_by: str | None = None  # who made the scored forecast for t: "model" or a baseline's name
-    forecast_by: str = MODEL  # who made `forecast`
+    served_by: str | None = None  # who made the scored forecast for t: "model", a baseline's name, or "mixed"
+    forecast_by: str = MODEL  # who made `forecast` ("mixed": see forecast_by_channel)
+    forecast_by_channel: tuple[str, ...] = ()
     model_residual: np.ndarray | None = None  # (C,) the model's own residual at t (drift is judged on it)
     residuals: dict[str, np.ndarray] | None = None  # every forecaster's residual at t: the live comparison
 
@@ -160,21 +161,21 @@ class ServingRule:
 
 
 class _Tally:
-    """Mean over the last `size` steps of a forecaster's mean |residual| across channels."""
+    """Per channel, the mean |residual| of a forecaster over the last `size` steps."""
 
-    def __init__(self, size: int) -> None:
-        self.values: deque[float] = deque(maxlen=size)
-        self.total = 0.0
+    def __init__(self, size: int, channels: int) -> None:
+        self.values: deque[np.ndarray] = deque(maxlen=size)
+        self.total = np.zeros(channels)
 
-    def add(self, value: float) -> None:
+    def add(self, value: np.ndarray) -> None:
         if len(self.values) == self.values.maxlen:
             self.total -= self.values[0]
         self.values.append(value)
         self.total += value
 
     @property
-    def mean(self) -> float:
-        return self.total / len(self.values) if self.values else math.inf
+    def mean(self) -> np.ndarray:
+        return self.total / len(self.values) if self.values else np.full(len(self.total), math.inf)
 
 
 class Scorer:
@@ -221,19 +222,21 @@ class Scorer:
         self._last_t: float | None = None
         self._pending: dict[str, np.ndarray] = {}  # name -> (C,) normalised forecast of the next step
         self._pending_version: int | None = None
-        self._pending_served: str | None = None
+        self._pending_served: list[str] = []
         self._fresh_tallies = False
 
     def _set_forecasters(self, baselines: list[Baseline], held_out: dict[str, Any] | None) -> None:
         self._baselines = list(baselines)
         names = [MODEL] + [b.name for b in self._baselines]
-        self._tallies = {name: _Tally(self.rule.compare_steps) for name in names}
+        n = len(self.base.channels)
+        self._tallies = {name: _Tally(self.rule.compare_steps, n) for name in names}
         scale = self.base.residual_scale.astype(np.float32)
         rms = (held_out or {}).get("rms", {})
         self._scales = {name: torch.as_tensor(np.maximum(np.asarray(rms.get(name, scale), np.float32), 1e-6)) for name in names}
         self._scales[MODEL] = self.base.residual_scale_tensor()
         choice = (held_out or {}).get("serve", MODEL)
-        self._served = choice if self.rule.mode == "best" and choice in names else MODEL
+        # Per channel: a baseline may forecast one channel best and the model another.
+        self._served = [choice if self.rule.mode == "best" and choice in names else MODEL] * n
         self._switches = 0
 
     @property
@@ -248,17 +251,24 @@ class Scorer:
 
     @property
     def served(self) -> str:
-        """Whose forecasts are served now: "model" or a baseline's name."""
-        return self._served
+        """Whose forecasts are served now: "model" or a baseline's name, "mixed" when channels differ."""
+        return _label(self._served)
+
+    @property
+    def served_by_channel(self) -> dict[str, str]:
+        return dict(zip(self.base.channels, self._served, strict=True))
 
     def comparison(self) -> dict[str, Any]:
         """Live mean |error| (normalised units) of each forecaster over the comparison window."""
         with self._lock:
             return {
-                "served": self._served,
+                "served": _label(self._served),
+                "served_by_channel": self.served_by_channel,
                 "mode": self.rule.mode,
                 "steps_compared": len(self._tallies[MODEL].values),
-                "mae": {name: (t.mean if t.values else None) for name, t in self._tallies.items()},
+                # Mean over channels, then per channel.
+                "mae": {name: (float(t.mean.mean()) if t.values else None) for name, t in self._tallies.items()},
+                "mae_by_channel": {name: (t.mean.tolist() if t.values else None) for name, t in self._tallies.items()},
                 "switches": self._switches,
             }
 
@@ -279,7 +289,7 @@ class Scorer:
             fits = max([self.window] + [b.history_steps for b in new]) <= self._capacity
             self._set_forecasters(new if fits else self._baselines, held_out)
             self._fresh_tallies = True  # the next residuals are of forecasts made before the swap
-        log.info("scoring with adapter %s; serving %s", f"v{version}" if version is not None else "none (base model)", self._served)
+        log.info("scoring with adapter %s; serving %s", f"v{version}" if version is not None else "none (base model)", self.served)
 
     def reset(self) -> None:
         self._filled = 0
@@ -295,12 +305,14 @@ class Scorer:
         if self.rule.mode != "best" or len(self._tallies[MODEL].values) < self.rule.compare_steps:
             return
         means = {name: t.mean for name, t in self._tallies.items() if len(t.values) == len(self._tallies[MODEL].values)}
-        best = min(means, key=means.__getitem__)
-        if best != self._served and means[best] < (1.0 - self.rule.margin) * means.get(self._served, math.inf):
-            log.info("serving %s instead of %s: mean |error| %.4g vs %.4g over %d steps", best, self._served,
-                     means[best], means.get(self._served, math.inf), len(self._tallies[MODEL].values))  # fmt: skip
-            self._served = best
-            self._switches += 1
+        for c, channel in enumerate(self.base.channels):
+            best = min(means, key=lambda name: means[name][c])
+            current = means[self._served[c]][c] if self._served[c] in means else math.inf
+            if best != self._served[c] and means[best][c] < (1.0 - self.rule.margin) * current:
+                log.info("%s: serving %s instead of %s: mean |error| %.4g vs %.4g over %d steps", channel, best,
+                         self._served[c], means[best][c], current, len(self._tallies[MODEL].values))  # fmt: skip
+                self._served[c] = best
+                self._switches += 1
 
     def add_step(self, t: float, values: np.ndarray) -> ScoreResult | None:
         """Score the step at time `t` (raw (C,) values, NaN allowed); None while there is not enough history."""
@@ -323,15 +335,17 @@ class Scorer:
             if MODEL in residuals and not self._fresh_tallies:
                 for name, r in residuals.items():
                     if name in self._tallies:
-                        self._tallies[name].add(float(np.abs(r).mean()))
+                        self._tallies[name].add(np.abs(r).astype(np.float64))
                 self._choose()
             self._fresh_tallies = False
-            scored_by = self._pending_served if self._pending_served in residuals else (MODEL if MODEL in residuals else None)
-            residual = residuals.get(scored_by) if scored_by is not None else None
-            score = None
+            # Each channel's residual is its served forecaster's (the model's where that one is gone).
+            scored = [name if name in residuals else MODEL for name in self._pending_served] if MODEL in residuals else None
+            residual = score = None
             anomaly = False
-            if residual is not None:
-                scale = self._scales.get(scored_by, self._scales[MODEL])
+            if scored is not None:
+                columns = range(len(scored))
+                residual = np.array([residuals[name][c] for c, name in zip(columns, scored, strict=True)], dtype=np.float32)
+                scale = torch.stack([self._scales.get(name, self._scales[MODEL])[c] for c, name in zip(columns, scored, strict=True)])
                 score = float(anomaly_score(torch.from_numpy(residual), scale))
                 anomaly = score > self.anomaly_threshold
             scored_version = self._pending_version
@@ -354,19 +368,21 @@ class Scorer:
                 pending[b.name] = np.asarray(b.predict(longest), dtype=np.float32)
             self._pending = pending
             self._pending_version = version
-            self._pending_served = self._served
+            self._pending_served = list(self._served)
+            forecast = np.array([pending[name][c] for c, name in enumerate(self._served)], dtype=np.float32)
             return ScoreResult(
                 t=t,
                 actual=raw,
                 forecast_t=t + period,
-                forecast=self.base.norm.invert(pending[self._served]),
+                forecast=self.base.norm.invert(forecast),
                 residual=residual,
                 score=score,
                 anomaly=anomaly,
                 model_version=scored_version if residual is not None else None,
                 forecast_version=version,
-                served_by=scored_by,
-                forecast_by=self._served,
+                served_by=_label(scored) if scored is not None else None,
+                forecast_by=_label(self._served),
+                forecast_by_channel=tuple(self._served),
                 model_residual=residuals.get(MODEL),
                 residuals=residuals,
             )
@@ -376,3 +392,8 @@ def baselines_of(meta: dict[str, Any]) -> list[Baseline]:
     """The baselines recorded with a base or an adapter; persistence alone when none were."""
     items = meta.get("baselines")
     return baselines_from_dict(items) if items else [Persistence()]
+
+
+def _label(names: list[str]) -> str:
+    """The one forecaster behind every channel, or "mixed"."""
+    return names[0] if len(set(names)) == 1 else "mixed"

@@ -201,7 +201,7 @@ def test_a_model_that_loses_to_a_baseline_is_not_served(base: BaseModel) -> None
     data = _signal(200, start=3000, seed=5)
     results = [scorer.add_step(float(3000 + i), row) for i, row in enumerate(data)]
     status = scorer.comparison()
-    assert status["served"] == "ridge" and status["switches"] == 1, status
+    assert status["served"] == "ridge" and status["switches"] == 2, status  # one per channel
     assert status["mae"]["ridge"] == min(status["mae"].values()) and status["mae"]["persistence"] < status["mae"]["model"]
     switched = next(i for i, r in enumerate(results) if r is not None and r.forecast_by == "ridge")
     assert switched == 16 + 50 - 1  # a whole comparison window first: residuals from step 16, the 50th at 65
@@ -231,3 +231,26 @@ def test_serving_starts_from_the_held_out_choice_and_a_new_model_starts_a_new_re
     after = scorer.add_step(3040.0, _signal(1, start=3040, seed=6)[0])
     assert after.forecast_by == "model" and after.forecast_version == 3
     assert scorer.comparison()["steps_compared"] == 0  # that residual was of a forecast from before the swap
+
+
+def test_each_channel_is_served_by_its_own_best_forecaster(base: BaseModel) -> None:
+    model = copy.deepcopy(base.model)
+    with torch.no_grad():
+        model.head.bias[0] += 1.0  # only the first channel's forecasts are off
+    scorer = Scorer(base, model, anomaly_threshold=6.0, held_out={}, rule=ServingRule(mode="best", compare_steps=50))
+    data = _signal(200, start=3000, seed=7)
+    results = [scorer.add_step(float(3000 + i), row) for i, row in enumerate(data)]
+    served = scorer.served_by_channel
+    assert served[CHANNELS[0]] != "model"
+    mae = scorer.comparison()["mae_by_channel"]
+    for c, channel in enumerate(CHANNELS):  # each channel's choice is its lowest recent error
+        assert mae[served[channel]][c] == min(m[c] for m in mae.values())
+    # The forecast is put together channel by channel from the chosen forecasters.
+    history = base.norm.apply(data[-scorer._capacity :])
+    baselines = {b.name: b for b in scorer._baselines}
+    with torch.no_grad():
+        by_model = model(torch.from_numpy(history[-base.cfg.window :].astype(np.float32)).unsqueeze(0))[0, -1].numpy()
+    expected = [by_model[c] if served[ch] == "model" else baselines[served[ch]].predict(history)[c] for c, ch in enumerate(CHANNELS)]
+    np.testing.assert_allclose(results[-1].forecast, base.norm.invert(np.array(expected)), rtol=1e-4)
+    assert results[-1].forecast_by_channel == tuple(served[ch] for ch in CHANNELS)
+    assert results[-1].forecast_by == (served[CHANNELS[0]] if len(set(served.values())) == 1 else "mixed")
