@@ -290,7 +290,6 @@ def run(data: DataSet, pretrain_steps: int) -> tuple[list[list[str]], dict[str, 
         "update": "accepted v1" if version is not None else f"rejected ({reply.get('reason')})",
         "season_steps": season,
         "base_serves": metrics["held_out"]["serve"],
-        "served_at_end": adapted and list(adapted.values())[-1] is not None,
         "old_regime_ratio": float(np.mean(forget["adapted"] / forget["frozen"])),
         "new_vs_frozen": float(np.mean(mae["daemon, adapted model"] / mae["daemon, frozen base"])),
     }

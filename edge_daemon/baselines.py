@@ -97,11 +97,11 @@ def fit_ridge(windows: np.ndarray, lags: int, rng: np.random.Generator | None = 
     The penalty is chosen on the newest fifth of the windows (time order), then
     the coefficients are refitted on all of them.
     """
-    windows = np.asarray(windows, dtype=np.float64)
-    n, length, channels = windows.shape
+    n, length, channels = np.shape(windows)
     lags = min(lags, length - 1)
     if n < 4 * (lags * channels + 1) or lags < 1:
         return None
+    windows = np.asarray(np.asarray(windows)[:, -1 - lags :], dtype=np.float64)  # only what the fit reads
     if n > MAX_RIDGE_ROWS:
         keep = np.sort((rng or np.random.default_rng(0)).choice(n, MAX_RIDGE_ROWS, replace=False))
         windows, n = windows[keep], MAX_RIDGE_ROWS
@@ -126,7 +126,8 @@ def detect_season(values: np.ndarray, max_lag: int, min_lag: int = 4, threshold:
     `values` is (n, C), NaN where unknown. None when no peak reaches `threshold`
     or the series is shorter than three seasons.
     """
-    values = np.asarray(values, dtype=np.float64)
+    # The newest 20 seasons at most: enough to see a season, and the FFT stays small on a long history.
+    values = np.asarray(values[-20 * max_lag :], dtype=np.float64)
     n = len(values)
     max_lag = min(max_lag, n // 3)
     if max_lag <= min_lag:
@@ -186,7 +187,9 @@ def one_step_errors(baselines: list[Baseline], windows: np.ndarray) -> dict[str,
     with a season longer than a window) is left out: it is judged on the live
     stream instead, where the scorer buffers whole seasons.
     """
-    windows = np.asarray(windows, dtype=np.float64)
+    needed = max((b.history_steps for b in baselines), default=1)
+    windows = np.asarray(windows)
+    windows = np.asarray(windows[:, -1 - min(needed, windows.shape[1] - 1) :], dtype=np.float64)  # only what is read
     history, actual = windows[:, :-1], windows[:, -1]
     out: dict[str, np.ndarray] = {}
     for b in baselines:

@@ -152,11 +152,13 @@ class Daemon:
         )  # fmt: skip
 
     def _baselines_for(self, version: AdapterVersion | None) -> tuple[list[Baseline], dict[str, Any] | None]:
-        """The baselines fitted with `version` (refitted with each update), else the base's."""
+        """The baselines fitted with `version` (refitted with each update) and its held-out comparison,
+        else the base's. An adapter from before baselines were refitted gets the base's baselines and
+        no comparison: the base's says nothing about that adapter."""
         assert self.base is not None
-        meta = version.meta if version is not None and version.meta.get("baselines") else self.base.meta
-        held_out = meta.get("held_out") if version is None or meta is version.meta else None
-        return baselines_of(meta), held_out
+        if version is not None and version.meta.get("baselines"):
+            return baselines_of(version.meta), version.meta.get("held_out")
+        return baselines_of(self.base.meta), self.base.meta.get("held_out") if version is None else None
 
     def _current_adapter(self) -> AdapterVersion | None:
         try:

@@ -145,8 +145,12 @@ class ScoreResult:
     served_by: str | None = None  # who made the scored forecast for t: "model", a baseline's name, or "mixed"
     forecast_by: str = MODEL  # who made `forecast` ("mixed": see forecast_by_channel)
     forecast_by_channel: tuple[str, ...] = ()
-    model_residual: np.ndarray | None = None  # (C,) the model's own residual at t (drift is judged on it)
     residuals: dict[str, np.ndarray] | None = None  # every forecaster's residual at t: the live comparison
+
+    @property
+    def model_residual(self) -> np.ndarray | None:
+        """(C,) the model's own residual at t: drift is judged on it, whoever is served."""
+        return self.residuals.get(MODEL) if self.residuals else None
 
 
 @dataclass(frozen=True)
@@ -212,7 +216,9 @@ class Scorer:
         self._model = merged_model.eval()
         self._version = version
         n = len(base.channels)
-        self._set_forecasters(baselines if baselines is not None else baselines_of(base.meta), held_out if held_out is not None else base.meta.get("held_out"))
+        if baselines is None:
+            baselines = baselines_of(base.meta)
+        self._set_forecasters(baselines, held_out if held_out is not None else base.meta.get("held_out"))
         self._capacity = max([self.window] + [b.history_steps for b in self._baselines])
         # Each step is written twice, at i and i + capacity, so the newest `capacity` steps are always
         # one contiguous slice: no copy of the whole buffer per step.
@@ -363,9 +369,8 @@ class Scorer:
             with torch.inference_mode():
                 next_model = model(torch.from_numpy(history).unsqueeze(0))[0, -1].numpy().copy()  # (C,)
             pending = {MODEL: next_model}
-            longest = self._history(self._filled).astype(np.float64)
-            for b in self._baselines:
-                pending[b.name] = np.asarray(b.predict(longest), dtype=np.float32)
+            for b in self._baselines:  # each sees only the history it uses
+                pending[b.name] = np.asarray(b.predict(self._history(min(self._filled, b.history_steps))), dtype=np.float32)
             self._pending = pending
             self._pending_version = version
             self._pending_served = list(self._served)
@@ -383,7 +388,6 @@ class Scorer:
                 served_by=_label(scored) if scored is not None else None,
                 forecast_by=_label(self._served),
                 forecast_by_channel=tuple(self._served),
-                model_residual=residuals.get(MODEL),
                 residuals=residuals,
             )
 

@@ -122,26 +122,32 @@ def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-u
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-# A publisher in its own process: QoS 1 readings at a steady rate, each with its own ts.
+# A publisher in its own process: QoS 1 readings at a steady rate, each with its own ts. Given a
+# fifth argument `hold_at`, it holds back the readings from there on until a line arrives on its
+# stdin (test_shutdown: the stream is still flowing at SIGTERM however fast the machine is).
 PUBLISHER = r"""
-import json, sys, time
+import json, os, sys, time
 import paho.mqtt.client as mqtt
 port, total, rate, base = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+hold_at = int(sys.argv[5]) if len(sys.argv) > 5 else -1
 channels = ["m1/temperature", "m1/vibration", "m1/current"]
-client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="zero-loss-publisher", protocol=mqtt.MQTTv311)
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-publisher-{os.getpid()}", protocol=mqtt.MQTTv311)
 client.max_inflight_messages_set(200)
 client.connect("127.0.0.1", port)
 client.loop_start()
 started = time.monotonic()
 infos = []
 for i in range(total):
+    if i == hold_at:
+        sys.stdin.readline()
+        started = time.monotonic() - i / rate
     payload = json.dumps({"ts": base + (i // 3) * 0.01, "value": i})
     infos.append(client.publish("sensors/" + channels[i % 3], payload, qos=1))
     ahead = started + i / rate - time.monotonic()
     if ahead > 0:
         time.sleep(ahead)
 for info in infos:
-    info.wait_for_publish(60)
+    info.wait_for_publish(300)
 client.disconnect()
 client.loop_stop()
 print("published", total, flush=True)

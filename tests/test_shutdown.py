@@ -33,7 +33,7 @@ from edge_daemon.daemon import Daemon
 from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain
 from edge_daemon.store import Reading, ReplayStore
-from test_daemon_ingest import stored_keys, wait_for, write_config
+from test_daemon_ingest import PUBLISHER, stored_keys, wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -305,35 +305,6 @@ def test_broker_down_at_start_ready_after_the_wait_and_pings_go_on(
 
 # -- SIGTERM during ingestion ---------------------------------------------------------------------
 
-# QoS 1 readings at a steady rate, each with its own ts (as test_daemon_ingest's publisher), that
-# holds back the readings from `hold_at` on until a line arrives on its stdin: the stream is still
-# flowing at SIGTERM however fast or slow the machine is.
-HOLDING_PUBLISHER = r"""
-import json, sys, time
-import paho.mqtt.client as mqtt
-port, total, rate, base, hold_at = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-channels = ["m1/temperature", "m1/vibration", "m1/current"]
-client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="holding-publisher", protocol=mqtt.MQTTv311)
-client.max_inflight_messages_set(200)
-client.connect("127.0.0.1", port)
-client.loop_start()
-started = time.monotonic()
-infos = []
-for i in range(total):
-    if i == hold_at:
-        sys.stdin.readline()
-        started = time.monotonic() - i / rate
-    payload = json.dumps({"ts": base + (i // 3) * 0.01, "value": i})
-    infos.append(client.publish("sensors/" + channels[i % 3], payload, qos=1))
-    ahead = started + i / rate - time.monotonic()
-    if ahead > 0:
-        time.sleep(ahead)
-for info in infos:
-    info.wait_for_publish(300)
-client.disconnect()
-client.loop_stop()
-print("published", total, flush=True)
-"""
 
 
 def test_sigterm_while_readings_flow_loses_nothing(tmp_path: Path, broker: LocalBroker) -> None:
@@ -344,7 +315,7 @@ def test_sigterm_while_readings_flow_loses_nothing(tmp_path: Path, broker: Local
     service.wait_up()
     base = time.time() - 3600
     publisher = subprocess.Popen(
-        [sys.executable, "-c", HOLDING_PUBLISHER, str(broker.port), str(total), "2000", str(base), str(hold_at)],
+        [sys.executable, "-c", PUBLISHER, str(broker.port), str(total), "2000", str(base), str(hold_at)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
