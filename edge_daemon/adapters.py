@@ -31,13 +31,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from edge_daemon.errors import AdapterError, ModelError
+from edge_daemon.errors import AdapterError, BaseFormatError, ModelError
 from edge_daemon.frames import NormStats
 from edge_daemon.model import Forecaster, ForecasterConfig
 
 log = logging.getLogger(__name__)
 
-BASE_FORMAT = 1
+# 2: the forecaster predicts the change from the last value through a linear and a transformer path.
+BASE_FORMAT = 2
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 NORM_FILE = "norm.json"
@@ -209,6 +210,11 @@ def load_base(directory: Path, channels: list[str] | None = None, period_s: floa
         raise ModelError(f"no base model in {directory} (run `edge-daemon pretrain`)")
     try:
         config = _read_json(directory / CONFIG_FILE)
+        if config.get("format") != BASE_FORMAT:
+            raise BaseFormatError(
+                f"base model in {directory} has format {config.get('format')}, this version reads {BASE_FORMAT}: "
+                "retrain it with `edge-daemon pretrain`"
+            )
         norm_data = _read_json(directory / NORM_FILE)
         cfg = ForecasterConfig.from_dict(config["forecaster"])
         saved_channels = [str(c) for c in config["channels"]]

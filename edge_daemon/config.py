@@ -110,7 +110,9 @@ class ModelConfig(_Section):
         0, ge=0, description="grid steps per season for the seasonal-naive baseline (0: detect it in the training data)"
     )
     season_max_steps: int = Field(1440, ge=4, description="longest season looked for when detecting one")
-    ridge_lags: int = Field(16, ge=1, description="steps of every channel the ridge baseline regresses on")
+    ridge_lags: int = Field(
+        16, ge=1, description="steps of every channel the ridge baseline and the model's linear path regress on (at most `window`)"
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -131,8 +133,9 @@ class LoraConfigSection(_Section):
         16, ge=1, description="windows in the probe batch that ranks blocks (capped by the plan's micro-batch)"
     )
     extra_modules: list[str] = Field(
-        default_factory=lambda: ["head"],
-        description="Linear layers outside the blocks that always get adapters (the output head follows level and scale shifts)",
+        default_factory=lambda: ["head", "linear"],
+        description="Linear layers outside the blocks that always get adapters (the head follows level and scale "
+        "shifts; `linear`, the autoregressive path, follows changed dynamics)",
     )
 
 

@@ -23,7 +23,7 @@ from edge_daemon import __version__, notify
 from edge_daemon.adapters import AdapterStore, AdapterVersion, BaseModel, load_base, serving_model
 from edge_daemon.config import Config
 from edge_daemon.control import ControlServer, Handler
-from edge_daemon.errors import AdapterError, ControlError, ModelError
+from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
 from edge_daemon.ingest import Ingestor
 from edge_daemon.notify import Heartbeat
 from edge_daemon.pipeline import ScoringPipeline, iso
@@ -137,7 +137,16 @@ class Daemon:
         if not (cfg.base_dir / "config.json").exists():
             log.warning("no base model in %s yet: storing readings; one is trained once enough data is stored", cfg.base_dir)
             return None
-        self.base = load_base(cfg.base_dir, cfg.channels.names, cfg.channels.period_s)
+        try:
+            self.base = load_base(cfg.base_dir, cfg.channels.names, cfg.channels.period_s)
+        except BaseFormatError as exc:
+            # An upgrade changed the forecaster's layout: keep the old base aside, serve nothing
+            # from it (its adapters fit only it) and train a new one from the store.
+            aside = cfg.base_dir.with_name(f"{cfg.base_dir.name}.old-format-{int(time.time())}")
+            os.rename(cfg.base_dir, aside)
+            self.adapters.use_base()
+            log.error("%s; moved it to %s; a new one is trained once enough data is stored", exc, aside)
+            return None
         version = self._current_adapter()
         try:
             model = serving_model(self.base, version)

@@ -39,6 +39,10 @@ class ModelError(EdgeDaemonError):
     """The base model is missing, incompatible with the config, or corrupt."""
 
 
+class BaseFormatError(ModelError):
+    """The base model was saved by an earlier forecaster layout; it must be trained again."""
+
+
 class AdapterError(EdgeDaemonError):
     """An adapter version is missing, corrupt or cannot be served."""
 

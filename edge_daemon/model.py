@@ -1,8 +1,14 @@
-"""The forecaster: a small causal transformer over windows of sensor channels.
+"""The forecaster: persistence, plus a linear autoregression, plus a small causal transformer.
 
 No I/O here: loading and saving live in `adapters` and `trainer`. Inputs are
 normalised channel values on a regular grid; at every position the model
-predicts the next step, so one window gives T training targets.
+predicts the change from the current value to the next step, as the sum of a
+linear path over the last `lags` steps of every channel (the ridge baseline's
+features, so pretraining starts it from the ridge fit) and a transformer path
+over the window taken relative to its first step (a level shift changes
+nothing it sees). The transformer's output head starts at zero, so an
+untrained model is exactly its linear path, and training can only add what
+the linear path misses.
 """
 
 from __future__ import annotations
@@ -26,10 +32,14 @@ class ForecasterConfig:
     n_layers: int = 3
     d_ff: int = 128
     dropout: float = 0.0  # sensor series are small and noisy; dropout rarely helps
+    lags: int = 16  # steps of every channel the linear path regresses on (the ridge baseline's lags)
 
     def __post_init__(self) -> None:
         assert self.n_channels >= 1, "need at least one channel"
         assert self.d_model % self.n_heads == 0, "d_model must be a multiple of n_heads"
+        assert self.lags >= 1, "lags must be >= 1"
+        # A window shorter than the lags holds them all: the linear path sees the whole window.
+        object.__setattr__(self, "lags", min(self.lags, self.window))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,12 +90,28 @@ class Block(nn.Module):
         return x  # (B, T, d_model)
 
 
+def lag_features(x: torch.Tensor, lags: int) -> torch.Tensor:
+    """(B, T, C) -> (B, T, lags * C): at each t, x[t] and x[t - k] - x[t] for k = lags-1 .. 1.
+
+    The same features, in the same order, as `baselines.RidgeAR` uses, so its
+    coefficients load into the linear path unchanged. Positions with fewer than
+    `lags` steps behind them repeat the first step.
+    """
+    B, T, C = x.shape
+    padded = torch.cat([x[:, :1].expand(B, lags - 1, C), x], dim=1)  # (B, T + lags - 1, C)
+    history = padded.unfold(1, lags, 1).transpose(2, 3)  # (B, T, lags, C), oldest first
+    relative = history[:, :, :-1] - x.unsqueeze(2)  # (B, T, lags - 1, C)
+    return torch.cat([x, relative.reshape(B, T, (lags - 1) * C)], dim=2)
+
+
 class Forecaster(nn.Module):
-    """Next-step forecaster: (B, T, n_channels) -> (B, T, n_channels)."""
+    """Next-step forecaster: (B, T, n_channels) -> (B, T, n_channels), each position's next step."""
 
     def __init__(self, cfg: ForecasterConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # The linear path: the change to the next step from the last `lags` steps of every channel.
+        self.linear = nn.Linear(cfg.lags * cfg.n_channels, cfg.n_channels)
         self.embed = nn.Linear(cfg.n_channels, cfg.d_model)
         self.pos = nn.Parameter(torch.zeros(1, cfg.window, cfg.d_model))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -96,6 +122,9 @@ class Forecaster(nn.Module):
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
         nn.init.normal_(self.pos, std=0.02)
+        # Both paths start silent: an untrained model is persistence until `set_linear` loads a fit.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.linear.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -108,23 +137,36 @@ class Forecaster(nn.Module):
         B, T, C = x.shape
         assert C == self.cfg.n_channels, f"expected {self.cfg.n_channels} channels, got {C}"
         assert T <= self.cfg.window, f"window {T} longer than {self.cfg.window}"
-        h = self.embed(x) + self.pos[:, :T]  # (B, T, d_model)
+        linear = self.linear(lag_features(x, self.cfg.lags))  # (B, T, C): change to step t+1
+        # Relative to the window's first step (causal: every position knows it).
+        h = self.embed(x - x[:, :1]) + self.pos[:, :T]  # (B, T, d_model)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Non-reentrant: works with frozen inputs and LoRA's extra params.
                 h = checkpoint(block, h, use_reentrant=False)
             else:
                 h = block(h)
-        return self.head(self.ln_f(h))  # (B, T, n_channels): prediction of step t+1
+        return x + linear + self.head(self.ln_f(h))  # (B, T, n_channels): prediction of step t+1
+
+    @torch.no_grad()
+    def set_linear(self, coef: torch.Tensor) -> None:
+        """Load a ridge fit ((lags * C + 1, C): feature weights, then the constant) into the linear path."""
+        expected = (self.cfg.lags * self.cfg.n_channels + 1, self.cfg.n_channels)
+        assert tuple(coef.shape) == expected, f"ridge coefficients {tuple(coef.shape)}, expected {expected}"
+        self.linear.weight.copy_(coef[:-1].T)
+        self.linear.bias.copy_(coef[-1])
 
     def n_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
-def forecast_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """Mean squared next-step error over every position of (B, T+1, C) windows."""
+def forecast_loss(model: nn.Module, windows: torch.Tensor, context: int | None = None) -> torch.Tensor:
+    """Mean squared next-step error over the positions of (B, T+1, C) windows that have
+    `context` steps behind them (default: half the window), where the scorer works."""
     inputs, targets = windows[:, :-1], windows[:, 1:]  # (B, T, C) each
-    return F.mse_loss(model(inputs), targets)
+    T = inputs.shape[1]
+    first = min(T // 2 if context is None else context, T - 1)
+    return F.mse_loss(model(inputs)[:, first:], targets[:, first:])
 
 
 def anomaly_score(residual: torch.Tensor, residual_scale: torch.Tensor) -> torch.Tensor:

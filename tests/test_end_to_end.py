@@ -276,3 +276,24 @@ def test_device_without_a_base_model_bootstraps_one_from_its_store(tmp_path: Pat
     finally:
         daemon.stop()
         collector.close()
+
+
+def test_a_base_of_an_earlier_layout_is_set_aside_and_trained_again(tmp_path: Path, broker: LocalBroker) -> None:
+    """After an upgrade that changes the forecaster, the daemon starts (no restart loop), keeps the
+    old base aside, serves no adapter of it, and waits to bootstrap a new base from its store."""
+    cfg = small_config(tmp_path, broker.port)
+    data = generate_labeled(600, start_ts=1.7e9, seed=2, time_scale=144)
+    ts, idx, val = readings(data)
+    pretrain(build_grid(ts, idx, val, 3, 1.0, 2), list(CHANNELS), 1.0, cfg.model, cfg.base_dir, steps=1)
+    config_file = cfg.base_dir / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "format": 1}))
+    daemon = Daemon(cfg)
+    start_daemon(daemon)
+    try:
+        assert daemon.base is None and daemon.pipeline is not None and daemon.pipeline.scorer is None
+        assert not cfg.base_dir.exists()
+        aside = list(cfg.base_dir.parent.glob("base.old-format-*"))
+        assert len(aside) == 1 and (aside[0] / "model.safetensors").exists()
+        assert daemon.adapters.current_version() is None
+    finally:
+        daemon.stop()

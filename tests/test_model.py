@@ -1,13 +1,16 @@
-"""The forecaster's attention: causal, and memory-efficient (no T x T matrix kept for backward)."""
+"""The forecaster: persistence plus a linear and a transformer path; attention causal and
+memory-efficient (no T x T matrix kept for backward)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_daemon.model import CausalSelfAttention, Forecaster, ForecasterConfig
+from edge_daemon.baselines import fit_ridge
+from edge_daemon.model import CausalSelfAttention, Forecaster, ForecasterConfig, forecast_loss
 
 WINDOW = 256
 
@@ -59,3 +62,58 @@ def test_attention_is_causal_and_matches_the_textbook_formula() -> None:
         changed[:, 20] += 1.0
         z = attn(changed)
         assert torch.allclose(z[:, :20], y[:, :20], atol=1e-6) and not torch.allclose(z[:, 20:], y[:, 20:])
+
+
+def _ar_series(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 2) coupled autoregressive channels: a ridge fit has something to find."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 2))
+    for t in range(2, n):
+        x[t, 0] = 1.6 * x[t - 1, 0] - 0.8 * x[t - 2, 0] + rng.normal(0, 0.1)
+        x[t, 1] = 0.5 * x[t - 1, 1] + 0.4 * x[t - 1, 0] + rng.normal(0, 0.1)
+    return x
+
+
+def test_an_untrained_model_forecasts_persistence() -> None:
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(n_channels=3, window=32)).eval()
+    x = torch.randn(4, 32, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), x, rtol=0, atol=0)
+
+
+def test_a_ridge_fit_loaded_into_the_linear_path_forecasts_like_the_ridge_baseline() -> None:
+    cfg = ForecasterConfig(n_channels=2, window=24, d_model=16, n_heads=2, n_layers=1, d_ff=32, lags=8)
+    series = _ar_series(3000)
+    windows = np.lib.stride_tricks.sliding_window_view(series, 25, axis=0).transpose(0, 2, 1)  # (N, 25, 2)
+    ridge = fit_ridge(windows, cfg.lags)
+    assert ridge is not None and np.abs(ridge.coef).max() > 0.1  # a fit with content, not persistence
+    model = Forecaster(cfg).eval()
+    model.set_linear(torch.as_tensor(ridge.coef, dtype=torch.float32))
+    history = windows[-50:, :-1]  # (50, 24, 2)
+    with torch.no_grad():
+        forecast = model(torch.as_tensor(history, dtype=torch.float32))[:, -1].numpy()
+    expected = np.stack([ridge.predict(h) for h in history])
+    np.testing.assert_allclose(forecast, expected, atol=1e-4)
+
+
+def test_the_transformer_path_sees_the_window_relative_to_its_first_step() -> None:
+    """A level shift of the whole window shifts the forecast by the same amount when the
+    linear path is silent: the transformer sees nothing of it."""
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(n_channels=3, window=16, d_model=16, n_heads=2, n_layers=2, d_ff=32)).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # a transformer path that does something
+    x = torch.randn(2, 16, 3)
+    with torch.no_grad():
+        y = model(x)
+        assert not torch.allclose(y, x, atol=1e-3)
+        torch.testing.assert_close(model(x + 5.0), y + 5.0, rtol=0, atol=1e-5)
+
+
+def test_the_loss_counts_only_positions_with_half_a_window_of_context() -> None:
+    model = Forecaster(ForecasterConfig(n_channels=3, window=16)).eval()  # untrained: persistence
+    windows = torch.randn(2, 17, 3)
+    with torch.no_grad():
+        # Positions 0..7 have less than half a window behind them; only 8..15 count.
+        torch.testing.assert_close(forecast_loss(model, windows), F.mse_loss(windows[:, 8:-1], windows[:, 9:]))
+        torch.testing.assert_close(forecast_loss(model, windows, context=0), F.mse_loss(windows[:, :-1], windows[:, 1:]))

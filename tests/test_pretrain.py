@@ -65,6 +65,15 @@ def test_pretrain_learns_and_saves(tmp_path: Path) -> None:
     np.testing.assert_allclose(base.norm.std, fitted.std)
 
 
+def test_pretraining_starts_from_the_ridge_fit(tmp_path: Path) -> None:
+    """One tiny step: the base forecasts as well as the ridge baseline fitted on the same windows,
+    far better than persistence (a model starting from scratch would be persistence here)."""
+    metrics = pretrain(Grid(T0, 1.0, _values(2500)), CHANNELS, 1.0, TINY, tmp_path / "base", steps=1, lr=1e-6)
+    mse = metrics["held_out"]["mse"]
+    assert mse["model"] <= 1.01 * mse["ridge"] and mse["ridge"] < 0.5 * mse["persistence"]
+    assert metrics["best_step"] in (0, 1)
+
+
 def test_pretrain_from_windows_and_epochs(tmp_path: Path) -> None:
     raw = make_windows(Grid(0.0, 1.0, _values(600)), 17)
     metrics = pretrain(raw.windows, CHANNELS, 1.0, TINY, tmp_path / "base", epochs=0.5, batch_size=16)
