@@ -19,9 +19,17 @@ cost of one update_inputs call for the three channels.
 
 Residual drift (`--residual-seeds`, compressed time only): a default-size base
 model is pretrained on three days, then scores twelve more (stationary, or
-with a regime change on day six); the same residuals go through
-`[drift] residuals = "stream"` (ADWIN on every residual) and `"window"` (the
-default: a day's mean |residual| against the first day's).
+with a regime change on day six; the abrupt overload, current +45% in one
+step, at 07:12 of day six); the same residuals go through
+`[drift] residuals = "stream"` (ADWIN on every residual), `"window"` without
+the CUSUM (a day's mean |residual| against the first day's) and the default,
+the window plus the CUSUM on every |residual|.
+
+Residual drift at 1 reading/s (`--realtime-seeds`): the CUSUM works in steps,
+and in compressed time a day's cycle passes in 600 of them, so its false
+alarms and delay are measured where it runs: a base pretrained on 00:00-04:00
+scores 04:00-10:00 (the line starting at 06:00 included), stationary or with
+the abrupt overload at 07:00, through the window alone and the default.
 """
 
 from __future__ import annotations
@@ -69,9 +77,20 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=30, help="stationary days per seed after the reference days")
     parser.add_argument("--time-scale", type=float, default=144.0, help="simulated seconds per step (1: real time)")
     parser.add_argument("--residual-seeds", type=int, default=3, help="seeds for the residual table (0: skip it)")
+    parser.add_argument("--realtime-seeds", type=int, default=2, help="seeds for the 1 reading/s residual table (0: skip it)")
+    parser.add_argument("--skip-inputs", action="store_true", help="only the residual tables")
     args = parser.parse_args()
     global SCALE, DAY
     SCALE, DAY = args.time_scale, int(86400 / args.time_scale)
+    if not args.skip_inputs:
+        input_table(args)
+    if args.residual_seeds and SCALE == 144:
+        residual_table(args.residual_seeds)
+    if args.realtime_seeds:
+        realtime_table(args.realtime_seeds)
+
+
+def input_table(args: argparse.Namespace) -> None:
     rows = {}
     for mode in ("stream", "reference"):
         alarms, days, costs, by_channel = 0, 0, [], dict.fromkeys(CHANNELS, 0)
@@ -105,11 +124,9 @@ def main() -> None:
             f"| {mode} | {row['per_day']:.2f} | {ratio:.4f} | {counts} | {fmt(row['delays']['bearing_wear'])} "
             f"| {fmt(row['delays']['current_recalibration'])} | {row['us']:.1f} |"
         )
-    if args.residual_seeds and SCALE == 144:
-        residual_table(args.residual_seeds)
 
 
-def scored_residuals(seed: int, change_day: int | None, regime: str) -> np.ndarray:
+def scored_residuals(seed: int, change_day: float | None, regime: str, ramp_steps: int = 20) -> np.ndarray:
     """(12 days, 3) residuals of a base model pretrained on the three days before them."""
     import tempfile
     from pathlib import Path
@@ -125,8 +142,10 @@ def scored_residuals(seed: int, change_day: int | None, regime: str) -> np.ndarr
 
     torch.set_num_threads(1)
     n_train, n_test = 3 * DAY, 12 * DAY
-    change = None if change_day is None else n_train + change_day * DAY
-    data = generate_labeled(n_train + n_test, seed=seed, time_scale=SCALE, regime_change_at=change, regime=regime)  # type: ignore[arg-type]
+    change = None if change_day is None else n_train + int(change_day * DAY)
+    data = generate_labeled(
+        n_train + n_test, seed=seed, time_scale=SCALE, regime_change_at=change, regime=regime, ramp_steps=ramp_steps  # type: ignore[arg-type]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         grid = build_grid(*readings(data, 0, n_train), len(CHANNELS), 1.0, 5)
         pretrain(grid, list(CHANNELS), 1.0, ModelConfig(), Path(tmp), steps=500)
@@ -136,20 +155,104 @@ def scored_residuals(seed: int, change_day: int | None, regime: str) -> np.ndarr
     residuals = np.full((n_test, len(CHANNELS)), np.nan)
     for k in range(n_train, n_train + n_test):
         result = scorer.add_step(float(data.ts[k]), values[k])
-        if result is not None and result.residual is not None:
-            residuals[k - n_train] = result.residual
+        # The model's own residual, as the pipeline feeds the monitor (not the served forecast's).
+        if result is not None and result.model_residual is not None:
+            residuals[k - n_train] = result.model_residual
     return residuals
+
+
+HOUR_RT = 3600  # steps in an hour of real time (1 reading/s)
+
+
+def realtime_residuals(seed: int, change_h: float | None, train_h: float = 4.0, score_h: float = 6.0) -> np.ndarray:
+    """(score_h hours, 3) residuals at 1 reading/s of a base pretrained on the first `train_h` hours of the
+    day (the night shift); scoring starts at train_h, so it spans the line starting at 06:00. With
+    `change_h`, an abrupt overload (current +45% in one step) at that hour of the day."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from edge_daemon.adapters import load_base, serving_model
+    from edge_daemon.config import ModelConfig
+    from edge_daemon.frames import build_grid
+    from edge_daemon.pretrain import pretrain
+    from edge_daemon.scoring import Scorer
+    from sample_sensors.generate import readings
+
+    torch.set_num_threads(1)
+    n_train, n_test = int(train_h * HOUR_RT), int(score_h * HOUR_RT)
+    change = None if change_h is None else int(change_h * HOUR_RT)
+    data = generate_labeled(n_train + n_test, seed=seed, regime_change_at=change, regime="overload", ramp_steps=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = build_grid(*readings(data, 0, n_train), len(CHANNELS), 1.0, 5)
+        pretrain(grid, list(CHANNELS), 1.0, ModelConfig(), Path(tmp), steps=500)
+        base = load_base(Path(tmp), list(CHANNELS), 1.0)
+    scorer = Scorer(base, serving_model(base, None), 6.0)
+    values = np.stack([data.values[c] for c in CHANNELS], axis=1)
+    residuals = np.full((n_test, len(CHANNELS)), np.nan)
+    for k in range(n_train, n_train + n_test):
+        result = scorer.add_step(float(data.ts[k]), values[k])
+        if result is not None and result.model_residual is not None:
+            residuals[k - n_train] = result.model_residual
+    return residuals
+
+
+RESIDUAL_MODES: dict[str, dict[str, object]] = {
+    "stream": {"residuals": "stream"},
+    "window": {"residuals": "window", "cusum": False},
+    "window + cusum (default)": {"residuals": "window"},
+}
+
+
+def residual_events(residuals: np.ndarray, settings: dict[str, object], period_s: float) -> tuple[list[tuple[int, str]], float]:
+    """Residual drift events (step, channel) of a monitor fed `residuals`, and us per update_residuals."""
+    cfg = DriftConfig(**settings)  # type: ignore[arg-type]
+    mon = DriftMonitor(list(CHANNELS), cfg, period_s=period_s)
+    events = []
+    start = time.perf_counter()
+    for k in range(len(residuals)):
+        events += [(k, e.channel) for e in mon.update_residuals(residuals[k], float(k)) if e.kind == "residuals"]
+    return events, (time.perf_counter() - start) / len(residuals) * 1e6
+
+
+def realtime_table(seeds: int) -> None:
+    change = 3 * HOUR_RT  # 07:00, three hours into the scored 04:00-10:00
+    rows: dict[str, dict[str, list]] = {mode: {"alarms": [], "current": [], "any": [], "us": []} for mode in RESIDUAL_MODES if mode != "stream"}
+    hours = 0.0
+    for seed in range(seeds):
+        stationary = realtime_residuals(seed, None)
+        overload = realtime_residuals(seed, 7.0)
+        hours += len(stationary) / HOUR_RT + change / HOUR_RT  # the overload run is stationary until 07:00
+        for mode, row in rows.items():
+            settings = {**RESIDUAL_MODES[mode], "residual_window_s": 86400.0}
+            events, us = residual_events(stationary, settings, 1.0)
+            after, _ = residual_events(overload, settings, 1.0)
+            row["alarms"].append(len(events) + sum(1 for k, _ in after if k < change))
+            row["current"].append(next((k - change for k, ch in after if k >= change and ch == "m1/current"), None))
+            row["any"].append(next((k - change for k, _ in after if k >= change), None))
+            row["us"].append(us)
+        print(f"realtime seed {seed}: " + "; ".join(f"{m} {r['alarms'][-1]} alarms, overload {r['current'][-1]}" for m, r in rows.items()), flush=True)
+    fmt = lambda ds: ", ".join("missed" if d is None else str(d) for d in ds)  # noqa: E731
+    print(f"\nResidual drift at 1 reading/s, base pretrained on 00:00-04:00, {seeds} seeds x (6 h stationary + 3 h before the overload) = {hours:g} stationary hours\n")
+    print("| residual drift | alarms in stationary hours | alarms per day (extrapolated) | overload (current +45%, 1 step): first alarm on current (steps = s after) | first alarm on any channel | us per update_residuals (3 channels) |")
+    print("|---|--:|--:|---|---|--:|")
+    for mode, row in rows.items():
+        alarms = sum(row["alarms"])
+        print(f"| {mode} | {alarms} | {alarms / hours * 24:.2f} | {fmt(row['current'])} | {fmt(row['any'])} | {float(np.median(row['us'])):.1f} |")
 
 
 def residual_table(seeds: int) -> None:
     scenarios = (("stationary", None, "bearing_wear", None), ("bearing wear", 6, "bearing_wear", "m1/vibration"),
-                 ("recalibration", 6, "current_recalibration", "m1/current"))  # fmt: skip
-    results: dict[str, dict[str, list]] = {mode: {name: [] for name, *_ in scenarios} for mode in ("stream", "window")}
+                 ("recalibration", 6, "current_recalibration", "m1/current"),
+                 ("overload", 6.3, "overload", "m1/current"))  # fmt: skip
+    results: dict[str, dict[str, list]] = {mode: {name: [] for name, *_ in scenarios} for mode in RESIDUAL_MODES}
     for seed in range(seeds):
         for name, change_day, regime, _ in scenarios:
-            residuals = scored_residuals(seed, change_day, regime)
-            for mode in ("stream", "window"):
-                cfg = DriftConfig(residuals=mode, residual_window_s=DAY * SCALE)
+            residuals = scored_residuals(seed, change_day, regime, ramp_steps=1 if regime == "overload" else 20)
+            for mode in RESIDUAL_MODES:
+                settings = {**RESIDUAL_MODES[mode], "residual_window_s": DAY * SCALE}
+                cfg = DriftConfig(**settings)  # type: ignore[arg-type]
                 mon = DriftMonitor(list(CHANNELS), cfg, period_s=SCALE)
                 events = []
                 for k in range(len(residuals)):
@@ -157,21 +260,21 @@ def residual_table(seeds: int) -> None:
                 results[mode][name].append(events)
             print(f"seed {seed} {name}: " + "; ".join(f"{m} {len(results[m][name][-1])} alarms" for m in results), flush=True)
     print(f"\nResidual drift, default-size base pretrained on 3 days, {seeds} seeds x 12 scored days (1 day = {DAY} steps)\n")
-    print("| residual drift | alarms per stationary day | x stream | bearing wear: first alarm on vibration (steps after) | recalibration: first alarm on current (steps after) | alarms before the change |")
-    print("|---|--:|--:|---|---|--:|")
+    print("| residual drift | alarms per stationary day | x stream | bearing wear: first alarm on vibration (steps after) | recalibration: first alarm on current (steps after) | overload (abrupt): first alarm on current (steps after) | alarms before the change |")
+    print("|---|--:|--:|---|---|---|--:|")
     base = sum(len(e) for e in results["stream"]["stationary"]) / (12 * seeds)
     for mode, by_scenario in results.items():
         per_day = sum(len(e) for e in by_scenario["stationary"]) / (12 * seeds)
         cells, early = [], 0
         for name, change_day, _, channel in scenarios[1:]:
-            change = change_day * DAY
+            change = int(change_day * DAY)
             firsts = []
             for events in by_scenario[name]:
                 early += sum(1 for k, _ in events if k < change)
                 after = [k - change for k, ch in events if ch == channel and k >= change]
                 firsts.append(str(after[0]) if after else "missed")
             cells.append(", ".join(firsts))
-        print(f"| {mode} | {per_day:.2f} | {per_day / base if base else float('nan'):.3f} | {cells[0]} | {cells[1]} | {early} |")
+        print(f"| {mode} | {per_day:.2f} | {per_day / base if base else float('nan'):.3f} | {cells[0]} | {cells[1]} | {cells[2]} | {early} |")
 
 
 if __name__ == "__main__":

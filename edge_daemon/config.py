@@ -223,6 +223,18 @@ class DriftConfig(_Section):
     residual_window_s: float = Field(86400.0, gt=0, description="'window': span of the rolling window; hold whole cycles")
     residual_ratio: float = Field(2.0, gt=1, description="'window': mean |residual| this many times the baseline is drift")
     residual_rearm_ratio: float = Field(1.5, ge=1, description="'window': under this ratio a new episode may alert again")
+    # CUSUM defaults from benchmarks/drift.py at 1 reading/s on the sample motor: an hour of memory
+    # spans four batch cycles (with 10-30 min the cycle's swing of |residual| alarmed every few hours);
+    # h=40 still alarmed 3 times in 18 stationary hours, h=80 and 100 never; h=100 keeps a margin and
+    # finds the 45% current jump in 50-124 s. k stays under the monitor's clip of 3.
+    cusum: bool = Field(
+        True, description="'window': also run a CUSUM on every |residual|, so an abrupt shift alerts in minutes"
+    )
+    cusum_k: float = Field(0.5, ge=0, lt=3, description="CUSUM slack: shifts under this many standard deviations never add up")
+    cusum_h: float = Field(100.0, gt=0, description="CUSUM threshold: accumulated standard deviations that signal drift")
+    cusum_warmup_steps: int = Field(
+        3600, ge=2, description="CUSUM: steps learning the |residual| mean and std (also the memory of their running estimate)"
+    )
 
     @model_validator(mode="after")
     def _kswin_sizes(self) -> DriftConfig:

@@ -38,8 +38,11 @@ DECIMALS: dict[str, int] = {CHANNELS[0]: 2, CHANNELS[1]: 3, CHANNELS[2]: 3}
 DEFAULT_START_TS = 1_704_067_200.0
 DAY_S = 86_400.0
 
-Regime = Literal["bearing_wear", "current_recalibration"]
-REGIMES: tuple[str, ...] = ("bearing_wear", "current_recalibration")
+Regime = Literal["bearing_wear", "current_recalibration", "overload"]
+REGIMES: tuple[str, ...] = ("bearing_wear", "current_recalibration", "overload")
+# 'overload': the current jumps by this share of itself (a clogged impeller, a jammed
+# conveyor); with ramp_steps=1 the abrupt shift a fast residual judge must catch.
+OVERLOAD_JUMP = 0.45
 
 
 @dataclass
@@ -135,8 +138,10 @@ def generate_labeled(
     `regime_change_at` is the step from which the regime applies (reached over
     `ramp_steps`); None means no change. `regime` is 'bearing_wear' (vibration
     level and variance rise, the bearing runs hotter and draws a little more
-    current) or 'current_recalibration' (the current sensor's gain and offset
-    change; temperature still follows the true current).
+    current), 'current_recalibration' (the current sensor's gain and offset
+    change; temperature still follows the true current) or 'overload' (the
+    motor's current jumps by OVERLOAD_JUMP of itself and the winding heats up
+    accordingly; pass ramp_steps=1 for an abrupt jump).
     """
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
@@ -162,6 +167,7 @@ def generate_labeled(
         shift = np.clip((k + 1) / max(ramp_steps, 1), 0.0, 1.0)
     wear = shift if regime == "bearing_wear" else np.zeros(n_steps)
     recalibration = shift if regime == "current_recalibration" else np.zeros(n_steps)
+    overload = shift if regime == "overload" else np.zeros(n_steps)
 
     # Load: daily schedule x batch cycle (its phase wanders slowly) + short-term jitter.
     phase_drift = np.cumsum(rng.normal(0.0, 0.02 * math.sqrt(dt / 60.0), n_steps))
@@ -170,7 +176,7 @@ def generate_labeled(
     load = np.clip(load_schedule(hour) * (1.0 + p.batch_depth * batch) + jitter, 0.05, 1.0)
 
     # Current follows load at once; worn bearings add friction torque.
-    true_current = p.current_idle_a + p.current_full_a * load + 0.4 * wear
+    true_current = (p.current_idle_a + p.current_full_a * load + 0.4 * wear) * (1.0 + OVERLOAD_JUMP * overload)
 
     # Ambient: sinusoidal day (warmest at 15:00) plus slow weather wander.
     weather = _ar1(rng, n_steps, math.exp(-dt / (6 * 3600.0)), 1.0)

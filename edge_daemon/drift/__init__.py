@@ -1,8 +1,9 @@
 """Drift detection over the inputs and the model's residuals: windowed
 comparisons against a reference (reference.py: PSI of a day of inputs
 against the training data, a day's mean |residual| against a baseline; the
-daemon's default), streaming detectors (ADWIN, Page-Hinkley, KSWIN; one per
-module) and DriftMonitor, which keeps the per-channel drift status the
+daemon's default), a CUSUM that sees an abrupt residual shift in minutes
+beside that window (cusum.py), streaming detectors (ADWIN, Page-Hinkley,
+KSWIN; one per module) and DriftMonitor, which keeps the per-channel drift status the
 daemon reports and alerts on.
 
 Implemented here rather than depending on river: `import river.drift` costs
@@ -19,8 +20,9 @@ from __future__ import annotations
 
 from edge_daemon.drift.adwin import ADWIN
 from edge_daemon.drift.base import DriftDetector
+from edge_daemon.drift.cusum import CUSUM
 from edge_daemon.drift.kswin import KSWIN
 from edge_daemon.drift.monitor import DriftEvent, DriftMonitor, make_detector
 from edge_daemon.drift.page_hinkley import PageHinkley
 
-__all__ = ["ADWIN", "KSWIN", "DriftDetector", "DriftEvent", "DriftMonitor", "PageHinkley", "make_detector"]
+__all__ = ["ADWIN", "CUSUM", "KSWIN", "DriftDetector", "DriftEvent", "DriftMonitor", "PageHinkley", "make_detector"]

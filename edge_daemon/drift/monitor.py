@@ -1,6 +1,7 @@
 """Per-channel drift status for the daemon: detectors on each channel's inputs
-and on the model's residuals, the residual level against the baseline of the
-last accepted adapter, and the `drift` object of the status reply.
+and on the model's residuals (a day-long window for slow drift, a CUSUM for an
+abrupt shift), the residual level against the baseline of the last accepted
+adapter, and the `drift` object of the status reply.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from edge_daemon.drift.adwin import ADWIN
 from edge_daemon.drift.base import DriftDetector
+from edge_daemon.drift.cusum import CUSUM
 from edge_daemon.drift.kswin import KSWIN
 from edge_daemon.drift.page_hinkley import PageHinkley
 from edge_daemon.drift.reference import Reference, ReferenceShift, ResidualRatio
@@ -64,6 +66,10 @@ def make_detector(cfg: DriftConfig, *, kind: Kind, seed: int = 0) -> DriftDetect
 
 # Residual ratios (|residual| / baseline) above this are fed to the detector as this.
 RESIDUAL_CLIP = 4.0
+# The residual CUSUM counts a standardised |residual| as at most this many standard
+# deviations: a spike of a few steps (an anomaly, alerted on its own) then adds at most
+# (clip - k) a step, well under the threshold, while a sustained shift keeps adding.
+CUSUM_CLIP = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +131,17 @@ class _Channel:
         scale: float | None,
         shift: ReferenceShift | None = None,
         residual_window: ResidualRatio | None = None,
+        residual_cusum: CUSUM | None = None,
     ) -> None:
         self.name = name
-        # cfg.residuals == "window": the rolling mean |residual| against its first window.
+        # cfg.residuals == "window": the rolling mean |residual| against its first window,
+        # and (cfg.cusum) a CUSUM on every |residual| that sees an abrupt shift in minutes.
         self.residual_window = residual_window
+        self.residual_cusum = residual_cusum
+        # One alert an episode whichever judge sees it first: set by a detection, cleared
+        # once both judges are back to normal (see _residual_episode_over).
+        self.residual_episode = False
+        self.residual_episode_steps = 0  # residuals seen since the episode began
         # cfg.inputs == "reference": the rolling window against the training data, and no
         # per-value input detectors.
         self.shift = shift
@@ -174,6 +187,10 @@ class _Channel:
     def reset_residuals(self) -> None:
         if self.residual_window is not None:
             self.residual_window.reset()
+        if self.residual_cusum is not None:
+            self.residual_cusum.reset()
+        self.residual_episode = False
+        self.residual_episode_steps = 0
         if self.residual_detector is not None:
             self.residual_detector.reset()
         self.residual_samples = 0
@@ -205,6 +222,17 @@ class _Channel:
             "samples": {"inputs": self.input_samples, "residuals": self.residual_samples},
             **({} if self.shift is None else {"psi": self._psi_status()}),
             **({} if self.residual_window is None else {"residual_window": self._window_status()}),
+            **({} if self.residual_cusum is None else {"residual_cusum": self._cusum_status()}),
+        }
+
+    def _cusum_status(self) -> dict[str, Any]:
+        cusum = self.residual_cusum
+        assert cusum is not None
+        return {
+            "statistic": round(cusum.statistic, 3),
+            "threshold": cusum.h,
+            "state": "learning" if cusum.learning else "watching",
+            "samples": cusum.samples,
         }
 
     def _window_status(self) -> dict[str, Any]:
@@ -229,6 +257,23 @@ class _Channel:
         }
 
 
+def _residual_episode_over(channel: _Channel) -> bool:
+    """Both residual judges are back to normal: the CUSUM has re-learnt the level after its
+    detection, and the window, once it holds only residuals from after the episode began
+    (it lags: half a day to see what the CUSUM saw in minutes), has its ratio under the
+    re-arm mark (or is still learning its baseline). A shift the CUSUM saw in minutes and
+    the window confirms later is then one episode, one alert."""
+    window, cusum = channel.residual_window, channel.residual_cusum
+    assert window is not None
+    if cusum is not None and cusum.learning:
+        return False
+    if window.baseline is None:
+        return True
+    if channel.residual_episode_steps < window.window or window.drifted:
+        return False
+    return window.ratio is not None and window.ratio < window.rearm
+
+
 class DriftMonitor:
     """Drift detectors per channel over the inputs and the model's residuals.
 
@@ -247,7 +292,10 @@ class DriftMonitor:
       base model's training data; without one, the first full window);
     - residuals: mean |residual| of the window against the mean of the first
       full window after start-up or the last accepted adapter. A model that
-      gets better is never drift.
+      gets better is never drift. Beside it (`cfg.cusum`), a CUSUM on every
+      |residual|, standardised by its own running mean and std, raises the
+      same residual drift within minutes of an abrupt shift; an episode is
+      alerted once, whichever judge sees it first.
 
     Each signals once an episode (hysteresis). An accepted adapter restarts
     the residual baseline and makes the next input window the reference.
@@ -299,6 +347,7 @@ class DriftMonitor:
                 None if input_scale is None else stds[index],
                 self._shift(None if input_reference is None else input_reference[index]),
                 self._residual_window(period_s),
+                self._residual_cusum(),
             )
             for index, name in enumerate(channels)
         ]
@@ -321,6 +370,13 @@ class DriftMonitor:
             threshold=self.cfg.residual_ratio,
             rearm=self.cfg.residual_rearm_ratio,
         )
+
+    def _residual_cusum(self) -> CUSUM | None:
+        if self.cfg.residuals != "window" or not self.cfg.cusum:
+            return None
+        # Upward only: a model getting better is no reason to adapt. On |residual|, so a
+        # forecast that turns biased (either sign) and one that turns noisier both raise it.
+        return CUSUM(k=self.cfg.cusum_k, h=self.cfg.cusum_h, warmup=self.cfg.cusum_warmup_steps, clip=CUSUM_CLIP, mode="up")
 
     def set_input_reference(self, references: Sequence[Reference | None]) -> None:
         """The training data of a (new) base model becomes the input reference of every channel."""
@@ -389,10 +445,21 @@ class DriftMonitor:
                 channel.residual_samples += 1
                 window = channel.residual_window
                 if window is not None:
-                    if window.update(magnitude):
-                        channel.residuals.record(t)
-                        events.append(self._event(channel, "residuals", t))
+                    slow = window.update(magnitude)
+                    cusum = channel.residual_cusum
+                    fast = cusum is not None and cusum.update(magnitude).drift_detected
                     channel.residual_level, channel.residual_baseline = window.level, window.baseline
+                    if slow or fast:
+                        if not channel.residual_episode:
+                            channel.residual_episode = True
+                            channel.residual_episode_steps = 0
+                            channel.residuals.record(t)
+                            events.append(self._event(channel, "residuals", t))
+                            if fast:
+                                log.info("residual drift on %s: abrupt shift (CUSUM)", channel.name)
+                    elif channel.residual_episode:
+                        channel.residual_episode_steps += 1
+                        channel.residual_episode = not _residual_episode_over(channel)
                     continue
                 n = channel.residual_samples
                 # Plain mean until the EWMA has that much memory, so the
