@@ -1,7 +1,8 @@
 """Scoring cost per grid step: one intra-op thread (what the daemon runs) against torch's default pool.
 
-Every row scores the same stream with the same default-size base model through
-`Scorer.add_step`, the daemon's serving path. "other core busy" starts one
+Every row scores the same stream with the same default-size base model (calendar
+inputs on) and the built-in baselines through `Scorer.add_step`, the daemon's
+serving path. "other core busy" starts one
 CPU-bound process beside it, as a device's own work would. The ratio is
 against one thread on an otherwise idle machine, measured in the same run.
 
@@ -23,19 +24,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_daemon.adapters import BaseModel  # noqa: E402
+from edge_daemon.baselines import Persistence, RidgeAR, SeasonalNaive  # noqa: E402
+from edge_daemon.config import ModelConfig  # noqa: E402
 from edge_daemon.frames import NormStats  # noqa: E402
-from edge_daemon.model import Forecaster, ForecasterConfig  # noqa: E402
+from edge_daemon.model import Forecaster  # noqa: E402
+from edge_daemon.pretrain import calendar_periods, forecaster_config  # noqa: E402
 from edge_daemon.scoring import Scorer  # noqa: E402
 
 CHANNELS = ["m1/temperature", "m1/vibration", "m1/current"]
 
 
 def _base() -> BaseModel:
+    """The daemon's default model with both calendar inputs (a base trained on weeks of data),
+    and the baselines every step runs beside it: persistence, a 96-step season, ridge on 16 lags."""
     torch.manual_seed(0)
-    cfg = ForecasterConfig(n_channels=3)  # the default size
+    defaults = ModelConfig()
+    cfg = forecaster_config(defaults, 3, calendar_periods(defaults.calendar, 30 * 86400.0))
     model = Forecaster(cfg).eval()
     norm = NormStats(np.zeros(3), np.ones(3))
-    return BaseModel(model, cfg, norm, CHANNELS, 1.0, np.ones(3, np.float32), {}, Path("."), "bench")
+    ridge = RidgeAR(cfg.lags, np.random.default_rng(0).normal(0.0, 0.01, (cfg.lags * 3 + 1, 3)), 1.0)
+    meta = {"baselines": [Persistence().to_dict(), SeasonalNaive(96).to_dict(), ridge.to_dict()]}
+    return BaseModel(model, cfg, norm, CHANNELS, 1.0, np.ones(3, np.float32), meta, Path("."), "bench")
 
 
 def ms_per_step(base: BaseModel, threads: int, steps: int) -> float:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edge_daemon.errors import AdapterError, BaseFormatError, ModelError
-from edge_daemon.frames import NormStats
+from edge_daemon.frames import Grid, NormStats, calendar_features, normalise_grid, with_calendar
 from edge_daemon.model import Forecaster, ForecasterConfig
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,15 @@ class BaseModel:
 
     def residual_scale_tensor(self) -> torch.Tensor:
         return torch.as_tensor(self.residual_scale, dtype=torch.float32)
+
+    def inputs(self, grid: Grid) -> Grid:
+        """A raw grid as the model's input columns: normalised channels, then the calendar."""
+        return with_calendar(normalise_grid(grid, self.norm), self.cfg.calendar_s)
+
+    def step_inputs(self, t: float, raw: np.ndarray) -> np.ndarray:
+        """(n_inputs,) float32 model input of one grid step at time `t` from its raw (C,) values."""
+        calendar = calendar_features(np.array([t]), self.cfg.calendar_s)[0]
+        return np.concatenate([self.norm.apply(raw), calendar]).astype(np.float32)
 
 
 def _sha256(path: Path) -> str:

@@ -206,15 +206,16 @@ def one_step_errors(baselines: list[Baseline], windows: np.ndarray) -> dict[str,
 
 
 def held_out_report(baselines: list[Baseline], windows: np.ndarray, model_errors: np.ndarray | None) -> dict[str, Any]:
-    """One-step MSE and per-channel RMS error of the model and each baseline on held-out windows,
-    and which of them to serve (the lowest MSE)."""
+    """One-step MAE, MSE and per-channel RMS error of the model and each baseline on held-out
+    windows, and which of them to serve: the lowest MAE, the measure the live serving rule uses."""
     errors = one_step_errors(baselines, windows)
     if model_errors is not None:
         errors = {MODEL: np.asarray(model_errors, dtype=np.float64), **errors}
-    mse = {name: float(np.mean(e**2)) for name, e in errors.items()}
+    mae = {name: float(np.mean(np.abs(e))) for name, e in errors.items()}
     return {
-        "mse": mse,
+        "mae": mae,
+        "mse": {name: float(np.mean(e**2)) for name, e in errors.items()},
         "rms": {name: np.sqrt(np.mean(e**2, axis=0)).tolist() for name, e in errors.items()},
-        "serve": min(mse, key=mse.__getitem__),
+        "serve": min(mae, key=mae.__getitem__),
         "windows": int(len(windows)),
     }

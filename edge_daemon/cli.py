@@ -621,9 +621,9 @@ def _pretrain(args: argparse.Namespace) -> int:
         f"(persistence {metrics.get('persistence_val_loss', float('nan')):.4g}), {metrics.get('steps')} steps"
     )
     held_out = metrics.get("held_out") or {}
-    mse = held_out.get("mse") or {}
-    if mse:
-        print("one-step MSE on held-out windows: " + ", ".join(f"{name} {value:.4g}" for name, value in mse.items()))
+    mae = held_out.get("mae") or {}
+    if mae:
+        print("one-step MAE on held-out windows: " + ", ".join(f"{name} {value:.4g}" for name, value in mae.items()))
         served = held_out.get("serve")
         if served and served != "model":
             print(f"the model loses to {served}: the daemon serves {served} until a model beats it")

@@ -113,6 +113,11 @@ class ModelConfig(_Section):
     ridge_lags: int = Field(
         16, ge=1, description="steps of every channel the ridge baseline and the model's linear path regress on (at most `window`)"
     )
+    calendar: list[Literal["day", "week"]] = Field(
+        default_factory=lambda: ["day", "week"],
+        description="calendar inputs of the model (time of day, day of week); each is used only when the training "
+        "data spans at least two of its cycles",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -147,7 +152,7 @@ class TrainConfig(_Section):
     replay_fraction: float = Field(0.5, ge=0, lt=1, description="share of each batch drawn from older data in the store")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="newest share of recent windows held out for the gate")
     gate_tolerance: float = Field(
-        0.20, ge=0, description="replayed-data loss (MSE) may worsen by at most this fraction; 0.20 is ~10% in RMS error"
+        0.10, ge=0, description="replayed-data loss (mean absolute error) may worsen by at most this fraction"
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="'auto' lets the watchdog decide")
     optimizer: Literal["auto", "adamw", "adamw8bit"] = Field("auto", description="'auto' switches to 8-bit state under pressure")

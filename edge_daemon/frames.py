@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -199,6 +200,26 @@ def value_reference(values: np.ndarray, bins: int = 10) -> dict[str, Any]:
 def normalise_grid(grid: Grid, norm: NormStats) -> Grid:
     """The same grid in normalised units (what windows for the model are cut from)."""
     return Grid(grid.t0, grid.period_s, norm.apply(grid.values))
+
+
+def calendar_features(times: np.ndarray, periods_s: Sequence[float]) -> np.ndarray:
+    """(N,) unix seconds -> (N, 2 * len(periods_s)) float32: sine and cosine of the phase in each
+    period (a day, a week). Any fixed time zone is a rotation of these, which the model learns."""
+    times = np.asarray(times, dtype=np.float64)
+    columns = []
+    for period in periods_s:
+        phase = 2.0 * np.pi * np.mod(times, period) / period
+        columns += [np.sin(phase), np.cos(phase)]
+    if not columns:
+        return np.zeros((len(times), 0), dtype=np.float32)
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
+def with_calendar(grid: Grid, periods_s: Sequence[float]) -> Grid:
+    """The grid with calendar columns appended: the model's input columns (channels first)."""
+    if not periods_s:
+        return grid
+    return Grid(grid.t0, grid.period_s, np.concatenate([grid.values, calendar_features(grid.times, periods_s)], axis=1))
 
 
 class Windows(NamedTuple):

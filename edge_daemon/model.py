@@ -6,9 +6,11 @@ predicts the change from the current value to the next step, as the sum of a
 linear path over the last `lags` steps of every channel (the ridge baseline's
 features, so pretraining starts it from the ridge fit) and a transformer path
 over the window taken relative to its first step (a level shift changes
-nothing it sees). The transformer's output head starts at zero, so an
-untrained model is exactly its linear path, and training can only add what
-the linear path misses.
+nothing it sees). Calendar inputs (sine and cosine of the time of day and of
+the week, `calendar_s`) follow the channels as extra input columns of both
+paths; they are not forecast. The transformer's output head starts at zero,
+so an untrained model is exactly its linear path, and training can only add
+what the linear path misses.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class ForecasterConfig:
     d_ff: int = 128
     dropout: float = 0.0  # sensor series are small and noisy; dropout rarely helps
     lags: int = 16  # steps of every channel the linear path regresses on (the ridge baseline's lags)
+    calendar_s: tuple[float, ...] = ()  # periods (s) whose phase is an input: 86400.0 for the time of day
 
     def __post_init__(self) -> None:
         assert self.n_channels >= 1, "need at least one channel"
@@ -40,9 +43,15 @@ class ForecasterConfig:
         assert self.lags >= 1, "lags must be >= 1"
         # A window shorter than the lags holds them all: the linear path sees the whole window.
         object.__setattr__(self, "lags", min(self.lags, self.window))
+        object.__setattr__(self, "calendar_s", tuple(float(p) for p in self.calendar_s))  # JSON gives a list
+
+    @property
+    def n_inputs(self) -> int:
+        """Input columns: the channels, then sine and cosine of each calendar period."""
+        return self.n_channels + 2 * len(self.calendar_s)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "calendar_s": list(self.calendar_s)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ForecasterConfig:
@@ -105,14 +114,16 @@ def lag_features(x: torch.Tensor, lags: int) -> torch.Tensor:
 
 
 class Forecaster(nn.Module):
-    """Next-step forecaster: (B, T, n_channels) -> (B, T, n_channels), each position's next step."""
+    """Next-step forecaster: (B, T, n_inputs) -> (B, T, n_channels), each position's next step."""
 
     def __init__(self, cfg: ForecasterConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        # The linear path: the change to the next step from the last `lags` steps of every channel.
-        self.linear = nn.Linear(cfg.lags * cfg.n_channels, cfg.n_channels)
-        self.embed = nn.Linear(cfg.n_channels, cfg.d_model)
+        n_calendar = cfg.n_inputs - cfg.n_channels
+        # The linear path: the change to the next step from the last `lags` steps of every channel
+        # and the calendar now.
+        self.linear = nn.Linear(cfg.lags * cfg.n_channels + n_calendar, cfg.n_channels)
+        self.embed = nn.Linear(cfg.n_inputs, cfg.d_model)
         self.pos = nn.Parameter(torch.zeros(1, cfg.window, cfg.d_model))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -134,26 +145,29 @@ class Forecaster(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        assert C == self.cfg.n_channels, f"expected {self.cfg.n_channels} channels, got {C}"
+        B, T, width = x.shape
+        assert width == self.cfg.n_inputs, f"expected {self.cfg.n_inputs} input columns, got {width}"
         assert T <= self.cfg.window, f"window {T} longer than {self.cfg.window}"
-        linear = self.linear(lag_features(x, self.cfg.lags))  # (B, T, C): change to step t+1
-        # Relative to the window's first step (causal: every position knows it).
-        h = self.embed(x - x[:, :1]) + self.pos[:, :T]  # (B, T, d_model)
+        values, calendar = x[..., : self.cfg.n_channels], x[..., self.cfg.n_channels :]  # (B, T, C), (B, T, K)
+        linear = self.linear(torch.cat([lag_features(values, self.cfg.lags), calendar], dim=2))  # (B, T, C): change to t+1
+        # Channels relative to the window's first step (causal: every position knows it).
+        h = self.embed(torch.cat([values - values[:, :1], calendar], dim=2)) + self.pos[:, :T]  # (B, T, d_model)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Non-reentrant: works with frozen inputs and LoRA's extra params.
                 h = checkpoint(block, h, use_reentrant=False)
             else:
                 h = block(h)
-        return x + linear + self.head(self.ln_f(h))  # (B, T, n_channels): prediction of step t+1
+        return values + linear + self.head(self.ln_f(h))  # (B, T, n_channels): prediction of step t+1
 
     @torch.no_grad()
     def set_linear(self, coef: torch.Tensor) -> None:
         """Load a ridge fit ((lags * C + 1, C): feature weights, then the constant) into the linear path."""
         expected = (self.cfg.lags * self.cfg.n_channels + 1, self.cfg.n_channels)
         assert tuple(coef.shape) == expected, f"ridge coefficients {tuple(coef.shape)}, expected {expected}"
-        self.linear.weight.copy_(coef[:-1].T)
+        features = expected[0] - 1
+        self.linear.weight.zero_()  # the calendar's weights start at zero: the ridge model exactly
+        self.linear.weight[:, :features].copy_(coef[:-1].T)
         self.linear.bias.copy_(coef[-1])
 
     def n_params(self, trainable_only: bool = False) -> int:
@@ -161,12 +175,19 @@ class Forecaster(nn.Module):
 
 
 def forecast_loss(model: nn.Module, windows: torch.Tensor, context: int | None = None) -> torch.Tensor:
-    """Mean squared next-step error over the positions of (B, T+1, C) windows that have
-    `context` steps behind them (default: half the window), where the scorer works."""
-    inputs, targets = windows[:, :-1], windows[:, 1:]  # (B, T, C) each
+    """Mean absolute next-step error over the positions of (B, T+1, n_inputs) windows that have
+    `context` steps behind them (default: half the window), where the scorer works.
+
+    Absolute, not squared: the daemon serves whichever forecaster has the lowest mean |error|, and
+    sensor changes are heavy-tailed (a cloud, a gust, a load switched on), so a squared loss chases
+    the rare jumps and pays for it on the many quiet steps (the PV series: skill -0.15 squared, +0.17
+    absolute; benchmarks/forecast.py).
+    """
+    inputs = windows[:, :-1]  # (B, T, n_inputs)
     T = inputs.shape[1]
     first = min(T // 2 if context is None else context, T - 1)
-    return F.mse_loss(model(inputs)[:, first:], targets[:, first:])
+    predicted = model(inputs)[:, first:]  # (B, T - first, C)
+    return F.l1_loss(predicted, windows[:, first + 1 :, : predicted.shape[-1]])
 
 
 def anomaly_score(residual: torch.Tensor, residual_scale: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from edge_daemon.frames import (
     split_by_time,
     valid_window_starts,
     value_reference,
+    with_calendar,
 )
 from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
 
@@ -51,7 +52,17 @@ EVAL_SAMPLE = 1024
 TS_COLUMNS = ("ts", "timestamp", "time")
 
 
-def forecaster_config(model_cfg: ModelConfig, n_channels: int) -> ForecasterConfig:
+CALENDAR_S = {"day": 86400.0, "week": 7 * 86400.0}
+# A pattern seen once cannot be told from a trend: a calendar input needs this many cycles of data.
+MIN_CALENDAR_CYCLES = 2
+
+
+def calendar_periods(names: list[str], span_s: float) -> tuple[float, ...]:
+    """The periods of the configured calendar inputs that `span_s` seconds of data cover often enough."""
+    return tuple(CALENDAR_S[name] for name in names if span_s >= MIN_CALENDAR_CYCLES * CALENDAR_S[name])
+
+
+def forecaster_config(model_cfg: ModelConfig, n_channels: int, calendar_s: tuple[float, ...] = ()) -> ForecasterConfig:
     """The model shape a `[model]` config section describes."""
     return ForecasterConfig(
         n_channels=n_channels,
@@ -62,6 +73,7 @@ def forecaster_config(model_cfg: ModelConfig, n_channels: int) -> ForecasterConf
         d_ff=model_cfg.d_ff,
         dropout=model_cfg.dropout,
         lags=min(model_cfg.ridge_lags, model_cfg.window),
+        calendar_s=calendar_s,
     )
 
 
@@ -93,12 +105,13 @@ def last_step_errors(model: torch.nn.Module, windows: np.ndarray) -> np.ndarray:
     The last position is the one the scorer uses once it holds a full window.
     """
     model.eval()
-    parts = [np.zeros((0, windows.shape[-1]))]
+    parts = []
     with torch.inference_mode():
         for start in range(0, len(windows), EVAL_BATCH):
             batch = torch.from_numpy(np.ascontiguousarray(windows[start : start + EVAL_BATCH]))
-            parts.append((model(batch[:, :-1])[:, -1] - batch[:, -1]).double().numpy())  # (B, C)
-    return np.concatenate(parts)
+            forecast = model(batch[:, :-1])[:, -1]  # (B, C): calendar columns are inputs, not forecast
+            parts.append((forecast - batch[:, -1, : forecast.shape[-1]]).double().numpy())
+    return np.concatenate(parts) if parts else np.zeros((0, windows.shape[-1]))
 
 
 def residual_scale_of(model: Forecaster, windows: np.ndarray) -> np.ndarray:
@@ -111,10 +124,12 @@ def residual_scale_of(model: Forecaster, windows: np.ndarray) -> np.ndarray:
 
 
 def _persistence_loss(windows: np.ndarray) -> float:
-    """Loss of 'next step = this step': the bar any useful forecaster must clear."""
+    """Loss of 'next step = this step' on the positions `forecast_loss` counts, in its measure
+    (mean absolute error): the bar any useful forecaster must clear."""
     if len(windows) == 0:
         return float("nan")
-    return float(np.mean((windows[:, 1:] - windows[:, :-1]) ** 2))
+    first = (windows.shape[1] - 1) // 2
+    return float(np.mean(np.abs(windows[:, first + 1 :] - windows[:, first:-1])))
 
 
 def input_references_of(data: Grid | np.ndarray) -> list[dict[str, Any] | None]:
@@ -141,8 +156,10 @@ def _prepare(
     val_fraction: float,
     end_times: np.ndarray | None,
     stride: int,
+    calendar_s: tuple[float, ...] = (),
 ) -> tuple[NormStats, Windows, Windows]:
-    """Raw grid or windows -> normalisation stats, normalised train and validation windows."""
+    """Raw grid or windows -> normalisation stats, normalised train and validation windows
+    (with calendar columns after the channels when `calendar_s` names periods; grids only)."""
     if isinstance(data, Grid):
         if not math.isclose(data.period_s, period_s, rel_tol=1e-9):
             raise TrainingError(f"grid period {data.period_s} s differs from the configured {period_s} s")
@@ -164,7 +181,7 @@ def _prepare(
         else:
             raise TrainingError(f"expected grid values (N, C) or windows (M, T+1, C), got shape {data.shape}")
     norm = NormStats.fit(grid.values)
-    windows = make_windows(normalise_grid(grid, norm), length, stride)
+    windows = make_windows(with_calendar(normalise_grid(grid, norm), calendar_s), length, stride)
     train, val = split_by_time(windows.windows, windows.end_times, val_fraction, period_s=grid.period_s)
     return norm, train, val
 
@@ -199,11 +216,14 @@ def pretrain(
     nothing is saved. Returns the run's metrics (also stored in the base's meta).
     """
     started = time.monotonic()
-    fcfg = forecaster_config(model_cfg, len(channels))
+    # Calendar inputs need times: a grid has them, bare windows do not.
+    calendar_s = calendar_periods(model_cfg.calendar, len(data) * period_s) if isinstance(data, Grid) else ()
+    fcfg = forecaster_config(model_cfg, len(channels), calendar_s)
     batch_size = batch_size or model_cfg.pretrain_batch_size
     lr = lr or model_cfg.pretrain_lr
     val_fraction = val_fraction or model_cfg.pretrain_val_fraction
-    norm, train, val = _prepare(data, period_s, fcfg.window + 1, val_fraction, end_times, stride)
+    norm, train, val = _prepare(data, period_s, fcfg.window + 1, val_fraction, end_times, stride, calendar_s)
+    n_channels = len(channels)
     if norm.n_channels != len(channels):
         raise TrainingError(f"data has {norm.n_channels} channels, config names {len(channels)}")
     if len(train.windows) < MIN_TRAIN_WINDOWS or len(val.windows) < 1:
@@ -218,7 +238,7 @@ def pretrain(
     # The yardstick: what a user gets for free, fitted on the same training windows (and judged
     # below on the same held-out ones). The model's linear path starts from the ridge fit.
     season = model_cfg.season_steps or _detected_season(data, norm, model_cfg.season_max_steps)
-    baselines = make_baselines(train.windows, season, fcfg.lags)
+    baselines = make_baselines(train.windows[..., :n_channels], season, fcfg.lags)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = Forecaster(fcfg)
@@ -297,7 +317,7 @@ def pretrain(
     residual_scale = residual_scale_of(model, val.windows)
     # A model that loses to a baseline is kept (updates start from it) but not served: the
     # daemon serves the best baseline until a model beats it.
-    held_out = held_out_report(baselines, val.windows, last_step_errors(model, val.windows))
+    held_out = held_out_report(baselines, val.windows[..., :n_channels], last_step_errors(model, val.windows))
     first_time = float(train.end_times.min()) - fcfg.window * period_s if len(train.end_times) else None
     metrics: dict[str, Any] = {
         "steps": steps,
@@ -307,7 +327,8 @@ def pretrain(
         "lr": lr,
         "train_loss": train_loss,
         "val_loss": val_loss,
-        "persistence_val_loss": _persistence_loss(val.windows),
+        "persistence_val_loss": _persistence_loss(val.windows[..., :n_channels]),
+        "calendar_s": list(calendar_s),
         "baselines": [b.to_dict() for b in baselines],
         "held_out": held_out,
         "season_steps": season,
@@ -324,18 +345,18 @@ def pretrain(
     save_base(Path(out_dir), model, norm, list(channels), period_s, residual_scale, {**(meta or {}), **metrics})
     metrics["path"] = str(out_dir)
     log.info(
-        "base model trained in %.1f s: val loss %.4f (persistence %.4f), %d parameters; one-step MSE on held-out windows: %s",
+        "base model trained in %.1f s: val loss %.4f (persistence %.4f), %d parameters; one-step MAE on held-out windows: %s",
         metrics["seconds"],
         val_loss,
         metrics["persistence_val_loss"],
         metrics["n_params"],
-        ", ".join(f"{name} {mse:.4g}" for name, mse in held_out["mse"].items()),
+        ", ".join(f"{name} {mae:.4g}" for name, mae in held_out["mae"].items()),
     )
     if held_out["serve"] != MODEL:
         log.warning(
-            "the base model loses to %s on held-out windows (one-step MSE %.4g vs %.4g): the daemon serves %s "
+            "the base model loses to %s on held-out windows (one-step MAE %.4g vs %.4g): the daemon serves %s "
             "until a model beats it",
-            held_out["serve"], held_out["mse"][held_out["serve"]], held_out["mse"][MODEL], held_out["serve"],
+            held_out["serve"], held_out["mae"][held_out["serve"]], held_out["mae"][MODEL], held_out["serve"],
         )  # fmt: skip
     return metrics
 

@@ -169,16 +169,16 @@ def read_update_traces(config: Config) -> list[dict[str, Any]]:
     return [traces[k] for k in sorted(traces)]
 
 
-def _predict(model: Any, normalised: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
-    """(M, C) next-step forecasts from the `window` rows at each start (the serving rule)."""
+def _predict(model: Any, inputs: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
+    """(M, C) next-step forecasts from the `window` rows of model inputs at each start (the serving rule)."""
     import torch
 
-    out = np.empty((len(starts), normalised.shape[1]), dtype=np.float32)
+    out = np.empty((len(starts), model.cfg.n_channels), dtype=np.float32)
     offsets = np.arange(window)
     with torch.inference_mode():
         for lo in range(0, len(starts), INFERENCE_BATCH):
             chunk = starts[lo : lo + INFERENCE_BATCH]
-            x = torch.from_numpy(np.ascontiguousarray(normalised[chunk[:, None] + offsets[None, :]]))  # (B, W, C)
+            x = torch.from_numpy(np.ascontiguousarray(inputs[chunk[:, None] + offsets[None, :]]))  # (B, W, n_inputs)
             out[lo : lo + len(chunk)] = model(x)[:, -1].numpy()
     return out
 
@@ -192,7 +192,8 @@ def compute_forecasts(grid: Grid, base: BaseModel, switches: list[Switch], max_f
     from edge_daemon.model import anomaly_score
 
     window = base.cfg.window
-    normalised = base.norm.apply(grid.values)  # (N, C), NaN stays NaN
+    inputs = base.inputs(grid).values  # (N, n_inputs): channels (NaN stays NaN), then the calendar
+    normalised = inputs[:, : len(base.channels)]  # (N, C)
     starts = valid_window_starts(normalised, window + 1)  # rows start..start+window are gap-free
     if len(starts) == 0:
         return None
@@ -201,7 +202,7 @@ def compute_forecasts(grid: Grid, base: BaseModel, switches: list[Switch], max_f
     rows = starts + window  # the row each forecast is for
     t = grid.t0 + rows.astype(np.float64) * grid.period_s
     actual = normalised[rows]
-    base_pred = _predict(base.model, normalised, starts, window)
+    base_pred = _predict(base.model, inputs, starts, window)
     served = base_pred.copy()
     served_version = np.zeros(len(rows), dtype=np.int64)
     for switch in switches:
@@ -218,7 +219,7 @@ def compute_forecasts(grid: Grid, base: BaseModel, switches: list[Switch], max_f
             log.warning("adapter v%d cannot be replayed: %s", switch.version, exc)
             continue
         # Later switches overwrite earlier ones: what serves at t is the newest adapter live by t.
-        served[since] = _predict(model, normalised, starts[since], window)
+        served[since] = _predict(model, inputs, starts[since], window)
         served_version[since] = switch.version
         del model
     scale = base.residual_scale_tensor()
@@ -619,9 +620,9 @@ def render_html(data: ReportData, figures: list[tuple[str, Path]], elapsed_s: fl
         if name in seen or not isinstance(held_out, dict):
             continue
         seen.add(name)
-        mse = held_out.get("mse") or {}
+        mae = held_out.get("mae") or {}
         yardstick_rows.append([name, html.escape(str(held_out.get("serve", "-"))), f"{held_out.get('windows', 0):,}",
-                               ", ".join(f"{html.escape(k)} {_num(v)}" for k, v in mse.items()) or "-"])  # fmt: skip
+                               ", ".join(f"{html.escape(k)} {_num(v)}" for k, v in mae.items()) or "-"])  # fmt: skip
     update_rows = []
     for trace in data.updates:
         peak = trace.get("peak_sampled_rss_mb")
@@ -654,7 +655,7 @@ def render_html(data: ReportData, figures: list[tuple[str, Path]], elapsed_s: fl
                 "replayed val loss before &rarr; after", "peak RSS (MB)", "start plan", "reason"], adapter_rows)
         if adapter_rows else "<p>No adapters stored: the base model serves.</p>",  # fmt: skip
         "<h2>Against the baselines</h2>",
-        _table(["trained", "serves first", "held-out windows", "one-step MSE (normalised)"], yardstick_rows)
+        _table(["trained", "serves first", "held-out windows", "one-step MAE (normalised)"], yardstick_rows)
         if yardstick_rows else "<p>No held-out comparison recorded.</p>",  # fmt: skip
         "<p>While serving, the daemon keeps comparing the model with persistence, seasonal naive and the ridge "
         "autoregression on every scored step and serves whichever has the lowest mean |error| "

@@ -221,8 +221,9 @@ class Scorer:
         self._set_forecasters(baselines, held_out if held_out is not None else base.meta.get("held_out"))
         self._capacity = max([self.window] + [b.history_steps for b in self._baselines])
         # Each step is written twice, at i and i + capacity, so the newest `capacity` steps are always
-        # one contiguous slice: no copy of the whole buffer per step.
-        self._ring = np.zeros((2 * self._capacity, n), dtype=np.float32)
+        # one contiguous slice: no copy of the whole buffer per step. A row is the model's input:
+        # the n normalised channels, then the calendar.
+        self._ring = np.zeros((2 * self._capacity, base.cfg.n_inputs), dtype=np.float32)
         self._next = 0
         self._filled = 0
         self._last_t: float | None = None
@@ -302,10 +303,10 @@ class Scorer:
         self._last_t = None
         self._pending = {}
 
-    def _history(self, steps: int) -> np.ndarray:
-        """The newest `steps` buffered steps, oldest first (a view)."""
+    def _history(self, steps: int, channels_only: bool = False) -> np.ndarray:
+        """The newest `steps` buffered steps, oldest first (a view); without the calendar if asked."""
         end = self._next + self._capacity
-        return self._ring[end - steps : end]
+        return self._ring[end - steps : end, : len(self.base.channels) if channels_only else None]
 
     def _choose(self) -> None:
         if self.rule.mode != "best" or len(self._tallies[MODEL].values) < self.rule.compare_steps:
@@ -334,7 +335,8 @@ class Scorer:
                 self.reset()
                 return None
             self._last_t = t
-            x = self.base.norm.apply(raw).astype(np.float32)  # (C,)
+            step = self.base.step_inputs(t, raw)  # (n_inputs,)
+            x = step[: len(raw)]  # (C,) the normalised channels
 
             # Residuals of the forecasts made for this step, and the live comparison.
             residuals = {name: (f - x).astype(np.float32) for name, f in self._pending.items()}
@@ -357,8 +359,8 @@ class Scorer:
             scored_version = self._pending_version
 
             # Append to the ring.
-            self._ring[self._next] = x
-            self._ring[self._next + self._capacity] = x
+            self._ring[self._next] = step
+            self._ring[self._next + self._capacity] = step
             self._next = (self._next + 1) % self._capacity
             self._filled = min(self._filled + 1, self._capacity)
             if self._filled < self.min_history:
@@ -370,7 +372,8 @@ class Scorer:
                 next_model = model(torch.from_numpy(history).unsqueeze(0))[0, -1].numpy().copy()  # (C,)
             pending = {MODEL: next_model}
             for b in self._baselines:  # each sees only the history it uses
-                pending[b.name] = np.asarray(b.predict(self._history(min(self._filled, b.history_steps))), dtype=np.float32)
+                recent = self._history(min(self._filled, b.history_steps), channels_only=True)
+                pending[b.name] = np.asarray(b.predict(recent), dtype=np.float32)
             self._pending = pending
             self._pending_version = version
             self._pending_served = list(self._served)

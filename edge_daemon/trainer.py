@@ -504,8 +504,8 @@ def _check_windows(base: Forecaster, **named: torch.Tensor) -> None:
     for name, windows in named.items():
         if len(windows) == 0:  # "no replay data" may come as any empty tensor
             continue
-        if windows.dim() != 3 or windows.shape[-1] != base.cfg.n_channels:
-            raise TrainingError(f"{name}: expected (N, T+1, {base.cfg.n_channels}) windows, got {tuple(windows.shape)}")
+        if windows.dim() != 3 or windows.shape[-1] != base.cfg.n_inputs:
+            raise TrainingError(f"{name}: expected (N, T+1, {base.cfg.n_inputs}) windows, got {tuple(windows.shape)}")
         if not 2 <= windows.shape[1] <= base.cfg.window + 1:
             raise TrainingError(f"{name}: window length {windows.shape[1]} must be 2..{base.cfg.window + 1}")
 

@@ -64,7 +64,7 @@ def prepare_update_data(store: Any, base: Any, config: Config, rng: np.random.Ge
     import torch
 
     from edge_daemon.errors import TrainingError
-    from edge_daemon.frames import Grid, build_grid, make_windows, split_by_time
+    from edge_daemon.frames import build_grid, make_windows, split_by_time
 
     span = store.time_range()
     if span is None:
@@ -77,8 +77,7 @@ def prepare_update_data(store: Any, base: Any, config: Config, rng: np.random.Ge
     def windows_between(since: float | None, until: float | None, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
         ts, idx, values = store.read(since, until)
         grid = build_grid(ts, idx, values, n_channels, config.channels.period_s, config.channels.max_fill_steps)
-        normalised = Grid(grid.t0, grid.period_s, base.norm.apply(grid.values).astype(np.float32))
-        made = make_windows(normalised, length, stride)
+        made = make_windows(base.inputs(grid), length, stride)
         return made.windows, made.end_times
 
     recent, recent_end = windows_between(cutoff, None)
@@ -505,11 +504,12 @@ def refit_baselines(base: Any, config: Config, data: UpdateData, model: Any) -> 
     from edge_daemon.baselines import held_out_report, make_baselines
     from edge_daemon.pretrain import last_step_errors
 
-    train = np.concatenate([data.recent_train.numpy(), data.replay_train.numpy()])
+    n_channels = base.cfg.n_channels  # the columns after them are calendar inputs
+    train = np.concatenate([data.recent_train.numpy(), data.replay_train.numpy()])[..., :n_channels]
     season = base.meta.get("season_steps") or config.model.season_steps or None
-    baselines = make_baselines(train, season, config.model.ridge_lags)
+    baselines = make_baselines(train, season, base.cfg.lags)
     val = data.recent_val.numpy()
-    held_out = held_out_report(baselines, val, last_step_errors(model, val))
+    held_out = held_out_report(baselines, val[..., :n_channels], last_step_errors(model, val))
     return {"baselines": [b.to_dict() for b in baselines], "held_out": held_out}
 
 

@@ -160,7 +160,7 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
             assert np.isfinite(metrics["replay_val_loss"]), metrics
         # The baselines were refitted on the update's windows and judged beside it on held-out ones.
         assert {b["kind"] for b in meta["baselines"]} >= {"persistence", "ridge"}
-        assert set(meta["held_out"]["mse"]) >= {"model", "persistence", "ridge"}
+        assert set(meta["held_out"]["mae"]) >= {"model", "persistence", "ridge"}
         assert status["drift"]["detected"] is False  # the accepted adapter reset the residual baseline
 
         # The residual falls: fresh new-regime data is forecast better by base + adapter.
@@ -171,7 +171,9 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         wait_for(lambda: daemon.store.count() == 3 * total, READINGS_TIMEOUT_S, "the extra readings stored")
         wait_for(lambda: sum(1 for _, _, v in daemon.pipeline.history if v == 1) > EXTRA_STEPS - 80, 30, "scores with v1")
         after = [s for t, s, v in daemon.pipeline.history if v == 1 and np.isfinite(s)]
-        assert np.mean(after) < 0.8 * np.mean(before), (np.mean(before), np.mean(after))
+        # The base starts from the ridge fit, so it already follows much of the new regime: the
+        # adapter's gain is in vibration (benchmarks/forecast.py: new-regime MAE 0.85x the base's).
+        assert np.mean(after) < 0.9 * np.mean(before), (np.mean(before), np.mean(after))
 
         forecasts = collector.of("forecast")
         assert forecasts and set(forecasts[-1]["forecast"]) == set(CHANNELS)

@@ -7,7 +7,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_daemon.frames import Grid, NormStats, build_grid, forward_fill, make_windows, normalise_grid, split_by_time
+from edge_daemon.frames import (
+    Grid,
+    NormStats,
+    build_grid,
+    calendar_features,
+    forward_fill,
+    make_windows,
+    normalise_grid,
+    split_by_time,
+    with_calendar,
+)
 
 
 def _naive_grid(ts, ch, vals, n_channels, period, max_fill, k0, k1):
@@ -154,3 +164,17 @@ def test_split_by_time_infers_period_conservatively_with_stride() -> None:
     assert train[:, :, 0].max() < val[:, :, 0].min()
     with pytest.raises(ValueError):
         split_by_time(windows, end_times, 1.0)
+
+
+def test_calendar_features_are_the_phase_of_the_day_and_the_week() -> None:
+    day, week = 86400.0, 7 * 86400.0
+    t = np.array([0.0, day / 4, day / 2, day + day / 4, week / 2])
+    f = calendar_features(t, (day, week))  # sin(day), cos(day), sin(week), cos(week)
+    np.testing.assert_allclose(f[:, 0], [0, 1, 0, 1, 0], atol=1e-6)
+    np.testing.assert_allclose(f[:, 1], [1, 0, -1, 0, -1], atol=1e-6)  # half a week is noon
+    np.testing.assert_allclose(f[4, 2:], [0, -1], atol=1e-6)
+    assert calendar_features(t, ()).shape == (5, 0)
+    grid = Grid(day / 4, 600.0, np.full((3, 2), np.nan, dtype=np.float32))
+    extended = with_calendar(grid, (day,))
+    assert extended.values.shape == (3, 4) and np.isnan(extended.values[:, :2]).all()
+    np.testing.assert_allclose(extended.values[:, 2:], calendar_features(grid.times, (day,)))

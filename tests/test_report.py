@@ -241,7 +241,9 @@ def test_report_shows_adaptation(state: Config) -> None:
     assert fc is not None and fc.stride == 1
     served_by_v1 = fc.served_version == 1
     assert served_by_v1.sum() >= AFTER_STEPS - 2
-    assert np.mean(fc.served_score[served_by_v1]) < 0.7 * np.mean(fc.base_score[served_by_v1])
+    # The base starts from the ridge fit and already follows much of the new regime; v1's gain is smaller
+    # than a transformer-only base's was, but a report that did not replay v1 would show none (ratio 1).
+    assert np.mean(fc.served_score[served_by_v1]) < 0.9 * np.mean(fc.base_score[served_by_v1])
     old = fc.t < START_TS + OLD_STEPS
     assert np.array_equal(fc.served[old], fc.base[old])
     assert any(e.kind == "inputs" and e.t >= START_TS + OLD_STEPS for e in data.drift_events)
