@@ -37,6 +37,10 @@ from edge_daemon.watchdog import Level, MemoryWatchdog, PlanGovernor, SharedLeve
 
 log = logging.getLogger(__name__)
 
+# An update after drift trains on the data since the change once it spans this many windows
+# (about 11 minutes at 1 s with the default window): enough to train and hold some out.
+UPDATE_MIN_WINDOWS_SINCE_CHANGE = 10
+
 # RSS of an update child before any has been measured on this device: torch (~240 MB) and
 # peft without bitsandbytes (~127 MB) plus a default-size update, measured on a 2-core x86 box.
 EXPECTED_CHILD_MB = 400.0
@@ -474,7 +478,19 @@ class Daemon:
         if not decision.start:
             log.debug("no update: %s", decision.reason)
             return
-        self.start_update(decision.reason)
+        # Drift dated by its judges: the update learns from the data since the change, once there
+        # is enough of it to train and validate on (a request does not wait: it takes the last
+        # train.recent_hours until then).
+        since = pipeline.drift.residual_change_from
+        if since is not None and self.base is not None:
+            needed_s = UPDATE_MIN_WINDOWS_SINCE_CHANGE * (self.base.cfg.window + 1) * self.config.channels.period_s
+            have_s = (pipeline.newest_ts or since) - since
+            if have_s < needed_s:
+                if not self.trigger.requested:
+                    self._last_decision = f"waiting for data since the change: {have_s:.0f} of {needed_s:.0f} s"
+                    return
+                since = None
+        self.start_update(decision.reason, since=since)
 
     def _child_headroom_mb(self) -> float:
         """MB under the elevated threshold left once a training child of the expected size runs.
@@ -487,11 +503,12 @@ class Daemon:
         limit = self.config.memory.elevated * self.watchdog.budget_mb
         return limit - (self.watchdog.usage_mb + self._expected_child_mb)
 
-    def start_update(self, reason: str) -> bool:
+    def start_update(self, reason: str, since: float | None = None) -> bool:
         assert self.runner is not None and self.governor is not None and self.watchdog is not None
         job = {
             "kind": "update",
             "reason": reason,
+            "since": since,  # recent data starts here (None: the last train.recent_hours)
             "candidates": [p.to_dict() for p in self.governor.start_candidates()],
             "baseline_mb": self.watchdog.usage_mb,
             "budget_mb": self.watchdog.budget_mb,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import queue as queue_module
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # Replay spans drawn per update; each segment yields several windows.
 MAX_REPLAY_SEGMENTS = 24
+# Recent windows kept per update: a longer span since a change is thinned (strided) to this many,
+# so a day of data at 1 s costs what an hour does.
+MAX_RECENT_WINDOWS = 4096
 # Memory and plan trace of each update, for `edge-daemon report`: `trace.json` in an accepted
 # adapter's directory, and `updates/<start ms>.json` under the state dir for every update
 # (rejected and failed ones too), of which the newest KEEP_UPDATE_TRACES are kept.
@@ -59,8 +63,15 @@ class UpdateData:
     replay_spans: list[tuple[float, float]]
 
 
-def prepare_update_data(store: Any, base: Any, config: Config, rng: np.random.Generator) -> UpdateData:
-    """Recent windows (split by time) and replayed windows from older segments of the store."""
+def prepare_update_data(
+    store: Any, base: Any, config: Config, rng: np.random.Generator, since: float | None = None
+) -> UpdateData:
+    """Recent windows (split by time) and replayed windows from older segments of the store.
+
+    Recent data is what came since `since` (when the residuals began to drift: the model is
+    taught the new behaviour, not the old one it already knows), else the last
+    `train.recent_hours`; replay comes from before it.
+    """
     import torch
 
     from edge_daemon.errors import TrainingError
@@ -70,7 +81,7 @@ def prepare_update_data(store: Any, base: Any, config: Config, rng: np.random.Ge
     if span is None:
         raise TrainingError("the store is empty")
     newest = span[1]
-    cutoff = newest - config.train.recent_hours * 3600.0
+    cutoff = newest - config.train.recent_hours * 3600.0 if since is None else min(float(since), newest)
     length = base.cfg.window + 1
     n_channels = len(config.channels.names)
 
@@ -80,7 +91,8 @@ def prepare_update_data(store: Any, base: Any, config: Config, rng: np.random.Ge
         made = make_windows(base.inputs(grid), length, stride)
         return made.windows, made.end_times
 
-    recent, recent_end = windows_between(cutoff, None)
+    steps = (newest - cutoff) / config.channels.period_s
+    recent, recent_end = windows_between(cutoff, None, stride=max(1, math.ceil(steps / MAX_RECENT_WINDOWS)))
     train, val = split_by_time(recent, recent_end, config.train.val_fraction, period_s=config.channels.period_s)
     if len(train.windows) == 0 or len(val.windows) == 0:
         raise TrainingError(f"not enough recent data: {len(recent)} windows of {length} gap-free steps since the cutoff")
@@ -386,7 +398,7 @@ def _update_traced(
     incumbent = serving_model(base, incumbent_version)
     rng = np.random.default_rng(job.get("seed"))
     with ReplayStore(config.store_path, config.store, config.channels.names) as store:
-        data = prepare_update_data(store, base, config, rng)
+        data = prepare_update_data(store, base, config, rng, since=job.get("since"))
     _check_stop(stop_event)
     trace.phase("planning")
     out.put(

@@ -67,6 +67,18 @@ def test_short_spikes_are_not_a_shift() -> None:
     assert detector.mean < 1.0  # the spikes barely moved the running estimate either
 
 
+def test_onset_dates_the_shift_when_it_is_detected() -> None:
+    rng = np.random.default_rng(4)
+    stream = rng.normal(10.0, 0.5, 2 * SHIFT_AT)
+    stream[SHIFT_AT:] += 1.0  # 2 sigma
+    detector = CUSUM(k=0.5, h=20.0, warmup=1000)
+    found = detections(detector, stream[:5019])  # up to the detection: the next value restarts it
+    assert found == [5018]
+    # Page's estimate: the sum that fired last left zero at the shift, give or take the few steps
+    # of noise that may have started it just before (here it began 6 steps early).
+    assert found[0] - detector.onset_steps + 1 == 4994
+
+
 def test_update_returns_self_and_relearns_after_a_detection() -> None:
     stream = np.concatenate([half_normal(3000, seed=7), 3.0 * half_normal(6000, seed=8)])
     detector = CUSUM(k=0.5, h=20.0, warmup=1000)
@@ -147,9 +159,16 @@ def test_abrupt_residual_shift_on_one_channel_is_one_event_within_minutes() -> N
     assert current["residuals"] == {"state": "drift", "detections": 1, "last_detected": "1970-01-01T08:20:22.000+00:00"}
     assert current["residual_cusum"]["state"] == "watching" and current["residual_cusum"]["threshold"] == 20.0
 
-    # Without the CUSUM only the window sees it, thousands of steps later.
-    slow = residual_events(DriftMonitor(CHANNELS, cfg(cusum=False)), residuals)
+    # The CUSUM dates the shift: its sum last left zero a few steps after it began. An update
+    # trains on the data from there on.
+    assert shift_at - 10 <= monitor.residual_change_from <= shift_at + 10, monitor.residual_change_from
+
+    # Without the CUSUM only the window sees it, thousands of steps later, and can only say the
+    # change lies within the window.
+    slow_monitor = DriftMonitor(CHANNELS, cfg(cusum=False))
+    slow = residual_events(slow_monitor, residuals)
     assert slow == [(40_383, "m1/current")]
+    assert slow_monitor.residual_change_from == 40_383 - DAY_STEPS
 
 
 def test_stationary_residuals_raise_nothing_and_episodes_rearm() -> None:
@@ -169,7 +188,9 @@ def test_an_accepted_adapter_restarts_the_cusum() -> None:
     residuals[30_000:, 0] *= 3.0
     monitor = DriftMonitor(CHANNELS, cfg())
     assert residual_events(monitor, residuals[:31_000]) == [(30_016, "m1/temperature")]
+    assert monitor.residual_change_from is not None
     monitor.reset_baseline(31_000.0)
+    assert monitor.residual_change_from is None
     status = monitor.status()["channels"]["m1/temperature"]["residual_cusum"]
     assert status == {"statistic": 0.0, "threshold": 20.0, "state": "learning", "samples": 0}
     assert not monitor.residual_drift_detected

@@ -153,6 +153,8 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         meta = json.loads((cfg.adapters_dir / "v1" / "meta.json").read_text())
         assert meta["windows"]["replay_train"] > 0 and meta["windows"]["replay_val"] > 0, meta["windows"]
         recent_from = meta["data_range"]["recent"][0]
+        # The update learnt from the data since the drift judges dated the change, not a fixed span.
+        assert daemon.runner.last["job"]["since"] == recent_from
         spans = meta["data_range"]["replay"]
         segment_s = cfg.store.segment_s  # spans are whole store segments holding old readings
         assert spans and all(data.ts[0] - segment_s < a < b <= recent_from for a, b in spans), (spans, recent_from)

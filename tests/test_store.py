@@ -262,3 +262,30 @@ def test_an_update_gets_replay_windows_at_any_period(tmp_path: Path, period_s: f
     assert len(data.replay_train) > 0 and len(data.replay_val) > 0
     assert data.replay_train.shape[1:] == (cfg.window + 1, 3) and torch.isfinite(data.replay_train).all()
     assert all(b <= data.recent_range[0] for _, b in data.replay_spans)
+
+
+def test_an_update_after_drift_learns_from_the_data_since_the_change(tmp_path: Path) -> None:
+    """Recent data starts where the drift judges dated the change (not the last recent_hours), a
+    long span is thinned to a bounded number of windows, and replay comes from before it."""
+    from edge_daemon.adapters import BaseModel
+    from edge_daemon.frames import NormStats
+    from edge_daemon.model import Forecaster, ForecasterConfig
+    from edge_daemon.updater import MAX_RECENT_WINDOWS, prepare_update_data
+    from tests.conftest import make_config
+
+    steps = 3 * MAX_RECENT_WINDOWS
+    config = make_config(tmp_path, store={"recent_hours": 10 * steps / 3600}, train={"recent_hours": 300 / 3600})
+    cfg = ForecasterConfig(n_channels=3, window=32, d_model=16, n_heads=2, n_layers=1, d_ff=32)
+    base = BaseModel(Forecaster(cfg), cfg, NormStats(np.zeros(3), np.ones(3)), CHANNELS, 1.0, np.ones(3, np.float32), {}, tmp_path, "0")
+    start = float(int(NOW / config.store.segment_s) * config.store.segment_s)
+    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+        fill(store, start, steps)
+        newest = store.time_range()[1]
+        last_hours = prepare_update_data(store, base, config, np.random.default_rng(0))
+        change = newest - 2 * MAX_RECENT_WINDOWS  # two windows' worth of steps per kept window
+        since_change = prepare_update_data(store, base, config, np.random.default_rng(0), since=change)
+    assert last_hours.recent_range == (newest - 300, newest)
+    assert since_change.recent_range == (change, newest)
+    recent = len(since_change.recent_train) + len(since_change.recent_val)
+    assert MAX_RECENT_WINDOWS // 2 < recent <= MAX_RECENT_WINDOWS  # strided by 2, less the train/val gap
+    assert len(since_change.replay_train) > 0 and all(b <= change for _, b in since_change.replay_spans)

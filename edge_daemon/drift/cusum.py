@@ -38,7 +38,9 @@ class CUSUM(DriftDetector):
 
     A detection restarts the detector on the next update (DriftDetector's
     semantics): it re-learns mean and std on the new level, so one shift is
-    reported once.
+    reported once. Right after a detection, `onset_steps` says how many values
+    ago the sum that fired last left zero: Page's estimate of when the shift
+    began.
     """
 
     def __init__(
@@ -69,6 +71,8 @@ class CUSUM(DriftDetector):
         self._std = 0.0
         self._sum_up = 0.0
         self._sum_down = 0.0
+        self._run_up = 0  # values since _sum_up was last zero
+        self._run_down = 0
 
     @property
     def learning(self) -> bool:
@@ -89,6 +93,14 @@ class CUSUM(DriftDetector):
     def std(self) -> float:
         """Current estimate of the stream's std (0 while learning)."""
         return self._std
+
+    @property
+    def onset_steps(self) -> int:
+        """Values since the watched sum that is furthest along last left zero, this one included:
+        after a detection, about how long ago the shift began (0 while nothing accumulates)."""
+        up = self._run_up if self._watch_up and self._sum_up > 0 else 0
+        down = self._run_down if self._watch_down and self._sum_down > 0 else 0
+        return up if self._sum_up >= self._sum_down else down
 
     @property
     def statistic(self) -> float:
@@ -116,8 +128,10 @@ class CUSUM(DriftDetector):
         self._floor_std()
         if self._watch_up:
             self._sum_up = max(0.0, self._sum_up + z - self.k)
+            self._run_up = self._run_up + 1 if self._sum_up > 0 else 0
         if self._watch_down:
             self._sum_down = max(0.0, self._sum_down - z - self.k)
+            self._run_down = self._run_down + 1 if self._sum_down > 0 else 0
         return (self._watch_up and self._sum_up > self.h) or (self._watch_down and self._sum_down > self.h)
 
     def _floor_std(self) -> None:

@@ -142,6 +142,10 @@ class _Channel:
         # once both judges are back to normal (see _residual_episode_over).
         self.residual_episode = False
         self.residual_episode_steps = 0  # residuals seen since the episode began
+        # When the residuals began to drift, as well as the judges can tell (the CUSUM's onset, or
+        # the start of the window that drifted): the first since the last reset. An update
+        # started by drift trains on the data from there on.
+        self.residual_change_from: float | None = None
         # cfg.inputs == "reference": the rolling window against the training data, and no
         # per-value input detectors.
         self.shift = shift
@@ -191,6 +195,7 @@ class _Channel:
             self.residual_cusum.reset()
         self.residual_episode = False
         self.residual_episode_steps = 0
+        self.residual_change_from = None
         if self.residual_detector is not None:
             self.residual_detector.reset()
         self.residual_samples = 0
@@ -221,7 +226,9 @@ class _Channel:
             "residual_baseline": self.residual_baseline,
             "samples": {"inputs": self.input_samples, "residuals": self.residual_samples},
             **({} if self.shift is None else {"psi": self._psi_status()}),
-            **({} if self.residual_window is None else {"residual_window": self._window_status()}),
+            # residual_change_from: where an update after this drift starts its recent data.
+            **({} if self.residual_window is None else {
+                "residual_window": self._window_status(), "residual_change_from": iso8601(self.residual_change_from)}),
             **({} if self.residual_cusum is None else {"residual_cusum": self._cusum_status()}),
         }
 
@@ -337,6 +344,7 @@ class DriftMonitor:
             raise ValueError(f"input_reference needs {len(channels)} references, got {len(input_reference)}")
         self.cfg = cfg
         self.channels = list(channels)
+        self.period_s = float(period_s)
         self._window = max(20, round(cfg.input_window_s / period_s))
         self._channels = [
             _Channel(
@@ -453,6 +461,11 @@ class DriftMonitor:
                         if not channel.residual_episode:
                             channel.residual_episode = True
                             channel.residual_episode_steps = 0
+                            # The CUSUM dates the shift; the window only says it lies within it.
+                            steps_back = cusum.onset_steps if fast and cusum is not None else window.window
+                            began = t - steps_back * self.period_s
+                            if channel.residual_change_from is None:
+                                channel.residual_change_from = began
                             channel.residuals.record(t)
                             events.append(self._event(channel, "residuals", t))
                             if fast:
@@ -511,6 +524,14 @@ class DriftMonitor:
         """Whether the residuals of any channel drifted since the last reset."""
         with self._lock:
             return any(c.residuals.since_reset for c in self._channels)
+
+    @property
+    def residual_change_from(self) -> float | None:
+        """Unix seconds at which the residuals began to drift, as estimated at the first detection
+        since the last reset (the earliest over channels); None without one, or in stream mode."""
+        with self._lock:
+            starts = [c.residual_change_from for c in self._channels if c.residual_change_from is not None]
+            return min(starts) if starts else None
 
     @property
     def last_detected(self) -> float | None:
