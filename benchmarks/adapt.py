@@ -94,7 +94,7 @@ def main() -> None:
 
     runs = [run_seed(seed, args) for seed in range(args.seeds)]
     print(f"window {args.window}, update: {args.steps} steps, lr {args.lr}, gate tolerance {TrainConfig().gate_tolerance}, max_blocks {args.max_blocks}, r {args.rank}, extra {args.extra_modules}; full fine-tune lr {args.full_lr}\n")
-    print("| seed | new: base | new: update | new: full FT | old: base | old: update | old: full FT | gate (replay MSE after/before) | blocks | update s | full FT s |")
+    print("| seed | new: base | new: update | new: full FT | old: base | old: update | old: full FT | gate (replay loss after/before) | blocks | update s | full FT s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |")
     for r in runs:
         print(

@@ -152,7 +152,7 @@ class TrainConfig(_Section):
     replay_fraction: float = Field(0.5, ge=0, lt=1, description="share of each batch drawn from older data in the store")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="newest share of recent windows held out for the gate")
     gate_tolerance: float = Field(
-        0.10, ge=0, description="replayed-data loss (mean absolute error) may worsen by at most this fraction"
+        0.30, ge=0, description="replayed-data loss (mean absolute error) may worsen by at most this fraction"
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="'auto' lets the watchdog decide")
     optimizer: Literal["auto", "adamw", "adamw8bit"] = Field("auto", description="'auto' switches to 8-bit state under pressure")

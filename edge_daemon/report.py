@@ -527,7 +527,7 @@ def plot_update(trace: dict[str, Any], path: Path) -> Path:
         ax_loss.plot(steps["t"], steps["loss"], color="tab:blue", marker=".", markersize=3, linewidth=1.0)
     else:
         ax_loss.text(0.5, 0.5, "no training steps recorded", ha="center", va="center", transform=ax_loss.transAxes)
-    ax_loss.set_ylabel("training loss (batch MSE)")
+    ax_loss.set_ylabel("training loss (batch MAE)")
     ax_loss.set_xlabel("seconds since the update started")
     ax_loss.grid(alpha=0.3)
     ax_loss.set_xlim(left=0.0, right=max(end, 1e-3) * 1.01)
@@ -609,7 +609,7 @@ def render_html(data: ReportData, figures: list[tuple[str, Path]], elapsed_s: fl
                 html.escape(str(meta.get("reason") or "-")),
             ]
         )
-    # The yardstick: one-step MSE of the model and each baseline on the held-out windows of the
+    # The yardstick: one-step MAE of the model and each baseline on the held-out windows of the
     # base's training and of each adapter's update, and who serves first after it.
     yardstick_rows = []
     held_out_sources = [("base model", data.base.meta)] if data.base is not None else []

@@ -388,7 +388,7 @@ class BatchMixer:
 
 
 def evaluate_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float | None:
-    """Mean next-step MSE over `windows` (None when there are none), without autograd."""
+    """Mean next-step loss (`forecast_loss`) over `windows` (None when there are none), without autograd."""
     if len(windows) == 0:
         return None
     was_training = model.training
