@@ -1,4 +1,4 @@
-"""Is the daemon's forecast worth serving? One-step MAE against what a user gets for free.
+"""Is the daemon's forecast worth serving? MAE at every horizon against what a user gets for free.
 
 Three data sets, each with a regime change: the sample motor (1 s; bearing wear),
 a real met mast (brightwind's demo data, 10 min: wind speed, temperature,
@@ -21,8 +21,9 @@ through `Scorer`, the serving path. Every row is scored on the same steps:
 - river's SNARIMAX and HoltWinters, learning online from the old regime's
   last weeks onward (per channel).
 
-MAE is in raw units per channel; skill = 1 - MAE / MAE of persistence,
-averaged over channels. "old regime" is the adapted model's MAE on held-back
+MAE is in raw units per channel, one table per horizon the base forecasts
+(the next step and one hour's worth, capped at half the model's window: 32
+steps at 1 s); skill = 1 - MAE / MAE of persistence, averaged over channels. "old regime" is the adapted model's MAE on held-back
 old-regime steps against the frozen base's (forgetting).
 
     python benchmarks/forecast.py [--data motor,metmast,pv] [--pretrain-steps 600]
@@ -179,20 +180,36 @@ def _update(config: Config) -> dict[str, Any]:
     return _run_update(config, job, governor, threading.Event(), Sink())
 
 
-def _stream(scorer: Scorer, grid: Grid, first_t: float) -> dict[float, dict[str, np.ndarray]]:
-    """Residuals (normalised) of every forecaster, and of what was served, at each step from first_t."""
-    out: dict[float, dict[str, np.ndarray]] = {}
+Residuals = dict[int, dict[float, dict[str, np.ndarray]]]  # steps ahead -> step time -> forecaster -> (C,)
+
+
+def _stream(scorer: Scorer, grid: Grid, first_t: float) -> Residuals:
+    """Per horizon, the residuals (normalised) of every forecaster, and of what was served, at each
+    step from first_t: each forecast scored when the step it was made for arrives."""
+    out: Residuals = {h: {} for h in scorer.base.cfg.horizons}
+    served_far: dict[tuple[int, float], tuple[str, ...]] = {}  # who was served for each later step
     for k, row in enumerate(grid.values):
         t = grid.t0 + k * grid.period_s
         result = scorer.add_step(t, row)
-        if result is None or result.residuals is None or t < first_t or result.served_by is None:
+        if result is None:
             continue
-        out[t] = {**result.residuals, "served": result.residual}
+        for far in result.horizons:
+            served_far[(far.steps, far.t)] = far.by_channel
+        if t < first_t:
+            continue
+        if result.residuals is not None and result.served_by is not None:
+            out[1][t] = {**result.residuals, "served": result.residual}
+        for steps, residuals in (result.horizon_residuals or {}).items():
+            by = served_far.pop((steps, t), None)
+            if by is not None and "model" in residuals:
+                served = np.array([residuals.get(name, residuals["model"])[c] for c, name in enumerate(by)])
+                out[steps][t] = {**residuals, "served": served}
     return out
 
 
-def _river(grid: Grid, norm: Any, first_t: float, season: int | None) -> dict[str, dict[float, np.ndarray]]:
-    """One-step errors (normalised) of river's SNARIMAX and HoltWinters, per channel, learning online."""
+def _river(grid: Grid, norm: Any, first_t: float, season: int | None, horizons: tuple[int, ...]) -> dict[int, dict[str, dict[float, np.ndarray]]]:
+    """Per horizon, the errors (normalised) of river's SNARIMAX and HoltWinters, per channel,
+    learning online; a forecast of h steps ahead is scored when its step arrives."""
     from river import linear_model, optim, preprocessing, time_series
 
     values = norm.apply(grid.values)
@@ -208,24 +225,46 @@ def _river(grid: Grid, norm: Any, first_t: float, season: int | None) -> dict[st
     models["river SNARIMAX"] = [snarimax() for _ in range(c)]
     if season:
         models["river HoltWinters"] = [time_series.HoltWinters(alpha=0.5, beta=0.01, gamma=0.1, seasonality=season) for _ in range(c)]
-    errors: dict[str, dict[float, np.ndarray]] = {name: {} for name in models}
+    errors: dict[int, dict[str, dict[float, np.ndarray]]] = {h: {name: {} for name in models} for h in horizons}
+    made: dict[tuple[str, int, int], np.ndarray] = {}  # (forecaster, steps ahead, grid step) -> its forecast
     warm = 3 * (season or 1) + 10
+    longest = max(horizons)
     for k, row in enumerate(values):
         t = grid.t0 + k * grid.period_s
         for name, per_channel in models.items():
-            if k >= warm and t >= first_t and not np.isnan(row).any():
-                try:
-                    forecast = np.array([m.forecast(horizon=1)[0] for m in per_channel])
-                    errors[name][t] = forecast - row
-                except (ValueError, ZeroDivisionError, IndexError):
-                    pass
+            if not np.isnan(row).any():
+                for steps in horizons:  # forecasts made `steps` ago for this step
+                    forecast = made.pop((name, steps, k), None)
+                    if forecast is not None and t >= first_t:
+                        errors[steps][name][t] = forecast - row
             for j, m in enumerate(per_channel):
                 if not math.isnan(row[j]):
                     m.learn_one(float(row[j]))
+            # Having learnt this step, forecast the next ones.
+            if k >= warm and t + longest * grid.period_s >= first_t:
+                try:
+                    ahead = np.array([m.forecast(horizon=longest) for m in per_channel])  # (C, longest)
+                    for steps in horizons:
+                        made[(name, steps, k + steps)] = ahead[:, steps - 1]
+                except (ValueError, ZeroDivisionError, IndexError):
+                    pass
     return errors
 
 
-def run(data: DataSet, pretrain_steps: int) -> tuple[list[list[str]], dict[str, Any]]:
+def _table(rows_by_name: dict[str, dict[float, np.ndarray]], std: np.ndarray) -> tuple[list[list[str]], dict[str, np.ndarray], int]:
+    """MAE in raw units per channel and skill vs persistence, on the steps every forecaster scored."""
+    common = set.intersection(*(set(v) for v in rows_by_name.values() if v))
+    steps = sorted(common)
+    mae = {name: np.mean(np.abs(np.stack([v[t] for t in steps])), axis=0) * std for name, v in rows_by_name.items() if v}
+    persistence = mae["persistence"]
+    rows = []
+    for name, m in mae.items():
+        skill = float(np.mean(1.0 - m / np.maximum(persistence, 1e-12)))
+        rows.append([name] + [f"{x:.4g}" for x in m] + [f"{skill:+.3f}"])
+    return rows, mae, len(steps)
+
+
+def run(data: DataSet, pretrain_steps: int) -> tuple[dict[int, list[list[str]]], dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config = _config(root, data, pretrain_steps)
@@ -254,37 +293,36 @@ def run(data: DataSet, pretrain_steps: int) -> tuple[list[list[str]], dict[str, 
             grid, eval_from,
         )  # fmt: skip
         season = metrics.get("season_steps")
-        river = _river(_grid(data, held_back - 14 * 86400 if data.period_s >= 60 else held_back - 3600, eval_to), base.norm, eval_from, season)
+        river_grid = _grid(data, held_back - 14 * 86400 if data.period_s >= 60 else held_back - 3600, eval_to)
+        river = _river(river_grid, base.norm, eval_from, season, base.cfg.horizons)
         # Forgetting: both models on held-back old-regime steps.
         old_eval = _grid(data, held_back - warmup, data.change_ts)
         old_frozen = _stream(Scorer(base, serving_model(base, None), 6.0, rule=ServingRule(mode="model")), old_eval, held_back)
         old_adapted = _stream(Scorer(base, serving_model(base, version), 6.0, rule=ServingRule(mode="model")), old_eval, held_back)
 
-    rows_by_name: dict[str, dict[float, np.ndarray]] = {
-        "daemon, frozen base": {t: r["model"] for t, r in frozen.items()},
-        "daemon, adapted model": {t: r["model"] for t, r in adapted.items()},
-        "daemon as served (best)": {t: r["served"] for t, r in adapted.items()},
-    }
-    for name in ("persistence", "seasonal_naive", "ridge"):
-        if all(name in r for r in adapted.values()) and adapted:
-            rows_by_name[name] = {t: r[name] for t, r in adapted.items()}
-    rows_by_name.update(river)
-    common = set.intersection(*(set(v) for v in rows_by_name.values() if v))
-    steps = sorted(common)
     std = base.norm.std
-    mae = {name: np.mean(np.abs(np.stack([v[t] for t in steps])), axis=0) * std for name, v in rows_by_name.items() if v}
-    persistence = mae["persistence"]
-    rows = []
-    for name, m in mae.items():
-        skill = float(np.mean(1.0 - m / np.maximum(persistence, 1e-12)))
-        rows.append([name] + [f"{x:.4g}" for x in m] + [f"{skill:+.3f}"])
-    old_steps = sorted(set(old_frozen) & set(old_adapted))
+    tables: dict[int, list[list[str]]] = {}
+    scored: dict[int, int] = {}
+    for steps in base.cfg.horizons:
+        rows_by_name: dict[str, dict[float, np.ndarray]] = {
+            "daemon, frozen base": {t: r["model"] for t, r in frozen[steps].items()},
+            "daemon, adapted model": {t: r["model"] for t, r in adapted[steps].items()},
+            "daemon as served (best)": {t: r["served"] for t, r in adapted[steps].items()},
+        }
+        for name in ("persistence", "seasonal_naive", "ridge"):
+            if adapted[steps] and all(name in r for r in adapted[steps].values()):
+                rows_by_name[name] = {t: r[name] for t, r in adapted[steps].items()}
+        rows_by_name.update(river[steps])
+        tables[steps], mae_h, scored[steps] = _table(rows_by_name, std)
+        if steps == 1:
+            mae = mae_h
+    old_steps = sorted(set(old_frozen[1]) & set(old_adapted[1]))
     forget = {
-        name: np.mean(np.abs(np.stack([s[t]["model"] for t in old_steps])), axis=0) * std
+        name: np.mean(np.abs(np.stack([s[1][t]["model"] for t in old_steps])), axis=0) * std
         for name, s in (("frozen", old_frozen), ("adapted", old_adapted))
     }
     summary = {
-        "steps": len(steps),
+        "steps": scored,
         "pretrain_s": pretrain_s,
         "update_s": update_s,
         "update": "accepted v1" if version is not None else f"rejected ({reply.get('reason')})",
@@ -293,7 +331,7 @@ def run(data: DataSet, pretrain_steps: int) -> tuple[list[list[str]], dict[str, 
         "old_regime_ratio": float(np.mean(forget["adapted"] / forget["frozen"])),
         "new_vs_frozen": float(np.mean(mae["daemon, adapted model"] / mae["daemon, frozen base"])),
     }
-    return rows, summary
+    return tables, summary
 
 
 def main() -> None:
@@ -304,13 +342,15 @@ def main() -> None:
     torch.set_num_threads(1)
     for name in args.data.split(","):
         data = DATA[name]()
-        rows, summary = run(data, args.pretrain_steps)
+        tables, summary = run(data, args.pretrain_steps)
         short = [c.split("/")[-1] for c in data.channels]
-        print(f"\n### {name}: {len(data.channels)} channels at {data.period_s:g} s, one-step MAE on {summary['steps']:,} new-regime steps")
-        print("| forecaster | " + " | ".join(short) + " | skill vs persistence |")
-        print("|---|" + "--:|" * (len(short) + 1))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
+        for steps, rows in tables.items():
+            ahead = f"{steps} steps ({steps * data.period_s / 60:g} min) ahead" if steps > 1 else "one step ahead"
+            print(f"\n### {name}: {len(data.channels)} channels at {data.period_s:g} s, MAE {ahead} on {summary['steps'][steps]:,} new-regime steps")
+            print("| forecaster | " + " | ".join(short) + " | skill vs persistence |")
+            print("|---|" + "--:|" * (len(short) + 1))
+            for row in rows:
+                print("| " + " | ".join(row) + " |")
         print(
             f"update: {summary['update']} ({summary['update_s']:.1f} s; pretrain {summary['pretrain_s']:.1f} s); "
             f"season {summary['season_steps']} steps; the base alone would serve {summary['base_serves']}; "

@@ -102,6 +102,7 @@ def run_row(row: str, size: str, workdir: Path) -> dict[str, Any]:
         adapter_bytes,
         block_target_modules,
         evaluate_loss,
+        expand_modules,
         release_memory,
         save_peft_adapter,
         update,
@@ -166,7 +167,7 @@ def run_row(row: str, size: str, workdir: Path) -> dict[str, Any]:
 
             model = copy.deepcopy(base)
             targets = [n for b in range(base.cfg.n_layers) for n in block_target_modules(model, b, lora_cfg.target_modules)]
-            targets += lora_cfg.extra_modules  # the same layers as the update, on every block
+            targets += expand_modules(model, lora_cfg.extra_modules)  # the same layers as the update, on every block
             peft_model = get_peft_model(model, LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, target_modules=targets))
             result = plain_loop(peft_model, LR_LORA)
             result["adapter_bytes"] = adapter_bytes(save_peft_adapter(peft_model, workdir / "plain"))

@@ -35,6 +35,9 @@ class Persistence:
     def predict(self, history: np.ndarray) -> np.ndarray:
         return history[-1]
 
+    def predict_ahead(self, history: np.ndarray, steps: int) -> np.ndarray | None:
+        return history[-1]
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.name}
 
@@ -54,17 +57,24 @@ class SeasonalNaive:
         # The step being forecast lies one step after history[-1]; a season before it is history[-season].
         return history[-self.season] if len(history) >= self.season else history[-1]
 
+    def predict_ahead(self, history: np.ndarray, steps: int) -> np.ndarray | None:
+        """The value whole seasons before the step `steps` ahead (at most a season back in history)."""
+        back = self.season * math.ceil(steps / self.season) - steps + 1  # rows back from the newest
+        return history[-back] if len(history) >= back else history[-1]
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.name, "season": self.season}
 
 
 @dataclass
 class RidgeAR:
-    """next - last = [last, history[-k] - last for k in 2..lags, 1] @ coef, over every channel."""
+    """next - last = [last, history[-k] - last for k in 2..lags, 1] @ coef, over every channel;
+    the value `h` steps ahead the same way with `ahead[h]`, a direct fit of its own."""
 
     lags: int
     coef: np.ndarray  # (lags * C + 1, C)
     penalty: float
+    ahead: dict[int, np.ndarray] = field(default_factory=dict)  # steps -> (lags * C + 1, C)
     name: str = field(default=RIDGE, init=False)
 
     @property
@@ -76,8 +86,19 @@ class RidgeAR:
             return history[-1]
         return history[-1] + _features(history[None, -self.lags :])[0] @ self.coef
 
+    def predict_ahead(self, history: np.ndarray, steps: int) -> np.ndarray | None:
+        coef = self.coef if steps == 1 else self.ahead.get(steps)
+        if coef is None:
+            return None
+        if len(history) < self.lags:
+            return history[-1]
+        return history[-1] + _features(history[None, -self.lags :])[0] @ coef
+
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.name, "lags": self.lags, "penalty": self.penalty, "coef": self.coef.tolist()}
+        return {
+            "kind": self.name, "lags": self.lags, "penalty": self.penalty, "coef": self.coef.tolist(),
+            "ahead": {str(h): c.tolist() for h, c in self.ahead.items()},
+        }  # fmt: skip
 
 
 Baseline = Persistence | SeasonalNaive | RidgeAR
@@ -91,8 +112,12 @@ def _features(histories: np.ndarray) -> np.ndarray:
     return np.concatenate([last, relative.reshape(n, -1), np.ones((n, 1))], axis=1)
 
 
-def fit_ridge(windows: np.ndarray, lags: int, rng: np.random.Generator | None = None) -> RidgeAR | None:
+def fit_ridge(
+    windows: np.ndarray, lags: int, rng: np.random.Generator | None = None, horizons: tuple[int, ...] = (1,)
+) -> RidgeAR | None:
     """Fit on the last step of each (N, L, C) window from the `lags` before it; None if too few windows.
+    Each further horizon h gets a direct fit of its own: the last step from the `lags` ending h
+    steps before it (horizons the windows are too short for are left out).
 
     The penalty is chosen on the newest fifth of the windows (time order), then
     the coefficients are refitted on all of them.
@@ -101,12 +126,20 @@ def fit_ridge(windows: np.ndarray, lags: int, rng: np.random.Generator | None = 
     lags = min(lags, length - 1)
     if n < 4 * (lags * channels + 1) or lags < 1:
         return None
-    windows = np.asarray(np.asarray(windows)[:, -1 - lags :], dtype=np.float64)  # only what the fit reads
+    coef, penalty = _fit_ahead(windows, lags, 1, rng)
+    ahead = {h: _fit_ahead(windows, lags, h, rng)[0] for h in horizons if h > 1 and lags + h <= length}
+    return RidgeAR(lags, coef, penalty, ahead)
+
+
+def _fit_ahead(windows: np.ndarray, lags: int, steps: int, rng: np.random.Generator | None) -> tuple[np.ndarray, float]:
+    """Coefficients and penalty of the change from a window's step -1 - steps to its last step."""
+    n = len(windows)
+    windows = np.asarray(np.asarray(windows)[:, -steps - lags :], dtype=np.float64)  # only what the fit reads
     if n > MAX_RIDGE_ROWS:
         keep = np.sort((rng or np.random.default_rng(0)).choice(n, MAX_RIDGE_ROWS, replace=False))
         windows, n = windows[keep], MAX_RIDGE_ROWS
-    x = _features(windows[:, -1 - lags : -1])
-    y = windows[:, -1] - windows[:, -2]
+    x = _features(windows[:, :lags])
+    y = windows[:, -1] - windows[:, lags - 1]
     split = int(n * 0.8)
 
     def solve(rows: slice, penalty: float) -> np.ndarray:
@@ -117,7 +150,7 @@ def fit_ridge(windows: np.ndarray, lags: int, rng: np.random.Generator | None = 
 
     errors = {p: float(np.mean((x[split:] @ solve(slice(0, split), p) - y[split:]) ** 2)) for p in RIDGE_PENALTIES}
     penalty = min(errors, key=errors.__getitem__)
-    return RidgeAR(lags, solve(slice(None), penalty), penalty)
+    return solve(slice(None), penalty), penalty
 
 
 def detect_season(values: np.ndarray, max_lag: int, min_lag: int = 4, threshold: float = 0.3) -> int | None:
@@ -163,18 +196,20 @@ def baselines_from_dict(items: list[dict[str, Any]]) -> list[Baseline]:
         elif kind == SEASONAL:
             made.append(SeasonalNaive(int(item["season"])))
         elif kind == RIDGE:
-            made.append(RidgeAR(int(item["lags"]), np.asarray(item["coef"], dtype=np.float64), float(item["penalty"])))
+            ahead = {int(h): np.asarray(c, dtype=np.float64) for h, c in (item.get("ahead") or {}).items()}
+            made.append(RidgeAR(int(item["lags"]), np.asarray(item["coef"], dtype=np.float64), float(item["penalty"]), ahead))
         else:
             raise ValueError(f"unknown baseline kind {kind!r}")
     return made
 
 
-def make_baselines(train_windows: np.ndarray, season: int | None, lags: int) -> list[Baseline]:
-    """Persistence, seasonal naive (when there is a season) and ridge (when there are enough windows)."""
+def make_baselines(train_windows: np.ndarray, season: int | None, lags: int, horizons: tuple[int, ...] = (1,)) -> list[Baseline]:
+    """Persistence, seasonal naive (when there is a season) and ridge (when there are enough windows),
+    each forecasting every one of `horizons` steps ahead."""
     made: list[Baseline] = [Persistence()]
     if season:
         made.append(SeasonalNaive(int(season)))
-    ridge = fit_ridge(train_windows, lags)
+    ridge = fit_ridge(train_windows, lags, horizons=horizons)
     if ridge is not None:
         made.append(ridge)
     return made

@@ -113,6 +113,11 @@ class ModelConfig(_Section):
     ridge_lags: int = Field(
         16, ge=1, description="steps of every channel the ridge baseline and the model's linear path regress on (at most `window`)"
     )
+    horizons: list[int] = Field(
+        default_factory=list,
+        description="steps ahead forecast and published (1 first; each at most window / 2); empty: the next step "
+        "and one hour's worth (capped at window / 2). A base is trained for them: changing them needs a new base",
+    )
     calendar: list[Literal["day", "week"]] = Field(
         default_factory=lambda: ["day", "week"],
         description="calendar inputs of the model (time of day, day of week); each is used only when the training "
@@ -123,6 +128,10 @@ class ModelConfig(_Section):
     def _heads_divide(self) -> ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError("d_model must be a multiple of n_heads")
+        if self.horizons and (self.horizons[0] != 1 or self.horizons != sorted(set(self.horizons))):
+            raise ValueError("horizons must start at 1 and increase")
+        if self.horizons and self.horizons[-1] > max(1, self.window // 2):
+            raise ValueError(f"horizons must be at most window / 2 = {self.window // 2} steps")
         return self
 
 
@@ -138,9 +147,10 @@ class LoraConfigSection(_Section):
         16, ge=1, description="windows in the probe batch that ranks blocks (capped by the plan's micro-batch)"
     )
     extra_modules: list[str] = Field(
-        default_factory=lambda: ["head", "linear"],
-        description="Linear layers outside the blocks that always get adapters (the head follows level and scale "
-        "shifts; `linear`, the autoregressive path, follows changed dynamics)",
+        default_factory=lambda: ["head", "linear", "far_head", "far_linear"],
+        description="Linear layers (or lists of them) outside the blocks that always get adapters (the head follows "
+        "level and scale shifts; `linear`, the autoregressive path, follows changed dynamics; the far_ ones are "
+        "the further horizons' own)",
     )
 
 

@@ -161,6 +161,19 @@ class ScoringPipeline:
                                for c, name in zip(channels, result.forecast_by_channel, strict=True)},  # fmt: skip
                     "adapter_version": result.forecast_version if MODEL in result.forecast_by_channel else None,
                     "scored_by": result.served_by,
+                    # Further horizons ([model] horizons), each labelled like the next step's forecast.
+                    "horizons": [
+                        {
+                            "steps": far.steps,
+                            "forecast_ts": far.t,
+                            "forecast": {c: float(v) for c, v in zip(channels, far.forecast, strict=True)},
+                            "model": forecaster_label(far.by, result.forecast_version),
+                            "models": {c: forecaster_label(name, result.forecast_version)
+                                       for c, name in zip(channels, far.by_channel, strict=True)},  # fmt: skip
+                            "adapter_version": result.forecast_version if MODEL in far.by_channel else None,
+                        }
+                        for far in result.horizons
+                    ],
                 },
                 self.config.outputs.qos,
                 False,

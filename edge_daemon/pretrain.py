@@ -62,8 +62,18 @@ def calendar_periods(names: list[str], span_s: float) -> tuple[float, ...]:
     return tuple(CALENDAR_S[name] for name in names if span_s >= MIN_CALENDAR_CYCLES * CALENDAR_S[name])
 
 
-def forecaster_config(model_cfg: ModelConfig, n_channels: int, calendar_s: tuple[float, ...] = ()) -> ForecasterConfig:
-    """The model shape a `[model]` config section describes."""
+def horizon_steps(model_cfg: ModelConfig, period_s: float) -> tuple[int, ...]:
+    """The configured horizons, or the next step and one hour's worth (at most half a window)."""
+    if model_cfg.horizons:
+        return tuple(model_cfg.horizons)
+    hour = min(max(1, round(3600.0 / period_s)), max(1, model_cfg.window // 2))
+    return (1,) if hour == 1 else (1, hour)
+
+
+def forecaster_config(
+    model_cfg: ModelConfig, n_channels: int, calendar_s: tuple[float, ...] = (), period_s: float | None = None
+) -> ForecasterConfig:
+    """The model shape a `[model]` config section describes (horizons need the grid's period)."""
     return ForecasterConfig(
         n_channels=n_channels,
         window=model_cfg.window,
@@ -74,6 +84,7 @@ def forecaster_config(model_cfg: ModelConfig, n_channels: int, calendar_s: tuple
         dropout=model_cfg.dropout,
         lags=min(model_cfg.ridge_lags, model_cfg.window),
         calendar_s=calendar_s,
+        horizons=(1,) if period_s is None else horizon_steps(model_cfg, period_s),
     )
 
 
@@ -123,13 +134,14 @@ def residual_scale_of(model: Forecaster, windows: np.ndarray) -> np.ndarray:
     return np.maximum(rms, 1e-3).astype(np.float32)
 
 
-def _persistence_loss(windows: np.ndarray) -> float:
-    """Loss of 'next step = this step' on the positions `forecast_loss` counts, in its measure
-    (mean absolute error): the bar any useful forecaster must clear."""
+def _persistence_loss(windows: np.ndarray, horizons: tuple[int, ...] = (1,)) -> float:
+    """Loss of 'a later step = this step' on the positions and horizons `forecast_loss` counts, in
+    its measure (mean absolute error): the bar any useful forecaster must clear."""
     if len(windows) == 0:
         return float("nan")
-    first = (windows.shape[1] - 1) // 2
-    return float(np.mean(np.abs(windows[:, first + 1 :] - windows[:, first:-1])))
+    T = windows.shape[1] - 1
+    first = T // 2
+    return float(np.mean([np.mean(np.abs(windows[:, first + h :] - windows[:, first : T + 1 - h])) for h in horizons]))
 
 
 def input_references_of(data: Grid | np.ndarray) -> list[dict[str, Any] | None]:
@@ -218,7 +230,7 @@ def pretrain(
     started = time.monotonic()
     # Calendar inputs need times: a grid has them, bare windows do not.
     calendar_s = calendar_periods(model_cfg.calendar, len(data) * period_s) if isinstance(data, Grid) else ()
-    fcfg = forecaster_config(model_cfg, len(channels), calendar_s)
+    fcfg = forecaster_config(model_cfg, len(channels), calendar_s, period_s)
     batch_size = batch_size or model_cfg.pretrain_batch_size
     lr = lr or model_cfg.pretrain_lr
     val_fraction = val_fraction or model_cfg.pretrain_val_fraction
@@ -238,16 +250,18 @@ def pretrain(
     # The yardstick: what a user gets for free, fitted on the same training windows (and judged
     # below on the same held-out ones). The model's linear path starts from the ridge fit.
     season = model_cfg.season_steps or _detected_season(data, norm, model_cfg.season_max_steps)
-    baselines = make_baselines(train.windows[..., :n_channels], season, fcfg.lags)
+    baselines = make_baselines(train.windows[..., :n_channels], season, fcfg.lags, fcfg.horizons)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = Forecaster(fcfg)
     ridge = next((b for b in baselines if isinstance(b, RidgeAR)), None)
     if ridge is not None:
         model.set_linear(torch.as_tensor(ridge.coef, dtype=torch.float32))
+        for steps, coef in ridge.ahead.items():
+            model.set_linear(torch.as_tensor(coef, dtype=torch.float32), steps)
     model.gradient_checkpointing = gradient_checkpointing
     # The linear path is a penalised fit already: no weight decay pulls it towards persistence.
-    linear = set(model.linear.parameters())
+    linear = set(model.linear.parameters()) | set(model.far_linear.parameters())
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if p not in linear]}, {"params": list(linear), "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.95), weight_decay=0.01,
@@ -327,7 +341,8 @@ def pretrain(
         "lr": lr,
         "train_loss": train_loss,
         "val_loss": val_loss,
-        "persistence_val_loss": _persistence_loss(val.windows[..., :n_channels]),
+        "persistence_val_loss": _persistence_loss(val.windows[..., :n_channels], fcfg.horizons),
+        "horizons": list(fcfg.horizons),
         "calendar_s": list(calendar_s),
         "baselines": [b.to_dict() for b in baselines],
         "held_out": held_out,

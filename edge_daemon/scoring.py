@@ -130,6 +130,21 @@ class GridAssembler:
 
 
 @dataclass(frozen=True)
+class HorizonForecast:
+    """The forecast of the step `steps` ahead, made at one scored step."""
+
+    steps: int
+    t: float  # the time forecast
+    forecast: np.ndarray  # (C,) raw units
+    by_channel: tuple[str, ...]  # who made each channel's value: "model" or a baseline's name
+
+    @property
+    def by(self) -> str:
+        """The one forecaster behind every channel, or "mixed"."""
+        return _label(list(self.by_channel))
+
+
+@dataclass(frozen=True)
 class ScoreResult:
     """Scoring of one grid step: how well it was forecast, and the forecast of the next one."""
 
@@ -146,6 +161,9 @@ class ScoreResult:
     forecast_by: str = MODEL  # who made `forecast` ("mixed": see forecast_by_channel)
     forecast_by_channel: tuple[str, ...] = ()
     residuals: dict[str, np.ndarray] | None = None  # every forecaster's residual at t: the live comparison
+    horizons: tuple[HorizonForecast, ...] = ()  # the further horizons' forecasts made at t
+    # steps -> every forecaster's residual at t of its forecast made `steps` earlier (normalised)
+    horizon_residuals: dict[int, dict[str, np.ndarray]] | None = None
 
     @property
     def model_residual(self) -> np.ndarray | None:
@@ -231,6 +249,9 @@ class Scorer:
         self._pending_version: int | None = None
         self._pending_served: list[str] = []
         self._fresh_tallies = False
+        # Further horizons: steps ahead -> grid step index forecast -> forecaster -> (C,) normalised.
+        self._far = tuple(base.cfg.horizons[1:])
+        self._far_pending: dict[int, dict[int, dict[str, np.ndarray]]] = {h: {} for h in self._far}
 
     def _set_forecasters(self, baselines: list[Baseline], held_out: dict[str, Any] | None) -> None:
         self._baselines = list(baselines)
@@ -245,6 +266,9 @@ class Scorer:
         # Per channel: a baseline may forecast one channel best and the model another.
         self._served = [choice if self.rule.mode == "best" and choice in names else MODEL] * n
         self._switches = 0
+        # Each further horizon is compared and served on its own, starting from the next step's choice.
+        self._far_tallies = {h: {name: _Tally(self.rule.compare_steps, n) for name in names} for h in self.base.cfg.horizons[1:]}
+        self._far_served = {h: list(self._served) for h in self.base.cfg.horizons[1:]}
 
     @property
     def version(self) -> int | None:
@@ -277,6 +301,14 @@ class Scorer:
                 "mae": {name: (float(t.mean.mean()) if t.values else None) for name, t in self._tallies.items()},
                 "mae_by_channel": {name: (t.mean.tolist() if t.values else None) for name, t in self._tallies.items()},
                 "switches": self._switches,
+                "horizons": {
+                    str(h): {
+                        "served_by_channel": dict(zip(self.base.channels, self._far_served[h], strict=True)),
+                        "steps_compared": len(tallies[MODEL].values),
+                        "mae": {name: (float(t.mean.mean()) if t.values else None) for name, t in tallies.items()},
+                    }
+                    for h, tallies in self._far_tallies.items()
+                },
             }
 
     def swap_model(
@@ -296,29 +328,35 @@ class Scorer:
             fits = max([self.window] + [b.history_steps for b in new]) <= self._capacity
             self._set_forecasters(new if fits else self._baselines, held_out)
             self._fresh_tallies = True  # the next residuals are of forecasts made before the swap
+            for pending in self._far_pending.values():
+                pending.clear()  # the old model's forecasts of later steps are not the new one's record
         log.info("scoring with adapter %s; serving %s", f"v{version}" if version is not None else "none (base model)", self.served)
 
     def reset(self) -> None:
         self._filled = 0
         self._last_t = None
         self._pending = {}
+        for pending in self._far_pending.values():
+            pending.clear()
 
     def _history(self, steps: int, channels_only: bool = False) -> np.ndarray:
         """The newest `steps` buffered steps, oldest first (a view); without the calendar if asked."""
         end = self._next + self._capacity
         return self._ring[end - steps : end, : len(self.base.channels) if channels_only else None]
 
-    def _choose(self) -> None:
-        if self.rule.mode != "best" or len(self._tallies[MODEL].values) < self.rule.compare_steps:
+    def _choose(self, tallies: dict[str, _Tally], served: list[str], steps: int = 1) -> None:
+        """Per channel, switch `served` to the forecaster with the lowest mean |error| in `tallies`."""
+        compared = len(tallies[MODEL].values)
+        if self.rule.mode != "best" or compared < self.rule.compare_steps:
             return
-        means = {name: t.mean for name, t in self._tallies.items() if len(t.values) == len(self._tallies[MODEL].values)}
+        means = {name: t.mean for name, t in tallies.items() if len(t.values) == compared}
         for c, channel in enumerate(self.base.channels):
             best = min(means, key=lambda name: means[name][c])
-            current = means[self._served[c]][c] if self._served[c] in means else math.inf
-            if best != self._served[c] and means[best][c] < (1.0 - self.rule.margin) * current:
-                log.info("%s: serving %s instead of %s: mean |error| %.4g vs %.4g over %d steps", channel, best,
-                         self._served[c], means[best][c], current, len(self._tallies[MODEL].values))  # fmt: skip
-                self._served[c] = best
+            current = means[served[c]][c] if served[c] in means else math.inf
+            if best != served[c] and means[best][c] < (1.0 - self.rule.margin) * current:
+                log.info("%s, %d step(s) ahead: serving %s instead of %s: mean |error| %.4g vs %.4g over %d steps",
+                         channel, steps, best, served[c], means[best][c], current, compared)  # fmt: skip
+                served[c] = best
                 self._switches += 1
 
     def add_step(self, t: float, values: np.ndarray) -> ScoreResult | None:
@@ -344,7 +382,7 @@ class Scorer:
                 for name, r in residuals.items():
                     if name in self._tallies:
                         self._tallies[name].add(np.abs(r).astype(np.float64))
-                self._choose()
+                self._choose(self._tallies, self._served)
             self._fresh_tallies = False
             # Each channel's residual is its served forecaster's (the model's where that one is gone).
             scored = [name if name in residuals else MODEL for name in self._pending_served] if MODEL in residuals else None
@@ -357,6 +395,19 @@ class Scorer:
                 score = float(anomaly_score(torch.from_numpy(residual), scale))
                 anomaly = score > self.anomaly_threshold
             scored_version = self._pending_version
+            # The further horizons' forecasts made for this step, each compared on its own.
+            k = round(t / period)
+            horizon_residuals: dict[int, dict[str, np.ndarray]] = {}
+            for steps in self._far:
+                made = self._far_pending[steps].pop(k, None)
+                if made is None:
+                    continue
+                horizon_residuals[steps] = {name: (f - x).astype(np.float32) for name, f in made.items()}
+                tallies = self._far_tallies[steps]
+                for name, r in horizon_residuals[steps].items():
+                    if name in tallies:
+                        tallies[name].add(np.abs(r).astype(np.float64))
+                self._choose(tallies, self._far_served[steps], steps)
 
             # Append to the ring.
             self._ring[self._next] = step
@@ -367,17 +418,31 @@ class Scorer:
                 self._pending = {}
                 return None
 
-            history = self._history(min(self._filled, self.window))
+            history = torch.from_numpy(self._history(min(self._filled, self.window))).unsqueeze(0)
             with torch.inference_mode():
-                next_model = model(torch.from_numpy(history).unsqueeze(0))[0, -1].numpy().copy()  # (C,)
-            pending = {MODEL: next_model}
+                if self._far:
+                    every = model.forward_horizons(history)[0, -1].numpy().copy()  # (H, C)
+                else:
+                    every = model(history)[0, -1:].numpy().copy()  # (1, C)
+            pending = {MODEL: every[0]}
+            far = [{MODEL: every[i + 1]} for i in range(len(self._far))]
             for b in self._baselines:  # each sees only the history it uses
                 recent = self._history(min(self._filled, b.history_steps), channels_only=True)
                 pending[b.name] = np.asarray(b.predict(recent), dtype=np.float32)
+                for steps, made in zip(self._far, far, strict=True):
+                    ahead = b.predict_ahead(recent, steps)
+                    if ahead is not None:
+                        made[b.name] = np.asarray(ahead, dtype=np.float32)
             self._pending = pending
             self._pending_version = version
             self._pending_served = list(self._served)
             forecast = np.array([pending[name][c] for c, name in enumerate(self._served)], dtype=np.float32)
+            horizons = []
+            for steps, made in zip(self._far, far, strict=True):
+                self._far_pending[steps][k + steps] = made
+                by = tuple(name if name in made else MODEL for name in self._far_served[steps])
+                values = np.array([made[name][c] for c, name in enumerate(by)], dtype=np.float32)
+                horizons.append(HorizonForecast(steps, t + steps * period, self.base.norm.invert(values), by))
             return ScoreResult(
                 t=t,
                 actual=raw,
@@ -392,6 +457,8 @@ class Scorer:
                 forecast_by=_label(self._served),
                 forecast_by_channel=tuple(self._served),
                 residuals=residuals,
+                horizons=tuple(horizons),
+                horizon_residuals=horizon_residuals or None,
             )
 
 

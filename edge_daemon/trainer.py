@@ -259,11 +259,23 @@ def choose_blocks(model: Forecaster, probe: torch.Tensor, lora_cfg: LoraConfigSe
     ranked = sorted(range(len(norms)), key=lambda b: norms[b], reverse=True)
     chosen = ranked[: lora_cfg.max_blocks]
     modules = [name for b in sorted(chosen) for name in block_target_modules(model, b, lora_cfg.target_modules)]
-    for name in lora_cfg.extra_modules:
-        if not isinstance(model.get_submodule(name), nn.Linear):
-            raise TrainingError(f"extra module {name!r} is not a Linear layer")
-        modules.append(name)
+    modules += expand_modules(model, lora_cfg.extra_modules)
     return BlockChoice(blocks=chosen, grad_norms=norms, target_modules=modules)
+
+
+def expand_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """The Linear layers `names` stand for: a Linear itself, or every Linear of a ModuleList (a
+    further horizon's head each; none when the model forecasts the next step only)."""
+    expanded: list[str] = []
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.ModuleList):
+            expanded += [f"{name}.{i}" for i, child in enumerate(module) if isinstance(child, nn.Linear)]
+        elif isinstance(module, nn.Linear):
+            expanded.append(name)
+        else:
+            raise TrainingError(f"extra module {name!r} is not a Linear layer or a list of them")
+    return expanded
 
 
 # ---------------------------------------------------------------------------

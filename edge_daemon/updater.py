@@ -519,7 +519,7 @@ def refit_baselines(base: Any, config: Config, data: UpdateData, model: Any) -> 
     n_channels = base.cfg.n_channels  # the columns after them are calendar inputs
     train = np.concatenate([data.recent_train.numpy(), data.replay_train.numpy()])[..., :n_channels]
     season = base.meta.get("season_steps") or config.model.season_steps or None
-    baselines = make_baselines(train, season, base.cfg.lags)
+    baselines = make_baselines(train, season, base.cfg.lags, base.cfg.horizons)
     val = data.recent_val.numpy()
     held_out = held_out_report(baselines, val[..., :n_channels], last_step_errors(model, val))
     return {"baselines": [b.to_dict() for b in baselines], "held_out": held_out}

@@ -90,3 +90,23 @@ def test_baselines_round_trip_through_json() -> None:
         np.testing.assert_allclose(a.predict(history), b.predict(history))
     with pytest.raises(ValueError, match="unknown baseline"):
         baselines_from_dict([{"kind": "oracle"}])
+
+
+def test_baselines_forecast_further_horizons() -> None:
+    history = np.arange(40, dtype=np.float64)[:, None] * [1.0, -1.0]  # (40, 2), the newest last
+    assert Persistence().predict_ahead(history, 5).tolist() == [39.0, -39.0]
+    seasonal = SeasonalNaive(12)
+    # 5 steps ahead is step 44; a season before it is 32. 30 ahead is 69; three seasons before: 33.
+    assert seasonal.predict_ahead(history, 5)[0] == 32.0 and seasonal.predict_ahead(history, 30)[0] == 33.0
+    assert seasonal.predict_ahead(history, 1)[0] == seasonal.predict(history)[0]
+    series = _ar2(4000)
+    ridge = fit_ridge(_windows(series, 33), lags=8, horizons=(1, 6, 30))
+    assert ridge is not None and set(ridge.ahead) == {6}  # 8 lags + 30 ahead do not fit in 33 steps
+    assert ridge.predict_ahead(series[:100], 30) is None
+    again = baselines_from_dict(json.loads(json.dumps([ridge.to_dict()])))[0]
+    np.testing.assert_allclose(again.predict_ahead(series[:100], 6), ridge.predict_ahead(series[:100], 6))
+    # The direct 6-step fit beats persistence 6 steps ahead on the process it was fitted on.
+    test = _windows(_ar2(2000, seed=5), 33)
+    errors = [(ridge.predict_ahead(w[:-6], 6) - w[-1], w[-7] - w[-1]) for w in test[:500]]
+    ridge_mae, persistence_mae = (np.mean([np.abs(e[i]).mean() for e in errors]) for i in (0, 1))
+    assert ridge_mae < 0.8 * persistence_mae, (ridge_mae, persistence_mae)

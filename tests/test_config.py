@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from edge_daemon.config import load_config
 from edge_daemon.errors import ConfigError
@@ -64,3 +65,16 @@ def test_bad_channel_name_and_bad_toml(tmp_path: Path) -> None:
         load_config(write(tmp_path, "[device\n"))
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_horizons_start_at_one_and_fit_in_half_a_window() -> None:
+    from edge_daemon.config import ModelConfig
+    from edge_daemon.pretrain import horizon_steps
+
+    assert horizon_steps(ModelConfig(), 1.0) == (1, 32)  # an hour is 3600 steps: capped at half the window
+    assert horizon_steps(ModelConfig(), 600.0) == (1, 6)
+    assert horizon_steps(ModelConfig(), 3600.0) == (1,)
+    assert horizon_steps(ModelConfig(horizons=[1, 4, 12]), 1.0) == (1, 4, 12)
+    for bad in ([2, 4], [1, 4, 4], [1, 40]):
+        with pytest.raises(ValidationError, match="horizons"):
+            ModelConfig(horizons=bad)

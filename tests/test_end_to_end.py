@@ -179,6 +179,10 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
 
         forecasts = collector.of("forecast")
         assert forecasts and set(forecasts[-1]["forecast"]) == set(CHANNELS)
+        # The further horizon: one hour's worth at 1 s, capped at half the 32-step window.
+        (far,) = forecasts[-1]["horizons"]
+        assert far["steps"] == 16 and far["forecast_ts"] == forecasts[-1]["ts"] + 16 and set(far["forecast"]) == set(CHANNELS)
+        assert far["model"] == "adapter" and far["adapter_version"] == 1
         assert any(f["adapter_version"] == 1 and f["model"] == "adapter" for f in forecasts)
         assert {f["model"] for f in forecasts} == {"base", "adapter"}
         statuses = collector.of("status")

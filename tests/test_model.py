@@ -117,3 +117,46 @@ def test_the_loss_counts_only_positions_with_half_a_window_of_context() -> None:
         # Positions 0..7 have less than half a window behind them; only 8..15 count.
         torch.testing.assert_close(forecast_loss(model, windows), F.l1_loss(windows[:, 8:-1], windows[:, 9:]))
         torch.testing.assert_close(forecast_loss(model, windows, context=0), F.l1_loss(windows[:, :-1], windows[:, 1:]))
+
+
+def test_further_horizons_start_as_persistence_and_load_direct_ridge_fits() -> None:
+    cfg = ForecasterConfig(n_channels=2, window=24, d_model=16, n_heads=2, n_layers=1, d_ff=32, lags=8, horizons=(1, 4))
+    model = Forecaster(cfg).eval()
+    x = torch.randn(3, 24, 2)
+    with torch.no_grad():
+        every = model.forward_horizons(x)
+        assert every.shape == (3, 24, 2, 2)
+        torch.testing.assert_close(every[:, :, 1], x, rtol=0, atol=0)  # persistence at every horizon
+        torch.testing.assert_close(every[:, :, 0], model(x))
+    series = _ar_series(3000)
+    windows = np.lib.stride_tricks.sliding_window_view(series, 25, axis=0).transpose(0, 2, 1)  # (N, 25, 2)
+    ridge = fit_ridge(windows, cfg.lags, horizons=cfg.horizons)
+    assert ridge is not None and set(ridge.ahead) == {4}
+    model.set_linear(torch.as_tensor(ridge.ahead[4], dtype=torch.float32), horizon=4)
+    history = windows[-50:, :-1]
+    with torch.no_grad():
+        forecast = model.forward_horizons(torch.as_tensor(history, dtype=torch.float32))[:, -1, 1].numpy()
+    np.testing.assert_allclose(forecast, np.stack([ridge.predict_ahead(h, 4) for h in history]), atol=1e-4)
+
+
+def test_the_loss_weighs_every_horizon_on_the_positions_whose_target_is_in_the_window() -> None:
+    model = Forecaster(ForecasterConfig(n_channels=3, window=16, horizons=(1, 8))).eval()  # untrained: persistence
+    windows = torch.randn(2, 17, 3)
+    with torch.no_grad():
+        one = F.l1_loss(windows[:, 8:-1], windows[:, 9:])
+        eight = F.l1_loss(windows[:, 8:9], windows[:, 16:17])  # position 8 predicts 16, the last step
+        torch.testing.assert_close(forecast_loss(model, windows), (one + eight) / 2)
+
+
+def test_further_horizons_do_not_train_the_shared_blocks() -> None:
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(n_channels=2, window=16, d_model=16, n_heads=2, n_layers=1, d_ff=32, horizons=(1, 4)))
+    for layer in (model.head, model.far_head[0]):
+        torch.nn.init.normal_(layer.weight, std=0.1)  # heads that pass a gradient back
+    model.forward_horizons(torch.randn(2, 16, 2))[:, :, 1].pow(2).sum().backward()
+    assert model.far_head[0].weight.grad is not None and model.far_head[0].weight.grad.abs().sum() > 0
+    # (The next step's slice of the stack passes back zeros: no gradient, or a zero one.)
+    assert all(p.grad is None or not p.grad.any() for p in [*model.blocks.parameters(), model.embed.weight])
+    model.zero_grad(set_to_none=True)
+    model.forward_horizons(torch.randn(2, 16, 2))[:, :, 0].pow(2).sum().backward()  # the next step does
+    assert model.blocks[0].fc1.weight.grad is not None and model.blocks[0].fc1.weight.grad.any()

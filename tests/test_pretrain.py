@@ -222,7 +222,7 @@ def test_calendar_inputs_let_the_model_forecast_what_follows_the_clock(tmp_path:
     grid = _office_load(40, 900.0)
     errors = {}
     for name, calendar in (("with", ["day"]), ("without", [])):
-        config = ModelConfig(window=16, d_model=16, n_heads=2, n_layers=1, d_ff=32, calendar=calendar)
+        config = ModelConfig(window=16, d_model=16, n_heads=2, n_layers=1, d_ff=32, calendar=calendar, horizons=[1])
         mae = pretrain(grid, ["hvac/load"], 900.0, config, tmp_path / name, steps=800, lr=5e-3)["held_out"]["mae"]
         errors[name] = mae["model"] / mae["ridge"]
     assert errors["with"] < 0.7 * errors["without"], errors

@@ -254,3 +254,27 @@ def test_each_channel_is_served_by_its_own_best_forecaster(base: BaseModel) -> N
     np.testing.assert_allclose(results[-1].forecast, base.norm.invert(np.array(expected)), rtol=1e-4)
     assert results[-1].forecast_by_channel == tuple(served[ch] for ch in CHANNELS)
     assert results[-1].forecast_by == (served[CHANNELS[0]] if len(set(served.values())) == 1 else "mixed")
+
+
+def test_further_horizons_are_forecast_and_scored_when_their_step_arrives(base: BaseModel) -> None:
+    """The default horizons at 1 s with a 16-step window: the next step and 8 ahead (half the window).
+    The 8-step forecast is the model's direct one, and 8 steps later it is compared with what came,
+    beside every baseline's forecast of the same step."""
+    assert base.cfg.horizons == (1, 8)
+    scorer = Scorer(base, copy.deepcopy(base.model), anomaly_threshold=6.0, rule=MODEL_ONLY)
+    data = _signal(60, start=3000, seed=1)
+    results = [scorer.add_step(float(3000 + i), row) for i, row in enumerate(data)]
+    (far,) = results[20].horizons
+    assert far.steps == 8 and far.t == 3028.0 and far.by_channel == ("model", "model") and far.by == "model"
+    history = torch.from_numpy(base.norm.apply(data[5:21]).astype(np.float32)).unsqueeze(0)
+    with torch.no_grad():
+        expected = base.model.forward_horizons(history)[0, -1, 1].numpy()
+    np.testing.assert_allclose(far.forecast, base.norm.invert(expected), rtol=1e-5)
+    assert all(r is None or r.horizon_residuals is None for r in results[:23])  # the first forecast was made at 15
+    arrived = results[28].horizon_residuals[8]
+    # Ridge has no 8-step fit here: 16 lags and 8 steps ahead do not fit in a 17-step window.
+    assert set(arrived) == {"model"} | {b["kind"] for b in base.meta["baselines"]} - {"ridge"}
+    np.testing.assert_allclose(arrived["model"], expected - base.norm.apply(data[28]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(arrived["persistence"], base.norm.apply(data[20]) - base.norm.apply(data[28]), atol=1e-5)
+    compared = scorer.comparison()["horizons"]["8"]
+    assert compared["steps_compared"] == 60 - 23 and compared["served_by_channel"] == dict.fromkeys(CHANNELS, "model")

@@ -467,3 +467,14 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_an_update_adapts_the_further_horizons_heads_too(data: dict) -> None:
+    """With a further horizon the adapter covers its head and linear path (extra_modules expands
+    the lists), and peft loads it back with the same outputs at every horizon."""
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(n_channels=3, window=32, d_model=32, n_heads=4, n_layers=2, d_ff=64, horizons=(1, 8)))
+    result = update(model, **data, lora_cfg=lora(max_blocks=1), train_cfg=train_cfg(steps=2), plan=plan(8, 1), keep_rejected=True)
+    assert result.target_modules[-4:] == ["head", "linear", "far_head.0", "far_linear.0"]
+    trained = {n for n, p in result.peft_model.named_parameters() if p.requires_grad}
+    assert any(".far_head.0.lora_B" in n for n in trained) and any(".far_linear.0.lora_B" in n for n in trained)
