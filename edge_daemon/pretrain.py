@@ -257,8 +257,8 @@ def pretrain(
     ridge = next((b for b in baselines if isinstance(b, RidgeAR)), None)
     if ridge is not None:
         model.set_linear(torch.as_tensor(ridge.coef, dtype=torch.float32))
-        for steps, coef in ridge.ahead.items():
-            model.set_linear(torch.as_tensor(coef, dtype=torch.float32), steps)
+        for horizon, coef in ridge.ahead.items():
+            model.set_linear(torch.as_tensor(coef, dtype=torch.float32), horizon)
     model.gradient_checkpointing = gradient_checkpointing
     # The linear path is a penalised fit already: no weight decay pulls it towards persistence.
     linear = set(model.linear.parameters()) | set(model.far_linear.parameters())

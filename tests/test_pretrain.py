@@ -74,6 +74,17 @@ def test_pretraining_starts_from_the_ridge_fit(tmp_path: Path) -> None:
     assert metrics["best_step"] in (0, 1)
 
 
+def test_further_horizons_start_from_their_ridge_fits_and_train_as_asked(tmp_path: Path) -> None:
+    """8 lags and 8 steps ahead fit in a 17-step window: the 8-step path starts from its own ridge fit."""
+    config = ModelConfig(window=16, d_model=16, n_heads=2, n_layers=1, d_ff=32, ridge_lags=8)
+    metrics = pretrain(Grid(T0, 1.0, _values(2500)), CHANNELS, 1.0, config, tmp_path / "base", steps=40, lr=1e-6)
+    assert metrics["steps"] == 40 and metrics["horizons"] == [1, 8]
+    ridge = next(b for b in metrics["baselines"] if b["kind"] == "ridge")
+    assert list(ridge["ahead"]) == ["8"]
+    base = load_base(tmp_path / "base")
+    np.testing.assert_allclose(base.model.far_linear[0].bias.detach().numpy(), ridge["ahead"]["8"][-1], atol=1e-4)
+
+
 def test_pretrain_from_windows_and_epochs(tmp_path: Path) -> None:
     raw = make_windows(Grid(0.0, 1.0, _values(600)), 17)
     metrics = pretrain(raw.windows, CHANNELS, 1.0, TINY, tmp_path / "base", epochs=0.5, batch_size=16)
