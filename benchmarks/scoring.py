@@ -35,14 +35,17 @@ CHANNELS = ["m1/temperature", "m1/vibration", "m1/current"]
 
 
 def _base() -> BaseModel:
-    """The daemon's default model with both calendar inputs (a base trained on weeks of data),
-    and the baselines every step runs beside it: persistence, a 96-step season, ridge on 16 lags."""
+    """The daemon's default model at 1 s (both calendar inputs, as for a base trained on weeks of
+    data; the next step and 32 ahead), and the baselines every step runs beside it at both
+    horizons: persistence, a 96-step season, ridge on 16 lags."""
     torch.manual_seed(0)
     defaults = ModelConfig()
-    cfg = forecaster_config(defaults, 3, calendar_periods(defaults.calendar, 30 * 86400.0))
+    cfg = forecaster_config(defaults, 3, calendar_periods(defaults.calendar, 30 * 86400.0), period_s=1.0)  # horizons 1, 32
     model = Forecaster(cfg).eval()
     norm = NormStats(np.zeros(3), np.ones(3))
-    ridge = RidgeAR(cfg.lags, np.random.default_rng(0).normal(0.0, 0.01, (cfg.lags * 3 + 1, 3)), 1.0)
+    rng = np.random.default_rng(0)
+    coef = {h: rng.normal(0.0, 0.01, (cfg.lags * 3 + 1, 3)) for h in cfg.horizons}
+    ridge = RidgeAR(cfg.lags, coef[1], 1.0, {h: c for h, c in coef.items() if h > 1})
     meta = {"baselines": [Persistence().to_dict(), SeasonalNaive(96).to_dict(), ridge.to_dict()]}
     return BaseModel(model, cfg, norm, CHANNELS, 1.0, np.ones(3, np.float32), meta, Path("."), "bench")
 
