@@ -85,7 +85,7 @@ def test_an_untrained_model_forecasts_persistence() -> None:
 def test_a_ridge_fit_loaded_into_the_linear_path_forecasts_like_the_ridge_baseline() -> None:
     cfg = ForecasterConfig(n_channels=2, window=24, d_model=16, n_heads=2, n_layers=1, d_ff=32, lags=8)
     series = _ar_series(3000)
-    windows = np.lib.stride_tricks.sliding_window_view(series, 25, axis=0).transpose(0, 2, 1)  # (N, 25, 2)
+    windows = np.lib.stride_tricks.sliding_window_view(series, 25, axis=0).transpose(0, 2, 1).copy()  # (N, 25, 2)
     ridge = fit_ridge(windows, cfg.lags)
     assert ridge is not None and np.abs(ridge.coef).max() > 0.1  # a fit with content, not persistence
     model = Forecaster(cfg).eval()
@@ -129,7 +129,7 @@ def test_further_horizons_start_as_persistence_and_load_direct_ridge_fits() -> N
         torch.testing.assert_close(every[:, :, 1], x, rtol=0, atol=0)  # persistence at every horizon
         torch.testing.assert_close(every[:, :, 0], model(x))
     series = _ar_series(3000)
-    windows = np.lib.stride_tricks.sliding_window_view(series, 25, axis=0).transpose(0, 2, 1)  # (N, 25, 2)
+    windows = np.lib.stride_tricks.sliding_window_view(series, 25, axis=0).transpose(0, 2, 1).copy()  # (N, 25, 2)
     ridge = fit_ridge(windows, cfg.lags, horizons=cfg.horizons)
     assert ridge is not None and set(ridge.ahead) == {4}
     model.set_linear(torch.as_tensor(ridge.ahead[4], dtype=torch.float32), horizon=4)
