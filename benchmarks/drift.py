@@ -2,6 +2,7 @@
 
     python benchmarks/drift.py                          # 3 seeds x 30 stationary days, regime changes
     python benchmarks/drift.py --time-scale 1 --seeds 1 --days 3   # real time: 86,400 steps a day
+    python benchmarks/drift.py --skip-inputs --residual-seeds 0 --realtime-seeds 2 --month-seeds 1   # 30 days at 1 reading/s
 
 The sample motor (sample_sensors) runs its daily cycle, batch cycle and
 weather; by default one simulated day is 600 steps (time_scale 144), so whole
@@ -21,15 +22,27 @@ Residual drift (`--residual-seeds`, compressed time only): a default-size base
 model is pretrained on three days, then scores twelve more (stationary, or
 with a regime change on day six; the abrupt overload, current +45% in one
 step, at 07:12 of day six); the same residuals go through
-`[drift] residuals = "stream"` (ADWIN on every residual), `"window"` without
-the CUSUM (a day's mean |residual| against the first day's) and the default,
-the window plus the CUSUM on every |residual|.
+`[drift] residuals = "stream"` (ADWIN on every residual), `"window"` (the
+default: a day's mean |residual| against the first day's) and the window plus
+the CUSUM on every |residual| (`cusum = true`).
 
 Residual drift at 1 reading/s (`--realtime-seeds`): the CUSUM works in steps,
 and in compressed time a day's cycle passes in 600 of them, so its false
 alarms and delay are measured where it runs: a base pretrained on 00:00-04:00
 scores 04:00-10:00 (the line starting at 06:00 included), stationary or with
-the abrupt overload at 07:00, through the window alone and the default.
+the abrupt overload at 07:00, through the window alone and with the CUSUM.
+
+Residual false alarms over a month at 1 reading/s (`--month-seeds`, off by
+default: ~20 min a seed on one core): the CUSUM's target is at most one false
+alarm in 30 stationary days, which hours cannot show. The base is trained as
+in the real-time table (00:00-04:00 of day 0) and scores the next
+`--month-days` (30) days, 86,400 steps a day. Scoring 2.6 M steps through
+`Scorer.add_step` would take over an hour, so the model's one-step residuals
+are computed in batches, as `report.compute_forecasts` replays a grid (the
+first hour is checked against `Scorer.add_step`, and the run stops if they
+differ), then fed step by step to a `DriftMonitor` with the window alone (the
+default) and one with the CUSUM on. The base stays frozen for the
+month: no routine adapter updates, as in the other residual tables.
 """
 
 from __future__ import annotations
@@ -78,6 +91,10 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=144.0, help="simulated seconds per step (1: real time)")
     parser.add_argument("--residual-seeds", type=int, default=3, help="seeds for the residual table (0: skip it)")
     parser.add_argument("--realtime-seeds", type=int, default=2, help="seeds for the 1 reading/s residual table (0: skip it)")
+    parser.add_argument("--month-seeds", type=int, default=0,
+                        help="seeds for the 1 reading/s false-alarm table over --month-days stationary days (~20 min a seed; 0: skip it)")
+    parser.add_argument("--month-days", type=int, default=30, help="stationary days per seed of the --month-seeds table")
+    parser.add_argument("--month-first-seed", type=int, default=0, help="first seed of the --month-seeds table")
     parser.add_argument("--skip-inputs", action="store_true", help="only the residual tables")
     args = parser.parse_args()
     global SCALE, DAY
@@ -88,6 +105,8 @@ def main() -> None:
         residual_table(args.residual_seeds)
     if args.realtime_seeds:
         realtime_table(args.realtime_seeds)
+    if args.month_seeds:
+        month_table(args.month_seeds, args.month_days, args.month_first_seed)
 
 
 def input_table(args: argparse.Namespace) -> None:
@@ -200,8 +219,8 @@ def realtime_residuals(seed: int, change_h: float | None, train_h: float = 4.0, 
 
 RESIDUAL_MODES: dict[str, dict[str, object]] = {
     "stream": {"residuals": "stream"},
-    "window": {"residuals": "window", "cusum": False},
-    "window + cusum (default)": {"residuals": "window"},
+    "window (default)": {"residuals": "window", "cusum": False},
+    "window + cusum (`cusum = true`)": {"residuals": "window", "cusum": True},
 }
 
 
@@ -240,6 +259,149 @@ def realtime_table(seeds: int) -> None:
     for mode, row in rows.items():
         alarms = sum(row["alarms"])
         print(f"| {mode} | {alarms} | {alarms / hours * 24:.2f} | {fmt(row['current'])} | {fmt(row['any'])} | {float(np.median(row['us'])):.1f} |")
+
+
+DAY_RT = 86400  # steps in a day of real time
+
+
+def realtime_base(data, n_train: int):  # noqa: ANN001, ANN201 - SensorData -> BaseModel (imports stay lazy)
+    """A default-size base pretrained (500 steps) on the first `n_train` steps of `data`, as the real-time table's."""
+    import tempfile
+    from pathlib import Path
+
+    from edge_daemon.adapters import load_base
+    from edge_daemon.config import ModelConfig
+    from edge_daemon.frames import build_grid
+    from edge_daemon.pretrain import pretrain
+    from sample_sensors.generate import readings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = build_grid(*readings(data, 0, n_train), len(CHANNELS), 1.0, 5)
+        pretrain(grid, list(CHANNELS), 1.0, ModelConfig(), Path(tmp), steps=500)
+        return load_base(Path(tmp), list(CHANNELS), 1.0)
+
+
+def batched_residuals(base, model, ts: np.ndarray, values: np.ndarray, batch: int = 512, progress: str = "") -> np.ndarray:  # noqa: ANN001
+    """(N, C) the model's one-step residuals (forecast - actual, normalised units) at every step of
+    the contiguous, NaN-free stream `values` (N, C raw, float64) at times `ts`, as `Scorer.add_step`
+    gives them (`model_residual`) when fed the same steps in order: NaN for the first `window` steps
+    (the scorer's history fills), then at step k the last position of the model run on steps
+    k - window .. k - 1, minus step k. Inputs are built as `BaseModel.inputs` builds them (calendar
+    columns included when the base has them), from float64 raw values as the scorer gets them."""
+    import torch
+
+    from edge_daemon.frames import Grid
+
+    assert np.isfinite(values).all(), "the batched replay assumes a gap-free stream, as the scorer scores one"
+    assert np.allclose(np.diff(ts), base.period_s), "the batched replay assumes one step per period"
+    window = base.cfg.window
+    inputs = base.inputs(Grid(float(ts[0]), base.period_s, values)).values  # (N, n_inputs) float32
+    actual = inputs[:, : len(base.channels)]
+    residuals = np.full(actual.shape, np.nan, dtype=np.float32)
+    offsets = np.arange(window)
+    started, last_report = time.perf_counter(), 0
+    model.eval()
+    with torch.inference_mode():
+        for lo in range(window, len(inputs), batch):
+            rows = np.arange(lo, min(lo + batch, len(inputs)))  # the steps forecast
+            x = torch.from_numpy(np.ascontiguousarray(inputs[(rows - window)[:, None] + offsets[None, :]]))  # (B, W, n_inputs)
+            residuals[rows] = model(x)[:, -1].numpy() - actual[rows]
+            if progress and rows[-1] - last_report >= 2 * DAY_RT:
+                last_report = rows[-1]
+                print(f"{progress}: {rows[-1] / DAY_RT:.0f} days forecast, {time.perf_counter() - started:.0f} s", flush=True)
+    return residuals
+
+
+def scorer_residuals(base, model, ts: np.ndarray, values: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """(N, C) the model residuals `Scorer.add_step` gives for the same steps, one at a time (the reference)."""
+    from edge_daemon.scoring import Scorer
+
+    scorer = Scorer(base, model, 6.0)
+    residuals = np.full(values.shape, np.nan, dtype=np.float32)
+    for k in range(len(values)):
+        result = scorer.add_step(float(ts[k]), values[k])
+        if result is not None and result.model_residual is not None:
+            residuals[k] = result.model_residual
+    return residuals
+
+
+def month_table(seeds: int, days: int, first_seed: int = 0, train_h: float = 4.0, check_steps: int = 3600) -> None:
+    """False alarms of the residual judges (the window; the window and the CUSUM) at 1 reading/s over
+    `days` stationary days per seed.
+
+    As the real-time table: a default-size base pretrained on 00:00-04:00 of day 0, then it scores
+    the next `days` days from 04:00 on. Scoring 2.6 M steps through `Scorer.add_step` takes over an
+    hour, so the model's residuals are computed in batches (`batched_residuals`; the first
+    `check_steps` are checked against `Scorer.add_step`) and fed step by step to a `DriftMonitor`
+    with the window alone and to one with the CUSUM on."""
+    import torch
+
+    from edge_daemon.adapters import serving_model
+    from edge_daemon.drift.cusum import CUSUM
+    from edge_daemon.drift.monitor import CUSUM_CLIP
+
+    torch.set_num_threads(1)
+    modes = [mode for mode in RESIDUAL_MODES if mode != "stream"]
+    alarms: dict[str, list[list[tuple[int, str]]]] = {mode: [] for mode in modes}
+    peaks, us, diffs, calendar = [], {mode: [] for mode in modes}, [], None
+    defaults = DriftConfig()
+    for seed in range(first_seed, first_seed + seeds):
+        started = time.perf_counter()
+        n_train, n_test = int(train_h * HOUR_RT), days * DAY_RT
+        data = generate_labeled(n_train + n_test, seed=seed)
+        base = realtime_base(data, n_train)
+        calendar = base.cfg.calendar_s
+        model = serving_model(base, None)  # what the scorer serves with no adapter
+        ts, values = data.ts[n_train:], np.stack([data.values[c][n_train:] for c in CHANNELS], axis=1)
+        del data
+        print(f"month seed {seed}: data and base {time.perf_counter() - started:.0f} s (calendar inputs: {list(calendar) or 'none'})", flush=True)
+        # The batched replay must give what the daemon's scorer gives, step for step.
+        fast = batched_residuals(base, model, ts[:check_steps], values[:check_steps])
+        slow = scorer_residuals(base, model, ts[:check_steps], values[:check_steps])
+        if not np.array_equal(np.isnan(fast), np.isnan(slow)):
+            raise AssertionError("batched and Scorer.add_step residuals are missing on different steps")
+        diff = float(np.nanmax(np.abs(fast - slow)))
+        diffs.append(diff)
+        print(f"month seed {seed}: batched vs Scorer.add_step over {check_steps} steps: max |difference| {diff:.2e} "
+              f"(typical |residual| {float(np.nanmean(np.abs(slow))):.3f})", flush=True)  # fmt: skip
+        if diff > 1e-5:
+            raise AssertionError(f"batched residuals differ from Scorer.add_step by {diff:.2e}")
+        residuals = batched_residuals(base, model, ts, values, progress=f"month seed {seed}")
+        del values
+        for mode in modes:
+            events, cost = residual_events(residuals, {**RESIDUAL_MODES[mode], "residual_window_s": 86400.0}, 1.0)
+            alarms[mode].append(events)
+            us[mode].append(cost)
+        # How close the CUSUM came: a detector as the monitor's own (same settings) on each channel's |residual|.
+        peak = []
+        for c in range(len(CHANNELS)):
+            cusum = CUSUM(k=defaults.cusum_k, h=defaults.cusum_h, warmup=defaults.cusum_warmup_steps, clip=CUSUM_CLIP, mode="up")
+            top = 0.0
+            for r in np.abs(residuals[:, c]).tolist():
+                if r == r:  # not NaN
+                    cusum.update(r)
+                    top = max(top, cusum.statistic)
+            peak.append(top)
+        peaks.append(peak)
+        # How well this base forecasts (bases trained on four hours differ a lot): mean |residual| at night and by day.
+        hour = (np.arange(len(residuals)) + n_train) % DAY_RT // HOUR_RT
+        night, day = np.nanmean(np.abs(residuals[hour < 6]), axis=0), np.nanmean(np.abs(residuals[(hour >= 7) & (hour < 22)]), axis=0)
+        print(f"month seed {seed}: mean |residual| (temp, vib, current) 00-06 h {[round(float(v), 3) for v in night]}, 07-22 h {[round(float(v), 3) for v in day]}", flush=True)
+        clock = lambda k: f"day {k // DAY_RT} {k % DAY_RT // 3600:02d}:{k % 3600 // 60:02d}"  # noqa: E731 - k: step of the day-0 stream
+        when = lambda events: ", ".join(f"{ch.split('/')[-1]} {clock(k + n_train)}" for k, ch in events) or "none"  # noqa: E731
+        print(f"month seed {seed}: " + "; ".join(f"{m} {len(alarms[m][-1])} alarms ({when(alarms[m][-1])})" for m in modes)
+              + f"; peak CUSUM {', '.join(f'{p:.1f}' for p in peak)}; {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+    total_days = seeds * days
+    print(f"\nResidual drift at 1 reading/s over {seeds} seed(s) ({first_seed}..{first_seed + seeds - 1}) x {days} stationary days ({days * DAY_RT:,} steps a seed), "
+          f"default-size base pretrained on 00:00-0{train_h:g}:00 of day 0 (calendar inputs: {list(calendar or ()) or 'none'}), "
+          f"scoring from 0{train_h:g}:00; residuals batched (max |difference| from Scorer.add_step {max(diffs):.1e})\n")  # fmt: skip
+    print(f"| residual drift (default config) | stationary days | false alarms (temp / vib / current) | alarms per 30 days | peak CUSUM statistic per seed (temp, vib, current; h = {defaults.cusum_h:g}) | us per update_residuals (3 channels) |")
+    print("|---|--:|--:|--:|---|--:|")
+    for mode in modes:
+        events = [e for seed_events in alarms[mode] for e in seed_events]
+        counts = " / ".join(str(sum(1 for _, ch in events if ch == c)) for c in CHANNELS)
+        peak_cell = "; ".join(", ".join(f"{p:.1f}" for p in peak) for peak in peaks) if "cusum" in mode else "-"
+        print(f"| {mode} | {total_days} | {len(events)} ({counts}) | {len(events) / total_days * 30:.2f} | {peak_cell} | {float(np.median(us[mode])):.1f} |")
 
 
 def residual_table(seeds: int) -> None:

@@ -238,12 +238,15 @@ class DriftConfig(_Section):
     residual_window_s: float = Field(86400.0, gt=0, description="'window': span of the rolling window; hold whole cycles")
     residual_ratio: float = Field(2.0, gt=1, description="'window': mean |residual| this many times the baseline is drift")
     residual_rearm_ratio: float = Field(1.5, ge=1, description="'window': under this ratio a new episode may alert again")
-    # CUSUM defaults from benchmarks/drift.py at 1 reading/s on the sample motor: an hour of memory
+    # CUSUM settings from benchmarks/drift.py at 1 reading/s on the sample motor: an hour of memory
     # spans four batch cycles (with 10-30 min the cycle's swing of |residual| alarmed every few hours);
     # h=40 still alarmed 3 times in 18 stationary hours, h=80 and 100 never; h=100 keeps a margin and
-    # finds the 45% current jump in 50-124 s. k stays under the monitor's clip of 3.
+    # finds the 45% current jump in 67-444 s. k stays under the monitor's clip of 3. Off by default:
+    # over 30 stationary days its hour of memory read the daily rise of |residual| (twice the night's
+    # under a base trained on a night) as a shift 45 times, where the day-long window raised nothing.
     cusum: bool = Field(
-        True, description="'window': also run a CUSUM on every |residual|, so an abrupt shift alerts in minutes"
+        False, description="'window': also run a CUSUM on every |residual|, so an abrupt shift alerts in minutes "
+        "(for a base trained on whole days: a daily swing of the residuals reads as a shift)",
     )
     cusum_k: float = Field(0.5, ge=0, lt=3, description="CUSUM slack: shifts under this many standard deviations never add up")
     cusum_h: float = Field(100.0, gt=0, description="CUSUM threshold: accumulated standard deviations that signal drift")

@@ -142,7 +142,7 @@ def residual_events(monitor: DriftMonitor, residuals: np.ndarray) -> list[tuple[
 
 
 def cfg(**changes: object) -> DriftConfig:
-    return DriftConfig(residual_window_s=DAY_STEPS, cusum_k=0.5, cusum_h=20.0, cusum_warmup_steps=1000, **changes)
+    return DriftConfig(residual_window_s=DAY_STEPS, **{"cusum": True, "cusum_k": 0.5, "cusum_h": 20.0, "cusum_warmup_steps": 1000, **changes})
 
 
 def test_abrupt_residual_shift_on_one_channel_is_one_event_within_minutes() -> None:
