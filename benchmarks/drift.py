@@ -147,10 +147,22 @@ def input_table(args: argparse.Namespace) -> None:
 
 def scored_residuals(seed: int, change_day: float | None, regime: str, ramp_steps: int = 20) -> np.ndarray:
     """(12 days, 3) residuals of a base model pretrained on the three days before them."""
+    import torch
+
+    torch.set_num_threads(1)
+    n_train, n_test = 3 * DAY, 12 * DAY
+    change = None if change_day is None else n_train + int(change_day * DAY)
+    data = generate_labeled(
+        n_train + n_test, seed=seed, time_scale=SCALE, regime_change_at=change, regime=regime, ramp_steps=ramp_steps  # type: ignore[arg-type]
+    )
+    return _base_residuals(data, n_train, n_test)
+
+
+def _base_residuals(data: object, n_train: int, n_test: int) -> np.ndarray:
+    """(n_test, 3) model residuals of the `n_test` steps after the first `n_train`, scored by a
+    default-size base pretrained (500 steps) on those first steps."""
     import tempfile
     from pathlib import Path
-
-    import torch
 
     from edge_daemon.adapters import load_base, serving_model
     from edge_daemon.config import ModelConfig
@@ -159,21 +171,15 @@ def scored_residuals(seed: int, change_day: float | None, regime: str, ramp_step
     from edge_daemon.scoring import Scorer
     from sample_sensors.generate import readings
 
-    torch.set_num_threads(1)
-    n_train, n_test = 3 * DAY, 12 * DAY
-    change = None if change_day is None else n_train + int(change_day * DAY)
-    data = generate_labeled(
-        n_train + n_test, seed=seed, time_scale=SCALE, regime_change_at=change, regime=regime, ramp_steps=ramp_steps  # type: ignore[arg-type]
-    )
     with tempfile.TemporaryDirectory() as tmp:
-        grid = build_grid(*readings(data, 0, n_train), len(CHANNELS), 1.0, 5)
+        grid = build_grid(*readings(data, 0, n_train), len(CHANNELS), 1.0, 5)  # type: ignore[arg-type]
         pretrain(grid, list(CHANNELS), 1.0, ModelConfig(), Path(tmp), steps=500)
         base = load_base(Path(tmp), list(CHANNELS), 1.0)
     scorer = Scorer(base, serving_model(base, None), 6.0)
-    values = np.stack([data.values[c] for c in CHANNELS], axis=1)
+    values = np.stack([data.values[c] for c in CHANNELS], axis=1)  # type: ignore[attr-defined]
     residuals = np.full((n_test, len(CHANNELS)), np.nan)
     for k in range(n_train, n_train + n_test):
-        result = scorer.add_step(float(data.ts[k]), values[k])
+        result = scorer.add_step(float(data.ts[k]), values[k])  # type: ignore[attr-defined]
         # The model's own residual, as the pipeline feeds the monitor (not the served forecast's).
         if result is not None and result.model_residual is not None:
             residuals[k - n_train] = result.model_residual
@@ -187,34 +193,13 @@ def realtime_residuals(seed: int, change_h: float | None, train_h: float = 4.0, 
     """(score_h hours, 3) residuals at 1 reading/s of a base pretrained on the first `train_h` hours of the
     day (the night shift); scoring starts at train_h, so it spans the line starting at 06:00. With
     `change_h`, an abrupt overload (current +45% in one step) at that hour of the day."""
-    import tempfile
-    from pathlib import Path
-
     import torch
-
-    from edge_daemon.adapters import load_base, serving_model
-    from edge_daemon.config import ModelConfig
-    from edge_daemon.frames import build_grid
-    from edge_daemon.pretrain import pretrain
-    from edge_daemon.scoring import Scorer
-    from sample_sensors.generate import readings
 
     torch.set_num_threads(1)
     n_train, n_test = int(train_h * HOUR_RT), int(score_h * HOUR_RT)
     change = None if change_h is None else int(change_h * HOUR_RT)
     data = generate_labeled(n_train + n_test, seed=seed, regime_change_at=change, regime="overload", ramp_steps=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        grid = build_grid(*readings(data, 0, n_train), len(CHANNELS), 1.0, 5)
-        pretrain(grid, list(CHANNELS), 1.0, ModelConfig(), Path(tmp), steps=500)
-        base = load_base(Path(tmp), list(CHANNELS), 1.0)
-    scorer = Scorer(base, serving_model(base, None), 6.0)
-    values = np.stack([data.values[c] for c in CHANNELS], axis=1)
-    residuals = np.full((n_test, len(CHANNELS)), np.nan)
-    for k in range(n_train, n_train + n_test):
-        result = scorer.add_step(float(data.ts[k]), values[k])
-        if result is not None and result.model_residual is not None:
-            residuals[k - n_train] = result.model_residual
-    return residuals
+    return _base_residuals(data, n_train, n_test)
 
 
 RESIDUAL_MODES: dict[str, dict[str, object]] = {
