@@ -55,7 +55,7 @@ class SeasonalNaive:
 
     def predict(self, history: np.ndarray) -> np.ndarray:
         # The step being forecast lies one step after history[-1]; a season before it is history[-season].
-        return history[-self.season] if len(history) >= self.season else history[-1]
+        return self.predict_ahead(history, 1)
 
     def predict_ahead(self, history: np.ndarray, steps: int) -> np.ndarray | None:
         """The value whole seasons before the step `steps` ahead (at most a season back in history)."""
@@ -82,9 +82,7 @@ class RidgeAR:
         return self.lags
 
     def predict(self, history: np.ndarray) -> np.ndarray:
-        if len(history) < self.lags:
-            return history[-1]
-        return history[-1] + _features(history[None, -self.lags :])[0] @ self.coef
+        return self.predict_ahead(history, 1)  # type: ignore[return-value]  # the next step is always fitted
 
     def predict_ahead(self, history: np.ndarray, steps: int) -> np.ndarray | None:
         coef = self.coef if steps == 1 else self.ahead.get(steps)

@@ -219,9 +219,6 @@ def forecast_loss(model: nn.Module, windows: torch.Tensor, context: int | None =
     # A peft wrapper holds the Forecaster (its LoRA layers are inside it, so calling it directly is the same).
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     horizons = inner.cfg.horizons
-    if len(horizons) == 1:
-        predicted = model(inputs)[:, first:]  # (B, T - first, C)
-        return F.l1_loss(predicted, windows[:, first + 1 :, : predicted.shape[-1]])
     # Every horizon h from the positions whose target t + h lies in the window, equally weighted.
     predicted = inner.forward_horizons(inputs)  # (B, T, H, C)
     C = predicted.shape[-1]
