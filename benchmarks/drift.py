@@ -281,7 +281,7 @@ def batched_residuals(base, model, ts: np.ndarray, values: np.ndarray, batch: in
     assert np.allclose(np.diff(ts), base.period_s), "the batched replay assumes one step per period"
     window = base.cfg.window
     inputs = base.inputs(Grid(float(ts[0]), base.period_s, values)).values  # (N, n_inputs) float32
-    actual = inputs[:, : len(base.channels)]
+    actual = inputs[:, : base.cfg.n_channels]  # the forecast channels lead
     residuals = np.full(actual.shape, np.nan, dtype=np.float32)
     offsets = np.arange(window)
     started, last_report = time.perf_counter(), 0

@@ -116,25 +116,38 @@ class BaseModel:
 
     model: Forecaster  # in eval mode
     cfg: ForecasterConfig
-    norm: NormStats
-    channels: list[str]
+    norm: NormStats  # per channel, in `channels` order
+    channels: list[str]  # model order: the forecast channels, then the inputs only
     period_s: float
-    residual_scale: np.ndarray  # (C,) float32, typical |residual| per channel in normalised units
+    residual_scale: np.ndarray  # (C,) float32, typical |residual| per forecast channel in normalised units
     meta: dict[str, Any]  # steps/epochs, data range, losses of the run that produced it
     path: Path
     fingerprint: str  # sha256 prefix of the weights: adapters record which base they were trained on
+    # Column of each of `channels` in the raw values fed in (config order); None: already in model order.
+    source_columns: np.ndarray | None = None
+
+    @property
+    def targets(self) -> list[str]:
+        """The forecast channels, in the order of the model's outputs."""
+        return self.channels[: self.cfg.n_channels]
 
     def residual_scale_tensor(self) -> torch.Tensor:
         return torch.as_tensor(self.residual_scale, dtype=torch.float32)
 
+    def in_model_order(self, raw: np.ndarray) -> np.ndarray:
+        """(..., channels) raw values in config order -> the same in model order."""
+        return raw if self.source_columns is None else np.asarray(raw)[..., self.source_columns]
+
     def inputs(self, grid: Grid) -> Grid:
-        """A raw grid as the model's input columns: normalised channels, then the calendar."""
-        return with_calendar(normalise_grid(grid, self.norm), self.cfg.calendar_s)
+        """A raw grid (config order) as the model's input columns: normalised channels in model
+        order, then the calendar."""
+        ordered = Grid(grid.t0, grid.period_s, self.in_model_order(grid.values))
+        return with_calendar(normalise_grid(ordered, self.norm), self.cfg.calendar_s)
 
     def step_inputs(self, t: float, raw: np.ndarray) -> np.ndarray:
-        """(n_inputs,) float32 model input of one grid step at time `t` from its raw (C,) values."""
+        """(n_inputs,) float32 model input of one grid step at time `t` from its raw values (config order)."""
         calendar = calendar_features(np.array([t]), self.cfg.calendar_s)[0]
-        return np.concatenate([self.norm.apply(raw), calendar]).astype(np.float32)
+        return np.concatenate([self.norm.apply(self.in_model_order(raw)), calendar]).astype(np.float32)
 
 
 def _sha256(path: Path) -> str:
@@ -163,9 +176,9 @@ def save_base(
     directory = Path(directory)
     cfg = model.cfg
     residual_scale = np.asarray(residual_scale, dtype=np.float32)
-    if not (len(channels) == cfg.n_channels == norm.n_channels == residual_scale.shape[0]):
+    if not (len(channels) == cfg.n_sensors == norm.n_channels and residual_scale.shape[0] == cfg.n_channels):
         raise ModelError(
-            f"inconsistent base: {len(channels)} channels, model {cfg.n_channels}, "
+            f"inconsistent base: {len(channels)} channels, model {cfg.n_sensors} ({cfg.n_channels} forecast), "
             f"norm {norm.n_channels}, residual_scale {residual_scale.shape[0]}"
         )
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +192,8 @@ def save_base(
             {
                 "format": BASE_FORMAT,
                 "forecaster": cfg.to_dict(),
-                "channels": list(channels),
+                "channels": list(channels),  # model order: the forecast ones, then the inputs only
+                "inputs_only": list(channels[cfg.n_channels :]),
                 "period_s": float(period_s),
                 "meta": {"created": now_iso(), **meta},
             },
@@ -211,8 +225,11 @@ def _recover_base(directory: Path) -> None:
         os.rename(leftovers[-1], directory)
 
 
-def load_base(directory: Path, channels: list[str] | None = None, period_s: float | None = None) -> BaseModel:
-    """Load the base model in eval mode; ModelError if missing, corrupt or not made for these channels/period."""
+def load_base(
+    directory: Path, channels: list[str] | None = None, period_s: float | None = None, inputs_only: list[str] | None = None
+) -> BaseModel:
+    """Load the base model in eval mode; ModelError if missing, corrupt or not made for these
+    channels (config order; `inputs_only` of them read but not forecast) and period."""
     directory = Path(directory)
     _recover_base(directory)
     if not (directory / WEIGHTS_FILE).is_file():
@@ -233,12 +250,22 @@ def load_base(directory: Path, channels: list[str] | None = None, period_s: floa
         meta = dict(config.get("meta", {}))
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
         raise ModelError(f"corrupt base model in {directory}: {exc}") from None
-    if not (len(saved_channels) == cfg.n_channels == norm.n_channels == residual_scale.shape[0]):
+    if not (len(saved_channels) == cfg.n_sensors == norm.n_channels and residual_scale.shape[0] == cfg.n_channels):
         raise ModelError(f"corrupt base model in {directory}: channel counts disagree")
     if not (np.isfinite(residual_scale).all() and (residual_scale > 0).all()):
         raise ModelError(f"corrupt base model in {directory}: residual_scale must be finite and > 0")
-    if channels is not None and list(channels) != saved_channels:
-        raise ModelError(f"base model in {directory} was trained on channels {saved_channels}, config has {list(channels)}")
+    source_columns = None
+    if channels is not None:
+        skipped = set(inputs_only or ())
+        wanted = [c for c in channels if c not in skipped] + [c for c in channels if c in skipped]
+        if wanted != saved_channels:
+            raise ModelError(f"base model in {directory} was trained on channels {saved_channels}, config has {list(channels)}")
+        if set(saved_channels[cfg.n_channels :]) != skipped:
+            raise ModelError(
+                f"base model in {directory} reads {saved_channels[cfg.n_channels:] or 'no channels'} as inputs only, "
+                f"config has {sorted(skipped) or 'none'}: retrain it with `edge-daemon pretrain`"
+            )
+        source_columns = np.array([list(channels).index(c) for c in saved_channels], dtype=np.int64)
     if period_s is not None and not math.isclose(period_s, saved_period, rel_tol=1e-9):
         raise ModelError(f"base model in {directory} was trained at period {saved_period} s, config has {period_s} s")
     model = Forecaster(cfg)
@@ -260,6 +287,7 @@ def load_base(directory: Path, channels: list[str] | None = None, period_s: floa
         meta=meta,
         path=directory,
         fingerprint=_sha256(directory / WEIGHTS_FILE),
+        source_columns=source_columns,
     )
 
 

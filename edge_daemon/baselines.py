@@ -1,7 +1,9 @@
 """What a user gets for free: persistence, seasonal naive and a ridge autoregression.
 
 Each forecasts the next grid step from the normalised history (oldest first,
-shape (T, C)) with numpy alone, in microseconds. They are the yardstick the
+shape (T, S): the forecast channels first, then any input-only ones) with numpy
+alone, in microseconds; the first C values of a forecast are the forecast
+channels' (persistence and seasonal naive repeat every column). They are the yardstick the
 served model must beat, and what the daemon serves while it does not
 (`scoring.Scorer`). The ridge model predicts the change from the last value
 from the last `lags` steps of every channel, so heavy shrinkage falls back to
@@ -68,13 +70,14 @@ class SeasonalNaive:
 
 @dataclass
 class RidgeAR:
-    """next - last = [last, history[-k] - last for k in 2..lags, 1] @ coef, over every channel;
+    """next - last = [last, history[-k] - last for k in 2..lags, 1] @ coef over every channel (the
+    input-only ones too), for the C forecast channels (the first C columns);
     the value `h` steps ahead the same way with `ahead[h]`, a direct fit of its own."""
 
     lags: int
-    coef: np.ndarray  # (lags * C + 1, C)
+    coef: np.ndarray  # (lags * S + 1, C)
     penalty: float
-    ahead: dict[int, np.ndarray] = field(default_factory=dict)  # steps -> (lags * C + 1, C)
+    ahead: dict[int, np.ndarray] = field(default_factory=dict)  # steps -> (lags * S + 1, C)
     name: str = field(default=RIDGE, init=False)
 
     @property
@@ -88,9 +91,10 @@ class RidgeAR:
         coef = self.coef if steps == 1 else self.ahead.get(steps)
         if coef is None:
             return None
+        outputs = coef.shape[1]
         if len(history) < self.lags:
-            return history[-1]
-        return history[-1] + _features(history[None, -self.lags :])[0] @ coef
+            return history[-1, :outputs]
+        return history[-1, :outputs] + _features(history[None, -self.lags :])[0] @ coef
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,9 +115,14 @@ def _features(histories: np.ndarray) -> np.ndarray:
 
 
 def fit_ridge(
-    windows: np.ndarray, lags: int, rng: np.random.Generator | None = None, horizons: tuple[int, ...] = (1,)
+    windows: np.ndarray,
+    lags: int,
+    rng: np.random.Generator | None = None,
+    horizons: tuple[int, ...] = (1,),
+    outputs: int | None = None,
 ) -> RidgeAR | None:
-    """Fit on the last step of each (N, L, C) window from the `lags` before it; None if too few windows.
+    """Fit the first `outputs` channels (default all) of the last step of each (N, L, S) window
+    from the `lags` steps of all S before it; None if too few windows.
     Each further horizon h gets a direct fit of its own: the last step from the `lags` ending h
     steps before it (horizons the windows are too short for are left out).
 
@@ -121,23 +130,27 @@ def fit_ridge(
     the coefficients are refitted on all of them.
     """
     n, length, channels = np.shape(windows)
+    outputs = channels if outputs is None else outputs
     lags = min(lags, length - 1)
     if n < 4 * (lags * channels + 1) or lags < 1:
         return None
-    coef, penalty = _fit_ahead(windows, lags, 1, rng)
-    ahead = {h: _fit_ahead(windows, lags, h, rng)[0] for h in horizons if h > 1 and lags + h <= length}
+    coef, penalty = _fit_ahead(windows, lags, 1, rng, outputs)
+    ahead = {h: _fit_ahead(windows, lags, h, rng, outputs)[0] for h in horizons if h > 1 and lags + h <= length}
     return RidgeAR(lags, coef, penalty, ahead)
 
 
-def _fit_ahead(windows: np.ndarray, lags: int, steps: int, rng: np.random.Generator | None) -> tuple[np.ndarray, float]:
-    """Coefficients and penalty of the change from a window's step -1 - steps to its last step."""
+def _fit_ahead(
+    windows: np.ndarray, lags: int, steps: int, rng: np.random.Generator | None, outputs: int
+) -> tuple[np.ndarray, float]:
+    """Coefficients and penalty of the change of the first `outputs` channels from a window's
+    step -1 - steps to its last step."""
     n = len(windows)
     windows = np.asarray(np.asarray(windows)[:, -steps - lags :], dtype=np.float64)  # only what the fit reads
     if n > MAX_RIDGE_ROWS:
         keep = np.sort((rng or np.random.default_rng(0)).choice(n, MAX_RIDGE_ROWS, replace=False))
         windows, n = windows[keep], MAX_RIDGE_ROWS
     x = _features(windows[:, :lags])
-    y = windows[:, -1] - windows[:, lags - 1]
+    y = windows[:, -1, :outputs] - windows[:, lags - 1, :outputs]
     split = int(n * 0.8)
 
     def solve(rows: slice, penalty: float) -> np.ndarray:
@@ -201,20 +214,24 @@ def baselines_from_dict(items: list[dict[str, Any]]) -> list[Baseline]:
     return made
 
 
-def make_baselines(train_windows: np.ndarray, season: int | None, lags: int, horizons: tuple[int, ...] = (1,)) -> list[Baseline]:
+def make_baselines(
+    train_windows: np.ndarray, season: int | None, lags: int, horizons: tuple[int, ...] = (1,), outputs: int | None = None
+) -> list[Baseline]:
     """Persistence, seasonal naive (when there is a season) and ridge (when there are enough windows),
-    each forecasting every one of `horizons` steps ahead."""
+    each forecasting every one of `horizons` steps ahead of the first `outputs` channels (default all)
+    of (N, L, S) windows."""
     made: list[Baseline] = [Persistence()]
     if season:
         made.append(SeasonalNaive(int(season)))
-    ridge = fit_ridge(train_windows, lags, horizons=horizons)
+    ridge = fit_ridge(train_windows, lags, horizons=horizons, outputs=outputs)
     if ridge is not None:
         made.append(ridge)
     return made
 
 
-def one_step_errors(baselines: list[Baseline], windows: np.ndarray) -> dict[str, np.ndarray]:
-    """(N, C) errors (forecast - actual) of each baseline on the last step of (N, L, C) windows.
+def one_step_errors(baselines: list[Baseline], windows: np.ndarray, outputs: int | None = None) -> dict[str, np.ndarray]:
+    """(N, C) errors (forecast - actual) of each baseline on the first `outputs` channels (default
+    all) of the last step of (N, L, S) windows.
 
     A baseline that needs more history than the windows hold (seasonal naive
     with a season longer than a window) is left out: it is judged on the live
@@ -223,25 +240,29 @@ def one_step_errors(baselines: list[Baseline], windows: np.ndarray) -> dict[str,
     needed = max((b.history_steps for b in baselines), default=1)
     windows = np.asarray(windows)
     windows = np.asarray(windows[:, -1 - min(needed, windows.shape[1] - 1) :], dtype=np.float64)  # only what is read
-    history, actual = windows[:, :-1], windows[:, -1]
+    outputs = windows.shape[2] if outputs is None else outputs
+    history, actual = windows[:, :-1], windows[:, -1, :outputs]
     out: dict[str, np.ndarray] = {}
     for b in baselines:
         if b.history_steps > history.shape[1]:
             continue
         if isinstance(b, RidgeAR):
-            forecast = history[:, -1] + _features(history[:, -b.lags :]) @ b.coef
+            forecast = history[:, -1, :outputs] + _features(history[:, -b.lags :]) @ b.coef
         elif isinstance(b, SeasonalNaive):
-            forecast = history[:, -b.season]
+            forecast = history[:, -b.season, :outputs]
         else:
-            forecast = history[:, -1]
+            forecast = history[:, -1, :outputs]
         out[b.name] = forecast - actual
     return out
 
 
-def held_out_report(baselines: list[Baseline], windows: np.ndarray, model_errors: np.ndarray | None) -> dict[str, Any]:
-    """One-step MAE, MSE and per-channel RMS error of the model and each baseline on held-out
-    windows, and which of them to serve: the lowest MAE, the measure the live serving rule uses."""
-    errors = one_step_errors(baselines, windows)
+def held_out_report(
+    baselines: list[Baseline], windows: np.ndarray, model_errors: np.ndarray | None, outputs: int | None = None
+) -> dict[str, Any]:
+    """One-step MAE, MSE and per-channel RMS error of the model and each baseline on the first
+    `outputs` channels (default all) of held-out (N, L, S) windows, and which of them to serve:
+    the lowest MAE, the measure the live serving rule uses."""
+    errors = one_step_errors(baselines, windows, outputs)
     if model_errors is not None:
         errors = {MODEL: np.asarray(model_errors, dtype=np.float64), **errors}
     mae = {name: float(np.mean(np.abs(e))) for name, e in errors.items()}

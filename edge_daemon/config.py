@@ -60,6 +60,11 @@ class ChannelsConfig(_Section):
     period_s: float = Field(1.0, gt=0, description="grid period readings are aligned to")
     max_fill_steps: int = Field(5, ge=0, description="forward-fill at most this many grid steps; longer gaps split windows")
     lateness_s: float = Field(1.0, ge=0, description="a live grid step is scored once a reading this long past its end arrives")
+    inputs_only: list[str] = Field(
+        default_factory=list,
+        description="channels (of `names`) the model reads but does not forecast: a set-point, a 0/1 working-day flag. "
+        "They are stored and replayed like the others, but not forecast, scored or judged for drift",
+    )
 
     @field_validator("names")
     @classmethod
@@ -72,6 +77,22 @@ class ChannelsConfig(_Section):
             if any(ch in name for ch in "#+"):
                 raise ValueError(f"channel {name!r} must not contain MQTT wildcards")
         return names
+
+    @model_validator(mode="after")
+    def _inputs_only_known(self) -> ChannelsConfig:
+        unknown = [name for name in self.inputs_only if name not in self.names]
+        if unknown:
+            raise ValueError(f"inputs_only names channels not in names: {unknown}")
+        if len(set(self.inputs_only)) != len(self.inputs_only):
+            raise ValueError("inputs_only names must be unique")
+        if not self.forecast:
+            raise ValueError("at least one channel must be forecast (not inputs_only)")
+        return self
+
+    @property
+    def forecast(self) -> list[str]:
+        """The channels forecast, scored and judged for drift, in config order."""
+        return [name for name in self.names if name not in self.inputs_only]
 
 
 class StoreConfig(_Section):

@@ -142,7 +142,7 @@ class Daemon:
             log.warning("no base model in %s yet: storing readings; one is trained once enough data is stored", cfg.base_dir)
             return None
         try:
-            self.base = load_base(cfg.base_dir, cfg.channels.names, cfg.channels.period_s)
+            self.base = load_base(cfg.base_dir, cfg.channels.names, cfg.channels.period_s, cfg.channels.inputs_only)
         except BaseFormatError as exc:
             # An upgrade changed the forecaster's layout: keep the old base aside, serve nothing
             # from it (its adapters fit only it) and train a new one from the store.

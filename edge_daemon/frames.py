@@ -166,8 +166,10 @@ class NormStats:
         return ((np.asarray(values, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
 
     def invert(self, normalised: np.ndarray) -> np.ndarray:
-        """(..., C) normalised -> raw float64."""
-        return np.asarray(normalised, dtype=np.float64) * self.std + self.mean
+        """(..., n) normalised values of the first n channels (n <= C: the forecast ones lead) -> raw float64."""
+        normalised = np.asarray(normalised, dtype=np.float64)
+        n = normalised.shape[-1]
+        return normalised * self.std[:n] + self.mean[:n]
 
     def to_dict(self) -> dict[str, Any]:
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}

@@ -6,9 +6,10 @@ predicts the change from the current value to the next step, as the sum of a
 linear path over the last `lags` steps of every channel (the ridge baseline's
 features, so pretraining starts it from the ridge fit) and a transformer path
 over the window taken relative to its first step (a level shift changes
-nothing it sees). Calendar inputs (sine and cosine of the time of day and of
-the week, `calendar_s`) follow the channels as extra input columns of both
-paths; they are not forecast. The transformer's output head starts at zero,
+nothing it sees). Input-only channels (`n_covariates`: a set-point, a
+working-day flag) follow the forecast channels and are read by both paths like
+them; calendar inputs (sine and cosine of the time of day and of the week,
+`calendar_s`) come last. Neither is forecast. The transformer's output head starts at zero,
 so an untrained model is exactly its linear path, and training can only add
 what the linear path misses.
 """
@@ -27,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass(frozen=True)
 class ForecasterConfig:
-    n_channels: int  # sensor channels in and out, in config order
+    n_channels: int  # channels forecast: the first input columns, and the output columns
     window: int = 64  # steps of history; positions beyond it are not embedded
     d_model: int = 64  # ~1e5 parameters at the defaults: fits a Pi-class device
     n_heads: int = 4
@@ -37,11 +38,13 @@ class ForecasterConfig:
     lags: int = 16  # steps of every channel the linear path regresses on (the ridge baseline's lags)
     calendar_s: tuple[float, ...] = ()  # periods (s) whose phase is an input: 86400.0 for the time of day
     horizons: tuple[int, ...] = (1,)  # steps ahead it forecasts: 1, then further ones (at most window // 2)
+    n_covariates: int = 0  # channels read but not forecast: the input columns after the forecast ones
 
     def __post_init__(self) -> None:
         assert self.n_channels >= 1, "need at least one channel"
         assert self.d_model % self.n_heads == 0, "d_model must be a multiple of n_heads"
         assert self.lags >= 1, "lags must be >= 1"
+        assert self.n_covariates >= 0, "n_covariates must be >= 0"
         # A window shorter than the lags holds them all: the linear path sees the whole window.
         object.__setattr__(self, "lags", min(self.lags, self.window))
         object.__setattr__(self, "calendar_s", tuple(float(p) for p in self.calendar_s))  # JSON gives a list
@@ -51,9 +54,14 @@ class ForecasterConfig:
         assert self.horizons[-1] <= max(1, self.window // 2), f"horizons must be at most {self.window // 2} steps"
 
     @property
+    def n_sensors(self) -> int:
+        """Input columns of sensor channels: the forecast ones, then the inputs only."""
+        return self.n_channels + self.n_covariates
+
+    @property
     def n_inputs(self) -> int:
-        """Input columns: the channels, then sine and cosine of each calendar period."""
-        return self.n_channels + 2 * len(self.calendar_s)
+        """Input columns: the sensor channels, then sine and cosine of each calendar period."""
+        return self.n_sensors + 2 * len(self.calendar_s)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "calendar_s": list(self.calendar_s), "horizons": list(self.horizons)}
@@ -125,9 +133,9 @@ class Forecaster(nn.Module):
     def __init__(self, cfg: ForecasterConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        n_features = cfg.lags * cfg.n_channels + cfg.n_inputs - cfg.n_channels
-        # The linear path: the change to the next step from the last `lags` steps of every channel
-        # and the calendar now.
+        n_features = cfg.lags * cfg.n_sensors + cfg.n_inputs - cfg.n_sensors
+        # The linear path: the change to the next step from the last `lags` steps of every sensor
+        # channel and the calendar now.
         self.linear = nn.Linear(n_features, cfg.n_channels)
         self.embed = nn.Linear(cfg.n_inputs, cfg.d_model)
         self.pos = nn.Parameter(torch.zeros(1, cfg.window, cfg.d_model))
@@ -155,11 +163,11 @@ class Forecaster(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The channels (B, T, C), the linear path's features (B, T, F) and the blocks' output (B, T, d_model)."""
+        """The forecast channels (B, T, C), the linear path's features (B, T, F) and the blocks' output (B, T, d_model)."""
         B, T, width = x.shape
         assert width == self.cfg.n_inputs, f"expected {self.cfg.n_inputs} input columns, got {width}"
         assert T <= self.cfg.window, f"window {T} longer than {self.cfg.window}"
-        values, calendar = x[..., : self.cfg.n_channels], x[..., self.cfg.n_channels :]  # (B, T, C), (B, T, K)
+        values, calendar = x[..., : self.cfg.n_sensors], x[..., self.cfg.n_sensors :]  # (B, T, S), (B, T, K)
         features = torch.cat([lag_features(values, self.cfg.lags), calendar], dim=2)  # (B, T, F)
         # Channels relative to the window's first step (causal: every position knows it).
         h = self.embed(torch.cat([values - values[:, :1], calendar], dim=2)) + self.pos[:, :T]  # (B, T, d_model)
@@ -169,7 +177,7 @@ class Forecaster(nn.Module):
                 h = checkpoint(block, h, use_reentrant=False)
             else:
                 h = block(h)
-        return values, features, self.ln_f(h)
+        return values[..., : self.cfg.n_channels], features, self.ln_f(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values, features, hidden = self._paths(x)
@@ -190,9 +198,9 @@ class Forecaster(nn.Module):
 
     @torch.no_grad()
     def set_linear(self, coef: torch.Tensor, horizon: int = 1) -> None:
-        """Load a ridge fit ((lags * C + 1, C): feature weights, then the constant) for `horizon`
-        steps ahead into that horizon's linear path."""
-        expected = (self.cfg.lags * self.cfg.n_channels + 1, self.cfg.n_channels)
+        """Load a ridge fit ((lags * S + 1, C) over the S sensor channels: feature weights, then the
+        constant) for `horizon` steps ahead into that horizon's linear path."""
+        expected = (self.cfg.lags * self.cfg.n_sensors + 1, self.cfg.n_channels)
         assert tuple(coef.shape) == expected, f"ridge coefficients {tuple(coef.shape)}, expected {expected}"
         index = self.cfg.horizons.index(horizon)
         layer = self.linear if index == 0 else self.far_linear[index - 1]

@@ -21,7 +21,7 @@ import numpy as np
 from edge_daemon.baselines import MODEL
 from edge_daemon.config import Config
 from edge_daemon.drift import DriftMonitor
-from edge_daemon.drift.reference import references_from_meta
+from edge_daemon.drift.reference import forecast_references
 from edge_daemon.scoring import GridAssembler, Scorer
 from edge_daemon.store import Reading
 
@@ -48,10 +48,12 @@ class ScoringPipeline:
         self.assembler = GridAssembler(
             config.channels.names, config.channels.period_s, config.channels.max_fill_steps, config.channels.lateness_s
         )
+        # Drift is judged on the forecast channels alone: an input-only one is not a sensor to watch.
+        self._forecast_columns = [config.channels.names.index(name) for name in config.channels.forecast]
         self.drift = DriftMonitor(
-            config.channels.names,
+            config.channels.forecast,
             config.drift,
-            input_reference=None if scorer is None else references_from_meta(scorer.base.meta, scorer.base.channels),
+            input_reference=None if scorer is None else forecast_references(scorer.base),
             period_s=config.channels.period_s,
         )
         self._queue: queue.Queue[Sequence[Reading] | None] = queue.Queue(MAX_PENDING_BATCHES)
@@ -123,7 +125,7 @@ class ScoringPipeline:
     def _on_step(self, t: float, values: np.ndarray) -> None:
         self.steps += 1
         self.steps_since_update += 1
-        for event in self.drift.update_inputs(values, t):
+        for event in self.drift.update_inputs(values[self._forecast_columns], t):
             self._alert({**event.as_dict(), "message": f"input drift on {event.channel}"})
         with self._lock:
             scorer = self.scorer
@@ -144,7 +146,7 @@ class ScoringPipeline:
         self.history.append((t, score if score is not None else float("nan"), result.model_version))
         every = self.config.outputs.forecast_every
         if every and self.scored % every == 0:
-            channels = self.config.channels.names
+            channels = self.config.channels.forecast  # the model's output order
             self.publish(
                 "forecast",
                 {
@@ -209,7 +211,7 @@ class ScoringPipeline:
         if previous is None or previous.base.fingerprint != scorer.base.fingerprint:
             # A new base model (e.g. bootstrapped from the store): its training data is the
             # reference for input drift from now on.
-            self.drift.set_input_reference(references_from_meta(scorer.base.meta, scorer.base.channels))
+            self.drift.set_input_reference(forecast_references(scorer.base))
 
     @property
     def newest_ts(self) -> float | None:

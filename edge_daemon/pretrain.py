@@ -12,7 +12,7 @@ import csv
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,11 +71,17 @@ def horizon_steps(model_cfg: ModelConfig, period_s: float) -> tuple[int, ...]:
 
 
 def forecaster_config(
-    model_cfg: ModelConfig, n_channels: int, calendar_s: tuple[float, ...] = (), period_s: float | None = None
+    model_cfg: ModelConfig,
+    n_channels: int,
+    calendar_s: tuple[float, ...] = (),
+    period_s: float | None = None,
+    n_covariates: int = 0,
 ) -> ForecasterConfig:
-    """The model shape a `[model]` config section describes (horizons need the grid's period)."""
+    """The model shape a `[model]` config section describes (horizons need the grid's period):
+    `n_channels` forecast, `n_covariates` read only."""
     return ForecasterConfig(
         n_channels=n_channels,
+        n_covariates=n_covariates,
         window=model_cfg.window,
         d_model=model_cfg.d_model,
         n_heads=model_cfg.n_heads,
@@ -217,27 +223,37 @@ def pretrain(
     gradient_checkpointing: bool = False,
     should_stop: Callable[[], bool] | None = None,
     meta: dict[str, Any] | None = None,
+    inputs_only: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train a base forecaster on raw (unnormalised) data and save it to `out_dir` with `save_base`.
 
     `data` is a `Grid` (preferred: its times date the model), grid values
-    (N, C), or windows (M, window + 1, C) in time order (`end_times` optional).
+    (N, C), or windows (M, window + 1, C) in time order (`end_times` optional),
+    with one column per channel in `channels` order; `inputs_only` of them are
+    read but not forecast.
     Length of training: `steps`, else `epochs` over the training windows, else
     `model_cfg.pretrain_steps`. The best validation checkpoint is kept.
     `should_stop` is polled every step; True raises TrainingAborted and
     nothing is saved. Returns the run's metrics (also stored in the base's meta).
     """
     started = time.monotonic()
+    unknown = [name for name in inputs_only if name not in channels]
+    if unknown or len(inputs_only) >= len(channels):
+        raise TrainingError(f"inputs_only must name some, not all, of the channels {list(channels)}; got {list(inputs_only)}")
+    width = np.shape(data.values if isinstance(data, Grid) else data)[-1]
+    if width != len(channels):
+        raise TrainingError(f"data has {width} channels, config names {len(channels)}")
+    # Model order: the forecast channels, then the inputs only (their columns follow the forecast ones).
+    channels, data = _in_model_order(data, list(channels), set(inputs_only))
     # Calendar inputs need times: a grid has them, bare windows do not.
     calendar_s = calendar_periods(model_cfg.calendar, len(data) * period_s) if isinstance(data, Grid) else ()
-    fcfg = forecaster_config(model_cfg, len(channels), calendar_s, period_s)
+    n_channels = len(channels) - len(inputs_only)  # forecast
+    n_sensors = len(channels)
+    fcfg = forecaster_config(model_cfg, n_channels, calendar_s, period_s, n_covariates=len(inputs_only))
     batch_size = batch_size or model_cfg.pretrain_batch_size
     lr = lr or model_cfg.pretrain_lr
     val_fraction = val_fraction or model_cfg.pretrain_val_fraction
     norm, train, val = _prepare(data, period_s, fcfg.window + 1, val_fraction, end_times, stride, calendar_s)
-    n_channels = len(channels)
-    if norm.n_channels != len(channels):
-        raise TrainingError(f"data has {norm.n_channels} channels, config names {len(channels)}")
     if len(train.windows) < MIN_TRAIN_WINDOWS or len(val.windows) < 1:
         raise TrainingError(
             f"not enough data to train a base model: {len(train.windows)} training and {len(val.windows)} "
@@ -249,8 +265,8 @@ def pretrain(
 
     # The yardstick: what a user gets for free, fitted on the same training windows (and judged
     # below on the same held-out ones). The model's linear path starts from the ridge fit.
-    season = model_cfg.season_steps or _detected_season(data, norm, model_cfg.season_max_steps)
-    baselines = make_baselines(train.windows[..., :n_channels], season, fcfg.lags, fcfg.horizons)
+    season = model_cfg.season_steps or _detected_season(data, norm, model_cfg.season_max_steps, n_channels)
+    baselines = make_baselines(train.windows[..., :n_sensors], season, fcfg.lags, fcfg.horizons, n_channels)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = Forecaster(fcfg)
@@ -331,7 +347,7 @@ def pretrain(
     residual_scale = residual_scale_of(model, val.windows)
     # A model that loses to a baseline is kept (updates start from it) but not served: the
     # daemon serves the best baseline until a model beats it.
-    held_out = held_out_report(baselines, val.windows[..., :n_channels], last_step_errors(model, val.windows))
+    held_out = held_out_report(baselines, val.windows[..., :n_sensors], last_step_errors(model, val.windows), n_channels)
     first_time = float(train.end_times.min()) - fcfg.window * period_s if len(train.end_times) else None
     metrics: dict[str, Any] = {
         "steps": steps,
@@ -376,12 +392,26 @@ def pretrain(
     return metrics
 
 
-def _detected_season(data: Grid | np.ndarray, norm: NormStats, max_steps: int) -> int | None:
-    """The season of a grid's values (windows carry too little history to see one); None for windows."""
+def _in_model_order(
+    data: Grid | np.ndarray, channels: list[str], inputs_only: set[str]
+) -> tuple[list[str], Grid | np.ndarray]:
+    """The channels and the data's columns reordered: the forecast channels, then the inputs only."""
+    order = [i for i, c in enumerate(channels) if c not in inputs_only] + [i for i, c in enumerate(channels) if c in inputs_only]
+    if order == list(range(len(channels))):
+        return channels, data
+    ordered = [channels[i] for i in order]
+    if isinstance(data, Grid):
+        return ordered, Grid(data.t0, data.period_s, data.values[:, order])
+    return ordered, np.asarray(data)[..., order]
+
+
+def _detected_season(data: Grid | np.ndarray, norm: NormStats, max_steps: int, n_channels: int) -> int | None:
+    """The season of the forecast channels (the first `n_channels`) of a grid's values (windows
+    carry too little history to see one); None for windows."""
     values = data.values if isinstance(data, Grid) else np.asarray(data)
     if values.ndim != 2:
         return None
-    return detect_season(norm.apply(np.asarray(values, dtype=np.float64)), max_steps)
+    return detect_season(norm.apply(np.asarray(values, dtype=np.float64))[:, :n_channels], max_steps)
 
 
 # ---------------------------------------------------------------- data sources
@@ -529,6 +559,7 @@ def pretrain_from_config(
     From `csv_path` when given, else from `store` (opened from the config when None).
     """
     common = (config.channels.names, config.channels.period_s, config.channels.max_fill_steps, config.model, config.base_dir)
+    kwargs.setdefault("inputs_only", config.channels.inputs_only)
     if csv_path is not None:
         return pretrain_from_csv(csv_path, *common, **kwargs)
     if store is not None:

@@ -192,9 +192,9 @@ def compute_forecasts(grid: Grid, base: BaseModel, switches: list[Switch], max_f
     from edge_daemon.model import anomaly_score
 
     window = base.cfg.window
-    inputs = base.inputs(grid).values  # (N, n_inputs): channels (NaN stays NaN), then the calendar
-    normalised = inputs[:, : len(base.channels)]  # (N, C)
-    starts = valid_window_starts(normalised, window + 1)  # rows start..start+window are gap-free
+    inputs = base.inputs(grid).values  # (N, n_inputs): channels in model order (NaN stays NaN), then the calendar
+    starts = valid_window_starts(inputs[:, : base.cfg.n_sensors], window + 1)  # rows start..start+window are gap-free
+    normalised = inputs[:, : base.cfg.n_channels]  # (N, C): the forecast channels
     if len(starts) == 0:
         return None
     stride = max(1, math.ceil(len(starts) / max_forecasts))
@@ -238,10 +238,12 @@ def recompute_drift(
     routine update on new data (scheduler.resets_drift_baseline).
     """
     from edge_daemon.drift import DriftMonitor
-    from edge_daemon.drift.reference import references_from_meta
+    from edge_daemon.drift.reference import forecast_references
 
-    references = None if base is None else references_from_meta(base.meta, config.channels.names)
-    monitor = DriftMonitor(config.channels.names, config.drift, input_reference=references, period_s=grid.period_s)
+    # As in the daemon, drift is judged on the forecast channels alone.
+    references = None if base is None else forecast_references(base)
+    monitor = DriftMonitor(config.channels.forecast, config.drift, input_reference=references, period_s=grid.period_s)
+    columns = [config.channels.names.index(name) for name in config.channels.forecast]
     events: list[DriftEvent] = []
     residual_at: dict[int, np.ndarray] = {}
     if forecasts is not None:
@@ -255,7 +257,7 @@ def recompute_drift(
         t = grid.t0 + row * grid.period_s
         while pending and pending[0] <= t:
             monitor.reset_baseline(pending.pop(0))
-        events += monitor.update_inputs(values, t)
+        events += monitor.update_inputs(values[columns], t)
         residual = residual_at.get(row)
         if residual is not None:
             events += monitor.update_residuals(residual, t)
@@ -283,7 +285,7 @@ def collect(config: Config, hours: float | None = None, max_forecasts: int = MAX
 
     notes: list[str] = []
     try:
-        base: BaseModel | None = load_base(config.base_dir, names, config.channels.period_s)
+        base: BaseModel | None = load_base(config.base_dir, names, config.channels.period_s, config.channels.inputs_only)
         base_problem = None
     except ModelError as exc:
         base, base_problem = None, str(exc)
@@ -361,8 +363,10 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def plot_channels(data: ReportData, path: Path) -> Path:
-    """Each channel over time with the served model's one-step forecasts (and the base's, once adapters serve)."""
+    """Each channel over time with the served model's one-step forecasts (and the base's, once adapters
+    serve); an input-only channel has no forecast."""
     names = data.config.channels.names
+    forecast = data.config.channels.forecast
     grid = data.grid
     fig, axes = _new_figure(len(names), 2.4)
     thin = _thin(len(grid.values))
@@ -370,12 +374,13 @@ def plot_channels(data: ReportData, path: Path) -> Path:
     fc = data.forecasts
     for c, ax in enumerate(axes):
         ax.plot(t_grid, grid.values[thin, c], color="0.35", linewidth=0.8, label="reading")
-        if fc is not None and data.base is not None:
+        if fc is not None and data.base is not None and names[c] in forecast:
+            column = forecast.index(names[c])  # forecasts are in the model's output order
             f_thin = _thin(len(fc.t))
             t_fc = _dates(fc.t[f_thin])
-            served = data.base.norm.invert(fc.served[f_thin])[:, c]
+            served = data.base.norm.invert(fc.served[f_thin])[:, column]
             if data.switches and (fc.served_version > 0).any():
-                base = data.base.norm.invert(fc.base[f_thin])[:, c]
+                base = data.base.norm.invert(fc.base[f_thin])[:, column]
                 adapted = fc.served_version[f_thin] > 0
                 ax.plot(t_fc, np.where(adapted, base, np.nan), color="tab:orange", linewidth=0.8, alpha=0.8,
                         label="base model (not served)")  # fmt: skip
@@ -425,8 +430,8 @@ def plot_anomaly(data: ReportData, path: Path) -> Path:
 
 
 def plot_drift(data: ReportData, path: Path) -> Path:
-    """Drift detections per channel (inputs and residuals) and adapter switches on one time axis."""
-    names = data.config.channels.names
+    """Drift detections per forecast channel (inputs and residuals) and adapter switches on one time axis."""
+    names = data.config.channels.forecast
     fc = data.forecasts
     fig, axes = _new_figure(2 if fc is not None else 1, 2.8)
     colors = ["tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
@@ -572,7 +577,8 @@ def render_html(data: ReportData, figures: list[tuple[str, Path]], elapsed_s: fl
         ["state directory", html.escape(str(config.device.state_dir))],
         ["readings in the store", f"{data.readings:,}"],
         ["time range", f"{_iso(span[0])} to {_iso(span[1])}" if span else "-"],
-        ["channels", html.escape(", ".join(config.channels.names))],
+        ["channels", html.escape(", ".join(config.channels.forecast))],
+        *([["inputs only (not forecast)", html.escape(", ".join(config.channels.inputs_only))]] if config.channels.inputs_only else []),
         ["grid steps shown", f"{len(grid.values):,} at {grid.period_s:g} s"],
         ["base model", html.escape(data.base_problem) if data.base is None else
          f"window {data.base.cfg.window}, {data.base.model.n_params():,} parameters, "

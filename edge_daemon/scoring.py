@@ -149,7 +149,7 @@ class ScoreResult:
     """Scoring of one grid step: how well it was forecast, and the forecast of the next one."""
 
     t: float  # time of the step just scored
-    actual: np.ndarray  # (C,) raw values of step t
+    actual: np.ndarray  # (C,) raw values of step t, forecast channels (model order)
     forecast_t: float  # time the forecast is for (t + period)
     forecast: np.ndarray  # (C,) raw units, forecast of step forecast_t
     residual: np.ndarray | None  # (C,) normalised served forecast - actual at t; None without a forecast for t
@@ -233,14 +233,13 @@ class Scorer:
         self._lock = threading.Lock()
         self._model = merged_model.eval()
         self._version = version
-        n = len(base.channels)
         if baselines is None:
             baselines = baselines_of(base.meta)
         self._set_forecasters(baselines, held_out if held_out is not None else base.meta.get("held_out"))
         self._capacity = max([self.window] + [b.history_steps for b in self._baselines])
         # Each step is written twice, at i and i + capacity, so the newest `capacity` steps are always
         # one contiguous slice: no copy of the whole buffer per step. A row is the model's input:
-        # the n normalised channels, then the calendar.
+        # the normalised channels (the forecast ones, then the inputs only), then the calendar.
         self._ring = np.zeros((2 * self._capacity, base.cfg.n_inputs), dtype=np.float32)
         self._next = 0
         self._filled = 0
@@ -256,7 +255,7 @@ class Scorer:
     def _set_forecasters(self, baselines: list[Baseline], held_out: dict[str, Any] | None) -> None:
         self._baselines = list(baselines)
         names = [MODEL] + [b.name for b in self._baselines]
-        n = len(self.base.channels)
+        n = self.base.cfg.n_channels  # forecast channels
         self._tallies = {name: _Tally(self.rule.compare_steps, n) for name in names}
         scale = self.base.residual_scale.astype(np.float32)
         rms = (held_out or {}).get("rms", {})
@@ -287,7 +286,7 @@ class Scorer:
 
     @property
     def served_by_channel(self) -> dict[str, str]:
-        return dict(zip(self.base.channels, self._served, strict=True))
+        return dict(zip(self.base.targets, self._served, strict=True))
 
     def comparison(self) -> dict[str, Any]:
         """Live mean |error| (normalised units) of each forecaster over the comparison window."""
@@ -303,7 +302,7 @@ class Scorer:
                 "switches": self._switches,
                 "horizons": {
                     str(h): {
-                        "served_by_channel": dict(zip(self.base.channels, self._far_served[h], strict=True)),
+                        "served_by_channel": dict(zip(self.base.targets, self._far_served[h], strict=True)),
                         "steps_compared": len(tallies[MODEL].values),
                         "mae": {name: (float(t.mean.mean()) if t.values else None) for name, t in tallies.items()},
                     }
@@ -340,9 +339,10 @@ class Scorer:
             pending.clear()
 
     def _history(self, steps: int, channels_only: bool = False) -> np.ndarray:
-        """The newest `steps` buffered steps, oldest first (a view); without the calendar if asked."""
+        """The newest `steps` buffered steps, oldest first (a view); the sensor channels alone
+        (without the calendar) if asked."""
         end = self._next + self._capacity
-        return self._ring[end - steps : end, : len(self.base.channels) if channels_only else None]
+        return self._ring[end - steps : end, : self.base.cfg.n_sensors if channels_only else None]
 
     def _choose(self, tallies: dict[str, _Tally], served: list[str], steps: int = 1) -> None:
         """Per channel, switch `served` to the forecaster with the lowest mean |error| in `tallies`."""
@@ -350,7 +350,7 @@ class Scorer:
         if self.rule.mode != "best" or compared < self.rule.compare_steps:
             return
         means = {name: t.mean for name, t in tallies.items() if len(t.values) == compared}
-        for c, channel in enumerate(self.base.channels):
+        for c, channel in enumerate(self.base.targets):
             best = min(means, key=lambda name: means[name][c])
             current = means[served[c]][c] if served[c] in means else math.inf
             if best != served[c] and means[best][c] < (1.0 - self.rule.margin) * current:
@@ -360,7 +360,8 @@ class Scorer:
                 self._switches += 1
 
     def add_step(self, t: float, values: np.ndarray) -> ScoreResult | None:
-        """Score the step at time `t` (raw (C,) values, NaN allowed); None while there is not enough history."""
+        """Score the step at time `t` (raw values of every channel in config order, NaN allowed);
+        None while there is not enough history."""
         with self._lock:
             model, version = self._model, self._version
             raw = np.asarray(values, dtype=np.float64)
@@ -374,7 +375,8 @@ class Scorer:
                 return None
             self._last_t = t
             step = self.base.step_inputs(t, raw)  # (n_inputs,)
-            x = step[: len(raw)]  # (C,) the normalised channels
+            n = self.base.cfg.n_channels
+            x = step[:n]  # (C,) the normalised forecast channels
 
             # Residuals of the forecasts made for this step, and the live comparison.
             residuals = {name: (f - x).astype(np.float32) for name, f in self._pending.items()}
@@ -428,11 +430,11 @@ class Scorer:
             far = [{MODEL: every[i + 1]} for i in range(len(self._far))]
             for b in self._baselines:  # each sees only the history it uses
                 recent = self._history(min(self._filled, b.history_steps), channels_only=True)
-                pending[b.name] = np.asarray(b.predict(recent), dtype=np.float32)
+                pending[b.name] = np.asarray(b.predict(recent)[:n], dtype=np.float32)
                 for steps, made in zip(self._far, far, strict=True):
                     ahead = b.predict_ahead(recent, steps)
                     if ahead is not None:
-                        made[b.name] = np.asarray(ahead, dtype=np.float32)
+                        made[b.name] = np.asarray(ahead[:n], dtype=np.float32)
             self._pending = pending
             self._pending_version = version
             self._pending_served = list(self._served)
@@ -445,7 +447,7 @@ class Scorer:
                 horizons.append(HorizonForecast(steps, t + steps * period, self.base.norm.invert(values), by))
             return ScoreResult(
                 t=t,
-                actual=raw,
+                actual=self.base.in_model_order(raw)[:n],
                 forecast_t=t + period,
                 forecast=self.base.norm.invert(forecast),
                 residual=residual,

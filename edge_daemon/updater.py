@@ -83,7 +83,7 @@ def prepare_update_data(
     newest = span[1]
     cutoff = newest - config.train.recent_hours * 3600.0 if since is None else min(float(since), newest)
     length = base.cfg.window + 1
-    n_channels = len(config.channels.names)
+    n_channels = len(config.channels.names)  # grid columns, config order; the windows hold the model's inputs
 
     def windows_between(since: float | None, until: float | None, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
         ts, idx, values = store.read(since, until)
@@ -99,7 +99,7 @@ def prepare_update_data(
 
     spans = store.replay_segments(before=cutoff, rng=rng, max_segments=MAX_REPLAY_SEGMENTS)
     replay_parts = [windows_between(a, b, stride=max(1, length // 4))[0] for a, b in spans]
-    replay = np.concatenate([p for p in replay_parts if len(p)]) if any(len(p) for p in replay_parts) else np.empty((0, length, n_channels), np.float32)
+    replay = np.concatenate([p for p in replay_parts if len(p)]) if any(len(p) for p in replay_parts) else np.empty((0, length, base.cfg.n_inputs), np.float32)
     order = rng.permutation(len(replay))
     n_val = int(round(len(replay) * config.train.val_fraction))
     replay_val, replay_train = replay[order[:n_val]], replay[order[n_val:]]
@@ -392,7 +392,7 @@ def _update_traced(
     started = time.time()
     trace.phase("loading")
     _check_stop(stop_event)
-    base = load_base(config.base_dir, config.channels.names, config.channels.period_s)
+    base = load_base(config.base_dir, config.channels.names, config.channels.period_s, config.channels.inputs_only)
     adapters = AdapterStore(config.adapters_dir, keep=config.train.keep_versions)
     incumbent_version = adapters.current()
     incumbent = serving_model(base, incumbent_version)
@@ -516,12 +516,12 @@ def refit_baselines(base: Any, config: Config, data: UpdateData, model: Any) -> 
     from edge_daemon.baselines import held_out_report, make_baselines
     from edge_daemon.pretrain import last_step_errors
 
-    n_channels = base.cfg.n_channels  # the columns after them are calendar inputs
-    train = np.concatenate([data.recent_train.numpy(), data.replay_train.numpy()])[..., :n_channels]
+    n_sensors = base.cfg.n_sensors  # the forecast channels, then the inputs only; the calendar after them
+    train = np.concatenate([data.recent_train.numpy(), data.replay_train.numpy()])[..., :n_sensors]
     season = base.meta.get("season_steps") or config.model.season_steps or None
-    baselines = make_baselines(train, season, base.cfg.lags, base.cfg.horizons)
+    baselines = make_baselines(train, season, base.cfg.lags, base.cfg.horizons, base.cfg.n_channels)
     val = data.recent_val.numpy()
-    held_out = held_out_report(baselines, val[..., :n_channels], last_step_errors(model, val))
+    held_out = held_out_report(baselines, val[..., :n_sensors], last_step_errors(model, val), base.cfg.n_channels)
     return {"baselines": [b.to_dict() for b in baselines], "held_out": held_out}
 
 

@@ -83,6 +83,12 @@ def references_from_meta(meta: dict[str, Any], channels: Sequence[str]) -> list[
     return references
 
 
+def forecast_references(base: Any) -> list[Reference | None]:
+    """The input references a base model (`adapters.BaseModel`) recorded for its forecast channels,
+    which lead its channels: the ones drift is judged on."""
+    return references_from_meta(base.meta, base.channels)[: base.cfg.n_channels]
+
+
 def psi(window_counts: Sequence[int], reference: Reference) -> float:
     """Population stability index of binned window counts against the reference shares.
 
