@@ -8,7 +8,9 @@ other badly until it adapts.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -94,3 +96,20 @@ def mae(model: torch.nn.Module, data: torch.Tensor, batch: int = 32) -> float:
         for chunk in data.split(batch):
             total += float((model(chunk[:, :-1]) - chunk[:, 1:]).abs().mean()) * len(chunk)
     return total / len(data)
+
+
+def run_update(config: Any, reason: str = "requested", since: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """One update through the daemon's update path (`updater._run_update`: store windows, replay, gate,
+    commit), run in this process at memory level normal; `since` as the daemon passes it after drift."""
+    from edge_daemon.updater import _run_update
+    from edge_daemon.watchdog import Level, PlanGovernor, plan_candidates
+
+    governor = PlanGovernor(lambda: Level.NORMAL, plan_candidates(config.train.batch_size, config.train.micro_batch))
+    job = {"kind": "update", "reason": reason, "since": since, "candidates": [p.to_dict() for p in governor.start_candidates()],
+           "baseline_mb": 300.0, "budget_mb": 16000.0, "seed": seed}  # fmt: skip
+
+    class Sink:
+        def put(self, message: dict[str, Any]) -> None:
+            pass
+
+    return _run_update(config, job, governor, threading.Event(), Sink())

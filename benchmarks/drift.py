@@ -22,15 +22,18 @@ Residual drift (`--residual-seeds`, compressed time only): a default-size base
 model is pretrained on three days, then scores twelve more (stationary, or
 with a regime change on day six; the abrupt overload, current +45% in one
 step, at 07:12 of day six); the same residuals go through
-`[drift] residuals = "stream"` (ADWIN on every residual), `"window"` (the
-default: a day's mean |residual| against the first day's) and the window plus
-the CUSUM on every |residual| (`cusum = true`).
+`[drift] residuals = "stream"` (ADWIN on every residual), `"window"` alone
+(a day's mean |residual| against the first day's; `cusum = false`) and the
+window plus the CUSUM (the default; in compressed time its half-minute means
+are single steps and its time of day 600 steps long).
 
-Residual drift at 1 reading/s (`--realtime-seeds`): the CUSUM works in steps,
-and in compressed time a day's cycle passes in 600 of them, so its false
-alarms and delay are measured where it runs: a base pretrained on 00:00-04:00
-scores 04:00-10:00 (the line starting at 06:00 included), stationary or with
-the abrupt overload at 07:00, through the window alone and with the CUSUM.
+Residual drift at 1 reading/s (`--realtime-seeds`): the CUSUM works in
+seconds and judges by the time of day, and in compressed time a day passes in
+600 steps, so its false alarms and delay are measured where it runs: a base
+pretrained on 00:00-04:00 of day 0 scores from 04:00 on (the line starts at
+06:00 every day), stationary until the abrupt overload at 07:00 of day 2 (the
+CUSUM has learnt a day of residuals by then), then three hours of it, through
+the window alone and with the CUSUM; residuals batched as in the month table.
 
 Residual false alarms over a month at 1 reading/s (`--month-seeds`, off by
 default: ~20 min a seed on one core): the CUSUM's target is at most one false
@@ -40,8 +43,9 @@ in the real-time table (00:00-04:00 of day 0) and scores the next
 `Scorer.add_step` would take over an hour, so the model's one-step residuals
 are computed in batches, as `report.compute_forecasts` replays a grid (the
 first hour is checked against `Scorer.add_step`, and the run stops if they
-differ), then fed step by step to a `DriftMonitor` with the window alone (the
-default) and one with the CUSUM on. The base stays frozen for the
+differ), then fed step by step to a `DriftMonitor` with the window alone and
+one with the CUSUM on (the default). `--month-reuse` feeds residuals saved by
+an earlier run instead, to try drift settings. The base stays frozen for the
 month: no routine adapter updates, as in the other residual tables.
 """
 
@@ -49,14 +53,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
 from edge_daemon.config import DriftConfig
 from edge_daemon.drift import DriftMonitor
 from edge_daemon.drift.reference import Reference
-from sample_sensors.generate import CHANNELS, generate_labeled
+from sample_sensors.generate import CHANNELS, DEFAULT_START_TS, generate_labeled
 
+DATA_DIR = Path(__file__).resolve().parent / ".data"  # not in git: month residuals saved for --month-reuse
 SCALE = 144  # set from --time-scale in main()
 DAY = int(86400 / SCALE)
 REFERENCE_DAYS = 2
@@ -95,6 +101,9 @@ def main() -> None:
                         help="seeds for the 1 reading/s false-alarm table over --month-days stationary days (~20 min a seed; 0: skip it)")
     parser.add_argument("--month-days", type=int, default=30, help="stationary days per seed of the --month-seeds table")
     parser.add_argument("--month-first-seed", type=int, default=0, help="first seed of the --month-seeds table")
+    parser.add_argument("--month-reuse", action="store_true",
+                        help="reuse the month's residuals saved by an earlier run of the same code (benchmarks/.data); "
+                             "for trying drift settings, not for published figures")
     parser.add_argument("--skip-inputs", action="store_true", help="only the residual tables")
     args = parser.parse_args()
     global SCALE, DAY
@@ -106,7 +115,7 @@ def main() -> None:
     if args.realtime_seeds:
         realtime_table(args.realtime_seeds)
     if args.month_seeds:
-        month_table(args.month_seeds, args.month_days, args.month_first_seed)
+        month_table(args.month_seeds, args.month_days, args.month_first_seed, reuse=args.month_reuse)
 
 
 def input_table(args: argparse.Namespace) -> None:
@@ -159,100 +168,167 @@ def scored_residuals(seed: int, change_day: float | None, regime: str, ramp_step
 
 
 def _base_residuals(data: object, n_train: int, n_test: int) -> np.ndarray:
-    """(n_test, 3) model residuals of the `n_test` steps after the first `n_train`, scored by a
-    default-size base pretrained (500 steps) on those first steps."""
-    import tempfile
-    from pathlib import Path
+    """(n_test, 3) model residuals of the `n_test` steps after the first `n_train`, scored through
+    `Scorer.add_step` by a default-size base pretrained (500 steps) on those first steps."""
+    from edge_daemon.adapters import serving_model
 
-    from edge_daemon.adapters import load_base, serving_model
-    from edge_daemon.config import ModelConfig
-    from edge_daemon.frames import build_grid
-    from edge_daemon.pretrain import pretrain
-    from edge_daemon.scoring import Scorer
-    from sample_sensors.generate import readings
-
-    with tempfile.TemporaryDirectory() as tmp:
-        grid = build_grid(*readings(data, 0, n_train), len(CHANNELS), 1.0, 5)  # type: ignore[arg-type]
-        pretrain(grid, list(CHANNELS), 1.0, ModelConfig(), Path(tmp), steps=500)
-        base = load_base(Path(tmp), list(CHANNELS), 1.0)
-    scorer = Scorer(base, serving_model(base, None), 6.0)
+    base = pretrained_base(data, n_train)
     values = np.stack([data.values[c] for c in CHANNELS], axis=1)  # type: ignore[attr-defined]
-    residuals = np.full((n_test, len(CHANNELS)), np.nan)
-    for k in range(n_train, n_train + n_test):
-        result = scorer.add_step(float(data.ts[k]), values[k])  # type: ignore[attr-defined]
-        # The model's own residual, as the pipeline feeds the monitor (not the served forecast's).
-        if result is not None and result.model_residual is not None:
-            residuals[k - n_train] = result.model_residual
-    return residuals
+    ts = data.ts  # type: ignore[attr-defined]
+    return scorer_residuals(base, serving_model(base, None), ts[n_train : n_train + n_test], values[n_train : n_train + n_test])
 
 
 HOUR_RT = 3600  # steps in an hour of real time (1 reading/s)
 
 
-def realtime_residuals(seed: int, change_h: float | None, train_h: float = 4.0, score_h: float = 6.0) -> np.ndarray:
-    """(score_h hours, 3) residuals at 1 reading/s of a base pretrained on the first `train_h` hours of the
-    day (the night shift); scoring starts at train_h, so it spans the line starting at 06:00. With
-    `change_h`, an abrupt overload (current +45% in one step) at that hour of the day."""
+def realtime_config(root: Path):  # noqa: ANN201 - Config (imports stay lazy)
+    """The daemon's default config, rooted in `root`, for the sample motor at 1 reading/s."""
+    from edge_daemon.config import parse_config
+
+    return parse_config({
+        "device": {"id": "bench", "state_dir": str(root / "state"), "socket": str(root / "control.sock")},
+        "mqtt": {"host": "127.0.0.1"},
+        "channels": {"names": list(CHANNELS), "period_s": 1.0},
+    })  # fmt: skip
+
+
+def realtime_residuals(seed: int, change_h: float, base_dir: Path, train_h: float = 4.0):  # noqa: ANN201
+    """Residuals at 1 reading/s of a base pretrained (into `base_dir`) on the first `train_h` hours of
+    day 0 (the night shift), from then until three hours after an abrupt overload (current +45% in one
+    step) at `change_h` hours after day 0's midnight; the time of the first residual; and the data."""
     import torch
 
+    from edge_daemon.adapters import serving_model
+
     torch.set_num_threads(1)
-    n_train, n_test = int(train_h * HOUR_RT), int(score_h * HOUR_RT)
-    change = None if change_h is None else int(change_h * HOUR_RT)
-    data = generate_labeled(n_train + n_test, seed=seed, regime_change_at=change, regime="overload", ramp_steps=1)
-    return _base_residuals(data, n_train, n_test)
+    n_train, change = int(train_h * HOUR_RT), int(change_h * HOUR_RT)
+    data = generate_labeled(change + 3 * HOUR_RT, seed=seed, regime_change_at=change, regime="overload", ramp_steps=1)
+    base = pretrained_base(data, n_train, base_dir)
+    values = np.stack([data.values[c][n_train:] for c in CHANNELS], axis=1)
+    return batched_residuals(base, serving_model(base, None), data.ts[n_train:], values), float(data.ts[n_train]), data
+
+
+def first_adapter(config, data, since: float, ready: float) -> tuple[bool, float, str]:  # noqa: ANN001
+    """The update the daemon starts after residual drift: readings up to `ready` in the replay store,
+    recent data from `since` (the CUSUM's onset), through the daemon's update path. Whether the gate
+    accepted it, its wall time (s) and the gate's reason."""
+    from _common import run_update
+
+    from edge_daemon.store import Reading, ReplayStore
+
+    keep = data.ts <= ready
+    with ReplayStore(config.store_path, config.store, list(CHANNELS)) as store:
+        for c in CHANNELS:
+            values = data.values[c][keep]
+            for lo in range(0, len(values), 100_000):
+                store.write([Reading(c, float(t), float(v)) for t, v in zip(data.ts[keep][lo : lo + 100_000], values[lo : lo + 100_000], strict=True)])
+    started = time.perf_counter()
+    reply = run_update(config, reason="drift detected", since=since)
+    return bool(reply["accepted"]), time.perf_counter() - started, str(reply.get("reason", ""))
 
 
 RESIDUAL_MODES: dict[str, dict[str, object]] = {
     "stream": {"residuals": "stream"},
-    "window (default)": {"residuals": "window", "cusum": False},
-    "window + cusum (`cusum = true`)": {"residuals": "window", "cusum": True},
+    "window alone (`cusum = false`)": {"residuals": "window", "cusum": False},
+    "window + CUSUM by time of day (default)": {"residuals": "window", "cusum": True},
+    # The CUSUM as first built, for comparison: on every |residual|, judged by its own last hour.
+    "window + CUSUM by its last hour (per step, k 0.5, h 100)": {
+        "residuals": "window", "cusum": True, "cusum_by_time_of_day": False, "cusum_block_s": 1.0, "cusum_k": 0.5, "cusum_h": 100.0,
+    },
 }
+DEFAULT_MODE = "window + CUSUM by time of day (default)"
 
 
-def residual_events(residuals: np.ndarray, settings: dict[str, object], period_s: float) -> tuple[list[tuple[int, str]], float]:
-    """Residual drift events (step, channel) of a monitor fed `residuals`, and us per update_residuals."""
+def residual_events(
+    residuals: np.ndarray, settings: dict[str, object], period_s: float, t0: float = 0.0, peaks: list | None = None
+) -> tuple[list[tuple[int, str]], float]:
+    """Residual drift events (step, channel) of a monitor fed `residuals` (step k at time t0 + k * period_s),
+    and us per update_residuals. With `peaks`, the highest sum each channel's CUSUM reached is appended
+    to it (read every 10 steps: a CUSUM moves once per half-minute mean; not timed)."""
+    events, _, per_call_us = residual_monitor(residuals, settings, period_s, t0, peaks)
+    return events, per_call_us
+
+
+def residual_monitor(
+    residuals: np.ndarray, settings: dict[str, object], period_s: float, t0: float = 0.0, peaks: list | None = None
+) -> tuple[list[tuple[int, str]], DriftMonitor, float]:
+    """`residual_events`, and the monitor after the last residual."""
     cfg = DriftConfig(**settings)  # type: ignore[arg-type]
     mon = DriftMonitor(list(CHANNELS), cfg, period_s=period_s)
     events = []
-    start = time.perf_counter()
+    top = [0.0] * len(CHANNELS)
+    elapsed = 0.0
     for k in range(len(residuals)):
-        events += [(k, e.channel) for e in mon.update_residuals(residuals[k], float(k)) if e.kind == "residuals"]
-    return events, (time.perf_counter() - start) / len(residuals) * 1e6
+        start = time.perf_counter()
+        events += [(k, e.channel) for e in mon.update_residuals(residuals[k], t0 + k * period_s)]
+        elapsed += time.perf_counter() - start
+        if peaks is not None and k % 10 == 0:
+            top = [max(a, b or 0.0) for a, b in zip(top, mon.residual_cusum_statistics(), strict=True)]
+    if peaks is not None:
+        peaks.append(top)
+    return events, mon, elapsed / len(residuals) * 1e6
 
 
-def realtime_table(seeds: int) -> None:
-    change = 3 * HOUR_RT  # 07:00, three hours into the scored 04:00-10:00
-    rows: dict[str, dict[str, list]] = {mode: {"alarms": [], "current": [], "any": [], "us": []} for mode in RESIDUAL_MODES if mode != "stream"}
+def realtime_table(seeds: int, change_h: float = 55.0) -> None:
+    """Residual false alarms and the delay to the overload at 1 reading/s: stationary from 04:00 of
+    day 0 to the overload at 07:00 of day 2 (the CUSUM judges by the time of day once it has seen
+    one), then three hours of it. With the default judges, the update the daemon then starts: once
+    the data since the change as the CUSUM dates it spans ten windows, through the update path."""
+    import tempfile
+
+    from edge_daemon.daemon import UPDATE_MIN_WINDOWS_SINCE_CHANGE
+
+    modes = [mode for mode in RESIDUAL_MODES if mode != "stream"]
+    rows: dict[str, dict[str, list]] = {mode: {"alarms": [], "current": [], "any": [], "us": []} for mode in modes}
+    adapters: list[str] = []
     hours = 0.0
     for seed in range(seeds):
-        stationary = realtime_residuals(seed, None)
-        overload = realtime_residuals(seed, 7.0)
-        hours += len(stationary) / HOUR_RT + change / HOUR_RT  # the overload run is stationary until 07:00
-        for mode, row in rows.items():
-            settings = {**RESIDUAL_MODES[mode], "residual_window_s": 86400.0}
-            events, us = residual_events(stationary, settings, 1.0)
-            after, _ = residual_events(overload, settings, 1.0)
-            row["alarms"].append(len(events) + sum(1 for k, _ in after if k < change))
-            row["current"].append(next((k - change for k, ch in after if k >= change and ch == "m1/current"), None))
-            row["any"].append(next((k - change for k, _ in after if k >= change), None))
-            row["us"].append(us)
-        print(f"realtime seed {seed}: " + "; ".join(f"{m} {r['alarms'][-1]} alarms, overload {r['current'][-1]}" for m, r in rows.items()), flush=True)
+        with tempfile.TemporaryDirectory() as root:
+            config = realtime_config(Path(root))
+            residuals, t0, data = realtime_residuals(seed, change_h, config.base_dir)
+            change = int(round(DEFAULT_START_TS + change_h * HOUR_RT - t0))  # steps into the residuals
+            hours += change / HOUR_RT
+            monitors = {}
+            for mode in modes:
+                row = rows[mode]
+                settings = {**RESIDUAL_MODES[mode], "residual_window_s": 86400.0}
+                events, monitors[mode], us = residual_monitor(residuals, settings, 1.0, t0)
+                row["alarms"].append(sum(1 for k, _ in events if k < change))
+                row["current"].append(next((k - change for k, ch in events if k >= change and ch == "m1/current"), None))
+                row["any"].append(next((k - change for k, _ in events if k >= change), None))
+                row["us"].append(us)
+            # The daemon's update after the first detection (default judges): it waits for ten
+            # windows of data since the change the CUSUM dates, then learns from there.
+            detected, since = rows[DEFAULT_MODE]["any"][-1], monitors[DEFAULT_MODE].residual_change_from
+            if detected is None or since is None:
+                adapters.append("no drift, no update")
+            else:
+                change_t = t0 + change
+                ready = max(change_t + detected, since + UPDATE_MIN_WINDOWS_SINCE_CHANGE * (config.model.window + 1))
+                accepted, wall, reason = first_adapter(config, data, since, ready)
+                total = ready - change_t + wall
+                adapters.append(f"{'accepted' if accepted else 'rejected'} {total / 60:.1f} min after the change "
+                                f"(data from {since - change_t:+.0f} s; update {wall:.0f} s)")  # fmt: skip
+                print(f"realtime seed {seed}: update {'accepted' if accepted else 'rejected'} ({reason}), {total:.0f} s after the change", flush=True)
+        print(f"realtime seed {seed}: " + "; ".join(f"{m} {r['alarms'][-1]} alarms, overload {r['any'][-1]}" for m, r in rows.items()), flush=True)
     fmt = lambda ds: ", ".join("missed" if d is None else str(d) for d in ds)  # noqa: E731
-    print(f"\nResidual drift at 1 reading/s, base pretrained on 00:00-04:00, {seeds} seeds x (6 h stationary + 3 h before the overload) = {hours:g} stationary hours\n")
-    print("| residual drift | alarms in stationary hours | alarms per day (extrapolated) | overload (current +45%, 1 step): first alarm on current (steps = s after) | first alarm on any channel | us per update_residuals (3 channels) |")
+    print(f"\nResidual drift at 1 reading/s, base pretrained on 00:00-04:00 of day 0, {seeds} seeds x 51 stationary hours "
+          f"(04:00 of day 0 to 07:00 of day 2) = {hours:g} hours, then the overload\n")  # fmt: skip
+    print("| residual drift | alarms in stationary hours | alarms per day (extrapolated) | overload (current +45%, 1 step): first alarm on current (s after) | first alarm on any channel (s after) | us per update_residuals (3 channels) |")
     print("|---|--:|--:|---|---|--:|")
     for mode, row in rows.items():
         alarms = sum(row["alarms"])
         print(f"| {mode} | {alarms} | {alarms / hours * 24:.2f} | {fmt(row['current'])} | {fmt(row['any'])} | {float(np.median(row['us'])):.1f} |")
+    print("\nFirst adapter after the overload (default judges; the daemon's update path, memory level normal; per seed): " + "; ".join(adapters))
 
 
 DAY_RT = 86400  # steps in a day of real time
 
 
-def realtime_base(data, n_train: int):  # noqa: ANN001, ANN201 - SensorData -> BaseModel (imports stay lazy)
-    """A default-size base pretrained (500 steps) on the first `n_train` steps of `data`, as the real-time table's."""
+def pretrained_base(data, n_train: int, out_dir: Path | None = None):  # noqa: ANN001, ANN201 - SensorData -> BaseModel (imports stay lazy)
+    """A default-size base pretrained (500 steps) on the first `n_train` steps of `data`, saved in
+    `out_dir` (a temporary directory when None)."""
     import tempfile
-    from pathlib import Path
 
     from edge_daemon.adapters import load_base
     from edge_daemon.config import ModelConfig
@@ -260,8 +336,11 @@ def realtime_base(data, n_train: int):  # noqa: ANN001, ANN201 - SensorData -> B
     from edge_daemon.pretrain import pretrain
     from sample_sensors.generate import readings
 
+    grid = build_grid(*readings(data, 0, n_train), len(CHANNELS), 1.0, 5)
+    if out_dir is not None:
+        pretrain(grid, list(CHANNELS), 1.0, ModelConfig(), out_dir, steps=500)
+        return load_base(out_dir, list(CHANNELS), 1.0)
     with tempfile.TemporaryDirectory() as tmp:
-        grid = build_grid(*readings(data, 0, n_train), len(CHANNELS), 1.0, 5)
         pretrain(grid, list(CHANNELS), 1.0, ModelConfig(), Path(tmp), steps=500)
         return load_base(Path(tmp), list(CHANNELS), 1.0)
 
@@ -310,7 +389,9 @@ def scorer_residuals(base, model, ts: np.ndarray, values: np.ndarray) -> np.ndar
     return residuals
 
 
-def month_table(seeds: int, days: int, first_seed: int = 0, train_h: float = 4.0, check_steps: int = 3600) -> None:
+def month_table(
+    seeds: int, days: int, first_seed: int = 0, train_h: float = 4.0, check_steps: int = 3600, reuse: bool = False
+) -> None:
     """False alarms of the residual judges (the window; the window and the CUSUM) at 1 reading/s over
     `days` stationary days per seed.
 
@@ -322,8 +403,6 @@ def month_table(seeds: int, days: int, first_seed: int = 0, train_h: float = 4.0
     import torch
 
     from edge_daemon.adapters import serving_model
-    from edge_daemon.drift.cusum import CUSUM
-    from edge_daemon.drift.monitor import CUSUM_CLIP
 
     torch.set_num_threads(1)
     modes = [mode for mode in RESIDUAL_MODES if mode != "stream"]
@@ -333,8 +412,14 @@ def month_table(seeds: int, days: int, first_seed: int = 0, train_h: float = 4.0
     for seed in range(first_seed, first_seed + seeds):
         started = time.perf_counter()
         n_train, n_test = int(train_h * HOUR_RT), days * DAY_RT
+        saved = DATA_DIR / f"month-residuals-seed{seed}-days{days}-train{train_h:g}h.npy"
+        if reuse and saved.is_file():
+            residuals = np.load(saved)
+            print(f"month seed {seed}: residuals reused from {saved.name}", flush=True)
+            month_alarms(residuals, n_train, seed, modes, alarms, us, peaks, started)
+            continue
         data = generate_labeled(n_train + n_test, seed=seed)
-        base = realtime_base(data, n_train)
+        base = pretrained_base(data, n_train)
         calendar = base.cfg.calendar_s
         model = serving_model(base, None)  # what the scorer serves with no adapter
         ts, values = data.ts[n_train:], np.stack([data.values[c][n_train:] for c in CHANNELS], axis=1)
@@ -353,40 +438,41 @@ def month_table(seeds: int, days: int, first_seed: int = 0, train_h: float = 4.0
             raise AssertionError(f"batched residuals differ from Scorer.add_step by {diff:.2e}")
         residuals = batched_residuals(base, model, ts, values, progress=f"month seed {seed}")
         del values
-        for mode in modes:
-            events, cost = residual_events(residuals, {**RESIDUAL_MODES[mode], "residual_window_s": 86400.0}, 1.0)
-            alarms[mode].append(events)
-            us[mode].append(cost)
-        # How close the CUSUM came: a detector as the monitor's own (same settings) on each channel's |residual|.
-        peak = []
-        for c in range(len(CHANNELS)):
-            cusum = CUSUM(k=defaults.cusum_k, h=defaults.cusum_h, warmup=defaults.cusum_warmup_steps, clip=CUSUM_CLIP, mode="up")
-            top = 0.0
-            for r in np.abs(residuals[:, c]).tolist():
-                if r == r:  # not NaN
-                    cusum.update(r)
-                    top = max(top, cusum.statistic)
-            peak.append(top)
-        peaks.append(peak)
-        # How well this base forecasts (bases trained on four hours differ a lot): mean |residual| at night and by day.
-        hour = (np.arange(len(residuals)) + n_train) % DAY_RT // HOUR_RT
-        night, day = np.nanmean(np.abs(residuals[hour < 6]), axis=0), np.nanmean(np.abs(residuals[(hour >= 7) & (hour < 22)]), axis=0)
-        print(f"month seed {seed}: mean |residual| (temp, vib, current) 00-06 h {[round(float(v), 3) for v in night]}, 07-22 h {[round(float(v), 3) for v in day]}", flush=True)
-        clock = lambda k: f"day {k // DAY_RT} {k % DAY_RT // 3600:02d}:{k % 3600 // 60:02d}"  # noqa: E731 - k: step of the day-0 stream
-        when = lambda events: ", ".join(f"{ch.split('/')[-1]} {clock(k + n_train)}" for k, ch in events) or "none"  # noqa: E731
-        print(f"month seed {seed}: " + "; ".join(f"{m} {len(alarms[m][-1])} alarms ({when(alarms[m][-1])})" for m in modes)
-              + f"; peak CUSUM {', '.join(f'{p:.1f}' for p in peak)}; {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+        DATA_DIR.mkdir(exist_ok=True)
+        np.save(saved, residuals)
+        month_alarms(residuals, n_train, seed, modes, alarms, us, peaks, started)
     total_days = seeds * days
     print(f"\nResidual drift at 1 reading/s over {seeds} seed(s) ({first_seed}..{first_seed + seeds - 1}) x {days} stationary days ({days * DAY_RT:,} steps a seed), "
           f"default-size base pretrained on 00:00-0{train_h:g}:00 of day 0 (calendar inputs: {list(calendar or ()) or 'none'}), "
-          f"scoring from 0{train_h:g}:00; residuals batched (max |difference| from Scorer.add_step {max(diffs):.1e})\n")  # fmt: skip
-    print(f"| residual drift (default config) | stationary days | false alarms (temp / vib / current) | alarms per 30 days | peak CUSUM statistic per seed (temp, vib, current; h = {defaults.cusum_h:g}) | us per update_residuals (3 channels) |")
+          f"scoring from 0{train_h:g}:00; residuals batched ("
+          + (f"max |difference| from Scorer.add_step {max(diffs):.1e}" if diffs else "reused from an earlier run") + ")\n")  # fmt: skip
+    print(f"| residual drift | stationary days | false alarms (temp / vib / current) | alarms per 30 days | peak of the default CUSUM per seed (temp, vib, current; h = {defaults.cusum_h:g}) | us per update_residuals (3 channels) |")
     print("|---|--:|--:|--:|---|--:|")
     for mode in modes:
         events = [e for seed_events in alarms[mode] for e in seed_events]
         counts = " / ".join(str(sum(1 for _, ch in events if ch == c)) for c in CHANNELS)
-        peak_cell = "; ".join(", ".join(f"{p:.1f}" for p in peak) for peak in peaks) if "cusum" in mode else "-"
+        peak_cell = "; ".join(", ".join(f"{p:.1f}" for p in peak) for peak in peaks) if mode == DEFAULT_MODE else "-"
         print(f"| {mode} | {total_days} | {len(events)} ({counts}) | {len(events) / total_days * 30:.2f} | {peak_cell} | {float(np.median(us[mode])):.1f} |")
+
+
+def month_alarms(
+    residuals: np.ndarray, n_train: int, seed: int, modes: list[str], alarms: dict, us: dict, peaks: list, started: float
+) -> None:
+    """Feed a month's residuals to each mode's monitor; add its alarms, cost and the CUSUM's peak statistic."""
+    for mode in modes:
+        settings = {**RESIDUAL_MODES[mode], "residual_window_s": 86400.0}
+        events, cost = residual_events(residuals, settings, 1.0, DEFAULT_START_TS + n_train, peaks if mode == DEFAULT_MODE else None)
+        alarms[mode].append(events)
+        us[mode].append(cost)
+    peak = peaks[-1]
+    # How well this base forecasts (bases trained on four hours differ a lot): mean |residual| at night and by day.
+    hour = (np.arange(len(residuals)) + n_train) % DAY_RT // HOUR_RT
+    night, day = np.nanmean(np.abs(residuals[hour < 6]), axis=0), np.nanmean(np.abs(residuals[(hour >= 7) & (hour < 22)]), axis=0)
+    print(f"month seed {seed}: mean |residual| (temp, vib, current) 00-06 h {[round(float(v), 3) for v in night]}, 07-22 h {[round(float(v), 3) for v in day]}", flush=True)
+    clock = lambda k: f"day {k // DAY_RT} {k % DAY_RT // 3600:02d}:{k % 3600 // 60:02d}"  # noqa: E731 - k: step of the day-0 stream
+    when = lambda events: ", ".join(f"{ch.split('/')[-1]} {clock(k + n_train)}" for k, ch in events) or "none"  # noqa: E731
+    print(f"month seed {seed}: " + "; ".join(f"{m} {len(alarms[m][-1])} alarms ({when(alarms[m][-1])})" for m in modes)
+          + f"; peak CUSUM {', '.join(f'{p:.1f}' for p in peak)}; {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
 
 
 def residual_table(seeds: int) -> None:
@@ -399,12 +485,7 @@ def residual_table(seeds: int) -> None:
             residuals = scored_residuals(seed, change_day, regime, ramp_steps=1 if regime == "overload" else 20)
             for mode in RESIDUAL_MODES:
                 settings = {**RESIDUAL_MODES[mode], "residual_window_s": DAY * SCALE}
-                cfg = DriftConfig(**settings)  # type: ignore[arg-type]
-                mon = DriftMonitor(list(CHANNELS), cfg, period_s=SCALE)
-                events = []
-                for k in range(len(residuals)):
-                    events += [(k, e.channel) for e in mon.update_residuals(residuals[k], float(k))]
-                results[mode][name].append(events)
+                results[mode][name].append(residual_events(residuals, settings, SCALE)[0])
             print(f"seed {seed} {name}: " + "; ".join(f"{m} {len(results[m][name][-1])} alarms" for m in results), flush=True)
     print(f"\nResidual drift, default-size base pretrained on 3 days, {seeds} seeds x 12 scored days (1 day = {DAY} steps)\n")
     print("| residual drift | alarms per stationary day | x stream | bearing wear: first alarm on vibration (steps after) | recalibration: first alarm on current (steps after) | overload (abrupt): first alarm on current (steps after) | alarms before the change |")

@@ -38,7 +38,6 @@ import math
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -57,8 +56,7 @@ from edge_daemon.frames import Grid, build_grid  # noqa: E402
 from edge_daemon.pretrain import pretrain  # noqa: E402
 from edge_daemon.scoring import Scorer, ServingRule, baselines_of  # noqa: E402
 from edge_daemon.store import Reading, ReplayStore  # noqa: E402
-from edge_daemon.updater import _run_update  # noqa: E402
-from edge_daemon.watchdog import Level, PlanGovernor, plan_candidates  # noqa: E402
+from _common import run_update  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".data"
 WHEELS = {"brightwind": "brightwind==2.7.0", "pvanalytics": "pvanalytics==0.2.2"}
@@ -168,18 +166,6 @@ def _store(config: Config, data: DataSet, until: float) -> None:
             store.write(batch[start : start + 50_000])
 
 
-def _update(config: Config) -> dict[str, Any]:
-    governor = PlanGovernor(lambda: Level.NORMAL, plan_candidates(config.train.batch_size, config.train.micro_batch))
-    job = {"kind": "update", "reason": "requested", "candidates": [p.to_dict() for p in governor.start_candidates()],
-           "baseline_mb": 300.0, "budget_mb": 16000.0, "seed": 0}  # fmt: skip
-
-    class Sink:
-        def put(self, message: dict[str, Any]) -> None:
-            pass
-
-    return _run_update(config, job, governor, threading.Event(), Sink())
-
-
 Residuals = dict[int, dict[float, dict[str, np.ndarray]]]  # steps ahead -> step time -> forecaster -> (C,)
 
 
@@ -277,7 +263,7 @@ def run(data: DataSet, pretrain_steps: int) -> tuple[dict[int, list[list[str]]],
         base = load_base(config.base_dir, data.channels, data.period_s)
         _store(config, data, data.change_ts + data.adapt_s)
         started = time.monotonic()
-        reply = _update(config)
+        reply = run_update(config)
         update_s = time.monotonic() - started
         adapters = AdapterStore(config.adapters_dir)
         version = adapters.get(reply["version"]) if reply.get("accepted") else None

@@ -259,20 +259,26 @@ class DriftConfig(_Section):
     residual_window_s: float = Field(86400.0, gt=0, description="'window': span of the rolling window; hold whole cycles")
     residual_ratio: float = Field(2.0, gt=1, description="'window': mean |residual| this many times the baseline is drift")
     residual_rearm_ratio: float = Field(1.5, ge=1, description="'window': under this ratio a new episode may alert again")
-    # CUSUM settings from benchmarks/drift.py at 1 reading/s on the sample motor: an hour of memory
-    # spans four batch cycles (with 10-30 min the cycle's swing of |residual| alarmed every few hours);
-    # h=40 still alarmed 3 times in 18 stationary hours, h=80 and 100 never; h=100 keeps a margin and
-    # finds the 45% current jump in 67-444 s. k stays under the monitor's clip of 3. Off by default:
-    # over 30 stationary days its hour of memory read the daily rise of |residual| (twice the night's
-    # under a base trained on a night) as a shift 45 times, where the day-long window raised nothing.
+    # CUSUM settings from benchmarks/drift.py at 1 reading/s on the sample motor (default-size base
+    # trained on a night). Judged against its own last hour, the daily rise of |residual| (twice the
+    # night's by day) read as a shift 45 times in 30 stationary days (per step, k=0.5, h=100).
+    # Against the same time of day on earlier days, on 30-second means, k=1.0 and h=30 raised none
+    # (the highest sum: 19, the bursts of the 15-minute batch cycle, which no clock explains) and
+    # found the 45% current jump in minutes where it raises the residuals twofold or more.
     cusum: bool = Field(
-        False, description="'window': also run a CUSUM on every |residual|, so an abrupt shift alerts in minutes "
-        "(for a base trained on whole days: a daily swing of the residuals reads as a shift)",
+        True, description="'window': also run a CUSUM on the |residuals|, so an abrupt shift alerts in minutes",
     )
-    cusum_k: float = Field(0.5, ge=0, lt=3, description="CUSUM slack: shifts under this many standard deviations never add up")
-    cusum_h: float = Field(100.0, gt=0, description="CUSUM threshold: accumulated standard deviations that signal drift")
+    cusum_k: float = Field(1.0, ge=0, lt=3, description="CUSUM slack: shifts under this many standard deviations never add up")
+    cusum_h: float = Field(30.0, gt=0, description="CUSUM threshold: accumulated standard deviations that signal drift")
     cusum_warmup_steps: int = Field(
-        3600, ge=2, description="CUSUM: steps learning the |residual| mean and std (also the memory of their running estimate)"
+        3600, ge=2, description="CUSUM: steps learning the mean and std of what it reads (also the memory of their running estimate)"
+    )
+    cusum_block_s: float = Field(
+        30.0, gt=0, description="CUSUM: it reads the mean of each this many seconds of |residual| (at least one step)"
+    )
+    cusum_by_time_of_day: bool = Field(
+        True, description="CUSUM: judge each |residual| against the typical one at the same time of day on earlier days "
+        "(it watches once it has seen a whole day), so the daily swing of the model's error is not a shift",
     )
 
     @model_validator(mode="after")

@@ -177,7 +177,6 @@ class UpdateTrace:
     def _sample(self) -> None:
         from edge_daemon.watchdog import process_tree_rss_mb
 
-        t = self.now()
         rss = self._process.memory_info().rss / 2**20
         service = None
         if self.service_pid is not None:
@@ -192,6 +191,9 @@ class UpdateTrace:
             except Exception:
                 level = None
         with self._lock:
+            # Timed under the lock: a sample from the sampler thread and one at a phase change,
+            # taken at once, then land in time order whichever measured first.
+            t = self.now()
             self.samples["t"].append(t)
             self.samples["rss_mb"].append(round(rss, 1))
             self.samples["service_mb"].append(service)

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from edge_daemon.config import DriftConfig
 from edge_daemon.drift import CUSUM, DriftMonitor
+from edge_daemon.drift.profile import TimeOfDayProfile
 
 SHIFT_AT = 5000  # index of the first value of the shifted regime
 
@@ -142,7 +143,9 @@ def residual_events(monitor: DriftMonitor, residuals: np.ndarray) -> list[tuple[
 
 
 def cfg(**changes: object) -> DriftConfig:
-    return DriftConfig(residual_window_s=DAY_STEPS, **{"cusum": True, "cusum_k": 0.5, "cusum_h": 20.0, "cusum_warmup_steps": 1000, **changes})
+    """The CUSUM on every residual, with no daily swing: judged by its own running level, not by the time of day."""
+    settings = {"cusum": True, "cusum_k": 0.5, "cusum_h": 20.0, "cusum_warmup_steps": 1000, "cusum_block_s": 1.0, "cusum_by_time_of_day": False}
+    return DriftConfig(residual_window_s=DAY_STEPS, **{**settings, **changes})
 
 
 def test_abrupt_residual_shift_on_one_channel_is_one_event_within_minutes() -> None:
@@ -202,3 +205,55 @@ def test_stream_mode_and_cusum_off_run_no_cusum() -> None:
     for config in (DriftConfig(residuals="stream"), DriftConfig(cusum=False)):
         status = DriftMonitor(CHANNELS, config).status()["channels"]["m1/current"]
         assert "residual_cusum" not in status
+
+
+# -- judged by the time of day -------------------------------------------------------
+
+DAY = 86_400  # steps of a day at 1 reading/s
+
+
+def daily_residuals(days: int, seed: int) -> np.ndarray:
+    """(days * DAY, 3) heavy-tailed residuals three times as large from 06:00 to 22:00 as at night,
+    as a model trained on a night shift makes them when the line runs by day."""
+    hour = np.arange(days * DAY) % DAY / 3600
+    size = np.where((hour >= 6) & (hour < 22), 5.0, 1.0)
+    return monitor_residuals(days * DAY, seed) * size[:, None]
+
+
+def test_the_profile_learns_a_whole_day_then_judges_each_value_against_its_time_of_day() -> None:
+    assert TimeOfDayProfile(1.0).bins == 96 and TimeOfDayProfile(60.0).bins == 24 and TimeOfDayProfile(600.0).bins == 2
+    profile = TimeOfDayProfile(60.0)
+    for k in range(1440):  # a day at 1 reading a minute: 1 by night, 3 from 06:00 to 22:00
+        t = 1.7e9 - 1.7e9 % DAY + 60.0 * k
+        assert (profile.relative(t, 1.0) is None) == (k <= 1380)  # nothing is judged before every hour has values
+        profile.learn(t, 3.0 if 6 <= k / 60 < 22 else 1.0)
+    assert profile.ready
+    midnight = 1.7e9 - 1.7e9 % DAY + DAY
+    assert profile.relative(midnight + 3 * 3600, 2.0) == pytest.approx(2.0)
+    assert profile.relative(midnight + 12 * 3600, 6.0) == pytest.approx(2.0)
+
+
+def test_the_daily_swing_of_the_residuals_is_not_a_shift_and_an_abrupt_one_is_found_in_minutes() -> None:
+    residuals = daily_residuals(4, seed=13)
+    # Judged by its own last hour, every morning's rise reads as a shift.
+    by_the_hour = residual_events(DriftMonitor(CHANNELS, DriftConfig(cusum=True, cusum_by_time_of_day=False)), residuals)
+    assert len(by_the_hour) >= 3, by_the_hour
+    # Judged against the same time of day on earlier days (the default), it does not.
+    monitor = DriftMonitor(CHANNELS, DriftConfig(cusum=True))
+    assert residual_events(monitor, residuals) == []
+    assert monitor.status()["channels"]["m1/current"]["residual_cusum"]["time_of_day_learnt"] == 1.0
+    # An abrupt shift on day 3 at 10:00 (current residuals x 3) is found within the 10 minutes the
+    # CUSUM's settings allow at the fastest (h / (clip - k) = 15 means of 30 s).
+    shift_at = 3 * DAY + 10 * 3600
+    residuals[shift_at:, 2] *= 3.0
+    events = residual_events(DriftMonitor(CHANNELS, DriftConfig(cusum=True)), residuals)
+    assert len(events) == 1 and events[0][1] == "m1/current" and 450 <= events[0][0] - shift_at < 600, events
+
+
+def test_the_cusum_waits_for_a_whole_day_of_residuals() -> None:
+    monitor = DriftMonitor(CHANNELS, DriftConfig(cusum=True))
+    residuals = daily_residuals(1, seed=14)
+    residuals[12 * 3600 :, 0] *= 5.0  # a shift before a day is learnt: the CUSUM cannot judge it
+    assert residual_events(monitor, residuals[: DAY // 2 + 3600]) == []  # the day-long window has no baseline yet either
+    status = monitor.status()["channels"]["m1/temperature"]["residual_cusum"]
+    assert status["state"] == "learning" and status["samples"] == 0 and 0.5 < status["time_of_day_learnt"] < 1.0

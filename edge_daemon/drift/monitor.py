@@ -19,6 +19,7 @@ import numpy as np
 from edge_daemon.drift.adwin import ADWIN
 from edge_daemon.drift.base import DriftDetector
 from edge_daemon.drift.cusum import CUSUM
+from edge_daemon.drift.profile import TimeOfDayProfile
 from edge_daemon.drift.kswin import KSWIN
 from edge_daemon.drift.page_hinkley import PageHinkley
 from edge_daemon.drift.reference import Reference, ReferenceShift, ResidualRatio
@@ -132,12 +133,20 @@ class _Channel:
         shift: ReferenceShift | None = None,
         residual_window: ResidualRatio | None = None,
         residual_cusum: CUSUM | None = None,
+        residual_profile: TimeOfDayProfile | None = None,
     ) -> None:
         self.name = name
         # cfg.residuals == "window": the rolling mean |residual| against its first window,
         # and (cfg.cusum) a CUSUM on every |residual| that sees an abrupt shift in minutes.
         self.residual_window = residual_window
         self.residual_cusum = residual_cusum
+        # (cfg.cusum_by_time_of_day) the CUSUM reads each |residual| over the typical one at that
+        # time of day on earlier days, so the daily swing of the model's error is not a shift.
+        self.residual_profile = residual_profile
+        # The CUSUM reads means of `cusum_block` values: per step |residuals| are heavy-tailed (their
+        # std is twice their mean on the sample motor), their means over half a minute nearly normal.
+        self.cusum_sum = 0.0
+        self.cusum_count = 0
         # One alert an episode whichever judge sees it first: set by a detection, cleared
         # once both judges are back to normal (see _residual_episode_over).
         self.residual_episode = False
@@ -193,6 +202,7 @@ class _Channel:
             self.residual_window.reset()
         if self.residual_cusum is not None:
             self.residual_cusum.reset()
+        self.cusum_sum, self.cusum_count = 0.0, 0
         self.residual_episode = False
         self.residual_episode_steps = 0
         self.residual_change_from = None
@@ -233,13 +243,14 @@ class _Channel:
         }
 
     def _cusum_status(self) -> dict[str, Any]:
-        cusum = self.residual_cusum
+        cusum, profile = self.residual_cusum, self.residual_profile
         assert cusum is not None
         return {
             "statistic": round(cusum.statistic, 3),
             "threshold": cusum.h,
-            "state": "learning" if cusum.learning else "watching",
+            "state": "learning" if cusum.learning or (profile is not None and not profile.ready) else "watching",
             "samples": cusum.samples,
+            **({} if profile is None else {"time_of_day_learnt": round(profile.learnt_fraction, 3)}),
         }
 
     def _window_status(self) -> dict[str, Any]:
@@ -272,7 +283,7 @@ def _residual_episode_over(channel: _Channel) -> bool:
     the window confirms later is then one episode, one alert."""
     window, cusum = channel.residual_window, channel.residual_cusum
     assert window is not None
-    if cusum is not None and cusum.learning:
+    if cusum is not None and cusum.learning and (channel.residual_profile is None or channel.residual_profile.ready):
         return False
     if window.baseline is None:
         return True
@@ -299,10 +310,12 @@ class DriftMonitor:
       base model's training data; without one, the first full window);
     - residuals: mean |residual| of the window against the mean of the first
       full window after start-up or the last accepted adapter. A model that
-      gets better is never drift. Beside it (`cfg.cusum`), a CUSUM on every
-      |residual|, standardised by its own running mean and std, raises the
-      same residual drift within minutes of an abrupt shift; an episode is
-      alerted once, whichever judge sees it first.
+      gets better is never drift. Beside it (`cfg.cusum`), a CUSUM raises the
+      same residual drift within minutes of an abrupt shift: it reads each
+      |residual| over the typical one at that time of day on earlier days
+      (`cfg.cusum_by_time_of_day`; it watches once it has seen a whole day),
+      averaged over `cfg.cusum_block_s`, standardised by its own running mean
+      and std. An episode is alerted once, whichever judge sees it first.
 
     Each signals once an episode (hysteresis). An accepted adapter restarts
     the residual baseline and makes the next input window the reference.
@@ -346,6 +359,7 @@ class DriftMonitor:
         self.channels = list(channels)
         self.period_s = float(period_s)
         self._window = max(20, round(cfg.input_window_s / period_s))
+        self._cusum_block = max(1, round(cfg.cusum_block_s / period_s))  # residuals per CUSUM value
         self._channels = [
             _Channel(
                 name,
@@ -356,6 +370,7 @@ class DriftMonitor:
                 self._shift(None if input_reference is None else input_reference[index]),
                 self._residual_window(period_s),
                 self._residual_cusum(),
+                self._residual_profile(period_s),
             )
             for index, name in enumerate(channels)
         ]
@@ -384,7 +399,17 @@ class DriftMonitor:
             return None
         # Upward only: a model getting better is no reason to adapt. On |residual|, so a
         # forecast that turns biased (either sign) and one that turns noisier both raise it.
-        return CUSUM(k=self.cfg.cusum_k, h=self.cfg.cusum_h, warmup=self.cfg.cusum_warmup_steps, clip=CUSUM_CLIP, mode="up")
+        warmup = max(2, self.cfg.cusum_warmup_steps // self._cusum_block)
+        return CUSUM(k=self.cfg.cusum_k, h=self.cfg.cusum_h, warmup=warmup, clip=CUSUM_CLIP, mode="up")
+
+    def _residual_profile(self, period_s: float) -> TimeOfDayProfile | None:
+        if self.cfg.residuals != "window" or not self.cfg.cusum or not self.cfg.cusum_by_time_of_day:
+            return None
+        return TimeOfDayProfile(period_s)
+
+    def residual_cusum_statistics(self) -> list[float | None]:
+        """Per channel, the residual CUSUM's sum now (its threshold is `cfg.cusum_h`); None without one."""
+        return [None if c.residual_cusum is None else c.residual_cusum.statistic for c in self._channels]
 
     def set_input_reference(self, references: Sequence[Reference | None]) -> None:
         """The training data of a (new) base model becomes the input reference of every channel."""
@@ -454,15 +479,25 @@ class DriftMonitor:
                 window = channel.residual_window
                 if window is not None:
                     slow = window.update(magnitude)
-                    cusum = channel.residual_cusum
-                    fast = cusum is not None and cusum.update(magnitude).drift_detected
+                    cusum, profile = channel.residual_cusum, channel.residual_profile
+                    judged: float | None = magnitude
+                    if profile is not None:  # against the same time of day on earlier days
+                        judged = profile.relative(t, magnitude)
+                        profile.learn(t, magnitude)
+                    fast = False
+                    if cusum is not None and judged is not None:
+                        channel.cusum_sum += judged
+                        channel.cusum_count += 1
+                        if channel.cusum_count >= self._cusum_block:
+                            fast = cusum.update(channel.cusum_sum / channel.cusum_count).drift_detected
+                            channel.cusum_sum, channel.cusum_count = 0.0, 0
                     channel.residual_level, channel.residual_baseline = window.level, window.baseline
                     if slow or fast:
                         if not channel.residual_episode:
                             channel.residual_episode = True
                             channel.residual_episode_steps = 0
                             # The CUSUM dates the shift; the window only says it lies within it.
-                            steps_back = cusum.onset_steps if fast and cusum is not None else window.window
+                            steps_back = cusum.onset_steps * self._cusum_block if fast and cusum is not None else window.window
                             began = t - steps_back * self.period_s
                             if channel.residual_change_from is None:
                                 channel.residual_change_from = began

@@ -1,0 +1,69 @@
+"""The typical size of a stream at each time of day, learnt over earlier days.
+
+A forecaster's |residual| follows the clock: twice the night's by day when the
+line runs, larger at shift changes. A detector that learns its normal level
+from the last hour reads every morning's rise as a shift; one that judges each
+value against the same time of day on earlier days does not
+(`DriftMonitor`'s residual CUSUM, `[drift] cusum_by_time_of_day`).
+"""
+
+from __future__ import annotations
+
+MAX_BINS = 96  # quarter hours of a day
+MIN_BIN_STEPS = 60  # grid steps a bin covers each day, at least: fewer bins at slow periods
+
+
+class TimeOfDayProfile:
+    """Mean of a positive stream in each of `bins` slices of the day.
+
+    A slice's mean is the plain mean of its values until it holds `memory_days`
+    days of them, then an exponentially weighted one with that memory, so a
+    slow change (a season) is followed while one day's events move it little.
+    `relative(t, x)` is x over the mean of t's slice; None until every slice
+    of the day has values (a day of data): the time the profile needs before
+    it can judge anything.
+    """
+
+    def __init__(self, period_s: float, day_s: float = 86400.0, memory_days: float = 7.0) -> None:
+        if period_s <= 0 or day_s <= 0 or memory_days <= 0:
+            raise ValueError("period_s, day_s and memory_days must be > 0")
+        steps_a_day = day_s / period_s
+        self.bins = int(max(1, min(MAX_BINS, steps_a_day // MIN_BIN_STEPS)))
+        self.day_s = float(day_s)
+        self._bin_s = self.day_s / self.bins
+        self._min_rate = 1.0 / max(1.0, steps_a_day / self.bins * memory_days)
+        self._mean = [0.0] * self.bins
+        self._count = [0] * self.bins
+        self._ready = False
+
+    def _bin(self, t: float) -> int:
+        return int((t % self.day_s) // self._bin_s) % self.bins
+
+    @property
+    def ready(self) -> bool:
+        """Whether every slice of the day has a typical value."""
+        return self._ready
+
+    @property
+    def learnt_fraction(self) -> float:
+        """Share of the slices of the day that have values."""
+        return sum(1 for n in self._count if n) / self.bins
+
+    def typical(self, t: float) -> float | None:
+        """The mean of t's slice (None while it has no values)."""
+        b = self._bin(t)
+        return self._mean[b] if self._count[b] else None
+
+    def relative(self, t: float, x: float) -> float | None:
+        """x over the typical value at t's time of day; None until the profile is ready."""
+        if not self._ready:
+            return None
+        return x / max(self._mean[self._bin(t)], 1e-12)
+
+    def learn(self, t: float, x: float) -> None:
+        """Add a value seen at time t."""
+        b = self._bin(t)
+        n = self._count[b] = self._count[b] + 1
+        self._mean[b] += max(1.0 / n, self._min_rate) * (x - self._mean[b])
+        if not self._ready and n == 1:
+            self._ready = all(self._count)
