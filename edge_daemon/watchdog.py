@@ -305,6 +305,88 @@ def process_tree_rss_mb(pid: int) -> float:
     return sum(_rss_bytes(p) for p in process_tree_pids(pid)) / MB
 
 
+def _pss_bytes(pid: int) -> int | None:
+    """Proportional set size of `pid` (shared pages split between the processes mapping them);
+    None when the process is gone or the kernel has no smaps_rollup."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_holds_only(directory: Path, pids: Sequence[int]) -> bool:
+    """Whether every process in the cgroup `directory` is one of `pids` (and it holds some)."""
+    try:
+        members = {int(p) for p in (directory / "cgroup.procs").read_text().split()}
+    except (OSError, ValueError):
+        return False
+    return bool(members) and members <= set(pids)
+
+
+class TreeMemory:
+    """What a process tree costs the machine, as the kernel counts it.
+
+    In a memory cgroup that holds the tree and nothing else (a systemd service,
+    limited or not), the cgroup's own charge: pages, page tables and kernel
+    memory charged to it, less inactive page cache. Elsewhere (a shell, a
+    test), the tree's PSS: a page that daemon and training child share counts
+    once, split between them, where RSS counts it in each. Reading PSS costs
+    ~7 ms per torch process, so it is read every `pss_interval_s` and when
+    the tree changes; in between, each process's RSS change since that read
+    is added, so an allocation counts at once.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        pss_interval_s: float = 2.0,
+        cgroup_root: Path = Path("/sys/fs/cgroup"),
+        proc_cgroup: Path | None = None,
+    ) -> None:
+        self.pid = pid
+        self.pss_interval_s = pss_interval_s
+        self._cgroup_root = cgroup_root
+        self._proc_cgroup = proc_cgroup or Path(f"/proc/{pid}/cgroup")
+        self._pss_at = float("-inf")
+        self._pss_total = 0
+        self._rss_at_pss: dict[int, int] = {}
+        self.source = "pss"
+        self.rss_mb = 0.0
+
+    def own_cgroup(self, pids: Sequence[int]) -> Path | None:
+        """The tree's memory cgroup, when it holds the tree alone."""
+        layouts = _cgroup_layouts(self._cgroup_root, self._proc_cgroup)
+        if not layouts or layouts[0].directory == layouts[0].mount:
+            return None  # the root cgroup holds everything
+        return layouts[0].directory if _cgroup_holds_only(layouts[0].directory, pids) else None
+
+    def usage_mb(self) -> float:
+        """The tree's cost now, in MB (`source` says how it was counted; `rss_mb` is its RSS)."""
+        pids = process_tree_pids(self.pid)
+        rss = {p: _rss_bytes(p) for p in pids}
+        self.rss_mb = sum(rss.values()) / MB
+        directory = self.own_cgroup(pids)
+        if directory is not None:
+            charged = cgroup_usage_mb(directory)
+            if charged is not None:
+                self.source = "cgroup"
+                return charged
+        self.source = "pss"
+        now = time.monotonic()
+        if now - self._pss_at >= self.pss_interval_s or set(rss) != set(self._rss_at_pss):
+            total = 0
+            for p in pids:
+                pss = _pss_bytes(p)
+                total += rss[p] if pss is None else pss  # without smaps_rollup, RSS: the safe side
+            self._pss_total, self._rss_at_pss, self._pss_at = total, rss, now
+        grown = sum(rss[p] - self._rss_at_pss.get(p, 0) for p in pids)
+        return max(0, self._pss_total + grown) / MB
+
+
 def system_available_mb() -> float:
     """MemAvailable: what the kernel could give without swapping, for everyone."""
     return psutil.virtual_memory().available / MB
@@ -462,11 +544,12 @@ LevelListener = Callable[[Level, Level], None]
 class MemoryWatchdog:
     """A thread sampling the service's memory and keeping the pressure level.
 
-    Usage is the RSS of the watched process tree (daemon plus training
-    child); where the binding limit is a cgroup's, that cgroup's working set
-    counts too (it also holds kernel and page-cache charges the OOM killer
-    sees). Every level change is logged and passed to the listeners
-    `(old, new)`, which run on the watchdog thread and must be quick.
+    Usage is what the kernel counts: where the binding limit is a cgroup's,
+    that cgroup's working set (what its OOM killer compares with the limit);
+    otherwise the watched process tree's own cost (`TreeMemory`: its
+    cgroup's charge when the cgroup holds it alone, else its PSS). Every
+    level change is logged and passed to the listeners `(old, new)`, which
+    run on the watchdog thread and must be quick.
     """
 
     def __init__(
@@ -499,6 +582,8 @@ class MemoryWatchdog:
         self._budget = self._read_budget()
         self._budget_read_at = time.monotonic()
         self._level = Level.NORMAL
+        self._tree = TreeMemory(self.pid, cgroup_root=cgroup_root, proc_cgroup=self._proc_cgroup)
+        self._usage_source = "pss"
         self._rss_mb = 0.0
         self._usage_mb = 0.0
         self._cgroup_mb: float | None = None
@@ -542,8 +627,13 @@ class MemoryWatchdog:
 
     @property
     def usage_mb(self) -> float:
-        """What the level is computed from: tree RSS, or the cgroup working set if larger."""
+        """What the level is computed from: the limiting cgroup's working set, else the tree's cost."""
         return self._usage_mb
+
+    @property
+    def usage_source(self) -> str:
+        """How `usage_mb` was counted: "cgroup limit", "cgroup" (the tree's own) or "pss"."""
+        return self._usage_source
 
     @property
     def peak_rss_mb(self) -> float:
@@ -568,6 +658,7 @@ class MemoryWatchdog:
             "budget_mb": round(self._budget.mb, 1),
             "level": self._level.label,
             "usage_mb": round(self._usage_mb, 1),
+            "usage_source": self._usage_source,
             "peak_rss_mb": round(self._peak_rss_mb, 1),
             "available_mb": round(self._available_mb, 1),
             "cgroup_mb": None if self._cgroup_mb is None else round(self._cgroup_mb, 1),
@@ -603,11 +694,14 @@ class MemoryWatchdog:
                 log.info("memory budget %.0f MB (%s), was %.0f MB", budget.mb, budget.source, self._budget.mb)
                 self._budget = budget
             self._budget_read_at = now
-        rss = process_tree_rss_mb(self.pid)
+        tree_mb = self._tree.usage_mb()
+        rss = self._tree.rss_mb
         cgroup_mb = cgroup_usage_mb(self._budget.cgroup_dir) if self._budget.cgroup_dir is not None else None
         self._rss_mb = rss
         self._cgroup_mb = cgroup_mb
-        self._usage_mb = max(rss, cgroup_mb or 0.0)
+        # Against a cgroup's limit, that cgroup's charge (it may hold more than this tree); against
+        # the config or the machine, what this tree costs.
+        self._usage_mb, self._usage_source = (cgroup_mb, "cgroup limit") if cgroup_mb is not None else (tree_mb, self._tree.source)
         self._available_mb = system_available_mb()
         self._peak_rss_mb = max(self._peak_rss_mb, rss)
         old = self._level

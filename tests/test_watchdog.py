@@ -33,12 +33,14 @@ from edge_daemon.watchdog import (
     PlanGovernor,
     PressurePolicy,
     SharedLevel,
+    TreeMemory,
     UpdateOutcome,
     cgroup_usage_mb,
     choose_start_plan,
     memory_budget,
     peak_rss_mb,
     plan_candidates,
+    process_tree_pids,
     process_tree_rss_mb,
     release_memory,
     reset_peak_rss,
@@ -758,3 +760,76 @@ def test_watchdog_inside_a_memory_cgroup_reads_its_limit_and_stops_before_oom(me
     # It grew until critical (>= 90 % of the limit) and was never killed.
     assert result["levels"][-1] == "critical" and last["usage_mb"] >= 0.9 * limit_mb
     assert result["grown_mb"] >= 16
+
+
+# --------------------------------------------------------------- as the kernel counts it
+
+
+def _touched(mb: int) -> bytearray:
+    block = bytearray(mb << 20)
+    block[::4096] = b"\x01" * len(range(0, len(block), 4096))
+    return block
+
+
+def test_outside_a_cgroup_of_its_own_a_tree_costs_its_pss_not_its_rss(tmp_path: Path) -> None:
+    """A forked child shares the parent's pages: RSS counts them in both, the kernel once."""
+    from edge_daemon.watchdog import _pss_bytes
+
+    block = _touched(200)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only waits, sharing the 200 MB copy-on-write
+        os.close(write_end)
+        os.read(read_end, 1)
+        os._exit(0)
+    try:
+        tree = TreeMemory(os.getpid(), proc_cgroup=tmp_path / "no-cgroup")
+        usage = tree.usage_mb()
+        assert tree.source == "pss"
+        pss = sum(_pss_bytes(p) or 0 for p in process_tree_pids(os.getpid())) / MB
+        assert abs(usage - pss) < 0.05 * pss
+        assert tree.rss_mb > usage + 150, (tree.rss_mb, usage)  # RSS counts the 200 MB twice
+        # Between PSS reads, a new allocation counts at once, in full.
+        more = _touched(100)
+        assert tree.usage_mb() > usage + 90
+        del more
+    finally:
+        os.write(write_end, b"x")
+        os.waitpid(child, 0)
+        del block
+
+
+# Runs alone in a memory cgroup without a limit, as a systemd service does: the watchdog counts the
+# cgroup's charge, which the test reads from the kernel at the same moment.
+_SERVICE_CHILD = r"""
+import json, sys
+from edge_daemon.watchdog import MemoryWatchdog, PressurePolicy
+block = bytearray(64 << 20)
+block[::4096] = b"\x01" * len(range(0, len(block), 4096))
+watchdog = MemoryWatchdog(PressurePolicy(0.70, 0.80, 0.90, 0.05, min_available_mb=0), configured_budget_mb=4000)
+watchdog.sample()
+print(json.dumps(watchdog.snapshot()), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_alone_in_its_cgroup_the_service_costs_the_cgroups_charge(memory_cgroup: MemoryCgroup) -> None:
+    memory_cgroup.limit_file.write_text("max" if memory_cgroup.version == 2 else "-1")  # a service without MemoryMax
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SERVICE_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        preexec_fn=memory_cgroup.enter_fn(), cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        snapshot = json.loads(child.stdout.readline())
+        kernel = cgroup_usage_mb(memory_cgroup.path)
+        child.stdin.write("done\n")
+        child.stdin.flush()
+        child.wait(HANG_S)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert kernel is not None
+    assert snapshot["usage_source"] == "cgroup" and snapshot["budget_source"] == "config [memory] budget_mb"
+    assert abs(snapshot["usage_mb"] - kernel) < 0.10 * kernel, (snapshot, kernel)
