@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 # (about 11 minutes at 1 s with the default window): enough to train and hold some out.
 UPDATE_MIN_WINDOWS_SINCE_CHANGE = 10
 
-# RSS of an update child before any has been measured on this device: torch (~240 MB) and
-# peft without bitsandbytes (~127 MB) plus a default-size update, measured on a 2-core x86 box.
+# What an update child adds to the service before one has been measured on this device: its RSS,
+# torch (~240 MB) and peft without bitsandbytes (~127 MB) plus a default-size update, measured on a
+# 2-core x86 box. Each finished child's measured increment replaces it.
 EXPECTED_CHILD_MB = 400.0
 
 # How often the main thread checks that every part is still alive.
@@ -101,8 +102,10 @@ class Daemon:
         self._bootstrap_not_before = 0.0
         self._last_decision: str | None = None  # why the trigger last did (not) start an update
         self.trigger_checks = 0  # decisions taken so far (a test waits for the next one)
-        # Expected RSS of a training child; replaced by each update's measured peak.
+        # What a training child adds to the service's usage; each child's measured increment
+        # (peak usage while it ran, less the usage when it started) replaces it.
         self._expected_child_mb = EXPECTED_CHILD_MB
+        self._usage_at_child_start: float | None = None
         self.heartbeat: Heartbeat | None = None
         # Monotonic time of the main loop's last health check; the heartbeat watches it.
         self._loop_mono = time.monotonic()
@@ -514,7 +517,7 @@ class Daemon:
             "budget_mb": self.watchdog.budget_mb,
             "seed": int(time.time()),
         }
-        if not self.runner.start(job):
+        if not self._start_child(job):
             return False
         self.trigger.started()
         if self.pipeline is not None:
@@ -533,8 +536,29 @@ class Daemon:
             return
         if self.store.count() < self.config.model.bootstrap_min_windows * len(self.config.channels.names):
             return
-        if self.runner.start({"kind": "pretrain", "reason": "no base model"}):
+        if self._start_child({"kind": "pretrain", "reason": "no base model"}):
             self.trigger.started()
+
+    def _start_child(self, job: dict[str, Any]) -> bool:
+        """Start the training child, with the service's usage now as the mark its increment is measured from."""
+        assert self.runner is not None and self.watchdog is not None
+        usage = self.watchdog.usage_mb
+        if not self.runner.start(job):
+            return False
+        self.watchdog.reset_peak()
+        self._usage_at_child_start = usage
+        return True
+
+    def _learn_child_increment(self, finished: bool) -> None:
+        """After a child that ran to its end: what it added to the service at its peak is the next
+        child's expected cost. One stopped or failed early says only that it needed more."""
+        if self.watchdog is None or self._usage_at_child_start is None:
+            return
+        added = self.watchdog.peak_usage_mb - self._usage_at_child_start
+        self._usage_at_child_start = None
+        if finished and added > 0:
+            log.info("the training child added %.0f MB at its peak (expected %.0f MB)", added, self._expected_child_mb)
+            self._expected_child_mb = added
 
     def _on_update_result(self, result: dict[str, Any]) -> None:
         """In the runner's monitor thread: serve an accepted adapter, publish the outcome."""
@@ -542,6 +566,7 @@ class Daemon:
         stopped = bool(outcome.get("stopped")) if isinstance(outcome, dict) else False
         backoff = self.governor.retry_after_s if self.governor else 0.0
         self.trigger.finished(stopped_for_memory=stopped, backoff_s=backoff)
+        self._learn_child_increment(finished=not (stopped or result.get("aborted") or result.get("error")))
         if self.watchdog is not None:
             from edge_daemon.watchdog import release_memory
 
@@ -708,6 +733,8 @@ class Daemon:
             "requested": self.trigger.requested,
             "trigger": self._last_decision,
             "retry_after_s": self.governor.retry_after_s if self.governor else 0.0,
+            # What the start rule expects a training child to add (measured by the last one that finished).
+            "expected_child_mb": round(self._expected_child_mb, 1),
             "last": _last_summary(last),
         }
 

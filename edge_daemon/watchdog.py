@@ -589,6 +589,7 @@ class MemoryWatchdog:
         self._cgroup_mb: float | None = None
         self._available_mb = 0.0
         self._peak_rss_mb = 0.0
+        self._peak_usage_mb = 0.0
         self.heartbeat = 0.0
         self.samples = 0
 
@@ -648,8 +649,14 @@ class MemoryWatchdog:
     def fraction(self) -> float:
         return self._usage_mb / self._budget.mb
 
+    @property
+    def peak_usage_mb(self) -> float:
+        """Largest `usage_mb` seen since start or `reset_peak()`."""
+        return self._peak_usage_mb
+
     def reset_peak(self) -> None:
         self._peak_rss_mb = self._rss_mb
+        self._peak_usage_mb = self._usage_mb
 
     def snapshot(self) -> dict[str, Any]:
         """The `memory` part of the status reply."""
@@ -704,6 +711,7 @@ class MemoryWatchdog:
         self._usage_mb, self._usage_source = (cgroup_mb, "cgroup limit") if cgroup_mb is not None else (tree_mb, self._tree.source)
         self._available_mb = system_available_mb()
         self._peak_rss_mb = max(self._peak_rss_mb, rss)
+        self._peak_usage_mb = max(self._peak_usage_mb, self._usage_mb)
         old = self._level
         new = self.policy.next_level(old, self.fraction, self._available_mb)
         self.samples += 1

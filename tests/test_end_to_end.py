@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_daemon.adapters import load_base, serving_model
 from edge_daemon.broker import LocalBroker
 from edge_daemon.control import request
-from edge_daemon.daemon import Daemon
+from edge_daemon.daemon import EXPECTED_CHILD_MB, Daemon
 from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
@@ -145,6 +145,10 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         assert status["ok"] and status["adapter"]["version"] == 1
         assert status["training"]["last"]["accepted"] is True
         assert status["training"]["last"]["reason"]
+        # The next start rule uses what this child measurably added (a spawned interpreter with
+        # torch: tens to hundreds of MB), not the assumption it began with.
+        expected = status["training"]["expected_child_mb"]
+        assert expected != EXPECTED_CHILD_MB and 20 < expected < 2000, expected
         assert daemon.runner is not None and daemon.runner.last is not None
         assert daemon.runner.last["job"]["reason"] == "drift detected"
         assert (cfg.adapters_dir / "v1" / "adapter_model.safetensors").stat().st_size < 100_000

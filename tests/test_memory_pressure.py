@@ -26,7 +26,7 @@ from edge_daemon.control import request
 from edge_daemon.daemon import Daemon
 from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain
-from edge_daemon.watchdog import Level
+from edge_daemon.watchdog import Level, cgroup_usage_mb
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from tests.conftest import make_config, start_daemon
 from tests.test_end_to_end import publish_steps, wait_for
@@ -283,11 +283,15 @@ def test_daemon_under_a_cgroup_limit_just_above_serving_trains_without_oom(
         memory_cgroup.set_limit_mb(limit_mb)
         levels: set[str] = set()
         plans: list[dict[str, Any]] = []
+        counted: list[tuple[float, float, str]] = []  # (the watchdog's usage, the kernel's charge, how counted)
 
         def finished() -> dict[str, Any] | None:
             s = _status(socket_path)
             if s is None:
                 return None
+            kernel = cgroup_usage_mb(memory_cgroup.path)
+            if kernel is not None:
+                counted.append((s["memory"]["usage_mb"], kernel, s["memory"]["usage_source"]))
             levels.add(s["memory"]["level"])
             plan = s["training"]["plan"]
             if plan and (not plans or plans[-1] != plan):
@@ -304,6 +308,10 @@ def test_daemon_under_a_cgroup_limit_just_above_serving_trains_without_oom(
         assert daemon.poll() is None, "the daemon must survive its update"
         assert memory_cgroup.oom_kills() == 0
         assert last["kind"] == "update", last
+        # Throughout the update the watchdog counted what the kernel charged (read a sample period apart).
+        assert {how for _, _, how in counted} == {"cgroup limit"}, counted
+        gaps = sorted(abs(usage - kernel) / kernel for usage, kernel, _ in counted)
+        assert gaps[len(gaps) // 2] < 0.10, counted
         # With room for the child the update runs to its end: not stopped at a boundary, not crashed.
         outcome = last["outcome"]
         assert outcome is not None and outcome["stopped"] is False, last
