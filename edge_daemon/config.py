@@ -186,7 +186,9 @@ class TrainConfig(_Section):
         0.30, ge=0, description="replayed-data loss (mean absolute error) may worsen by at most this fraction"
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="'auto' lets the watchdog decide")
-    optimizer: Literal["auto", "adamw", "adamw8bit"] = Field("auto", description="'auto' switches to 8-bit state under pressure")
+    optimizer: Literal["auto", "adamw", "adamw8bit"] = Field(
+        "auto", description="'auto' switches to 8-bit state under pressure where it saves more than importing bitsandbytes costs"
+    )
     start_on: list[Literal["drift", "new_data", "request"]] = Field(
         ["drift", "new_data", "request"],
         description="reasons that may start an update: residual drift, min_new_windows of new data, an operator's request",

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -327,6 +327,32 @@ def make_optimizer(
     raise ValueError(f"optimizer must be one of adamw, adamw8bit; got {kind!r}")
 
 
+# What importing bitsandbytes adds to a training process that has torch already (measured: ~44 MB).
+BITSANDBYTES_IMPORT_MB = 44.0
+# 8-bit moments cost precision and time: worth it only for a saving of at least this much.
+MIN_8BIT_SAVING_MB = 1.0
+
+
+@dataclass(frozen=True)
+class EightBitPayoff:
+    """Whether 8-bit Adam state is worth importing bitsandbytes for, on this many trainable parameters."""
+
+    saving_mb: float  # two fp32 moments (8 bytes a parameter) kept in 8 bits (2 bytes) instead
+    import_mb: float  # what importing bitsandbytes costs now (0 once it is loaded)
+
+    @property
+    def pays(self) -> bool:
+        return self.saving_mb > self.import_mb + MIN_8BIT_SAVING_MB
+
+    @classmethod
+    def of(cls, trainable_params: int) -> EightBitPayoff:
+        loaded = sys.modules.get("bitsandbytes") is not None
+        return cls(trainable_params * 6 / 2**20, 0.0 if loaded else BITSANDBYTES_IMPORT_MB)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"saving_mb": round(self.saving_mb, 3), "import_mb": self.import_mb, "pays": self.pays}
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of optimizer state per dtype, e.g. {"uint8": 12288, "float32": 2176}.
 
@@ -476,6 +502,7 @@ class UpdateResult:
     wall_time_s: float
     peak_rss_bytes: int  # sampled during the update
     start_rss_bytes: int
+    eight_bit: dict[str, Any] = field(default_factory=dict)  # EightBitPayoff.to_dict(): whether 8-bit state paid
     peft_model: PeftModel | None = field(default=None, repr=False)  # only when accepted (or keep_rejected)
 
     @property
@@ -509,6 +536,7 @@ class UpdateResult:
             "wall_time_s": self.wall_time_s,
             "peak_rss_bytes": self.peak_rss_bytes,
             "start_rss_bytes": self.start_rss_bytes,
+            "eight_bit": dict(self.eight_bit),
         }
 
 
@@ -635,6 +663,16 @@ def _update(
     trainable_params = sum(p.numel() for p in trainable)
     total_params = sum(p.numel() for p in peft_model.parameters())
     set_checkpointing(peft_model, plan.checkpointing)
+    # 8-bit state only where it saves more than importing bitsandbytes costs, unless the config
+    # asks for it outright: on a LoRA of a few thousand parameters it saves kilobytes.
+    payoff = EightBitPayoff.of(trainable_params)
+    if on_progress is not None:
+        on_progress({"eight_bit": payoff.to_dict()})
+    if train_cfg.optimizer == "auto" and not payoff.pays:
+        log.info("8-bit optimizer state would save %.3f MB, importing bitsandbytes costs %.0f MB: fp32 state", payoff.saving_mb, payoff.import_mb)
+        if plan_source is not None:
+            plan_source = _Fp32Source(plan_source, plan)
+        plan = _without_8bit(plan)
     optimizer = make_optimizer(trainable, plan.optimizer, train_cfg.lr, train_cfg.weight_decay, train_cfg.min_8bit_size)
 
     # 5. The loop: one optimizer step per effective batch, fed in micro-batches.
@@ -721,8 +759,29 @@ def _update(
         wall_time_s=0.0,
         peak_rss_bytes=0,
         start_rss_bytes=0,
+        eight_bit=payoff.to_dict(),
         peft_model=peft_model if accepted or keep_rejected else None,
     )
+
+
+def _without_8bit(plan: TrainingPlan | None) -> TrainingPlan | None:
+    """The plan with fp32 optimizer state."""
+    return plan if plan is None or plan.optimizer == "adamw" else replace(plan, optimizer="adamw")
+
+
+class _Fp32Source:
+    """A plan source whose plans run with fp32 optimizer state. The source is asked with the plan it
+    last gave (not the fp32 one that runs), so it does not read the difference as a looser plan."""
+
+    def __init__(self, source: PlanSource, start: TrainingPlan) -> None:
+        self.source = source
+        self.last = start
+
+    def __call__(self, current: TrainingPlan) -> TrainingPlan | None:
+        proposed = self.source(self.last)
+        if proposed is not None:
+            self.last = proposed
+        return _without_8bit(proposed)
 
 
 def _apply_plan(

@@ -17,7 +17,7 @@ import queue as queue_module
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -427,18 +427,27 @@ def _update_traced(
     trace.plan(plan, governor.level_reader().label)
     out.put({"type": "progress", "phase": "training", "plan": plan.to_dict(), "step": 0})
 
-    last_plan = [plan]
+    last_plan = [plan]  # the plan that runs
+    asked = [plan]  # the governor's own last plan
+    fp32_only = [False]  # set when the trainer finds 8-bit state not worth importing bitsandbytes
 
     def plan_source(current: TrainingPlan) -> TrainingPlan | None:
-        new = governor.plan_source(current)
-        if new is not None and new != last_plan[0]:
-            last_plan[0] = new
+        new = governor.plan_source(asked[0])
+        if new is None:
+            return None
+        asked[0] = new
+        runs = replace(new, optimizer="adamw") if fp32_only[0] else new
+        if runs != last_plan[0]:
+            last_plan[0] = runs
             level = governor.level_reader().label
-            trace.plan(new, level)
-            out.put({"type": "progress", "phase": "training", "plan": new.to_dict(), "level": level})
-        return new
+            trace.plan(runs, level)
+            out.put({"type": "progress", "phase": "training", "plan": runs.to_dict(), "level": level})
+        return runs
 
     def on_progress(info: dict[str, Any]) -> None:
+        if "eight_bit" in info:  # the trainer's verdict on 8-bit state, before its first step
+            fp32_only[0] = config.train.optimizer == "auto" and not info["eight_bit"]["pays"]
+            return
         if "step" in info and "loss" in info:
             trace.step(int(info["step"]), float(info["loss"]))
         out.put({"type": "progress", "phase": "training", "plan": last_plan[0].to_dict(), **_jsonable(info)})

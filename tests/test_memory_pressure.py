@@ -164,11 +164,12 @@ def test_pressure_during_an_update_tightens_the_plan_and_ingestion_goes_on(
         wait_for(lambda: runner.last is not None, HANG_S, "the update to stop at critical", interval=0.05)
         memhog.hold(0)
 
-        # Plans only tightened: loose, then checkpointing, then half the micro-batch with 8-bit state.
+        # Plans only tightened: loose, then checkpointing, then half the micro-batch; with fp32 state,
+        # since on this small LoRA 8-bit state saves less than importing bitsandbytes costs.
         assert watcher.plans[0] == start_plan
         assert [(p["micro_batch"], p["accumulation"], p["checkpointing"], p["optimizer"]) for p in watcher.plans[1:3]] == [
             (16, 1, True, "adamw"),
-            (8, 2, True, "adamw8bit"),
+            (8, 2, True, "adamw"),
         ], watcher.plans
         # Stopped cleanly: a result (not a crash), nothing saved, a back-off before the retry.
         last = runner.last

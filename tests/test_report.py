@@ -189,7 +189,8 @@ def test_updater_records_traces(state: Config) -> None:
     assert samples["t"] == sorted(samples["t"])
     plans = accepted["plans"]
     assert [p["level"] for p in plans] == ["normal", "high"]
-    assert plans[0]["plan"]["optimizer"] == "adamw" and plans[1]["plan"]["optimizer"] == "adamw8bit"
+    # fp32 state throughout: on this small LoRA 8-bit state would save less than importing bitsandbytes costs.
+    assert plans[0]["plan"]["optimizer"] == "adamw" and plans[1]["plan"]["optimizer"] == "adamw"
     assert plans[1]["plan"]["micro_batch"] < plans[0]["plan"]["micro_batch"]
     step_at_change = np.interp(plans[1]["t"], accepted["steps"]["t"], accepted["steps"]["step"])
     assert HIGH_FROM_STEP <= step_at_change <= HIGH_FROM_STEP + 1

@@ -23,7 +23,9 @@ from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
 from edge_daemon.plan import TrainingPlan, plan_from_config
 from edge_daemon.trainer import (
+    BITSANDBYTES_IMPORT_MB,
     BatchMixer,
+    EightBitPayoff,
     RssSampler,
     block_target_modules,
     build_peft_model,
@@ -229,9 +231,25 @@ def test_adamw8bit_keeps_lora_optimizer_state_in_uint8(base: Forecaster, data: d
 
 
 def test_update_with_8bit_plan_reports_uint8_state(base: Forecaster, data: dict) -> None:
-    result = update(base, **data, lora_cfg=lora(), train_cfg=train_cfg(steps=2), plan=plan(4, 2, optimizer="adamw8bit"))
+    # Asked for outright in the config: 8-bit state whatever it saves.
+    result = update(base, **data, lora_cfg=lora(), train_cfg=train_cfg(steps=2, optimizer="adamw8bit"), plan=plan(4, 2, optimizer="adamw8bit"))
     assert result.optimizer_state["uint8"] == 2 * result.trainable_params  # two moments, one byte each
     assert result.optimizer_state.get("float32", 0) < result.optimizer_state["uint8"]  # only quantisation maps and scales
+
+
+def test_8bit_state_only_where_it_saves_more_than_importing_bitsandbytes_costs(base: Forecaster, data: dict) -> None:
+    payoff = EightBitPayoff(saving_mb=0.05, import_mb=BITSANDBYTES_IMPORT_MB)
+    assert not payoff.pays and EightBitPayoff(saving_mb=60.0, import_mb=BITSANDBYTES_IMPORT_MB).pays
+    assert not EightBitPayoff(saving_mb=0.05, import_mb=0.0).pays  # loaded already: still too small to be worth it
+    # A LoRA of a few thousand parameters under the default ("auto"): a plan with 8-bit state, or a
+    # tightening to one, runs fp32 state, and the update says why.
+    tighter = plan(2, 4, checkpointing=True, optimizer="adamw8bit")
+    result = update(base, **data, lora_cfg=lora(), train_cfg=train_cfg(steps=2), plan=plan(4, 2, optimizer="adamw8bit"),
+                    plan_source=lambda current: tighter)  # fmt: skip
+    assert result.eight_bit["pays"] is False and result.eight_bit["saving_mb"] < 1
+    assert "uint8" not in result.optimizer_state
+    assert [change.plan.optimizer for change in result.plan_history] == ["adamw", "adamw"]
+    assert result.plan_history[-1].plan.micro_batch == 2  # the rest of the tightening stands
 
 
 # --- replay mixing ------------------------------------------------------------
@@ -371,7 +389,9 @@ def test_plan_source_tightens_at_a_boundary_and_is_recorded(base: Forecaster, da
     tracked = copy.deepcopy(base)
     tracked.blocks[-1].register_forward_pre_hook(lambda m, a: last_block_calls.append(len(a[0])) if m.training else None)
     tracked.embed.register_forward_pre_hook(lambda m, a: sizes.append(len(a[0])) if m.training else None)
-    result = update(tracked, **data, lora_cfg=lora(probe_windows=4), train_cfg=train_cfg(steps=3), plan=plan(4, 2), plan_source=watchdog, keep_rejected=True)
+    # 8-bit state allowed outright (under "auto" a LoRA this small keeps fp32 state: see below).
+    cfg = train_cfg(steps=3, optimizer="adamw8bit")
+    result = update(tracked, **data, lora_cfg=lora(probe_windows=4), train_cfg=cfg, plan=plan(4, 2), plan_source=watchdog, keep_rejected=True)
 
     assert [c.to_dict() for c in result.plan_history] == [
         {"step": 0, "window": 0, "plan": plan(4, 2).to_dict()},
