@@ -701,14 +701,17 @@ class MemoryWatchdog:
                 log.info("memory budget %.0f MB (%s), was %.0f MB", budget.mb, budget.source, self._budget.mb)
                 self._budget = budget
             self._budget_read_at = now
-        tree_mb = self._tree.usage_mb()
-        rss = self._tree.rss_mb
+        # Against a cgroup's limit, that cgroup's charge (it may hold more than this tree); against
+        # the config or the machine, what this tree costs (no PSS read where it is not used).
         cgroup_mb = cgroup_usage_mb(self._budget.cgroup_dir) if self._budget.cgroup_dir is not None else None
+        if cgroup_mb is not None:
+            rss = process_tree_rss_mb(self.pid)
+            self._usage_mb, self._usage_source = cgroup_mb, "cgroup limit"
+        else:
+            self._usage_mb, self._usage_source = self._tree.usage_mb(), self._tree.source
+            rss = self._tree.rss_mb
         self._rss_mb = rss
         self._cgroup_mb = cgroup_mb
-        # Against a cgroup's limit, that cgroup's charge (it may hold more than this tree); against
-        # the config or the machine, what this tree costs.
-        self._usage_mb, self._usage_source = (cgroup_mb, "cgroup limit") if cgroup_mb is not None else (tree_mb, self._tree.source)
         self._available_mb = system_available_mb()
         self._peak_rss_mb = max(self._peak_rss_mb, rss)
         self._peak_usage_mb = max(self._peak_usage_mb, self._usage_mb)
