@@ -56,17 +56,17 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     result = update(base, **data, lora_cfg=lora_cfg, train_cfg=train_cfg, plan=plan_from_config(train_cfg), seed=seed, keep_rejected=True)
     update_s = time.monotonic() - started
-    assert result.peft_model is not None
+    assert result.adapted is not None
     started = time.monotonic()
     full = full_fine_tune(base, data, train_cfg, args.full_lr, seed)
     full_s = time.monotonic() - started
     return {
         "seed": seed,
         "new_base": mae(base, data["recent_val"]),
-        "new_update": mae(result.peft_model, data["recent_val"]),
+        "new_update": mae(result.adapted, data["recent_val"]),
         "new_full": mae(full, data["recent_val"]),
         "old_base": mae(base, data["replay_val"]),
-        "old_update": mae(result.peft_model, data["replay_val"]),
+        "old_update": mae(result.adapted, data["replay_val"]),
         "old_full": mae(full, data["replay_val"]),
         "accepted": result.accepted,
         "replay_mse_ratio": result.metrics_after["replay_val_loss"] / result.metrics_before["replay_val_loss"],

@@ -33,6 +33,7 @@ from torch import nn
 
 from edge_daemon.errors import AdapterError, BaseFormatError, ModelError
 from edge_daemon.frames import Grid, NormStats, calendar_features, normalise_grid, with_calendar
+from edge_daemon.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX
 from edge_daemon.model import Forecaster, ForecasterConfig
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,11 @@ BASE_FORMAT = 2
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 NORM_FILE = "norm.json"
-ADAPTER_CONFIG_FILE = "adapter_config.json"  # names peft's save_pretrained uses
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "meta.json"
 POINTER_FILE = "current"
 NO_ADAPTER = "none"
 # One JSON line per change of what is served (commit, rollback, base only), for reports.
 HISTORY_FILE = "history.jsonl"
-# peft prefixes every saved key with its wrapper path (PeftModel -> LoraModel -> our model).
-PEFT_PREFIX = "base_model.model."
 # Staging dirs older than this are leftovers of a crashed update.
 STALE_STAGING_S = 3600.0
 

@@ -32,8 +32,9 @@ from edge_daemon.scheduler import IdleDetector, JobScheduler, TriggerInputs, Upd
 from edge_daemon.baselines import Baseline
 from edge_daemon.scoring import Scorer, ServingRule, baselines_of
 from edge_daemon.store import ReplayStore
-from edge_daemon.updater import UpdateRunner
-from edge_daemon.watchdog import Level, MemoryWatchdog, PlanGovernor, SharedLevel, plan_candidates
+from edge_daemon.updater import UpdateRunner, run_worker
+from edge_daemon.watchdog import Level, MemoryWatchdog, PlanGovernor, plan_candidates
+from edge_daemon.worker import WorkerForker
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class Daemon:
         self.adapters = AdapterStore(config.adapters_dir, keep=config.train.keep_versions)
         self.scheduler: JobScheduler | None = None
         self.runner: UpdateRunner | None = None
+        self.forker: WorkerForker | None = None
         self.governor: PlanGovernor | None = None
         self.trigger = UpdateTrigger(config.train)
         self.idle = IdleDetector(config.train.idle_cpu_percent, config.train.idle_window_s)
@@ -127,11 +129,18 @@ class Daemon:
         self.status_sections["store"] = lambda: {"readings": store.count(), "bytes": store.size_bytes()}
         return Part("store", store.close)
 
-    def _start_watchdog(self) -> Part:
-        import multiprocessing
+    def _start_worker_helper(self) -> Part:
+        # First, before any thread of ours: training workers are forked from this helper and share
+        # the memory of everything imported so far (see worker.py).
+        self.forker = WorkerForker()
+        self.forker.register("update", run_worker)
+        self.forker.start()
+        forker = self.forker
+        return Part("training helper", forker.stop, lambda: forker.alive)
 
-        shared = SharedLevel(multiprocessing.get_context("spawn"))
-        self.watchdog = MemoryWatchdog.from_config(self.config.memory, shared_level=shared)
+    def _start_watchdog(self) -> Part:
+        assert self.forker is not None
+        self.watchdog = MemoryWatchdog.from_config(self.config.memory, shared_level=self.forker.level)
         watchdog = self.watchdog
         watchdog.add_listener(self._on_level_change)
         watchdog.start()
@@ -207,8 +216,9 @@ class Daemon:
         shared = self.watchdog.shared_level
         assert shared is not None
         self.governor = PlanGovernor.from_config(cfg.memory, shared, ladder)
-        self.runner = UpdateRunner(cfg, self.governor, self._on_update_result)
-        self.governor.stop_event = self.runner._stop_event
+        assert self.forker is not None
+        self.runner = UpdateRunner(cfg, self.governor, self.forker, self._on_update_result)
+        self.governor.stop_event = self.forker.stop_flag
         self.status_sections["training"] = self._training_status
         store = self.store
         scheduler = JobScheduler()
@@ -246,6 +256,7 @@ class Daemon:
     def starters(self) -> list[tuple[str, Callable[[], Part]]]:
         """The start order. Later parts (scorer, scheduler, watchdog, trainer) go in here."""
         return [
+            ("training helper", self._start_worker_helper),
             ("store", self._start_store),
             ("watchdog", self._start_watchdog),
             ("scoring", self._start_pipeline),

@@ -3,13 +3,13 @@
 Owns selective freezing (which blocks get adapters, measured on a probe batch),
 the micro-batch training loop (gradient accumulation, checkpointing, 8-bit
 optimizer state, replay mixing, plan changes at micro-batch boundaries), the
-validation gate, saving adapters in peft's format and peak-memory sampling.
-peft and bitsandbytes are imported lazily: serving never pays for them.
+validation gate and peak-memory sampling. LoRA layers are the project's own
+(`lora.py`, saved in peft's format): training imports neither peft nor
+transformers, and bitsandbytes only when 8-bit state pays for its import.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -20,7 +20,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,47 +30,17 @@ import torch
 from torch import nn
 
 from edge_daemon.errors import TrainingAborted, TrainingError
+from edge_daemon.lora import attach_lora, save_adapter
 from edge_daemon.model import Forecaster, forecast_loss
 from edge_daemon.plan import TrainingPlan
 
 if TYPE_CHECKING:
-    from peft import PeftModel
-
     from edge_daemon.config import LoraConfigSection, TrainConfig
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PlanSource = Callable[[TrainingPlan], "TrainingPlan | None"]
-
-
-@contextlib.contextmanager
-def without_bitsandbytes() -> Iterator[None]:
-    """Keep peft from loading bitsandbytes while it imports and wraps a model.
-
-    peft imports bitsandbytes eagerly (`peft.helpers`) and again when it
-    dispatches LoRA layers. That costs ~44 MB RSS and ~1.4 s here and is only
-    needed when a plan keeps 8-bit optimizer state, which imports bitsandbytes
-    itself (`make_optimizer`). A `None` entry in sys.modules makes those
-    imports fail as if the package were absent and `find_spec` report it
-    missing; the entry is removed on exit, so a later import works normally.
-    Once bitsandbytes is loaded, this does nothing.
-    """
-    hide = "bitsandbytes" not in sys.modules
-    if hide:
-        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        if hide and "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
-            del sys.modules["bitsandbytes"]
-
-
-def import_peft() -> Any:
-    """peft, imported without bitsandbytes (see `without_bitsandbytes`)."""
-    with without_bitsandbytes():
-        import peft
-    return peft
 
 
 # ---------------------------------------------------------------------------
@@ -283,30 +253,20 @@ def expand_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def build_peft_model(model: Forecaster, target_modules: list[str], lora_cfg: LoraConfigSection) -> PeftModel:
-    """Wrap `model` in place with LoRA adapters on `target_modules`; every base weight frozen."""
-    peft = import_peft()
-
-    config = peft.LoraConfig(
-        r=lora_cfg.r,
-        lora_alpha=lora_cfg.alpha,
-        lora_dropout=lora_cfg.dropout,
-        target_modules=list(target_modules),
-        bias="none",
-    )
-    with without_bitsandbytes():
-        return peft.get_peft_model(model, config)
+def build_lora_model(model: Forecaster, target_modules: list[str], lora_cfg: LoraConfigSection) -> nn.Module:
+    """Add LoRA layers to `model` in place on `target_modules`; every base weight frozen."""
+    return attach_lora(model, target_modules, lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout)
 
 
 def forecaster_of(model: nn.Module) -> Forecaster:
-    """The Forecaster inside a peft wrapper (or the model itself)."""
+    """The Forecaster itself, or the one inside a peft wrapper (the reference the tests train with)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     assert isinstance(inner, Forecaster), type(inner)
     return inner
 
 
 def set_checkpointing(model: nn.Module, on: bool) -> None:
-    # The switch lives on the Forecaster; peft's wrappers do not forward attribute writes.
+    # The switch lives on the Forecaster; a peft wrapper would not forward the attribute write.
     forecaster_of(model).gradient_checkpointing = on
 
 
@@ -503,7 +463,7 @@ class UpdateResult:
     peak_rss_bytes: int  # sampled during the update
     start_rss_bytes: int
     eight_bit: dict[str, Any] = field(default_factory=dict)  # EightBitPayoff.to_dict(): whether 8-bit state paid
-    peft_model: PeftModel | None = field(default=None, repr=False)  # only when accepted (or keep_rejected)
+    adapted: nn.Module | None = field(default=None, repr=False)  # only when accepted (or keep_rejected)
 
     @property
     def trainable_fraction(self) -> float:
@@ -573,7 +533,7 @@ def update(
     `should_stop()` is asked there too and stops the update. The gate compares
     against `incumbent` (the model currently served, e.g. base with the current
     adapter merged), by default the base. Nothing is saved here; the result
-    carries the peft model only if accepted (or if `keep_rejected`, for
+    carries the adapted model only if accepted (or if `keep_rejected`, for
     benchmarks and tests).
 
     Raises TrainingAborted (stopped; nothing kept) or TrainingError (non-finite
@@ -657,12 +617,12 @@ def _update(
     )
 
     # 4. LoRA on the chosen blocks; the copy's own weights stay frozen.
-    peft_model = build_peft_model(model, choice.target_modules, lora_cfg)
-    peft_model.train()
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    lora_model = build_lora_model(model, choice.target_modules, lora_cfg)
+    lora_model.train()
+    trainable = [p for p in lora_model.parameters() if p.requires_grad]
     trainable_params = sum(p.numel() for p in trainable)
-    total_params = sum(p.numel() for p in peft_model.parameters())
-    set_checkpointing(peft_model, plan.checkpointing)
+    total_params = sum(p.numel() for p in lora_model.parameters())
+    set_checkpointing(lora_model, plan.checkpointing)
     # 8-bit state only where it saves more than importing bitsandbytes costs, unless the config
     # asks for it outright: on a LoRA of a few thousand parameters it saves kilobytes.
     payoff = EightBitPayoff.of(trainable_params)
@@ -693,11 +653,11 @@ def _update(
             if plan_source is not None:
                 new_plan = plan_source(plan)
                 if new_plan is not None and new_plan != plan:
-                    optimizer = _apply_plan(plan, new_plan, peft_model, trainable, optimizer, train_cfg)
+                    optimizer = _apply_plan(plan, new_plan, lora_model, trainable, optimizer, train_cfg)
                     plan = new_plan
                     history.append(PlanChange(step, done, plan))
             chunk = windows[done : done + plan.micro_batch]
-            loss = forecast_loss(peft_model, chunk)
+            loss = forecast_loss(lora_model, chunk)
             if not torch.isfinite(loss):
                 raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
             # Scale by the chunk's share so the summed gradients equal the full batch's mean.
@@ -733,12 +693,12 @@ def _update(
 
     # 6. Gate: better on recent held-out windows, not much worse on replayed ones.
     after = {
-        "recent_val_loss": evaluate_loss(peft_model, recent_val, plan.micro_batch),
-        "replay_val_loss": evaluate_loss(peft_model, replay_val, plan.micro_batch),
+        "recent_val_loss": evaluate_loss(lora_model, recent_val, plan.micro_batch),
+        "replay_val_loss": evaluate_loss(lora_model, replay_val, plan.micro_batch),
     }
     accepted, reason = gate(before, after, train_cfg.gate_tolerance, train_cfg.gate_min_improvement)
-    set_checkpointing(peft_model, False)
-    peft_model.eval()
+    set_checkpointing(lora_model, False)
+    lora_model.eval()
     return UpdateResult(
         accepted=accepted,
         reason=reason,
@@ -760,7 +720,7 @@ def _update(
         peak_rss_bytes=0,
         start_rss_bytes=0,
         eight_bit=payoff.to_dict(),
-        peft_model=peft_model if accepted or keep_rejected else None,
+        adapted=lora_model if accepted or keep_rejected else None,
     )
 
 
@@ -787,7 +747,7 @@ class _Fp32Source:
 def _apply_plan(
     old: TrainingPlan,
     new: TrainingPlan,
-    peft_model: nn.Module,
+    lora_model: nn.Module,
     trainable: list[nn.Parameter],
     optimizer: torch.optim.Optimizer,
     train_cfg: TrainConfig,
@@ -804,7 +764,7 @@ def _apply_plan(
     if new.effective_batch != old.effective_batch:
         log.warning("plan changes the effective batch (%d -> %d); this update keeps %d", old.effective_batch, new.effective_batch, old.effective_batch)
     if new.checkpointing != old.checkpointing:
-        set_checkpointing(peft_model, new.checkpointing)
+        set_checkpointing(lora_model, new.checkpointing)
     if new.optimizer != old.optimizer:
         del optimizer
         gc.collect()
@@ -815,28 +775,6 @@ def _apply_plan(
 # ---------------------------------------------------------------------------
 # Adapter files
 # ---------------------------------------------------------------------------
-
-
-def save_peft_adapter(peft_model: nn.Module, directory: str | Path) -> Path:
-    """Write the adapter in peft's format (adapter_config.json + adapter_model.safetensors).
-
-    Durability (fsync, atomic rename, version pointer) is the adapter store's job.
-    """
-    directory = Path(directory)
-    peft_model.save_pretrained(str(directory), safe_serialization=True)  # type: ignore[operator]
-    # peft also writes a Hugging Face model card; it describes nothing on a device.
-    (directory / "README.md").unlink(missing_ok=True)
-    return directory
-
-
-def load_peft_adapter(base_model: Forecaster, directory: str | Path) -> PeftModel:
-    """Base + the adapter in `directory`, for inference, on a copy (the base is untouched)."""
-    PeftModel = import_peft().PeftModel  # noqa: N806
-
-    with without_bitsandbytes():
-        model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(directory))
-    model.eval()
-    return model
 
 
 def adapter_bytes(directory: str | Path) -> int:
@@ -853,18 +791,17 @@ __all__ = [
     "UpdateResult",
     "adapter_bytes",
     "block_target_modules",
-    "build_peft_model",
+    "build_lora_model",
     "choose_blocks",
     "evaluate_loss",
     "forecaster_of",
     "gate",
-    "load_peft_adapter",
     "make_optimizer",
     "measure_block_grad_norms",
     "measure_peak",
     "optimizer_state_bytes",
     "release_memory",
-    "save_peft_adapter",
+    "save_adapter",
     "set_checkpointing",
     "update",
 ]

@@ -1,19 +1,20 @@
 """Runs one adaptation (or the base-model bootstrap) in a child process.
 
-The child imports peft and transformers, holds the training copy and its
-activations; when it exits, all of that goes back to the OS, so the daemon's
+The child holds the training copy, its LoRA layers (the project's own, no
+peft) and activations; when it exits, all of that goes back to the OS, so the daemon's
 steady state stays lean. The daemon side (`UpdateRunner`) starts the child,
 relays its progress, and hands the result to a callback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
-import queue as queue_module
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,8 @@ import numpy as np
 
 from edge_daemon.config import Config
 from edge_daemon.plan import TrainingPlan
-from edge_daemon.watchdog import Level, PlanGovernor, UpdateOutcome
+from edge_daemon.watchdog import Level, PlanGovernor, SharedLevel, UpdateOutcome
+from edge_daemon.worker import MessageWriter, SharedFlag, WorkerForker, read_messages
 
 log = logging.getLogger(__name__)
 
@@ -280,15 +282,12 @@ def save_update_trace(state_dir: Path, trace: dict[str, Any], keep: int = KEEP_U
     return path
 
 
-def _child_main(config_data: dict[str, Any], job: dict[str, Any], governor: PlanGovernor, stop_event: Any, out: Any) -> None:
-    """Entry point of the training child: run the job, put one `result` message on `out`."""
-    import logging as logging_module
-    import signal
-
-    # A Ctrl-C in a terminal reaches the whole process group; the daemon decides when
-    # the child stops (its stop event), so the child ignores SIGINT.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging_module.basicConfig(level=config_data["device"].get("log_level", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+def run_worker(job: dict[str, Any], out: MessageWriter, level: SharedLevel, stop_event: SharedFlag) -> None:
+    """Entry point of a training worker (forked, see `worker.py`): run the job, write one `result`
+    message to `out`. The governor arrives without its level reader and stop event; the worker's
+    are the shared ones it inherited."""
+    config_data, governor = job.pop("config"), job.pop("governor")
+    governor.level_reader, governor.stop_event = level, stop_event
     try:
         os.nice(int(config_data.get("train", {}).get("nice", 10)))
         import psutil
@@ -323,12 +322,7 @@ def _child_main(config_data: dict[str, Any], job: dict[str, Any], governor: Plan
                 "outcome": governor.outcome() if job["kind"] == "update" and governor.current_plan is not None else None,
             }
         )
-    # Leave without the interpreter's teardown of torch and peft (~2 s here): the result
-    # is flushed to the pipe first, and nothing else in this process needs finalising.
     out.close()
-    out.join_thread()
-    logging_module.shutdown()
-    os._exit(0)
 
 
 def _check_stop(stop_event: Any) -> None:
@@ -351,9 +345,9 @@ def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, sto
     """One update with its memory/plan trace saved under the state dir whatever the outcome."""
     from edge_daemon.errors import TrainingAborted
 
-    # In the daemon's training child the parent is the daemon: its process tree is what the
-    # budget is measured against. Run in-process (tests, benchmarks) there is no such service.
-    service_pid = os.getppid() if mp.parent_process() is not None else None
+    # In the daemon's training worker the daemon's process tree is what the budget is measured
+    # against. Run in-process (tests, benchmarks) there is no such service.
+    service_pid = job.get("service_pid")
     trace = UpdateTrace(TRACE_INTERVAL_S, service_pid, governor.level_reader).start()
     extra: dict[str, Any] = {
         "reason": job.get("reason"),
@@ -388,7 +382,8 @@ def _update_traced(
 ) -> dict[str, Any]:
     from edge_daemon.adapters import AdapterStore, load_base, serving_model
     from edge_daemon.store import ReplayStore
-    from edge_daemon.trainer import adapter_bytes, save_peft_adapter, update
+    from edge_daemon.lora import save_adapter
+    from edge_daemon.trainer import adapter_bytes, update
     from edge_daemon.watchdog import choose_start_plan, process_tree_rss_mb
 
     started = time.time()
@@ -480,9 +475,9 @@ def _update_traced(
         "peak_tree_rss_mb": process_tree_rss_mb(os.getpid()),
         "version": None,
     }
-    if result.accepted and result.peft_model is not None:
+    if result.accepted and result.adapted is not None:
         staging = adapters.staging_dir()
-        save_peft_adapter(result.peft_model, staging)
+        save_adapter(result.adapted, staging)
         # The newest reading when the adapter goes live: where serving switches on the data's own
         # clock (a backfill or a sped-up replay runs ahead of the wall clock).
         with ReplayStore(config.store_path, config.store, config.channels.names) as store:
@@ -511,7 +506,7 @@ def _update_traced(
             "previous_version": incumbent_version.version if incumbent_version else None,
             # The baselines refitted on this update's windows, and how the adapted model compares
             # with them on its held-out ones: where serving starts (scoring.ServingRule).
-            **refit_baselines(base, config, data, result.peft_model),
+            **refit_baselines(base, config, data, result.adapted),
         }
         version = adapters.commit(staging, meta)
         reply["version"] = version.version
@@ -554,21 +549,20 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
 
 
 class UpdateRunner:
-    """Starts update/pretrain children one at a time and relays what they report.
+    """Starts update/pretrain workers one at a time (forked by `forker`) and relays what they report.
 
-    `on_result(message)` runs in the runner's monitor thread when a child ends
-    (message["type"] == "result"); a child that dies without a result is
+    `on_result(message)` runs in the runner's monitor thread when a worker ends
+    (message["type"] == "result"); a worker that dies without a result is
     reported as a failed, non-accepted result.
     """
 
-    def __init__(self, config: Config, governor: PlanGovernor, on_result: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, config: Config, governor: PlanGovernor, forker: WorkerForker, on_result: Callable[[dict[str, Any]], None]) -> None:
         self.config = config
         self.governor = governor
+        self.forker = forker
         self.on_result = on_result
-        self._ctx = mp.get_context("spawn")  # fork would copy the daemon's threads and broker sockets
-        self._stop_event = self._ctx.Event()
-        self._process: Any = None
-        self._queue: Any = None
+        self._stop_event = forker.stop_flag
+        self._pid: int | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.job: dict[str, Any] | None = None
@@ -577,66 +571,48 @@ class UpdateRunner:
 
     @property
     def running(self) -> bool:
-        return self._process is not None
+        return self._pid is not None
 
     @property
     def child_pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._pid
 
     def start(self, job: dict[str, Any]) -> bool:
-        """Start a child for `job` ({"kind": "update"|"pretrain", ...}); False if one is running."""
+        """Start a worker for `job` ({"kind": "update"|"pretrain", ...}); False if one is running."""
         with self._lock:
-            if self._process is not None:
+            if self._pid is not None:
                 return False
             self._stop_event.clear()
-            self._queue = self._ctx.Queue()
-            config_data = self.config.model_dump(mode="json")
-            self._process = self._ctx.Process(
-                target=_child_main,
-                args=(config_data, job, self.governor, self._stop_event, self._queue),
-                name=f"edge-daemon-{job['kind']}",
-                daemon=True,
-            )
+            # The governor travels without its level reader and stop event (shared memory the
+            # worker inherits from the helper instead).
+            governor = copy.copy(self.governor)
+            governor.level_reader, governor.stop_event = None, None  # type: ignore[assignment]
+            payload = dict(job, config=self.config.model_dump(mode="json"), governor=governor, service_pid=os.getpid())
+            pid, messages = self.forker.launch("update", payload)
+            self._pid = pid
             self.job = dict(job, started=time.time())
             self.progress = {"phase": "starting"}
-            self._process.start()
-            log.info("%s started in child pid %d (%s)", job["kind"], self._process.pid, job.get("reason", ""))
-            self._thread = threading.Thread(target=self._monitor, name="update-monitor", daemon=True)
+            log.info("%s started in worker pid %d (%s)", job["kind"], pid, job.get("reason", ""))
+            self._thread = threading.Thread(target=self._monitor, args=(messages,), name="update-monitor", daemon=True)
             self._thread.start()
             return True
 
-    def _monitor(self) -> None:
-        process, q = self._process, self._queue
+    def _monitor(self, messages: int) -> None:
         result: dict[str, Any] | None = None
-        while True:
-            try:
-                message = q.get(timeout=0.2)
-            except queue_module.Empty:
-                if not process.is_alive():
-                    # Drain what the child put before exiting.
-                    try:
-                        while True:
-                            message = q.get_nowait()
-                            if message.get("type") == "result":
-                                result = message
-                            else:
-                                self.progress = message
-                    except queue_module.Empty:
-                        pass
-                    break
-                continue
+        for message in read_messages(messages):
             if message.get("type") == "result":
                 result = message
             else:
                 self.progress = message
-        process.join(5.0)
+        ended = self.forker.wait()
         if result is None:
+            how = ended.describe() if ended is not None else "ended (the training helper is gone)"
             result = {
                 "type": "result",
                 "kind": (self.job or {}).get("kind", "update"),
                 "accepted": False,
                 "aborted": False,
-                "error": f"training child exited with code {process.exitcode} and no result",
+                "error": f"training worker {how} with no result",
             }
         result["duration_s"] = time.time() - (self.job or {}).get("started", time.time())
         result["job"] = {k: v for k, v in (self.job or {}).items() if k != "candidates"}
@@ -656,8 +632,7 @@ class UpdateRunner:
                 level = self.governor.level_reader()
                 self.governor.end_update(UpdateOutcome(plan, plan, level, level >= Level.CRITICAL))
         with self._lock:
-            self._process = None
-            self._queue = None
+            self._pid = None
             self.last = result
             self.job = None
             self.progress = {}
@@ -667,15 +642,15 @@ class UpdateRunner:
             log.exception("handling the update result failed")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Ask a running child to stop at its next micro-batch boundary; kill it after `timeout`."""
-        process = self._process
-        if process is None:
+        """Ask a running worker to stop at its next micro-batch boundary; kill it after `timeout`."""
+        thread = self._thread
+        if self._pid is None or thread is None:
             return
         self._stop_event.set()
-        process.join(timeout)
-        if process.is_alive():
-            log.warning("training child did not stop within %.0f s; killing it", timeout)
-            process.kill()
-            process.join(5.0)
-        if self._thread is not None:
-            self._thread.join(10.0)
+        thread.join(timeout)
+        pid = self._pid
+        if thread.is_alive() and pid is not None:
+            log.warning("training worker did not stop within %.0f s; killing it", timeout)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            thread.join(10.0)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,13 +70,40 @@ def start_daemon(daemon: Daemon, timeout: float = 60.0) -> None:
         raise AssertionError(f"daemon not subscribed within {timeout:.0f} s")
 
 
+@contextlib.contextmanager
+def without_bitsandbytes() -> Iterator[None]:
+    """Keep peft from loading bitsandbytes (~44 MB, ~1.4 s) while it imports and wraps a model.
+
+    A `None` entry in sys.modules makes peft's imports of it fail as if the package were absent;
+    the entry is removed on exit, so a later import works normally.
+    """
+    hide = "bitsandbytes" not in sys.modules
+    if hide:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if hide and "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+
+
+def peft_lora_model(model: torch.nn.Module, target_modules: list[str], lora_cfg: Any) -> torch.nn.Module:
+    """peft's LoRA on `model` (in place), configured as the trainer's own: the reference it is tested against."""
+    with without_bitsandbytes():
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=list(target_modules), bias="none")
+        return get_peft_model(model, config)
+
+
 def save_random_peft_adapter(
     model: torch.nn.Module, directory: Path, target_modules: list[str], seed: int = 1, **lora_kwargs: Any
 ) -> None:
     """What the trainer does: wrap a copy of the base with peft, give it non-zero B, save_pretrained."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
+    with without_bitsandbytes():
+        from peft import LoraConfig, get_peft_model
     options = {"r": 4, "lora_alpha": 8, "target_modules": target_modules, **lora_kwargs}
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**options))
     torch.manual_seed(seed)

@@ -145,8 +145,7 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         assert status["ok"] and status["adapter"]["version"] == 1
         assert status["training"]["last"]["accepted"] is True
         assert status["training"]["last"]["reason"]
-        # The next start rule uses what this child measurably added (a spawned interpreter with
-        # torch: tens to hundreds of MB), not the assumption it began with.
+        # The next start rule uses what this worker measurably added, not the assumption it began with.
         expected = status["training"]["expected_child_mb"]
         assert expected != EXPECTED_CHILD_MB and 20 < expected < 2000, expected
         assert daemon.runner is not None and daemon.runner.last is not None
@@ -190,7 +189,8 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         assert any(f["adapter_version"] == 1 and f["model"] == "adapter" for f in forecasts)
         assert {f["model"] for f in forecasts} == {"base", "adapter"}
         statuses = collector.of("status")
-        assert statuses and statuses[-1]["online"] is True and statuses[-1]["adapter_version"] == 1
+        # min_interval_s is 0 here: a later drift may have started a second update meanwhile.
+        assert statuses and statuses[-1]["online"] is True and statuses[-1]["adapter_version"] >= 1
     finally:
         daemon.stop()
         collector.close()

@@ -28,14 +28,14 @@ from edge_daemon.trainer import (
     EightBitPayoff,
     RssSampler,
     block_target_modules,
-    build_peft_model,
+    build_lora_model,
     choose_blocks,
-    load_peft_adapter,
     make_optimizer,
-    save_peft_adapter,
     set_checkpointing,
     update,
 )
+from edge_daemon.lora import lora_state_dict, save_adapter
+from tests.conftest import peft_lora_model, without_bitsandbytes
 
 torch.set_num_threads(1)
 
@@ -105,19 +105,19 @@ def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def all_blocks_peft(base: Forecaster, targets: list[str] | None = None) -> nn.Module:
-    """A peft model with adapters on every block, B made non-zero so every LoRA tensor gets gradients."""
+def all_blocks_lora(base: Forecaster, targets: list[str] | None = None) -> nn.Module:
+    """A model with LoRA adapters on every block, B made non-zero so every LoRA tensor gets gradients."""
     cfg = lora(max_blocks=SMALL.n_layers)
     model = copy.deepcopy(base)
     names = [n for b in range(SMALL.n_layers) for n in block_target_modules(model, b, targets or cfg.target_modules)]
     torch.manual_seed(1)
-    peft_model = build_peft_model(model, names, cfg)
+    lora_model = build_lora_model(model, names, cfg)
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
+        for name, p in lora_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.02)
-    peft_model.train()
-    return peft_model
+    lora_model.train()
+    return lora_model
 
 
 # --- gradient checkpointing -------------------------------------------------
@@ -142,7 +142,7 @@ def loss_grads_and_saved_bytes(model: nn.Module, windows: torch.Tensor) -> tuple
         note(t)
         return t
 
-    handles = [blk.register_forward_pre_hook(lambda _m, args: note(args[0])) for blk in model.get_base_model().blocks]
+    handles = [blk.register_forward_pre_hook(lambda _m, args: note(args[0])) for blk in model.blocks]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = forecast_loss(model, windows)
@@ -156,7 +156,7 @@ def loss_grads_and_saved_bytes(model: nn.Module, windows: torch.Tensor) -> tuple
 
 def test_checkpointing_same_loss_and_gradients_with_fewer_saved_activations(base: Forecaster, data: dict) -> None:
     windows = data["recent_train"][:8]
-    model = all_blocks_peft(base)
+    model = all_blocks_lora(base)
     set_checkpointing(model, False)
     loss_plain, grads_plain, bytes_plain = loss_grads_and_saved_bytes(model, windows)
     model.zero_grad(set_to_none=True)
@@ -183,8 +183,8 @@ def test_micro_batch_1_4_and_full_batch_give_the_same_update(base: Forecaster, d
     norms = {}  # of each step's accumulated gradient: a wrong loss scale shows here, Adam would hide it
     for micro in (1, 4, 8):
         result = update(base, **data, lora_cfg=lora(), train_cfg=cfg, plan=plan(micro, 8 // micro), keep_rejected=True)
-        assert result.peft_model is not None
-        weights[micro] = lora_state(result.peft_model)
+        assert result.adapted is not None
+        weights[micro] = lora_state(result.adapted)
         losses[micro] = result.train_losses
         norms[micro] = result.grad_norms
     full = weights[8]
@@ -212,7 +212,7 @@ def test_plan_from_config_splits_the_batch_exactly() -> None:
 
 
 def test_adamw8bit_keeps_lora_optimizer_state_in_uint8(base: Forecaster, data: dict) -> None:
-    model = all_blocks_peft(base)
+    model = all_blocks_lora(base)
     lora_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(lora_params, "adamw8bit", lr=1e-3, min_8bit_size=0)
     forecast_loss(model, data["recent_train"][:4]).backward()
@@ -306,7 +306,7 @@ def test_update_that_learns_the_new_regime_is_accepted(base: Forecaster, data: d
     result = update(base, **data, lora_cfg=lora(), train_cfg=cfg, plan=plan(8, 1))
     assert result.accepted, result.reason
     assert result.metrics_after["recent_val_loss"] < 0.8 * result.metrics_before["recent_val_loss"]
-    assert result.peft_model is not None
+    assert result.adapted is not None
     # Two blocks x (qkv 4x32 + 96x4, proj 4x32 + 32x4, fc1 4x32 + 64x4, fc2 4x64 + 32x4), head 4x32 + 3x4,
     # linear path 4x48 + 3x4.
     assert result.trainable_params == 2 * (512 + 256 + 384 + 384) + 140 + 204
@@ -335,7 +335,7 @@ def test_update_that_forgets_the_old_regime_is_rejected(base: Forecaster, data: 
     assert "replay loss" in result.reason
     assert result.metrics_after["recent_val_loss"] < result.metrics_before["recent_val_loss"]
     assert result.metrics_after["replay_val_loss"] > 2 * result.metrics_before["replay_val_loss"]
-    assert result.peft_model is None
+    assert result.adapted is None
 
 
 def training_copy_tracker(model: Forecaster) -> tuple[Forecaster, list[weakref.ref]]:
@@ -411,20 +411,46 @@ def test_plan_source_tightens_at_a_boundary_and_is_recorded(base: Forecaster, da
 def test_saved_adapter_loads_with_peft_and_gives_the_same_outputs(base: Forecaster, data: dict, tmp_path: Path) -> None:
     from peft import PeftModel
 
+    from edge_daemon.adapters import load_lora_state, merge_lora
+
     result = update(base, **data, lora_cfg=lora(), train_cfg=train_cfg(steps=5), plan=plan(8, 1), keep_rejected=True)
-    assert result.peft_model is not None
-    directory = save_peft_adapter(result.peft_model, tmp_path / "v1")
+    assert result.adapted is not None
+    directory = save_adapter(result.adapted, tmp_path / "v1")
     assert sorted(p.name for p in directory.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert (directory / "adapter_model.safetensors").stat().st_size < 100_000
 
-    loaded = load_peft_adapter(base, directory)
-    direct = PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
+    with without_bitsandbytes():
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
+    assert sorted(loaded.peft_config["default"].target_modules) == sorted(result.target_modules)
     windows = data["recent_val"][:, :-1]
     with torch.inference_mode():
-        expected = result.peft_model(windows)
+        expected = result.adapted(windows)
         assert torch.equal(loaded(windows), expected)
-        assert torch.equal(direct(windows), expected)
+        merged = merge_lora(base, *load_lora_state(directory))  # what serving runs
+        torch.testing.assert_close(merged(windows), expected, rtol=1e-5, atol=1e-6)
         assert not torch.equal(base(windows), expected)  # the adapter really changes the forecast
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_an_update_with_peft_lora_gives_the_same_weights(base: Forecaster, data: dict, dropout: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """peft is the reference: the same update from the same seed, once with its LoRA layers and once
+    with the trainer's own, ends with the same adapter (initialisation, dropout draws and steps)."""
+    from peft import get_peft_model_state_dict
+
+    import edge_daemon.trainer as trainer
+
+    cfg, steps = lora(dropout=dropout), train_cfg(steps=6, lr=1e-2)
+    own = update(base, **data, lora_cfg=cfg, train_cfg=steps, plan=plan(4, 2), seed=3, keep_rejected=True)
+    monkeypatch.setattr(trainer, "build_lora_model", peft_lora_model)
+    reference = update(base, **data, lora_cfg=cfg, train_cfg=steps, plan=plan(4, 2), seed=3, keep_rejected=True)
+    assert own.adapted is not None and reference.adapted is not None
+    assert type(reference.adapted).__name__ == "PeftModel" and type(own.adapted).__name__ == "Forecaster"
+    ours, theirs = lora_state_dict(own.adapted), get_peft_model_state_dict(reference.adapted)
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * len(own.target_modules)
+    for key, tensor in theirs.items():
+        torch.testing.assert_close(ours[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
+    assert any(t.abs().max() > 0 for k, t in ours.items() if "lora_B" in k)  # it trained
+    torch.testing.assert_close(torch.tensor(own.train_losses), torch.tensor(reference.train_losses), rtol=1e-5, atol=0)
 
 
 # --- selective freezing ---------------------------------------------------------
@@ -448,10 +474,10 @@ def test_blocks_are_chosen_by_gradient_norm(base: Forecaster, data: dict) -> Non
 
     result = update(model, **data, lora_cfg=lora(max_blocks=1), train_cfg=train_cfg(steps=1), plan=plan(8, 1), keep_rejected=True)
     assert result.chosen_blocks == [1]
-    assert result.peft_model is not None
-    trained = {n for n, p in result.peft_model.named_parameters() if p.requires_grad}
-    assert trained and all(".blocks.1." in n or ".head." in n or ".linear." in n for n in trained)
-    assert any(".head." in n for n in trained)  # extra_modules are adapted whatever the ranking
+    assert result.adapted is not None
+    trained = {n for n, p in result.adapted.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(("blocks.1.", "head.", "linear.")) for n in trained)
+    assert any(n.startswith("head.") for n in trained)  # extra_modules are adapted whatever the ranking
 
 
 def test_rss_sampler_sees_an_allocation() -> None:
@@ -463,25 +489,29 @@ def test_rss_sampler_sees_an_allocation() -> None:
     assert peak.samples > 0
 
 
-def test_peft_is_imported_without_bitsandbytes_until_8bit_state_is_needed() -> None:
-    # In a fresh interpreter: building the LoRA model must not load bitsandbytes
-    # (~44 MB), and an 8-bit optimizer must still work afterwards.
+def test_an_update_imports_no_peft_and_bitsandbytes_only_for_8bit_state() -> None:
+    # In a fresh interpreter: a whole update loads neither peft nor transformers (~160 MB) nor
+    # bitsandbytes (~44 MB); an 8-bit optimizer still works afterwards and is what loads bitsandbytes.
     import subprocess
     import sys
 
     code = """
 import sys, torch
-from edge_daemon.config import LoraConfigSection
+from edge_daemon.config import LoraConfigSection, TrainConfig
 from edge_daemon.model import Forecaster, ForecasterConfig
-from edge_daemon.trainer import build_peft_model, make_optimizer
-model = build_peft_model(Forecaster(ForecasterConfig(n_channels=3, window=8, d_model=16, n_layers=1, d_ff=16)),
-                         ["blocks.0.fc1"], LoraConfigSection())
-assert "peft" in sys.modules and "bitsandbytes" not in sys.modules, "bitsandbytes loaded with peft"
-params = [p for p in model.parameters() if p.requires_grad]
+from edge_daemon.plan import TrainingPlan
+from edge_daemon.trainer import make_optimizer, update
+model = Forecaster(ForecasterConfig(n_channels=3, window=8, d_model=16, n_layers=1, d_ff=16))
+w = torch.randn(32, 9, 3)
+result = update(model, w, w[:8], w[:0], w[:0], LoraConfigSection(), TrainConfig(batch_size=8, micro_batch=8, steps=2),
+                TrainingPlan(micro_batch=8, accumulation=1, checkpointing=False, optimizer="adamw"), keep_rejected=True)
+heavy = sorted(m for m in ("peft", "transformers", "accelerate", "bitsandbytes") if m in sys.modules)
+assert not heavy, heavy
+params = [p for p in result.adapted.parameters() if p.requires_grad]
 opt = make_optimizer(params, "adamw8bit", lr=1e-3)
-model(torch.randn(2, 8, 3)).pow(2).mean().backward()
+result.adapted(w[:2, :-1]).pow(2).mean().backward()
 opt.step()
-assert "bitsandbytes" in sys.modules
+assert "bitsandbytes" in sys.modules and "peft" not in sys.modules
 assert any(s["state1"].dtype == torch.uint8 for s in opt.state.values())
 print("ok")
 """
@@ -489,12 +519,22 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
-def test_an_update_adapts_the_further_horizons_heads_too(data: dict) -> None:
+def test_an_update_adapts_the_further_horizons_heads_too(data: dict, tmp_path: Path) -> None:
     """With a further horizon the adapter covers its head and linear path (extra_modules expands
     the lists), and peft loads it back with the same outputs at every horizon."""
     torch.manual_seed(0)
     model = Forecaster(ForecasterConfig(n_channels=3, window=32, d_model=32, n_heads=4, n_layers=2, d_ff=64, horizons=(1, 8)))
     result = update(model, **data, lora_cfg=lora(max_blocks=1), train_cfg=train_cfg(steps=2), plan=plan(8, 1), keep_rejected=True)
     assert result.target_modules[-4:] == ["head", "linear", "far_head.0", "far_linear.0"]
-    trained = {n for n, p in result.peft_model.named_parameters() if p.requires_grad}
-    assert any(".far_head.0.lora_B" in n for n in trained) and any(".far_linear.0.lora_B" in n for n in trained)
+    trained = {n for n, p in result.adapted.named_parameters() if p.requires_grad}
+    assert "far_head.0.lora_B.weight" in trained and "far_linear.0.lora_B.weight" in trained
+    from peft import PeftModel
+
+    save_adapter(result.adapted, tmp_path / "v1")
+    with without_bitsandbytes():
+        loaded = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "v1")).eval()
+    windows = data["recent_val"][:, :-1]
+    with torch.inference_mode():
+        expected = result.adapted.eval().forward_horizons(windows)
+        assert expected.shape[-2] == 2  # one forecast per horizon
+        assert torch.equal(loaded.get_base_model().forward_horizons(windows), expected)

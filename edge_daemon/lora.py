@@ -1,0 +1,175 @@
+"""LoRA for the trainer, in plain torch, saved in peft's on-disk format.
+
+peft (with transformers and accelerate behind it) costs a training process
+~160 MB and seconds of import for what is here a few lines: a low-rank pair
+beside each adapted Linear. This module builds those layers the way peft's
+`LoraModel` does (same initialisation, in the same order, so one seed gives
+the same adapter) and writes `adapter_config.json` and
+`adapter_model.safetensors` with peft's key names, so `PeftModel.from_pretrained`
+loads every saved adapter unchanged. Serving reads them back in
+`adapters.merge_lora`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+# Written by save_adapter; the names peft's save_pretrained uses, and the prefix it gives every
+# key (PeftModel -> LoraModel -> the wrapped model).
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+class LoraLinear(nn.Module):
+    """`base_layer(x) + lora_B(lora_A(dropout(x))) * alpha / r`, with the base weights frozen.
+
+    Attribute names follow peft's `lora.Linear` (`base_layer`, `lora_A`, `lora_B`,
+    `lora_dropout`, `scaling`), so the adapted model's parameter names are peft's
+    without its per-adapter-name level.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        self.base_layer = base_layer
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / r
+        self.lora_dropout: nn.Module = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+        # Created, then A re-initialised and B zeroed, in peft's order: the same RNG draws as
+        # peft's update_layer + reset_lora_parameters, so a seed gives peft's initial adapter.
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(base_layer.weight.dtype)
+        self.lora_B.to(base_layer.weight.dtype)
+        base_layer.requires_grad_(False)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A, shaped like the base weight (out, in)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (one matmul per forward instead of three)."""
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+
+def attach_lora(model: nn.Module, target_modules: Sequence[str], r: int, alpha: float, dropout: float = 0.0) -> nn.Module:
+    """Replace each Linear named in `target_modules` (exact names) with a LoraLinear, in place;
+    every other parameter is frozen. Returns `model`.
+
+    Layers are wrapped in the model's module order, as peft does, so the random
+    initialisation matches peft's for the same seed.
+    """
+    wanted = set(target_modules)
+    if not wanted:
+        raise ValueError("no target modules for LoRA")
+    model.requires_grad_(False)
+    found = []
+    for name, module in list(model.named_modules()):
+        if name not in wanted:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"LoRA target {name!r} is a {type(module).__name__}, not a Linear layer")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoraLinear(module, r, alpha, dropout))
+        found.append(name)
+    missing = wanted.difference(found)
+    if missing:
+        raise ValueError(f"LoRA targets not in the model: {sorted(missing)}")
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """The model's LoRA layers by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under the keys peft saves them with."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model).items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
+    return state
+
+
+def adapter_config(model: nn.Module) -> dict[str, Any]:
+    """The adapter_config.json peft writes for a plain LoRA (no DoRA, rsLoRA, bias or modules_to_save).
+
+    Fields peft has added for other methods are left out: its config fills them with defaults.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers")
+    ranks = {layer.r for layer in layers.values()}
+    alphas = {layer.alpha for layer in layers.values()}
+    dropouts = {float(getattr(layer.lora_dropout, "p", 0.0)) for layer in layers.values()}
+    if len(ranks) != 1 or len(alphas) != 1 or len(dropouts) != 1:
+        raise ValueError("LoRA layers with different rank, alpha or dropout are not supported")
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": ranks.pop(),
+        "lora_alpha": alphas.pop(),
+        "lora_dropout": dropouts.pop(),
+        "target_modules": sorted(layers),
+        "bias": "none",
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+    """Write the model's adapter in peft's format: adapter_config.json + adapter_model.safetensors.
+
+    Durability (fsync, atomic rename, version pointer) is the adapter store's job.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = adapter_config(model)
+    save_file(lora_state_dict(model), str(directory / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return directory
+
+
+__all__ = ["LoraLinear", "adapter_config", "attach_lora", "lora_layers", "lora_state_dict", "save_adapter"]
