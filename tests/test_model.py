@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -160,3 +161,31 @@ def test_further_horizons_do_not_train_the_shared_blocks() -> None:
     model.zero_grad(set_to_none=True)
     model.forward_horizons(torch.randn(2, 16, 2))[:, :, 0].pow(2).sum().backward()  # the next step does
     assert model.blocks[0].fc1.weight.grad is not None and model.blocks[0].fc1.weight.grad.any()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_recomputed_blocks_give_the_same_loss_and_gradients(dropout: float) -> None:
+    """Checkpointing replays each block in backward: same loss and gradients as keeping its
+    activations (dropout masks drawn again from the same random state), also for a block whose
+    input comes from frozen layers only."""
+
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(n_channels=3, window=16, d_model=16, n_heads=2, n_layers=3, d_ff=32, dropout=dropout))
+    model.train()
+    model.requires_grad_(False)
+    for p in model.blocks[2].parameters():  # only the last block trains: its input needs no grad
+        p.requires_grad_(True)
+    x = torch.randn(4, 17, 3)
+    results = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        torch.manual_seed(1)
+        loss = forecast_loss(model, x)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (plain_loss, plain), (ckpt_loss, ckpt) = results
+    assert ckpt_loss == plain_loss
+    assert plain.keys() == ckpt.keys() and len(plain) == len(list(model.blocks[2].parameters()))
+    for name, grad in plain.items():
+        torch.testing.assert_close(ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -82,11 +82,12 @@ def test_trigger_needs_a_reason_and_idle() -> None:
     assert trigger.decide(calm(new_windows=100)).start
     assert trigger.decide(calm(drift_detected=True)).reason == "drift detected"
     assert not trigger.decide(calm(drift_detected=True, idle=False)).start
-    assert trigger.decide(calm(drift_detected=True, memory_level="elevated")).reason == "memory level elevated"
+    assert trigger.decide(calm(drift_detected=True, memory_level="critical")).reason == "memory level critical"
+    assert trigger.decide(calm(drift_detected=True, memory_level="high")).start  # with room for the worker
     assert "backlog" in trigger.decide(calm(drift_detected=True, backlog=5000)).reason
     assert trigger.decide(calm(drift_detected=True, has_base=False)).reason == "no base model yet"
     short = trigger.decide(calm(drift_detected=True, headroom_mb=-120.4))
-    assert not short.start and short.reason == "not enough memory for the training child (120 MB short)"
+    assert not short.start and short.reason == "not enough memory for the training worker (120 MB short)"
     assert trigger.decide(calm(drift_detected=True, headroom_mb=5.0)).start
 
 

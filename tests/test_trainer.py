@@ -490,8 +490,9 @@ def test_rss_sampler_sees_an_allocation() -> None:
 
 
 def test_an_update_imports_no_peft_and_bitsandbytes_only_for_8bit_state() -> None:
-    # In a fresh interpreter: a whole update loads neither peft nor transformers (~160 MB) nor
-    # bitsandbytes (~44 MB); an 8-bit optimizer still works afterwards and is what loads bitsandbytes.
+    # In a fresh interpreter: a whole update loads neither peft nor transformers (~160 MB), nor
+    # bitsandbytes (~44 MB), nor torch._dynamo (~70 MB); an 8-bit optimizer still works afterwards
+    # and is what loads bitsandbytes.
     import subprocess
     import sys
 
@@ -503,9 +504,11 @@ from edge_daemon.plan import TrainingPlan
 from edge_daemon.trainer import make_optimizer, update
 model = Forecaster(ForecasterConfig(n_channels=3, window=8, d_model=16, n_layers=1, d_ff=16))
 w = torch.randn(32, 9, 3)
-result = update(model, w, w[:8], w[:0], w[:0], LoraConfigSection(), TrainConfig(batch_size=8, micro_batch=8, steps=2),
-                TrainingPlan(micro_batch=8, accumulation=1, checkpointing=False, optimizer="adamw"), keep_rejected=True)
-heavy = sorted(m for m in ("peft", "transformers", "accelerate", "bitsandbytes") if m in sys.modules)
+for checkpointing in (False, True):
+    result = update(model, w, w[:8], w[:0], w[:0], LoraConfigSection(), TrainConfig(batch_size=8, micro_batch=4, steps=2),
+                    TrainingPlan(micro_batch=4, accumulation=2, checkpointing=checkpointing, optimizer="adamw"), keep_rejected=True)
+# torch._dynamo (~70 MB) comes with torch.optim and torch.utils.checkpoint: neither is used.
+heavy = sorted(m for m in ("peft", "transformers", "accelerate", "bitsandbytes", "torch._dynamo") if m in sys.modules)
 assert not heavy, heavy
 params = [p for p in result.adapted.parameters() if p.requires_grad]
 opt = make_optimizer(params, "adamw8bit", lr=1e-3)

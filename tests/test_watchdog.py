@@ -12,13 +12,10 @@ import multiprocessing
 import os
 import platform
 import queue
-import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +43,8 @@ from edge_daemon.watchdog import (
     reset_peak_rss,
     tighten,
 )
+from tests.cgroups import MB, MemoryCgroup, create_memory_cgroup
 
-MB = 1024 * 1024
 MEMHOG = Path(__file__).with_name("memhog.py")
 N, E, H, C = Level.NORMAL, Level.ELEVATED, Level.HIGH, Level.CRITICAL
 POLICY = PressurePolicy(elevated=0.70, high=0.80, critical=0.90, hysteresis=0.05, min_available_mb=64.0)
@@ -570,113 +567,6 @@ def test_real_memory_hog_drives_levels_and_a_governed_child(memhog: MemHog) -> N
 # --------------------------------------------------------------- real limit
 
 
-@dataclass
-class MemoryCgroup:
-    """A memory cgroup of this test's own (v1 or v2), removed afterwards."""
-
-    path: Path
-    version: int
-
-    @property
-    def limit_file(self) -> Path:
-        return self.path / ("memory.max" if self.version == 2 else "memory.limit_in_bytes")
-
-    def set_limit_mb(self, mb: float) -> None:
-        self.limit_file.write_text(str(int(mb * MB)))
-
-    def usage_mb(self) -> float:
-        name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
-        return int((self.path / name).read_text()) / MB
-
-    def oom_kills(self) -> int:
-        name = "memory.events" if self.version == 2 else "memory.oom_control"
-        for line in (self.path / name).read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-        return 0
-
-    def pids(self) -> list[int]:
-        return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
-
-    def enter_fn(self) -> Callable[[], None]:
-        """A `preexec_fn` that moves the new process into this cgroup before it execs.
-
-        Joining before exec matters on v1: pages charged before a move stay
-        with the old cgroup (move_charge_at_immigrate is off by default).
-        """
-        procs = str(self.path / "cgroup.procs")
-
-        def enter() -> None:
-            with open(procs, "w") as handle:
-                handle.write(str(os.getpid()))
-
-        return enter
-
-
-def _own_cgroup_path(controller_line: Callable[[str, str], bool]) -> str | None:
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        hier, controllers, path = line.split(":", 2)
-        if controller_line(hier, controllers):
-            return path
-    return None
-
-
-def _try_create(parent: Path, version: int) -> MemoryCgroup | str:
-    path = parent / f"edge-daemon-test-{uuid.uuid4().hex[:8]}"
-    try:
-        path.mkdir()
-    except OSError as exc:
-        return f"cannot create {path}: {exc.strerror}"
-    group = MemoryCgroup(path, version)
-    try:
-        group.set_limit_mb(1024)
-        assert (path / "cgroup.procs").exists()
-    except (OSError, AssertionError) as exc:
-        path.rmdir()
-        return f"cannot set a memory limit in {path}: {exc}"
-    return group
-
-
-def create_memory_cgroup(root: Path = Path("/sys/fs/cgroup")) -> MemoryCgroup | str:
-    """A new memory cgroup, or the reason none can be created here."""
-    reasons: list[str] = []
-    if (root / "cgroup.controllers").exists():  # unified (v2)
-        if "memory" not in (root / "cgroup.controllers").read_text().split():
-            return "cgroup v2 without the memory controller"
-        own = _own_cgroup_path(lambda hier, controllers: hier == "0")
-        parents = []
-        if own and own != "/":
-            parents.append(root / own.lstrip("/"))
-        parents.append(root)  # the root is exempt from the no-internal-processes rule
-        for parent in parents:
-            try:
-                if "memory" not in (parent / "cgroup.subtree_control").read_text().split():
-                    (parent / "cgroup.subtree_control").write_text("+memory")
-            except OSError as exc:
-                reasons.append(f"{parent}: cannot enable memory for children: {exc.strerror}")
-                continue
-            made = _try_create(parent, 2)
-            if isinstance(made, MemoryCgroup):
-                return made
-            reasons.append(made)
-        return "; ".join(reasons)
-    mount = root / "memory"
-    if not (mount / "memory.limit_in_bytes").exists():
-        return f"no cgroup v2 at {root} and no v1 memory hierarchy at {mount}"
-    own = _own_cgroup_path(lambda hier, controllers: "memory" in controllers.split(","))
-    parents = [mount / own.lstrip("/")] if own and own != "/" else []
-    parents.append(mount)
-    for parent in parents:
-        if not parent.is_dir():
-            continue
-        made = _try_create(parent, 1)
-        if isinstance(made, MemoryCgroup):
-            return made
-        reasons.append(made)
-    return "; ".join(reasons) or "no usable v1 memory cgroup directory"
-
-
 @pytest.fixture
 def memory_cgroup() -> Iterator[MemoryCgroup]:
     """A fresh memory cgroup (1 GB limit to start); skips with the reason where none can be made."""
@@ -686,22 +576,7 @@ def memory_cgroup() -> Iterator[MemoryCgroup]:
     try:
         yield made
     finally:
-        for pid in made.pids():
-            # Only processes this test started can be in its fresh cgroup.
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        # Killed processes leave the cgroup as they exit; until then it cannot be removed.
-        deadline = time.monotonic() + HANG_S
-        while True:
-            try:
-                made.path.rmdir()
-                break
-            except OSError as exc:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{made.path} still busy {HANG_S:.0f} s after killing its processes") from exc
-                time.sleep(0.05)
+        made.remove(HANG_S)
 
 
 # Runs inside the cgroup: reads the budget, then grows in 4 MB steps until

@@ -1,0 +1,132 @@
+"""Training workers forked from the helper: messages, exit status, OOM score, shared state."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from edge_daemon.watchdog import Level, SharedLevel
+from edge_daemon.worker import MessageWriter, SharedFlag, WorkerForker, read_messages
+
+
+def report(job: dict[str, Any], out: MessageWriter, level: SharedLevel, stop: SharedFlag) -> None:
+    """Says what it sees, then waits for the daemon's stop flag if asked to."""
+    with open("/proc/self/oom_score_adj") as handle:
+        oom = int(handle.read())
+    out.put({"pid": os.getpid(), "ppid": os.getppid(), "oom_score_adj": oom, "level": level.get().label, "job": job})
+    if job.get("wait_for_stop"):
+        # Polls the shared flag as the trainer does at every micro-batch boundary.
+        while not stop.is_set():
+            time.sleep(0.001)
+        out.put({"stop_seen": True})
+    if job.get("import"):
+        out.put({"new_modules": sorted(set(sys.modules) - set(job["before"]))})
+    out.close()
+
+
+def hang(job: dict[str, Any], out: MessageWriter, level: SharedLevel, stop: SharedFlag) -> None:
+    out.put({"pid": os.getpid()})
+    while True:
+        signal.pause()  # until killed
+
+
+@pytest.fixture
+def forker() -> Iterator[WorkerForker]:
+    made = WorkerForker()
+    made.register("report", report)
+    made.register("hang", hang)
+    made.start()
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
+def test_a_worker_reports_through_its_pipe_and_its_exit_through_the_helper(forker: WorkerForker) -> None:
+    assert forker.alive
+    forker.level.set(Level.HIGH)  # after the fork: the worker reads the daemon's live value
+    pid, fd = forker.launch("report", {"n": 1})
+    (message,) = list(read_messages(fd))
+    assert message["pid"] == pid and message["ppid"] == forker.pid and message["job"] == {"n": 1}
+    assert message["level"] == "high"
+    # An OOM kill takes the worker first: its score is raised to the maximum.
+    assert message["oom_score_adj"] == 1000
+    ended = forker.wait()
+    assert ended is not None and ended.pid == pid and ended.code == 0 and ended.signal is None
+    assert "exited with code 0" in ended.describe()
+    # The helper runs the next job too.
+    pid2, fd2 = forker.launch("report", {"n": 2})
+    assert [m["job"] for m in read_messages(fd2)] == [{"n": 2}] and pid2 != pid
+    assert forker.wait().code == 0  # type: ignore[union-attr]
+
+
+def test_the_stop_flag_set_after_the_fork_reaches_the_worker(forker: WorkerForker) -> None:
+    try:
+        pid, fd = forker.launch("report", {"wait_for_stop": True})
+        messages = read_messages(fd)
+        assert next(messages)["pid"] == pid
+        forker.stop_flag.set()
+        assert next(messages) == {"stop_seen": True}
+        assert forker.wait().code == 0  # type: ignore[union-attr]
+    finally:
+        forker.stop_flag.clear()
+
+
+def test_a_killed_worker_is_reported_as_killed(forker: WorkerForker) -> None:
+    pid, fd = forker.launch("hang", {})
+    messages = read_messages(fd)
+    assert next(messages)["pid"] == pid
+    os.kill(pid, signal.SIGKILL)  # what the OOM killer does
+    assert list(messages) == []  # the pipe ends with the worker
+    ended = forker.wait()
+    assert ended is not None and ended.signal == signal.SIGKILL and ended.code is None
+    assert ended.describe() == "killed by SIGKILL (out of memory?)"
+    assert forker.alive  # the helper is untouched
+
+
+def test_a_worker_imports_nothing(forker: WorkerForker) -> None:
+    pid, fd = forker.launch("report", {"import": True, "before": sorted(sys.modules)})
+    messages = list(read_messages(fd))
+    assert messages[-1] == {"new_modules": []}
+    forker.wait()
+
+
+def test_the_helper_exits_when_the_daemon_closes_it_and_a_dead_helper_shows() -> None:
+    made = WorkerForker()
+    made.register("report", report)
+    made.start()
+    helper = made.pid
+    assert helper is not None and made.alive
+    made.stop()
+    assert made.pid is None and not made.alive
+    with pytest.raises(ProcessLookupError):
+        os.kill(helper, 0)  # reaped, gone
+    # A helper killed from outside is seen as dead (the daemon's health check then exits).
+    other = WorkerForker()
+    other.register("report", report)
+    other.start()
+    assert other.pid is not None
+    os.kill(other.pid, signal.SIGKILL)
+    os.waitpid(other.pid, 0)
+    assert not other.alive
+    other.stop()
+    with pytest.raises(RuntimeError, match="not running"):
+        other.launch("report", {})
+
+
+def test_entry_points_are_registered_before_the_fork() -> None:
+    made = WorkerForker()
+    made.start()
+    try:
+        with pytest.raises(RuntimeError, match="before start"):
+            made.register("late", report)
+        with pytest.raises(KeyError):
+            made.launch("late", {})
+    finally:
+        made.stop()
