@@ -46,6 +46,7 @@ from edge_daemon.store import Reading, ReplayStore  # noqa: E402
 from sample_sensors.generate import CHANNELS, generate_labeled, readings  # noqa: E402
 from sample_sensors.publish import publish  # noqa: E402
 from tests.cgroups import MemoryCgroup, create_memory_cgroup  # noqa: E402
+from tests.support import config_toml, daemon_status, wait_for  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {"default": {}, "large": dict(LARGE)}
 PRETRAIN_STEPS = {"default": 300, "large": 20}  # the base has only to exist and be sensible
@@ -54,7 +55,8 @@ SETTLE_SCORED = 20  # live steps scored before serving is measured
 SERVING_S = 20.0  # serving is the median charge over this long
 SAMPLE_S = 0.05
 HANG_S = 900.0  # bounds a hang only; every wait is for an event
-HELD_S = 90.0  # a request still not started after this long under a limit counts as held back
+HELD_S = 90.0
+UNLIMITED_MB = 16 * 1024  # the cgroup's limit for rows without one: far above anything measured  # a request still not started after this long under a limit counts as held back
 
 
 @dataclass
@@ -83,32 +85,6 @@ class Row:
     @property
     def ratio(self) -> float | None:
         return self.update_peak_mb / self.serving_mb if self.update_peak_mb and self.serving_mb else None
-
-
-def _toml(data: dict[str, dict[str, Any]]) -> str:
-    lines: list[str] = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items() if value is not None]
-    return "\n".join(lines) + "\n"
-
-
-def _status(socket_path: Path) -> dict[str, Any] | None:
-    try:
-        reply = request(socket_path, {"cmd": "status"}, timeout=30)
-    except Exception:
-        return None
-    return reply if reply.get("ok") else None
-
-
-def _wait(predicate: Any, what: str, timeout: float = HANG_S, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _pss_mb(pids: list[int]) -> float:
@@ -147,7 +123,7 @@ def prepare_state(workdir: Path, size: str, port: int) -> Path:
         "memory": {"sample_interval_s": SAMPLE_S},
     }
     config_file = workdir / "config.toml"
-    config_file.write_text(_toml(sections))
+    config_file.write_text(config_toml(sections))
     cfg = parse_config({k: v for k, v in sections.items()})
     steps = int(HISTORY_H * 3600)
     start_ts = float(int(time.time()) - steps - 5)
@@ -195,6 +171,7 @@ def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None 
         cgroup = create_memory_cgroup()
         if not isinstance(cgroup, MemoryCgroup):
             raise SystemExit(f"cannot create a memory cgroup here: {cgroup}")
+        cgroup.set_limit_mb(UNLIMITED_MB)  # a row without a limit measures what the service takes
         feed: LiveFeed | None = None
         daemon: subprocess.Popen[bytes] | None = None
         try:
@@ -211,12 +188,12 @@ def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None 
             def alive_status() -> dict[str, Any] | None:
                 if running.poll() is not None:
                     raise RuntimeError(f"the daemon exited ({running.returncode}):\n{(workdir / 'daemon.log').read_text()[-3000:]}")
-                return _status(socket_path)
+                return daemon_status(socket_path)
 
-            _wait(alive_status, "the control socket")
+            wait_for(alive_status, HANG_S, "the control socket", interval=0.1)
             feed = LiveFeed(broker.port)
-            first = _wait(lambda: ((alive_status() or {}).get("scoring") or {}).get("steps"), "the first live step scored")
-            _wait(lambda: ((alive_status() or {}).get("scoring") or {}).get("steps", 0) >= first + SETTLE_SCORED, "live scoring to settle")
+            first = wait_for(lambda: ((alive_status() or {}).get("scoring") or {}).get("steps"), HANG_S, "the first live step scored", interval=0.1)
+            wait_for(lambda: ((alive_status() or {}).get("scoring") or {}).get("steps", 0) >= first + SETTLE_SCORED, HANG_S, "live scoring to settle", interval=0.1)
             charges = []
             deadline = time.monotonic() + SERVING_S
             while time.monotonic() < deadline:
@@ -228,8 +205,8 @@ def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None 
             if limit_multiple is not None:
                 row.limit_mb = limit_multiple * row.serving_mb
                 cgroup.set_limit_mb(row.limit_mb)
-                _wait(lambda: abs(((alive_status() or {}).get("memory") or {}).get("budget_mb", 0) - row.limit_mb) < 1, "the limit as budget")
-            stored_before = (_status(socket_path) or {})["store"]["readings"]
+                wait_for(lambda: abs(((alive_status() or {}).get("memory") or {}).get("budget_mb", 0) - row.limit_mb) < 1, HANG_S, "the limit as budget", interval=0.1)
+            stored_before = (daemon_status(socket_path) or {})["store"]["readings"]
             cgroup.reset_peak()
             reply = request(socket_path, {"cmd": "train"})
             if not reply.get("ok"):
@@ -238,7 +215,7 @@ def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None 
             last: dict[str, Any] | None = None
             while True:
                 peak = max(peak, cgroup.charge_mb())
-                status = _status(socket_path)
+                status = daemon_status(socket_path)
                 if daemon.poll() is not None:
                     row.daemon_alive = False
                     row.outcome = f"daemon exited ({daemon.returncode})"
@@ -266,13 +243,18 @@ def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None 
                 time.sleep(SAMPLE_S)
             row.update_peak_mb, row.kernel_peak_mb, row.watchdog_peak_mb = peak, cgroup.peak_mb(), watchdog_peak
             row.oom_kills = cgroup.oom_kills()
-            after = _status(socket_path)
+            after = daemon_status(socket_path)
             if after is not None:
                 row.stored_during_update = after["store"]["readings"] - stored_before
             if last is not None:
                 row.accepted = bool(last.get("accepted"))
-                stopped = (last.get("outcome") or {}).get("stopped")
-                row.outcome = "completed" if not last.get("error") and not stopped else f"stopped: {last.get('error') or 'memory critical'}"
+                outcome = last.get("outcome") or {}
+                if outcome.get("stopped"):
+                    row.outcome = "stopped at critical"
+                elif last.get("metrics_after") is None:  # no gate: it failed or was killed
+                    row.outcome = f"failed: {last.get('reason')}"
+                else:
+                    row.outcome = "completed"
                 row.wall_s = last.get("duration_s")
                 row.val_loss_before = (last.get("metrics_before") or {}).get("recent_val_loss")
                 row.val_loss_after = (last.get("metrics_after") or {}).get("recent_val_loss")

@@ -47,7 +47,7 @@ KEEP_UPDATE_TRACES = 20
 # update's trace stays a few tens of kB.
 TRACE_MAX_POINTS = 600
 TRACE_INTERVAL_S = 0.1
-HEAVY_MODULES = ("peft", "transformers", "accelerate", "bitsandbytes", "torch._dynamo")  # first sampling period; fine enough to see a plan change take effect
+HEAVY_MODULES = ("peft", "transformers", "accelerate", "bitsandbytes", "torch._dynamo", "sympy")  # first sampling period; fine enough to see a plan change take effect
 
 
 # ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from edge_daemon.pretrain import pretrain
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from sample_sensors.publish import valid_messages
 from tests.conftest import make_config, save_random_peft_adapter, start_daemon
+from tests.support import wait_for
 
 OLD_STEPS = 2400
 NEW_STEPS = 900
@@ -99,16 +100,6 @@ def publish_steps(port: int, ts: np.ndarray, values: dict[str, np.ndarray], star
         info.wait_for_publish(30)
     client.loop_stop()
     client.disconnect()
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2, detail=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f": {detail()}" if detail else ""))
 
 
 def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: LocalBroker) -> None:

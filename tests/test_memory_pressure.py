@@ -29,7 +29,8 @@ from edge_daemon.pretrain import pretrain
 from edge_daemon.watchdog import Level, cgroup_usage_mb
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from tests.conftest import make_config, start_daemon
-from tests.test_end_to_end import publish_steps, wait_for
+from tests.support import config_toml, daemon_status, wait_for
+from tests.test_end_to_end import publish_steps
 from tests.cgroups import MemoryCgroup
 from tests.test_watchdog import MemHog, memhog, memory_cgroup  # noqa: F401  (fixtures)
 
@@ -204,23 +205,6 @@ def test_pressure_during_an_update_tightens_the_plan_and_ingestion_goes_on(
 # ------------------------------------------------------------------ real limit
 
 
-def _toml(data: dict[str, dict[str, Any]]) -> str:
-    """The config sections as TOML: JSON scalars and lists of them are valid TOML values."""
-    lines: list[str] = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items() if value is not None]
-    return "\n".join(lines) + "\n"
-
-
-def _status(socket_path: Path) -> dict[str, Any] | None:
-    try:
-        reply = request(socket_path, {"cmd": "status"})
-    except Exception:
-        return None  # not listening yet
-    return reply if reply.get("ok") else None
-
-
 # ~25 s (a daemon process, its training worker, shutdown): out of the default run.
 @pytest.mark.slow
 def test_daemon_under_a_cgroup_limit_just_above_serving_trains_without_oom(
@@ -230,7 +214,7 @@ def test_daemon_under_a_cgroup_limit_just_above_serving_trains_without_oom(
     cfg = make_config(tmp_path, port=broker.port, **sections)
     data = _data_and_base(cfg, seed=4)
     config_file = tmp_path / "config.toml"
-    config_file.write_text(_toml(cfg.model_dump(mode="json", include=set(sections) | {"device", "mqtt", "channels"})))
+    config_file.write_text(config_toml(cfg.model_dump(mode="json", include=set(sections) | {"device", "mqtt", "channels"})))
     log_file = tmp_path / "daemon.log"
     with open(log_file, "w") as log:
         daemon = subprocess.Popen(
@@ -243,36 +227,36 @@ def test_daemon_under_a_cgroup_limit_just_above_serving_trains_without_oom(
         )
     try:
         socket_path = cfg.device.socket
-        wait_for(lambda: _status(socket_path), HANG_S, "the daemon's control socket")
+        wait_for(lambda: daemon_status(socket_path), HANG_S, "the daemon's control socket")
         publish_steps(broker.port, data.ts, data.values, 0, HISTORY_STEPS)
-        wait_for(lambda: (_status(socket_path) or {}).get("store", {}).get("readings") == 3 * HISTORY_STEPS, HANG_S, "the history stored")
+        wait_for(lambda: (daemon_status(socket_path) or {}).get("store", {}).get("readings") == 3 * HISTORY_STEPS, HANG_S, "the history stored")
         # Scoring has assembled every stored step and scored the newest: the serving footprint.
         newest = float(data.ts[HISTORY_STEPS - 1])
 
         def scored_all() -> bool:
-            scoring = (_status(socket_path) or {}).get("scoring") or {}
+            scoring = (daemon_status(socket_path) or {}).get("scoring") or {}
             return scoring.get("steps") == HISTORY_STEPS and (scoring.get("last") or {}).get("ts") == newest
 
-        wait_for(scored_all, HANG_S, "scoring to reach the newest step", detail=lambda: (_status(socket_path) or {}).get("scoring"))
+        wait_for(scored_all, HANG_S, "scoring to reach the newest step", detail=lambda: (daemon_status(socket_path) or {}).get("scoring"))
         from edge_daemon.daemon import EXPECTED_WORKER_MB
 
         critical = cfg.memory.critical
         # What the daemon counts is the cgroup's charge (its own figure is checked against the
         # kernel's below); the larger of the two readings leaves the margins below on the safe side.
-        serving_mb = max(memory_cgroup.charge_mb(), (_status(socket_path) or {})["memory"]["usage_mb"])
+        serving_mb = max(memory_cgroup.charge_mb(), (daemon_status(socket_path) or {})["memory"]["usage_mb"])
         # Room for only half the expected worker under the critical line: the trigger holds the
         # request rather than start an update that would stop at once.
         limit_mb = (serving_mb + EXPECTED_WORKER_MB / 2) / critical
         memory_cgroup.set_limit_mb(limit_mb)
         status = wait_for(
-            lambda: (s := _status(socket_path)) and abs(s["memory"]["budget_mb"] - limit_mb) < 1 and s, HANG_S, "the cgroup limit as budget"
+            lambda: (s := daemon_status(socket_path)) and abs(s["memory"]["budget_mb"] - limit_mb) < 1 and s, HANG_S, "the cgroup limit as budget"
         )
         assert status["memory"]["budget_source"].startswith(f"cgroup v{memory_cgroup.version}"), status["memory"]
 
         reply = request(socket_path, {"cmd": "train"})
         assert reply["ok"] and reply["accepted"]
         held = wait_for(
-            lambda: (s := _status(socket_path)) and "not enough memory for the training worker" in (s["training"].get("trigger") or "") and s,
+            lambda: (s := daemon_status(socket_path)) and "not enough memory for the training worker" in (s["training"].get("trigger") or "") and s,
             HANG_S, "the request held for lack of memory",
         )  # fmt: skip
         assert held["training"]["state"] == "idle" and held["training"]["last"] is None
@@ -285,7 +269,7 @@ def test_daemon_under_a_cgroup_limit_just_above_serving_trains_without_oom(
         counted: list[tuple[float, float, str]] = []  # (the watchdog's usage, the kernel's charge, how counted)
 
         def finished() -> dict[str, Any] | None:
-            s = _status(socket_path)
+            s = daemon_status(socket_path)
             if s is None:
                 return None
             kernel = cgroup_usage_mb(memory_cgroup.path)
@@ -305,8 +289,8 @@ def test_daemon_under_a_cgroup_limit_just_above_serving_trains_without_oom(
             f"reason {last['reason']}"
         )
         assert daemon.poll() is None, "the daemon must survive its update"
-        # Neither the daemon nor its worker loaded peft, transformers, bitsandbytes or torch._dynamo.
-        assert _status(socket_path)["training"]["heavy_modules"] == []
+        # Neither the daemon nor its worker loaded peft, transformers, bitsandbytes, torch._dynamo or sympy.
+        assert daemon_status(socket_path)["training"]["heavy_modules"] == []
         (trace,) = [json.loads(p.read_text()) for p in (Path(cfg.device.state_dir) / "updates").glob("*.json")]
         assert trace["worker_imports"] == [], trace["worker_imports"]
         assert memory_cgroup.oom_kills() == 0

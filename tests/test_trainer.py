@@ -507,8 +507,9 @@ w = torch.randn(32, 9, 3)
 for checkpointing in (False, True):
     result = update(model, w, w[:8], w[:0], w[:0], LoraConfigSection(), TrainConfig(batch_size=8, micro_batch=4, steps=2),
                     TrainingPlan(micro_batch=4, accumulation=2, checkpointing=checkpointing, optimizer="adamw"), keep_rejected=True)
-# torch._dynamo (~70 MB) comes with torch.optim and torch.utils.checkpoint: neither is used.
-heavy = sorted(m for m in ("peft", "transformers", "accelerate", "bitsandbytes", "torch._dynamo") if m in sys.modules)
+# torch._dynamo (~70 MB) comes with torch.optim and torch.utils.checkpoint, sympy (~33 MB) with
+# torch.autograd.backward given gradients: none of them is used.
+heavy = sorted(m for m in ("peft", "transformers", "accelerate", "bitsandbytes", "torch._dynamo", "sympy") if m in sys.modules)
 assert not heavy, heavy
 params = [p for p in result.adapted.parameters() if p.requires_grad]
 opt = make_optimizer(params, "adamw8bit", lr=1e-3)

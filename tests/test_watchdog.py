@@ -320,7 +320,7 @@ def test_governor_should_stop_on_shutdown_and_critical() -> None:
 
 
 def test_choose_start_plan_takes_the_loosest_that_fits() -> None:
-    ladder = plan_candidates(32, 32)
+    ladder = plan_candidates(32, 32)  # 32x1, 32x1 ckpt, 16x2 ckpt 8-bit, 8x4, 4x8, 2x16, 1x32
     cost_mb = {ladder[0]: 900.0, ladder[1]: 420.0, ladder[2]: 250.0, ladder[3]: 150.0}
     measured: list[TrainingPlan] = []
 
@@ -328,16 +328,33 @@ def test_choose_start_plan_takes_the_loosest_that_fits() -> None:
         measured.append(plan)
         return cost_mb.get(plan, 100.0)
 
-    # Elevated threshold 0.7 x 1000 = 700 MB; baseline 400 leaves < 300 MB.
+    # Elevated threshold 0.7 x 1000 = 700 MB; baseline 400 leaves < 300 MB. Measured from the
+    # tightest up; 16x2 is predicted at 2 x 150 = 300 MB from 8x4's cost and not dry-run.
     chosen = choose_start_plan(ladder, measure, baseline_mb=400, budget_mb=1000, elevated_fraction=0.7)
-    assert chosen == ladder[2]
-    assert measured == ladder[:3]  # stops measuring at the first fit
+    assert chosen == ladder[3]
+    assert measured == ladder[3:][::-1]
+    # Baseline 100: 32x1 with checkpointing fits (420 MB); without it is predicted at 2 x 420 MB
+    # and never dry-run, though its 900 MB would have been measured first before.
     measured.clear()
     assert choose_start_plan(ladder, measure, baseline_mb=100, budget_mb=1000, elevated_fraction=0.7) == ladder[1]
-    # Nothing fits: the tightest, every plan measured.
+    assert ladder[0] not in measured and measured == ladder[1:][::-1]
+    # Nothing fits: the tightest, the only plan measured.
     measured.clear()
     assert choose_start_plan(ladder, measure, baseline_mb=650, budget_mb=1000, elevated_fraction=0.7) == ladder[-1]
-    assert measured == ladder
+    assert measured == [ladder[-1]]
+    # A looser plan measured over the line (its prediction fitted) stops the climb at the one before.
+    measured.clear()
+    cost_mb[ladder[2]] = 500.0
+    assert choose_start_plan(ladder, measure, baseline_mb=100, budget_mb=1000, elevated_fraction=0.7) == ladder[2]
+    cost_mb[ladder[2]] = 750.0
+    measured.clear()
+    assert choose_start_plan(ladder, measure, baseline_mb=0, budget_mb=1000, elevated_fraction=0.7) == ladder[3]
+    assert measured[-1] == ladder[2]
+    # Room for twice the loosest's predicted cost (100 MB x 32 x 2 for checkpointing): the tightest,
+    # then the loosest, two dry runs.
+    measured.clear()
+    assert choose_start_plan(ladder, measure, baseline_mb=0, budget_mb=20_000, elevated_fraction=0.7) == ladder[0]
+    assert measured == [ladder[-1], ladder[0]]
 
 
 # ----------------------------------------------------------- process memory
