@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from edge_daemon.scheduler import IdleDetector, JobScheduler, TriggerInputs, Upd
 from edge_daemon.baselines import Baseline
 from edge_daemon.scoring import Scorer, ServingRule, baselines_of
 from edge_daemon.store import ReplayStore
-from edge_daemon.updater import HEAVY_MODULES, UpdateRunner, run_worker
+from edge_daemon.updater import UpdateRunner, heavy_modules_loaded, run_worker
 from edge_daemon.watchdog import Level, MemoryWatchdog, PlanGovernor, plan_candidates
 from edge_daemon.worker import WorkerForker
 
@@ -746,9 +745,7 @@ class Daemon:
             "retry_after_s": self.governor.retry_after_s if self.governor else 0.0,
             # What the start rule expects a training worker to add (measured by the last one that finished).
             "expected_worker_mb": round(self._expected_worker_mb, 1),
-            # Libraries of tens of MB each that neither the daemon nor (forked from it) a worker
-            # needs: anything here is a regression the memory figures would show.
-            "heavy_modules": sorted(m for m in HEAVY_MODULES if m in sys.modules),
+            "heavy_modules": heavy_modules_loaded(),
             "last": _last_summary(last),
         }
 

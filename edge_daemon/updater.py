@@ -46,8 +46,14 @@ KEEP_UPDATE_TRACES = 20
 # Samples are thinned (every other one dropped, interval doubled) past this many, so a long
 # update's trace stays a few tens of kB.
 TRACE_MAX_POINTS = 600
-TRACE_INTERVAL_S = 0.1
-HEAVY_MODULES = ("peft", "transformers", "accelerate", "bitsandbytes", "torch._dynamo", "sympy")  # first sampling period; fine enough to see a plan change take effect
+TRACE_INTERVAL_S = 0.1  # first sampling period; fine enough to see a plan change take effect
+# Libraries of tens of MB each that neither the daemon nor (forked from it) a worker needs.
+HEAVY_MODULES = ("peft", "transformers", "accelerate", "bitsandbytes", "torch._dynamo", "sympy")
+
+
+def heavy_modules_loaded() -> list[str]:
+    """Which of HEAVY_MODULES this process has loaded: anything here is a regression the memory figures would show."""
+    return sorted(m for m in HEAVY_MODULES if m in sys.modules)
 
 
 # ---------------------------------------------------------------------------
@@ -372,8 +378,7 @@ def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, sto
         raise
     finally:
         trace.stop()
-        # The libraries a worker should never need (each is tens of MB of its own): a regression shows here.
-        extra["worker_imports"] = sorted(m for m in HEAVY_MODULES if m in sys.modules)
+        extra["worker_imports"] = heavy_modules_loaded()
         record = trace.to_dict(**extra)
         try:
             save_update_trace(config.device.state_dir, record)
@@ -569,7 +574,6 @@ class UpdateRunner:
         self.governor = governor
         self.forker = forker
         self.on_result = on_result
-        self._stop_event = forker.stop_flag
         self._pid: int | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -590,7 +594,7 @@ class UpdateRunner:
         with self._lock:
             if self._pid is not None:
                 return False
-            self._stop_event.clear()
+            self.forker.stop_flag.clear()
             # The governor travels without its level reader and stop event (shared memory the
             # worker inherits from the helper instead).
             governor = copy.copy(self.governor)
@@ -654,7 +658,7 @@ class UpdateRunner:
         thread = self._thread
         if self._pid is None or thread is None:
             return
-        self._stop_event.set()
+        self.forker.stop_flag.set()
         thread.join(timeout)
         pid = self._pid
         if thread.is_alive() and pid is not None:

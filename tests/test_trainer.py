@@ -509,8 +509,9 @@ for checkpointing in (False, True):
                     TrainingPlan(micro_batch=4, accumulation=2, checkpointing=checkpointing, optimizer="adamw"), keep_rejected=True)
 # torch._dynamo (~70 MB) comes with torch.optim and torch.utils.checkpoint, sympy (~33 MB) with
 # torch.autograd.backward given gradients: none of them is used.
-heavy = sorted(m for m in ("peft", "transformers", "accelerate", "bitsandbytes", "torch._dynamo", "sympy") if m in sys.modules)
-assert not heavy, heavy
+from edge_daemon.updater import HEAVY_MODULES, heavy_modules_loaded
+assert {"peft", "transformers", "accelerate", "bitsandbytes", "torch._dynamo", "sympy"} <= set(HEAVY_MODULES)
+assert not heavy_modules_loaded(), heavy_modules_loaded()
 params = [p for p in result.adapted.parameters() if p.requires_grad]
 opt = make_optimizer(params, "adamw8bit", lr=1e-3)
 result.adapted(w[:2, :-1]).pow(2).mean().backward()
