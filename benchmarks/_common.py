@@ -112,4 +112,9 @@ def run_update(config: Any, reason: str = "requested", since: float | None = Non
         def put(self, message: dict[str, Any]) -> None:
             pass
 
-    return _run_update(config, job, governor, threading.Event(), Sink())
+    reply = _run_update(config, job, governor, threading.Event(), Sink())
+    if reply.get("version") is not None:  # what the daemon does once it serves an accepted version
+        from edge_daemon.adapters import AdapterStore
+
+        AdapterStore(config.adapters_dir, keep=config.train.keep_versions).make_current(int(reply["version"]))
+    return reply

@@ -80,7 +80,9 @@ class Row:
     stored_during_update: int = 0
     daemon_alive: bool = True
     worker_imports: list[str] | None = None
+    new_modules: list[str] | None = None  # modules the worker imported that the helper had not
     plans: list[str] = field(default_factory=list)
+    phases: list[dict[str, Any]] = field(default_factory=list)  # per phase of the worker: its private MB, the service's
 
     @property
     def ratio(self) -> float | None:
@@ -260,7 +262,10 @@ def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None 
                 row.val_loss_after = (last.get("metrics_after") or {}).get("recent_val_loss")
                 traces = sorted((workdir / "state" / "updates").glob("*.json"))
                 if traces:
-                    row.worker_imports = json.loads(traces[-1].read_text()).get("worker_imports")
+                    trace = json.loads(traces[-1].read_text())
+                    row.worker_imports = trace.get("worker_imports")
+                    row.new_modules = trace.get("worker_new_modules")
+                    row.phases = phase_peaks(trace)
         finally:
             if feed is not None:
                 feed.close()
@@ -276,6 +281,23 @@ def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None 
             cgroup.remove(60)
             broker.stop()
     return row
+
+
+def phase_peaks(trace: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each phase of an update's trace with the worker's private MB and the service's usage at their peaks in it."""
+    samples, phases = trace.get("samples") or {}, trace.get("phases") or []
+    t = samples.get("t") or []
+    out = []
+    for i, phase in enumerate(phases):
+        end = phases[i + 1]["t"] if i + 1 < len(phases) else float("inf")
+        inside = [k for k, tk in enumerate(t) if phase["t"] <= tk <= end]
+
+        def top(key: str, inside: list[int] = inside) -> float | None:
+            values = [samples[key][k] for k in inside if key in samples and samples[key][k] is not None]
+            return max(values) if values else None
+
+        out.append({"phase": phase["phase"], "private_mb": top("private_mb"), "service_mb": top("service_mb")})
+    return out
 
 
 def search_limit(checkout: Path, lo: float, hi: float, probes: int) -> list[Row]:
@@ -390,6 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         if done:
             best = min(done, key=lambda r: r.limit_multiple or 0)
             print(f"\nsmallest limit with a completed update: {best.limit_multiple:.3f}x serving ({best.limit_mb:.0f} MB)")
+    phased = [r for r in rows if r.phases]
+    if phased:
+        print("\nwhere an update's memory goes: the worker's private MB (its own pages) and the service's usage, at their peaks in each phase")
+        print("| daemon | model | limit x serving | serving MB | " + " | ".join(p["phase"] for p in phased[0].phases) + " |")
+        for r in phased:
+            cells = " | ".join(f"{_fmt(p['private_mb'])} / {_fmt(p['service_mb'])}" for p in r.phases)
+            print(f"| {r.label} | {r.size} | {_fmt(r.limit_multiple, 3)} | {_fmt(r.serving_mb)} | {cells} |")
     print()
     print("\n".join(eight_bit_table()))
     if args.json:

@@ -433,6 +433,17 @@ class AdapterStore:
         log.info("committed adapter v%d (%d bytes)%s", number, version.size_bytes, ", now current" if make_current else "")
         return version
 
+    def make_current(self, version: int) -> AdapterVersion:
+        """Point `current` at a version committed with `make_current=False` once it serves (the
+        daemon does, after its scorer swapped it in): the pointer never names a version that
+        nothing served. Recorded as its commit, at the version's `served_from_ts`."""
+        with self._locked():
+            target = self.get(version)
+            _replace_file_atomically(self.root / POINTER_FILE, f"v{version}\n")
+            self._record("commit", version, target.meta.get("served_from_ts"))
+        log.info("adapter v%d now current", version)
+        return target
+
     def rollback(self, version: int, data_ts: float | None = None) -> AdapterVersion:
         """Serve an earlier (or any stored) version; AdapterError if it is missing or corrupt.
 

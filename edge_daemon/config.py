@@ -219,12 +219,17 @@ class MemoryConfig(_Section):
     budget_mb: float | None = Field(None, gt=0, description="memory the service may use (default: cgroup limit or machine)")
     elevated: float = Field(0.70, gt=0, lt=1, description="share of the budget at which checkpointing turns on")
     high: float = Field(0.80, gt=0, lt=1, description="share at which micro-batches halve and optimizer state goes 8-bit")
-    critical: float = Field(0.90, gt=0, lt=1, description="share at which a running update stops")
+    critical: float = Field(0.95, gt=0, lt=1, description="share at which a running update stops")
     hysteresis: float = Field(0.05, ge=0, lt=0.5, description="a level is left only this far below its threshold")
     sample_interval_s: float = Field(0.2, gt=0, description="watchdog sampling period")
     min_available_mb: float = Field(64.0, ge=0, description="system MemAvailable below this counts as critical")
     retry_after_s: float = Field(300.0, ge=0, description="back-off after an update stopped at critical; doubles per repeat")
     retry_max_s: float = Field(3600.0, ge=0, description="longest back-off after repeated critical stops")
+    update_share: float = Field(
+        0.15, gt=0,
+        description="what an update may add, as a share of the service's usage before it: the start plan is the loosest "
+        "whose dry run stays within it (else the tightest), and an update starts only where that much fits under critical",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> MemoryConfig:

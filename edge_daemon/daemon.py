@@ -25,6 +25,7 @@ from edge_daemon.config import Config
 from edge_daemon.control import ControlServer, Handler
 from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
 from edge_daemon.ingest import Ingestor
+from edge_daemon.model import warm_up
 from edge_daemon.notify import Heartbeat
 from edge_daemon.pipeline import ScoringPipeline, iso
 from edge_daemon.plan import plan_from_config
@@ -41,11 +42,6 @@ log = logging.getLogger(__name__)
 # An update after drift trains on the data since the change once it spans this many windows
 # (about 11 minutes at 1 s with the default window): enough to train and hold some out.
 UPDATE_MIN_WINDOWS_SINCE_CHANGE = 10
-
-# What a training worker adds to the service's charge before one has been measured on this device:
-# a forked worker's own pages (copied on write, its data, activations) for the default model, with
-# room to spare (benchmarks/memory.py measured 40-70 MB). Each finished worker's increment replaces it.
-EXPECTED_WORKER_MB = 96.0
 
 # How often the main thread checks that every part is still alive.
 HEALTH_INTERVAL_S = 1.0
@@ -104,9 +100,10 @@ class Daemon:
         self._bootstrap_not_before = 0.0
         self._last_decision: str | None = None  # why the trigger last did (not) start an update
         self.trigger_checks = 0  # decisions taken so far (a test waits for the next one)
-        # What a training worker adds to the service's usage; each worker's measured increment
-        # (peak usage while it ran, less the usage when it started) replaces it.
-        self._expected_worker_mb = EXPECTED_WORKER_MB
+        # What a training worker adds to the service's usage, as measured by the last one that
+        # finished (peak usage while it ran, less the usage when it started); before any, what
+        # its plan is chosen to stay within ([memory] update_share of the usage).
+        self._measured_worker_mb: float | None = None
         self._usage_at_worker_start: float | None = None
         self.heartbeat: Heartbeat | None = None
         # Monotonic time of the main loop's last health check; the heartbeat watches it.
@@ -131,7 +128,9 @@ class Daemon:
 
     def _start_worker_helper(self) -> Part:
         # First, before any thread of ours: training workers are forked from this helper and share
-        # the memory of everything imported so far (see worker.py).
+        # the memory of everything imported and set up so far (see worker.py), torch's lazily
+        # built state included.
+        warm_up()
         self.forker = WorkerForker()
         self.forker.register("update", run_worker)
         self.forker.start()
@@ -514,7 +513,13 @@ class Daemon:
         """
         assert self.watchdog is not None
         limit = self.config.memory.critical * self.watchdog.budget_mb
-        return limit - (self.watchdog.usage_mb + self._expected_worker_mb)
+        return limit - (self.watchdog.usage_mb + self._expected_worker_mb())
+
+    def _expected_worker_mb(self) -> float:
+        if self._measured_worker_mb is not None:
+            return self._measured_worker_mb
+        assert self.watchdog is not None
+        return self.config.memory.update_share * self.watchdog.usage_mb
 
     def start_update(self, reason: str, since: float | None = None) -> bool:
         assert self.runner is not None and self.governor is not None and self.watchdog is not None
@@ -561,14 +566,22 @@ class Daemon:
 
     def _learn_worker_increment(self, finished: bool) -> None:
         """After a worker that ran to its end: what it added to the service at its peak is the next
-        worker's expected cost. One stopped or failed early says only that it needed more."""
+        worker's expected cost. One stopped or killed on the way needed at least what it reached:
+        the next must have room for more than that (a start rule that kept expecting less would
+        start it again after every back-off, to be stopped at the same point)."""
         if self.watchdog is None or self._usage_at_worker_start is None:
             return
         added = self.watchdog.peak_usage_mb - self._usage_at_worker_start
         self._usage_at_worker_start = None
-        if finished and added > 0:
-            log.info("the training worker added %.0f MB at its peak (expected %.0f MB)", added, self._expected_worker_mb)
-            self._expected_worker_mb = added
+        if added <= 0:
+            return
+        expected = self._expected_worker_mb()
+        if finished:
+            log.info("the training worker added %.0f MB at its peak (expected %.0f MB)", added, expected)
+            self._measured_worker_mb = added
+        elif added > expected:
+            log.info("the training worker reached +%.0f MB before it ended (expected %.0f MB in all)", added, expected)
+            self._measured_worker_mb = added
 
     def _on_update_result(self, result: dict[str, Any]) -> None:
         """In the runner's monitor thread: serve an accepted adapter, publish the outcome."""
@@ -604,7 +617,10 @@ class Daemon:
             version = int(result["version"])
             try:
                 self._serve_version(self.adapters.get(version), resets_drift_baseline(result.get("job", {}).get("reason")))
-            except (AdapterError, ModelError) as exc:
+                # Only now, with the scorer serving it, does `current` name it (a restart before
+                # this serves what was served before).
+                self.adapters.make_current(version)
+            except (AdapterError, ModelError, OSError) as exc:
                 log.error("accepted adapter v%d cannot be served: %s", version, exc)
                 return
             summary = result.get("summary", {})
@@ -743,8 +759,10 @@ class Daemon:
             "requested": self.trigger.requested,
             "trigger": self._last_decision,
             "retry_after_s": self.governor.retry_after_s if self.governor else 0.0,
-            # What the start rule expects a training worker to add (measured by the last one that finished).
-            "expected_worker_mb": round(self._expected_worker_mb, 1),
+            # What the start rule expects a training worker to add (measured by the last one that
+            # finished, else the update's share of the usage now), and whether that is measured.
+            "expected_worker_mb": round(self._expected_worker_mb(), 1),
+            "expected_worker_measured": self._measured_worker_mb is not None,
             "heavy_modules": heavy_modules_loaded(),
             "last": _last_summary(last),
         }

@@ -274,27 +274,35 @@ def split_by_time(
     defaults to the smallest spacing of end times, which over-estimates it
     when windows were strided and so only drops more, never leaks.
     """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     windows = np.asarray(windows)
     end_times = np.asarray(end_times, dtype=np.float64)
     assert len(windows) == len(end_times), "one end time per window"
+    train, val = split_indices_by_time(end_times, windows.shape[1], val_fraction, period_s)
+    return Windows(windows[train], end_times[train]), Windows(windows[val], end_times[val])
+
+
+def split_indices_by_time(
+    end_times: np.ndarray, length: int, val_fraction: float, period_s: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`split_by_time` for windows of `length` rows known by their end times only: the indices of
+    the training and the validation windows, each in time order."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    end_times = np.asarray(end_times, dtype=np.float64)
     order = np.argsort(end_times, kind="stable")
-    windows, end_times = windows[order], end_times[order]
-    m = len(windows)
-    empty = Windows(windows[:0], end_times[:0])
+    end_times = end_times[order]
+    m = len(order)
     if m == 0:
-        return empty, empty
+        return order, order
     n_val = min(max(math.ceil(m * val_fraction), 1), m)
     first_val = m - n_val
-    val = Windows(windows[first_val:], end_times[first_val:])
+    val = order[first_val:]
     if first_val == 0:
-        return empty, val
+        return order[:0], val
     if period_s is None:
         gaps = np.diff(np.unique(end_times))
         period_s = float(gaps[gaps > 0].min()) if (gaps > 0).any() else 0.0
-    length = windows.shape[1]
     val_first_row = end_times[first_val] - (length - 1) * period_s
     # Half a period of slack absorbs float error in the end times.
     train_mask = end_times[:first_val] < val_first_row - 0.5 * period_s
-    return Windows(windows[:first_val][train_mask], end_times[:first_val][train_mask]), val
+    return order[:first_val][train_mask], val

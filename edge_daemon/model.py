@@ -293,6 +293,21 @@ def param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def warm_up() -> None:
+    """Run once, on a tiny model, the kernels a forecast runs.
+
+    torch sets much of itself up on first use (allocator, kernels, dispatch);
+    measured on the default model, a fresh process's first forward makes ~20 MB
+    of pages its own. Run before the training helper forks (daemon.py), that
+    state lies in pages the daemon, the helper and every worker share, instead
+    of one copy in the daemon and another in each worker.
+    """
+    cfg = ForecasterConfig(n_channels=2, window=8, d_model=8, n_heads=2, n_layers=1, d_ff=8, lags=2, calendar_s=(86400.0,), horizons=(1, 2), n_covariates=1)
+    model = Forecaster(cfg).eval()
+    with torch.inference_mode():
+        model.forward_horizons(torch.zeros(2, cfg.window, cfg.n_inputs))
+
+
 def _check() -> None:  # pragma: no cover - documentation of the default size
     m = Forecaster(ForecasterConfig(n_channels=3))
     assert 5e4 < m.n_params() < 2e5, m.n_params()

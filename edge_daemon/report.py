@@ -486,9 +486,12 @@ def plot_update(trace: dict[str, Any], path: Path) -> Path:
     t = np.asarray(samples.get("t") or [], dtype=np.float64)
     rss = np.asarray([np.nan if v is None else v for v in samples.get("rss_mb") or []], dtype=np.float64)
     service = np.asarray([np.nan if v is None else v for v in samples.get("service_mb") or []], dtype=np.float64)
+    private = np.asarray([np.nan if v is None else v for v in samples.get("private_mb") or []], dtype=np.float64)
     ax_mem.plot(t, rss, color="tab:blue", linewidth=1.3, label="update process RSS")
+    if private.size == t.size and np.isfinite(private).any():
+        ax_mem.plot(t, private, color="tab:cyan", linewidth=1.1, label="update process private (its own pages)")
     if service.size and np.isfinite(service).any():
-        ax_mem.plot(t, service, color="tab:purple", linewidth=1.3, label="service total (daemon + update)")
+        ax_mem.plot(t, service, color="tab:purple", linewidth=1.3, label="service (daemon + update, as the watchdog counts it)")
         budget = trace.get("budget_mb")
         top = float(np.nanmax(service))
         if isinstance(budget, (int, float)) and budget > 0:

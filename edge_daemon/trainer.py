@@ -18,11 +18,12 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import psutil
 import torch
 from torch import nn
@@ -322,6 +323,53 @@ def optimizer_state_bytes(optimizer: Optimizer) -> dict[str, int]:
     return totals
 
 
+class GridWindows:
+    """(N, length, C) windows of consecutive grid rows, cut when read.
+
+    Held as copies, overlapping windows repeat every row once per window that
+    covers it: 4096 windows of 257 steps and 3 channels are ~13 MB, cut from
+    a grid of a few thousand rows. Held here as start rows over the grid, a
+    window costs 8 bytes. Indexing (a LongTensor, a slice, an int) returns a
+    float32 tensor, as indexing the (N, length, C) tensor would; so does
+    `split`, as a tensor's does. What the trainer reads of windows is that.
+    """
+
+    def __init__(self, rows: torch.Tensor, starts: torch.Tensor, length: int) -> None:
+        if rows.dim() != 2:
+            raise ValueError(f"rows must be (R, C), got {tuple(rows.shape)}")
+        self.rows = rows
+        self.starts = starts.to(torch.long)
+        self.length = int(length)
+        self._offsets = torch.arange(self.length)
+        if len(self.starts) and (int(self.starts.min()) < 0 or int(self.starts.max()) + self.length > len(rows)):
+            raise ValueError("a window runs past the grid's rows")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.starts), self.length, self.rows.shape[1]))
+
+    def dim(self) -> int:
+        return 3
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.rows[self.starts[index].unsqueeze(-1) + self._offsets]
+
+    def split(self, size: int) -> Iterator[torch.Tensor]:
+        return (self[i : i + size] for i in range(0, len(self), size))
+
+    def tails(self, steps: int) -> np.ndarray:
+        """(N, steps, C) the last `steps` rows of every window, as a numpy array (a copy)."""
+        steps = min(steps, self.length)
+        offsets = torch.arange(self.length - steps, self.length)
+        return self.rows[self.starts.unsqueeze(-1) + offsets].numpy()
+
+    def numpy(self) -> np.ndarray:
+        return self[:].numpy()
+
+
 class _Cycle:
     """Indices 0..n-1 in seeded random order, reshuffled each time they run out."""
 
@@ -516,16 +564,19 @@ def update(
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     seed: int = 0,
-    incumbent: nn.Module | None = None,
+    incumbent: nn.Module | Callable[[], nn.Module] | None = None,
     keep_rejected: bool = False,
+    in_place: bool = False,
 ) -> UpdateResult:
-    """Train one LoRA adapter on a copy of `base_model` and gate it.
+    """Train one LoRA adapter on a copy of `base_model` (or, `in_place`, on `base_model` itself:
+    a training worker's own, which nothing else uses) and gate it.
 
     Windows are (N, T+1, C) normalised tensors. `plan_source(current)` is asked
     at every micro-batch boundary and may return a new plan (None = keep);
     `should_stop()` is asked there too and stops the update. The gate compares
     against `incumbent` (the model currently served, e.g. base with the current
-    adapter merged), by default the base. Nothing is saved here; the result
+    adapter merged, or a function that builds it: built for the metrics before
+    training and dropped before training starts), by default the base. Nothing is saved here; the result
     carries the adapted model only if accepted (or if `keep_rejected`, for
     benchmarks and tests).
 
@@ -544,7 +595,7 @@ def update(
             torch.manual_seed(seed)
             result = _update(
                 base_model, recent_train, recent_val, replay_train, replay_val, lora_cfg, train_cfg, plan,
-                plan_source, should_stop, on_progress, seed, incumbent, keep_rejected,
+                plan_source, should_stop, on_progress, seed, incumbent, keep_rejected, in_place,
             )  # fmt: skip
     except (TrainingAborted, TrainingError) as exc:
         # A fresh exception, logged as text only: the original's traceback (also
@@ -580,20 +631,24 @@ def _update(
     should_stop: Callable[[], bool] | None,
     on_progress: Callable[[dict[str, Any]], None] | None,
     seed: int,
-    incumbent: nn.Module | None,
+    incumbent: nn.Module | Callable[[], nn.Module] | None,
     keep_rejected: bool,
+    in_place: bool,
 ) -> UpdateResult:
     if len(recent_val) == 0:
         raise TrainingError("no recent validation windows for the gate")
     generator = torch.Generator().manual_seed(seed)
 
     # 1. A private copy to train: the base may be serving right now and is never touched.
-    model = copy.deepcopy(base_model)
+    model = base_model if in_place else copy.deepcopy(base_model)
     for p in model.parameters():
         p.requires_grad_(False)
 
     # 2. Metrics before, on what is served now.
+    if incumbent is not None and not isinstance(incumbent, nn.Module):
+        incumbent = incumbent()
     reference = incumbent if incumbent is not None else model
+    incumbent = None
     before = {
         "recent_val_loss": evaluate_loss(reference, recent_val, plan.micro_batch),
         "replay_val_loss": evaluate_loss(reference, replay_val, plan.micro_batch),

@@ -63,7 +63,7 @@ def heavy_modules_loaded() -> list[str]:
 
 @dataclass
 class UpdateData:
-    """Normalised (N, T+1, C) windows for one update, as float32 tensors."""
+    """Normalised (N, T+1, C) windows for one update (`trainer.GridWindows`: cut from the grid when read)."""
 
     recent_train: Any
     recent_val: Any
@@ -85,7 +85,8 @@ def prepare_update_data(
     import torch
 
     from edge_daemon.errors import TrainingError
-    from edge_daemon.frames import build_grid, make_windows, split_by_time
+    from edge_daemon.frames import build_grid, split_indices_by_time, valid_window_starts
+    from edge_daemon.trainer import GridWindows
 
     span = store.time_range()
     if span is None:
@@ -95,33 +96,41 @@ def prepare_update_data(
     length = base.cfg.window + 1
     n_channels = len(config.channels.names)  # grid columns, config order; the windows hold the model's inputs
 
-    def windows_between(since: float | None, until: float | None, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def rows_between(since: float | None, until: float | None, stride: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The model's input rows of the grid between the times, the start row of each gap-free
+        window (every `stride`-th) and its end time."""
         ts, idx, values = store.read(since, until)
-        grid = build_grid(ts, idx, values, n_channels, config.channels.period_s, config.channels.max_fill_steps)
-        made = make_windows(base.inputs(grid), length, stride)
-        return made.windows, made.end_times
+        grid = base.inputs(build_grid(ts, idx, values, n_channels, config.channels.period_s, config.channels.max_fill_steps))
+        starts = valid_window_starts(grid.values, length, stride)
+        ends = grid.t0 + (starts + length - 1).astype(np.float64) * grid.period_s
+        return np.ascontiguousarray(grid.values, dtype=np.float32), starts, ends
 
     steps = (newest - cutoff) / config.channels.period_s
-    recent, recent_end = windows_between(cutoff, None, stride=max(1, math.ceil(steps / MAX_RECENT_WINDOWS)))
-    train, val = split_by_time(recent, recent_end, config.train.val_fraction, period_s=config.channels.period_s)
-    if len(train.windows) == 0 or len(val.windows) == 0:
-        raise TrainingError(f"not enough recent data: {len(recent)} windows of {length} gap-free steps since the cutoff")
+    rows, starts, ends = rows_between(cutoff, None, stride=max(1, math.ceil(steps / MAX_RECENT_WINDOWS)))
+    train, val = split_indices_by_time(ends, length, config.train.val_fraction, period_s=config.channels.period_s)
+    if len(train) == 0 or len(val) == 0:
+        raise TrainingError(f"not enough recent data: {len(starts)} windows of {length} gap-free steps since the cutoff")
+    recent_rows = torch.from_numpy(rows)
+    recent_starts = torch.from_numpy(starts)
 
+    # Replay: the rows of each older segment one after the other, windows within each.
     spans = store.replay_segments(before=cutoff, rng=rng, max_segments=MAX_REPLAY_SEGMENTS)
-    replay_parts = [windows_between(a, b, stride=max(1, length // 4))[0] for a, b in spans]
-    parts = [p for p in replay_parts if len(p)]
-    del replay_parts
-    replay = np.concatenate(parts) if parts else np.empty((0, length, base.cfg.n_inputs), np.float32)
-    del parts
-    # Shuffled in place and split into views: one copy of the replay windows, not three.
-    rng.shuffle(replay)
-    n_val = int(round(len(replay) * config.train.val_fraction))
-    replay_val, replay_train = replay[:n_val], replay[n_val:]
+    row_parts, start_parts, offset = [], [], 0
+    for a, b in spans:
+        seg_rows, seg_starts, _ = rows_between(a, b, stride=max(1, length // 4))
+        if len(seg_starts):
+            row_parts.append(seg_rows)
+            start_parts.append(seg_starts + offset)
+            offset += len(seg_rows)
+    replay_rows = torch.from_numpy(np.concatenate(row_parts)) if row_parts else torch.empty((0, base.cfg.n_inputs))
+    replay_starts = np.concatenate(start_parts) if start_parts else np.empty(0, np.int64)
+    order = torch.from_numpy(replay_starts[rng.permutation(len(replay_starts))])
+    n_val = int(round(len(order) * config.train.val_fraction))
     return UpdateData(
-        recent_train=torch.from_numpy(np.ascontiguousarray(train.windows)),
-        recent_val=torch.from_numpy(np.ascontiguousarray(val.windows)),
-        replay_train=torch.from_numpy(np.ascontiguousarray(replay_train)),
-        replay_val=torch.from_numpy(np.ascontiguousarray(replay_val)),
+        recent_train=GridWindows(recent_rows, recent_starts[torch.from_numpy(train)], length),
+        recent_val=GridWindows(recent_rows, recent_starts[torch.from_numpy(val)], length),
+        replay_train=GridWindows(replay_rows, order[n_val:], length),
+        replay_val=GridWindows(replay_rows, order[:n_val], length),
         recent_range=(float(cutoff), float(newest)),
         replay_spans=[(float(a), float(b)) for a, b in spans],
     )
@@ -131,47 +140,63 @@ def measure_micro_batch_mb(base_model: Any, windows: Any, plan: TrainingPlan, ta
     """Peak MB one forward/backward of `plan.micro_batch` windows adds (kernel high-water mark).
 
     Every target Linear of every block gets gradients: an upper bound on what
-    LoRA on a subset of blocks keeps, cheap to set up, no peft needed.
+    LoRA on a subset of blocks keeps, cheap to set up, no peft needed. Runs on
+    `base_model` itself (no copy: on the large model a copy is ~19 MB) and
+    leaves its flags, mode and gradients as they were.
     """
-    import copy
-
     import torch
 
     from edge_daemon.model import forecast_loss
     from edge_daemon.watchdog import peak_rss_mb, process_tree_rss_mb, release_memory, reset_peak_rss
 
-    model = copy.deepcopy(base_model)
-    model.train()
-    model.requires_grad_(False)
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
-            module.weight.requires_grad_(True)
-    model.gradient_checkpointing = plan.checkpointing
-    batch = windows[: plan.micro_batch]
-    release_memory()
-    before = process_tree_rss_mb(os.getpid())
-    reset_peak_rss()
-    loss = forecast_loss(model, batch)
-    loss.backward()
-    peak = peak_rss_mb()
-    del loss, model, batch
+    model = base_model
+    flags = {p: p.requires_grad for p in model.parameters()}
+    mode, checkpointing = model.training, model.gradient_checkpointing
+    try:
+        model.train()
+        model.requires_grad_(False)
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
+                module.weight.requires_grad_(True)
+        model.gradient_checkpointing = plan.checkpointing
+        batch = windows[: plan.micro_batch]
+        release_memory()
+        before = process_tree_rss_mb(os.getpid())
+        reset_peak_rss()
+        loss = forecast_loss(model, batch)
+        loss.backward()
+        peak = peak_rss_mb()
+        del loss, batch
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(mode)
+        model.gradient_checkpointing = checkpointing
     release_memory()
     return max(0.0, peak - before)
 
 
 class UpdateTrace:
-    """RSS over time, phases, plan changes and step losses of one update, sampled from a thread.
+    """Memory over time, phases, plan changes and step losses of one update, sampled from a thread.
 
-    Times are seconds since `start()`. `service_pid` (the daemon, when this
-    runs in its training child) adds the RSS of that whole process tree: what
-    the memory budget is measured against.
+    Times are seconds since `start()`. Each sample holds this process's RSS
+    and its private memory (pages no other process maps: what a forked worker
+    adds to the service) and, with `service_pid` (the daemon, when this runs
+    in its training worker), the whole service's usage as the watchdog counts
+    it (the cgroup's charge, else the tree's PSS): what the budget is
+    measured against. Reading private memory costs ~1 ms, ~1% of a core at
+    the first sampling period.
     """
 
     def __init__(self, interval_s: float = 0.1, service_pid: int | None = None, level_reader: Callable[[], Any] | None = None) -> None:
         import psutil
 
+        from edge_daemon.watchdog import TreeMemory
+
         self.interval_s = interval_s
         self.service_pid = service_pid
+        self._service = TreeMemory(service_pid) if service_pid is not None else None
         self.level_reader = level_reader
         self._process = psutil.Process()
         self._lock = threading.Lock()
@@ -179,7 +204,7 @@ class UpdateTrace:
         self._thread: threading.Thread | None = None
         self.started_unix = time.time()
         self._t0 = time.monotonic()
-        self.samples: dict[str, list[float | None]] = {"t": [], "rss_mb": [], "service_mb": []}
+        self.samples: dict[str, list[float | None]] = {"t": [], "rss_mb": [], "private_mb": [], "service_mb": []}
         self.phases: list[dict[str, Any]] = []
         self.plans: list[dict[str, Any]] = []
         self.levels: list[dict[str, Any]] = []
@@ -189,14 +214,15 @@ class UpdateTrace:
         return round(time.monotonic() - self._t0, 3)
 
     def _sample(self) -> None:
-        from edge_daemon.watchdog import process_tree_rss_mb
+        from edge_daemon.watchdog import private_mb
 
         rss = self._process.memory_info().rss / 2**20
+        private = private_mb()
         service = None
-        if self.service_pid is not None:
+        if self._service is not None:
             try:
-                service = round(process_tree_rss_mb(self.service_pid), 1)
-            except Exception:  # the daemon may be gone; the child's own RSS is still worth keeping
+                service = round(self._service.usage_mb(), 1)
+            except Exception:  # the daemon may be gone; the worker's own figures are still worth keeping
                 service = None
         level = None
         if self.level_reader is not None:
@@ -210,6 +236,7 @@ class UpdateTrace:
             t = self.now()
             self.samples["t"].append(t)
             self.samples["rss_mb"].append(round(rss, 1))
+            self.samples["private_mb"].append(None if private is None else round(private, 1))
             self.samples["service_mb"].append(service)
             if level is not None and (not self.levels or self.levels[-1]["level"] != level):
                 self.levels.append({"t": t, "level": level})
@@ -260,12 +287,17 @@ class UpdateTrace:
 
     def to_dict(self, **extra: Any) -> dict[str, Any]:
         with self._lock:
-            rss = [v for v in self.samples["rss_mb"] if v is not None]
+            def peak(key: str) -> float | None:
+                values = [v for v in self.samples[key] if v is not None]
+                return max(values) if values else None
+
             return {
                 "started_unix": self.started_unix,
                 "duration_s": self.now(),
                 "interval_s": self.interval_s,
-                "peak_sampled_rss_mb": max(rss) if rss else None,
+                "peak_sampled_rss_mb": peak("rss_mb"),
+                "peak_sampled_private_mb": peak("private_mb"),
+                "peak_sampled_service_mb": peak("service_mb"),
                 "samples": {k: list(v) for k, v in self.samples.items()},
                 "phases": list(self.phases),
                 "plans": list(self.plans),
@@ -298,6 +330,8 @@ def run_worker(job: dict[str, Any], out: MessageWriter, level: SharedLevel, stop
     """Entry point of a training worker (forked, see `worker.py`): run the job, write one `result`
     message to `out`. The governor arrives without its level reader and stop event; the worker's
     are the shared ones it inherited."""
+    job["modules_at_fork"] = set(sys.modules)
+    job["in_worker"] = True  # every private page of this process is one the update added
     config_data, governor = job.pop("config"), job.pop("governor")
     governor.level_reader, governor.stop_event = level, stop_event
     try:
@@ -379,6 +413,8 @@ def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, sto
     finally:
         trace.stop()
         extra["worker_imports"] = heavy_modules_loaded()
+        at_fork = job.get("modules_at_fork")
+        extra["worker_new_modules"] = None if at_fork is None else sorted(set(sys.modules) - at_fork)
         record = trace.to_dict(**extra)
         try:
             save_update_trace(config.device.state_dir, record)
@@ -397,15 +433,18 @@ def _update_traced(
     from edge_daemon.store import ReplayStore
     from edge_daemon.lora import save_adapter
     from edge_daemon.trainer import adapter_bytes, update
-    from edge_daemon.watchdog import choose_start_plan, process_tree_rss_mb
+    from edge_daemon.model import param_bytes
+    from edge_daemon.watchdog import choose_start_plan, plan_limit_mb, private_mb
 
     started = time.time()
+    # What this update holds of its own: in a forked worker, every private page; run in-process
+    # (tests, benchmarks), what was added since here.
+    private_from = 0.0 if job.get("in_worker") else (private_mb() or 0.0)
     trace.phase("loading")
     _check_stop(stop_event)
     base = load_base(config.base_dir, config.channels.names, config.channels.period_s, config.channels.inputs_only)
     adapters = AdapterStore(config.adapters_dir, keep=config.train.keep_versions)
     incumbent_version = adapters.current()
-    incumbent = serving_model(base, incumbent_version)
     rng = np.random.default_rng(job.get("seed"))
     with ReplayStore(config.store_path, config.store, config.channels.names) as store:
         data = prepare_update_data(store, base, config, rng, since=job.get("since"))
@@ -420,14 +459,16 @@ def _update_traced(
         }
     )
 
-    # Dry-run candidate plans (loosest first) and start with the loosest that stays under "elevated".
+    # Dry-run candidate plans and start with the loosest that stays within the update's share of
+    # the serving usage and under "elevated". What the worker holds already (its data, its copies
+    # of shared pages) and the model copy it trains count on top of the service's usage.
     candidates = [TrainingPlan.from_dict(p) for p in job["candidates"]]
+    held_mb = max(0.0, (private_mb() or 0.0) - private_from) + param_bytes(base.model) / 2**20
     plan = choose_start_plan(
         candidates,
         lambda p: measure_micro_batch_mb(base.model, data.recent_train, p, list(config.lora.target_modules)),
-        baseline_mb=job["baseline_mb"],
-        budget_mb=job["budget_mb"],
-        elevated_fraction=config.memory.elevated,
+        baseline_mb=job["baseline_mb"] + held_mb,
+        limit_mb=plan_limit_mb(job["baseline_mb"], job["budget_mb"], config.memory.elevated, config.memory.update_share),
     )
     _check_stop(stop_event)
     governor.begin_update(plan)
@@ -473,7 +514,10 @@ def _update_traced(
         should_stop=governor.should_stop,
         on_progress=on_progress,
         seed=int(job.get("seed") or 0),
-        incumbent=incumbent,
+        # The served model only for the metrics before training (with no adapter, that is the
+        # base); the base itself is the worker's own, trained in place.
+        incumbent=(lambda: serving_model(base, incumbent_version)) if incumbent_version is not None else None,
+        in_place=True,
     )
     trace.phase("saving" if result.accepted else "done")
     summary = result.to_dict()
@@ -485,7 +529,6 @@ def _update_traced(
         "reason": result.reason,
         "summary": summary,
         "outcome": governor.outcome(),
-        "peak_tree_rss_mb": process_tree_rss_mb(os.getpid()),
         "version": None,
     }
     if result.accepted and result.adapted is not None:
@@ -521,7 +564,8 @@ def _update_traced(
             # with them on its held-out ones: where serving starts (scoring.ServingRule).
             **refit_baselines(base, config, data, result.adapted),
         }
-        version = adapters.commit(staging, meta)
+        # Stored, not yet current: the daemon points `current` at it once its scorer serves it.
+        version = adapters.commit(staging, meta, make_current=False)
         reply["version"] = version.version
         reply["adapter_bytes"] = adapter_bytes(version.path)
         reply["version_path"] = str(version.path)  # where the trace goes; removed before the reply leaves
@@ -536,7 +580,10 @@ def refit_baselines(base: Any, config: Config, data: UpdateData, model: Any) -> 
     from edge_daemon.pretrain import last_step_errors
 
     n_sensors = base.cfg.n_sensors  # the forecast channels, then the inputs only; the calendar after them
-    train = np.concatenate([data.recent_train.numpy(), data.replay_train.numpy()])[..., :n_sensors]
+    # The ridge fit reads the last lags + horizon steps of each window (seasonal naive and
+    # persistence read none): those of every window, not whole windows.
+    tail = base.cfg.lags + max(base.cfg.horizons)
+    train = np.concatenate([data.recent_train.tails(tail), data.replay_train.tails(tail)])[..., :n_sensors]
     season = base.meta.get("season_steps") or config.model.season_steps or None
     baselines = make_baselines(train, season, base.cfg.lags, base.cfg.horizons, base.cfg.n_channels)
     val = data.recent_val.numpy()
@@ -577,6 +624,7 @@ class UpdateRunner:
         self._pid: int | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._killing = False  # stop() sent SIGKILL: not an OOM kill
         self.job: dict[str, Any] | None = None
         self.progress: dict[str, Any] = {}
         self.last: dict[str, Any] | None = None
@@ -595,6 +643,7 @@ class UpdateRunner:
             if self._pid is not None:
                 return False
             self.forker.stop_flag.clear()
+            self._killing = False
             # The governor travels without its level reader and stop event (shared memory the
             # worker inherits from the helper instead).
             governor = copy.copy(self.governor)
@@ -617,6 +666,7 @@ class UpdateRunner:
             else:
                 self.progress = message
         ended = self.forker.wait()
+        killed = ended is not None and ended.signal == signal.SIGKILL and not self._killing
         if result is None:
             how = ended.describe() if ended is not None else "ended (the training helper is gone)"
             result = {
@@ -638,11 +688,14 @@ class UpdateRunner:
                 "stopped": outcome.stopped,
             }
         elif (self.job or {}).get("kind") == "update":
-            # No outcome (crash): count it as a memory stop only if memory was critical.
+            # No outcome (crash): a memory stop if memory was critical or the kernel's OOM killer
+            # took the worker (SIGKILL, not sent by stop()): back off and retry with the tightest plan.
             plan = TrainingPlan.from_dict(self.job["candidates"][0]) if self.job and self.job.get("candidates") else None
             if plan is not None:
                 level = self.governor.level_reader()
-                self.governor.end_update(UpdateOutcome(plan, plan, level, level >= Level.CRITICAL))
+                self.governor.end_update(UpdateOutcome(plan, plan, max(level, Level.CRITICAL) if killed else level, killed or level >= Level.CRITICAL))
+                if killed:
+                    result["outcome"] = {"start_plan": plan.to_dict(), "final_plan": plan.to_dict(), "worst_level": Level.CRITICAL.label, "stopped": True}
         with self._lock:
             self._pid = None
             self.last = result
@@ -663,6 +716,7 @@ class UpdateRunner:
         pid = self._pid
         if thread.is_alive() and pid is not None:
             log.warning("training worker did not stop within %.0f s; killing it", timeout)
+            self._killing = True
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
             thread.join(10.0)

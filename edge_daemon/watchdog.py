@@ -318,6 +318,20 @@ def _pss_bytes(pid: int) -> int | None:
     return None
 
 
+def private_mb(pid: int | str = "self") -> float | None:
+    """Pages only `pid` maps (Private_Clean + Private_Dirty), in MB: for a forked worker, what it
+    added to the service (its copies of shared pages, its own allocations); None if unreadable."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1024.0
+
+
 def _cgroup_holds_only(directory: Path, pids: Sequence[int]) -> bool:
     """Whether every process in the cgroup `directory` is one of `pids` (and it holds some)."""
     try:
@@ -456,7 +470,7 @@ class PressurePolicy:
 
     elevated: float = 0.70
     high: float = 0.80
-    critical: float = 0.90
+    critical: float = 0.95
     hysteresis: float = 0.05
     min_available_mb: float = 64.0
     available_margin: float = 0.25
@@ -852,17 +866,24 @@ def plan_candidates(effective_batch: int, max_micro: int) -> list[TrainingPlan]:
 CHECKPOINTING_SAVES = 2.0
 
 
+def plan_limit_mb(serving_mb: float, budget_mb: float, elevated: float, update_share: float) -> float:
+    """Where an update's predicted peak must stay: under the elevated threshold, and within
+    `update_share` of the service's usage before the update (`serving_mb`) above it, so that a
+    roomy budget does not buy a plan many times the serving footprint."""
+    return min(elevated * budget_mb, serving_mb * (1.0 + update_share))
+
+
 def choose_start_plan(
     candidates: Sequence[TrainingPlan],
     measure_peak_mb: Callable[[TrainingPlan], float],
     baseline_mb: float,
-    budget_mb: float,
-    elevated_fraction: float,
+    limit_mb: float,
 ) -> TrainingPlan:
-    """The loosest candidate whose one-micro-batch dry run stays under the elevated threshold.
+    """The loosest candidate whose one-micro-batch dry run stays under `limit_mb` (`plan_limit_mb`).
 
     `measure_peak_mb(plan)` returns the MB a dry run of one micro-batch adds
-    above `baseline_mb` (the service's usage before the update). A dry run
+    above `baseline_mb` (the service's usage with the worker's data and model
+    loaded). A dry run
     costs what it measures, and the loosest plan's can be several times the
     tightest's (large model: +209 MB at 8x4 with checkpointing, +904 MB at
     32x1 without), so candidates are measured from the tightest up, and a
@@ -875,7 +896,6 @@ def choose_start_plan(
     """
     if not candidates:
         raise ValueError("no candidate plans")
-    limit_mb = elevated_fraction * budget_mb
 
     def predicted(plan: TrainingPlan, measured: TrainingPlan, cost: float) -> float:
         scaled = cost * plan.micro_batch / measured.micro_batch
@@ -885,7 +905,7 @@ def choose_start_plan(
         cost = measure_peak_mb(plan)
         fits = baseline_mb + cost < limit_mb
         log.info(
-            "plan %s: dry run +%.0f MB over %.0f MB baseline, %s elevated threshold %.0f MB",
+            "plan %s: dry run +%.0f MB over %.0f MB baseline, %s the %.0f MB limit",
             plan.describe(), cost, baseline_mb, "under" if fits else "over", limit_mb,
         )  # fmt: skip
         return cost, fits
@@ -903,7 +923,7 @@ def choose_start_plan(
             break
         guess = predicted(plan, chosen, last_cost)
         if baseline_mb + guess >= limit_mb:
-            log.info("plan %s: predicted +%.0f MB over %.0f MB baseline, over elevated threshold %.0f MB: not tried", plan.describe(), guess, baseline_mb, limit_mb)
+            log.info("plan %s: predicted +%.0f MB over %.0f MB baseline, over the %.0f MB limit: not tried", plan.describe(), guess, baseline_mb, limit_mb)
             break
         cost, fits = dry_run(plan)
         if not fits:

@@ -172,7 +172,9 @@ def test_an_update_trains_and_refits_the_baselines_with_the_input_only_channel(t
 
     reply = _run_update(config, job, governor, threading.Event(), Sink())
     assert reply["accepted"], reply.get("reason")
-    version = AdapterStore(config.adapters_dir).current()
+    # Committed, not current: the daemon switches `current` once it serves the version.
+    assert AdapterStore(config.adapters_dir).current() is None
+    version = AdapterStore(config.adapters_dir).make_current(reply["version"])
     assert version is not None and version.version == reply["version"]
     meta = version.meta
     ridge = next(b for b in meta["baselines"] if b["kind"] == RIDGE)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_daemon.adapters import AdapterStore
 from edge_daemon.cli import main as cli_main
 from edge_daemon.config import Config
 from edge_daemon.frames import build_grid
@@ -99,6 +100,7 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Config:
     pretrain(grid, list(CHANNELS), 1.0, config.model, config.base_dir, steps=200)
     reply = run_update(config, HIGH_FROM_STEP, seed=1)
     assert reply["accepted"] and reply["version"] == 1, reply["reason"]
+    AdapterStore(config.adapters_dir).make_current(1)  # as the daemon does once it serves v1
     write_readings(config, data, OLD_STEPS + NEW_STEPS, OLD_STEPS + NEW_STEPS + AFTER_STEPS)
     # An update that cannot pass the gate (99% improvement required) leaves only its trace.
     rejected = run_update(config.model_copy(update={"train": config.train.model_copy(update={"gate_min_improvement": 0.99})}), None, seed=2)

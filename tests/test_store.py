@@ -260,7 +260,7 @@ def test_an_update_gets_replay_windows_at_any_period(tmp_path: Path, period_s: f
         data = prepare_update_data(store, base, config, np.random.default_rng(0))
     assert len(data.recent_train) > 0 and len(data.recent_val) > 0
     assert len(data.replay_train) > 0 and len(data.replay_val) > 0
-    assert data.replay_train.shape[1:] == (cfg.window + 1, 3) and torch.isfinite(data.replay_train).all()
+    assert data.replay_train.shape[1:] == (cfg.window + 1, 3) and torch.isfinite(data.replay_train[:]).all()
     assert all(b <= data.recent_range[0] for _, b in data.replay_spans)
 
 

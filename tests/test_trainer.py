@@ -14,6 +14,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -543,3 +544,26 @@ def test_an_update_adapts_the_further_horizons_heads_too(data: dict, tmp_path: P
         expected = result.adapted.eval().forward_horizons(windows)
         assert expected.shape[-2] == 2  # one forecast per horizon
         assert torch.equal(loaded.get_base_model().forward_horizons(windows), expected)
+
+
+def test_grid_windows_read_as_the_windows_they_stand_for() -> None:
+    """Windows cut from the grid when read are the windows `make_windows` copies out, at a fraction
+    of the memory."""
+    from edge_daemon.frames import Grid, make_windows, valid_window_starts
+    from edge_daemon.trainer import GridWindows
+
+    values = np.random.default_rng(0).normal(size=(400, 3)).astype(np.float32)
+    values[57] = np.nan  # a gap: no window spans it
+    made = make_windows(Grid(0.0, 1.0, values), 33, stride=2)
+    windows = GridWindows(torch.from_numpy(values), torch.from_numpy(valid_window_starts(values, 33, 2)), 33)
+    expected = torch.from_numpy(made.windows)
+    assert len(windows) == len(expected) and windows.shape == expected.shape and windows.dim() == 3
+    picks = torch.tensor([5, 0, len(expected) - 1, 5])
+    assert torch.equal(windows[picks], expected[picks])
+    assert torch.equal(windows[2:9], expected[2:9]) and torch.equal(windows[4], expected[4])
+    assert torch.equal(torch.cat(list(windows.split(16))), expected) and torch.isfinite(expected).all()
+    assert np.array_equal(windows.tails(5), made.windows[:, -5:]) and np.array_equal(windows.numpy(), made.windows)
+    held = windows.rows.numel() * 4 + windows.starts.numel() * 8
+    assert held * 8 < expected.numel() * 4
+    with pytest.raises(ValueError, match="past the grid"):
+        GridWindows(torch.from_numpy(values), torch.tensor([390]), 33)

@@ -34,6 +34,7 @@ from edge_daemon.watchdog import (
     UpdateOutcome,
     cgroup_usage_mb,
     choose_start_plan,
+    plan_limit_mb,
     memory_budget,
     peak_rss_mb,
     plan_candidates,
@@ -328,33 +329,43 @@ def test_choose_start_plan_takes_the_loosest_that_fits() -> None:
         measured.append(plan)
         return cost_mb.get(plan, 100.0)
 
-    # Elevated threshold 0.7 x 1000 = 700 MB; baseline 400 leaves < 300 MB. Measured from the
+    # A limit of 700 MB; baseline 400 leaves < 300 MB. Measured from the
     # tightest up; 16x2 is predicted at 2 x 150 = 300 MB from 8x4's cost and not dry-run.
-    chosen = choose_start_plan(ladder, measure, baseline_mb=400, budget_mb=1000, elevated_fraction=0.7)
+    chosen = choose_start_plan(ladder, measure, baseline_mb=400, limit_mb=700)
     assert chosen == ladder[3]
     assert measured == ladder[3:][::-1]
     # Baseline 100: 32x1 with checkpointing fits (420 MB); without it is predicted at 2 x 420 MB
     # and never dry-run, though its 900 MB would have been measured first before.
     measured.clear()
-    assert choose_start_plan(ladder, measure, baseline_mb=100, budget_mb=1000, elevated_fraction=0.7) == ladder[1]
+    assert choose_start_plan(ladder, measure, baseline_mb=100, limit_mb=700) == ladder[1]
     assert ladder[0] not in measured and measured == ladder[1:][::-1]
     # Nothing fits: the tightest, the only plan measured.
     measured.clear()
-    assert choose_start_plan(ladder, measure, baseline_mb=650, budget_mb=1000, elevated_fraction=0.7) == ladder[-1]
+    assert choose_start_plan(ladder, measure, baseline_mb=650, limit_mb=700) == ladder[-1]
     assert measured == [ladder[-1]]
     # A looser plan measured over the line (its prediction fitted) stops the climb at the one before.
     measured.clear()
     cost_mb[ladder[2]] = 500.0
-    assert choose_start_plan(ladder, measure, baseline_mb=100, budget_mb=1000, elevated_fraction=0.7) == ladder[2]
+    assert choose_start_plan(ladder, measure, baseline_mb=100, limit_mb=700) == ladder[2]
     cost_mb[ladder[2]] = 750.0
     measured.clear()
-    assert choose_start_plan(ladder, measure, baseline_mb=0, budget_mb=1000, elevated_fraction=0.7) == ladder[3]
+    assert choose_start_plan(ladder, measure, baseline_mb=0, limit_mb=700) == ladder[3]
     assert measured[-1] == ladder[2]
     # Room for twice the loosest's predicted cost (100 MB x 32 x 2 for checkpointing): the tightest,
     # then the loosest, two dry runs.
     measured.clear()
-    assert choose_start_plan(ladder, measure, baseline_mb=0, budget_mb=20_000, elevated_fraction=0.7) == ladder[0]
+    assert choose_start_plan(ladder, measure, baseline_mb=0, limit_mb=14_000) == ladder[0]
     assert measured == [ladder[-1], ladder[0]]
+
+
+def test_the_plan_limit_is_the_update_share_of_serving_under_a_roomy_budget_and_elevated_under_a_tight_one() -> None:
+    # 200 MB serving in 16 GB: a 15% share (230 MB), not 70% of the budget (11 GB), bounds the plan.
+    assert plan_limit_mb(200.0, 16_384.0, 0.7, 0.15) == pytest.approx(230.0)
+    # 200 MB serving under a 250 MB limit: already over elevated (175 MB): only the tightest plan.
+    assert plan_limit_mb(200.0, 250.0, 0.7, 0.15) == pytest.approx(175.0)
+    ladder = plan_candidates(32, 32)
+    chosen = choose_start_plan(ladder, lambda p: 1.0 * p.micro_batch, 210.0, plan_limit_mb(200.0, 16_384.0, 0.7, 0.15))
+    assert chosen.micro_batch == 16  # 210 + 16 MB fits under 230 MB, 210 + 32 does not
 
 
 # ----------------------------------------------------------- process memory
@@ -461,8 +472,10 @@ def test_watchdog_snapshot_listeners_and_a_failing_listener(memhog: MemHog) -> N
         assert set(snapshot) >= {"rss_mb", "budget_mb", "level"}
         assert snapshot["budget_mb"] == 10_000 and snapshot["level"] == "normal"
         json.dumps(snapshot)
-        # A budget shrunk at run time (config reload) takes effect on the next sample.
-        assert watchdog.set_configured_budget(watchdog.rss_mb / 0.95).mb < 0.95 * 10_000
+        # A budget shrunk at run time (config reload) takes effect on the next sample: to half
+        # the usage, so that the share stays critical even if the tree's PSS falls meanwhile (it
+        # does when another process maps the same torch libraries).
+        assert watchdog.set_configured_budget(watchdog.usage_mb / 2).mb < 0.95 * 10_000
         wait_for(lambda: watchdog.level == C, what="critical after the budget shrank")
         wait_for(lambda: watchdog.samples > 5, what="more samples")
         assert watchdog.alive

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -130,3 +131,61 @@ def test_entry_points_are_registered_before_the_fork() -> None:
             made.launch("late", {})
     finally:
         made.stop()
+
+
+# ------------------------------------------------------------------ the runner's reading of an end
+
+
+def _runner_with_hanging_worker(tmp_path: Any) -> tuple[Any, Any, WorkerForker, list[dict[str, Any]], threading.Event]:
+    from edge_daemon.plan import TrainingPlan
+    from edge_daemon.updater import UpdateRunner
+    from edge_daemon.watchdog import PlanGovernor, plan_candidates
+    from tests.conftest import make_config
+
+    forker = WorkerForker()
+    forker.register("update", hang)  # stands in for an update that never reaches a boundary
+    forker.start()
+    ladder = plan_candidates(8, 8)
+    governor = PlanGovernor(forker.level, ladder, retry_base_s=300.0)
+    results: list[dict[str, Any]] = []
+    ended = threading.Event()
+
+    def on_result(result: dict[str, Any]) -> None:
+        results.append(result)
+        ended.set()
+
+    runner = UpdateRunner(make_config(tmp_path), governor, forker, on_result)
+    assert runner.start({"kind": "update", "reason": "test", "candidates": [p.to_dict() for p in ladder]})
+    assert isinstance(ladder[0], TrainingPlan)
+    return runner, governor, forker, results, ended
+
+
+def test_a_worker_killed_by_sigkill_counts_as_a_memory_stop(tmp_path: Any) -> None:
+    """The kernel's OOM killer sends SIGKILL to the worker (oom_score_adj 1000): the update backs
+    off and the next starts with the tightest plan, as after a stop at critical."""
+    runner, governor, forker, results, ended = _runner_with_hanging_worker(tmp_path)
+    try:
+        pid = runner.child_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # what the OOM killer does
+        assert ended.wait(60), "the runner must report the killed worker"
+        (result,) = results
+        assert "killed by SIGKILL" in result["error"]
+        assert result["outcome"]["stopped"] is True and result["outcome"]["worst_level"] == "critical"
+        assert governor.retry_after_s > 0
+        assert governor.next_start_plan() == governor.ladder[-1]
+    finally:
+        forker.stop()
+
+
+def test_a_worker_the_runner_kills_on_shutdown_is_no_memory_stop(tmp_path: Any) -> None:
+    runner, governor, forker, results, ended = _runner_with_hanging_worker(tmp_path)
+    try:
+        runner.stop(timeout=0.5)  # the worker never reaches a boundary: the runner kills it
+        assert ended.wait(60)
+        (result,) = results
+        assert "killed by SIGKILL" in result["error"]
+        assert result.get("outcome") is None
+        assert governor.retry_after_s == 0 and governor.next_start_plan() == governor.ladder[0]
+    finally:
+        forker.stop()
