@@ -47,6 +47,10 @@ KEEP_UPDATE_TRACES = 20
 # update's trace stays a few tens of kB.
 TRACE_MAX_POINTS = 600
 TRACE_INTERVAL_S = 0.1  # first sampling period; fine enough to see a plan change take effect
+# What a worker's own memory grows by after training, on top of what it held when it planned:
+# the metrics after, the saved adapter, the baselines refitted (measured on the default model:
+# 4-5 MB, the update's peak when the plan's activations are small). The plan leaves room for it.
+AFTER_TRAINING_MB = 6.0
 # Libraries of tens of MB each that neither the daemon nor (forked from it) a worker needs.
 HEAVY_MODULES = ("peft", "transformers", "accelerate", "bitsandbytes", "torch._dynamo", "sympy")
 
@@ -433,8 +437,7 @@ def _update_traced(
     from edge_daemon.store import ReplayStore
     from edge_daemon.lora import save_adapter
     from edge_daemon.trainer import adapter_bytes, update
-    from edge_daemon.model import param_bytes
-    from edge_daemon.watchdog import choose_start_plan, plan_limit_mb, private_mb
+    from edge_daemon.watchdog import choose_start_plan, plan_limit_mb, private_mb, release_memory
 
     started = time.time()
     # What this update holds of its own: in a forked worker, every private page; run in-process
@@ -460,13 +463,19 @@ def _update_traced(
     )
 
     # Dry-run candidate plans and start with the loosest that stays within the update's share of
-    # the serving usage and under "elevated". What the worker holds already (its data, its copies
-    # of shared pages) and the model copy it trains count on top of the service's usage.
+    # the serving usage and under "elevated". What the worker holds already (its data, the base it
+    # trains in place, its copies of shared pages) and what it adds after training count on top of
+    # the service's usage.
     candidates = [TrainingPlan.from_dict(p) for p in job["candidates"]]
-    held_mb = max(0.0, (private_mb() or 0.0) - private_from) + param_bytes(base.model) / 2**20
+    targets = list(config.lora.target_modules)
+    # A process's first backward sets torch's autograd up (~13 MB measured on the default model):
+    # done once here, it is counted with what the worker holds, not as the tightest plan's cost
+    # (which, scaled by the micro-batch, would rule out every looser plan).
+    measure_micro_batch_mb(base.model, data.recent_train, candidates[-1], targets)
+    held_mb = max(0.0, (private_mb() or 0.0) - private_from) + AFTER_TRAINING_MB
     plan = choose_start_plan(
         candidates,
-        lambda p: measure_micro_batch_mb(base.model, data.recent_train, p, list(config.lora.target_modules)),
+        lambda p: measure_micro_batch_mb(base.model, data.recent_train, p, targets),
         baseline_mb=job["baseline_mb"] + held_mb,
         limit_mb=plan_limit_mb(job["baseline_mb"], job["budget_mb"], config.memory.elevated, config.memory.update_share),
     )
@@ -519,6 +528,8 @@ def _update_traced(
         incumbent=(lambda: serving_model(base, incumbent_version)) if incumbent_version is not None else None,
         in_place=True,
     )
+    # Training's freed memory back to the kernel before saving and refitting allocate more.
+    release_memory()
     trace.phase("saving" if result.accepted else "done")
     summary = result.to_dict()
     summary.pop("train_losses", None)
