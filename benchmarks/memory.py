@@ -284,8 +284,11 @@ def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None 
 
 
 def phase_peaks(trace: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each phase of an update's trace with the worker's private MB and the service's usage at their peaks in it."""
+    """Each phase of an update's trace with the worker's private MB and the service's usage at their peaks in it
+    (none for a revision whose traces record neither: its `service_mb` was a sum of RSS)."""
     samples, phases = trace.get("samples") or {}, trace.get("phases") or []
+    if "private_mb" not in samples:
+        return []
     t = samples.get("t") or []
     out = []
     for i, phase in enumerate(phases):
