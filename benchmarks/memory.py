@@ -394,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--repeat", type=int, default=1, help="rows per size and daemon")
     parser.add_argument("--no-search", action="store_true", help="skip the smallest-limit search")
+    parser.add_argument("--search-only", action="store_true", help="only the smallest-limit search")
     parser.add_argument("--search-lo", type=float, default=1.05)
     parser.add_argument("--search-hi", type=float, default=1.5)
     parser.add_argument("--probes", type=int, default=4)
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     print(HEADER)
     print("|" + " --- |" * (HEADER.count("|") - 1))
-    for size in sizes:
+    for size in [] if args.search_only else sizes:
         for label, checkout in daemons:
             for _ in range(args.repeat):
                 rows.append(run_row(label, size, checkout))

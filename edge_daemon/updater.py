@@ -463,7 +463,7 @@ def _update_traced(
     )
 
     # Dry-run candidate plans and start with the loosest that stays within the update's share of
-    # the serving usage and under "elevated". What the worker holds already (its data, the base it
+    # the serving usage and under "critical". What the worker holds already (its data, the base it
     # trains in place, its copies of shared pages) and what it adds after training count on top of
     # the service's usage.
     candidates = [TrainingPlan.from_dict(p) for p in job["candidates"]]
@@ -477,7 +477,7 @@ def _update_traced(
         candidates,
         lambda p: measure_micro_batch_mb(base.model, data.recent_train, p, targets),
         baseline_mb=job["baseline_mb"] + held_mb,
-        limit_mb=plan_limit_mb(job["baseline_mb"], job["budget_mb"], config.memory.elevated, config.memory.update_share),
+        limit_mb=plan_limit_mb(job["baseline_mb"], job["budget_mb"], config.memory.critical, config.memory.update_share),
     )
     _check_stop(stop_event)
     governor.begin_update(plan)

@@ -866,11 +866,13 @@ def plan_candidates(effective_batch: int, max_micro: int) -> list[TrainingPlan]:
 CHECKPOINTING_SAVES = 2.0
 
 
-def plan_limit_mb(serving_mb: float, budget_mb: float, elevated: float, update_share: float) -> float:
-    """Where an update's predicted peak must stay: under the elevated threshold, and within
-    `update_share` of the service's usage before the update (`serving_mb`) above it, so that a
-    roomy budget does not buy a plan many times the serving footprint."""
-    return min(elevated * budget_mb, serving_mb * (1.0 + update_share))
+def plan_limit_mb(serving_mb: float, budget_mb: float, critical: float, update_share: float) -> float:
+    """Where an update's predicted peak must stay: within `update_share` of the service's usage
+    before the update (`serving_mb`) above it, so that a roomy budget does not buy a plan many
+    times the serving footprint, and under the critical threshold, where it would stop. Not under
+    elevated: under a tight limit the service serves above it, and the plan would always be the
+    tightest (micro-batch 1, twice the wall time); the watchdog tightens a plan that crosses it."""
+    return min(critical * budget_mb, serving_mb * (1.0 + update_share))
 
 
 def choose_start_plan(

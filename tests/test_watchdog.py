@@ -358,13 +358,15 @@ def test_choose_start_plan_takes_the_loosest_that_fits() -> None:
     assert measured == [ladder[-1], ladder[0]]
 
 
-def test_the_plan_limit_is_the_update_share_of_serving_under_a_roomy_budget_and_elevated_under_a_tight_one() -> None:
-    # 200 MB serving in 16 GB: a 15% share (230 MB), not 70% of the budget (11 GB), bounds the plan.
-    assert plan_limit_mb(200.0, 16_384.0, 0.7, 0.15) == pytest.approx(230.0)
-    # 200 MB serving under a 250 MB limit: already over elevated (175 MB): only the tightest plan.
-    assert plan_limit_mb(200.0, 250.0, 0.7, 0.15) == pytest.approx(175.0)
+def test_the_plan_limit_is_the_update_share_of_serving_under_a_roomy_budget_and_critical_under_a_tight_one() -> None:
+    # 200 MB serving in 16 GB: a 15% share (230 MB), not 95% of the budget (15.6 GB), bounds the plan.
+    assert plan_limit_mb(200.0, 16_384.0, 0.95, 0.15) == pytest.approx(230.0)
+    # Under a 250 MB limit the service serves at 80% (above elevated): the share still bounds it.
+    assert plan_limit_mb(200.0, 250.0, 0.95, 0.15) == pytest.approx(230.0)
+    # Under a 220 MB limit the critical line (209 MB) does.
+    assert plan_limit_mb(200.0, 220.0, 0.95, 0.15) == pytest.approx(209.0)
     ladder = plan_candidates(32, 32)
-    chosen = choose_start_plan(ladder, lambda p: 1.0 * p.micro_batch, 210.0, plan_limit_mb(200.0, 16_384.0, 0.7, 0.15))
+    chosen = choose_start_plan(ladder, lambda p: 1.0 * p.micro_batch, 210.0, plan_limit_mb(200.0, 16_384.0, 0.95, 0.15))
     assert chosen.micro_batch == 16  # 210 + 16 MB fits under 230 MB, 210 + 32 does not
 
 
