@@ -109,8 +109,8 @@ class TriggerInputs:
     drift_detected: bool
     new_windows: int  # scoring windows completed since the last update
     has_base: bool  # a base model exists (else nothing to adapt)
-    # MB left under the elevated threshold once the training child's expected size is added;
-    # negative: starting an update would itself push memory up a level.
+    # MB left under the critical threshold once the training worker's expected increment is
+    # added; negative: the update would be stopped at critical, so it does not start.
     headroom_mb: float = float("inf")
 
 
