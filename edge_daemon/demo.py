@@ -84,7 +84,9 @@ def run_demo(
     port = broker.port
     config = demo_config(workdir / "state", port, quick)
     total = old_steps + new_steps + after_steps
-    start_ts = float(int(time.time()) - total - 10)
+    # From the last midnight (UTC) before the readings must start: the motor's daily load cycle
+    # (144 s of its time per step) is then in the same phase in every run, whatever the hour.
+    start_ts = float((int(time.time()) - total - 10) // 86400 * 86400)
     data = generate_labeled(total, start_ts=start_ts, seed=7, regime_change_at=old_steps, time_scale=144)
     summary: dict[str, Any] = {"state_dir": str(workdir), "broker": broker.kind}
     console = None
