@@ -43,6 +43,7 @@ from edge_daemon.frames import build_grid  # noqa: E402
 from edge_daemon.model import LARGE  # noqa: E402
 from edge_daemon.pretrain import pretrain  # noqa: E402
 from edge_daemon.store import Reading, ReplayStore  # noqa: E402
+from edge_daemon.watchdog import _pss_bytes  # noqa: E402
 from sample_sensors.generate import CHANNELS, generate_labeled, readings  # noqa: E402
 from sample_sensors.publish import publish  # noqa: E402
 from tests.cgroups import MemoryCgroup, create_memory_cgroup  # noqa: E402
@@ -90,16 +91,7 @@ class Row:
 
 
 def _pss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as handle:
-                for line in handle:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-        except OSError:
-            continue
-    return total / 1024
+    return sum(_pss_bytes(pid) or 0 for pid in pids) / 2**20
 
 
 def _rss_sum_mb(pids: list[int]) -> float:

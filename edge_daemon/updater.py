@@ -334,8 +334,8 @@ def run_worker(job: dict[str, Any], out: MessageWriter, level: SharedLevel, stop
     """Entry point of a training worker (forked, see `worker.py`): run the job, write one `result`
     message to `out`. The governor arrives without its level reader and stop event; the worker's
     are the shared ones it inherited."""
+    # Set only here, in a forked worker: also how the update knows every private page is its own.
     job["modules_at_fork"] = set(sys.modules)
-    job["in_worker"] = True  # every private page of this process is one the update added
     config_data, governor = job.pop("config"), job.pop("governor")
     governor.level_reader, governor.stop_event = level, stop_event
     try:
@@ -442,7 +442,7 @@ def _update_traced(
     started = time.time()
     # What this update holds of its own: in a forked worker, every private page; run in-process
     # (tests, benchmarks), what was added since here.
-    private_from = 0.0 if job.get("in_worker") else (private_mb() or 0.0)
+    private_from = 0.0 if "modules_at_fork" in job else (private_mb() or 0.0)
     trace.phase("loading")
     _check_stop(stop_event)
     base = load_base(config.base_dir, config.channels.names, config.channels.period_s, config.channels.inputs_only)

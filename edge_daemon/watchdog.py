@@ -305,31 +305,32 @@ def process_tree_rss_mb(pid: int) -> float:
     return sum(_rss_bytes(p) for p in process_tree_pids(pid)) / MB
 
 
-def _pss_bytes(pid: int) -> int | None:
-    """Proportional set size of `pid` (shared pages split between the processes mapping them);
-    None when the process is gone or the kernel has no smaps_rollup."""
+def _smaps_rollup_kb(pid: int | str, fields: tuple[str, ...]) -> int | None:
+    """Sum of `fields` ("Pss:", ...) of /proc/<pid>/smaps_rollup in kB; None when the process is
+    gone or the kernel has no smaps_rollup."""
+    total, seen = 0, False
     try:
         with open(f"/proc/{pid}/smaps_rollup") as handle:
             for line in handle:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(fields):
+                    total += int(line.split()[1])
+                    seen = True
     except (OSError, ValueError, IndexError):
         return None
-    return None
+    return total if seen else None
+
+
+def _pss_bytes(pid: int) -> int | None:
+    """Proportional set size of `pid` (shared pages split between the processes mapping them)."""
+    kb = _smaps_rollup_kb(pid, ("Pss:",))
+    return None if kb is None else kb * 1024
 
 
 def private_mb(pid: int | str = "self") -> float | None:
     """Pages only `pid` maps (Private_Clean + Private_Dirty), in MB: for a forked worker, what it
     added to the service (its copies of shared pages, its own allocations); None if unreadable."""
-    total = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
-            for line in handle:
-                if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                    total += int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return total / 1024.0
+    kb = _smaps_rollup_kb(pid, ("Private_Clean:", "Private_Dirty:"))
+    return None if kb is None else kb / 1024.0
 
 
 def _cgroup_holds_only(directory: Path, pids: Sequence[int]) -> bool:
