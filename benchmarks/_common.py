@@ -98,23 +98,23 @@ def mae(model: torch.nn.Module, data: torch.Tensor, batch: int = 32) -> float:
     return total / len(data)
 
 
-def run_update(config: Any, reason: str = "requested", since: float | None = None, seed: int = 0) -> dict[str, Any]:
+def run_update(config: Any, reason: str = "requested", since: float | None = None, seed: int = 0) -> Any:
     """One update through the daemon's update path (`updater._run_update`: store windows, replay, gate,
     commit), run in this process at memory level normal; `since` as the daemon passes it after drift."""
+    from edge_daemon.records import UpdateJob
     from edge_daemon.updater import _run_update
     from edge_daemon.watchdog import Level, PlanGovernor, plan_candidates
 
     governor = PlanGovernor(lambda: Level.NORMAL, plan_candidates(config.train.batch_size, config.train.micro_batch))
-    job = {"kind": "update", "reason": reason, "since": since, "candidates": [p.to_dict() for p in governor.start_candidates()],
-           "baseline_mb": 300.0, "budget_mb": 16000.0, "seed": seed}  # fmt: skip
+    job = UpdateJob("update", reason, since=since, candidates=tuple(governor.start_candidates()), baseline_mb=300.0, budget_mb=16000.0, seed=seed)
 
     class Sink:
-        def put(self, message: dict[str, Any]) -> None:
+        def put(self, message: Any) -> None:
             pass
 
     reply = _run_update(config, job, governor, threading.Event(), Sink())
-    if reply.get("version") is not None:  # what the daemon does once it serves an accepted version
+    if reply.version is not None:  # what the daemon does once it serves an accepted version
         from edge_daemon.adapters import AdapterStore
 
-        AdapterStore(config.adapters_dir, keep=config.train.keep_versions).make_current(int(reply["version"]))
+        AdapterStore(config.adapters_dir, keep=config.train.keep_versions).make_current(reply.version)
     return reply

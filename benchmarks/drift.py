@@ -224,7 +224,7 @@ def first_adapter(config, data, since: float, ready: float) -> tuple[bool, float
                 store.write([Reading(c, float(t), float(v)) for t, v in zip(data.ts[keep][lo : lo + 100_000], values[lo : lo + 100_000], strict=True)])
     started = time.perf_counter()
     reply = run_update(config, reason="drift detected", since=since)
-    return bool(reply["accepted"]), time.perf_counter() - started, str(reply.get("reason", ""))
+    return reply.accepted, time.perf_counter() - started, str(reply.reason or "")
 
 
 RESIDUAL_MODES: dict[str, dict[str, object]] = {
@@ -276,7 +276,7 @@ def realtime_table(seeds: int, change_h: float = 55.0) -> None:
     the data since the change as the CUSUM dates it spans ten windows, through the update path."""
     import tempfile
 
-    from edge_daemon.daemon import UPDATE_MIN_WINDOWS_SINCE_CHANGE
+    from edge_daemon.adaptation.owner import UPDATE_MIN_WINDOWS_SINCE_CHANGE
 
     modes = [mode for mode in RESIDUAL_MODES if mode != "stream"]
     rows: dict[str, dict[str, list]] = {mode: {"alarms": [], "current": [], "any": [], "us": []} for mode in modes}

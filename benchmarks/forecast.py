@@ -266,16 +266,16 @@ def run(data: DataSet, pretrain_steps: int) -> tuple[dict[int, list[list[str]]],
         reply = run_update(config)
         update_s = time.monotonic() - started
         adapters = AdapterStore(config.adapters_dir)
-        version = adapters.get(reply["version"]) if reply.get("accepted") else None
+        version = adapters.get(reply.version) if reply.accepted else None
 
         eval_from, eval_to = data.change_ts + data.adapt_s, data.change_ts + data.adapt_s + data.eval_s
         warmup = max(base.cfg.window, 4 * (metrics.get("season_steps") or 0), 700) * data.period_s
         grid = _grid(data, eval_from - warmup, eval_to)
         frozen = _stream(Scorer(base, serving_model(base, None), 6.0, rule=ServingRule(mode="model")), grid, eval_from)
-        adapted_meta = version.meta if version is not None else base.meta
+        baselines, held_out = (version.meta.baselines, version.meta.held_out) if version is not None else (base.meta.get("baselines"), base.meta.get("held_out"))
         adapted = _stream(
-            Scorer(base, serving_model(base, version), 6.0, baselines=baselines_of(adapted_meta),
-                   held_out=adapted_meta.get("held_out"), rule=ServingRule(mode="best")),
+            Scorer(base, serving_model(base, version), 6.0, baselines=baselines_of(baselines),
+                   held_out=held_out, rule=ServingRule(mode="best")),
             grid, eval_from,
         )  # fmt: skip
         season = metrics.get("season_steps")
@@ -311,7 +311,7 @@ def run(data: DataSet, pretrain_steps: int) -> tuple[dict[int, list[list[str]]],
         "steps": scored,
         "pretrain_s": pretrain_s,
         "update_s": update_s,
-        "update": "accepted v1" if version is not None else f"rejected ({reply.get('reason')})",
+        "update": "accepted v1" if version is not None else f"rejected ({reply.reason})",
         "season_steps": season,
         "base_serves": metrics["held_out"]["serve"],
         "old_regime_ratio": float(np.mean(forget["adapted"] / forget["frozen"])),

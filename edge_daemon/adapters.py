@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from edge_daemon.errors import AdapterError, BaseFormatError, ModelError
 from edge_daemon.frames import Grid, NormStats, calendar_features, normalise_grid, with_calendar
 from edge_daemon.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX
 from edge_daemon.model import Forecaster, ForecasterConfig
+from edge_daemon.records import AdapterMeta
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ class AdapterVersion:
     path: Path
     created: str  # iso8601
     size_bytes: int  # adapter_config.json + adapter_model.safetensors
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: AdapterMeta = field(default_factory=AdapterMeta)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary for the control socket and the CLI."""
@@ -308,7 +309,7 @@ class AdapterVersion:
             "path": str(self.path),
             "created": self.created,
             "size_bytes": self.size_bytes,
-            "meta": self.meta,
+            "meta": self.meta.to_json(),
         }
 
 
@@ -342,13 +343,14 @@ class AdapterStore:
 
     def _describe(self, version: int, path: Path) -> AdapterVersion:
         try:
-            meta = _read_json(path / META_FILE)
-            if not isinstance(meta, dict):
+            data = _read_json(path / META_FILE)
+            if not isinstance(data, dict):
                 raise ValueError("meta.json is not an object")
+            meta = AdapterMeta.from_json(data)
             size = sum((path / name).stat().st_size for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError) as exc:
             raise AdapterError(f"adapter v{version} in {path} is corrupt: {exc}") from None
-        created = str(meta.get("created") or datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds"))
+        created = str(meta.created or datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds"))
         return AdapterVersion(version=version, path=path, created=created, size_bytes=size, meta=meta)
 
     def list(self) -> list[AdapterVersion]:
@@ -404,7 +406,7 @@ class AdapterStore:
         """Remove a staging dir whose update was rejected or failed."""
         shutil.rmtree(staging, ignore_errors=True)
 
-    def commit(self, staging: Path, meta: dict[str, Any], make_current: bool = True) -> AdapterVersion:
+    def commit(self, staging: Path, meta: AdapterMeta, make_current: bool = True) -> AdapterVersion:
         """Turn a staging dir written by `save_pretrained` into the next version `v<N>`.
 
         Writes meta.json, fsyncs files and directories, renames, then (if
@@ -420,14 +422,14 @@ class AdapterStore:
         with self._locked():
             existing = self._version_dirs()
             number = max(existing, default=0) + 1
-            _write_json(staging / META_FILE, {"created": now_iso(), **meta, "version": number})
+            _write_json(staging / META_FILE, replace(meta, created=meta.created or now_iso(), version=number).to_json())
             _fsync_tree(staging)
             target = self.root / f"v{number}"
             os.rename(staging, target)
             _fsync_path(self.root)
             if make_current:
                 _replace_file_atomically(self.root / POINTER_FILE, f"v{number}\n")
-                self._record("commit", number, meta.get("served_from_ts"))
+                self._record("commit", number, meta.served_from_ts)
             self._prune()
         version = self.get(number)
         log.info("committed adapter v%d (%d bytes)%s", number, version.size_bytes, ", now current" if make_current else "")
@@ -440,7 +442,7 @@ class AdapterStore:
         with self._locked():
             target = self.get(version)
             _replace_file_atomically(self.root / POINTER_FILE, f"v{version}\n")
-            self._record("commit", version, target.meta.get("served_from_ts"))
+            self._record("commit", version, target.meta.served_from_ts)
         log.info("adapter v%d now current", version)
         return target
 
@@ -579,11 +581,20 @@ def merge_lora(model: Forecaster, tensors: dict[str, torch.Tensor], lora_cfg: di
 
 
 def serving_model(base: BaseModel, version: AdapterVersion | None) -> Forecaster:
-    """The model the daemon scores with: base + `version` merged, or a frozen copy of the base when None."""
+    """The model the daemon scores with: base + `version` merged, or a frozen copy of the base when None.
+
+    AdapterError when `version` was trained on another base (its LoRA deltas fit only that one's
+    weights); adapters from before the base was recorded are taken as they are."""
     if version is None:
         model = copy.deepcopy(base.model)
         model.eval()
         model.requires_grad_(False)
         return model
+    trained_on = version.meta.base_fingerprint
+    if trained_on is not None and trained_on != base.fingerprint:
+        raise AdapterError(
+            f"adapter v{version.version} was trained on base {trained_on}, the base now is {base.fingerprint}: "
+            "it fits only the base it was trained on"
+        )
     tensors, lora_cfg = load_lora_state(version.path)
     return merge_lora(base.model, tensors, lora_cfg)

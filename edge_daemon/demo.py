@@ -179,7 +179,7 @@ def run_demo(
                 "adapter_version": status["adapter"]["version"],
                 "adapter_bytes": status["adapter"]["size_bytes"],
                 "update_accepted": bool(last.get("accepted")),
-                "update_reason": (daemon.runner.last or {}).get("job", {}).get("reason") if daemon.runner else None,
+                "update_reason": daemon.runner.last.job.reason if daemon.runner and daemon.runner.last and daemon.runner.last.job else None,
                 "update_peak_rss_mb": last.get("peak_rss_mb"),
                 # The demo process hosts the daemon (and trained the base model before it):
                 # its RSS at the end, with the update child gone, is what serving costs here.

@@ -99,13 +99,13 @@ def _switch_time(adapter: AdapterVersion) -> float | None:
     back to the end of their training data, then to their creation time.
     """
     meta = adapter.meta
-    if isinstance(meta.get("served_from_ts"), (int, float)):
-        return float(meta["served_from_ts"])
-    recent = (meta.get("data_range") or {}).get("recent")
+    if isinstance(meta.served_from_ts, (int, float)):
+        return float(meta.served_from_ts)
+    recent = meta.data_range.get("recent")
     if isinstance(recent, list) and len(recent) == 2 and isinstance(recent[1], (int, float)):
         return float(recent[1])
-    if isinstance(meta.get("created_unix"), (int, float)):
-        return float(meta["created_unix"])
+    if isinstance(meta.created_unix, (int, float)):
+        return float(meta.created_unix)
     try:
         return datetime.fromisoformat(adapter.created).timestamp()
     except ValueError:
@@ -115,7 +115,7 @@ def _switch_time(adapter: AdapterVersion) -> float | None:
 def read_adapters(config: Config) -> tuple[list[Switch], int | None]:
     """Stored adapters ordered by the time they began serving, and the current version."""
     from edge_daemon.adapters import AdapterStore
-    from edge_daemon.scheduler import resets_drift_baseline
+    from edge_daemon.adaptation.trigger import resets_drift_baseline
 
     if not config.adapters_dir.is_dir():  # AdapterStore would create it; a report changes nothing
         return [], None
@@ -132,7 +132,7 @@ def read_adapters(config: Config) -> tuple[list[Switch], int | None]:
                 switches.append(Switch(0, t, None))
             elif version in stored:
                 adapter = stored[version]
-                routine = entry.get("event") == "commit" and not resets_drift_baseline(adapter.meta.get("reason"))
+                routine = entry.get("event") == "commit" and not resets_drift_baseline(adapter.meta.reason)
                 switches.append(Switch(int(version), t, adapter, resets_drift=not routine))
             else:
                 log.info("adapter v%s served from %s but is no longer stored (pruned)", version, t)
@@ -141,7 +141,7 @@ def read_adapters(config: Config) -> tuple[list[Switch], int | None]:
         for adapter in stored.values():
             t = _switch_time(adapter)
             if t is not None:
-                switches.append(Switch(adapter.version, t, adapter, resets_drift_baseline(adapter.meta.get("reason"))))
+                switches.append(Switch(adapter.version, t, adapter, resets_drift_baseline(adapter.meta.reason)))
     try:
         current = adapters.current_version()
     except AdapterError as exc:
@@ -604,7 +604,7 @@ def render_html(data: ReportData, figures: list[tuple[str, Path]], elapsed_s: fl
             continue
         listed.add(switch.version)
         meta = switch.adapter.meta
-        before, after = meta.get("metrics_before") or {}, meta.get("metrics_after") or {}
+        before, after = meta.metrics_before, meta.metrics_after
         adapter_rows.append(
             [
                 f"v{switch.version}" + (" (current)" if switch.version == data.current_version else ""),
@@ -613,19 +613,18 @@ def render_html(data: ReportData, figures: list[tuple[str, Path]], elapsed_s: fl
                 f"{switch.adapter.size_bytes:,}",
                 f"{_num(before.get('recent_val_loss'))} &rarr; {_num(after.get('recent_val_loss'))}",
                 f"{_num(before.get('replay_val_loss'))} &rarr; {_num(after.get('replay_val_loss'))}",
-                _num(meta.get("peak_rss_mb")),
-                html.escape(_plan_label(meta["plan"])) if isinstance(meta.get("plan"), dict) else "-",
-                html.escape(str(meta.get("reason") or "-")),
+                _num(meta.peak_rss_mb),
+                html.escape(_plan_label(meta.plan)) if isinstance(meta.plan, dict) else "-",
+                html.escape(str(meta.reason or "-")),
             ]
         )
     # The yardstick: one-step MAE of the model and each baseline on the held-out windows of the
     # base's training and of each adapter's update, and who serves first after it.
     yardstick_rows = []
-    held_out_sources = [("base model", data.base.meta)] if data.base is not None else []
-    held_out_sources += [(f"v{s.version}", s.adapter.meta) for s in data.switches if s.adapter is not None]
+    held_out_sources = [("base model", data.base.meta.get("held_out"))] if data.base is not None else []
+    held_out_sources += [(f"v{s.version}", s.adapter.meta.held_out) for s in data.switches if s.adapter is not None]
     seen: set[str] = set()
-    for name, meta in held_out_sources:
-        held_out = meta.get("held_out")
+    for name, held_out in held_out_sources:
         if name in seen or not isinstance(held_out, dict):
             continue
         seen.add(name)

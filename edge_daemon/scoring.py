@@ -234,7 +234,7 @@ class Scorer:
         self._model = merged_model.eval()
         self._version = version
         if baselines is None:
-            baselines = baselines_of(base.meta)
+            baselines = baselines_of(base.meta.get("baselines"))
         self._set_forecasters(baselines, held_out if held_out is not None else base.meta.get("held_out"))
         self._capacity = max([self.window] + [b.history_steps for b in self._baselines])
         # Each step is written twice, at i and i + capacity, so the newest `capacity` steps are always
@@ -464,9 +464,8 @@ class Scorer:
             )
 
 
-def baselines_of(meta: dict[str, Any]) -> list[Baseline]:
-    """The baselines recorded with a base or an adapter; persistence alone when none were."""
-    items = meta.get("baselines")
+def baselines_of(items: list[dict[str, Any]] | None) -> list[Baseline]:
+    """The baselines recorded with a base or an adapter (their `baselines`); persistence alone when none were."""
     return baselines_from_dict(items) if items else [Persistence()]
 
 

@@ -1,20 +1,19 @@
-"""Runs one adaptation (or the base-model bootstrap) in a child process.
+"""One adaptation (or the base-model bootstrap) as a training worker runs it.
 
-The child holds the training copy, its LoRA layers (the project's own, no
-peft) and activations; when it exits, all of that goes back to the OS, so the daemon's
-steady state stays lean. The daemon side (`UpdateRunner`) starts the child,
-relays its progress, and hands the result to a callback.
+The worker holds the base it trains, its LoRA layers (the project's own, no
+peft) and activations; when it exits, all of that goes back to the OS, so the
+daemon's steady state stays lean. Its steps: the data since the change plus
+replay, the start plan (dry runs), training under the governor, the gate, and
+the commit of an accepted adapter (not yet current). The daemon's side is
+`adaptation.runner`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import logging
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -27,8 +26,9 @@ import numpy as np
 
 from edge_daemon.config import Config
 from edge_daemon.plan import TrainingPlan
-from edge_daemon.watchdog import Level, PlanGovernor, SharedLevel, UpdateOutcome
-from edge_daemon.worker import MessageWriter, SharedFlag, WorkerForker, read_messages
+from edge_daemon.watchdog import PlanGovernor, SharedLevel
+from edge_daemon.records import AdapterMeta, JobResult, Progress, UpdateJob, WorkerOrder
+from edge_daemon.worker import MessageWriter, SharedFlag
 
 log = logging.getLogger(__name__)
 
@@ -330,16 +330,16 @@ def save_update_trace(state_dir: Path, trace: dict[str, Any], keep: int = KEEP_U
     return path
 
 
-def run_worker(job: dict[str, Any], out: MessageWriter, level: SharedLevel, stop_event: SharedFlag) -> None:
-    """Entry point of a training worker (forked, see `worker.py`): run the job, write one `result`
-    message to `out`. The governor arrives without its level reader and stop event; the worker's
-    are the shared ones it inherited."""
-    # Set only here, in a forked worker: also how the update knows every private page is its own.
-    job["modules_at_fork"] = set(sys.modules)
-    config_data, governor = job.pop("config"), job.pop("governor")
+def run_worker(order: WorkerOrder, out: MessageWriter, level: SharedLevel, stop_event: SharedFlag) -> None:
+    """Entry point of a training worker (forked, see `worker.py`): run the job, write one
+    `JobResult` to `out`. The governor arrives without its level reader and stop event; the
+    worker's are the shared ones it inherited."""
+    # Taken only here, in a forked worker: also how the update knows every private page is its own.
+    modules_at_fork = frozenset(sys.modules)
+    job, governor = order.job, order.governor
     governor.level_reader, governor.stop_event = level, stop_event
     try:
-        os.nice(int(config_data.get("train", {}).get("nice", 10)))
+        os.nice(int(order.config.get("train", {}).get("nice", 10)))
         import psutil
 
         psutil.Process().ionice(psutil.IOPRIO_CLASS_IDLE)
@@ -350,27 +350,26 @@ def run_worker(job: dict[str, Any], out: MessageWriter, level: SharedLevel, stop
     torch.set_num_threads(1)  # leave the other core(s) to ingestion and scoring
     from edge_daemon.config import parse_config
 
-    config = parse_config(config_data)
+    config = parse_config(order.config)
     try:
-        if job["kind"] == "pretrain":
+        if job.kind == "pretrain":
             result = _run_pretrain(config, stop_event, out)
         else:
-            result = _run_update(config, job, governor, stop_event, out)
-        out.put({"type": "result", **result})
+            result = _run_update(config, job, governor, stop_event, out, service_pid=order.service_pid, modules_at_fork=modules_at_fork)
+        out.put(result)
     except Exception as exc:  # reported to the daemon, which logs it: a failed update is not fatal
         from edge_daemon.errors import TrainingAborted
 
         log.exception("update job failed") if not isinstance(exc, TrainingAborted) else None
         out.put(
-            {
-                "type": "result",
-                "kind": job["kind"],
-                "accepted": False,
-                "aborted": isinstance(exc, TrainingAborted),
-                "error": f"{type(exc).__name__}: {exc}",
+            JobResult(
+                job.kind,
+                accepted=False,
+                aborted=isinstance(exc, TrainingAborted),
+                error=f"{type(exc).__name__}: {exc}",
                 # No outcome when it failed before training began (no plan was chosen).
-                "outcome": governor.outcome() if job["kind"] == "update" and governor.current_plan is not None else None,
-            }
+                outcome=governor.outcome() if job.kind == "update" and governor.current_plan is not None else None,
+            )
         )
     out.close()
 
@@ -383,56 +382,65 @@ def _check_stop(stop_event: Any) -> None:
         raise TrainingAborted("stopped for shutdown before training")
 
 
-def _run_pretrain(config: Config, stop_event: Any, out: Any) -> dict[str, Any]:
+def _run_pretrain(config: Config, stop_event: Any, out: Any) -> JobResult:
     from edge_daemon.pretrain import pretrain_from_config
 
-    out.put({"type": "progress", "phase": "pretrain"})
+    out.put(Progress("pretrain"))
     metrics = pretrain_from_config(config, should_stop=stop_event.is_set)
-    return {"kind": "pretrain", "accepted": True, "metrics": metrics}
+    return JobResult("pretrain", accepted=True, metrics=metrics)
 
 
-def _run_update(config: Config, job: dict[str, Any], governor: PlanGovernor, stop_event: Any, out: Any) -> dict[str, Any]:
-    """One update with its memory/plan trace saved under the state dir whatever the outcome."""
+def _run_update(
+    config: Config,
+    job: UpdateJob,
+    governor: PlanGovernor,
+    stop_event: Any,
+    out: Any,
+    service_pid: int | None = None,
+    modules_at_fork: frozenset[str] | None = None,
+) -> JobResult:
+    """One update with its memory/plan trace saved under the state dir whatever the outcome.
+
+    In the daemon's training worker, `service_pid` is the daemon (whose service's usage the trace
+    records) and `modules_at_fork` what the worker had imported when it was forked; run in-process
+    (tests, benchmarks) there is neither.
+    """
     from edge_daemon.errors import TrainingAborted
 
-    # In the daemon's training worker the daemon's process tree is what the budget is measured
-    # against. Run in-process (tests, benchmarks) there is no such service.
-    service_pid = job.get("service_pid")
     trace = UpdateTrace(TRACE_INTERVAL_S, service_pid, governor.level_reader).start()
     extra: dict[str, Any] = {
-        "reason": job.get("reason"),
-        "budget_mb": job.get("budget_mb"),
-        "baseline_mb": job.get("baseline_mb"),
+        "reason": job.reason,
+        "budget_mb": job.budget_mb,
+        "baseline_mb": job.baseline_mb,
         "thresholds": {"elevated": config.memory.elevated, "high": config.memory.high, "critical": config.memory.critical},
     }
-    reply: dict[str, Any] | None = None
+    result: JobResult | None = None
+    version_path: Path | None = None
     try:
-        reply = _update_traced(config, job, governor, stop_event, out, trace)
-        extra.update(outcome="accepted" if reply["accepted"] else "rejected", detail=reply.get("reason"), version=reply.get("version"))
-        extra.update(metrics_before=reply["summary"]["metrics_before"], metrics_after=reply["summary"]["metrics_after"])
-        return reply
+        result, version_path = _update_traced(config, job, governor, stop_event, out, trace, in_worker=modules_at_fork is not None)
+        extra.update(outcome="accepted" if result.accepted else "rejected", detail=result.reason, version=result.version)
+        extra.update(metrics_before=result.metrics_before, metrics_after=result.metrics_after)
+        return result
     except BaseException as exc:
         extra.update(outcome="aborted" if isinstance(exc, TrainingAborted) else "failed", detail=f"{type(exc).__name__}: {exc}", version=None)
         raise
     finally:
         trace.stop()
         extra["worker_imports"] = heavy_modules_loaded()
-        at_fork = job.get("modules_at_fork")
-        extra["worker_new_modules"] = None if at_fork is None else sorted(set(sys.modules) - at_fork)
+        extra["worker_new_modules"] = None if modules_at_fork is None else sorted(set(sys.modules) - modules_at_fork)
         record = trace.to_dict(**extra)
         try:
             save_update_trace(config.device.state_dir, record)
-            if reply is not None and reply.get("version_path"):
-                write_json_file(Path(reply["version_path"]) / TRACE_FILE, record)
+            if version_path is not None:
+                write_json_file(version_path / TRACE_FILE, record)
         except OSError as exc:  # telemetry only: never turn a finished update into a failed one
             log.warning("could not save the update trace: %s", exc)
-        if reply is not None:
-            reply.pop("version_path", None)
 
 
 def _update_traced(
-    config: Config, job: dict[str, Any], governor: PlanGovernor, stop_event: Any, out: Any, trace: UpdateTrace
-) -> dict[str, Any]:
+    config: Config, job: UpdateJob, governor: PlanGovernor, stop_event: Any, out: Any, trace: UpdateTrace, in_worker: bool
+) -> tuple[JobResult, Path | None]:
+    """The update's steps; returns its result and the committed version's directory (None when rejected)."""
     from edge_daemon.adapters import AdapterStore, load_base, serving_model
     from edge_daemon.store import ReplayStore
     from edge_daemon.lora import save_adapter
@@ -442,31 +450,24 @@ def _update_traced(
     started = time.time()
     # What this update holds of its own: in a forked worker, every private page; run in-process
     # (tests, benchmarks), what was added since here.
-    private_from = 0.0 if "modules_at_fork" in job else (private_mb() or 0.0)
+    private_from = 0.0 if in_worker else (private_mb() or 0.0)
     trace.phase("loading")
     _check_stop(stop_event)
     base = load_base(config.base_dir, config.channels.names, config.channels.period_s, config.channels.inputs_only)
     adapters = AdapterStore(config.adapters_dir, keep=config.train.keep_versions)
     incumbent_version = adapters.current()
-    rng = np.random.default_rng(job.get("seed"))
+    rng = np.random.default_rng(job.seed)
     with ReplayStore(config.store_path, config.store, config.channels.names) as store:
-        data = prepare_update_data(store, base, config, rng, since=job.get("since"))
+        data = prepare_update_data(store, base, config, rng, since=job.since)
     _check_stop(stop_event)
     trace.phase("planning")
-    out.put(
-        {
-            "type": "progress",
-            "phase": "planning",
-            "recent_windows": len(data.recent_train),
-            "replay_windows": len(data.replay_train),
-        }
-    )
+    out.put(Progress("planning", recent_windows=len(data.recent_train), replay_windows=len(data.replay_train)))
 
     # Dry-run candidate plans and start with the loosest that stays within the update's share of
     # the serving usage and under "critical". What the worker holds already (its data, the base it
     # trains in place, its copies of shared pages) and what it adds after training count on top of
     # the service's usage.
-    candidates = [TrainingPlan.from_dict(p) for p in job["candidates"]]
+    candidates = list(job.candidates)
     targets = list(config.lora.target_modules)
     # A process's first backward sets torch's autograd up (~13 MB measured on the default model):
     # done once here, it is counted with what the worker holds, not as the tightest plan's cost
@@ -476,14 +477,14 @@ def _update_traced(
     plan = choose_start_plan(
         candidates,
         lambda p: measure_micro_batch_mb(base.model, data.recent_train, p, targets),
-        baseline_mb=job["baseline_mb"] + held_mb,
-        limit_mb=plan_limit_mb(job["baseline_mb"], job["budget_mb"], config.memory.critical, config.memory.update_share),
+        baseline_mb=job.baseline_mb + held_mb,
+        limit_mb=plan_limit_mb(job.baseline_mb, job.budget_mb, config.memory.critical, config.memory.update_share),
     )
     _check_stop(stop_event)
     governor.begin_update(plan)
     trace.phase("training")
     trace.plan(plan, governor.level_reader().label)
-    out.put({"type": "progress", "phase": "training", "plan": plan.to_dict(), "step": 0})
+    out.put(Progress("training", plan=plan, step=0))
 
     last_plan = [plan]  # the plan that runs
     asked = [plan]  # the governor's own last plan
@@ -499,18 +500,22 @@ def _update_traced(
             last_plan[0] = runs
             level = governor.level_reader().label
             trace.plan(runs, level)
-            out.put({"type": "progress", "phase": "training", "plan": runs.to_dict(), "level": level})
+            out.put(Progress("training", plan=runs, level=level))
         return runs
 
     def on_progress(info: dict[str, Any]) -> None:
         if "eight_bit" in info:  # the trainer's verdict on 8-bit state, before its first step
             fp32_only[0] = config.train.optimizer == "auto" and not info["eight_bit"]["pays"]
             return
-        if "step" in info and "loss" in info:
-            trace.step(int(info["step"]), float(info["loss"]))
-        out.put({"type": "progress", "phase": "training", "plan": last_plan[0].to_dict(), **_jsonable(info)})
+        trace.step(int(info["step"]), float(info["loss"]))
+        out.put(
+            Progress(
+                "training", plan=last_plan[0], step=int(info["step"]), steps=int(info["steps"]), loss=float(info["loss"]),
+                recent_windows=int(info["recent_windows"]), replay_windows=int(info["replay_windows"]),
+            )
+        )  # fmt: skip
 
-    result = update(
+    trained = update(
         base.model,
         data.recent_train,
         data.recent_val,
@@ -522,7 +527,7 @@ def _update_traced(
         plan_source=plan_source,
         should_stop=governor.should_stop,
         on_progress=on_progress,
-        seed=int(job.get("seed") or 0),
+        seed=job.seed,
         # The served model only for the metrics before training (with no adapter, that is the
         # base); the base itself is the worker's own, trained in place.
         incumbent=(lambda: serving_model(base, incumbent_version)) if incumbent_version is not None else None,
@@ -530,61 +535,57 @@ def _update_traced(
     )
     # Training's freed memory back to the kernel before saving and refitting allocate more.
     release_memory()
-    trace.phase("saving" if result.accepted else "done")
-    summary = result.to_dict()
+    trace.phase("saving" if trained.accepted else "done")
+    summary = trained.to_dict()
     summary.pop("train_losses", None)
     summary.pop("grad_norms", None)
-    reply: dict[str, Any] = {
-        "kind": "update",
-        "accepted": result.accepted,
-        "reason": result.reason,
-        "summary": summary,
-        "outcome": governor.outcome(),
-        "version": None,
-    }
-    if result.accepted and result.adapted is not None:
-        staging = adapters.staging_dir()
-        save_adapter(result.adapted, staging)
-        # The newest reading when the adapter goes live: where serving switches on the data's own
-        # clock (a backfill or a sped-up replay runs ahead of the wall clock).
-        with ReplayStore(config.store_path, config.store, config.channels.names) as store:
-            span = store.time_range()
-        meta = {
-            "created_unix": started,
-            "served_from_ts": span[1] if span is not None else None,
-            "reason": job.get("reason"),
-            "data_range": {"recent": list(data.recent_range), "replay": [list(s) for s in data.replay_spans]},
-            "windows": {
-                "recent_train": len(data.recent_train),
-                "recent_val": len(data.recent_val),
-                "replay_train": len(data.replay_train),
-                "replay_val": len(data.replay_val),
-            },
-            "metrics_before": summary["metrics_before"],
-            "metrics_after": summary["metrics_after"],
-            "val_loss": summary["metrics_after"].get("recent_val_loss"),
-            "plan": plan.to_dict(),
-            "plan_history": summary["plan_history"],
-            "chosen_blocks": summary["chosen_blocks"],
-            "block_grad_norms": summary["block_grad_norms"],
-            "trainable_params": summary["trainable_params"],
-            "peak_rss_mb": summary["peak_rss_bytes"] / 2**20,
-            "wall_time_s": summary["wall_time_s"],
-            "previous_version": incumbent_version.version if incumbent_version else None,
-            # The baselines refitted on this update's windows, and how the adapted model compares
-            # with them on its held-out ones: where serving starts (scoring.ServingRule).
-            **refit_baselines(base, config, data, result.adapted),
-        }
-        # Stored, not yet current: the daemon points `current` at it once its scorer serves it.
-        version = adapters.commit(staging, meta, make_current=False)
-        reply["version"] = version.version
-        reply["adapter_bytes"] = adapter_bytes(version.path)
-        reply["version_path"] = str(version.path)  # where the trace goes; removed before the reply leaves
-        trace.phase("committed")
-    return reply
+    result = JobResult("update", accepted=trained.accepted, reason=trained.reason, summary=summary, outcome=governor.outcome())
+    if not (trained.accepted and trained.adapted is not None):
+        return result, None
+    staging = adapters.staging_dir()
+    save_adapter(trained.adapted, staging)
+    # The newest reading when the adapter goes live: where serving switches on the data's own
+    # clock (a backfill or a sped-up replay runs ahead of the wall clock).
+    with ReplayStore(config.store_path, config.store, config.channels.names) as store:
+        span = store.time_range()
+    # The baselines refitted on this update's windows, and how the adapted model compares with
+    # them on its held-out ones: where serving starts (scoring.ServingRule).
+    baselines, held_out = refit_baselines(base, config, data, trained.adapted)
+    meta = AdapterMeta(
+        created_unix=started,
+        served_from_ts=span[1] if span is not None else None,
+        reason=job.reason,
+        base_fingerprint=base.fingerprint,
+        data_range={"recent": list(data.recent_range), "replay": [list(s) for s in data.replay_spans]},
+        windows={
+            "recent_train": len(data.recent_train),
+            "recent_val": len(data.recent_val),
+            "replay_train": len(data.replay_train),
+            "replay_val": len(data.replay_val),
+        },
+        metrics_before=summary["metrics_before"],
+        metrics_after=summary["metrics_after"],
+        val_loss=summary["metrics_after"].get("recent_val_loss"),
+        plan=plan.to_dict(),
+        plan_history=summary["plan_history"],
+        chosen_blocks=summary["chosen_blocks"],
+        block_grad_norms=summary["block_grad_norms"],
+        trainable_params=summary["trainable_params"],
+        peak_rss_mb=summary["peak_rss_bytes"] / 2**20,
+        wall_time_s=summary["wall_time_s"],
+        previous_version=incumbent_version.version if incumbent_version else None,
+        baselines=baselines,
+        held_out=held_out,
+    )
+    # Stored, not yet current: the daemon points `current` at it once its scorer serves it.
+    version = adapters.commit(staging, meta, make_current=False)
+    result.version = version.version
+    result.adapter_bytes = adapter_bytes(version.path)
+    trace.phase("committed")
+    return result, version.path
 
 
-def refit_baselines(base: Any, config: Config, data: UpdateData, model: Any) -> dict[str, Any]:
+def refit_baselines(base: Any, config: Config, data: UpdateData, model: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Baselines fitted on an update's training windows (recent and replayed) and the held-out
     comparison on its recent validation windows, with `model` the adapted forecaster."""
     from edge_daemon.baselines import held_out_report, make_baselines
@@ -599,135 +600,7 @@ def refit_baselines(base: Any, config: Config, data: UpdateData, model: Any) -> 
     baselines = make_baselines(train, season, base.cfg.lags, base.cfg.horizons, base.cfg.n_channels)
     val = data.recent_val.numpy()
     held_out = held_out_report(baselines, val[..., :n_sensors], last_step_errors(model, val), base.cfg.n_channels)
-    return {"baselines": [b.to_dict() for b in baselines], "held_out": held_out}
+    return [b.to_dict() for b in baselines], held_out
 
 
-def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in info.items():
-        if isinstance(value, (str, int, float, bool)) or value is None:
-            out[key] = value
-        elif isinstance(value, dict):
-            out[key] = value
-        elif isinstance(value, TrainingPlan):
-            out[key] = value.to_dict()
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Daemon side
-# ---------------------------------------------------------------------------
-
-
-class UpdateRunner:
-    """Starts update/pretrain workers one at a time (forked by `forker`) and relays what they report.
-
-    `on_result(message)` runs in the runner's monitor thread when a worker ends
-    (message["type"] == "result"); a worker that dies without a result is
-    reported as a failed, non-accepted result.
-    """
-
-    def __init__(self, config: Config, governor: PlanGovernor, forker: WorkerForker, on_result: Callable[[dict[str, Any]], None]) -> None:
-        self.config = config
-        self.governor = governor
-        self.forker = forker
-        self.on_result = on_result
-        self._pid: int | None = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._killing = False  # stop() sent SIGKILL: not an OOM kill
-        self.job: dict[str, Any] | None = None
-        self.progress: dict[str, Any] = {}
-        self.last: dict[str, Any] | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._pid is not None
-
-    @property
-    def child_pid(self) -> int | None:
-        return self._pid
-
-    def start(self, job: dict[str, Any]) -> bool:
-        """Start a worker for `job` ({"kind": "update"|"pretrain", ...}); False if one is running."""
-        with self._lock:
-            if self._pid is not None:
-                return False
-            self.forker.stop_flag.clear()
-            self._killing = False
-            # The governor travels without its level reader and stop event (shared memory the
-            # worker inherits from the helper instead).
-            governor = copy.copy(self.governor)
-            governor.level_reader, governor.stop_event = None, None  # type: ignore[assignment]
-            payload = dict(job, config=self.config.model_dump(mode="json"), governor=governor, service_pid=os.getpid())
-            pid, messages = self.forker.launch("update", payload)
-            self._pid = pid
-            self.job = dict(job, started=time.time())
-            self.progress = {"phase": "starting"}
-            log.info("%s started in worker pid %d (%s)", job["kind"], pid, job.get("reason", ""))
-            self._thread = threading.Thread(target=self._monitor, args=(messages,), name="update-monitor", daemon=True)
-            self._thread.start()
-            return True
-
-    def _monitor(self, messages: int) -> None:
-        result: dict[str, Any] | None = None
-        for message in read_messages(messages):
-            if message.get("type") == "result":
-                result = message
-            else:
-                self.progress = message
-        ended = self.forker.wait()
-        killed = ended is not None and ended.signal == signal.SIGKILL and not self._killing
-        if result is None:
-            how = ended.describe() if ended is not None else "ended (the training helper is gone)"
-            result = {
-                "type": "result",
-                "kind": (self.job or {}).get("kind", "update"),
-                "accepted": False,
-                "aborted": False,
-                "error": f"training worker {how} with no result",
-            }
-        result["duration_s"] = time.time() - (self.job or {}).get("started", time.time())
-        result["job"] = {k: v for k, v in (self.job or {}).items() if k != "candidates"}
-        outcome = result.get("outcome")
-        if isinstance(outcome, UpdateOutcome):
-            self.governor.end_update(outcome)
-            result["outcome"] = {
-                "start_plan": outcome.start_plan.to_dict(),
-                "final_plan": outcome.final_plan.to_dict(),
-                "worst_level": outcome.worst_level.label,
-                "stopped": outcome.stopped,
-            }
-        elif (self.job or {}).get("kind") == "update":
-            # No outcome (crash): a memory stop if memory was critical or the kernel's OOM killer
-            # took the worker (SIGKILL, not sent by stop()): back off and retry with the tightest plan.
-            plan = TrainingPlan.from_dict(self.job["candidates"][0]) if self.job and self.job.get("candidates") else None
-            if plan is not None:
-                level = self.governor.level_reader()
-                self.governor.end_update(UpdateOutcome(plan, plan, max(level, Level.CRITICAL) if killed else level, killed or level >= Level.CRITICAL))
-                if killed:
-                    result["outcome"] = {"start_plan": plan.to_dict(), "final_plan": plan.to_dict(), "worst_level": Level.CRITICAL.label, "stopped": True}
-        with self._lock:
-            self._pid = None
-            self.last = result
-            self.job = None
-            self.progress = {}
-        try:
-            self.on_result(result)
-        except Exception:
-            log.exception("handling the update result failed")
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Ask a running worker to stop at its next micro-batch boundary; kill it after `timeout`."""
-        thread = self._thread
-        if self._pid is None or thread is None:
-            return
-        self.forker.stop_flag.set()
-        thread.join(timeout)
-        pid = self._pid
-        if thread.is_alive() and pid is not None:
-            log.warning("training worker did not stop within %.0f s; killing it", timeout)
-            self._killing = True
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-            thread.join(10.0)
+__all__ = ["prepare_update_data", "refit_baselines", "run_worker", "save_update_trace", "UpdateTrace"]

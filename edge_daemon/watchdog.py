@@ -947,6 +947,14 @@ class UpdateOutcome:
     worst_level: Level
     stopped: bool
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "start_plan": self.start_plan.to_dict(),
+            "final_plan": self.final_plan.to_dict(),
+            "worst_level": self.worst_level.label,
+            "stopped": self.stopped,
+        }
+
 
 @dataclass
 class PlanGovernor:

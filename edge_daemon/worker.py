@@ -134,7 +134,7 @@ class MessageWriter:
         self._file: BinaryIO = os.fdopen(fd, "wb")
         self._lock = threading.Lock()  # the update trace's sampler thread does not write, but keep writes whole
 
-    def put(self, message: dict[str, Any]) -> None:
+    def put(self, message: Any) -> None:
         with self._lock:
             pickle.dump(message, self._file, protocol=pickle.HIGHEST_PROTOCOL)
             self._file.flush()
@@ -144,7 +144,7 @@ class MessageWriter:
             self._file.close()
 
 
-def read_messages(fd: int) -> Iterator[dict[str, Any]]:
+def read_messages(fd: int) -> Iterator[Any]:
     """The daemon's end: every message the worker wrote, until it closes its end or dies.
 
     A worker killed mid-write leaves half a pickle: that ends the stream like EOF."""
@@ -154,11 +154,11 @@ def read_messages(fd: int) -> Iterator[dict[str, Any]]:
                 message = pickle.load(stream)
             except (EOFError, pickle.UnpicklingError, ValueError, OSError):
                 return
-            if isinstance(message, dict):
-                yield message
+            yield message
 
 
-WorkerMain = Callable[[dict[str, Any], MessageWriter, SharedLevel, SharedFlag], None]
+# A worker's entry point: (the job it was forked for, its message pipe, the shared level, the stop flag).
+WorkerMain = Callable[[Any, MessageWriter, SharedLevel, SharedFlag], None]
 
 
 class WorkerForker:
@@ -221,7 +221,7 @@ class WorkerForker:
         self._sock = daemon_end
         log.info("training helper forked (pid %d)", pid)
 
-    def launch(self, target: str, job: dict[str, Any]) -> tuple[int, int]:
+    def launch(self, target: str, job: Any) -> tuple[int, int]:
         """Fork a worker running the registered `target` on `job`; returns (pid, message fd)."""
         if target not in self._targets:
             raise KeyError(f"no worker entry point {target!r}")

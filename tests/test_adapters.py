@@ -22,6 +22,7 @@ from edge_daemon.adapters import (
     save_base,
     serving_model,
 )
+from edge_daemon.records import AdapterMeta
 from edge_daemon.errors import AdapterError, ModelError
 from edge_daemon.frames import NormStats
 from edge_daemon.model import Forecaster, ForecasterConfig
@@ -54,7 +55,7 @@ def _save_peft_adapter(model: Forecaster, directory: Path, seed: int = 1, **lora
 def _commit_adapter(store: AdapterStore, model: Forecaster, seed: int = 1, **meta: Any) -> Any:
     staging = store.staging_dir()
     _save_peft_adapter(model, staging, seed=seed)
-    return store.commit(staging, {"val_loss": 0.1 * seed, **meta})
+    return store.commit(staging, AdapterMeta.from_json({"val_loss": 0.1 * seed, **meta}))
 
 
 # ---------------------------------------------------------------- base model
@@ -128,7 +129,7 @@ def test_commit_list_current_and_sizes(tmp_path: Path) -> None:
     first = _commit_adapter(store, model, seed=1, data_range=[0.0, 10.0])
     assert first.version == 1 and first.path == tmp_path / "adapters" / "v1"
     assert {"adapter_config.json", "adapter_model.safetensors", "meta.json"} <= set(os.listdir(first.path))
-    assert first.meta["data_range"] == [0.0, 10.0] and first.meta["version"] == 1
+    assert first.meta.data_range == [0.0, 10.0] and first.meta.version == 1
     expected_size = sum((first.path / n).stat().st_size for n in ("adapter_config.json", "adapter_model.safetensors"))
     assert first.size_bytes == expected_size
     assert first.created.endswith("+00:00")
@@ -139,7 +140,7 @@ def test_commit_list_current_and_sizes(tmp_path: Path) -> None:
     assert [v.version for v in store.list()] == [1, 2]
     assert not list((tmp_path / "adapters").glob(".staging-*"))
     # A version that is not made current leaves the pointer alone.
-    third = store.commit(_staged(store, model), {"rejected": False}, make_current=False)
+    third = store.commit(_staged(store, model), AdapterMeta.from_json({"rejected": False}), make_current=False)
     assert third.version == 3 and store.current().version == 2
 
 
@@ -155,7 +156,7 @@ def test_default_model_adapter_is_small(tmp_path: Path) -> None:
     # Every default target module in two blocks, rank 4: the shape the trainer produces by default.
     targets = [f"blocks.{b}.{m}" for b in (0, 1) for m in ("attn.qkv", "attn.proj", "fc1", "fc2")]
     _save_peft_adapter(Forecaster(ForecasterConfig(n_channels=3)), staging, target_modules=targets)
-    assert store.commit(staging, {}).size_bytes < 100_000
+    assert store.commit(staging, AdapterMeta()).size_bytes < 100_000
 
 
 def test_prune_keeps_last_k_and_current(tmp_path: Path) -> None:
@@ -168,8 +169,8 @@ def test_prune_keeps_last_k_and_current(tmp_path: Path) -> None:
         store.rollback(1)
     assert store.rollback(2).version == 2 and store.current().version == 2
     # v2 is current: a new version that is not made current must not prune it.
-    store.commit(_staged(store, model), {}, make_current=False)
-    store.commit(_staged(store, model), {}, make_current=False)
+    store.commit(_staged(store, model), AdapterMeta(), make_current=False)
+    store.commit(_staged(store, model), AdapterMeta(), make_current=False)
     assert [v.version for v in store.list()] == [2, 4, 5]
     assert store.current().version == 2
 
@@ -191,7 +192,7 @@ def test_pointer_none_and_corruption(tmp_path: Path) -> None:
     # A staging dir without peft's files cannot be committed.
     empty = store.staging_dir()
     with pytest.raises(AdapterError, match="save_pretrained"):
-        store.commit(empty, {})
+        store.commit(empty, AdapterMeta())
     # A version whose weights are damaged cannot be rolled back to.
     (tmp_path / "adapters" / "v1" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(AdapterError):

@@ -22,6 +22,7 @@ from edge_daemon.adapters import load_base, serving_model
 from edge_daemon.broker import LocalBroker
 from edge_daemon.control import request
 from edge_daemon.daemon import Daemon
+from edge_daemon.records import AdapterMeta
 from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
@@ -140,7 +141,7 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         expected = status["training"]["expected_worker_mb"]
         assert status["training"]["expected_worker_measured"] is True and 0 < expected < 2000, expected
         assert daemon.runner is not None and daemon.runner.last is not None
-        assert daemon.runner.last["job"]["reason"] == "drift detected"
+        assert daemon.runner.last.job is not None and daemon.runner.last.job.reason == "drift detected"
         assert (cfg.adapters_dir / "v1" / "adapter_model.safetensors").stat().st_size < 100_000
         # The update mixed in replay windows drawn from the store's older segments, and the gate
         # judged forgetting on held-out ones.
@@ -148,7 +149,7 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         assert meta["windows"]["replay_train"] > 0 and meta["windows"]["replay_val"] > 0, meta["windows"]
         recent_from = meta["data_range"]["recent"][0]
         # The update learnt from the data since the drift judges dated the change, not a fixed span.
-        assert daemon.runner.last["job"]["since"] == recent_from
+        assert daemon.runner.last.job.since == recent_from
         spans = meta["data_range"]["replay"]
         segment_s = cfg.store.segment_s  # spans are whole store segments holding old readings
         assert spans and all(data.ts[0] - segment_s < a < b <= recent_from for a, b in spans), (spans, recent_from)
@@ -218,8 +219,8 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
         assert reply["ok"] and reply["accepted"]
         wait_for(lambda: daemon.runner.last is not None, 240, "the requested update")
         last = daemon.runner.last
-        assert last["accepted"] and last["version"] == 1, last
-        assert last["job"]["reason"] == "requested"
+        assert last.accepted and last.version == 1, last
+        assert last.job is not None and last.job.reason == "requested"
         adapters = request(cfg.device.socket, {"cmd": "adapters"})
         assert adapters["current"] == 1 and [a["version"] for a in adapters["adapters"]] == [1]
         first = adapters["adapters"][0]
@@ -230,7 +231,7 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
         base = load_base(cfg.base_dir, list(CHANNELS), 1.0)
         staging = daemon.adapters.staging_dir()
         save_random_peft_adapter(base.model, staging, ["blocks.0.attn.qkv", "blocks.1.fc2", "head"])
-        assert daemon.adapters.commit(staging, {"reason": "shipped"}, make_current=False).version == 2
+        assert daemon.adapters.commit(staging, AdapterMeta(reason="shipped"), make_current=False).version == 2
         window = torch.randn(1, cfg.model.window, len(CHANNELS), generator=torch.Generator().manual_seed(0))
 
         def forecast_of(model: torch.nn.Module) -> torch.Tensor:
@@ -275,7 +276,7 @@ def test_device_without_a_base_model_bootstraps_one_from_its_store(tmp_path: Pat
         assert (cfg.base_dir / "model.safetensors").exists()
         assert daemon.pipeline.scorer is not None and daemon.pipeline.scorer.version is None
         wait_for(lambda: any(a["type"] == "base_model" for a in collector.of("alert")), 10, "base_model alert")
-        assert daemon.runner is not None and daemon.runner.last["kind"] == "pretrain" and daemon.runner.last["accepted"]
+        assert daemon.runner is not None and daemon.runner.last.kind == "pretrain" and daemon.runner.last.accepted
     finally:
         daemon.stop()
         collector.close()

@@ -24,6 +24,7 @@ from edge_daemon.pipeline import ScoringPipeline
 from edge_daemon.pretrain import pretrain_from_config
 from edge_daemon.scoring import Scorer, ServingRule
 from edge_daemon.store import Reading, ReplayStore
+from edge_daemon.records import UpdateJob
 from edge_daemon.updater import _run_update
 from edge_daemon.watchdog import Level, PlanGovernor, plan_candidates
 from tests.conftest import make_config
@@ -163,23 +164,22 @@ def test_an_update_trains_and_refits_the_baselines_with_the_input_only_channel(t
     pretrain_from_config(config, seed=0)
     write(config, zone(900, seed=3, gain=0.1), STEPS)  # a slower zone: the new regime
     governor = PlanGovernor(lambda: Level.NORMAL, plan_candidates(config.train.batch_size, config.train.micro_batch))
-    job = {"kind": "update", "reason": "request", "candidates": [p.to_dict() for p in governor.start_candidates()],
-           "baseline_mb": 300.0, "budget_mb": 4000.0, "seed": 0}  # fmt: skip
+    job = UpdateJob("update", "request", candidates=tuple(governor.start_candidates()), baseline_mb=300.0, budget_mb=4000.0, seed=0)
 
     class Sink:
         def put(self, message: dict[str, Any]) -> None:
             pass
 
     reply = _run_update(config, job, governor, threading.Event(), Sink())
-    assert reply["accepted"], reply.get("reason")
+    assert reply.accepted, reply.reason
     # Committed, not current: the daemon switches `current` once it serves the version.
     assert AdapterStore(config.adapters_dir).current() is None
-    version = AdapterStore(config.adapters_dir).make_current(reply["version"])
-    assert version is not None and version.version == reply["version"]
+    version = AdapterStore(config.adapters_dir).make_current(reply.version)
+    assert version is not None and version.version == reply.version
     meta = version.meta
-    ridge = next(b for b in meta["baselines"] if b["kind"] == RIDGE)
+    ridge = next(b for b in meta.baselines if b["kind"] == RIDGE)
     assert np.shape(ridge["coef"]) == (16 * 3 + 1, 2)
-    assert len(meta["held_out"]["rms"][MODEL]) == 2
+    assert len(meta.held_out["rms"][MODEL]) == 2
 
 
 def test_the_report_plots_the_input_only_channel_without_a_forecast(trained: tuple[Config, BaseModel, np.ndarray], tmp_path: Path) -> None:

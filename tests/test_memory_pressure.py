@@ -128,8 +128,8 @@ def test_pressure_during_an_update_tightens_the_plan_and_ingestion_goes_on(
         reply = request(cfg.device.socket, {"cmd": "train"})
         assert reply["ok"] and reply["accepted"]
         # Training proper: past the child's imports, data and dry-run planning.
-        wait_for(lambda: runner.progress.get("step", 0) >= 2, HANG_S, "the update's first steps", interval=0.05)
-        start_plan = runner.progress["plan"]
+        wait_for(lambda: (runner.progress.step or 0) >= 2, HANG_S, "the update's first steps", interval=0.05)
+        start_plan = runner.progress.plan.to_dict()
         assert start_plan == {"micro_batch": 16, "accumulation": 1, "checkpointing": False, "optimizer": "adamw"}
 
         # The budget (a config reload) puts the tree - this process, the training worker, the
@@ -177,10 +177,10 @@ def test_pressure_during_an_update_tightens_the_plan_and_ingestion_goes_on(
         ], watcher.plans
         # Stopped cleanly: a result (not a crash), nothing saved, a back-off before the retry.
         last = runner.last
-        assert last is not None and last["kind"] == "update"
-        assert last["aborted"] is True and last["accepted"] is False and last.get("version") is None, last
-        assert "TrainingAborted" in last["error"], last
-        outcome = last["outcome"]
+        assert last is not None and last.kind == "update"
+        assert last.aborted is True and last.accepted is False and last.version is None, last
+        assert "TrainingAborted" in last.error, last
+        outcome = last.outcome.to_json()
         assert outcome["stopped"] is True and outcome["worst_level"] == "critical", outcome
         assert outcome["start_plan"] == start_plan
         assert outcome["final_plan"]["micro_batch"] <= 8 and outcome["final_plan"]["checkpointing"], outcome

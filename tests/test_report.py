@@ -29,6 +29,7 @@ from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain
 from edge_daemon.report import write_report
 from edge_daemon.store import Reading, ReplayStore
+from edge_daemon.records import JobResult, Progress, UpdateJob
 from edge_daemon.updater import TRACE_FILE, UPDATES_DIR, _run_update, save_update_trace
 from edge_daemon.watchdog import Level, PlanGovernor, plan_candidates
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
@@ -62,29 +63,22 @@ class ProgressSink:
     """Stands where the child's result queue is: keeps the messages and the highest step seen."""
 
     def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
+        self.messages: list[Progress] = []
         self.step = 0
 
-    def put(self, message: dict[str, Any]) -> None:
+    def put(self, message: Progress) -> None:
         self.messages.append(message)
-        self.step = max(self.step, int(message.get("step") or 0))
+        self.step = max(self.step, message.step or 0)
 
 
-def run_update(config: Config, high_from_step: int | None, seed: int) -> dict[str, Any]:
+def run_update(config: Config, high_from_step: int | None, seed: int) -> JobResult:
     sink = ProgressSink()
 
     def level() -> Level:
         return Level.HIGH if high_from_step is not None and sink.step >= high_from_step else Level.NORMAL
 
     governor = PlanGovernor(level, plan_candidates(config.train.batch_size, config.train.micro_batch))
-    job = {
-        "kind": "update",
-        "reason": "drift detected",
-        "candidates": [p.to_dict() for p in governor.start_candidates()],
-        "baseline_mb": 300.0,
-        "budget_mb": 4000.0,
-        "seed": seed,
-    }
+    job = UpdateJob("update", "drift detected", candidates=tuple(governor.start_candidates()), baseline_mb=300.0, budget_mb=4000.0, seed=seed)
     return _run_update(config, job, governor, threading.Event(), sink)
 
 
@@ -99,12 +93,12 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Config:
     grid = build_grid(*readings(data, 0, n), 3, 1.0, config.channels.max_fill_steps)
     pretrain(grid, list(CHANNELS), 1.0, config.model, config.base_dir, steps=200)
     reply = run_update(config, HIGH_FROM_STEP, seed=1)
-    assert reply["accepted"] and reply["version"] == 1, reply["reason"]
+    assert reply.accepted and reply.version == 1, reply.reason
     AdapterStore(config.adapters_dir).make_current(1)  # as the daemon does once it serves v1
     write_readings(config, data, OLD_STEPS + NEW_STEPS, OLD_STEPS + NEW_STEPS + AFTER_STEPS)
     # An update that cannot pass the gate (99% improvement required) leaves only its trace.
     rejected = run_update(config.model_copy(update={"train": config.train.model_copy(update={"gate_min_improvement": 0.99})}), None, seed=2)
-    assert not rejected["accepted"]
+    assert not rejected.accepted
     return config
 
 

@@ -9,7 +9,8 @@ from collections.abc import Callable
 import pytest
 
 from edge_daemon.config import TrainConfig
-from edge_daemon.scheduler import IdleDetector, JobScheduler, TriggerInputs, UpdateTrigger, resets_drift_baseline
+from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger, resets_drift_baseline
+from edge_daemon.scheduler import JobScheduler
 
 # Bounds a wait for something that must happen; never how long anything is expected to take.
 HANG_S = 60.0

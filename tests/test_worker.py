@@ -31,7 +31,7 @@ def report(job: dict[str, Any], out: MessageWriter, level: SharedLevel, stop: Sh
     out.close()
 
 
-def hang(job: dict[str, Any], out: MessageWriter, level: SharedLevel, stop: SharedFlag) -> None:
+def hang(job: Any, out: MessageWriter, level: SharedLevel, stop: SharedFlag) -> None:
     out.put({"pid": os.getpid()})
     while True:
         signal.pause()  # until killed
@@ -136,9 +136,10 @@ def test_entry_points_are_registered_before_the_fork() -> None:
 # ------------------------------------------------------------------ the runner's reading of an end
 
 
-def _runner_with_hanging_worker(tmp_path: Any) -> tuple[Any, Any, WorkerForker, list[dict[str, Any]], threading.Event]:
+def _runner_with_hanging_worker(tmp_path: Any) -> tuple[Any, Any, WorkerForker, list[Any], threading.Event]:
     from edge_daemon.plan import TrainingPlan
-    from edge_daemon.updater import UpdateRunner
+    from edge_daemon.adaptation.runner import UpdateRunner
+    from edge_daemon.records import JobResult, UpdateJob
     from edge_daemon.watchdog import PlanGovernor, plan_candidates
     from tests.conftest import make_config
 
@@ -147,15 +148,15 @@ def _runner_with_hanging_worker(tmp_path: Any) -> tuple[Any, Any, WorkerForker, 
     forker.start()
     ladder = plan_candidates(8, 8)
     governor = PlanGovernor(forker.level, ladder, retry_base_s=300.0)
-    results: list[dict[str, Any]] = []
+    results: list[JobResult] = []
     ended = threading.Event()
 
-    def on_result(result: dict[str, Any]) -> None:
+    def on_result(result: JobResult) -> None:
         results.append(result)
         ended.set()
 
     runner = UpdateRunner(make_config(tmp_path), governor, forker, on_result)
-    assert runner.start({"kind": "update", "reason": "test", "candidates": [p.to_dict() for p in ladder]})
+    assert runner.start(UpdateJob("update", "test", candidates=tuple(ladder)))
     assert isinstance(ladder[0], TrainingPlan)
     return runner, governor, forker, results, ended
 
@@ -170,8 +171,8 @@ def test_a_worker_killed_by_sigkill_counts_as_a_memory_stop(tmp_path: Any) -> No
         os.kill(pid, signal.SIGKILL)  # what the OOM killer does
         assert ended.wait(60), "the runner must report the killed worker"
         (result,) = results
-        assert "killed by SIGKILL" in result["error"]
-        assert result["outcome"]["stopped"] is True and result["outcome"]["worst_level"] == "critical"
+        assert "killed by SIGKILL" in result.error
+        assert result.outcome.stopped is True and result.outcome.worst_level.label == "critical"
         assert governor.retry_after_s > 0
         assert governor.next_start_plan() == governor.ladder[-1]
     finally:
@@ -184,8 +185,8 @@ def test_a_worker_the_runner_kills_on_shutdown_is_no_memory_stop(tmp_path: Any) 
         runner.stop(timeout=0.5)  # the worker never reaches a boundary: the runner kills it
         assert ended.wait(60)
         (result,) = results
-        assert "killed by SIGKILL" in result["error"]
-        assert result.get("outcome") is None
+        assert "killed by SIGKILL" in result.error
+        assert result.outcome is None
         assert governor.retry_after_s == 0 and governor.next_start_plan() == governor.ladder[0]
     finally:
         forker.stop()

@@ -1,0 +1,470 @@
+"""The update path's one owner on the daemon's side: when an update starts, what it is asked to
+do, what happens to its result, and which adapter is served.
+
+`Adaptation` holds the trigger, the start rule (the worker's expected memory
+under the critical line), the runner of training workers, the serving switch
+(the scorer swaps an accepted adapter in, then `current` names it), rollback,
+and the `adapter`, `adapters`, `train` and `rollback` control commands and the
+`adapter` and `training` sections of `status`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from edge_daemon.adaptation.runner import WORKER_TARGET, UpdateRunner
+from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger, resets_drift_baseline
+from edge_daemon.adapters import AdapterStore, AdapterVersion, BaseModel, load_base, serving_model
+from edge_daemon.baselines import Baseline
+from edge_daemon.config import Config
+from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
+from edge_daemon.plan import plan_from_config
+from edge_daemon.records import JobResult, UpdateJob
+from edge_daemon.scoring import Scorer, ServingRule, baselines_of
+from edge_daemon.updater import heavy_modules_loaded, run_worker
+from edge_daemon.watchdog import Level, MemoryWatchdog, PlanGovernor, plan_candidates, release_memory
+from edge_daemon.worker import WorkerForker
+
+if TYPE_CHECKING:
+    from edge_daemon.pipeline import ScoringPipeline
+
+log = logging.getLogger(__name__)
+
+# An update after drift trains on the data since the change once it spans this many windows
+# (about 11 minutes at 1 s with the default window): enough to train and hold some out.
+UPDATE_MIN_WINDOWS_SINCE_CHANGE = 10
+
+
+def serving_rule(config: Config) -> ServingRule:
+    outputs = config.outputs
+    return ServingRule(mode=outputs.serve, compare_steps=outputs.compare_steps, margin=outputs.switch_margin)
+
+
+def register_worker(forker: WorkerForker) -> None:
+    """Make the training worker's entry point known to the helper (before it forks)."""
+    forker.register(WORKER_TARGET, run_worker)
+
+
+class Adaptation:
+    """Decides, starts, relays and serves updates; knows the base and the served adapter.
+
+    Built with the daemon; `attach()` gives it the parts it works with once they
+    run (the watchdog, the scoring pipeline, the helper that forks workers, the
+    ingestion backlog and the daemon's status publisher).
+    """
+
+    def __init__(self, config: Config, stop_event: threading.Event) -> None:
+        self.config = config
+        self.stop_event = stop_event
+        self.adapters = AdapterStore(config.adapters_dir, keep=config.train.keep_versions)
+        self.trigger = UpdateTrigger(config.train)
+        self.idle = IdleDetector(config.train.idle_cpu_percent, config.train.idle_window_s)
+        self.base: BaseModel | None = None
+        self.watchdog: MemoryWatchdog | None = None
+        self.pipeline: ScoringPipeline | None = None
+        self.governor: PlanGovernor | None = None
+        self.runner: UpdateRunner | None = None
+        self.backlog: Callable[[], int] = lambda: 0  # readings received, not yet committed
+        self.stored_readings: Callable[[], int] = lambda: 0
+        self.publish_status: Callable[[], None] = lambda: None
+        self._model_lock = threading.Lock()
+        self._bootstrap_not_before = 0.0
+        self.last_decision: str | None = None  # why the trigger last did (not) start an update
+        self.trigger_checks = 0  # decisions taken so far (a test waits for the next one)
+        # What a training worker adds to the service's usage, as measured by the last one that
+        # finished (peak usage while it ran, less the usage when it started); before any, what
+        # its plan is chosen to stay within ([memory] update_share of the usage).
+        self._measured_worker_mb: float | None = None
+        self._usage_at_worker_start: float | None = None
+
+    # -- what is served ----------------------------------------------------------------------
+
+    def load_serving(self) -> Scorer | None:
+        """The base model with the current adapter merged in; None while there is no base yet."""
+        cfg = self.config
+        if not (cfg.base_dir / "config.json").exists():
+            log.warning("no base model in %s yet: storing readings; one is trained once enough data is stored", cfg.base_dir)
+            return None
+        try:
+            self.base = load_base(cfg.base_dir, cfg.channels.names, cfg.channels.period_s, cfg.channels.inputs_only)
+        except BaseFormatError as exc:
+            # An upgrade changed the forecaster's layout: keep the old base aside, serve nothing
+            # from it (its adapters fit only it) and train a new one from the store.
+            aside = cfg.base_dir.with_name(f"{cfg.base_dir.name}.old-format-{int(time.time())}")
+            os.rename(cfg.base_dir, aside)
+            self.adapters.use_base()
+            log.error("%s; moved it to %s; a new one is trained once enough data is stored", exc, aside)
+            return None
+        version = self.current_adapter()
+        try:
+            model = serving_model(self.base, version)
+        except AdapterError as exc:
+            log.error("cannot serve adapter v%s (%s); serving the base model", version.version if version else "?", exc)
+            version = None
+            model = serving_model(self.base, None)
+        baselines, held_out = self._baselines_for(version)
+        return Scorer(
+            self.base, model, cfg.outputs.anomaly_threshold, version=version.version if version else None,
+            baselines=baselines, held_out=held_out, rule=serving_rule(cfg),
+        )  # fmt: skip
+
+    def _baselines_for(self, version: AdapterVersion | None) -> tuple[list[Baseline], dict[str, Any] | None]:
+        """The baselines fitted with `version` (refitted with each update) and its held-out comparison,
+        else the base's. An adapter from before baselines were refitted gets the base's baselines and
+        no comparison: the base's says nothing about that adapter."""
+        assert self.base is not None
+        if version is not None and version.meta.baselines:
+            return baselines_of(version.meta.baselines), version.meta.held_out
+        return baselines_of(self.base.meta.get("baselines")), self.base.meta.get("held_out") if version is None else None
+
+    def current_adapter(self) -> AdapterVersion | None:
+        try:
+            return self.adapters.current()
+        except AdapterError as exc:
+            log.error("current adapter unreadable: %s", exc)
+            return None
+
+    def serve_version(self, version: AdapterVersion | None, reset_drift: bool = True) -> None:
+        """Merge `version` into a copy of the base and swap it in; the drift baseline restarts
+        unless `reset_drift` is False (see trigger.resets_drift_baseline)."""
+        assert self.base is not None and self.pipeline is not None
+        with self._model_lock:
+            model = serving_model(self.base, version)
+            scorer = self.pipeline.scorer
+            if scorer is not None:
+                baselines, held_out = self._baselines_for(version)
+                scorer.swap_model(model, version.version if version else None, baselines, held_out)
+            if reset_drift:
+                self.pipeline.drift.reset_baseline(time.time())
+
+    # -- starting ----------------------------------------------------------------------------
+
+    def attach(
+        self,
+        watchdog: MemoryWatchdog,
+        pipeline: ScoringPipeline,
+        forker: WorkerForker,
+        backlog: Callable[[], int],
+        stored_readings: Callable[[], int],
+        publish_status: Callable[[], None],
+    ) -> UpdateRunner:
+        """The plan governor and the runner of training workers, over the parts they use."""
+        cfg = self.config
+        self.watchdog, self.pipeline, self.publish_status = watchdog, pipeline, publish_status
+        self.backlog, self.stored_readings = backlog, stored_readings
+        ladder = plan_candidates(cfg.train.batch_size, plan_from_config(cfg.train).micro_batch)
+        ladder = [
+            p
+            for p in ladder
+            if not (cfg.train.gradient_checkpointing == "off" and p.checkpointing)
+            and not (cfg.train.gradient_checkpointing == "on" and not p.checkpointing)
+            and not (cfg.train.optimizer == "adamw" and p.optimizer == "adamw8bit")
+            and not (cfg.train.optimizer == "adamw8bit" and p.optimizer == "adamw")
+        ] or ladder
+        shared = watchdog.shared_level
+        assert shared is not None
+        self.governor = PlanGovernor.from_config(cfg.memory, shared, ladder)
+        self.governor.stop_event = forker.stop_flag
+        self.runner = UpdateRunner(cfg, self.governor, forker, self.on_result)
+        return self.runner
+
+    def check(self) -> None:
+        """The update-trigger job: start an update (or the base bootstrap) when the trigger says so."""
+        assert self.runner is not None and self.watchdog is not None and self.pipeline is not None
+        if self.runner.running:
+            return
+        pipeline = self.pipeline
+        if self.base is None:
+            self._maybe_bootstrap()
+            return
+        decision = self.trigger.decide(
+            TriggerInputs(
+                idle=self.idle.idle(),
+                memory_level=self.watchdog.level.label,
+                backlog=self.backlog(),
+                # Input detectors also fire on seasonal swings; what warrants an update is the
+                # model's residuals drifting.
+                drift_detected=pipeline.drift.residual_drift_detected,
+                new_windows=pipeline.steps_since_update,
+                has_base=True,
+                headroom_mb=self.worker_headroom_mb(),
+            )
+        )
+        self.last_decision = decision.reason
+        self.trigger_checks += 1
+        if not decision.start:
+            log.debug("no update: %s", decision.reason)
+            return
+        # Drift dated by its judges: the update learns from the data since the change, once there
+        # is enough of it to train and validate on (a request does not wait: it takes the last
+        # train.recent_hours until then).
+        since = pipeline.drift.residual_change_from
+        if since is not None:
+            needed_s = UPDATE_MIN_WINDOWS_SINCE_CHANGE * (self.base.cfg.window + 1) * self.config.channels.period_s
+            have_s = (pipeline.newest_ts or since) - since
+            if have_s < needed_s:
+                if not self.trigger.requested:
+                    self.last_decision = f"waiting for data since the change: {have_s:.0f} of {needed_s:.0f} s"
+                    return
+                since = None
+        self.start_update(decision.reason, since=since)
+
+    def worker_headroom_mb(self) -> float:
+        """MB under the critical threshold left once a training worker of the expected size runs.
+
+        Below it the watchdog tightens the plan as levels rise; at it the update stops. An update
+        expected to reach it would stop at its first boundaries, so it does not start.
+        """
+        assert self.watchdog is not None
+        limit = self.config.memory.critical * self.watchdog.budget_mb
+        return limit - (self.watchdog.usage_mb + self.expected_worker_mb())
+
+    def expected_worker_mb(self) -> float:
+        if self._measured_worker_mb is not None:
+            return self._measured_worker_mb
+        assert self.watchdog is not None
+        return self.config.memory.update_share * self.watchdog.usage_mb
+
+    def start_update(self, reason: str, since: float | None = None) -> bool:
+        assert self.governor is not None and self.watchdog is not None
+        job = UpdateJob(
+            "update",
+            reason,
+            since=since,
+            candidates=tuple(self.governor.start_candidates()),
+            baseline_mb=self.watchdog.usage_mb,
+            budget_mb=self.watchdog.budget_mb,
+            seed=int(time.time()),
+        )
+        if not self._start_worker(job):
+            return False
+        self.trigger.started()
+        if self.pipeline is not None:
+            self.pipeline.steps_since_update = 0
+        return True
+
+    def _maybe_bootstrap(self) -> None:
+        """No base model yet: train one in a worker once the store holds enough gap-free windows."""
+        assert self.watchdog is not None and self.pipeline is not None
+        if self.watchdog.level != Level.NORMAL or not (self.trigger.requested or self.idle.idle()):
+            return
+        if self.worker_headroom_mb() < 0:
+            log.debug("no bootstrap: not enough memory for the training worker")
+            return
+        if time.monotonic() < self._bootstrap_not_before:
+            return
+        if self.stored_readings() < self.config.model.bootstrap_min_windows * len(self.config.channels.names):
+            return
+        if self._start_worker(UpdateJob("pretrain", "no base model")):
+            self.trigger.started()
+
+    def _start_worker(self, job: UpdateJob) -> bool:
+        """Start a training worker, with the service's usage now as the mark its increment is measured from."""
+        assert self.runner is not None and self.watchdog is not None
+        usage = self.watchdog.usage_mb
+        if not self.runner.start(job):
+            return False
+        self.watchdog.reset_peak()
+        self._usage_at_worker_start = usage
+        return True
+
+    def _learn_worker_increment(self, finished: bool) -> None:
+        """After a worker that ran to its end: what it added to the service at its peak is the next
+        worker's expected cost. One stopped or killed on the way needed at least what it reached:
+        the next must have room for more than that (a start rule that kept expecting less would
+        start it again after every back-off, to be stopped at the same point)."""
+        if self.watchdog is None or self._usage_at_worker_start is None:
+            return
+        added = self.watchdog.peak_usage_mb - self._usage_at_worker_start
+        self._usage_at_worker_start = None
+        if added <= 0:
+            return
+        expected = self.expected_worker_mb()
+        if finished:
+            log.info("the training worker added %.0f MB at its peak (expected %.0f MB)", added, expected)
+            self._measured_worker_mb = added
+        elif added > expected:
+            log.info("the training worker reached +%.0f MB before it ended (expected %.0f MB in all)", added, expected)
+            self._measured_worker_mb = added
+
+    # -- results -----------------------------------------------------------------------------
+
+    def on_result(self, result: JobResult) -> None:
+        """In the runner's monitor thread: serve an accepted adapter, publish the outcome."""
+        backoff = self.governor.retry_after_s if self.governor else 0.0
+        self.trigger.finished(stopped_for_memory=result.stopped_for_memory, backoff_s=backoff)
+        self._learn_worker_increment(finished=result.ran_to_end)
+        release_memory()
+        if result.aborted and self.stop_event.is_set():
+            # Stopped for shutdown at a micro-batch boundary: nothing was saved, and it is no
+            # verdict on the adapter, so no `adapter_rejected` alert.
+            log.info("%s stopped for shutdown; nothing saved", result.kind)
+            return
+        if result.kind == "pretrain":
+            self._on_pretrained(result)
+            return
+        if result.accepted and result.version is not None:
+            try:
+                reason = result.job.reason if result.job is not None else None
+                self.serve_version(self.adapters.get(result.version), resets_drift_baseline(reason))
+                # Only now, with the scorer serving it, does `current` name it (a restart before
+                # this serves what was served before).
+                self.adapters.make_current(result.version)
+            except (AdapterError, ModelError, OSError) as exc:
+                log.error("accepted adapter v%d cannot be served: %s", result.version, exc)
+                return
+            self._alert_adapter("adapter_accepted", result.version, result, result.reason)
+        else:
+            reason = result.error or result.reason
+            self._alert_adapter("adapter_rejected", None, result, reason)
+            log.info("update not accepted: %s", reason)
+
+    def _on_pretrained(self, result: JobResult) -> None:
+        if result.accepted:
+            log.info("base model trained from the store")
+            scorer = self.load_serving()
+            if scorer is not None and self.pipeline is not None:
+                self.pipeline.set_scorer(scorer)
+                self.pipeline.alert({"type": "base_model", "message": "base model trained from the store"})
+            return
+        # Usually too few gap-free windows yet; each try costs a worker.
+        retry_s = max(60.0, self.config.train.min_interval_s)
+        self._bootstrap_not_before = time.monotonic() + retry_s
+        log.warning("base model bootstrap failed: %s; retrying in %.0f s", result.error, retry_s)
+
+    def _alert_adapter(self, kind: str, version: int | None, result: JobResult, reason: Any) -> None:
+        if self.pipeline is None:
+            return
+        self.pipeline.alert(
+            {
+                "type": kind,
+                "version": version,
+                "reason": reason,
+                "metrics_before": result.metrics_before,
+                "metrics_after": result.metrics_after,
+                "message": f"{kind.replace('_', ' ')}" + (f": v{version}" if version is not None else f": {reason}"),
+            }
+        )
+        self.publish_status()
+
+    # -- control commands and status ---------------------------------------------------------
+
+    def adapter_summary(self) -> dict[str, Any]:
+        version = self.current_adapter()
+        if version is None:
+            return {"version": None, "created": None, "size_bytes": 0, "val_loss": None}
+        return {"version": version.version, "created": version.created, "size_bytes": version.size_bytes, "val_loss": version.meta.val_loss}
+
+    def handle_adapter(self, request: dict[str, Any]) -> dict[str, Any]:
+        version = self.current_adapter()
+        detail = self.adapter_summary()
+        if version is not None:
+            meta = version.meta
+            detail.update(
+                {
+                    "metrics_before": meta.metrics_before,
+                    "metrics_after": meta.metrics_after,
+                    "plan": meta.plan,
+                    "chosen_blocks": meta.chosen_blocks,
+                    "peak_rss_mb": meta.peak_rss_mb,
+                    "reason": meta.reason,
+                }
+            )
+        return {"adapter": detail}
+
+    def handle_adapters(self, request: dict[str, Any]) -> dict[str, Any]:
+        current = self.current_adapter()
+        listed = []
+        for version in self.adapters.list():
+            before, after = version.meta.metrics_before, version.meta.metrics_after
+            listed.append(
+                {
+                    "version": version.version,
+                    "created": version.created,
+                    "size_bytes": version.size_bytes,
+                    "val_loss": version.meta.val_loss,
+                    "current": current is not None and version.version == current.version,
+                    "metrics": {
+                        "recent_before": before.get("recent_val_loss"),
+                        "recent_after": after.get("recent_val_loss"),
+                        "replay_before": before.get("replay_val_loss"),
+                        "replay_after": after.get("replay_val_loss"),
+                    },
+                }
+            )
+        return {"current": current.version if current else None, "adapters": listed}
+
+    def handle_train(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.runner is not None and self.runner.running:
+            return {"accepted": True, "state": "running", "message": "an update is already running"}
+        if not self.trigger.request():
+            message = 'requests may not start an update here: [train] start_on leaves out "request"'
+            return {"accepted": False, "state": "idle", "message": message}
+        message = "update requested: it starts when the device is idle and memory is normal"
+        if self.base is None:
+            message = "no base model yet: a base model is trained first, once enough data is stored"
+        return {"accepted": True, "state": "idle", "message": message}
+
+    def handle_rollback(self, request: dict[str, Any]) -> dict[str, Any]:
+        version_number = int(request["version"])  # checked by the control server: an int >= 1
+        if self.base is None:
+            raise ControlError("no base model yet")
+        # Served first, then pointed at: `current` never names what the scorer could not serve
+        # (an adapter of another base, say).
+        self.serve_version(self.adapters.get(version_number))
+        self.adapters.rollback(version_number, data_ts=self.pipeline.newest_ts if self.pipeline else None)
+        log.info("rolled back to adapter v%d", version_number)
+        if self.pipeline is not None:
+            self.pipeline.alert({"type": "rollback", "version": version_number, "message": f"rolled back to v{version_number}"})
+        return {"adapter": self.adapter_summary()}
+
+    def training_status(self) -> dict[str, Any]:
+        runner = self.runner
+        if runner is None:
+            return {"state": "idle", "last": None, "plan": None}
+        if runner.running:
+            progress = runner.progress
+            state = "running"
+        else:
+            progress = None
+            state = "paused" if self.governor is not None and not self.governor.may_start() else "idle"
+        job = runner.job
+        return {
+            "state": state,
+            "plan": progress.plan.to_dict() if progress is not None and progress.plan is not None else None,
+            "progress": progress.to_json() if progress is not None else {},
+            "job": job.to_json() if job is not None else None,
+            "requested": self.trigger.requested,
+            "trigger": self.last_decision,
+            "retry_after_s": self.governor.retry_after_s if self.governor else 0.0,
+            # What the start rule expects a training worker to add (measured by the last one that
+            # finished, else the update's share of the usage now), and whether that is measured.
+            "expected_worker_mb": round(self.expected_worker_mb(), 1),
+            "expected_worker_measured": self._measured_worker_mb is not None,
+            "heavy_modules": heavy_modules_loaded(),
+            "last": runner.last.to_json() if runner.last is not None else None,
+        }
+
+    def status_piece(self) -> str | None:
+        """The training part of the STATUS= line, while a job runs."""
+        runner = self.runner
+        if runner is None or not runner.running:
+            return None
+        job, progress = runner.job, runner.progress
+        step = f" step {progress.step}" if progress.step is not None else ""
+        return f"{job.kind if job is not None else 'update'} {progress.phase}{step}"
+
+    def adapter_piece(self) -> str:
+        """The adapter part of the STATUS= line."""
+        if self.base is None:
+            return "no base model yet"
+        version = self.current_adapter()
+        return f"adapter v{version.version}" if version is not None else "base model"
+
+
+__all__ = ["Adaptation", "UPDATE_MIN_WINDOWS_SINCE_CHANGE", "register_worker", "serving_rule"]

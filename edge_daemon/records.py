@@ -1,0 +1,187 @@
+"""The update path's typed records: a job, its progress and result messages, an adapter's meta.json.
+
+The daemon sends an `UpdateJob` to a training worker, the worker sends back
+`Progress` messages and one `JobResult` (pickled over a pipe: both ends are
+the same code, forked), and a committed adapter carries an `AdapterMeta`.
+Each turns into JSON in one place (`to_json()`), for the control socket, the
+update traces and `meta.json`. No torch here.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from edge_daemon.plan import TrainingPlan
+
+if TYPE_CHECKING:
+    from edge_daemon.watchdog import PlanGovernor, UpdateOutcome
+
+JobKind = Literal["update", "pretrain"]
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class UpdateJob:
+    """What the daemon asks a training worker to do."""
+
+    kind: JobKind
+    reason: str  # why it started ("drift detected", "requested", "<N> new windows", "no base model")
+    since: float | None = None  # recent data starts here (drift's dated onset); None: the last train.recent_hours
+    candidates: tuple[TrainingPlan, ...] = ()  # start plans to dry-run, loosest first (updates only)
+    baseline_mb: float = 0.0  # the service's usage when the job was made: what the plan's share is of
+    budget_mb: float = 0.0
+    seed: int = 0
+    started_unix: float | None = None  # set when a worker takes it
+
+    def started(self) -> UpdateJob:
+        return replace(self, started_unix=time.time())
+
+    def to_json(self) -> dict[str, Any]:
+        """The job as `status` shows it (the candidate plans left out: they are the ladder's)."""
+        return {
+            "kind": self.kind,
+            "reason": self.reason,
+            "since": self.since,
+            "baseline_mb": self.baseline_mb,
+            "budget_mb": self.budget_mb,
+            "seed": self.seed,
+            "started": self.started_unix,
+        }
+
+
+@dataclass
+class WorkerOrder:
+    """What a worker is forked with: the job, the daemon's config (as JSON: parsed again in the
+    worker), the plan governor (without its level reader and stop flag, which the worker gets as
+    shared memory) and the daemon's pid (whose service's usage the worker's trace records)."""
+
+    job: UpdateJob
+    config: dict[str, Any]
+    governor: PlanGovernor
+    service_pid: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress message of a running job."""
+
+    phase: str  # starting | planning | training | pretrain
+    plan: TrainingPlan | None = None
+    step: int | None = None  # optimizer steps done
+    steps: int | None = None  # of this many
+    loss: float | None = None  # the last step's batch loss
+    level: str | None = None  # the memory level at a plan change
+    recent_windows: int | None = None
+    replay_windows: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.plan is not None:
+            out["plan"] = self.plan.to_dict()
+        return out
+
+
+@dataclass
+class JobResult:
+    """How a job ended, as the worker reported it (or, when it died without a word, as its exit
+    status says), with what the runner adds: the job and how long it took."""
+
+    kind: JobKind
+    accepted: bool
+    reason: str | None = None  # the gate's verdict ("recent loss 0.12 -> 0.08 ...")
+    error: str | None = None  # set when the job failed or was stopped before a verdict
+    aborted: bool = False  # stopped at a micro-batch boundary (shutdown or critical memory)
+    version: int | None = None  # the committed adapter (not yet current)
+    adapter_bytes: int | None = None
+    summary: dict[str, Any] = field(default_factory=dict)  # trainer.UpdateResult.to_dict() (no per-step lists)
+    outcome: UpdateOutcome | None = None  # how the plan went (updates that began training)
+    metrics: dict[str, Any] | None = None  # a pretrain's
+    job: UpdateJob | None = None
+    duration_s: float | None = None
+    finished_unix: float | None = None
+
+    @property
+    def stopped_for_memory(self) -> bool:
+        return self.outcome is not None and self.outcome.stopped
+
+    @property
+    def ran_to_end(self) -> bool:
+        """It reached a verdict (accepted or not): its memory is what a whole job costs."""
+        return not (self.stopped_for_memory or self.aborted or self.error)
+
+    @property
+    def metrics_before(self) -> dict[str, Any] | None:
+        return self.summary.get("metrics_before")
+
+    @property
+    def metrics_after(self) -> dict[str, Any] | None:
+        return self.summary.get("metrics_after")
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary `status` shows as `training.last`."""
+        peak = self.summary.get("peak_rss_bytes")
+        return {
+            "kind": self.kind,
+            "accepted": self.accepted,
+            "version": self.version,
+            "reason": self.reason or self.error,
+            "duration_s": self.duration_s,
+            "metrics_before": self.metrics_before,
+            "metrics_after": self.metrics_after,
+            "peak_rss_mb": peak / 2**20 if peak else None,
+            "outcome": None if self.outcome is None else self.outcome.to_json(),
+            "finished": _iso(self.finished_unix),
+        }
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    """An adapter's `meta.json`: where it came from, how it did, and what serves beside it.
+
+    Written by the worker that trained it (`AdapterStore.commit` adds `version`
+    and `created`); read by the daemon (serving, status), the report and the
+    CLI. Keys it does not know (a newer writer's) are kept in `extra` and
+    written back unchanged.
+    """
+
+    created_unix: float | None = None
+    served_from_ts: float | None = None  # the newest reading when it was committed (the data's clock)
+    reason: str | None = None  # why its update started
+    base_fingerprint: str | None = None  # the base it was trained on (None: an adapter from before this was recorded)
+    data_range: dict[str, Any] = field(default_factory=dict)  # {"recent": [t0, t1], "replay": [[a, b], ...]}
+    windows: dict[str, int] = field(default_factory=dict)
+    metrics_before: dict[str, float | None] = field(default_factory=dict)
+    metrics_after: dict[str, float | None] = field(default_factory=dict)
+    val_loss: float | None = None
+    plan: dict[str, Any] | None = None  # the start plan
+    plan_history: list[dict[str, Any]] = field(default_factory=list)
+    chosen_blocks: list[int] = field(default_factory=list)
+    block_grad_norms: list[float] = field(default_factory=list)
+    trainable_params: int | None = None
+    peak_rss_mb: float | None = None
+    wall_time_s: float | None = None
+    previous_version: int | None = None
+    baselines: list[dict[str, Any]] = field(default_factory=list)  # refitted with the update (scoring.baselines_of)
+    held_out: dict[str, Any] | None = None  # the adapted model against them on held-out windows
+    version: int | None = None
+    created: str | None = None  # iso8601
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AdapterMeta:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: v for k, v in data.items() if k in known}
+        return cls(**values, extra={k: v for k, v in data.items() if k not in known})
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **out}
+
+
+__all__ = ["AdapterMeta", "JobKind", "JobResult", "Progress", "UpdateJob", "WorkerOrder"]

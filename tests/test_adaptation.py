@@ -1,0 +1,91 @@
+"""The update path's owner and its typed records: which adapter may serve, and what a result says."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from edge_daemon.adaptation.owner import Adaptation
+from edge_daemon.adapters import AdapterStore, load_base, save_base, serving_model
+from edge_daemon.errors import AdapterError
+from edge_daemon.frames import NormStats
+from edge_daemon.model import Forecaster, ForecasterConfig
+from edge_daemon.pipeline import ScoringPipeline
+from edge_daemon.plan import TrainingPlan
+from edge_daemon.records import AdapterMeta, JobResult, Progress, UpdateJob
+from edge_daemon.watchdog import Level, UpdateOutcome
+from tests.conftest import CHANNELS, make_config, save_random_peft_adapter
+
+torch.set_num_threads(1)
+TARGETS = ["blocks.0.attn.qkv", "head"]
+
+
+def _save_base(directory: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = Forecaster(ForecasterConfig(n_channels=3)).eval()
+    norm = NormStats(np.array([20.0, 0.5, 3.0]), np.array([2.0, 0.1, 0.4]))
+    save_base(directory, model, norm, CHANNELS, 1.0, np.ones(3), {})
+
+
+def _commit(store: AdapterStore, model: torch.nn.Module, meta: AdapterMeta, seed: int) -> int:
+    staging = store.staging_dir()
+    save_random_peft_adapter(model, staging, TARGETS, seed=seed)
+    return store.commit(staging, meta, make_current=False).version
+
+
+def test_an_adapter_of_another_base_is_not_served_and_a_rollback_to_it_leaves_current(tmp_path: Path) -> None:
+    """An adapter's LoRA deltas fit the weights it was trained on: merged into a new base they make
+    a model nobody validated. The meta records the base; serving refuses another's, and a rollback
+    to one fails before `current` moves."""
+    config = make_config(tmp_path)
+    _save_base(config.base_dir, seed=0)
+    base = load_base(config.base_dir, CHANNELS, 1.0)
+    store = AdapterStore(config.adapters_dir)
+    ours = _commit(store, base.model, AdapterMeta(reason="requested", base_fingerprint=base.fingerprint), seed=1)
+    older = _commit(store, base.model, AdapterMeta(reason="requested", base_fingerprint="0" * 16), seed=2)
+    unrecorded = _commit(store, base.model, AdapterMeta(reason="shipped"), seed=3)
+    store.make_current(ours)
+
+    assert serving_model(base, store.get(ours)) is not None
+    assert serving_model(base, store.get(unrecorded)) is not None  # from before bases were recorded
+    with pytest.raises(AdapterError, match="trained on base"):
+        serving_model(base, store.get(older))
+
+    adaptation = Adaptation(config, threading.Event())
+    scorer = adaptation.load_serving()
+    assert scorer is not None and scorer.version == ours
+    published: list[Any] = []
+    adaptation.pipeline = ScoringPipeline(config, lambda *args, **kwargs: published.append(args), scorer)
+    with pytest.raises(AdapterError, match="trained on base"):
+        adaptation.handle_rollback({"cmd": "rollback", "version": older})
+    assert store.current_version() == ours and scorer.version == ours
+    # A rollback it can serve moves both.
+    adaptation.handle_rollback({"cmd": "rollback", "version": unrecorded})
+    assert store.current_version() == unrecorded and scorer.version == unrecorded
+
+
+def test_meta_keeps_what_a_newer_writer_added(tmp_path: Path) -> None:
+    meta = AdapterMeta.from_json({"reason": "drift detected", "val_loss": 0.12, "written_by_v2": {"x": 1}})
+    assert meta.reason == "drift detected" and meta.val_loss == 0.12
+    assert meta.to_json()["written_by_v2"] == {"x": 1}
+    assert AdapterMeta.from_json(meta.to_json()) == meta
+
+
+def test_status_reports_when_a_job_finished_not_when_it_was_asked() -> None:
+    plan = TrainingPlan(8, 4, True, "adamw")
+    job = UpdateJob("update", "requested", candidates=(plan,)).started()
+    result = JobResult(
+        "update", accepted=False, reason="recent loss 0.2 -> 0.3 does not improve", job=job,
+        outcome=UpdateOutcome(plan, plan, Level.HIGH, False), finished_unix=1_000_000.0,
+    )  # fmt: skip
+    shown = result.to_json()
+    assert shown["finished"] == "1970-01-12T13:46:40+00:00"
+    assert shown["outcome"] == {"start_plan": plan.to_dict(), "final_plan": plan.to_dict(), "worst_level": "high", "stopped": False}
+    assert result.ran_to_end and not result.stopped_for_memory
+    assert "candidates" not in job.to_json() and job.to_json()["started"] is not None
+    assert Progress("training", plan=plan, step=3).to_json() == {"phase": "training", "plan": plan.to_dict(), "step": 3}
