@@ -9,6 +9,16 @@ machine load does not favour either side; the table holds medians (the ratio is 
 the per-pair ratios) and the most readings lost in any repeat.
 
     python benchmarks/ingest.py [--messages 30000] [--channels 16] [--repeats 3]
+
+`--wear` measures instead what storing costs an SD card: the real daemon
+(`python -m edge_daemon run`, no model, so nothing but ingestion and
+retention) receives single-reading QoS 1 messages at 1, 10 and 100 readings/s;
+the bytes it made the kernel write to storage (`write_bytes` in
+/proc/<pid>/io: commits to the WAL, its checkpoints into store.db, retention)
+are divided by the readings stored. Each rate runs with the current defaults
+and with the earlier `[store] flush_interval_s` of 0.2 s, side by side.
+
+    python benchmarks/ingest.py --wear [--wear-seconds 150]
 """
 
 from __future__ import annotations
@@ -172,6 +182,113 @@ def persisted(
     return meter.rate(), n * per_message - stored
 
 
+WEAR_PUBLISHER = r"""
+import json, sys, time
+import paho.mqtt.client as mqtt
+port, rate, seconds, channels = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"wear-pub-{time.time_ns()}", protocol=mqtt.MQTTv311)
+client.connect("127.0.0.1", port)
+client.loop_start()
+t0 = time.time()
+n = int(rate * seconds)
+last = None
+for i in range(n):
+    due = t0 + i / rate
+    time.sleep(max(0.0, due - time.time()))
+    last = client.publish(f"sensors/bench/c{i % channels:02d}", json.dumps({"ts": round(due, 3), "value": i}), qos=1)
+last.wait_for_publish(60)
+client.disconnect()
+client.loop_stop()
+print(n)
+"""
+# A retention run (which checkpoints the WAL into store.db) every this many seconds in the wear
+# runs, and the idle wait after the last reading: the bytes of every checkpoint are counted.
+WEAR_RETENTION_S = 30.0
+
+
+def _write_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as handle:
+        for line in handle:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no write_bytes for pid {pid}")
+
+
+def wear_run(rate: float, seconds: float, store: dict[str, object], workdir: Path) -> dict[str, float]:
+    """One daemon, one rate: bytes written to storage per stored reading."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from edge_daemon.control import request
+    from tests.support import config_toml, daemon_status, wait_for
+
+    channels = max(1, min(10, int(rate)))
+    state = Path(tempfile.mkdtemp(dir=workdir))
+    with LocalBroker(workdir=state) as broker:
+        sections = {
+            "device": {"id": f"wear-{time.time_ns()}", "state_dir": str(state / "state"), "socket": str(state / "control.sock")},
+            "mqtt": {"port": broker.port, "qos": 1},
+            "channels": {"names": [f"bench/c{k:02d}" for k in range(channels)], "period_s": 1.0},
+            "store": {"retention_interval_s": WEAR_RETENTION_S, **store},
+            # Nothing but ingestion: no base model is trained from the store, no update asked for.
+            "model": {"bootstrap_min_windows": 10**9},
+            "train": {"start_on": ["request"]},
+        }
+        (state / "config.toml").write_text(config_toml(sections))
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "edge_daemon", "run", "--config", str(state / "config.toml")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        socket_path = state / "control.sock"
+        try:
+            wait_for(lambda: (daemon_status(socket_path) or {}).get("ingest", {}).get("connected"), 120, "the daemon subscribed")
+            before = _write_bytes(daemon.pid)
+            publisher = subprocess.run(
+                [sys.executable, "-c", WEAR_PUBLISHER, str(broker.port), str(rate), str(seconds), str(channels)],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            sent = int(publisher.stdout.strip())
+            wait_for(lambda: request(socket_path, {"cmd": "status"})["store"]["readings"] >= sent, 120, "every reading stored")
+            time.sleep(WEAR_RETENTION_S + 5)  # the last checkpoint of what came in
+            written = _write_bytes(daemon.pid) - before
+            stored = request(socket_path, {"cmd": "status"})["store"]["readings"]
+        finally:
+            daemon.terminate()
+            daemon.wait(60)
+    return {"rate": rate, "readings": stored, "bytes": written, "per_reading": written / max(1, stored)}
+
+
+def wear(seconds: float, flushes: Sequence[float] = (0.2,)) -> None:
+    variants = [("defaults", {})] + [
+        (f"flush_interval_s = {flush:g}" + (" (before)" if flush == 0.2 else ""), {"flush_interval_s": flush}) for flush in flushes
+    ]
+    defaults = parse_config({"device": {"id": "x"}, "mqtt": {}, "channels": {"names": ["a/b"]}}).store
+    results: dict[tuple[str, float], dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        threads = []
+        for label, store in variants:
+            for rate in (1.0, 10.0, 100.0):
+                def run(label: str = label, store: dict[str, object] = store, rate: float = rate) -> None:
+                    results[(label, rate)] = wear_run(rate, seconds, store, Path(tmp))
+                threads.append(threading.Thread(target=run))
+        for thread in threads:  # one daemon each: their I/O counters are their own
+            thread.start()
+        for thread in threads:
+            thread.join()
+    year = 365 * 24 * 3600
+    print(
+        f"\n{seconds:.0f} s per run; store defaults: flush_interval_s {defaults.flush_interval_s}, batch_size "
+        f"{defaults.batch_size}, synchronous {defaults.synchronous}; retention every {WEAR_RETENTION_S:.0f} s\n"
+    )
+    print("| store settings | readings/s | readings stored | bytes written | bytes per reading | a year at this rate |")
+    print("| --- | --: | --: | --: | --: | --: |")
+    for label, _store in variants:
+        for rate in (1.0, 10.0, 100.0):
+            r = results[(label, rate)]
+            print(
+                f"| {label} | {rate:g} | {r['readings']:,.0f} | {r['bytes']:,.0f} | {r['per_reading']:,.0f} "
+                f"| {r['per_reading'] * rate * year / 1e9:,.1f} GB |"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=30000, help="messages per single-reading run")
@@ -180,8 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="ceiling/persisted pairs per case (medians reported)")
     parser.add_argument("--batch-size", type=int, default=None, help="store.batch_size (default: the config default)")
     parser.add_argument("--only", choices=["single", "batched"], default=None, help="run one payload form only")
+    parser.add_argument("--wear", action="store_true", help="bytes written to storage per stored reading instead")
+    parser.add_argument("--wear-seconds", type=float, default=150.0, help="seconds of readings per wear run")
+    parser.add_argument("--wear-flush", type=float, action="append", default=None, help="also run with this flush_interval_s (repeatable; default 0.2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.wear:
+        wear(args.wear_seconds, args.wear_flush or (0.2,))
+        return 0
     defaults = bench_config(1883, 1, args.channels, Path(tempfile.gettempdir()), args.batch_size)
     receive_maximum = defaults.mqtt.receive_maximum
     sizes = {"single": args.messages, "batched": args.batched_messages}

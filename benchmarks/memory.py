@@ -11,6 +11,7 @@ the worker together. The tree's PSS and its summed RSS are printed beside it.
     python benchmarks/memory.py                        # default and large model, then the limit search
     python benchmarks/memory.py --size default --no-search
     python benchmarks/memory.py --checkout ../old-main # the same rows for another checkout's daemon
+    python benchmarks/memory.py --idle-minutes 30 --checkout ../old-main  # idle, side by side
 
 The limit search runs the default model under real cgroup limits, as multiples
 of its serving charge, and bisects the smallest under which the daemon, by its
@@ -43,7 +44,7 @@ from edge_daemon.frames import build_grid  # noqa: E402
 from edge_daemon.model import LARGE  # noqa: E402
 from edge_daemon.pretrain import pretrain  # noqa: E402
 from edge_daemon.store import Reading, ReplayStore  # noqa: E402
-from edge_daemon.watchdog import _pss_bytes  # noqa: E402
+from edge_daemon.watchdog import _pss_bytes, private_mb  # noqa: E402
 from sample_sensors.generate import CHANNELS, generate_labeled, readings  # noqa: E402
 from sample_sensors.publish import publish  # noqa: E402
 from tests.cgroups import MemoryCgroup, create_memory_cgroup  # noqa: E402
@@ -275,6 +276,80 @@ def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None 
     return row
 
 
+def run_idle(label: str, checkout: Path, minutes: int) -> list[dict[str, Any]]:
+    """The idle service over `minutes`: the cgroup's charge once a minute, and each process's
+    private MB (the daemon's; for this design the training helper's, whose private pages are
+    its old copies of what the daemon wrote since the fork)."""
+    samples: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="edge-idle-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "broker").mkdir()
+        broker = LocalBroker(workdir=workdir / "broker")
+        broker.start()
+        cgroup = create_memory_cgroup()
+        if not isinstance(cgroup, MemoryCgroup):
+            raise SystemExit(f"cannot create a memory cgroup here: {cgroup}")
+        cgroup.set_limit_mb(UNLIMITED_MB)
+        feed: LiveFeed | None = None
+        daemon: subprocess.Popen[bytes] | None = None
+        try:
+            config_file = prepare_state(workdir, "default", broker.port)
+            socket_path = workdir / "control.sock"
+            with open(workdir / "daemon.log", "wb") as log:
+                daemon = subprocess.Popen(
+                    [sys.executable, "-m", "edge_daemon", "run", "--config", str(config_file)],
+                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=cgroup.enter_fn(), cwd=checkout,
+                    env=dict(os.environ, PYTHONPATH=str(checkout)),
+                )  # fmt: skip
+            running = daemon
+
+            def alive_status() -> dict[str, Any] | None:
+                if running.poll() is not None:
+                    raise RuntimeError(f"the daemon exited ({running.returncode}):\n{(workdir / 'daemon.log').read_text()[-3000:]}")
+                return daemon_status(socket_path)
+
+            wait_for(alive_status, HANG_S, "the control socket", interval=0.1)
+            feed = LiveFeed(broker.port)
+            wait_for(lambda: ((alive_status() or {}).get("scoring") or {}).get("steps"), HANG_S, "the first live step scored", interval=0.1)
+            started = time.monotonic()
+            for minute in range(minutes + 1):
+                while time.monotonic() < started + 60 * minute:
+                    alive_status()
+                    time.sleep(1.0)
+                others = [pid for pid in cgroup.pids() if pid != running.pid]
+                samples.append({
+                    "label": label, "minute": minute, "charge_mb": cgroup.charge_mb(),
+                    "daemon_private_mb": private_mb(running.pid),
+                    "others_private_mb": sum(private_mb(pid) or 0.0 for pid in others), "others": len(others),
+                })  # fmt: skip
+                print(f"  {label} minute {minute}: {samples[-1]}", file=sys.stderr, flush=True)
+        finally:
+            if feed is not None:
+                feed.close()
+            if daemon is not None and daemon.poll() is None:
+                daemon.send_signal(signal.SIGTERM)
+                try:
+                    daemon.wait(60)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
+                    daemon.wait()
+            cgroup.remove(60)
+            broker.stop()
+    return samples
+
+
+def idle_table(runs: list[list[dict[str, Any]]]) -> list[str]:
+    lines = ["| daemon | minute | charge MB | daemon private MB | other processes' private MB |", "| --- | --: | --: | --: | --: |"]
+    for samples in runs:
+        for r in samples:
+            if r["minute"] in (0, 1, 5) or r["minute"] % 10 == 0 or r is samples[-1]:
+                lines.append(
+                    f"| {r['label']} | {r['minute']} | {r['charge_mb']:.0f} | {_fmt(r['daemon_private_mb'])} "
+                    f"| {r['others_private_mb']:.1f} ({r['others']}) |"
+                )
+    return lines
+
+
 def phase_peaks(trace: dict[str, Any]) -> list[dict[str, Any]]:
     """Each phase of an update's trace with the worker's private MB and the service's usage at their peaks in it
     (none for a revision whose traces record neither: its `service_mb` was a sum of RSS)."""
@@ -391,8 +466,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-hi", type=float, default=1.5)
     parser.add_argument("--probes", type=int, default=4)
     parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("--idle-minutes", type=int, default=0, help="instead: each daemon idle (serving) this long, side by side")
     args = parser.parse_args(argv)
     daemons = [("this", ROOT)] + [(_revision(c), c.resolve()) for c in args.checkout]
+    if args.idle_minutes:
+        runs: list[list[dict[str, Any]]] = [[] for _ in daemons]
+        threads = [
+            threading.Thread(target=lambda i=i, label=label, checkout=checkout: runs[i].extend(run_idle(label, checkout, args.idle_minutes)))
+            for i, (label, checkout) in enumerate(daemons)
+        ]  # fmt: skip
+        for thread in threads:  # at once: the same machine state for every daemon
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print("\n".join(idle_table(runs)))
+        return 0
     sizes = ["default", "large"] if args.size == "both" else [args.size]
     rows: list[Row] = []
     print(HEADER)

@@ -422,10 +422,15 @@ class AdapterStore:
         with self._locked():
             existing = self._version_dirs()
             number = max(existing, default=0) + 1
-            _write_json(staging / META_FILE, replace(meta, created=meta.created or now_iso(), version=number).to_json())
-            _fsync_tree(staging)
             target = self.root / f"v{number}"
-            os.rename(staging, target)
+            try:
+                _write_json(staging / META_FILE, replace(meta, created=meta.created or now_iso(), version=number).to_json())
+                _fsync_tree(staging)
+                os.rename(staging, target)
+            except BaseException:
+                # Not renamed, so not a version: a staging dir half written (a full disk, say) goes.
+                self.discard(staging)
+                raise
             _fsync_path(self.root)
             if make_current:
                 _replace_file_atomically(self.root / POINTER_FILE, f"v{number}\n")

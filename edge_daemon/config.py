@@ -97,6 +97,9 @@ class ChannelsConfig(_Section):
 
 class StoreConfig(_Section):
     budget_mb: float = Field(64.0, gt=0, description="store.db is kept under this size")
+    disk_reserve_mb: float = Field(
+        32.0, ge=0, description="space left free on the store's file system: the store's budget shrinks to fit; updates wait below it"
+    )
     batch_size: int = Field(500, ge=1, description="flush a write batch at this many readings")
     flush_interval_s: float = Field(0.2, gt=0, description="... or after this long")
     recent_hours: float = Field(24.0, gt=0, description="readings newer than this are always kept whole")

@@ -78,6 +78,7 @@ class Daemon:
         # (adapter, drift, memory, training).
         self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         self.exit_code = 0
+        self._disk_full_published = False  # what the retained status last said of the disk
         self.stop_signal: str | None = None
         self.watchdog: MemoryWatchdog | None = None
         self.pipeline: ScoringPipeline | None = None
@@ -119,7 +120,12 @@ class Daemon:
     def _start_store(self) -> Part:
         self.store = ReplayStore(self.config.store_path, self.config.store, self.config.channels.names)
         store = self.store
-        self.status_sections["store"] = lambda: {"readings": store.count(), "bytes": store.size_bytes()}
+        self.status_sections["store"] = lambda: {
+            "readings": store.count(),
+            "bytes": store.size_bytes(),
+            "disk_free_bytes": store.free_bytes(),
+            "disk_full": self.disk_full,
+        }
         return Part("store", store.close)
 
     def _start_worker_helper(self) -> Part:
@@ -159,6 +165,7 @@ class Daemon:
             self.watchdog, self.pipeline, self.forker,
             backlog=lambda: self.ingestor.backlog if self.ingestor else 0,
             stored_readings=store.count,
+            disk_short=lambda: self.disk_full or store.disk_short(),
             publish_status=self._publish_status,
         )  # fmt: skip
         self.status_sections["training"] = adaptation.training_status
@@ -186,6 +193,7 @@ class Daemon:
         assert self.store is not None
         self.ingestor = Ingestor(self.config, self.store)
         self.ingestor.online_status = self._online_status
+        self.ingestor.on_disk_full = self._on_disk_full
         ingestor = self.ingestor
         self.status_sections["ingest"] = ingestor.counters
         if self.pipeline is not None:
@@ -335,6 +343,7 @@ class Daemon:
         add(lambda: f"memory {self.watchdog.level.label}" if self.watchdog is not None else None)
         add(self._status_drift)
         add(lambda: f"{self.store.count()} readings" if self.store is not None else None)
+        add(lambda: "disk full: ingestion waiting" if self.disk_full else None)
         add(lambda: "broker unreachable" if self.ingestor is not None and not self.ingestor.connected else None)
         add(self.adaptation.status_piece)
         return ", ".join(pieces)
@@ -362,6 +371,7 @@ class Daemon:
         }
         if self.pipeline is not None:
             status["drift"] = self.pipeline.drift.residual_drift_detected
+        status["disk_full"] = self.disk_full
         return status
 
     def _status(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -384,6 +394,26 @@ class Daemon:
     def _publish_status(self) -> None:
         """Refresh the retained `edge/<id>/status`."""
         self._publish("status", self._online_status(), self.config.outputs.qos, True)
+
+    @property
+    def disk_full(self) -> bool:
+        """Ingestion is waiting for disk space."""
+        return self.ingestor is not None and self.ingestor.disk_full
+
+    def _on_disk_full(self, full: bool) -> None:
+        """In the ingest writer: the disk is full (called before each retry) or has room again."""
+        if full and self.store is not None:
+            # Older replay data and empty pages go first: the store's budget shrinks to the
+            # free space less the reserve (store.run_retention). On a full disk even that may fail.
+            try:
+                report = self.store.run_retention()
+                log.info("disk full: retention freed %d readings", report["deleted_rows"])
+            except Exception as exc:  # noqa: BLE001 - the write is retried whatever happens here
+                log.debug("retention on a full disk failed: %s", exc)
+        if full != self._disk_full_published:
+            self._disk_full_published = full
+            self._publish_status()
+            notify.status(self.status_line())
 
     def _on_level_change(self, old: Level, new: Level) -> None:
         log.log(logging.WARNING if new >= Level.HIGH else logging.INFO, "memory level %s -> %s", old.label, new.label)

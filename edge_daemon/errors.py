@@ -26,6 +26,10 @@ class StoreError(EdgeDaemonError):
     """The replay store cannot be opened, migrated or written."""
 
 
+class DiskFullError(StoreError):
+    """The file system holding the store has no room for the write; nothing of it was stored."""
+
+
 class PayloadError(EdgeDaemonError):
     """An MQTT payload was rejected; `reason` is the counter it is filed under."""
 

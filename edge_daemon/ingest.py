@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_daemon.config import Config
-from edge_daemon.errors import PayloadError, StoreError
+from edge_daemon.errors import DiskFullError, PayloadError, StoreError
 from edge_daemon.store import Reading, ReplayStore
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,17 @@ log = logging.getLogger(__name__)
 MAX_JSON_DEPTH = 4
 # A rejection reason is logged at most once per this many seconds (with a count of the rest).
 REJECT_LOG_INTERVAL_S = 10.0
-# A failed store write is retried this many times before the ingestor gives up (and the daemon
-# exits non-zero, so systemd restarts it and the broker redelivers the unacknowledged batch).
+# A failed store write (other than a full disk) is retried this many times before the ingestor
+# gives up (and the daemon exits non-zero, so systemd restarts it and the broker redelivers the
+# unacknowledged batch).
 WRITE_ATTEMPTS = 3
+# A full disk is a state, not a failure: the batch waits, unacknowledged (the broker keeps it and,
+# with QoS 1, sends no more than its receive maximum meanwhile), and the write is retried after
+# a back-off that doubles from the first to the last of these.
+DISK_FULL_RETRY_S = (1.0, 30.0)
+# QoS 0 readings cannot wait at the broker: while the disk is full at most this many messages
+# wait in memory, and QoS 0 ones beyond it are dropped (counted as `dropped_disk_full`).
+DISK_FULL_INBOX_MAX = 20_000
 # After taking what arrived, the writer sleeps this long before looking again (unless a batch
 # is due), so a steady stream wakes it a few hundred times a second rather than once per
 # message: each wake-up takes the GIL from paho's network thread, the ingest bottleneck.
@@ -288,12 +296,19 @@ class Ingestor:
         self._ever_connected = False
         self._down_reported = False
         self._stats_lock = threading.Lock()
-        self._stats: dict[str, int] = {"received": 0, "readings": 0, "stored": 0, "duplicates": 0, "rejected": 0, "batches": 0}
+        self._stats: dict[str, int] = {
+            "received": 0, "readings": 0, "stored": 0, "duplicates": 0, "rejected": 0, "batches": 0, "dropped_disk_full": 0,
+        }  # fmt: skip
+        # Set while a batch waits for disk space; `on_disk_full(full)` is called when that changes
+        # (in the writer thread), and before each retry with `full=True` so space can be freed.
+        self._disk_full_since: float | None = None
+        self.on_disk_full: Callable[[bool], None] = lambda full: None
         self._rejected_by_reason: dict[str, int] = {}
         self._log_reject = _RateLimitedLog(REJECT_LOG_INTERVAL_S)
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
         self._stopped = False
+        self._stop_wait = threading.Event()
         self.client = self._make_client()
         self._queue_packet = _packet_queue_of(self.client)
 
@@ -387,6 +402,10 @@ class Ingestor:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         # Network thread: only hand over; all the work happens in the writer thread.
+        if self._disk_full_since is not None and message.qos == 0 and len(self._inbox) >= DISK_FULL_INBOX_MAX:
+            with self._stats_lock:
+                self._stats["dropped_disk_full"] += 1
+            return
         self._inbox.append((self._generation, message, self.clock()))
         if self._writer_idle:
             self._wake.set()
@@ -425,6 +444,7 @@ class Ingestor:
         if self._stopped:
             return
         self._stopped = True
+        self._stop_wait.set()  # a batch waiting for disk space tries once more, then gives up
         if self._writer is not None:
             self._inbox.append(_STOP)
             self._wake.set()
@@ -450,6 +470,11 @@ class Ingestor:
     # -- counters ----------------------------------------------------------------------------
 
     @property
+    def disk_full(self) -> bool:
+        """A batch is waiting for disk space (nothing is stored or acknowledged meanwhile)."""
+        return self._disk_full_since is not None
+
+    @property
     def backlog(self) -> int:
         """Messages received but not yet parsed and committed."""
         return len(self._inbox)
@@ -461,6 +486,7 @@ class Ingestor:
             snapshot: dict[str, Any] = dict(self._stats)
             snapshot["rejected_by_reason"] = dict(self._rejected_by_reason)
         snapshot["connected"] = self.connected
+        snapshot["disk_full"] = self.disk_full
         return snapshot
 
     def _reject(self, topic: str, error: PayloadError) -> None:
@@ -549,15 +575,9 @@ class Ingestor:
 
     def _flush(self, readings: list[Reading], acks: list[tuple[int, int, int]]) -> None:
         if readings:
-            for attempt in range(1, WRITE_ATTEMPTS + 1):
-                try:
-                    stored = self.store.write(readings)
-                    break
-                except StoreError as exc:
-                    if attempt == WRITE_ATTEMPTS:
-                        raise
-                    log.warning("store write failed (attempt %d of %d): %s", attempt, WRITE_ATTEMPTS, exc)
-                    time.sleep(0.5 * attempt)
+            stored = self._write(readings)
+            if stored is None:
+                return  # stopped while the disk was full: nothing acknowledged, the broker redelivers
             with self._stats_lock:
                 self._stats["readings"] += len(readings)
                 self._stats["stored"] += stored
@@ -582,6 +602,45 @@ class Ingestor:
                     hook(readings)
                 except Exception:
                     log.exception("on_batch hook %r failed", hook)
+
+    def _write(self, readings: list[Reading]) -> int | None:
+        """Store the batch: retried a few times on an error, and for as long as it takes while
+        the disk is full. None when the ingestor stops before the disk has room."""
+        attempt, retry_s = 0, DISK_FULL_RETRY_S[0]
+        while True:
+            try:
+                stored = self.store.write(readings)
+            except DiskFullError as exc:
+                if self._stopped:
+                    log.warning("disk still full at shutdown: %d readings left unacknowledged for the broker to redeliver", len(readings))
+                    return None
+                if self._disk_full_since is None:
+                    self._disk_full_since = time.monotonic()
+                    log.error("%s; ingestion waits (nothing acknowledged) and retries until there is room", exc)
+                else:
+                    log.debug("disk still full; retrying in %.0f s", retry_s)
+                self._call_disk_hook(True)
+                self._stop_wait.wait(retry_s)
+                retry_s = min(DISK_FULL_RETRY_S[1], 2 * retry_s)
+                continue
+            except StoreError as exc:
+                attempt += 1
+                if attempt == WRITE_ATTEMPTS:
+                    raise
+                log.warning("store write failed (attempt %d of %d): %s", attempt, WRITE_ATTEMPTS, exc)
+                time.sleep(0.5 * attempt)
+                continue
+            if self._disk_full_since is not None:
+                log.warning("disk space back after %.0f s: ingestion resumed", time.monotonic() - self._disk_full_since)
+                self._disk_full_since = None
+                self._call_disk_hook(False)
+            return stored
+
+    def _call_disk_hook(self, full: bool) -> None:
+        try:
+            self.on_disk_full(full)
+        except Exception:
+            log.exception("disk-full hook failed")
 
     def _send_pubacks(self, mids: list[int]) -> None:
         """Acknowledge QoS 1 messages of the current connection (caller holds _gen_lock)."""

@@ -7,6 +7,7 @@ whole time segments, so older regimes survive for replay in a small file.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import numpy as np
 import sqlite_utils
 
 from edge_daemon.config import StoreConfig
-from edge_daemon.errors import StoreError
+from edge_daemon.errors import DiskFullError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,19 @@ HIGH_WATER = 0.85
 LOW_WATER = 0.75
 # Share of the budget the WAL may reach before SQLite checkpoints it back into the database.
 WAL_SHARE = 0.05
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an SQLite or OS error says the file system is out of space."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return getattr(exc, "sqlite_errorname", None) == "SQLITE_FULL" or "disk is full" in str(exc)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 class Reading(NamedTuple):
@@ -293,6 +307,8 @@ class ReplayStore:
                 self._channel_ids = {
                     name: int(cid) for cid, name in self._conn.execute("SELECT id, name FROM channels")
                 }
+                if is_disk_full(exc):
+                    raise DiskFullError(f"{self.path}: no space left for {len(readings)} readings: {exc}") from exc
                 raise StoreError(f"{self.path}: write failed: {exc}") from exc
         return added_total
 
@@ -312,6 +328,19 @@ class ReplayStore:
             except FileNotFoundError:
                 pass
         return total
+
+    def free_bytes(self) -> int:
+        """Free space on the store's file system."""
+        return free_bytes(self.path.parent)
+
+    def disk_budget_bytes(self) -> float:
+        """What the store may take of its file system: what it holds plus the free space, less
+        `[store] disk_reserve_mb`."""
+        return self.size_bytes() + self.free_bytes() - self.cfg.disk_reserve_mb * 1024 * 1024
+
+    def disk_short(self) -> bool:
+        """Less free space than the reserve: the store may not grow, nor may updates write."""
+        return self.free_bytes() < self.cfg.disk_reserve_mb * 1024 * 1024
 
     def time_range(self) -> tuple[float, float] | None:
         """(oldest ts, newest ts) over every stored reading, or None when empty."""
@@ -392,10 +421,15 @@ class ReplayStore:
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._conn.execute("PRAGMA incremental_vacuum")
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        if self.size_bytes() <= budget:
+        size = self.size_bytes()
+        if size <= budget:
+            return False
+        if self.free_bytes() < size:
+            # VACUUM writes a whole copy first; on a file system without that room it would only fail.
+            log.info("store %s: %d bytes after retention, over budget; no room to VACUUM", self.path, size)
             return False
         # Pages half-emptied by deletes are not free pages; only a rebuild packs them again.
-        log.info("store %s: %d bytes after retention, over budget; running VACUUM", self.path, self.size_bytes())
+        log.info("store %s: %d bytes after retention, over budget; running VACUUM", self.path, size)
         self._conn.execute("VACUUM")
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return True
@@ -406,9 +440,15 @@ class ReplayStore:
         Readings newer than recent_hours are kept whole; older data is kept as a uniform sample of
         whole segments (the ones with the lowest random priority: bottom-k), at least
         reservoir_fraction of the budget plus whatever room the recent data leaves.
+
+        The budget is `[store] budget_mb`, or less where the file system has less room
+        (`disk_budget_bytes`): then older data goes first, and recent data is never dropped for
+        want of disk space (ingestion waits instead, the broker keeping what it has not
+        acknowledged), only for the configured budget.
         """
         now = time.time() if now is None else float(now)
-        budget = self.cfg.budget_mb * 1024 * 1024
+        configured = self.cfg.budget_mb * 1024 * 1024
+        budget = max(0.0, min(configured, self.disk_budget_bytes()))
         segment_s = self._segment_s
         recent_from = segment_of(now - self.cfg.recent_hours * 3600.0, segment_s)  # first recent segment
         report: dict[str, float | int | bool] = {"bytes_before": self.size_bytes()}
@@ -425,7 +465,9 @@ class ReplayStore:
             if rows_total and used > HIGH_WATER * budget:
                 bytes_per_row = used / rows_total
                 allowed = int(LOW_WATER * budget / bytes_per_row)
-                reservoir_min = int(self.cfg.reservoir_fraction * allowed)
+                # Recent data yields to the configured budget only.
+                allowed_recent = int(LOW_WATER * configured / bytes_per_row)
+                reservoir_min = int(self.cfg.reservoir_fraction * allowed_recent)
                 segments = self._conn.execute("SELECT id, priority, rows FROM segments").fetchall()
                 recent = sorted((s for s in segments if s[0] >= recent_from), key=lambda s: s[0])
                 old = sorted((s for s in segments if s[0] < recent_from), key=lambda s: s[1])
@@ -433,7 +475,7 @@ class ReplayStore:
                 recent_rows = sum(s[2] for s in recent)
                 # The budget is a hard limit: if recent data alone would crowd out the minimum
                 # reservoir, its oldest segments go too (and the operator is told).
-                while recent and recent_rows > allowed - reservoir_min:
+                while recent and recent_rows > allowed_recent - reservoir_min:
                     seg = recent.pop(0)
                     recent_rows -= seg[2]
                     drop.append(seg[0])
@@ -442,7 +484,7 @@ class ReplayStore:
                         "store %s: recent data exceeds the budget of %.1f MB; dropped its %d oldest segments",
                         self.path, self.cfg.budget_mb, len(drop),
                     )
-                room = allowed - recent_rows
+                room = max(0, allowed - recent_rows)
                 kept_rows = 0
                 kept_segments = 0
                 full = False

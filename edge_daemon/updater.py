@@ -442,7 +442,8 @@ def _update_traced(
 ) -> tuple[JobResult, Path | None]:
     """The update's steps; returns its result and the committed version's directory (None when rejected)."""
     from edge_daemon.adapters import AdapterStore, load_base, serving_model
-    from edge_daemon.store import ReplayStore
+    from edge_daemon.errors import TrainingError
+    from edge_daemon.store import ReplayStore, free_bytes
     from edge_daemon.lora import save_adapter
     from edge_daemon.trainer import adapter_bytes, update
     from edge_daemon.watchdog import choose_start_plan, plan_limit_mb, private_mb, release_memory
@@ -542,8 +543,16 @@ def _update_traced(
     result = JobResult("update", accepted=trained.accepted, reason=trained.reason, summary=summary, outcome=governor.outcome())
     if not (trained.accepted and trained.adapted is not None):
         return result, None
+    # An adapter is small, but the room is the readings': below the reserve nothing is written.
+    reserve = config.store.disk_reserve_mb * 1024 * 1024
+    if free_bytes(config.adapters_dir) < reserve:
+        raise TrainingError(f"disk space short (under the {config.store.disk_reserve_mb:g} MB reserve): the accepted adapter is not saved")
     staging = adapters.staging_dir()
-    save_adapter(trained.adapted, staging)
+    try:
+        save_adapter(trained.adapted, staging)
+    except BaseException:
+        adapters.discard(staging)  # half written: never committed, so never served
+        raise
     # The newest reading when the adapter goes live: where serving switches on the data's own
     # clock (a backfill or a sped-up replay runs ahead of the wall clock).
     with ReplayStore(config.store_path, config.store, config.channels.names) as store:

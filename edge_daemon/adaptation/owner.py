@@ -71,6 +71,7 @@ class Adaptation:
         self.runner: UpdateRunner | None = None
         self.backlog: Callable[[], int] = lambda: 0  # readings received, not yet committed
         self.stored_readings: Callable[[], int] = lambda: 0
+        self.disk_short: Callable[[], bool] = lambda: False
         self.publish_status: Callable[[], None] = lambda: None
         self._model_lock = threading.Lock()
         self._bootstrap_not_before = 0.0
@@ -152,11 +153,12 @@ class Adaptation:
         backlog: Callable[[], int],
         stored_readings: Callable[[], int],
         publish_status: Callable[[], None],
+        disk_short: Callable[[], bool] = lambda: False,
     ) -> UpdateRunner:
         """The plan governor and the runner of training workers, over the parts they use."""
         cfg = self.config
         self.watchdog, self.pipeline, self.publish_status = watchdog, pipeline, publish_status
-        self.backlog, self.stored_readings = backlog, stored_readings
+        self.backlog, self.stored_readings, self.disk_short = backlog, stored_readings, disk_short
         ladder = plan_candidates(cfg.train.batch_size, plan_from_config(cfg.train).micro_batch)
         ladder = [
             p
@@ -193,6 +195,7 @@ class Adaptation:
                 new_windows=pipeline.steps_since_update,
                 has_base=True,
                 headroom_mb=self.worker_headroom_mb(),
+                disk_short=self.disk_short(),
             )
         )
         self.last_decision = decision.reason
@@ -255,6 +258,9 @@ class Adaptation:
             return
         if self.worker_headroom_mb() < 0:
             log.debug("no bootstrap: not enough memory for the training worker")
+            return
+        if self.disk_short():
+            log.debug("no bootstrap: disk space short")
             return
         if time.monotonic() < self._bootstrap_not_before:
             return

@@ -110,6 +110,9 @@ class TriggerInputs:
     # MB left under the critical threshold once the training worker's expected increment is
     # added; negative: the update would be stopped at critical, so it does not start.
     headroom_mb: float = float("inf")
+    # Less free disk than `[store] disk_reserve_mb` (or ingestion waiting for space): an update
+    # would write an adapter, traces and the store's reads where readings need the room.
+    disk_short: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,8 @@ class UpdateTrigger:
             # increment fits under the critical line (`headroom_mb`); at critical nothing starts.
             if inputs.memory_level == "critical":
                 return Decision(False, "memory level critical")
+            if inputs.disk_short:
+                return Decision(False, "disk space short")
             if inputs.headroom_mb < 0:
                 return Decision(False, f"not enough memory for the training worker ({-inputs.headroom_mb:.0f} MB short)")
             if inputs.backlog > self.max_backlog:
