@@ -101,7 +101,9 @@ class StoreConfig(_Section):
         32.0, ge=0, description="space left free on the store's file system: the store's budget shrinks to fit; updates wait below it"
     )
     batch_size: int = Field(500, ge=1, description="flush a write batch at this many readings")
-    flush_interval_s: float = Field(0.2, gt=0, description="... or after this long")
+    flush_interval_s: float = Field(
+        5.0, gt=0, description="... or after this long (each commit writes a page per channel: fewer commits, less SD wear; scoring does not wait)"
+    )
     recent_hours: float = Field(24.0, gt=0, description="readings newer than this are always kept whole")
     reservoir_fraction: float = Field(0.3, gt=0, lt=1, description="share of the budget kept as a sample of older data")
     retention_interval_s: float = Field(60.0, gt=0, description="how often retention runs")

@@ -197,7 +197,8 @@ class Daemon:
         ingestor = self.ingestor
         self.status_sections["ingest"] = ingestor.counters
         if self.pipeline is not None:
-            ingestor.on_batch.append(self.pipeline.on_batch)
+            # Scoring gets readings as they arrive, not when their batch commits.
+            ingestor.on_readings.append(self.pipeline.on_batch)
         ingestor.start()
         return Part("ingest", ingestor.stop, lambda: ingestor.alive)
 

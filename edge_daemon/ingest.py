@@ -53,6 +53,9 @@ DISK_FULL_INBOX_MAX = 20_000
 # is due), so a steady stream wakes it a few hundred times a second rather than once per
 # message: each wake-up takes the GIL from paho's network thread, the ingest bottleneck.
 LINGER_S = 0.004
+# Readings reach the on_readings hooks (scoring) at most this long after they were taken,
+# however long their batch waits to be committed.
+HAND_OVER_S = 0.2
 # PUBACK fixed header (type 4, remaining length 2) in the high half of a big-endian uint32
 # whose low half is the message id: one PUBACK packet per packed integer.
 _PUBACK_WORD = 0x4002 << 16
@@ -273,6 +276,11 @@ class Ingestor:
         self.prefix = config.topic_prefix
         # Called with each committed batch, in the writer thread: must be cheap and not block.
         self.on_batch: list[BatchHook] = []
+        # Called in the writer thread with readings as they are taken, within HAND_OVER_S of
+        # their arrival and before their batch commits (a commit waits for flush_interval_s, the
+        # batch size or half the receive window): scoring need not wait for storage. Duplicates
+        # of stored readings come too. Must be cheap and not block.
+        self.on_readings: list[BatchHook] = []
         # The retained `status` published at every (re)connect; the daemon supplies it.
         self.online_status: Callable[[], dict[str, Any]] = lambda: {"online": True, "device": config.device.id}
         mqtt_cfg = config.mqtt
@@ -516,9 +524,12 @@ class Ingestor:
         readings: list[Reading] = []
         acks: list[tuple[int, int, int]] = []  # (generation, mid, qos) in arrival order
         deadline: float | None = None  # flush time of the oldest message taken and not flushed
+        handed = 0  # readings[:handed] went to the on_readings hooks
+        hand_at: float | None = None  # when readings[handed:] go to them
         while True:
             if not inbox:
-                timeout = interval if deadline is None else deadline - time.monotonic()
+                due = deadline if hand_at is None else hand_at if deadline is None else min(deadline, hand_at)
+                timeout = interval if due is None else due - time.monotonic()
                 if timeout > 0:
                     self._wake.clear()
                     self._writer_idle = True
@@ -541,18 +552,35 @@ class Ingestor:
                     self._stats["received"] += taken
                 if deadline is None:
                     deadline = time.monotonic() + interval
+                if hand_at is None and len(readings) > handed:
+                    hand_at = time.monotonic() + HAND_OVER_S
             if stop:
+                self._hand_over(readings[handed:])
                 self._flush(readings, acks)
                 return
-            if deadline is not None and (
+            flush = deadline is not None and (
                 len(readings) >= batch_size or len(acks) >= ack_flush or time.monotonic() >= deadline
-            ):
+            )
+            if hand_at is not None and (flush or time.monotonic() >= hand_at):
+                self._hand_over(readings[handed:])
+                handed, hand_at = len(readings), None
+            if flush:
                 # Also when only rejected QoS 0 messages were taken (nothing to write or ack):
                 # the deadline must be cleared or the wait above would spin.
                 self._flush(readings, acks)
-                readings, acks, deadline = [], [], None
+                readings, acks, deadline, handed = [], [], None, 0
             elif taken and not inbox:
                 time.sleep(LINGER_S)
+
+    def _hand_over(self, readings: list[Reading]) -> None:
+        """Readings taken and not yet committed, to the on_readings hooks (scoring)."""
+        if not readings:
+            return
+        for hook in self.on_readings:
+            try:
+                hook(readings)
+            except Exception:
+                log.exception("on_readings hook %r failed", hook)
 
     def _take(self, item: _Inbound, readings: list[Reading], acks: list[tuple[int, int, int]]) -> None:
         generation, message, arrival = item

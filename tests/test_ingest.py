@@ -221,6 +221,34 @@ def test_duplicates_are_stored_once_and_hooks_see_committed_batches(running, bro
     pub.disconnect()
 
 
+def test_scoring_gets_readings_before_their_batch_commits(tmp_path: Path, broker: LocalBroker) -> None:
+    """Commits are rare (each writes a page per channel to an SD card); readings reach the
+    on_readings hooks (scoring) anyway, while their batch still waits, unacknowledged."""
+    config = config_for(tmp_path, broker, flush_interval_s=3600.0, batch_size=10_000)
+    store = ReplayStore(config.store_path, config.store, config.channels.names)
+    ingestor = Ingestor(config, store)
+    handed: list[Reading] = []
+    committed: list[Reading] = []
+    ingestor.on_readings.append(handed.extend)
+    ingestor.on_batch.append(committed.extend)
+    ingestor.start()
+    pub = publisher(broker, client_id=f"hand-over-publisher-{time.monotonic_ns()}")
+    try:
+        assert ingestor.wait_subscribed(HANG_S)
+        now = time.time()
+        for k in range(5):
+            pub.publish("sensors/m1/temperature", json.dumps({"ts": now + k, "value": float(k)}), qos=1).wait_for_publish(HANG_S)
+        wait_for(lambda: len(handed) == 5, HANG_S, "the readings handed over")
+        assert [r.value for r in handed] == [0.0, 1.0, 2.0, 3.0, 4.0]
+        assert committed == [] and store.count() == 0 and ingestor.counters()["stored"] == 0
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        ingestor.stop()  # commits the waiting batch
+    assert store.count() == 5 and len(committed) == 5
+    store.close()
+
+
 def test_a_fresh_session_misses_nothing_published_once_subscribed(tmp_path: Path, broker: LocalBroker) -> None:
     # A new session gets nothing published before its SUBACK. `wait_subscribed` (what the daemon
     # waits for before READY) must cover that: a reading published the moment it returns is stored.
