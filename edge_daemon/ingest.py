@@ -310,6 +310,7 @@ class Ingestor:
         # Set while a batch waits for disk space; `on_disk_full(full)` is called when that changes
         # (in the writer thread), and before each retry with `full=True` so space can be freed.
         self._disk_full_since: float | None = None
+        self._batch_qos0 = 0  # readings of the pending batch that came with QoS 0
         self.on_disk_full: Callable[[bool], None] = lambda full: None
         self._rejected_by_reason: dict[str, int] = {}
         self._log_reject = _RateLimitedLog(REJECT_LOG_INTERVAL_S)
@@ -600,12 +601,19 @@ class Ingestor:
         for exc in skipped:
             self._reject(topic, exc)
         readings.extend(parsed)
+        if message.qos == 0:
+            self._batch_qos0 += len(parsed)
 
     def _flush(self, readings: list[Reading], acks: list[tuple[int, int, int]]) -> None:
+        qos0, self._batch_qos0 = self._batch_qos0, 0
         if readings:
             stored = self._write(readings)
             if stored is None:
-                return  # stopped while the disk was full: nothing acknowledged, the broker redelivers
+                # Stopped while the disk was full: nothing acknowledged (the broker redelivers
+                # QoS 1); QoS 0 readings are gone.
+                with self._stats_lock:
+                    self._stats["dropped_disk_full"] += qos0
+                return
             with self._stats_lock:
                 self._stats["readings"] += len(readings)
                 self._stats["stored"] += stored
@@ -640,7 +648,10 @@ class Ingestor:
                 stored = self.store.write(readings)
             except DiskFullError as exc:
                 if self._stopped:
-                    log.warning("disk still full at shutdown: %d readings left unacknowledged for the broker to redeliver", len(readings))
+                    log.warning(
+                        "disk still full at shutdown: %d readings not stored; what came with QoS 1 is left unacknowledged "
+                        "for the broker to redeliver, QoS 0 is lost (counted in dropped_disk_full)", len(readings),
+                    )  # fmt: skip
                     return None
                 if self._disk_full_since is None:
                     self._disk_full_since = time.monotonic()

@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+import contextlib
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
@@ -197,11 +198,14 @@ class ReplayStore:
         conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
             conn.execute("COMMIT")
+        except BaseException:
+            # SQLite rolls some failures back itself (a full disk mid-statement): a ROLLBACK then
+            # would fail and hide the real error. A failed COMMIT may leave the transaction open.
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
 
     # -- schema ------------------------------------------------------------------------------
 
@@ -515,7 +519,9 @@ class ReplayStore:
                     log.info(
                         "store %s: retention removed %d readings in %d segments", self.path, deleted_rows, deleted_segments
                     )
-            vacuumed = self._reclaim(budget)
+            # VACUUM only for the configured budget: under a disk-capped one that recent data
+            # keeps exceeded, it would rewrite the whole file at every run and free nothing.
+            vacuumed = self._reclaim(configured)
             report["rows_after"] = self.count()
         report.update(
             deleted_rows=deleted_rows,

@@ -70,6 +70,39 @@ def test_the_store_says_a_full_disk_is_full(small_fs: Tmpfs, tmp_path: Path) -> 
         assert not store.disk_short()
 
 
+def test_a_write_that_finds_no_room_says_so_every_time(tmp_path: Path) -> None:
+    """SQLite rolls a transaction back itself when the file cannot grow mid-statement: the store
+    must still report a full disk (not a failed ROLLBACK), and the next write must not find a
+    transaction left open."""
+    config = make_config(tmp_path)
+    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+        store.write([Reading(CHANNELS[0], 1e9, 1.0)])
+        pages = int(store._conn.execute("PRAGMA page_count").fetchone()[0])
+        store._conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # the file may hardly grow
+        batch = [Reading(CHANNELS[k % 3], 1e9 + 1 + k, float(k)) for k in range(20_000)]
+        for _ in range(3):
+            with pytest.raises(DiskFullError):
+                store.write(batch)
+        assert store.count() == 1
+        store._conn.execute("PRAGMA max_page_count = 1073741823")
+        assert store.write(batch) == len(batch)
+
+
+def test_retention_on_a_short_disk_keeps_recent_data_and_does_not_rewrite_the_file(tmp_path: Path) -> None:
+    """A disk with less room than the reserve caps the budget below what recent data needs: the
+    recent readings stay (ingestion waits instead), and no VACUUM rewrites the whole file at
+    every run to no avail (SD wear)."""
+    config = make_config(tmp_path, store={"disk_reserve_mb": 10**7})  # more than any disk has
+    now = time.time()
+    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+        store.write([Reading(CHANNELS[k % 3], now - 3600 + k / 3, float(k)) for k in range(30_000)])
+        assert store.disk_short() and store.disk_budget_bytes() < 0
+        for _ in range(2):
+            report = store.run_retention(now)
+            assert report["vacuumed"] is False and report["deleted_rows"] == 0, report
+        assert store.count() == 30_000
+
+
 def test_updates_wait_while_disk_space_is_short() -> None:
     trigger = UpdateTrigger(TrainConfig())
     assert trigger.request()

@@ -135,7 +135,7 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         assert accepted[0]["version"] == 1
         status = request(cfg.device.socket, {"cmd": "status"})
         assert status["ok"] and status["adapter"]["version"] == 1
-        assert status["training"]["last"]["accepted"] is True
+        assert status["training"]["last"]["accepted"] is True, (status["training"], kinds)
         assert status["training"]["last"]["reason"]
         # The next start rule uses what this worker measurably added, not the assumption it began with.
         expected = status["training"]["expected_worker_mb"]

@@ -421,9 +421,15 @@ class Adaptation:
         if self.base is None:
             raise ControlError("no base model yet")
         # Served first, then pointed at: `current` never names what the scorer could not serve
-        # (an adapter of another base, say).
+        # (an adapter of another base, say); if the pointer cannot move (a full disk), what was
+        # served before serves again.
+        previous = self.current_adapter()
         self.serve_version(self.adapters.get(version_number))
-        self.adapters.rollback(version_number, data_ts=self.pipeline.newest_ts if self.pipeline else None)
+        try:
+            self.adapters.rollback(version_number, data_ts=self.pipeline.newest_ts if self.pipeline else None)
+        except BaseException:
+            self.serve_version(previous)
+            raise
         log.info("rolled back to adapter v%d", version_number)
         if self.pipeline is not None:
             self.pipeline.alert({"type": "rollback", "version": version_number, "message": f"rolled back to v{version_number}"})
