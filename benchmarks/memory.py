@@ -22,6 +22,7 @@ throughout). Needs root (cgroups); Linux only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,8 +158,26 @@ def _revision(checkout: Path) -> str:
         return str(checkout)
 
 
-def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None = None) -> Row:
-    row = Row(label, size, limit_multiple)
+@dataclass
+class Service:
+    """A daemon serving in a memory cgroup of its own, fed live readings."""
+
+    daemon: subprocess.Popen[bytes]
+    cgroup: MemoryCgroup
+    socket_path: Path
+    workdir: Path
+
+    def alive_status(self) -> dict[str, Any] | None:
+        if self.daemon.poll() is not None:
+            raise RuntimeError(f"the daemon exited ({self.daemon.returncode}):\n{(self.workdir / 'daemon.log').read_text()[-3000:]}")
+        return daemon_status(self.socket_path)
+
+
+@contextlib.contextmanager
+def serving(size: str, checkout: Path) -> Iterator[tuple[Service, int]]:
+    """The daemon of `checkout` in a fresh cgroup (no limit yet) with a store, a base and live
+    readings, once it has scored its first live step (yielded with that step count); stopped,
+    and everything removed, after."""
     with tempfile.TemporaryDirectory(prefix="edge-mem-") as tmp:
         workdir = Path(tmp)
         (workdir / "broker").mkdir()
@@ -171,94 +191,17 @@ def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None 
         daemon: subprocess.Popen[bytes] | None = None
         try:
             config_file = prepare_state(workdir, size, broker.port)
-            socket_path = workdir / "control.sock"
             with open(workdir / "daemon.log", "wb") as log:
                 daemon = subprocess.Popen(
                     [sys.executable, "-m", "edge_daemon", "run", "--config", str(config_file)],
                     stdout=log, stderr=subprocess.STDOUT, preexec_fn=cgroup.enter_fn(), cwd=checkout,
                     env=dict(os.environ, PYTHONPATH=str(checkout)),
                 )  # fmt: skip
-            running = daemon
-
-            def alive_status() -> dict[str, Any] | None:
-                if running.poll() is not None:
-                    raise RuntimeError(f"the daemon exited ({running.returncode}):\n{(workdir / 'daemon.log').read_text()[-3000:]}")
-                return daemon_status(socket_path)
-
-            wait_for(alive_status, HANG_S, "the control socket", interval=0.1)
+            service = Service(daemon, cgroup, workdir / "control.sock", workdir)
+            wait_for(service.alive_status, HANG_S, "the control socket", interval=0.1)
             feed = LiveFeed(broker.port)
-            first = wait_for(lambda: ((alive_status() or {}).get("scoring") or {}).get("steps"), HANG_S, "the first live step scored", interval=0.1)
-            wait_for(lambda: ((alive_status() or {}).get("scoring") or {}).get("steps", 0) >= first + SETTLE_SCORED, HANG_S, "live scoring to settle", interval=0.1)
-            charges = []
-            deadline = time.monotonic() + SERVING_S
-            while time.monotonic() < deadline:
-                charges.append(cgroup.charge_mb())
-                time.sleep(SAMPLE_S)
-            row.serving_mb = sorted(charges)[len(charges) // 2]
-            pids = cgroup.pids()
-            row.serving_pss_mb, row.serving_rss_sum_mb = _pss_mb(pids), _rss_sum_mb(pids)
-            if limit_multiple is not None:
-                row.limit_mb = limit_multiple * row.serving_mb
-                cgroup.set_limit_mb(row.limit_mb)
-                wait_for(lambda: abs(((alive_status() or {}).get("memory") or {}).get("budget_mb", 0) - row.limit_mb) < 1, HANG_S, "the limit as budget", interval=0.1)
-            stored_before = (daemon_status(socket_path) or {})["store"]["readings"]
-            cgroup.reset_peak()
-            reply = request(socket_path, {"cmd": "train"})
-            if not reply.get("ok"):
-                raise RuntimeError(f"train request refused: {reply}")
-            peak, watchdog_peak, started, requested = 0.0, 0.0, False, time.monotonic()
-            last: dict[str, Any] | None = None
-            while True:
-                peak = max(peak, cgroup.charge_mb())
-                status = daemon_status(socket_path)
-                if daemon.poll() is not None:
-                    row.daemon_alive = False
-                    row.outcome = f"daemon exited ({daemon.returncode})"
-                    break
-                if status is None:
-                    time.sleep(SAMPLE_S)
-                    continue
-                watchdog_peak = max(watchdog_peak, status["memory"]["usage_mb"])
-                training = status["training"]
-                started = started or training["state"] == "running"
-                plan = training.get("plan")
-                if plan:
-                    text = f"{plan['micro_batch']}x{plan['accumulation']}{' ckpt' if plan['checkpointing'] else ''} {plan['optimizer']}"
-                    if not row.plans or row.plans[-1] != text:
-                        row.plans.append(text)
-                if training.get("last") is not None:
-                    last = training["last"]
-                    break
-                if not started and time.monotonic() - requested > HELD_S:
-                    row.outcome = f"held back: {training.get('trigger')}"
-                    break
-                if time.monotonic() - requested > HANG_S:
-                    row.outcome = "no result"
-                    break
-                time.sleep(SAMPLE_S)
-            row.update_peak_mb, row.kernel_peak_mb, row.watchdog_peak_mb = peak, cgroup.peak_mb(), watchdog_peak
-            row.oom_kills = cgroup.oom_kills()
-            after = daemon_status(socket_path)
-            if after is not None:
-                row.stored_during_update = after["store"]["readings"] - stored_before
-            if last is not None:
-                row.accepted = bool(last.get("accepted"))
-                outcome = last.get("outcome") or {}
-                if outcome.get("stopped"):
-                    row.outcome = "stopped at critical"
-                elif last.get("metrics_after") is None:  # no gate: it failed or was killed
-                    row.outcome = f"failed: {last.get('reason')}"
-                else:
-                    row.outcome = "completed"
-                row.wall_s = last.get("duration_s")
-                row.val_loss_before = (last.get("metrics_before") or {}).get("recent_val_loss")
-                row.val_loss_after = (last.get("metrics_after") or {}).get("recent_val_loss")
-                traces = sorted((workdir / "state" / "updates").glob("*.json"))
-                if traces:
-                    trace = json.loads(traces[-1].read_text())
-                    row.worker_imports = trace.get("worker_imports")
-                    row.new_modules = trace.get("worker_new_modules")
-                    row.phases = phase_peaks(trace)
+            first = wait_for(lambda: ((service.alive_status() or {}).get("scoring") or {}).get("steps"), HANG_S, "the first live step scored", interval=0.1)
+            yield service, int(first)
         finally:
             if feed is not None:
                 feed.close()
@@ -269,10 +212,87 @@ def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None 
                 except subprocess.TimeoutExpired:
                     daemon.kill()
                     daemon.wait()
-            if daemon is not None and daemon.returncode not in (0, None) and row.daemon_alive and os.environ.get("EDGE_BENCH_LOG"):
+            if daemon is not None and daemon.returncode not in (0, None) and os.environ.get("EDGE_BENCH_LOG"):
                 print((workdir / "daemon.log").read_text()[-4000:], file=sys.stderr)
             cgroup.remove(60)
             broker.stop()
+
+
+def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None = None) -> Row:
+    row = Row(label, size, limit_multiple)
+    with serving(size, checkout) as (service, first):
+        daemon, cgroup, socket_path, workdir, alive_status = service.daemon, service.cgroup, service.socket_path, service.workdir, service.alive_status
+        wait_for(lambda: ((alive_status() or {}).get("scoring") or {}).get("steps", 0) >= first + SETTLE_SCORED, HANG_S, "live scoring to settle", interval=0.1)
+        charges = []
+        deadline = time.monotonic() + SERVING_S
+        while time.monotonic() < deadline:
+            charges.append(cgroup.charge_mb())
+            time.sleep(SAMPLE_S)
+        row.serving_mb = sorted(charges)[len(charges) // 2]
+        pids = cgroup.pids()
+        row.serving_pss_mb, row.serving_rss_sum_mb = _pss_mb(pids), _rss_sum_mb(pids)
+        if limit_multiple is not None:
+            row.limit_mb = limit_multiple * row.serving_mb
+            cgroup.set_limit_mb(row.limit_mb)
+            wait_for(lambda: abs(((alive_status() or {}).get("memory") or {}).get("budget_mb", 0) - row.limit_mb) < 1, HANG_S, "the limit as budget", interval=0.1)
+        stored_before = (daemon_status(socket_path) or {})["store"]["readings"]
+        cgroup.reset_peak()
+        reply = request(socket_path, {"cmd": "train"})
+        if not reply.get("ok"):
+            raise RuntimeError(f"train request refused: {reply}")
+        peak, watchdog_peak, started, requested = 0.0, 0.0, False, time.monotonic()
+        last: dict[str, Any] | None = None
+        while True:
+            peak = max(peak, cgroup.charge_mb())
+            status = daemon_status(socket_path)
+            if daemon.poll() is not None:
+                row.daemon_alive = False
+                row.outcome = f"daemon exited ({daemon.returncode})"
+                break
+            if status is None:
+                time.sleep(SAMPLE_S)
+                continue
+            watchdog_peak = max(watchdog_peak, status["memory"]["usage_mb"])
+            training = status["training"]
+            started = started or training["state"] == "running"
+            plan = training.get("plan")
+            if plan:
+                text = f"{plan['micro_batch']}x{plan['accumulation']}{' ckpt' if plan['checkpointing'] else ''} {plan['optimizer']}"
+                if not row.plans or row.plans[-1] != text:
+                    row.plans.append(text)
+            if training.get("last") is not None:
+                last = training["last"]
+                break
+            if not started and time.monotonic() - requested > HELD_S:
+                row.outcome = f"held back: {training.get('trigger')}"
+                break
+            if time.monotonic() - requested > HANG_S:
+                row.outcome = "no result"
+                break
+            time.sleep(SAMPLE_S)
+        row.update_peak_mb, row.kernel_peak_mb, row.watchdog_peak_mb = peak, cgroup.peak_mb(), watchdog_peak
+        row.oom_kills = cgroup.oom_kills()
+        after = daemon_status(socket_path)
+        if after is not None:
+            row.stored_during_update = after["store"]["readings"] - stored_before
+        if last is not None:
+            row.accepted = bool(last.get("accepted"))
+            outcome = last.get("outcome") or {}
+            if outcome.get("stopped"):
+                row.outcome = "stopped at critical"
+            elif last.get("metrics_after") is None:  # no gate: it failed or was killed
+                row.outcome = f"failed: {last.get('reason')}"
+            else:
+                row.outcome = "completed"
+            row.wall_s = last.get("duration_s")
+            row.val_loss_before = (last.get("metrics_before") or {}).get("recent_val_loss")
+            row.val_loss_after = (last.get("metrics_after") or {}).get("recent_val_loss")
+            traces = sorted((workdir / "state" / "updates").glob("*.json"))
+            if traces:
+                trace = json.loads(traces[-1].read_text())
+                row.worker_imports = trace.get("worker_imports")
+                row.new_modules = trace.get("worker_new_modules")
+                row.phases = phase_peaks(trace)
     return row
 
 
@@ -281,60 +301,19 @@ def run_idle(label: str, checkout: Path, minutes: int) -> list[dict[str, Any]]:
     private MB (the daemon's; for this design the training helper's, whose private pages are
     its old copies of what the daemon wrote since the fork)."""
     samples: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="edge-idle-") as tmp:
-        workdir = Path(tmp)
-        (workdir / "broker").mkdir()
-        broker = LocalBroker(workdir=workdir / "broker")
-        broker.start()
-        cgroup = create_memory_cgroup()
-        if not isinstance(cgroup, MemoryCgroup):
-            raise SystemExit(f"cannot create a memory cgroup here: {cgroup}")
-        cgroup.set_limit_mb(UNLIMITED_MB)
-        feed: LiveFeed | None = None
-        daemon: subprocess.Popen[bytes] | None = None
-        try:
-            config_file = prepare_state(workdir, "default", broker.port)
-            socket_path = workdir / "control.sock"
-            with open(workdir / "daemon.log", "wb") as log:
-                daemon = subprocess.Popen(
-                    [sys.executable, "-m", "edge_daemon", "run", "--config", str(config_file)],
-                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=cgroup.enter_fn(), cwd=checkout,
-                    env=dict(os.environ, PYTHONPATH=str(checkout)),
-                )  # fmt: skip
-            running = daemon
-
-            def alive_status() -> dict[str, Any] | None:
-                if running.poll() is not None:
-                    raise RuntimeError(f"the daemon exited ({running.returncode}):\n{(workdir / 'daemon.log').read_text()[-3000:]}")
-                return daemon_status(socket_path)
-
-            wait_for(alive_status, HANG_S, "the control socket", interval=0.1)
-            feed = LiveFeed(broker.port)
-            wait_for(lambda: ((alive_status() or {}).get("scoring") or {}).get("steps"), HANG_S, "the first live step scored", interval=0.1)
-            started = time.monotonic()
-            for minute in range(minutes + 1):
-                while time.monotonic() < started + 60 * minute:
-                    alive_status()
-                    time.sleep(1.0)
-                others = [pid for pid in cgroup.pids() if pid != running.pid]
-                samples.append({
-                    "label": label, "minute": minute, "charge_mb": cgroup.charge_mb(),
-                    "daemon_private_mb": private_mb(running.pid),
-                    "others_private_mb": sum(private_mb(pid) or 0.0 for pid in others), "others": len(others),
-                })  # fmt: skip
-                print(f"  {label} minute {minute}: {samples[-1]}", file=sys.stderr, flush=True)
-        finally:
-            if feed is not None:
-                feed.close()
-            if daemon is not None and daemon.poll() is None:
-                daemon.send_signal(signal.SIGTERM)
-                try:
-                    daemon.wait(60)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
-                    daemon.wait()
-            cgroup.remove(60)
-            broker.stop()
+    with serving("default", checkout) as (service, _first):
+        started = time.monotonic()
+        for minute in range(minutes + 1):
+            while time.monotonic() < started + 60 * minute:
+                service.alive_status()
+                time.sleep(1.0)
+            others = [pid for pid in service.cgroup.pids() if pid != service.daemon.pid]
+            samples.append({
+                "label": label, "minute": minute, "charge_mb": service.cgroup.charge_mb(),
+                "daemon_private_mb": private_mb(service.daemon.pid),
+                "others_private_mb": sum(private_mb(pid) or 0.0 for pid in others), "others": len(others),
+            })  # fmt: skip
+            print(f"  {label} minute {minute}: {samples[-1]}", file=sys.stderr, flush=True)
     return samples
 
 
