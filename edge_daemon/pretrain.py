@@ -118,16 +118,18 @@ def _eval_loss(model: Forecaster, windows: np.ndarray) -> float:
     return total / len(windows)
 
 
-def last_step_errors(model: torch.nn.Module, windows: np.ndarray) -> np.ndarray:
-    """(M, C) forecast - actual at the last position of (M, T+1, C) normalised windows.
+def last_step_errors(model: torch.nn.Module, windows: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """(M, C) forecast - actual at the last position of (M, T+1, C) normalised windows, forecast
+    `batch_size` windows at a time (a training worker passes its plan's micro-batch: on a long
+    window a batch of 32 holds ~100 MB of activations).
 
     The last position is the one the scorer uses once it holds a full window.
     """
     model.eval()
     parts = []
     with torch.inference_mode():
-        for start in range(0, len(windows), EVAL_BATCH):
-            batch = torch.from_numpy(np.ascontiguousarray(windows[start : start + EVAL_BATCH]))
+        for start in range(0, len(windows), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(windows[start : start + batch_size]))
             forecast = model(batch[:, :-1])[:, -1]  # (B, C): calendar columns are inputs, not forecast
             parts.append((forecast - batch[:, -1, : forecast.shape[-1]]).double().numpy())
     return np.concatenate(parts) if parts else np.zeros((0, windows.shape[-1]))

@@ -559,7 +559,7 @@ def _update_traced(
         span = store.time_range()
     # The baselines refitted on this update's windows, and how the adapted model compares with
     # them on its held-out ones: where serving starts (scoring.ServingRule).
-    baselines, held_out = refit_baselines(base, config, data, trained.adapted)
+    baselines, held_out = refit_baselines(base, config, data, trained.adapted, batch_size=last_plan[0].micro_batch)
     meta = AdapterMeta(
         created_unix=started,
         served_from_ts=span[1] if span is not None else None,
@@ -594,7 +594,9 @@ def _update_traced(
     return result, version.path
 
 
-def refit_baselines(base: Any, config: Config, data: UpdateData, model: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def refit_baselines(
+    base: Any, config: Config, data: UpdateData, model: Any, batch_size: int = 32
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Baselines fitted on an update's training windows (recent and replayed) and the held-out
     comparison on its recent validation windows, with `model` the adapted forecaster."""
     from edge_daemon.baselines import held_out_report, make_baselines
@@ -608,7 +610,9 @@ def refit_baselines(base: Any, config: Config, data: UpdateData, model: Any) -> 
     season = base.meta.get("season_steps") or config.model.season_steps or None
     baselines = make_baselines(train, season, base.cfg.lags, base.cfg.horizons, base.cfg.n_channels)
     val = data.recent_val.numpy()
-    held_out = held_out_report(baselines, val[..., :n_sensors], last_step_errors(model, val), base.cfg.n_channels)
+    # The adapted model forecasts as many windows at a time as the update's last plan trained on:
+    # what fitted the memory then fits it now.
+    held_out = held_out_report(baselines, val[..., :n_sensors], last_step_errors(model, val, batch_size), base.cfg.n_channels)
     return [b.to_dict() for b in baselines], held_out
 
 

@@ -243,3 +243,19 @@ def test_calendar_inputs_let_the_model_forecast_what_follows_the_clock(tmp_path:
             mae = pretrain(grid, ["hvac/load"], 900.0, config, tmp_path / f"{name}-{seed}", steps=800, lr=5e-3, seed=seed)["held_out"]["mae"]
             errors[name] = min(errors.get(name, math.inf), mae["model"] / mae["ridge"])
     assert errors["with"] < 0.7 * errors["without"], errors
+
+
+def test_last_step_errors_forecast_as_many_windows_at_a_time_as_asked() -> None:
+    """A training worker forecasts its held-out windows with its plan's micro-batch: on the large
+    model's 256-step window a batch of 32 held ~120 MB, more than the whole update's plan."""
+    from edge_daemon.model import Forecaster, ForecasterConfig
+    from edge_daemon.pretrain import last_step_errors
+
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(n_channels=3, window=16, d_model=16, n_heads=2, n_layers=1, d_ff=16, lags=4))
+    windows = np.random.default_rng(0).normal(size=(7, 17, 3)).astype(np.float32)
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(int(args[0].shape[0])))
+    errors = last_step_errors(model, windows, batch_size=2)
+    assert seen == [2, 2, 2, 1]
+    np.testing.assert_allclose(errors, last_step_errors(model, windows), rtol=1e-5, atol=1e-6)
