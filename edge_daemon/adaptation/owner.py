@@ -178,7 +178,7 @@ class Adaptation:
     def check(self) -> None:
         """The update-trigger job: start an update (or the base bootstrap) when the trigger says so."""
         assert self.runner is not None and self.watchdog is not None and self.pipeline is not None
-        if self.runner.running:
+        if self.runner.running or self.trigger.running:  # a worker runs, or its result is being served
             return
         pipeline = self.pipeline
         if self.base is None:
@@ -301,9 +301,16 @@ class Adaptation:
     # -- results -----------------------------------------------------------------------------
 
     def on_result(self, result: JobResult) -> None:
-        """In the runner's monitor thread: serve an accepted adapter, publish the outcome."""
-        backoff = self.governor.retry_after_s if self.governor else 0.0
-        self.trigger.finished(stopped_for_memory=result.stopped_for_memory, backoff_s=backoff)
+        """In the runner's monitor thread: serve an accepted adapter, publish the outcome; only
+        then may the trigger start another update (before, it would still see the drift that the
+        adapter now served is about to reset, or no base while a new one loads)."""
+        try:
+            self._handle_result(result)
+        finally:
+            backoff = self.governor.retry_after_s if self.governor else 0.0
+            self.trigger.finished(stopped_for_memory=result.stopped_for_memory, backoff_s=backoff)
+
+    def _handle_result(self, result: JobResult) -> None:
         self._learn_worker_increment(finished=result.ran_to_end)
         release_memory()
         if result.aborted and self.stop_event.is_set():
