@@ -166,6 +166,7 @@ class Daemon:
             backlog=lambda: self.ingestor.backlog if self.ingestor else 0,
             stored_readings=store.count,
             disk_short=lambda: self.disk_full or store.disk_short(),
+            newest_stored_ts=lambda: (store.time_range() or (None, None))[1],
             publish_status=self._publish_status,
         )  # fmt: skip
         self.status_sections["training"] = adaptation.training_status

@@ -220,6 +220,8 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
         wait_for(lambda: daemon.runner.last is not None, 240, "the requested update")
         last = daemon.runner.last
         assert last.accepted and last.version == 1, last
+        # The result is known before it is handled: `current` moves once the scorer serves it.
+        wait_for(lambda: daemon.adapters.current_version() == 1, 60, "v1 served and current")
         assert last.job is not None and last.job.reason == "requested"
         adapters = request(cfg.device.socket, {"cmd": "adapters"})
         assert adapters["current"] == 1 and [a["version"] for a in adapters["adapters"]] == [1]

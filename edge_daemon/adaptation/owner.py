@@ -72,6 +72,7 @@ class Adaptation:
         self.backlog: Callable[[], int] = lambda: 0  # readings received, not yet committed
         self.stored_readings: Callable[[], int] = lambda: 0
         self.disk_short: Callable[[], bool] = lambda: False
+        self.newest_stored_ts: Callable[[], float | None] = lambda: None
         self.publish_status: Callable[[], None] = lambda: None
         self._model_lock = threading.Lock()
         self._bootstrap_not_before = 0.0
@@ -154,11 +155,13 @@ class Adaptation:
         stored_readings: Callable[[], int],
         publish_status: Callable[[], None],
         disk_short: Callable[[], bool] = lambda: False,
+        newest_stored_ts: Callable[[], float | None] = lambda: None,
     ) -> UpdateRunner:
         """The plan governor and the runner of training workers, over the parts they use."""
         cfg = self.config
         self.watchdog, self.pipeline, self.publish_status = watchdog, pipeline, publish_status
         self.backlog, self.stored_readings, self.disk_short = backlog, stored_readings, disk_short
+        self.newest_stored_ts = newest_stored_ts
         ladder = plan_candidates(cfg.train.batch_size, plan_from_config(cfg.train).micro_batch)
         ladder = [
             p
@@ -209,7 +212,8 @@ class Adaptation:
         since = pipeline.drift.residual_change_from
         if since is not None:
             needed_s = UPDATE_MIN_WINDOWS_SINCE_CHANGE * (self.base.cfg.window + 1) * self.config.channels.period_s
-            have_s = (pipeline.newest_ts or since) - since
+            # The update reads the store, which the scorer runs ahead of by up to a batch.
+            have_s = (self.newest_stored_ts() or since) - since
             if have_s < needed_s:
                 if not self.trigger.requested:
                     self.last_decision = f"waiting for data since the change: {have_s:.0f} of {needed_s:.0f} s"
