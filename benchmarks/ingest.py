@@ -38,10 +38,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_daemon.broker import LocalBroker
-from edge_daemon.config import Config, parse_config
-from edge_daemon.ingest import Ingestor
-from edge_daemon.store import Reading, ReplayStore
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support, run from a checkout
+
+from edge_daemon.broker import LocalBroker  # noqa: E402
+from edge_daemon.config import Config, parse_config  # noqa: E402
+from edge_daemon.ingest import Ingestor  # noqa: E402
+from edge_daemon.store import Reading, ReplayStore  # noqa: E402
 
 PUBLISHER = r"""
 import json, sys, time
@@ -216,7 +218,6 @@ def _write_bytes(pid: int) -> int:
 
 def wear_run(rate: float, seconds: float, store: dict[str, object], workdir: Path) -> dict[str, float]:
     """One daemon, one rate: bytes written to storage per stored reading."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from edge_daemon.control import request
     from tests.support import config_toml, daemon_status, wait_for
 

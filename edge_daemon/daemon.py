@@ -162,11 +162,9 @@ class Daemon:
         cfg = self.config
         store, adaptation = self.store, self.adaptation
         runner = adaptation.attach(
-            self.watchdog, self.pipeline, self.forker,
+            self.watchdog, self.pipeline, self.forker, store,
             backlog=lambda: self.ingestor.backlog if self.ingestor else 0,
-            stored_readings=store.count,
-            disk_short=lambda: self.disk_full or store.disk_short(),
-            newest_stored_ts=lambda: (store.time_range() or (None, None))[1],
+            ingest_waiting=lambda: self.disk_full,
             publish_status=self._publish_status,
         )  # fmt: skip
         self.status_sections["training"] = adaptation.training_status

@@ -81,10 +81,7 @@ class Progress:
     replay_windows: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if v is not None}
-        if self.plan is not None:
-            out["plan"] = self.plan.to_dict()
-        return out
+        return {k: v for k, v in asdict(self).items() if v is not None}  # asdict turns the plan into its dict too
 
 
 @dataclass

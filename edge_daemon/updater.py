@@ -595,7 +595,7 @@ def _update_traced(
 
 
 def refit_baselines(
-    base: Any, config: Config, data: UpdateData, model: Any, batch_size: int = 32
+    base: Any, config: Config, data: UpdateData, model: Any, batch_size: int
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Baselines fitted on an update's training windows (recent and replayed) and the held-out
     comparison on its recent validation windows, with `model` the adapted forecaster."""

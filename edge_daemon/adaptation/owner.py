@@ -26,6 +26,7 @@ from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, Mode
 from edge_daemon.plan import plan_from_config
 from edge_daemon.records import JobResult, UpdateJob
 from edge_daemon.scoring import Scorer, ServingRule, baselines_of
+from edge_daemon.store import ReplayStore
 from edge_daemon.updater import heavy_modules_loaded, run_worker
 from edge_daemon.watchdog import Level, MemoryWatchdog, PlanGovernor, plan_candidates, release_memory
 from edge_daemon.worker import WorkerForker
@@ -69,10 +70,9 @@ class Adaptation:
         self.pipeline: ScoringPipeline | None = None
         self.governor: PlanGovernor | None = None
         self.runner: UpdateRunner | None = None
+        self.store: ReplayStore | None = None
         self.backlog: Callable[[], int] = lambda: 0  # readings received, not yet committed
-        self.stored_readings: Callable[[], int] = lambda: 0
-        self.disk_short: Callable[[], bool] = lambda: False
-        self.newest_stored_ts: Callable[[], float | None] = lambda: None
+        self.ingest_waiting: Callable[[], bool] = lambda: False  # ingestion waits for disk space
         self.publish_status: Callable[[], None] = lambda: None
         self._model_lock = threading.Lock()
         self._bootstrap_not_before = 0.0
@@ -151,17 +151,15 @@ class Adaptation:
         watchdog: MemoryWatchdog,
         pipeline: ScoringPipeline,
         forker: WorkerForker,
+        store: ReplayStore,
         backlog: Callable[[], int],
-        stored_readings: Callable[[], int],
+        ingest_waiting: Callable[[], bool],
         publish_status: Callable[[], None],
-        disk_short: Callable[[], bool] = lambda: False,
-        newest_stored_ts: Callable[[], float | None] = lambda: None,
     ) -> UpdateRunner:
         """The plan governor and the runner of training workers, over the parts they use."""
         cfg = self.config
-        self.watchdog, self.pipeline, self.publish_status = watchdog, pipeline, publish_status
-        self.backlog, self.stored_readings, self.disk_short = backlog, stored_readings, disk_short
-        self.newest_stored_ts = newest_stored_ts
+        self.watchdog, self.pipeline, self.store, self.publish_status = watchdog, pipeline, store, publish_status
+        self.backlog, self.ingest_waiting = backlog, ingest_waiting
         ladder = plan_candidates(cfg.train.batch_size, plan_from_config(cfg.train).micro_batch)
         ladder = [
             p
@@ -213,13 +211,18 @@ class Adaptation:
         if since is not None:
             needed_s = UPDATE_MIN_WINDOWS_SINCE_CHANGE * (self.base.cfg.window + 1) * self.config.channels.period_s
             # The update reads the store, which the scorer runs ahead of by up to a batch.
-            have_s = (self.newest_stored_ts() or since) - since
+            assert self.store is not None
+            have_s = ((self.store.time_range() or (None, None))[1] or since) - since
             if have_s < needed_s:
                 if not self.trigger.requested:
                     self.last_decision = f"waiting for data since the change: {have_s:.0f} of {needed_s:.0f} s"
                     return
                 since = None
         self.start_update(decision.reason, since=since)
+
+    def disk_short(self) -> bool:
+        """Ingestion waits for disk space, or the free space is under `[store] disk_reserve_mb`."""
+        return self.ingest_waiting() or (self.store is not None and self.store.disk_short())
 
     def worker_headroom_mb(self) -> float:
         """MB under the critical threshold left once a training worker of the expected size runs.
@@ -268,7 +271,8 @@ class Adaptation:
             return
         if time.monotonic() < self._bootstrap_not_before:
             return
-        if self.stored_readings() < self.config.model.bootstrap_min_windows * len(self.config.channels.names):
+        assert self.store is not None
+        if self.store.count() < self.config.model.bootstrap_min_windows * len(self.config.channels.names):
             return
         if self._start_worker(UpdateJob("pretrain", "no base model")):
             self.trigger.started()
