@@ -35,7 +35,9 @@ from typing import Any, BinaryIO
 
 # Everything a worker runs is imported here, before the helper is forked: a worker then imports
 # nothing (each import would be memory of its own, not shared). numpy loads numpy.random on first
-# use only (~5 MB of a worker's own when it drew the update's seed).
+# use only (~5 MB of a worker's own when it drew the update's seed), and safetensors reaches
+# numpy.ctypeslib on its first save_file, which in a daemon is the worker saving an adapter.
+import numpy.ctypeslib
 import numpy.random
 
 import edge_daemon.adapters

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -14,6 +15,8 @@ import pytest
 
 from edge_daemon.watchdog import Level, SharedLevel
 from edge_daemon.worker import MessageWriter, SharedFlag, WorkerForker, read_messages
+
+HANG_S = 120.0  # bounds a hang only
 
 
 def report(job: dict[str, Any], out: MessageWriter, level: SharedLevel, stop: SharedFlag) -> None:
@@ -190,3 +193,38 @@ def test_a_worker_the_runner_kills_on_shutdown_is_no_memory_stop(tmp_path: Any) 
         assert governor.retry_after_s == 0 and governor.next_start_plan() == governor.ladder[0]
     finally:
         forker.stop()
+
+
+SAVE_IN_A_WORKER = """
+import sys, tempfile
+from edge_daemon.worker import WorkerForker, read_messages
+
+def save(job, out, level, stop):
+    before = set(sys.modules)
+    from edge_daemon.lora import attach_lora, save_adapter
+    from edge_daemon.model import Forecaster, ForecasterConfig
+    model = attach_lora(Forecaster(ForecasterConfig(n_channels=3, window=8, d_model=16, n_heads=2, n_layers=2, d_ff=32)), ["head"], r=2, alpha=4)
+    save_adapter(model, job["dir"])
+    out.put({"new_modules": sorted(set(sys.modules) - before)})
+    out.close()
+
+forker = WorkerForker()
+forker.register("save", save)
+forker.start()
+try:
+    pid, fd = forker.launch("save", {"dir": tempfile.mkdtemp()})
+    (message,) = list(read_messages(fd))
+    print("NEW", message["new_modules"])
+    assert forker.wait().code == 0
+finally:
+    forker.stop()
+"""
+
+
+def test_a_worker_saving_an_adapter_imports_nothing() -> None:
+    """safetensors reaches numpy.ctypeslib lazily on its first save: the helper must have it.
+
+    A fresh interpreter, so that what this test process imported in earlier tests hides nothing."""
+    done = subprocess.run([sys.executable, "-c", SAVE_IN_A_WORKER], capture_output=True, text=True, timeout=HANG_S)
+    assert done.returncode == 0, done.stderr
+    assert "NEW []" in done.stdout.splitlines(), done.stdout
