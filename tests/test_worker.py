@@ -196,7 +196,7 @@ def test_a_worker_the_runner_kills_on_shutdown_is_no_memory_stop(tmp_path: Any) 
 
 
 SAVE_IN_A_WORKER = """
-import sys, tempfile
+import sys
 from edge_daemon.worker import WorkerForker, read_messages
 
 def save(job, out, level, stop):
@@ -212,7 +212,7 @@ forker = WorkerForker()
 forker.register("save", save)
 forker.start()
 try:
-    pid, fd = forker.launch("save", {"dir": tempfile.mkdtemp()})
+    pid, fd = forker.launch("save", {"dir": sys.argv[1]})
     (message,) = list(read_messages(fd))
     print("NEW", message["new_modules"])
     assert forker.wait().code == 0
@@ -221,10 +221,10 @@ finally:
 """
 
 
-def test_a_worker_saving_an_adapter_imports_nothing() -> None:
+def test_a_worker_saving_an_adapter_imports_nothing(tmp_path: Any) -> None:
     """safetensors reaches numpy.ctypeslib lazily on its first save: the helper must have it.
 
     A fresh interpreter, so that what this test process imported in earlier tests hides nothing."""
-    done = subprocess.run([sys.executable, "-c", SAVE_IN_A_WORKER], capture_output=True, text=True, timeout=HANG_S)
+    done = subprocess.run([sys.executable, "-c", SAVE_IN_A_WORKER, str(tmp_path / "adapter")], capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     assert "NEW []" in done.stdout.splitlines(), done.stdout
