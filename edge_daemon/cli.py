@@ -244,6 +244,9 @@ def describe_ingest(ingest: dict[str, Any]) -> str:
     by_reason = ingest.get("rejected_by_reason")
     if isinstance(by_reason, dict) and by_reason:
         text += " (" + ", ".join(f"{esc(k)} {fmt_int(v)}" for k, v in sorted(by_reason.items())) + ")"
+    clock = ingest.get("clock")
+    if isinstance(clock, dict) and (clock.get("trusted") is False or clock.get("holding")):
+        text += f"; [yellow]clock not trusted[/yellow], {fmt_int(clock.get('holding'))} readings held"
     return text
 
 

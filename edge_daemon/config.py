@@ -109,6 +109,15 @@ class StoreConfig(_Section):
     retention_interval_s: float = Field(60.0, gt=0, description="how often retention runs")
     max_age_s: float = Field(7 * 24 * 3600.0, gt=0, description="readings older than this are rejected")
     max_skew_s: float = Field(300.0, ge=0, description="readings this far ahead of the device clock are rejected")
+    clock_trust: Literal["kernel", "always", "never"] = Field(
+        "kernel",
+        description="when the device clock is trusted to reject readings outside max_age_s/max_skew_s: 'kernel' while the"
+        " kernel says it is NTP-synchronised (until then they are held), 'always' (never held), 'never' (always held)",
+    )
+    clock_hold_s: float = Field(
+        6 * 3600.0, gt=0, description="a reading held outside the time window is rejected after waiting this long (by the device clock)"
+    )
+    clock_hold_max: int = Field(200_000, ge=0, description="readings held at most while the clock is not trusted (~25 bytes each, in the store budget; beyond it they are rejected)")
     segment_steps: int = Field(
         300, ge=2, description="retention keeps older data as a sample of whole segments of this many grid steps"
     )

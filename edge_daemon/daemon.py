@@ -175,6 +175,8 @@ class Daemon:
         scheduler.add("status", self._publish_status, interval_s=cfg.outputs.status_interval_s)
         scheduler.start()
         self.scheduler = scheduler
+        if self.ingestor is not None:
+            self.ingestor.clock_watch.on_jump.append(scheduler.clock_jumped)
 
         def stop() -> None:
             scheduler.stop()
@@ -344,9 +346,18 @@ class Daemon:
         add(self._status_drift)
         add(lambda: f"{self.store.count()} readings" if self.store is not None else None)
         add(lambda: "disk full: ingestion waiting" if self.disk_full else None)
+        add(self._status_clock)
         add(lambda: "broker unreachable" if self.ingestor is not None and not self.ingestor.connected else None)
         add(self.adaptation.status_piece)
         return ", ".join(pieces)
+
+    def _status_clock(self) -> str | None:
+        if self.ingestor is None or self.store is None:
+            return None
+        held = self.store.held_rows
+        if not held:
+            return None  # an unsynchronised clock alone changes nothing (`status` shows it)
+        return f"{held} readings held" if self.ingestor.clock_watch.trusted else f"clock not trusted: {held} readings held"
 
     def _status_drift(self) -> str | None:
         if self.pipeline is None:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import isfinite
 from typing import Any
 
@@ -27,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_daemon.clock import ClockWatch
 from edge_daemon.config import Config
 from edge_daemon.errors import DiskFullError, PayloadError, StoreError
 from edge_daemon.store import Reading, ReplayStore
@@ -56,6 +57,9 @@ LINGER_S = 0.004
 # Readings reach the on_readings hooks (scoring) at most this long after they were taken,
 # however long their batch waits to be committed.
 HAND_OVER_S = 0.2
+# The writer looks at the clock (jumps, the kernel's synchronisation state) and, while readings
+# are held, releases those the clock now allows, at most this often.
+CLOCK_CHECK_S = 1.0
 # PUBACK fixed header (type 4, remaining length 2) in the high half of a big-endian uint32
 # whose low half is the message id: one PUBACK packet per packed integer.
 _PUBACK_WORD = 0x4002 << 16
@@ -125,6 +129,19 @@ def _number(value: Any, what: str) -> float:
         raise PayloadError("non_finite", f"{what} overflows a float") from None
 
 
+# A reading stamped before this (2024-01-01 UTC) was not stamped by a working clock (a dead RTC
+# sends 1970): it is rejected at once, never held for the device clock to be corrected.
+HOLD_FLOOR_TS = 1_704_067_200.0
+
+
+class _OutOfWindow(Exception):
+    """A valid timestamp outside the window the device clock allows (internal to parse_payload)."""
+
+    def __init__(self, error: PayloadError, ts: float) -> None:
+        self.error = error
+        self.ts = ts
+
+
 def _timestamp(value: Any, now: float, limits: PayloadLimits) -> float:
     kind = type(value)
     if kind is not float and kind is not int:
@@ -136,9 +153,9 @@ def _timestamp(value: Any, now: float, limits: PayloadLimits) -> float:
     if not isfinite(ts):
         raise PayloadError("bad_ts", f"ts is {ts}")
     if ts < now - limits.max_age_s:
-        raise PayloadError("too_old", f"ts {ts:.3f} is {now - ts:.0f} s old")
+        raise _OutOfWindow(PayloadError("too_old", f"ts {ts:.3f} is {now - ts:.0f} s old"), ts)
     if ts > now + limits.max_skew_s:
-        raise PayloadError("future", f"ts {ts:.3f} is {ts - now:.0f} s ahead")
+        raise _OutOfWindow(PayloadError("future", f"ts {ts:.3f} is {ts - now:.0f} s ahead"), ts)
     return ts
 
 
@@ -160,6 +177,7 @@ def parse_payload(
     channels: set[str],
     limits: PayloadLimits,
     skipped: list[PayloadError] | None = None,
+    held: list[Reading] | None = None,
 ) -> list[Reading]:
     """The readings in one MQTT message, or PayloadError(reason) for a message with none.
 
@@ -167,7 +185,24 @@ def parse_payload(
     number (ts = now, the arrival time); `sensors/<sensor>` with `{"ts": t, "values": {...}}`.
     In a `values` map each entry stands alone: bad entries are appended to `skipped` and the
     good ones returned; if no entry is good, the first entry's error is raised.
+
+    A timestamp older than max_age_s or more than max_skew_s ahead of `now` is rejected
+    ("too_old", "future"); given a `held` list, such readings (stamped after HOLD_FLOOR_TS) are
+    appended to it instead, and the message returns none.
     """
+    try:
+        return _parse(topic, payload, now, channels, limits, skipped)
+    except _OutOfWindow as out:
+        if held is None or out.ts < HOLD_FLOOR_TS:
+            raise out.error from None
+        # Parsed again without the window, the value checks and `skipped` exactly as in range.
+        held.extend(_parse(topic, payload, out.ts, channels, replace(limits, max_age_s=math.inf, max_skew_s=math.inf), skipped))
+        return []
+
+
+def _parse(
+    topic: str, payload: bytes, now: float, channels: set[str], limits: PayloadLimits, skipped: list[PayloadError] | None
+) -> list[Reading]:
     levels = topic.split("/")
     if levels[0] != "sensors" or len(levels) not in (2, 3) or not all(levels):
         raise PayloadError("bad_topic", repr(topic[:120]))
@@ -267,10 +302,16 @@ class Ingestor:
     keeps its per-message work small and wakes up in bursts, not per message.
     """
 
-    def __init__(self, config: Config, store: ReplayStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: Config, store: ReplayStore, clock: Callable[[], float] = time.time, clock_watch: ClockWatch | None = None
+    ) -> None:
         self.config = config
         self.store = store
         self.clock = clock
+        # Readings outside the time window are held, not rejected, while this does not trust the clock.
+        self.clock_watch = clock_watch or ClockWatch(config.store.clock_trust, wall=clock)
+        self._next_clock_check = 0.0
+        self._hold_full_logged = False
         self.limits = PayloadLimits.from_config(config)
         self.channels = set(config.channels.names)
         self.prefix = config.topic_prefix
@@ -306,6 +347,7 @@ class Ingestor:
         self._stats_lock = threading.Lock()
         self._stats: dict[str, int] = {
             "received": 0, "readings": 0, "stored": 0, "duplicates": 0, "rejected": 0, "batches": 0, "dropped_disk_full": 0,
+            "held": 0, "released": 0,
         }  # fmt: skip
         # Set while a batch waits for disk space; `on_disk_full(full)` is called when that changes
         # (in the writer thread), and before each retry with `full=True` so space can be freed.
@@ -496,12 +538,13 @@ class Ingestor:
             snapshot["rejected_by_reason"] = dict(self._rejected_by_reason)
         snapshot["connected"] = self.connected
         snapshot["disk_full"] = self.disk_full
+        snapshot["clock"] = {**self.clock_watch.status(), "holding": self.store.held_rows}
         return snapshot
 
-    def _reject(self, topic: str, error: PayloadError) -> None:
+    def _reject(self, topic: str, error: PayloadError, count: int = 1) -> None:
         with self._stats_lock:
-            self._stats["rejected"] += 1
-            self._rejected_by_reason[error.reason] = self._rejected_by_reason.get(error.reason, 0) + 1
+            self._stats["rejected"] += count
+            self._rejected_by_reason[error.reason] = self._rejected_by_reason.get(error.reason, 0) + count
         self._log_reject(error.reason, topic, error.detail)
 
     # -- writer thread -----------------------------------------------------------------------
@@ -522,15 +565,21 @@ class Ingestor:
         interval = self.config.store.flush_interval_s
         ack_flush = self._ack_flush
         inbox = self._inbox
+        hold_max = self.config.store.clock_hold_max
         readings: list[Reading] = []
+        held: list[Reading] = []  # outside the time window while the clock is not trusted
         acks: list[tuple[int, int, int]] = []  # (generation, mid, qos) in arrival order
         deadline: float | None = None  # flush time of the oldest message taken and not flushed
-        handed = 0  # readings[:handed] went to the on_readings hooks
-        hand_at: float | None = None  # when readings[handed:] go to them
+        handed = held_handed = 0  # readings[:handed] and held[:held_handed] went to the on_readings hooks
+        hand_at: float | None = None  # when the rest go to them
         while True:
+            if time.monotonic() >= self._next_clock_check:
+                self._check_clock()
             if not inbox:
                 due = deadline if hand_at is None else hand_at if deadline is None else min(deadline, hand_at)
                 timeout = interval if due is None else due - time.monotonic()
+                if self.store.held_rows:
+                    timeout = min(timeout, self._next_clock_check - time.monotonic())
                 if timeout > 0:
                     self._wake.clear()
                     self._writer_idle = True
@@ -541,35 +590,43 @@ class Ingestor:
                     self._writer_idle = False
             taken = 0
             stop = False
-            while inbox and len(readings) < batch_size and len(acks) < ack_flush:
+            # Out-of-window readings go to `held` while it is shorter than this (never, with a trusted clock).
+            hold_limit = -1 if self.clock_watch.trusted or not hold_max else hold_max - self.store.held_rows
+            while inbox and len(readings) + len(held) < batch_size and len(acks) < ack_flush:
                 item = inbox.popleft()
                 if item is _STOP:
                     stop = True
                     break
                 taken += 1
-                self._take(item, readings, acks)  # type: ignore[arg-type]
+                self._take(item, readings, acks, held if len(held) < hold_limit else None)  # type: ignore[arg-type]
+            if hold_limit >= 0:
+                self._note_hold_room(len(held) < hold_limit, hold_max)
             if taken:
                 with self._stats_lock:
                     self._stats["received"] += taken
                 if deadline is None:
                     deadline = time.monotonic() + interval
-                if hand_at is None and len(readings) > handed:
+                if hand_at is None and (len(readings) > handed or len(held) > held_handed):
                     hand_at = time.monotonic() + HAND_OVER_S
             if stop:
                 self._hand_over(readings[handed:])
-                self._flush(readings, acks)
+                self._hand_over(held[held_handed:])
+                self._flush(readings, held, acks)
                 return
             flush = deadline is not None and (
-                len(readings) >= batch_size or len(acks) >= ack_flush or time.monotonic() >= deadline
+                len(readings) + len(held) >= batch_size or len(acks) >= ack_flush or time.monotonic() >= deadline
             )
             if hand_at is not None and (flush or time.monotonic() >= hand_at):
+                # Held readings are scored too: their timestamps are the sensors', whatever the
+                # device clock says, and scoring runs on those.
                 self._hand_over(readings[handed:])
-                handed, hand_at = len(readings), None
+                self._hand_over(held[held_handed:])
+                handed, held_handed, hand_at = len(readings), len(held), None
             if flush:
                 # Also when only rejected QoS 0 messages were taken (nothing to write or ack):
                 # the deadline must be cleared or the wait above would spin.
-                self._flush(readings, acks)
-                readings, acks, deadline, handed = [], [], None, 0
+                self._flush(readings, held, acks)
+                readings, held, acks, deadline, handed, held_handed = [], [], [], None, 0, 0
             elif taken and not inbox:
                 time.sleep(LINGER_S)
 
@@ -583,7 +640,19 @@ class Ingestor:
             except Exception:
                 log.exception("on_readings hook %r failed", hook)
 
-    def _take(self, item: _Inbound, readings: list[Reading], acks: list[tuple[int, int, int]]) -> None:
+    def _note_hold_room(self, room: bool, hold_max: int) -> None:
+        if room:
+            self._hold_full_logged = False
+        elif not self._hold_full_logged:
+            self._hold_full_logged = True
+            log.error(
+                "%d readings held for the clock to be trusted ([store] clock_hold_max): readings outside the time window"
+                " are rejected until it is", hold_max,
+            )  # fmt: skip
+
+    def _take(
+        self, item: _Inbound, readings: list[Reading], acks: list[tuple[int, int, int]], held: list[Reading] | None = None
+    ) -> None:
         generation, message, arrival = item
         if message.qos > 0:
             acks.append((generation, message.mid, message.qos))
@@ -594,7 +663,7 @@ class Ingestor:
             return
         skipped: list[PayloadError] = []
         try:
-            parsed = parse_payload(topic, message.payload, arrival, self.channels, self.limits, skipped)
+            parsed = parse_payload(topic, message.payload, arrival, self.channels, self.limits, skipped, held)
         except PayloadError as exc:
             self._reject(topic, exc)
             return
@@ -604,10 +673,10 @@ class Ingestor:
         if message.qos == 0:
             self._batch_qos0 += len(parsed)
 
-    def _flush(self, readings: list[Reading], acks: list[tuple[int, int, int]]) -> None:
+    def _flush(self, readings: list[Reading], held: list[Reading], acks: list[tuple[int, int, int]]) -> None:
         qos0, self._batch_qos0 = self._batch_qos0, 0
-        if readings:
-            stored = self._write(readings)
+        if readings or held:
+            stored = self._write(readings, held)
             if stored is None:
                 # Stopped while the disk was full: nothing acknowledged (the broker redelivers
                 # QoS 1); QoS 0 readings are gone.
@@ -619,6 +688,7 @@ class Ingestor:
                 self._stats["stored"] += stored
                 self._stats["duplicates"] += len(readings) - stored
                 self._stats["batches"] += 1
+                self._stats["held"] += len(held)
         # Committed: now, and only now, the broker may forget these messages. The lock keeps a
         # reconnect from slipping in between the generation check and the ack.
         if acks:
@@ -632,6 +702,9 @@ class Ingestor:
                         rc = self.client.ack(mid, qos)
                         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                             log.debug("ack of mid %d failed: %s", mid, rc)
+        self._call_batch_hooks(readings)
+
+    def _call_batch_hooks(self, readings: list[Reading]) -> None:
         if readings:
             for hook in self.on_batch:
                 try:
@@ -639,18 +712,55 @@ class Ingestor:
                 except Exception:
                     log.exception("on_batch hook %r failed", hook)
 
-    def _write(self, readings: list[Reading]) -> int | None:
+    def _check_clock(self) -> None:
+        """Poll the clock; release the held readings it now allows; reject those that waited enough.
+
+        Once the clock is trusted again, what it still refuses was never in range; with the clock
+        still untrusted, a reading waits at most `[store] clock_hold_s` (by the device clock). Either
+        is then rejected as too old or future, as it would have been on arrival with a trusted clock.
+        """
+        self._next_clock_check = time.monotonic() + CLOCK_CHECK_S
+        self.clock_watch.poll()
+        if not self.store.held_rows:
+            return
+        now = self.clock()
+        low, high = now - self.limits.max_age_s, now + self.limits.max_skew_s
+        try:
+            moved, stored = self.store.release_held(low, high)
+            if moved:
+                log.info("released %d held readings (%d new) the clock now allows", len(moved), stored)
+                with self._stats_lock:
+                    self._stats["released"] += len(moved)
+                    self._stats["readings"] += len(moved)
+                    self._stats["stored"] += stored
+                    self._stats["duplicates"] += len(moved) - stored
+                self._call_batch_hooks(moved)
+            hold_s = self.config.store.clock_hold_s
+            if self.clock_watch.trusted:
+                older, newer = self.store.drop_held(low)
+                why = "the clock is trusted"
+            else:
+                older, newer = self.store.drop_held(low, held_before=now - hold_s)
+                why = f"held for {hold_s:.0f} s"
+            if older:
+                self._reject("<held>", PayloadError("too_old", f"{older} held readings still too old: {why}"), older)
+            if newer:
+                self._reject("<held>", PayloadError("future", f"{newer} held readings still ahead: {why}"), newer)
+        except StoreError as exc:  # a full disk included: the hold keeps them; tried again later
+            log.warning("could not release held readings: %s", exc)
+
+    def _write(self, readings: list[Reading], held: Sequence[Reading] = ()) -> int | None:
         """Store the batch: retried a few times on an error, and for as long as it takes while
         the disk is full. None when the ingestor stops before the disk has room."""
         attempt, retry_s = 0, DISK_FULL_RETRY_S[0]
         while True:
             try:
-                stored = self.store.write(readings)
+                stored = self.store.write(readings, held, self.clock())
             except DiskFullError as exc:
                 if self._stopped:
                     log.warning(
                         "disk still full at shutdown: %d readings not stored; what came with QoS 1 is left unacknowledged "
-                        "for the broker to redeliver, QoS 0 is lost (counted in dropped_disk_full)", len(readings),
+                        "for the broker to redeliver, QoS 0 is lost (counted in dropped_disk_full)", len(readings) + len(held),
                     )  # fmt: skip
                     return None
                 if self._disk_full_since is None:

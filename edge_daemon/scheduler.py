@@ -26,6 +26,7 @@ class JobScheduler:
             timezone="UTC",
         )
         self._heartbeats: dict[str, float] = {}
+        self._intervals: dict[str, float] = {}
 
     def add(self, name: str, func: Callable[[], Any], interval_s: float, run_now: bool = False) -> None:
         def job() -> None:
@@ -42,6 +43,20 @@ class JobScheduler:
 
             kwargs["next_run_time"] = datetime.now(timezone.utc)
         self._scheduler.add_job(job, "interval", seconds=interval_s, id=name, name=name, **kwargs)
+        self._intervals[name] = interval_s
+
+    def clock_jumped(self, jump_s: float) -> None:
+        """The wall clock was stepped: every job runs next one interval from now.
+
+        apscheduler's interval triggers count in wall-clock time from a fixed start: after a
+        step back they would wait out the step (two days of no retention, no updates, for a
+        clock corrected by two days); after a step forward they would drop one run as missed.
+        """
+        if not self._scheduler.running:
+            return
+        for name, interval_s in self._intervals.items():
+            self._scheduler.reschedule_job(name, trigger="interval", seconds=interval_s)
+        log.info("clock stepped by %+.0f s: background jobs rescheduled from now", jump_s)
 
     def start(self) -> None:
         self._scheduler.start()

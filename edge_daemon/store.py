@@ -72,10 +72,23 @@ def _create_schema(db: sqlite_utils.Database) -> None:
     conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
+def _create_held(db: sqlite_utils.Database) -> None:
+    # Readings acknowledged while the device clock was not trusted and outside the time window
+    # it allows: kept apart from `readings` (retention, replay and training never see them) until
+    # the clock says they fit, or they have waited too long. Keyed by ts first: releases take ts
+    # ranges; `held_at` (the device clock when it was held) is indexed for expiry.
+    db.conn.execute(
+        "CREATE TABLE held (ts REAL NOT NULL, channel_id INTEGER NOT NULL, value REAL NOT NULL, held_at REAL NOT NULL,"
+        " PRIMARY KEY (ts, channel_id)) WITHOUT ROWID"
+    )
+    db.conn.execute("CREATE INDEX held_by_age ON held (held_at)")
+
+
 # Named schema migrations, applied in order and recorded in the `migrations` table. Append only:
 # never edit or reorder an entry that has shipped.
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _create_schema),
+    ("0002_held", _create_held),
 ]
 
 
@@ -97,11 +110,11 @@ def segment_of(ts: float, segment_s: float) -> int:
 # builds before 3.32. One multi-row statement is one sqlite3_step: executemany binds and steps
 # row by row, releasing and retaking the GIL each time, which starves the MQTT network thread.
 INSERT_CHUNK = 256
-_insert_sql: dict[int, str] = {}
+_insert_sql: dict[tuple[str, int], str] = {}
 
 
-def _insert_readings(conn: sqlite3.Connection, flat: list[int | float]) -> None:
-    """INSERT OR IGNORE the rows in `flat` (channel_id, ts, value, channel_id, ...).
+def _insert_readings(conn: sqlite3.Connection, flat: list[int | float], table: str = "readings") -> None:
+    """INSERT OR IGNORE the rows in `flat` (channel_id, ts, value, channel_id, ...) into `table`.
 
     Chunks are powers of two up to INSERT_CHUNK rows, so a handful of distinct statements
     cover every batch size and stay in the connection's prepared-statement cache.
@@ -110,10 +123,10 @@ def _insert_readings(conn: sqlite3.Connection, flat: list[int | float]) -> None:
     start = 0
     while rows:
         k = INSERT_CHUNK if rows >= INSERT_CHUNK else 1 << (rows.bit_length() - 1)
-        sql = _insert_sql.get(k)
+        sql = _insert_sql.get((table, k))
         if sql is None:
             values = ",".join(["(?,?,?)"] * k)
-            sql = _insert_sql[k] = f"INSERT OR IGNORE INTO readings (channel_id, ts, value) VALUES {values}"
+            sql = _insert_sql[table, k] = f"INSERT OR IGNORE INTO {table} (channel_id, ts, value) VALUES {values}"
         conn.execute(sql, flat[start : start + 3 * k])
         start += 3 * k
         rows -= k
@@ -146,6 +159,9 @@ class ReplayStore:
         self._channel_ids: dict[str, int] = {
             name: int(cid) for cid, name in self._conn.execute("SELECT id, name FROM channels")
         }
+        self._held_rows = 0
+        self._held_span: tuple[float, float] | None = None
+        self._count_held()
 
     # -- connections -------------------------------------------------------------------------
 
@@ -264,57 +280,159 @@ class ReplayStore:
 
     # -- writes ------------------------------------------------------------------------------
 
-    def write(self, readings: Sequence[Reading]) -> int:
+    def write(self, readings: Sequence[Reading], held: Sequence[Reading] = (), held_at: float | None = None) -> int:
         """Store a batch in one transaction; duplicates of stored (channel, ts) keys are ignored.
 
-        Returns how many readings were newly stored.
+        `held` readings (outside the time window while the clock is not trusted) go to the hold
+        in the same transaction, stamped `held_at` (default: now; see `release_held` and
+        `expire_held`). Returns how many readings were newly stored.
         """
-        if not readings:
+        if not readings and not held:
             return 0
-        segment_s = self._segment_s
         with self._write_lock:
             if self._closed:
                 raise StoreError("replay store is closed")
             try:
                 with self._transaction(self._conn) as conn:
-                    ids = self._channel_ids
-                    channels, stamps, values = zip(*readings)
-                    if not ids.keys() >= set(channels):
-                        for name in channels:
-                            self._channel_id(name)
-                    # One flat parameter list (channel_id, ts, value, ...) built by C iterators.
-                    flat: list[int | float] = list(
-                        chain.from_iterable(zip(map(ids.__getitem__, channels), stamps, values))
-                    )
-                    first = segment_of(min(stamps), segment_s)
-                    if first == segment_of(max(stamps), segment_s):
-                        # The usual case, a batch within one segment: no per-row grouping.
-                        by_segment = {first: flat}
-                    else:
-                        by_segment = {}
-                        for i in range(0, len(flat), 3):
-                            by_segment.setdefault(segment_of(flat[i + 1], segment_s), []).extend(flat[i : i + 3])
-                    added_total = 0
-                    for seg, seg_flat in by_segment.items():
+                    added_total = self._insert(conn, readings) if readings else 0
+                    if held:
+                        flat = self._flat(held)  # may add channels: counted before the rows
+                        at = time.time() if held_at is None else float(held_at)
                         before = conn.total_changes
-                        _insert_readings(conn, seg_flat)
-                        added = conn.total_changes - before
-                        if added:
-                            conn.execute(
-                                "INSERT INTO segments (id, priority, rows) VALUES (?, ?, ?)"
-                                " ON CONFLICT(id) DO UPDATE SET rows = rows + excluded.rows",
-                                (seg, float(self._rng.random()), added),
-                            )
-                            added_total += added
+                        # A rare path (a wrong clock): one statement per row is fine here.
+                        conn.executemany(
+                            "INSERT OR IGNORE INTO held (channel_id, ts, value, held_at) VALUES (?, ?, ?, ?)",
+                            [(flat[i], flat[i + 1], flat[i + 2], at) for i in range(0, len(flat), 3)],
+                        )
+                        added_held = conn.total_changes - before
+                if held:
+                    self._held_rows += added_held
+                    low, high = min(r.ts for r in held), max(r.ts for r in held)
+                    span = self._held_span
+                    self._held_span = (low, high) if span is None else (min(span[0], low), max(span[1], high))
             except sqlite3.Error as exc:
-                # The in-memory channel ids may name rows the rollback removed.
-                self._channel_ids = {
-                    name: int(cid) for cid, name in self._conn.execute("SELECT id, name FROM channels")
-                }
+                self._after_failed_write()
                 if is_disk_full(exc):
-                    raise DiskFullError(f"{self.path}: no space left for {len(readings)} readings: {exc}") from exc
+                    raise DiskFullError(f"{self.path}: no space left for {len(readings) + len(held)} readings: {exc}") from exc
                 raise StoreError(f"{self.path}: write failed: {exc}") from exc
         return added_total
+
+    def _flat(self, readings: Sequence[Reading]) -> list[int | float]:
+        """(channel_id, ts, value, ...) of `readings`, new channels added (inside a transaction)."""
+        ids = self._channel_ids
+        channels, stamps, values = zip(*readings)
+        if not ids.keys() >= set(channels):
+            for name in channels:
+                self._channel_id(name)
+        # One flat parameter list built by C iterators.
+        return list(chain.from_iterable(zip(map(ids.__getitem__, channels), stamps, values)))
+
+    def _insert(self, conn: sqlite3.Connection, readings: Sequence[Reading]) -> int:
+        """Insert into `readings` and count the rows in their segments; returns rows added."""
+        segment_s = self._segment_s
+        flat = self._flat(readings)
+        stamps = flat[1::3]
+        first = segment_of(min(stamps), segment_s)
+        if first == segment_of(max(stamps), segment_s):
+            # The usual case, a batch within one segment: no per-row grouping.
+            by_segment = {first: flat}
+        else:
+            by_segment = {}
+            for i in range(0, len(flat), 3):
+                by_segment.setdefault(segment_of(flat[i + 1], segment_s), []).extend(flat[i : i + 3])
+        added_total = 0
+        for seg, seg_flat in by_segment.items():
+            before = conn.total_changes
+            _insert_readings(conn, seg_flat)
+            added = conn.total_changes - before
+            if added:
+                conn.execute(
+                    "INSERT INTO segments (id, priority, rows) VALUES (?, ?, ?)"
+                    " ON CONFLICT(id) DO UPDATE SET rows = rows + excluded.rows",
+                    (seg, float(self._rng.random()), added),
+                )
+                added_total += added
+        return added_total
+
+    def _after_failed_write(self) -> None:
+        # The in-memory channel ids may name rows the rollback removed; so may the held count.
+        self._channel_ids = {name: int(cid) for cid, name in self._conn.execute("SELECT id, name FROM channels")}
+        self._count_held()
+
+    # -- the hold ----------------------------------------------------------------------------
+
+    def _count_held(self) -> None:
+        count, low, high = self._conn.execute("SELECT COUNT(*), MIN(ts), MAX(ts) FROM held").fetchone()
+        self._held_rows = int(count)
+        self._held_span = None if low is None else (float(low), float(high))
+
+    @property
+    def held_rows(self) -> int:
+        """Readings in the hold."""
+        return self._held_rows
+
+    @property
+    def held_span(self) -> tuple[float, float] | None:
+        """(oldest ts, newest ts) of the held readings, or None when the hold is empty."""
+        return self._held_span
+
+    def release_held(self, low: float, high: float) -> tuple[list[Reading], int]:
+        """Move the held readings with low <= ts <= high into the store, in one transaction.
+
+        Returns them in ts order, and how many were newly stored (a reading stored meanwhile
+        by another delivery is not stored twice).
+        """
+        span = self._held_span
+        if span is None or span[0] > high or span[1] < low:
+            return [], 0
+        with self._write_lock:
+            if self._closed:
+                raise StoreError("replay store is closed")
+            names = {cid: name for name, cid in self._channel_ids.items()}
+            try:
+                with self._transaction(self._conn) as conn:
+                    rows = conn.execute(
+                        "SELECT channel_id, ts, value FROM held WHERE ts >= ? AND ts <= ? ORDER BY ts, channel_id",
+                        (low, high),
+                    ).fetchall()
+                    moved = [Reading(names[cid], ts, value) for cid, ts, value in rows]
+                    stored = self._insert(conn, moved) if moved else 0
+                    conn.execute("DELETE FROM held WHERE ts >= ? AND ts <= ?", (low, high))
+                    low_left, high_left = conn.execute("SELECT MIN(ts), MAX(ts) FROM held").fetchone()
+                self._held_rows -= len(moved)
+                self._held_span = None if low_left is None else (float(low_left), float(high_left))
+            except sqlite3.Error as exc:
+                self._after_failed_write()
+                if is_disk_full(exc):
+                    raise DiskFullError(f"{self.path}: no space left to release held readings: {exc}") from exc
+                raise StoreError(f"{self.path}: releasing held readings failed: {exc}") from exc
+        return moved, stored
+
+    def drop_held(self, before: float, held_before: float = math.inf) -> tuple[int, int]:
+        """Drop the held readings held before `held_before` (default: all of them).
+
+        Returns how many of them were stamped before `before`, and how many after.
+        """
+        if not self._held_rows:
+            return 0, 0
+        with self._write_lock:
+            if self._closed:
+                raise StoreError("replay store is closed")
+            try:
+                with self._transaction(self._conn) as conn:
+                    where, args = ("", ()) if held_before == math.inf else (" WHERE held_at < ?", (held_before,))
+                    older, total = conn.execute(
+                        f"SELECT COALESCE(SUM(ts < ?), 0), COUNT(*) FROM held{where}", (before, *args)
+                    ).fetchone()
+                    if total:
+                        conn.execute(f"DELETE FROM held{where}", args)
+                    low_left, high_left = conn.execute("SELECT MIN(ts), MAX(ts) FROM held").fetchone()
+                self._held_rows -= int(total)
+                self._held_span = None if low_left is None else (float(low_left), float(high_left))
+            except sqlite3.Error as exc:
+                self._count_held()
+                raise StoreError(f"{self.path}: dropping held readings failed: {exc}") from exc
+        return int(older), int(total) - int(older)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -450,7 +568,15 @@ class ReplayStore:
         want of disk space (ingestion waits instead, the broker keeping what it has not
         acknowledged), only for the configured budget.
         """
-        now = time.time() if now is None else float(now)
+        if now is None:
+            # Recent by the newest stored reading where the clock runs ahead of the data (a clock
+            # set wrong must not turn recent data into old data and sample it away).
+            now = time.time()
+            with self._reader() as conn:
+                newest_segment = conn.execute("SELECT MAX(id) FROM segments").fetchone()[0]
+            if newest_segment is not None:
+                now = min(now, (newest_segment + 1) * self._segment_s)
+        now = float(now)
         configured = self.cfg.budget_mb * 1024 * 1024
         budget = max(0.0, min(configured, self.disk_budget_bytes()))
         segment_s = self._segment_s

@@ -59,11 +59,11 @@ class DaemonProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = HANG_S) -> None:
+    def start(self, timeout: float = HANG_S, env: dict[str, str] | None = None) -> None:
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edge_daemon", "run", "--config", str(self.config_path)],
-                stdout=log_file, stderr=log_file, cwd=REPO,
+                stdout=log_file, stderr=log_file, cwd=REPO, env=None if env is None else {**os.environ, **env},
             )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -266,6 +266,9 @@ def payload_case(draw: st.DrawFn, now: float, serial: Iterator[int]) -> tuple[st
 def test_malformed_payloads_never_fatal_and_every_valid_reading_stored(
     tmp_path: Path, broker: LocalBroker, daemon: DaemonProcess
 ) -> None:
+    # A trusted clock: readings outside the time window are rejected at once, never held (the
+    # hold is tested in test_clock.py), whatever this machine's kernel says of its clock.
+    write_config(tmp_path, broker, store={"flush_interval_s": 0.05, "clock_trust": "always"})
     daemon.start()
     now = time.time()
     serial = iter(range(10**9))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +107,11 @@ def test_empty_store(tmp_path: Path) -> None:
 def test_wal_mode_and_migrations_recorded_once(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     store.write([Reading("m1/current", NOW, 1.0)])
-    assert store.migrations() == ["0001_initial"]
+    assert store.migrations() == ["0001_initial", "0002_held"]
     store.close()
     with sqlite3.connect(tmp_path / "store.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT COUNT(*) FROM migrations").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM migrations").fetchone()[0] == 2
         # A migration this version does not know means a newer version wrote the file.
         conn.execute("INSERT INTO migrations VALUES ('9999_future', 0)")
     with pytest.raises(StoreError, match="newer version"):
@@ -191,6 +193,18 @@ def test_retention_keeps_file_under_budget_recent_whole_and_old_as_segment_reser
     # A second run with nothing new deletes nothing and stays under budget.
     again = store.run_retention(now=now)
     assert again["deleted_rows"] == 0 and store.size_bytes() <= budget
+    store.close()
+
+
+def test_retention_judges_recent_by_the_newest_reading_when_the_clock_runs_ahead(tmp_path: Path) -> None:
+    """A clock set a month ahead must not turn the last hour into old data and sample it away."""
+    store = open_store(tmp_path, budget_mb=1.0, recent_hours=1.0, segment_s=60.0, reservoir_fraction=0.3)
+    end = math.floor(time.time() / 60.0) * 60.0 - 30 * 86400  # data that stops a month before the clock
+    fill(store, end - 12 * 3600, 12 * 3600, step=2.0)
+    report = store.run_retention()  # now: the clock
+    assert report["deleted_rows"] > 0 and store.size_bytes() <= 1024 * 1024
+    ts, _, _ = store.read()
+    assert int(np.sum(ts >= end - 3600)) == 1800 * 3  # the data's last hour, whole
     store.close()
 
 
