@@ -139,8 +139,11 @@ def test_a_daemon_started_on_a_wrong_clock_stores_everything_once_the_clock_is_c
         # The background jobs run on after the step (apscheduler counts in wall-clock time).
         refreshed = watcher.count
         wait_for(lambda: watcher.count >= refreshed + 3, HANG_S, "the status job after the clock step")
+        steps = daemon.status()["scoring"]["steps"]
         expected |= _publish(broker, "faketime-after", time.time() - 5, 30)
         wait_for(lambda: daemon.status()["store"]["readings"] == len(expected), HANG_S, "readings after the correction")
+        # The scoring grid carries on across the step (its steps follow the readings' timestamps).
+        wait_for(lambda: daemon.status()["scoring"]["steps"] > steps, HANG_S, "grid steps after the correction")
         status = daemon.status()
         clock = status["ingest"]["clock"]
         assert clock["jumps"] >= 1 and clock["last_jump_s"] == pytest.approx(jump_s, abs=60) and clock["holding"] == 0
