@@ -250,10 +250,13 @@ def describe_ingest(ingest: dict[str, Any]) -> str:
     return text
 
 
+NO_BASE = "no base model yet (one is trained from the store once it holds enough data)"
+
+
 def describe_adapter(adapter: dict[str, Any]) -> str:
     version = adapter.get("version")
     if version is None:
-        return "base model only (no adapter yet)"
+        return NO_BASE if adapter.get("base") is False else "base model only (no adapter yet)"
     details = [f"created {fmt_time(adapter.get('created'))}", fmt_bytes(adapter.get("size_bytes"))]
     if _number(adapter.get("val_loss")) is not None:
         details.append(f"val_loss {fmt_float(adapter.get('val_loss'))}")
@@ -383,7 +386,7 @@ def _status(args: argparse.Namespace) -> int:
 def render_adapter(out: Console, reply: dict[str, Any]) -> None:
     adapter = section(reply, "adapter") or {"version": None}
     if adapter.get("version") is None:
-        out.print("serving the base model only (no adapter yet)")
+        out.print(NO_BASE if adapter.get("base") is False else "serving the base model only (no adapter yet)")
         return
     out.print(f"serving adapter [bold]v{esc(adapter['version'])}[/bold]")
     table = key_value_table()

@@ -6,6 +6,7 @@ path. Only `[device]`, `[mqtt]` and `[channels]` are required.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -256,7 +257,9 @@ class DriftConfig(_Section):
     detector: Literal["adwin", "page_hinkley", "kswin"] = Field("adwin", description="detector on inputs and residuals")
     delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence")
     min_samples: int = Field(60, ge=1, description="steps before a detector may fire")
-    evaluate_interval_s: float = Field(5.0, gt=0, description="how often drift status is refreshed")
+    evaluate_interval_s: float | None = Field(
+        None, gt=0, description="no effect (drift is judged at every grid step); accepted so older configs load, with a warning"
+    )
     clock: int = Field(32, ge=1, description="ADWIN checks for a cut every this many steps")
     ph_delta: float = Field(0.1, ge=0, description="Page-Hinkley: change of the mean tolerated per step (standardised units)")
     ph_threshold: float = Field(50.0, gt=0, description="Page-Hinkley: cumulative deviation that signals drift")
@@ -311,6 +314,15 @@ class DriftConfig(_Section):
         if self.residual_rearm_ratio >= self.residual_ratio:
             raise ValueError("residual_rearm_ratio must be below residual_ratio")
         return self
+
+    @field_validator("evaluate_interval_s")
+    @classmethod
+    def _evaluate_interval_has_no_effect(cls, value: float | None) -> float | None:
+        if value is not None:
+            logging.getLogger(__name__).warning(
+                "[drift] evaluate_interval_s has no effect (drift is judged at every grid step); remove it from the config"
+            )
+        return value
 
 
 class OutputsConfig(_Section):

@@ -22,7 +22,7 @@ from edge_daemon.baselines import MODEL
 from edge_daemon.config import Config
 from edge_daemon.drift import DriftMonitor
 from edge_daemon.drift.reference import forecast_references
-from edge_daemon.scoring import GridAssembler, Scorer
+from edge_daemon.scoring import GridAssembler, GridStep, Scorer
 from edge_daemon.store import Reading
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,12 @@ Publish = Callable[[str, Any, int, bool], Any]
 # Batches waiting for the scoring thread; beyond this the oldest are dropped from
 # scoring only (they are already stored) so memory stays bounded on a slow device.
 MAX_PENDING_BATCHES = 1000
+# Scoring that fails this many batches (or clock flushes) in a row is broken, not unlucky: the
+# thread ends, the part is dead and the daemon exits non-zero for the service manager to restart.
+MAX_FAILURES_IN_A_ROW = 20
+# The thread beats at least once a second while it runs; this long without a beat is a wedged
+# scoring thread (dead too).
+STALE_S = 120.0
 
 
 def iso(ts: float | None) -> str | None:
@@ -66,6 +72,7 @@ class ScoringPipeline:
         self.steps_since_update = 0
         self.last_score: dict[str, Any] | None = None
         self.heartbeat = time.monotonic()
+        self.failures = 0  # batches (or flushes) failed in a row
         self._newest_ts = float("-inf")
         # Recent (t, anomaly score, adapter version) for the report; bounded.
         self.history: list[tuple[float, float, int | None]] = []
@@ -92,10 +99,11 @@ class ScoringPipeline:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """The thread runs and beat within STALE_S (it ends after MAX_FAILURES_IN_A_ROW failures)."""
+        return self._thread is not None and self._thread.is_alive() and time.monotonic() - self.heartbeat < STALE_S
 
     def _run(self) -> None:
-        while True:
+        while self.failures < MAX_FAILURES_IN_A_ROW:
             try:
                 batch = self._queue.get(timeout=1.0)
             except queue.Empty:
@@ -103,24 +111,31 @@ class ScoringPipeline:
                 # lateness). Bounded by the newest reading, so no forward-filled steps are made
                 # up beyond the data and a backfill's next batch is not counted late.
                 horizon = min(time.time(), self._newest_ts + self.config.channels.period_s + self.config.channels.lateness_s)
-                try:
-                    for step in self.assembler.flush(horizon):
-                        self._on_step(step.t, step.values)
-                except Exception:
-                    log.exception("scoring flushed steps failed")
-                self.heartbeat = time.monotonic()
+                self._score(lambda: self.assembler.flush(horizon), "scoring flushed steps failed")
                 continue
             if batch is None:
-                break
-            if batch:
-                self._newest_ts = max(self._newest_ts, max(reading.ts for reading in batch))
-            try:
-                for step in self.assembler.add(batch):
-                    self._on_step(step.t, step.values)
-            except Exception:  # one bad step must not stop scoring; it is logged with its traceback
-                log.exception("scoring a batch failed")
-            self.heartbeat = time.monotonic()
-        log.info("scoring thread exiting")
+                log.info("scoring thread exiting")
+                return
+            self._score(lambda: self._add(batch), "scoring a batch failed")
+        log.error("scoring failed %d times in a row; the scoring thread stops", self.failures)
+
+    def _add(self, batch: Sequence[Reading]) -> list[GridStep]:
+        if batch:
+            self._newest_ts = max(self._newest_ts, max(reading.ts for reading in batch))
+        return self.assembler.add(batch)
+
+    def _score(self, steps: Callable[[], list[GridStep]], what: str) -> None:
+        """Score the steps `steps()` completes; one failure is logged and scoring goes on."""
+        try:
+            for step in steps():
+                self._on_step(step.t, step.values)
+                self.heartbeat = time.monotonic()
+        except Exception:  # one bad step must not stop scoring; it is logged with its traceback
+            self.failures += 1
+            log.exception("%s (%d in a row)", what, self.failures)
+        else:
+            self.failures = 0
+        self.heartbeat = time.monotonic()
 
     def _on_step(self, t: float, values: np.ndarray) -> None:
         self.steps += 1
@@ -226,6 +241,7 @@ class ScoringPipeline:
             "scored": self.scored,
             "anomalies": self.anomalies,
             "dropped_batches": self.dropped_batches,
+            "failures_in_a_row": self.failures,
             "last": self.last_score,
             # Who is served, and the live mean |error| of the model and each baseline.
             "serving": scorer.comparison() if scorer is not None else None,

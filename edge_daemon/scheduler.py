@@ -9,6 +9,13 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# A job that fails this many runs in a row is broken, not unlucky: the scheduler counts as dead
+# and the daemon exits non-zero, so the service manager restarts it.
+MAX_FAILURES_IN_A_ROW = 10
+# A job neither started nor finished for three of its intervals plus this long is wedged (or
+# the scheduler stopped running it): dead too.
+STALE_GRACE_S = 600.0
+
 
 class JobScheduler:
     """apscheduler's BackgroundScheduler with the daemon's job defaults.
@@ -18,24 +25,33 @@ class JobScheduler:
     queue of them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_failures: int = MAX_FAILURES_IN_A_ROW, stale_grace_s: float = STALE_GRACE_S) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
             timezone="UTC",
         )
-        self._heartbeats: dict[str, float] = {}
+        self.max_failures = max_failures
+        self.stale_grace_s = stale_grace_s
+        self._heartbeats: dict[str, float] = {}  # monotonic time each job last started or ended
         self._intervals: dict[str, float] = {}
+        self._failures: dict[str, int] = {}  # runs failed in a row
 
     def add(self, name: str, func: Callable[[], Any], interval_s: float, run_now: bool = False) -> None:
         def job() -> None:
+            self._heartbeats[name] = time.monotonic()
             try:
                 func()
-            except Exception:  # a failing job must not kill the scheduler; it runs again next time
-                log.exception("job %s failed", name)
+            except Exception:  # one failure is logged and the job runs again next time
+                self._failures[name] = self._failures.get(name, 0) + 1
+                log.exception("job %s failed (%d in a row)", name, self._failures[name])
+            else:
+                self._failures[name] = 0
             finally:
                 self._heartbeats[name] = time.monotonic()
+
+        self._heartbeats[name] = time.monotonic()
 
         kwargs: dict[str, Any] = {}
         if run_now:
@@ -67,7 +83,20 @@ class JobScheduler:
 
     @property
     def alive(self) -> bool:
-        return bool(self._scheduler.running)
+        """Running, no job failing `max_failures` runs in a row, none wedged (see `dead_jobs`)."""
+        return bool(self._scheduler.running) and not self.dead_jobs()
+
+    def dead_jobs(self) -> list[str]:
+        """Jobs that failed `max_failures` runs in a row or have not moved for three intervals
+        plus `stale_grace_s`, each with why."""
+        now = time.monotonic()
+        dead = [f"{name} (failed {n} runs in a row)" for name, n in self._failures.items() if n >= self.max_failures]
+        for name, beat in list(self._heartbeats.items()):
+            if now - beat > 3 * self._intervals[name] + self.stale_grace_s:
+                dead.append(f"{name} (stuck for {now - beat:.0f} s)")
+        if dead:
+            log.error("background job(s) dead: %s", ", ".join(dead))
+        return dead
 
     def heartbeats(self) -> dict[str, float]:
         return dict(self._heartbeats)

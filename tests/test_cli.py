@@ -121,6 +121,9 @@ def test_adapter_human(capsys: pytest.CaptureFixture[str], sock: Path, fake: Fak
     fake.status["adapter"] = None
     code, out, _ = run(capsys, "adapter", "--socket", str(sock))
     assert (code, out) == (0, "serving the base model only (no adapter yet)\n")
+    fake.status["adapter"] = {"version": None, "base": False}
+    code, out, _ = run(capsys, "adapter", "--socket", str(sock))
+    assert (code, out.strip()) == (0, cli.NO_BASE)
 
 
 def test_adapters_human(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,11 @@ def test_horizons_start_at_one_and_fit_in_half_a_window() -> None:
     for bad in ([2, 4], [1, 4, 4], [1, 40]):
         with pytest.raises(ValidationError, match="horizons"):
             ModelConfig(horizons=bad)
+
+
+def test_a_key_that_never_did_anything_loads_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`[drift] evaluate_interval_s` never did anything: older configs with it still load, and say so."""
+    with caplog.at_level(logging.WARNING, logger="edge_daemon.config"):
+        cfg = load_config(write(tmp_path, MINIMAL + "\n[drift]\nevaluate_interval_s = 5.0\n"))
+    assert cfg.drift.evaluate_interval_s == 5.0
+    assert "evaluate_interval_s has no effect" in caplog.text

@@ -192,7 +192,8 @@ def test_job_scheduler_coalesces_and_survives_failing_jobs() -> None:
 
     def failing_job() -> None:
         failures[0] += 1
-        raise RuntimeError("boom")
+        if failures[0] <= 3:  # a few failures, then it works: a job that always fails is dead (test_liveness)
+            raise RuntimeError("boom")
 
     def skipped() -> int:
         return sum(code == EVENT_JOB_MAX_INSTANCES for code, _ in decisions)
@@ -217,7 +218,7 @@ def test_job_scheduler_coalesces_and_survives_failing_jobs() -> None:
             return any((b - a).total_seconds() >= 3 * interval for a, b in zip(times, times[1:]))
 
         wait_until(caught_up, "the slow job's first run after the pause")
-        wait_until(lambda: failures[0] >= 3, "the failing job to have run (and failed) three times")
+        wait_until(lambda: failures[0] >= 4, "the failing job to have failed three times, then run")
         assert scheduler.alive
     finally:
         release.set()

@@ -378,8 +378,11 @@ class Adaptation:
     def adapter_summary(self) -> dict[str, Any]:
         version = self.current_adapter()
         if version is None:
-            return {"version": None, "created": None, "size_bytes": 0, "val_loss": None}
-        return {"version": version.version, "created": version.created, "size_bytes": version.size_bytes, "val_loss": version.meta.val_loss}
+            return {"version": None, "created": None, "size_bytes": 0, "val_loss": None, "base": self.base is not None}
+        return {
+            "version": version.version, "created": version.created, "size_bytes": version.size_bytes,
+            "val_loss": version.meta.val_loss, "base": True,
+        }  # fmt: skip
 
     def handle_adapter(self, request: dict[str, Any]) -> dict[str, Any]:
         version = self.current_adapter()
