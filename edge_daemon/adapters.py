@@ -21,7 +21,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edge_daemon.errors import AdapterError, BaseFormatError, ModelError
+from edge_daemon.files import fsync_path, fsync_tree, iso, now_iso, replace_atomically, write_json
 from edge_daemon.frames import Grid, NormStats, calendar_features, normalise_grid, with_calendar
 from edge_daemon.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX
 from edge_daemon.model import Forecaster, ForecasterConfig
@@ -51,53 +51,6 @@ NO_ADAPTER = "none"
 HISTORY_FILE = "history.jsonl"
 # Staging dirs older than this are leftovers of a crashed update.
 STALE_STAGING_S = 3600.0
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------- durability
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(directory: Path) -> None:
-    """fsync every file under `directory`, then the directories themselves."""
-    for root, _dirs, files in os.walk(directory):
-        for name in files:
-            _fsync_path(Path(root) / name)
-        _fsync_path(Path(root))
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _replace_file_atomically(path: Path, text: str) -> None:
-    """Readers see the old content or the new one, never a torn write."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_path(path.parent)
 
 
 def _read_json(path: Path) -> Any:
@@ -185,7 +138,7 @@ def save_base(
         # safetensors refuses shared or non-contiguous storage; clone detaches both.
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        _write_json(
+        write_json(
             tmp / CONFIG_FILE,
             {
                 "format": BASE_FORMAT,
@@ -196,14 +149,14 @@ def save_base(
                 "meta": {"created": now_iso(), **meta},
             },
         )
-        _write_json(tmp / NORM_FILE, {**norm.to_dict(), "residual_scale": residual_scale.astype(float).tolist()})
-        _fsync_tree(tmp)
+        write_json(tmp / NORM_FILE, {**norm.to_dict(), "residual_scale": residual_scale.astype(float).tolist()})
+        fsync_tree(tmp)
         old = None
         if directory.exists():
             old = directory.parent / f".{directory.name}.old-{os.getpid()}-{time.time_ns()}"
             os.rename(directory, old)
         os.rename(tmp, directory)
-        _fsync_path(directory.parent)
+        fsync_path(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -350,7 +303,7 @@ class AdapterStore:
             size = sum((path / name).stat().st_size for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE))
         except (OSError, ValueError, TypeError) as exc:
             raise AdapterError(f"adapter v{version} in {path} is corrupt: {exc}") from None
-        created = str(meta.created or datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds"))
+        created = str(meta.created or iso(path.stat().st_mtime))
         return AdapterVersion(version=version, path=path, created=created, size_bytes=size, meta=meta)
 
     def list(self) -> list[AdapterVersion]:
@@ -424,16 +377,16 @@ class AdapterStore:
             number = max(existing, default=0) + 1
             target = self.root / f"v{number}"
             try:
-                _write_json(staging / META_FILE, replace(meta, created=meta.created or now_iso(), version=number).to_json())
-                _fsync_tree(staging)
+                write_json(staging / META_FILE, replace(meta, created=meta.created or now_iso(), version=number).to_json())
+                fsync_tree(staging)
                 os.rename(staging, target)
             except BaseException:
                 # Not renamed, so not a version: a staging dir half written (a full disk, say) goes.
                 self.discard(staging)
                 raise
-            _fsync_path(self.root)
+            fsync_path(self.root)
             if make_current:
-                _replace_file_atomically(self.root / POINTER_FILE, f"v{number}\n")
+                replace_atomically(self.root / POINTER_FILE, f"v{number}\n")
                 self._record("commit", number, meta.served_from_ts)
             self._prune()
         version = self.get(number)
@@ -446,7 +399,7 @@ class AdapterStore:
         nothing served. Recorded as its commit, at the version's `served_from_ts`."""
         with self._locked():
             target = self.get(version)
-            _replace_file_atomically(self.root / POINTER_FILE, f"v{version}\n")
+            replace_atomically(self.root / POINTER_FILE, f"v{version}\n")
             self._record("commit", version, target.meta.served_from_ts)
         log.info("adapter v%d now current", version)
         return target
@@ -459,7 +412,7 @@ class AdapterStore:
         with self._locked():
             target = self.get(version)
             load_lora_state(target.path)  # refuse to point at something we could not serve
-            _replace_file_atomically(self.root / POINTER_FILE, f"v{version}\n")
+            replace_atomically(self.root / POINTER_FILE, f"v{version}\n")
             self._record("rollback", version, data_ts)
         log.info("adapter pointer set to v%d", version)
         return target
@@ -467,7 +420,7 @@ class AdapterStore:
     def use_base(self, data_ts: float | None = None) -> None:
         """Serve the base model alone (pointer 'none'); stored versions stay."""
         with self._locked():
-            _replace_file_atomically(self.root / POINTER_FILE, f"{NO_ADAPTER}\n")
+            replace_atomically(self.root / POINTER_FILE, f"{NO_ADAPTER}\n")
             self._record("use_base", None, data_ts)
         log.info("adapter pointer set to none (base model only)")
 

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from types import FrameType
 from typing import Any
 
@@ -25,6 +24,7 @@ from edge_daemon.adaptation.runner import UpdateRunner
 from edge_daemon.adapters import AdapterStore, BaseModel
 from edge_daemon.config import Config
 from edge_daemon.control import ControlServer, Handler
+from edge_daemon.files import iso
 from edge_daemon.ingest import Ingestor
 from edge_daemon.model import warm_up
 from edge_daemon.notify import Heartbeat
@@ -377,7 +377,7 @@ class Daemon:
             "online": True,
             "device": self.config.device.id,
             "version": __version__,
-            "started": datetime.fromtimestamp(self.started_at, timezone.utc).isoformat(),
+            "started": iso(self.started_at),
             "adapter_version": self.adaptation.adapter_summary()["version"],
         }
         if self.pipeline is not None:

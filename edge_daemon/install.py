@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_daemon.errors import InstallError
+from edge_daemon.files import replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ def install(
         venv_path = create_venv(under(prefix, venv_dir), source)
 
     unit_path = under(prefix, UNIT_DIR / UNIT_NAME)
-    _write_atomic(unit_path, unit_text, 0o644)
+    replace_atomically(unit_path, unit_text, 0o644)  # systemd never reads a half-written unit
     log.info("wrote %s", unit_path)
 
     config_path = under(prefix, CONFIG_PATH)
@@ -282,15 +283,6 @@ def _read(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InstallError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.chmod(mode)
-    # rename(2): systemd never reads a half-written unit.
-    tmp.replace(path)
 
 
 def _write_new(path: Path, text: str, mode: int) -> bool:

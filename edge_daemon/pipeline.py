@@ -13,7 +13,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from edge_daemon.baselines import MODEL
 from edge_daemon.config import Config
 from edge_daemon.drift import DriftMonitor
 from edge_daemon.drift.reference import forecast_references
+from edge_daemon.files import iso
 from edge_daemon.scoring import GridAssembler, GridStep, Scorer
 from edge_daemon.store import Reading
 
@@ -38,10 +38,6 @@ MAX_FAILURES_IN_A_ROW = 20
 # The thread beats at least once a second while it runs; this long without a beat is a wedged
 # scoring thread (dead too).
 STALE_S = 120.0
-
-
-def iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 class ScoringPipeline:

@@ -10,20 +10,16 @@ update traces and `meta.json`. No torch here.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from edge_daemon.files import iso
 from edge_daemon.plan import TrainingPlan
 
 if TYPE_CHECKING:
     from edge_daemon.watchdog import PlanGovernor, UpdateOutcome
 
 JobKind = Literal["update", "pretrain"]
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -133,7 +129,7 @@ class JobResult:
             "metrics_after": self.metrics_after,
             "peak_rss_mb": peak / 2**20 if peak else None,
             "outcome": None if self.outcome is None else self.outcome.to_json(),
-            "finished": _iso(self.finished_unix),
+            "finished": iso(self.finished_unix),
         }
 
 

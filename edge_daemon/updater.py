@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge_daemon.config import Config
+from edge_daemon.files import replace_atomically
 from edge_daemon.plan import TrainingPlan
 from edge_daemon.watchdog import PlanGovernor, SharedLevel
 from edge_daemon.records import AdapterMeta, JobResult, Progress, UpdateJob, WorkerOrder
@@ -312,11 +313,8 @@ class UpdateTrace:
 
 
 def write_json_file(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` via a temp file and a rename, so a reader never sees half a trace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write `data` as compact JSON, atomically: a reader never sees half a trace."""
+    replace_atomically(path, json.dumps(data, separators=(",", ":")))
 
 
 def save_update_trace(state_dir: Path, trace: dict[str, Any], keep: int = KEEP_UPDATE_TRACES) -> Path:

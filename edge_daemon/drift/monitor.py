@@ -11,7 +11,6 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -23,6 +22,7 @@ from edge_daemon.drift.profile import TimeOfDayProfile
 from edge_daemon.drift.kswin import KSWIN
 from edge_daemon.drift.page_hinkley import PageHinkley
 from edge_daemon.drift.reference import Reference, ReferenceShift, ResidualRatio
+from edge_daemon.files import iso
 
 if TYPE_CHECKING:
     from edge_daemon.config import DriftConfig
@@ -37,10 +37,8 @@ _MIN_BASELINE = 1e-9
 
 
 def iso8601(t: float | None) -> str | None:
-    """Unix seconds as an ISO 8601 UTC timestamp (None stays None)."""
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+    """A drift time: the grid step a detector fired on, to the millisecond."""
+    return iso(t, "milliseconds")
 
 
 def make_detector(cfg: DriftConfig, *, kind: Kind, seed: int = 0) -> DriftDetector:

@@ -1,0 +1,72 @@
+"""Durable, atomic file writes: the one way the daemon replaces a file readers may open.
+
+A reader (systemd reading a unit, the daemon reading the adapter pointer, a trace being
+reported) sees the old content or the new, never a torn write, and what was written survives
+power loss once the call returns: the data and the directory entry are fsynced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory: its entries, after a rename into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under `directory`, then the directories themselves."""
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write `data` as indented JSON to a file nobody reads yet (a staging directory), fsynced."""
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def replace_atomically(path: Path, text: str, mode: int | None = None) -> None:
+    """Replace `path` with `text` (file mode `mode`, else the temp file's 0600) via a temp
+    file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_path(path.parent)
+
+
+def iso(ts: float | None, timespec: str = "seconds") -> str | None:
+    """Unix seconds as ISO 8601 UTC (None stays None): the one time format of replies, to the
+    second, or finer where a time names a grid step (steps may be under a second apart)."""
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec=timespec)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
