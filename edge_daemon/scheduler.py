@@ -37,6 +37,7 @@ class JobScheduler:
         self._heartbeats: dict[str, float] = {}  # monotonic time each job last started or ended
         self._intervals: dict[str, float] = {}
         self._failures: dict[str, int] = {}  # runs failed in a row
+        self._reported_dead: list[str] = []
 
     def add(self, name: str, func: Callable[[], Any], interval_s: float, run_now: bool = False) -> None:
         def job() -> None:
@@ -84,7 +85,11 @@ class JobScheduler:
     @property
     def alive(self) -> bool:
         """Running, no job failing `max_failures` runs in a row, none wedged (see `dead_jobs`)."""
-        return bool(self._scheduler.running) and not self.dead_jobs()
+        dead = self.dead_jobs()
+        if dead and [name.split(" ")[0] for name in dead] != self._reported_dead:
+            self._reported_dead = [name.split(" ")[0] for name in dead]
+            log.error("background job(s) dead: %s", ", ".join(dead))
+        return bool(self._scheduler.running) and not dead
 
     def dead_jobs(self) -> list[str]:
         """Jobs that failed `max_failures` runs in a row or have not moved for three intervals
@@ -94,8 +99,6 @@ class JobScheduler:
         for name, beat in list(self._heartbeats.items()):
             if now - beat > 3 * self._intervals[name] + self.stale_grace_s:
                 dead.append(f"{name} (stuck for {now - beat:.0f} s)")
-        if dead:
-            log.error("background job(s) dead: %s", ", ".join(dead))
         return dead
 
     def heartbeats(self) -> dict[str, float]:

@@ -110,11 +110,11 @@ def segment_of(ts: float, segment_s: float) -> int:
 # builds before 3.32. One multi-row statement is one sqlite3_step: executemany binds and steps
 # row by row, releasing and retaking the GIL each time, which starves the MQTT network thread.
 INSERT_CHUNK = 256
-_insert_sql: dict[tuple[str, int], str] = {}
+_insert_sql: dict[int, str] = {}
 
 
-def _insert_readings(conn: sqlite3.Connection, flat: list[int | float], table: str = "readings") -> None:
-    """INSERT OR IGNORE the rows in `flat` (channel_id, ts, value, channel_id, ...) into `table`.
+def _insert_readings(conn: sqlite3.Connection, flat: list[int | float]) -> None:
+    """INSERT OR IGNORE the rows in `flat` (channel_id, ts, value, channel_id, ...).
 
     Chunks are powers of two up to INSERT_CHUNK rows, so a handful of distinct statements
     cover every batch size and stay in the connection's prepared-statement cache.
@@ -123,10 +123,10 @@ def _insert_readings(conn: sqlite3.Connection, flat: list[int | float], table: s
     start = 0
     while rows:
         k = INSERT_CHUNK if rows >= INSERT_CHUNK else 1 << (rows.bit_length() - 1)
-        sql = _insert_sql.get((table, k))
+        sql = _insert_sql.get(k)
         if sql is None:
             values = ",".join(["(?,?,?)"] * k)
-            sql = _insert_sql[table, k] = f"INSERT OR IGNORE INTO {table} (channel_id, ts, value) VALUES {values}"
+            sql = _insert_sql[k] = f"INSERT OR IGNORE INTO readings (channel_id, ts, value) VALUES {values}"
         conn.execute(sql, flat[start : start + 3 * k])
         start += 3 * k
         rows -= k
@@ -285,7 +285,7 @@ class ReplayStore:
 
         `held` readings (outside the time window while the clock is not trusted) go to the hold
         in the same transaction, stamped `held_at` (default: now; see `release_held` and
-        `expire_held`). Returns how many readings were newly stored.
+        `drop_held`). Returns how many readings were newly stored.
         """
         if not readings and not held:
             return 0
@@ -362,9 +362,15 @@ class ReplayStore:
     # -- the hold ----------------------------------------------------------------------------
 
     def _count_held(self) -> None:
-        count, low, high = self._conn.execute("SELECT COUNT(*), MIN(ts), MAX(ts) FROM held").fetchone()
-        self._held_rows = int(count)
-        self._held_span = None if low is None else (float(low), float(high))
+        """Read the hold's row count (a scan: at open and after a failed write only) and span."""
+        self._held_rows = int(self._conn.execute("SELECT COUNT(*) FROM held").fetchone()[0])
+        self._held_span = self._span_of_held(self._conn)
+
+    @staticmethod
+    def _span_of_held(conn: sqlite3.Connection) -> tuple[float, float] | None:
+        # Two descents of the (ts, channel) key, however many rows are held.
+        low, high = conn.execute("SELECT MIN(ts), MAX(ts) FROM held").fetchone()
+        return None if low is None else (float(low), float(high))
 
     @property
     def held_rows(self) -> int:
@@ -398,9 +404,9 @@ class ReplayStore:
                     moved = [Reading(names[cid], ts, value) for cid, ts, value in rows]
                     stored = self._insert(conn, moved) if moved else 0
                     conn.execute("DELETE FROM held WHERE ts >= ? AND ts <= ?", (low, high))
-                    low_left, high_left = conn.execute("SELECT MIN(ts), MAX(ts) FROM held").fetchone()
+                    span_left = self._span_of_held(conn)
                 self._held_rows -= len(moved)
-                self._held_span = None if low_left is None else (float(low_left), float(high_left))
+                self._held_span = span_left
             except sqlite3.Error as exc:
                 self._after_failed_write()
                 if is_disk_full(exc):
@@ -426,9 +432,9 @@ class ReplayStore:
                     ).fetchone()
                     if total:
                         conn.execute(f"DELETE FROM held{where}", args)
-                    low_left, high_left = conn.execute("SELECT MIN(ts), MAX(ts) FROM held").fetchone()
+                    span_left = self._span_of_held(conn)
                 self._held_rows -= int(total)
-                self._held_span = None if low_left is None else (float(low_left), float(high_left))
+                self._held_span = span_left
             except sqlite3.Error as exc:
                 self._count_held()
                 raise StoreError(f"{self.path}: dropping held readings failed: {exc}") from exc
