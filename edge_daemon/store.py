@@ -7,6 +7,8 @@ whole time segments, so older regimes survive for replay in a small file.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import errno
 import logging
 import math
@@ -15,7 +17,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-import contextlib
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
@@ -84,12 +85,43 @@ def _create_held(db: sqlite_utils.Database) -> None:
     db.conn.execute("CREATE INDEX held_by_age ON held (held_at)")
 
 
-# Named schema migrations, applied in order and recorded in the `migrations` table. Append only:
-# never edit or reorder an entry that has shipped.
+# Named schema migrations, applied in order by sqlite-utils' `Migrations` (each in one
+# transaction with its record in `_sqlite_migrations`, under the set MIGRATION_SET). Append
+# only: never edit or reorder an entry that has shipped.
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _create_schema),
     ("0002_held", _create_held),
 ]
+MIGRATION_SET = "edge-daemon"
+# Where versions before sqlite-utils' migrations recorded theirs: (name, applied_at unix s).
+LEGACY_MIGRATIONS_TABLE = "migrations"
+
+
+def migration_set() -> sqlite_utils.Migrations:
+    """MIGRATIONS as a sqlite-utils migration set."""
+    migrations = sqlite_utils.Migrations(MIGRATION_SET)
+    for name, apply in MIGRATIONS:
+        migrations(name=name)(apply)
+    return migrations
+
+
+def _adopt_legacy_record(db: sqlite_utils.Database, migrations: sqlite_utils.Migrations) -> None:
+    """Move the record of a store written before sqlite-utils' migrations into theirs, in one
+    transaction, so its applied migrations are not applied again."""
+    if LEGACY_MIGRATIONS_TABLE not in db.table_names():
+        return
+    with db.atomic():
+        migrations.ensure_migrations_table(db)
+        rows = db.conn.execute(f"SELECT name, applied_at FROM {LEGACY_MIGRATIONS_TABLE} ORDER BY applied_at, name")
+        db[migrations.migrations_table].insert_all(  # type: ignore[union-attr]
+            {
+                "migration_set": MIGRATION_SET,
+                "name": name,
+                "applied_at": str(datetime.datetime.fromtimestamp(applied_at, datetime.timezone.utc)),
+            }
+            for name, applied_at in rows
+        )
+        db.conn.execute(f"DROP TABLE {LEGACY_MIGRATIONS_TABLE}")
 
 
 def segment_of(ts: float, segment_s: float) -> int:
@@ -226,24 +258,22 @@ class ReplayStore:
     # -- schema ------------------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        if "migrations" not in self._db.table_names():
-            self._conn.execute("CREATE TABLE migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-        applied = {row[0] for row in self._conn.execute("SELECT name FROM migrations")}
-        for name, apply in MIGRATIONS:
-            if name in applied:
-                continue
-            with self._write_lock, self._transaction(self._conn):
-                apply(self._db)
-                self._conn.execute("INSERT INTO migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
+        migrations = migration_set()
+        with self._write_lock:
+            _adopt_legacy_record(self._db, migrations)
+            applied = [m.name for m in migrations.applied(self._db)]
+            unknown = set(applied) - {name for name, _ in MIGRATIONS}
+            if unknown:
+                raise StoreError(f"{self.path}: written by a newer version (migrations {sorted(unknown)})")
+            pending = [m.name for m in migrations.pending(self._db)]
+            migrations.apply(self._db)
+        for name in pending:
             log.info("store %s: applied migration %s", self.path, name)
-        unknown = applied - {name for name, _ in MIGRATIONS}
-        if unknown:
-            raise StoreError(f"{self.path}: written by a newer version (migrations {sorted(unknown)})")
 
     def migrations(self) -> list[str]:
         """Names of the applied migrations, in the order they were applied."""
         with self._reader() as conn:
-            return [row[0] for row in conn.execute("SELECT name FROM migrations ORDER BY applied_at, name")]
+            return [m.name for m in migration_set().applied(sqlite_utils.Database(conn))]
 
     def _check_segment_size(self) -> float:
         """Record segment_s; if the config changed it, rebuild the segment table from the readings."""

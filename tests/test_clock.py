@@ -113,7 +113,7 @@ def test_a_store_from_before_the_hold_gains_it_and_keeps_its_readings(tmp_path: 
     store.close()
     with sqlite3.connect(path) as conn:  # the file as the version before the hold left it
         conn.execute("DROP TABLE held")
-        conn.execute("DELETE FROM migrations WHERE name != ?", (first,))
+        conn.execute("DELETE FROM _sqlite_migrations WHERE name != ?", (first,))
     store = open_store(tmp_path)
     assert store.migrations() == [name for name, _ in MIGRATIONS]
     assert store.count() == 1 and store.held_rows == 0

@@ -111,11 +111,29 @@ def test_wal_mode_and_migrations_recorded_once(tmp_path: Path) -> None:
     store.close()
     with sqlite3.connect(tmp_path / "store.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT COUNT(*) FROM migrations").fetchone()[0] == 2
+        assert conn.execute("SELECT COUNT(*) FROM _sqlite_migrations").fetchone()[0] == 2
         # A migration this version does not know means a newer version wrote the file.
-        conn.execute("INSERT INTO migrations VALUES ('9999_future', 0)")
+        conn.execute(
+            "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES ('edge-daemon', '9999_future', '')"
+        )
     with pytest.raises(StoreError, match="newer version"):
         open_store(tmp_path)
+
+
+def test_a_store_from_before_sqlite_utils_migrations_keeps_its_record_and_data(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    assert fill(store, NOW, 60) == 180
+    store.close()
+    with sqlite3.connect(tmp_path / "store.db") as conn:  # the record as earlier versions kept it
+        conn.execute("DROP TABLE _sqlite_migrations")
+        conn.execute("CREATE TABLE migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+        conn.executemany("INSERT INTO migrations VALUES (?, ?)", [("0001_initial", NOW), ("0002_held", NOW + 1)])
+    store = open_store(tmp_path)  # applying 0001_initial again would fail: its tables exist
+    assert store.migrations() == ["0001_initial", "0002_held"]
+    assert store.count() == 180
+    store.close()
+    with sqlite3.connect(tmp_path / "store.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'migrations'").fetchone()[0] == 0
 
 
 def test_reopen_keeps_data_and_segment_change_rebuilds_counts(tmp_path: Path) -> None:
