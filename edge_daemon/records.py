@@ -20,6 +20,24 @@ if TYPE_CHECKING:
     from edge_daemon.watchdog import PlanGovernor, UpdateOutcome
 
 JobKind = Literal["update", "pretrain"]
+# What started an update, in `[train] start_on`'s words: an operator's request, residual drift,
+# or enough new data since the last one (a routine update).
+UpdateCause = Literal["request", "drift", "new_data"]
+# How earlier versions worded a cause in `reason`, before it was recorded on its own.
+_LEGACY_REASONS: dict[str, UpdateCause] = {"requested": "request", "drift detected": "drift"}
+_LEGACY_NEW_DATA_SUFFIX = " new windows"
+
+
+def resets_drift_baseline(cause: UpdateCause | None) -> bool:
+    """Whether an adapter from an update started by `cause` restarts the drift references.
+
+    After drift, a request or a rollback the served model meets data it was
+    not judged on, so the references are learnt again. A routine update on
+    new data is not: the gate found it no worse on recent data, so the
+    current references stay the yardstick. Were they restarted, updates every
+    few hours would keep a day-long window learning for ever.
+    """
+    return cause != "new_data"
 
 
 @dataclass(frozen=True)
@@ -27,13 +45,14 @@ class UpdateJob:
     """What the daemon asks a training worker to do."""
 
     kind: JobKind
-    reason: str  # why it started ("drift detected", "requested", "<N> new windows", "no base model")
+    reason: str  # why it started, for people ("drift detected", "requested", "<N> new windows", "no base model")
     since: float | None = None  # recent data starts here (drift's dated onset); None: the last train.recent_hours
     candidates: tuple[TrainingPlan, ...] = ()  # start plans to dry-run, loosest first (updates only)
     baseline_mb: float = 0.0  # the service's usage when the job was made: what the plan's share is of
     budget_mb: float = 0.0
     seed: int = 0
     started_unix: float | None = None  # set when a worker takes it
+    cause: UpdateCause | None = None  # what started an update (None: a pretraining job)
 
     def started(self) -> UpdateJob:
         return replace(self, started_unix=time.time())
@@ -43,6 +62,7 @@ class UpdateJob:
         return {
             "kind": self.kind,
             "reason": self.reason,
+            "cause": self.cause,
             "since": self.since,
             "baseline_mb": self.baseline_mb,
             "budget_mb": self.budget_mb,
@@ -145,7 +165,8 @@ class AdapterMeta:
 
     created_unix: float | None = None
     served_from_ts: float | None = None  # the newest reading when it was committed (the data's clock)
-    reason: str | None = None  # why its update started
+    reason: str | None = None  # why its update started, for people
+    cause: UpdateCause | None = None  # what started its update (None in adapters from before it was recorded)
     base_fingerprint: str | None = None  # the base it was trained on (None: an adapter from before this was recorded)
     data_range: dict[str, Any] = field(default_factory=dict)  # {"recent": [t0, t1], "replay": [[a, b], ...]}
     windows: dict[str, int] = field(default_factory=dict)
@@ -176,5 +197,14 @@ class AdapterMeta:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         return {**self.extra, **out}
 
+    @property
+    def update_cause(self) -> UpdateCause | None:
+        """`cause`, or for an adapter written before it was recorded, read from its `reason`."""
+        if self.cause is not None or self.reason is None:
+            return self.cause
+        if self.reason.endswith(_LEGACY_NEW_DATA_SUFFIX):
+            return "new_data"
+        return _LEGACY_REASONS.get(self.reason)
 
-__all__ = ["AdapterMeta", "JobKind", "JobResult", "Progress", "UpdateJob", "WorkerOrder"]
+
+__all__ = ["AdapterMeta", "JobKind", "JobResult", "Progress", "UpdateCause", "UpdateJob", "WorkerOrder", "resets_drift_baseline"]

@@ -115,7 +115,7 @@ def _switch_time(adapter: AdapterVersion) -> float | None:
 def read_adapters(config: Config) -> tuple[list[Switch], int | None]:
     """Stored adapters ordered by the time they began serving, and the current version."""
     from edge_daemon.adapters import AdapterStore
-    from edge_daemon.adaptation.trigger import resets_drift_baseline
+    from edge_daemon.records import resets_drift_baseline
 
     if not config.adapters_dir.is_dir():  # AdapterStore would create it; a report changes nothing
         return [], None
@@ -132,7 +132,7 @@ def read_adapters(config: Config) -> tuple[list[Switch], int | None]:
                 switches.append(Switch(0, t, None))
             elif version in stored:
                 adapter = stored[version]
-                routine = entry.get("event") == "commit" and not resets_drift_baseline(adapter.meta.reason)
+                routine = entry.get("event") == "commit" and not resets_drift_baseline(adapter.meta.update_cause)
                 switches.append(Switch(int(version), t, adapter, resets_drift=not routine))
             else:
                 log.info("adapter v%s served from %s but is no longer stored (pruned)", version, t)
@@ -141,7 +141,7 @@ def read_adapters(config: Config) -> tuple[list[Switch], int | None]:
         for adapter in stored.values():
             t = _switch_time(adapter)
             if t is not None:
-                switches.append(Switch(adapter.version, t, adapter, resets_drift_baseline(adapter.meta.reason)))
+                switches.append(Switch(adapter.version, t, adapter, resets_drift_baseline(adapter.meta.update_cause)))
     try:
         current = adapters.current_version()
     except AdapterError as exc:
@@ -235,7 +235,7 @@ def recompute_drift(
 
     As in the daemon, every grid step feeds the input detectors, every scored step the residual
     detectors, and the references restart when an adapter begins serving, except after a
-    routine update on new data (scheduler.resets_drift_baseline).
+    routine update on new data (records.resets_drift_baseline).
     """
     from edge_daemon.drift import DriftMonitor
     from edge_daemon.drift.reference import forecast_references

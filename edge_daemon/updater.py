@@ -408,6 +408,7 @@ def _run_update(
     trace = UpdateTrace(TRACE_INTERVAL_S, service_pid, governor.level_reader).start()
     extra: dict[str, Any] = {
         "reason": job.reason,
+        "cause": job.cause,
         "budget_mb": job.budget_mb,
         "baseline_mb": job.baseline_mb,
         "thresholds": {"elevated": config.memory.elevated, "high": config.memory.high, "critical": config.memory.critical},
@@ -562,6 +563,7 @@ def _update_traced(
         created_unix=started,
         served_from_ts=span[1] if span is not None else None,
         reason=job.reason,
+        cause=job.cause,
         base_fingerprint=base.fingerprint,
         data_range={"recent": list(data.recent_range), "replay": [list(s) for s in data.replay_spans]},
         windows={

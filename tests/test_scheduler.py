@@ -9,7 +9,8 @@ from collections.abc import Callable
 import pytest
 
 from edge_daemon.config import TrainConfig
-from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger, resets_drift_baseline
+from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger
+from edge_daemon.records import AdapterMeta, resets_drift_baseline
 from edge_daemon.scheduler import JobScheduler
 
 # Bounds a wait for something that must happen; never how long anything is expected to take.
@@ -115,11 +116,20 @@ def test_only_a_routine_update_keeps_the_drift_references() -> None:
     trigger = UpdateTrigger(TrainConfig(min_interval_s=0, min_new_windows=100), clock=FakeClock())
     routine = trigger.decide(calm(new_windows=250))
     assert routine.start and routine.reason == "250 new windows"
-    assert not resets_drift_baseline(routine.reason)
-    assert resets_drift_baseline(trigger.decide(calm(new_windows=250, drift_detected=True)).reason)
+    assert not resets_drift_baseline(routine.cause)
+    assert resets_drift_baseline(trigger.decide(calm(new_windows=250, drift_detected=True)).cause)
     trigger.request()
-    assert resets_drift_baseline(trigger.decide(calm(new_windows=250)).reason)
+    assert resets_drift_baseline(trigger.decide(calm(new_windows=250)).cause)
     assert resets_drift_baseline(None)
+
+
+def test_an_adapter_from_before_causes_were_recorded_is_judged_by_its_reason() -> None:
+    assert AdapterMeta(reason="250 new windows").update_cause == "new_data"
+    assert AdapterMeta(reason="drift detected").update_cause == "drift"
+    assert AdapterMeta(reason="requested").update_cause == "request"
+    assert AdapterMeta(reason="a reason no version wrote").update_cause is None
+    assert AdapterMeta(reason="250 new windows", cause="drift").update_cause == "drift"
+    assert AdapterMeta.from_json(AdapterMeta(reason="x", cause="new_data").to_json()).update_cause == "new_data"
 
 
 def test_trigger_spacing_single_flight_and_requests() -> None:

@@ -18,13 +18,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edge_daemon.adaptation.runner import WORKER_TARGET, UpdateRunner
-from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger, resets_drift_baseline
+from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger
 from edge_daemon.adapters import AdapterStore, AdapterVersion, BaseModel, load_base, serving_model
 from edge_daemon.baselines import Baseline
 from edge_daemon.config import Config
 from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
 from edge_daemon.plan import plan_from_config
-from edge_daemon.records import JobResult, UpdateJob
+from edge_daemon.records import JobResult, UpdateCause, UpdateJob, resets_drift_baseline
 from edge_daemon.scoring import Scorer, ServingRule, baselines_of
 from edge_daemon.store import ReplayStore
 from edge_daemon.updater import heavy_modules_loaded, run_worker
@@ -133,7 +133,7 @@ class Adaptation:
 
     def serve_version(self, version: AdapterVersion | None, reset_drift: bool = True) -> None:
         """Merge `version` into a copy of the base and swap it in; the drift baseline restarts
-        unless `reset_drift` is False (see trigger.resets_drift_baseline)."""
+        unless `reset_drift` is False (see records.resets_drift_baseline)."""
         assert self.base is not None and self.pipeline is not None
         with self._model_lock:
             model = serving_model(self.base, version)
@@ -218,7 +218,8 @@ class Adaptation:
                     self.last_decision = f"waiting for data since the change: {have_s:.0f} of {needed_s:.0f} s"
                     return
                 since = None
-        self.start_update(decision.reason, since=since)
+        assert decision.cause is not None
+        self.start_update(decision.reason, decision.cause, since=since)
 
     def disk_short(self) -> bool:
         """Ingestion waits for disk space, or the free space is under `[store] disk_reserve_mb`."""
@@ -240,11 +241,12 @@ class Adaptation:
         assert self.watchdog is not None
         return self.config.memory.update_share * self.watchdog.usage_mb
 
-    def start_update(self, reason: str, since: float | None = None) -> bool:
+    def start_update(self, reason: str, cause: UpdateCause, since: float | None = None) -> bool:
         assert self.governor is not None and self.watchdog is not None
         job = UpdateJob(
             "update",
             reason,
+            cause=cause,
             since=since,
             candidates=tuple(self.governor.start_candidates()),
             baseline_mb=self.watchdog.usage_mb,
@@ -331,8 +333,8 @@ class Adaptation:
             return
         if result.accepted and result.version is not None:
             try:
-                reason = result.job.reason if result.job is not None else None
-                self.serve_version(self.adapters.get(result.version), resets_drift_baseline(reason))
+                cause = result.job.cause if result.job is not None else None
+                self.serve_version(self.adapters.get(result.version), resets_drift_baseline(cause))
                 # Only now, with the scorer serving it, does `current` name it (a restart before
                 # this serves what was served before).
                 self.adapters.make_current(result.version)

@@ -18,24 +18,9 @@ from dataclasses import dataclass
 import psutil
 
 from edge_daemon.config import TrainConfig
+from edge_daemon.records import UpdateCause
 
 log = logging.getLogger(__name__)
-
-# The end of the reason of an update started only because enough new data came in.
-NEW_DATA_REASON = " new windows"
-
-
-def resets_drift_baseline(reason: str | None) -> bool:
-    """Whether an adapter from an update started for `reason` restarts the drift references.
-
-    After drift, a request or a rollback the served model meets data it was
-    not judged on, so the references are learnt again. A routine update on
-    new data is not: the gate found it no worse on recent data, so the
-    current references stay the yardstick. Were they restarted, updates every
-    few hours would keep a day-long window learning for ever.
-    """
-    return not (reason or "").endswith(NEW_DATA_REASON)
-
 
 Clock = Callable[[], float]
 
@@ -118,7 +103,8 @@ class TriggerInputs:
 @dataclass(frozen=True)
 class Decision:
     start: bool
-    reason: str  # why it starts, or why not
+    reason: str  # why it starts, or why not, for people
+    cause: UpdateCause | None = None  # what starts it (set when `start`)
 
 
 class UpdateTrigger:
@@ -178,14 +164,12 @@ class UpdateTrigger:
                 return Decision(False, "device busy")
             allowed = self.cfg.start_on
             if self._requested and "request" in allowed:
-                reason = "requested"
-            elif inputs.drift_detected and "drift" in allowed:
-                reason = "drift detected"
-            elif inputs.new_windows >= self.cfg.min_new_windows and "new_data" in allowed:
-                reason = f"{inputs.new_windows}{NEW_DATA_REASON}"
-            else:
-                return Decision(False, "no reason to adapt")
-            return Decision(True, reason)
+                return Decision(True, "requested", "request")
+            if inputs.drift_detected and "drift" in allowed:
+                return Decision(True, "drift detected", "drift")
+            if inputs.new_windows >= self.cfg.min_new_windows and "new_data" in allowed:
+                return Decision(True, f"{inputs.new_windows} new windows", "new_data")
+            return Decision(False, "no reason to adapt")
 
     def started(self) -> None:
         with self._lock:
