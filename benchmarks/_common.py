@@ -103,7 +103,9 @@ def run_update(config: Any, reason: str = "requested", since: float | None = Non
     commit), run in this process at memory level normal; `since` as the daemon passes it after drift."""
     from edge_daemon.records import UpdateJob
     from edge_daemon.updater import _run_update
-    from edge_daemon.watchdog import Level, PlanGovernor, plan_candidates
+    from edge_daemon.governor import PlanGovernor
+    from edge_daemon.memory.pressure import Level
+    from edge_daemon.plan import plan_candidates
 
     governor = PlanGovernor(lambda: Level.NORMAL, plan_candidates(config.train.batch_size, config.train.micro_batch))
     job = UpdateJob("update", reason, since=since, candidates=tuple(governor.start_candidates()), baseline_mb=300.0, budget_mb=16000.0, seed=seed)

@@ -46,7 +46,7 @@ from edge_daemon.frames import build_grid  # noqa: E402
 from edge_daemon.model import LARGE  # noqa: E402
 from edge_daemon.pretrain import pretrain  # noqa: E402
 from edge_daemon.store import Reading, ReplayStore  # noqa: E402
-from edge_daemon.watchdog import _pss_bytes, private_mb  # noqa: E402
+from edge_daemon.memory.usage import _pss_bytes, private_mb  # noqa: E402
 from sample_sensors.generate import CHANNELS, generate_labeled, readings  # noqa: E402
 from sample_sensors.publish import publish  # noqa: E402
 from tests.cgroups import MemoryCgroup, create_memory_cgroup  # noqa: E402

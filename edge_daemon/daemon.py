@@ -31,7 +31,8 @@ from edge_daemon.notify import Heartbeat
 from edge_daemon.pipeline import ScoringPipeline
 from edge_daemon.scheduler import JobScheduler
 from edge_daemon.store import ReplayStore
-from edge_daemon.watchdog import Level, MemoryWatchdog
+from edge_daemon.memory.pressure import Level
+from edge_daemon.memory.watchdog import MemoryWatchdog
 from edge_daemon.worker import WorkerForker
 
 log = logging.getLogger(__name__)

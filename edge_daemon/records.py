@@ -17,7 +17,7 @@ from edge_daemon.files import iso
 from edge_daemon.plan import TrainingPlan
 
 if TYPE_CHECKING:
-    from edge_daemon.watchdog import PlanGovernor, UpdateOutcome
+    from edge_daemon.governor import PlanGovernor, UpdateOutcome
 
 JobKind = Literal["update", "pretrain"]
 # What started an update, in `[train] start_on`'s words: an operator's request, residual drift,

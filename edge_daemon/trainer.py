@@ -3,9 +3,10 @@
 Owns selective freezing (which blocks get adapters, measured on a probe batch),
 the micro-batch training loop (gradient accumulation, checkpointing, 8-bit
 optimizer state, replay mixing, plan changes at micro-batch boundaries), the
-validation gate and peak-memory sampling. LoRA layers are the project's own
-(`lora.py`, saved in peft's format): training imports neither peft nor
-transformers, and bitsandbytes only when 8-bit state pays for its import.
+validation gate and the update's peak RSS (sampled by `memory.sampling`).
+LoRA layers are the project's own (`lora.py`, saved in peft's format):
+training imports neither peft nor transformers, and bitsandbytes only when
+8-bit state pays for its import.
 """
 
 from __future__ import annotations
@@ -14,128 +15,32 @@ import copy
 import gc
 import logging
 import math
-import resource
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import psutil
 import torch
 from torch import nn
 
 from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.lora import attach_lora, save_adapter
+from edge_daemon.memory.sampling import RssSampler
+from edge_daemon.memory.usage import release_memory
 from edge_daemon.optim import AdamW
 from edge_daemon.model import Forecaster, forecast_loss
 from edge_daemon.plan import TrainingPlan
-from edge_daemon.watchdog import release_memory
 
 if TYPE_CHECKING:
     from edge_daemon.config import LoraConfigSection, TrainConfig
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 PlanSource = Callable[[TrainingPlan], "TrainingPlan | None"]
 Optimizer = Any  # optim.AdamW or a bitsandbytes (torch.optim) optimizer: step(), zero_grad(), state
-
-
-# ---------------------------------------------------------------------------
-# Peak memory
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PeakMemory:
-    start_rss_bytes: int  # RSS when sampling began
-    peak_rss_bytes: int  # highest sampled RSS (sampling can miss spikes shorter than the interval)
-    ru_maxrss_bytes: int  # the kernel's high-water mark for the whole process lifetime
-    samples: int
-
-    @property
-    def increase_bytes(self) -> int:
-        return self.peak_rss_bytes - self.start_rss_bytes
-
-    def to_dict(self) -> dict[str, int]:
-        return {
-            "start_rss_bytes": self.start_rss_bytes,
-            "peak_rss_bytes": self.peak_rss_bytes,
-            "ru_maxrss_bytes": self.ru_maxrss_bytes,
-            "samples": self.samples,
-        }
-
-
-def ru_maxrss_bytes() -> int:
-    # Linux reports ru_maxrss in KiB.
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-class RssSampler:
-    """Samples this process's RSS from a thread; use as a context manager.
-
-    The kernel's `ru_maxrss` is exact but covers the whole process lifetime, so
-    a window of time needs sampling; both are reported.
-    """
-
-    def __init__(self, interval_s: float = 0.005) -> None:
-        if interval_s <= 0:
-            raise ValueError(f"interval_s must be > 0, got {interval_s}")
-        self.interval_s = interval_s
-        self._process = psutil.Process()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._start = 0
-        self._peak = 0
-        self._samples = 0
-
-    def _sample(self) -> None:
-        rss = self._process.memory_info().rss
-        self._peak = max(self._peak, rss)
-        self._samples += 1
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def start(self) -> RssSampler:
-        self._start = self._process.memory_info().rss
-        self._peak = self._start
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> PeakMemory:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        self._sample()
-        return self.result()
-
-    def result(self) -> PeakMemory:
-        return PeakMemory(self._start, self._peak, ru_maxrss_bytes(), self._samples)
-
-    def __enter__(self) -> RssSampler:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def measure_peak(fn: Callable[..., T], *args: Any, interval_s: float = 0.005, **kwargs: Any) -> tuple[T, PeakMemory]:
-    """Run `fn(*args, **kwargs)` while sampling RSS; return its result and the peak."""
-    sampler = RssSampler(interval_s).start()
-    try:
-        value = fn(*args, **kwargs)
-    finally:
-        peak = sampler.stop()
-    return value, peak
 
 
 # ---------------------------------------------------------------------------
@@ -833,9 +738,7 @@ def adapter_bytes(directory: str | Path) -> int:
 __all__ = [
     "BatchMixer",
     "BlockChoice",
-    "PeakMemory",
     "PlanChange",
-    "RssSampler",
     "UpdateResult",
     "adapter_bytes",
     "block_target_modules",
@@ -846,7 +749,6 @@ __all__ = [
     "gate",
     "make_optimizer",
     "measure_block_grad_norms",
-    "measure_peak",
     "optimizer_state_bytes",
     "save_adapter",
     "set_checkpointing",

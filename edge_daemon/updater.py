@@ -26,8 +26,9 @@ import numpy as np
 
 from edge_daemon.config import Config
 from edge_daemon.files import replace_atomically
+from edge_daemon.governor import PlanGovernor
+from edge_daemon.memory.pressure import SharedLevel
 from edge_daemon.plan import TrainingPlan
-from edge_daemon.watchdog import PlanGovernor, SharedLevel
 from edge_daemon.records import AdapterMeta, JobResult, Progress, UpdateJob, WorkerOrder
 from edge_daemon.worker import MessageWriter, SharedFlag
 
@@ -152,7 +153,7 @@ def measure_micro_batch_mb(base_model: Any, windows: Any, plan: TrainingPlan, ta
     import torch
 
     from edge_daemon.model import forecast_loss
-    from edge_daemon.watchdog import peak_rss_mb, process_tree_rss_mb, release_memory, reset_peak_rss
+    from edge_daemon.memory.usage import peak_rss_mb, process_tree_rss_mb, release_memory, reset_peak_rss
 
     model = base_model
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -183,7 +184,7 @@ def measure_micro_batch_mb(base_model: Any, windows: Any, plan: TrainingPlan, ta
 
 
 class UpdateTrace:
-    """Memory over time, phases, plan changes and step losses of one update, sampled from a thread.
+    """Memory over time, phases, plan changes and step losses of one update.
 
     Times are seconds since `start()`. Each sample holds this process's RSS
     and its private memory (pages no other process maps: what a forked worker
@@ -191,22 +192,21 @@ class UpdateTrace:
     in its training worker), the whole service's usage as the watchdog counts
     it (the cgroup's charge, else the tree's PSS): what the budget is
     measured against. Reading private memory costs ~1 ms, ~1% of a core at
-    the first sampling period.
+    the first sampling period. Samples come on the process's one sampling
+    thread (`memory.sampling`), which also serves the training loop's peak RSS.
     """
 
     def __init__(self, interval_s: float = 0.1, service_pid: int | None = None, level_reader: Callable[[], Any] | None = None) -> None:
-        import psutil
-
-        from edge_daemon.watchdog import TreeMemory
+        from edge_daemon.memory.sampling import Subscription, process_sampler
+        from edge_daemon.memory.usage import TreeMemory
 
         self.interval_s = interval_s
         self.service_pid = service_pid
         self._service = TreeMemory(service_pid) if service_pid is not None else None
         self.level_reader = level_reader
-        self._process = psutil.Process()
+        self._sampler = process_sampler()
+        self._subscription: Subscription | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.started_unix = time.time()
         self._t0 = time.monotonic()
         self.samples: dict[str, list[float | None]] = {"t": [], "rss_mb": [], "private_mb": [], "service_mb": []}
@@ -218,10 +218,11 @@ class UpdateTrace:
     def now(self) -> float:
         return round(time.monotonic() - self._t0, 3)
 
-    def _sample(self) -> None:
-        from edge_daemon.watchdog import private_mb
+    def _sample(self, rss_bytes: int | None = None) -> None:
+        """One sample; `rss_bytes` is the sampling thread's reading, read here when called at an event."""
+        from edge_daemon.memory.usage import private_mb
 
-        rss = self._process.memory_info().rss / 2**20
+        rss = (self._sampler.rss_bytes() if rss_bytes is None else rss_bytes) / 2**20
         private = private_mb()
         service = None
         if self._service is not None:
@@ -249,24 +250,20 @@ class UpdateTrace:
                 for key in self.samples:
                     self.samples[key] = self.samples[key][::2]
                 self.interval_s *= 2
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
+                if self._subscription is not None:
+                    self._subscription.interval_s = self.interval_s
 
     def start(self) -> UpdateTrace:
         self.started_unix = time.time()
         self._t0 = time.monotonic()
         self._sample()
-        self._thread = threading.Thread(target=self._run, name="update-trace", daemon=True)
-        self._thread.start()
+        self._subscription = self._sampler.add(self._sample, self.interval_s)
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._subscription is not None:
+            self._sampler.remove(self._subscription)
+            self._subscription = None
         self._sample()
 
     def phase(self, name: str) -> None:
@@ -445,7 +442,8 @@ def _update_traced(
     from edge_daemon.store import ReplayStore, free_bytes
     from edge_daemon.lora import save_adapter
     from edge_daemon.trainer import adapter_bytes, update
-    from edge_daemon.watchdog import choose_start_plan, plan_limit_mb, private_mb, release_memory
+    from edge_daemon.memory.usage import private_mb, release_memory
+    from edge_daemon.plan import choose_start_plan, plan_limit_mb
 
     started = time.time()
     # What this update holds of its own: in a forked worker, every private page; run in-process

@@ -46,7 +46,7 @@ import edge_daemon.lora
 import edge_daemon.pretrain
 import edge_daemon.store
 import edge_daemon.trainer  # noqa: F401  (with numpy.random and the others above)
-from edge_daemon.watchdog import SharedLevel
+from edge_daemon.memory.pressure import SharedLevel
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Memory cgroups of a test's or benchmark's own (v1 or v2): made, limited, entered, removed.
 
-Only for tests and benchmarks: the daemon reads its cgroup (watchdog.py) but never makes one.
+Only for tests and benchmarks: the daemon reads its cgroup (memory/budget.py) but never makes one.
 """
 
 from __future__ import annotations

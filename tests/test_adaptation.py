@@ -18,7 +18,8 @@ from edge_daemon.model import Forecaster, ForecasterConfig
 from edge_daemon.pipeline import ScoringPipeline
 from edge_daemon.plan import TrainingPlan
 from edge_daemon.records import AdapterMeta, JobResult, Progress, UpdateJob
-from edge_daemon.watchdog import Level, UpdateOutcome
+from edge_daemon.governor import UpdateOutcome
+from edge_daemon.memory.pressure import Level
 from tests.conftest import CHANNELS, make_config, save_random_peft_adapter
 
 torch.set_num_threads(1)

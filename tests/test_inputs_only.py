@@ -26,7 +26,9 @@ from edge_daemon.scoring import Scorer, ServingRule
 from edge_daemon.store import Reading, ReplayStore
 from edge_daemon.records import UpdateJob
 from edge_daemon.updater import _run_update
-from edge_daemon.watchdog import Level, PlanGovernor, plan_candidates
+from edge_daemon.governor import PlanGovernor
+from edge_daemon.memory.pressure import Level
+from edge_daemon.plan import plan_candidates
 from tests.conftest import make_config
 
 torch.set_num_threads(1)

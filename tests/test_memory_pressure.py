@@ -26,7 +26,8 @@ from edge_daemon.control import request
 from edge_daemon.daemon import Daemon
 from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain
-from edge_daemon.watchdog import Level, cgroup_usage_mb
+from edge_daemon.memory.budget import cgroup_usage_mb
+from edge_daemon.memory.pressure import Level
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from tests.conftest import make_config, start_daemon
 from tests.support import config_toml, daemon_status, wait_for

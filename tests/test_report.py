@@ -31,7 +31,9 @@ from edge_daemon.report import write_report
 from edge_daemon.store import Reading, ReplayStore
 from edge_daemon.records import JobResult, Progress, UpdateJob
 from edge_daemon.updater import TRACE_FILE, UPDATES_DIR, _run_update, save_update_trace
-from edge_daemon.watchdog import Level, PlanGovernor, plan_candidates
+from edge_daemon.governor import PlanGovernor
+from edge_daemon.memory.pressure import Level
+from edge_daemon.plan import plan_candidates
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from tests.conftest import make_config
 

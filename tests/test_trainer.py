@@ -27,7 +27,6 @@ from edge_daemon.trainer import (
     BITSANDBYTES_IMPORT_MB,
     BatchMixer,
     EightBitPayoff,
-    RssSampler,
     block_target_modules,
     build_lora_model,
     choose_blocks,
@@ -36,6 +35,7 @@ from edge_daemon.trainer import (
     update,
 )
 from edge_daemon.lora import lora_state_dict, save_adapter
+from edge_daemon.memory.sampling import RssSampler
 from tests.conftest import peft_lora_model, without_bitsandbytes
 
 torch.set_num_threads(1)

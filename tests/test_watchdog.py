@@ -22,28 +22,19 @@ from typing import Any
 import pytest
 
 from edge_daemon.config import MemoryConfig
-from edge_daemon.plan import TrainingPlan
-from edge_daemon.watchdog import (
-    Budget,
-    Level,
-    MemoryWatchdog,
-    PlanGovernor,
-    PressurePolicy,
-    SharedLevel,
+from edge_daemon.governor import PlanGovernor, UpdateOutcome
+from edge_daemon.memory.budget import Budget, cgroup_usage_mb, memory_budget
+from edge_daemon.memory.pressure import Level, PressurePolicy, SharedLevel
+from edge_daemon.memory.usage import (
     TreeMemory,
-    UpdateOutcome,
-    cgroup_usage_mb,
-    choose_start_plan,
-    plan_limit_mb,
-    memory_budget,
     peak_rss_mb,
-    plan_candidates,
     process_tree_pids,
     process_tree_rss_mb,
     release_memory,
     reset_peak_rss,
-    tighten,
 )
+from edge_daemon.memory.watchdog import MemoryWatchdog
+from edge_daemon.plan import TrainingPlan, choose_start_plan, plan_candidates, plan_limit_mb, tighten
 from tests.cgroups import MB, MemoryCgroup, create_memory_cgroup
 
 MEMHOG = Path(__file__).with_name("memhog.py")
@@ -620,7 +611,9 @@ def memory_cgroup() -> Iterator[MemoryCgroup]:
 # its watchdog says critical, the point where an update would stop.
 _LIMITED_CHILD = r"""
 import json, sys
-from edge_daemon.watchdog import MemoryWatchdog, PressurePolicy, cgroup_usage_mb
+from edge_daemon.memory.budget import cgroup_usage_mb
+from edge_daemon.memory.pressure import PressurePolicy
+from edge_daemon.memory.watchdog import MemoryWatchdog
 print(json.dumps({"ready": True, "cgroup_mb": cgroup_usage_mb()}), flush=True)
 sys.stdin.readline()
 watchdog = MemoryWatchdog(PressurePolicy(0.70, 0.80, 0.90, 0.05, min_available_mb=0), sample_interval_s=0.05)
@@ -685,7 +678,7 @@ def _touched(mb: int) -> bytearray:
 
 def test_outside_a_cgroup_of_its_own_a_tree_costs_its_pss_not_its_rss(tmp_path: Path) -> None:
     """A forked child shares the parent's pages: RSS counts them in both, the kernel once."""
-    from edge_daemon.watchdog import _pss_bytes
+    from edge_daemon.memory.usage import _pss_bytes
 
     block = _touched(200)
     read_end, write_end = os.pipe()
@@ -715,7 +708,8 @@ def test_outside_a_cgroup_of_its_own_a_tree_costs_its_pss_not_its_rss(tmp_path: 
 # cgroup's charge, which the test reads from the kernel at the same moment.
 _SERVICE_CHILD = r"""
 import json, sys
-from edge_daemon.watchdog import MemoryWatchdog, PressurePolicy
+from edge_daemon.memory.pressure import PressurePolicy
+from edge_daemon.memory.watchdog import MemoryWatchdog
 block = bytearray(64 << 20)
 block[::4096] = b"\x01" * len(range(0, len(block), 4096))
 watchdog = MemoryWatchdog(PressurePolicy(0.70, 0.80, 0.90, 0.05, min_available_mb=0), configured_budget_mb=4000)

@@ -23,12 +23,15 @@ from edge_daemon.adapters import AdapterStore, AdapterVersion, BaseModel, load_b
 from edge_daemon.baselines import Baseline
 from edge_daemon.config import Config
 from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
-from edge_daemon.plan import plan_from_config
+from edge_daemon.plan import plan_candidates, plan_from_config
 from edge_daemon.records import JobResult, UpdateCause, UpdateJob, resets_drift_baseline
 from edge_daemon.scoring import Scorer, ServingRule, baselines_of
 from edge_daemon.store import ReplayStore
 from edge_daemon.updater import heavy_modules_loaded, run_worker
-from edge_daemon.watchdog import Level, MemoryWatchdog, PlanGovernor, plan_candidates, release_memory
+from edge_daemon.governor import PlanGovernor
+from edge_daemon.memory.pressure import Level
+from edge_daemon.memory.usage import release_memory
+from edge_daemon.memory.watchdog import MemoryWatchdog
 from edge_daemon.worker import WorkerForker
 
 if TYPE_CHECKING:

@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 from edge_daemon.config import Config
 from edge_daemon.records import JobResult, Progress, UpdateJob, WorkerOrder
-from edge_daemon.watchdog import Level, PlanGovernor, UpdateOutcome
+from edge_daemon.governor import PlanGovernor, UpdateOutcome
+from edge_daemon.memory.pressure import Level
 from edge_daemon.worker import WorkerForker, read_messages
 
 log = logging.getLogger(__name__)
