@@ -21,6 +21,7 @@ from edge_daemon.config import TrainConfig
 from edge_daemon.control import request
 from edge_daemon.daemon import Daemon
 from edge_daemon.errors import DiskFullError
+from edge_daemon.memory.pressure import Level
 from edge_daemon.store import Reading, ReplayStore
 from tests.conftest import CHANNELS, make_config, start_daemon
 from tests.support import wait_for
@@ -106,7 +107,7 @@ def test_retention_on_a_short_disk_keeps_recent_data_and_does_not_rewrite_the_fi
 def test_updates_wait_while_disk_space_is_short() -> None:
     trigger = UpdateTrigger(TrainConfig())
     assert trigger.request()
-    inputs = dict(idle=True, memory_level="normal", backlog=0, drift_detected=True, new_windows=0, has_base=True)
+    inputs = dict(idle=True, memory_level=Level.NORMAL, backlog=0, drift_detected=True, new_windows=0, has_base=True)
     assert trigger.decide(TriggerInputs(**inputs, disk_short=True)).reason == "disk space short"
     assert trigger.decide(TriggerInputs(**inputs)).start
 

@@ -10,6 +10,7 @@ import pytest
 
 from edge_daemon.config import TrainConfig
 from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger
+from edge_daemon.memory.pressure import Level
 from edge_daemon.records import AdapterMeta, resets_drift_baseline
 from edge_daemon.scheduler import JobScheduler
 
@@ -26,7 +27,7 @@ class FakeClock:
 
 
 def calm(**overrides: object) -> TriggerInputs:
-    values: dict = dict(idle=True, memory_level="normal", backlog=0, drift_detected=False, new_windows=0, has_base=True)
+    values: dict = dict(idle=True, memory_level=Level.NORMAL, backlog=0, drift_detected=False, new_windows=0, has_base=True)
     values.update(overrides)
     return TriggerInputs(**values)
 
@@ -84,8 +85,8 @@ def test_trigger_needs_a_reason_and_idle() -> None:
     assert trigger.decide(calm(new_windows=100)).start
     assert trigger.decide(calm(drift_detected=True)).reason == "drift detected"
     assert not trigger.decide(calm(drift_detected=True, idle=False)).start
-    assert trigger.decide(calm(drift_detected=True, memory_level="critical")).reason == "memory level critical"
-    assert trigger.decide(calm(drift_detected=True, memory_level="high")).start  # with room for the worker
+    assert trigger.decide(calm(drift_detected=True, memory_level=Level.CRITICAL)).reason == "memory level critical"
+    assert trigger.decide(calm(drift_detected=True, memory_level=Level.HIGH)).start  # with room for the worker
     assert "backlog" in trigger.decide(calm(drift_detected=True, backlog=5000)).reason
     assert trigger.decide(calm(drift_detected=True, has_base=False)).reason == "no base model yet"
     short = trigger.decide(calm(drift_detected=True, headroom_mb=-120.4))

@@ -191,7 +191,7 @@ class Adaptation:
         decision = self.trigger.decide(
             TriggerInputs(
                 idle=self.idle.idle(),
-                memory_level=self.watchdog.level.label,
+                memory_level=self.watchdog.level,
                 backlog=self.backlog(),
                 # Input detectors also fire on seasonal swings; what warrants an update is the
                 # model's residuals drifting.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import psutil
 
 from edge_daemon.config import TrainConfig
+from edge_daemon.memory.pressure import Level
 from edge_daemon.records import UpdateCause
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class TriggerInputs:
     """What the trigger needs to know about the daemon right now."""
 
     idle: bool
-    memory_level: str  # "normal" | "elevated" | "high" | "critical"
+    memory_level: Level
     backlog: int  # readings received but not yet committed
     drift_detected: bool
     new_windows: int  # scoring windows completed since the last update
@@ -152,7 +153,7 @@ class UpdateTrigger:
                 return Decision(False, f"last update {now - self._last_start:.0f}s ago (min {self.cfg.min_interval_s:.0f}s)")
             # Above normal an update still starts, with a tighter plan, where the worker's expected
             # increment fits under the critical line (`headroom_mb`); at critical nothing starts.
-            if inputs.memory_level == "critical":
+            if inputs.memory_level >= Level.CRITICAL:
                 return Decision(False, "memory level critical")
             if inputs.disk_short:
                 return Decision(False, "disk space short")
