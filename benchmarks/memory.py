@@ -394,12 +394,13 @@ def _line(row: Row) -> str:
 
 
 def eight_bit_table() -> list[str]:
-    """Whether 8-bit Adam state pays (`trainer.EightBitPayoff`, the planner's own rule) for the LoRA the
+    """Whether 8-bit Adam state pays (`training.optimizer.EightBitPayoff`, the planner's own rule) for the LoRA the
     daemon trains on each model, for every block adapted, and for full fine-tuning (every weight)."""
     from edge_daemon.config import LoraConfigSection
-    from edge_daemon.lora import attach_lora
     from edge_daemon.model import Forecaster, ForecasterConfig
-    from edge_daemon.trainer import BITSANDBYTES_IMPORT_MB, TORCH_DYNAMO_IMPORT_MB, EightBitPayoff, block_target_modules, expand_modules
+    from edge_daemon.training.blocks import block_target_modules, expand_modules
+    from edge_daemon.training.lora import attach_lora
+    from edge_daemon.training.optimizer import BITSANDBYTES_IMPORT_MB, TORCH_DYNAMO_IMPORT_MB, EightBitPayoff
 
     def payoff_of(params: int) -> EightBitPayoff:
         # As in a training worker, where neither bitsandbytes nor torch._dynamo is loaded.

@@ -33,7 +33,7 @@ from torch import nn
 from edge_daemon.errors import AdapterError, BaseFormatError, ModelError
 from edge_daemon.files import fsync_path, fsync_tree, iso, now_iso, replace_atomically, write_json
 from edge_daemon.frames import Grid, NormStats, calendar_features, normalise_grid, with_calendar
-from edge_daemon.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX
+from edge_daemon.training.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX
 from edge_daemon.model import Forecaster, ForecasterConfig
 from edge_daemon.records import AdapterMeta
 

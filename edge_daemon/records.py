@@ -112,7 +112,7 @@ class JobResult:
     aborted: bool = False  # stopped at a micro-batch boundary (shutdown or critical memory)
     version: int | None = None  # the committed adapter (not yet current)
     adapter_bytes: int | None = None
-    summary: dict[str, Any] = field(default_factory=dict)  # trainer.UpdateResult.to_dict() (no per-step lists)
+    summary: dict[str, Any] = field(default_factory=dict)  # training.loop.UpdateResult.to_dict() (no per-step lists)
     outcome: UpdateOutcome | None = None  # how the plan went (updates that began training)
     metrics: dict[str, Any] | None = None  # a pretrain's
     job: UpdateJob | None = None

@@ -92,7 +92,7 @@ def prepare_update_data(
 
     from edge_daemon.errors import TrainingError
     from edge_daemon.frames import build_grid, split_indices_by_time, valid_window_starts
-    from edge_daemon.trainer import GridWindows
+    from edge_daemon.training.batches import GridWindows
 
     span = store.time_range()
     if span is None:
@@ -440,8 +440,8 @@ def _update_traced(
     from edge_daemon.adapters import AdapterStore, load_base, serving_model
     from edge_daemon.errors import TrainingError
     from edge_daemon.store import ReplayStore, free_bytes
-    from edge_daemon.lora import save_adapter
-    from edge_daemon.trainer import adapter_bytes, update
+    from edge_daemon.training.loop import update
+    from edge_daemon.training.lora import adapter_bytes, save_adapter
     from edge_daemon.memory.usage import private_mb, release_memory
     from edge_daemon.plan import choose_start_plan, plan_limit_mb
 

@@ -42,10 +42,10 @@ import numpy.random
 
 import edge_daemon.adapters
 import edge_daemon.baselines
-import edge_daemon.lora
 import edge_daemon.pretrain
 import edge_daemon.store
-import edge_daemon.trainer  # noqa: F401  (with numpy.random and the others above)
+import edge_daemon.training.loop
+import edge_daemon.training.lora  # noqa: F401  (with numpy.random and the others above)
 from edge_daemon.memory.pressure import SharedLevel
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from edge_daemon.lora import LoraLinear, adapter_config, attach_lora, lora_layers, save_adapter
+from edge_daemon.training.lora import LoraLinear, adapter_config, attach_lora, lora_layers, save_adapter
 from edge_daemon.model import Forecaster, ForecasterConfig
 
 CFG = ForecasterConfig(n_channels=3, window=8, d_model=16, n_heads=2, n_layers=2, d_ff=32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_daemon.optim import AdamW
+from edge_daemon.training.optimizer import AdamW
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])

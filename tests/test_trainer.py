@@ -23,19 +23,12 @@ from edge_daemon.config import LoraConfigSection, TrainConfig
 from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
 from edge_daemon.plan import TrainingPlan, plan_from_config
-from edge_daemon.trainer import (
-    BITSANDBYTES_IMPORT_MB,
-    BatchMixer,
-    EightBitPayoff,
-    block_target_modules,
-    build_lora_model,
-    choose_blocks,
-    make_optimizer,
-    set_checkpointing,
-    update,
-)
-from edge_daemon.lora import lora_state_dict, save_adapter
 from edge_daemon.memory.sampling import RssSampler
+from edge_daemon.training.batches import BatchMixer
+from edge_daemon.training.blocks import block_target_modules, choose_blocks
+from edge_daemon.training.loop import update
+from edge_daemon.training.lora import build_lora_model, lora_state_dict, save_adapter, set_checkpointing
+from edge_daemon.training.optimizer import BITSANDBYTES_IMPORT_MB, EightBitPayoff, make_optimizer
 from tests.conftest import peft_lora_model, without_bitsandbytes
 
 torch.set_num_threads(1)
@@ -438,7 +431,7 @@ def test_an_update_with_peft_lora_gives_the_same_weights(base: Forecaster, data:
     with the trainer's own, ends with the same adapter (initialisation, dropout draws and steps)."""
     from peft import get_peft_model_state_dict
 
-    import edge_daemon.trainer as trainer
+    import edge_daemon.training.loop as trainer
 
     cfg, steps = lora(dropout=dropout), train_cfg(steps=6, lr=1e-2)
     own = update(base, **data, lora_cfg=cfg, train_cfg=steps, plan=plan(4, 2), seed=3, keep_rejected=True)
@@ -502,7 +495,8 @@ import sys, torch
 from edge_daemon.config import LoraConfigSection, TrainConfig
 from edge_daemon.model import Forecaster, ForecasterConfig
 from edge_daemon.plan import TrainingPlan
-from edge_daemon.trainer import make_optimizer, update
+from edge_daemon.training.loop import update
+from edge_daemon.training.optimizer import make_optimizer
 model = Forecaster(ForecasterConfig(n_channels=3, window=8, d_model=16, n_layers=1, d_ff=16))
 w = torch.randn(32, 9, 3)
 for checkpointing in (False, True):
@@ -550,7 +544,7 @@ def test_grid_windows_read_as_the_windows_they_stand_for() -> None:
     """Windows cut from the grid when read are the windows `make_windows` copies out, at a fraction
     of the memory."""
     from edge_daemon.frames import Grid, make_windows, valid_window_starts
-    from edge_daemon.trainer import GridWindows
+    from edge_daemon.training.batches import GridWindows
 
     values = np.random.default_rng(0).normal(size=(400, 3)).astype(np.float32)
     values[57] = np.nan  # a gap: no window spans it

@@ -201,7 +201,7 @@ from edge_daemon.worker import WorkerForker, read_messages
 
 def save(job, out, level, stop):
     before = set(sys.modules)
-    from edge_daemon.lora import attach_lora, save_adapter
+    from edge_daemon.training.lora import attach_lora, save_adapter
     from edge_daemon.model import Forecaster, ForecasterConfig
     model = attach_lora(Forecaster(ForecasterConfig(n_channels=3, window=8, d_model=16, n_heads=2, n_layers=2, d_ff=32)), ["head"], r=2, alpha=4)
     save_adapter(model, job["dir"])

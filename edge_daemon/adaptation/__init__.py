@@ -7,7 +7,7 @@ One owner, `owner.Adaptation`, on the daemon's side; the steps, in order:
 2. `runner`: an `UpdateJob` goes to a training worker forked from the helper (`worker.py`);
    its `Progress` and its one `JobResult` come back (`records.py`).
 3. In the worker (`updater.py`): the data since the change plus replay, the plan (dry runs
-   against `[memory] update_share`), training under the governor, the gate (`trainer.update`),
+   against `[memory] update_share`), training under the governor, the gate (`training.loop.update`),
    and the commit of an accepted adapter with its `AdapterMeta` (not yet current).
 4. `Adaptation.on_result`: the scorer swaps the adapter in, then `current` names it.
 

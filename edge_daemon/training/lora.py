@@ -1,4 +1,5 @@
-"""LoRA for the trainer, in plain torch, saved in peft's on-disk format.
+"""LoRA for the trainer, in plain torch, saved in peft's on-disk format, and the
+forecaster it wraps (`build_lora_model`, the checkpointing switch).
 
 peft (with transformers and accelerate behind it) costs a training process
 ~160 MB and seconds of import for what is here a few lines: a low-rank pair
@@ -16,11 +17,16 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+from edge_daemon.model import Forecaster
+
+if TYPE_CHECKING:
+    from edge_daemon.config import LoraConfigSection
 
 # Written by save_adapter; the names peft's save_pretrained uses, and the prefix it gives every
 # key (PeftModel -> LoraModel -> the wrapped model).
@@ -172,4 +178,37 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
-__all__ = ["LoraLinear", "adapter_config", "attach_lora", "lora_layers", "lora_state_dict", "save_adapter"]
+def adapter_bytes(directory: str | Path) -> int:
+    """Size of the adapter files in `directory`."""
+    return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file())
+
+
+def build_lora_model(model: Forecaster, target_modules: list[str], lora_cfg: LoraConfigSection) -> nn.Module:
+    """Add LoRA layers to `model` in place on `target_modules`; every base weight frozen."""
+    return attach_lora(model, target_modules, lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout)
+
+
+def forecaster_of(model: nn.Module) -> Forecaster:
+    """The Forecaster itself, or the one inside a peft wrapper (the reference the tests train with)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    assert isinstance(inner, Forecaster), type(inner)
+    return inner
+
+
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    # The switch lives on the Forecaster; a peft wrapper would not forward the attribute write.
+    forecaster_of(model).gradient_checkpointing = on
+
+
+__all__ = [
+    "LoraLinear",
+    "adapter_bytes",
+    "adapter_config",
+    "attach_lora",
+    "build_lora_model",
+    "forecaster_of",
+    "lora_layers",
+    "lora_state_dict",
+    "save_adapter",
+    "set_checkpointing",
+]

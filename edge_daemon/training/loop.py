@@ -1,12 +1,11 @@
 """One low-memory LoRA update of the forecaster, from windows to a gated adapter.
 
-Owns selective freezing (which blocks get adapters, measured on a probe batch),
-the micro-batch training loop (gradient accumulation, checkpointing, 8-bit
-optimizer state, replay mixing, plan changes at micro-batch boundaries), the
-validation gate and the update's peak RSS (sampled by `memory.sampling`).
-LoRA layers are the project's own (`lora.py`, saved in peft's format):
-training imports neither peft nor transformers, and bitsandbytes only when
-8-bit state pays for its import.
+Owns the micro-batch training loop (gradient accumulation, checkpointing,
+8-bit optimizer state where it pays, replay mixing, plan changes at
+micro-batch boundaries), its result and the update's peak RSS (sampled by
+`memory.sampling`). LoRA layers are the project's own (`training.lora`,
+saved in peft's format): training imports neither peft nor transformers, and
+bitsandbytes only when 8-bit state pays for its import.
 """
 
 from __future__ import annotations
@@ -15,24 +14,24 @@ import copy
 import gc
 import logging
 import math
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from edge_daemon.errors import TrainingAborted, TrainingError
-from edge_daemon.lora import attach_lora, save_adapter
 from edge_daemon.memory.sampling import RssSampler
 from edge_daemon.memory.usage import release_memory
-from edge_daemon.optim import AdamW
 from edge_daemon.model import Forecaster, forecast_loss
 from edge_daemon.plan import TrainingPlan
+from edge_daemon.training.batches import BatchMixer
+from edge_daemon.training.blocks import choose_blocks
+from edge_daemon.training.gate import evaluate_loss, gate
+from edge_daemon.training.lora import build_lora_model, set_checkpointing
+from edge_daemon.training.optimizer import EightBitPayoff, Optimizer, make_optimizer, optimizer_state_bytes
 
 if TYPE_CHECKING:
     from edge_daemon.config import LoraConfigSection, TrainConfig
@@ -40,341 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PlanSource = Callable[[TrainingPlan], "TrainingPlan | None"]
-Optimizer = Any  # optim.AdamW or a bitsandbytes (torch.optim) optimizer: step(), zero_grad(), state
-
-
-# ---------------------------------------------------------------------------
-# Selective freezing
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BlockChoice:
-    blocks: list[int]  # chosen block indices, highest gradient norm first
-    grad_norms: list[float]  # per block (index = block), norm of d loss / d target weights
-    target_modules: list[str]  # exact module names that get adapters, e.g. "blocks.2.attn.qkv"
-
-
-def block_target_modules(model: Forecaster, block: int, targets: Sequence[str]) -> list[str]:
-    """Exact names of the Linear layers of `block` matching `targets` ("qkv" or "attn.qkv")."""
-    prefix = f"blocks.{block}."
-    names = []
-    for name, module in model.named_modules():
-        if not name.startswith(prefix) or not isinstance(module, nn.Linear):
-            continue
-        inner = name[len(prefix) :]
-        if any(inner == t or inner.endswith("." + t) for t in targets):
-            names.append(name)
-    return names
-
-
-def measure_block_grad_norms(model: Forecaster, probe: torch.Tensor, targets: Sequence[str], checkpointing: bool = False) -> list[float]:
-    """Gradient norm of the probe loss w.r.t. each block's target weights.
-
-    One forward/backward on `probe` (B, T+1, C). Each gradient is reduced to its
-    norm and dropped the moment it is accumulated, so the probe never holds a
-    full set of weight gradients. The model's requires_grad flags, mode and
-    checkpointing switch are restored afterwards.
-    """
-    n_blocks = len(model.blocks)
-    owners: dict[nn.Parameter, int] = {}
-    for block in range(n_blocks):
-        for name in block_target_modules(model, block, targets):
-            owners[model.get_submodule(name).weight] = block
-    if not owners:
-        raise TrainingError(f"no Linear layers match target_modules {list(targets)}")
-
-    saved_flags = {p: p.requires_grad for p in model.parameters()}
-    saved_mode, saved_ckpt = model.training, model.gradient_checkpointing
-    squares = [0.0] * n_blocks
-    handles = []
-
-    def reduce_and_drop(param: torch.Tensor) -> None:
-        assert param.grad is not None
-        squares[owners[param]] += float(param.grad.detach().pow(2).sum())
-        param.grad = None
-
-    try:
-        for p in model.parameters():
-            p.requires_grad_(p in owners)
-        for p in owners:
-            handles.append(p.register_post_accumulate_grad_hook(reduce_and_drop))
-        model.train()
-        model.gradient_checkpointing = checkpointing
-        loss = forecast_loss(model, probe)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"probe loss is {float(loss)}")
-        loss.backward()
-        del loss
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in saved_flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
-        model.train(saved_mode)
-        model.gradient_checkpointing = saved_ckpt
-    return [math.sqrt(s) for s in squares]
-
-
-def choose_blocks(model: Forecaster, probe: torch.Tensor, lora_cfg: LoraConfigSection, checkpointing: bool = False) -> BlockChoice:
-    """Pick the `lora_cfg.max_blocks` blocks whose target weights get the largest gradients."""
-    norms = measure_block_grad_norms(model, probe, lora_cfg.target_modules, checkpointing)
-    ranked = sorted(range(len(norms)), key=lambda b: norms[b], reverse=True)
-    chosen = ranked[: lora_cfg.max_blocks]
-    modules = [name for b in sorted(chosen) for name in block_target_modules(model, b, lora_cfg.target_modules)]
-    modules += expand_modules(model, lora_cfg.extra_modules)
-    return BlockChoice(blocks=chosen, grad_norms=norms, target_modules=modules)
-
-
-def expand_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
-    """The Linear layers `names` stand for: a Linear itself, or every Linear of a ModuleList (a
-    further horizon's head each; none when the model forecasts the next step only)."""
-    expanded: list[str] = []
-    for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, nn.ModuleList):
-            expanded += [f"{name}.{i}" for i, child in enumerate(module) if isinstance(child, nn.Linear)]
-        elif isinstance(module, nn.Linear):
-            expanded.append(name)
-        else:
-            raise TrainingError(f"extra module {name!r} is not a Linear layer or a list of them")
-    return expanded
-
-
-# ---------------------------------------------------------------------------
-# Model, optimizer and batches
-# ---------------------------------------------------------------------------
-
-
-def build_lora_model(model: Forecaster, target_modules: list[str], lora_cfg: LoraConfigSection) -> nn.Module:
-    """Add LoRA layers to `model` in place on `target_modules`; every base weight frozen."""
-    return attach_lora(model, target_modules, lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout)
-
-
-def forecaster_of(model: nn.Module) -> Forecaster:
-    """The Forecaster itself, or the one inside a peft wrapper (the reference the tests train with)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    assert isinstance(inner, Forecaster), type(inner)
-    return inner
-
-
-def set_checkpointing(model: nn.Module, on: bool) -> None:
-    # The switch lives on the Forecaster; a peft wrapper would not forward the attribute write.
-    forecaster_of(model).gradient_checkpointing = on
-
-
-def make_optimizer(
-    params: Sequence[nn.Parameter], kind: str, lr: float, weight_decay: float = 0.0, min_8bit_size: int = 0
-) -> Optimizer:
-    """AdamW (our own, `optim.py`: torch.optim would load torch._dynamo), or bitsandbytes
-    AdamW8bit (CPU kernels since 0.50).
-
-    bitsandbytes keeps tensors under `min_8bit_size` elements in fp32 and its
-    default (4096) is larger than most LoRA tensors, so it is passed through.
-    """
-    if kind == "adamw":
-        return AdamW(params, lr=lr, weight_decay=weight_decay)
-    if kind == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
-    raise ValueError(f"optimizer must be one of adamw, adamw8bit; got {kind!r}")
-
-
-# What importing bitsandbytes adds to a training process that has torch already (measured: ~44 MB).
-# What 8-bit state costs a training process that has torch but neither of these loaded, measured
-# here: bitsandbytes ~44 MB, and its optimizer, a torch.optim one, loads torch._dynamo ~70 MB.
-BITSANDBYTES_IMPORT_MB = 44.0
-TORCH_DYNAMO_IMPORT_MB = 70.0
-# 8-bit moments cost precision and time: worth it only for a saving of at least this much.
-MIN_8BIT_SAVING_MB = 1.0
-
-
-@dataclass(frozen=True)
-class EightBitPayoff:
-    """Whether 8-bit Adam state is worth importing bitsandbytes for, on this many trainable parameters."""
-
-    saving_mb: float  # two fp32 moments (8 bytes a parameter) kept in 8 bits (2 bytes) instead
-    import_mb: float  # what loading bitsandbytes (and torch._dynamo) costs now (0 once loaded)
-
-    @property
-    def pays(self) -> bool:
-        return self.saving_mb > self.import_mb + MIN_8BIT_SAVING_MB
-
-    @classmethod
-    def of(cls, trainable_params: int) -> EightBitPayoff:
-        cost = 0.0 if sys.modules.get("bitsandbytes") is not None else BITSANDBYTES_IMPORT_MB
-        cost += 0.0 if sys.modules.get("torch._dynamo") is not None else TORCH_DYNAMO_IMPORT_MB
-        return cls(trainable_params * 6 / 2**20, cost)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"saving_mb": round(self.saving_mb, 3), "import_mb": self.import_mb, "pays": self.pays}
-
-
-def optimizer_state_bytes(optimizer: Optimizer) -> dict[str, int]:
-    """Bytes of optimizer state per dtype, e.g. {"uint8": 12288, "float32": 2176}.
-
-    Tensors shared between parameters (bitsandbytes' quantisation maps) count once.
-    """
-    totals: dict[str, int] = {}
-    seen: set[int] = set()
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value) and value.data_ptr() not in seen:
-                seen.add(value.data_ptr())
-                key = str(value.dtype).removeprefix("torch.")
-                totals[key] = totals.get(key, 0) + value.numel() * value.element_size()
-    return totals
-
-
-class GridWindows:
-    """(N, length, C) windows of consecutive grid rows, cut when read.
-
-    Held as copies, overlapping windows repeat every row once per window that
-    covers it: 4096 windows of 257 steps and 3 channels are ~13 MB, cut from
-    a grid of a few thousand rows. Held here as start rows over the grid, a
-    window costs 8 bytes. Indexing (a LongTensor, a slice, an int) returns a
-    float32 tensor, as indexing the (N, length, C) tensor would; so does
-    `split`, as a tensor's does. What the trainer reads of windows is that.
-    """
-
-    def __init__(self, rows: torch.Tensor, starts: torch.Tensor, length: int) -> None:
-        if rows.dim() != 2:
-            raise ValueError(f"rows must be (R, C), got {tuple(rows.shape)}")
-        self.rows = rows
-        self.starts = starts.to(torch.long)
-        self.length = int(length)
-        self._offsets = torch.arange(self.length)
-        if len(self.starts) and (int(self.starts.min()) < 0 or int(self.starts.max()) + self.length > len(rows)):
-            raise ValueError("a window runs past the grid's rows")
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((len(self.starts), self.length, self.rows.shape[1]))
-
-    def dim(self) -> int:
-        return 3
-
-    def __getitem__(self, index: Any) -> torch.Tensor:
-        return self.rows[self.starts[index].unsqueeze(-1) + self._offsets]
-
-    def split(self, size: int) -> Iterator[torch.Tensor]:
-        return (self[i : i + size] for i in range(0, len(self), size))
-
-    def tails(self, steps: int) -> np.ndarray:
-        """(N, steps, C) the last `steps` rows of every window, as a numpy array (a copy)."""
-        steps = min(steps, self.length)
-        offsets = torch.arange(self.length - steps, self.length)
-        return self.rows[self.starts.unsqueeze(-1) + offsets].numpy()
-
-    def numpy(self) -> np.ndarray:
-        return self[:].numpy()
-
-
-class _Cycle:
-    """Indices 0..n-1 in seeded random order, reshuffled each time they run out."""
-
-    def __init__(self, n: int, generator: torch.Generator) -> None:
-        self.n = n
-        self.generator = generator
-        self.order = torch.empty(0, dtype=torch.long)
-        self.pos = 0
-
-    def take(self, k: int) -> torch.Tensor:
-        taken = []
-        while k > 0:
-            if self.pos >= len(self.order):
-                self.order = torch.randperm(self.n, generator=self.generator)
-                self.pos = 0
-            chunk = self.order[self.pos : self.pos + k]
-            self.pos += len(chunk)
-            k -= len(chunk)
-            taken.append(chunk)
-        return torch.cat(taken) if taken else torch.empty(0, dtype=torch.long)
-
-
-class BatchMixer:
-    """Draws the windows of each optimizer step: recent and replay in a fixed share.
-
-    Each source is visited in a seeded random order without repeats until it is
-    exhausted. The batch is shuffled so every micro-batch mixes both sources.
-    """
-
-    def __init__(
-        self, recent: torch.Tensor, replay: torch.Tensor, effective_batch: int, replay_fraction: float, generator: torch.Generator
-    ) -> None:
-        if len(recent) == 0:
-            raise TrainingError("no recent training windows")
-        if not 0 <= replay_fraction < 1:
-            raise ValueError(f"replay_fraction must be in [0, 1), got {replay_fraction}")
-        self.recent = recent
-        self.replay = replay
-        self.effective_batch = effective_batch
-        self.n_replay = round(effective_batch * replay_fraction) if len(replay) else 0
-        self.n_recent = effective_batch - self.n_replay
-        self.generator = generator
-        self._recent_order = _Cycle(len(recent), generator)
-        self._replay_order = _Cycle(len(replay), generator)
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(effective_batch, T+1, C) windows and a (effective_batch,) bool mask of replay ones."""
-        parts = [self.recent[self._recent_order.take(self.n_recent)]]
-        if self.n_replay:
-            parts.append(self.replay[self._replay_order.take(self.n_replay)])
-        windows = torch.cat(parts)
-        is_replay = torch.arange(self.effective_batch) >= self.n_recent
-        order = torch.randperm(self.effective_batch, generator=self.generator)
-        return windows[order], is_replay[order]
-
-
-def evaluate_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float | None:
-    """Mean next-step loss (`forecast_loss`) over `windows` (None when there are none), without autograd."""
-    if len(windows) == 0:
-        return None
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    try:
-        with torch.inference_mode():
-            for chunk in windows.split(max(1, batch_size)):
-                # forecast_loss averages per chunk; weight by size for the exact overall mean.
-                total += float(forecast_loss(model, chunk)) * len(chunk)
-    finally:
-        model.train(was_training)
-    return total / len(windows)
-
-
-# ---------------------------------------------------------------------------
-# Validation gate
-# ---------------------------------------------------------------------------
-
-
-def gate(before: dict[str, float | None], after: dict[str, float | None], tolerance: float, min_improvement: float = 0.0) -> tuple[bool, str]:
-    """Accept iff recent loss improves and replayed loss worsens by at most `tolerance` (a fraction)."""
-    recent_before, recent_after = before["recent_val_loss"], after["recent_val_loss"]
-    if recent_before is None or recent_after is None:
-        return False, "no recent validation windows"
-    if not math.isfinite(recent_after):
-        return False, f"recent validation loss is {recent_after}"
-    needed = recent_before * (1.0 - min_improvement)
-    if not recent_after < needed:
-        return False, f"recent loss {recent_after:.5g} does not improve on {recent_before:.5g}"
-    replay_before, replay_after = before["replay_val_loss"], after["replay_val_loss"]
-    if replay_before is not None and replay_after is not None:
-        allowed = replay_before * (1.0 + tolerance)
-        if not replay_after <= allowed:
-            return False, f"replay loss {replay_after:.5g} worse than {replay_before:.5g} by more than {tolerance:.0%}"
-        return True, f"recent loss {recent_before:.5g} -> {recent_after:.5g}, replay {replay_before:.5g} -> {replay_after:.5g}"
-    return True, f"recent loss {recent_before:.5g} -> {recent_after:.5g} (no replay windows to check)"
-
-
-# ---------------------------------------------------------------------------
-# The update
-# ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -725,32 +389,4 @@ def _apply_plan(
     return optimizer
 
 
-# ---------------------------------------------------------------------------
-# Adapter files
-# ---------------------------------------------------------------------------
-
-
-def adapter_bytes(directory: str | Path) -> int:
-    """Size of the adapter files in `directory`."""
-    return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file())
-
-
-__all__ = [
-    "BatchMixer",
-    "BlockChoice",
-    "PlanChange",
-    "UpdateResult",
-    "adapter_bytes",
-    "block_target_modules",
-    "build_lora_model",
-    "choose_blocks",
-    "evaluate_loss",
-    "forecaster_of",
-    "gate",
-    "make_optimizer",
-    "measure_block_grad_norms",
-    "optimizer_state_bytes",
-    "save_adapter",
-    "set_checkpointing",
-    "update",
-]
+__all__ = ["PlanChange", "UpdateResult", "update"]
