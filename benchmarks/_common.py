@@ -116,7 +116,7 @@ def run_update(config: Any, reason: str = "requested", since: float | None = Non
 
     reply = _run_update(config, job, governor, threading.Event(), Sink())
     if reply.version is not None:  # what the daemon does once it serves an accepted version
-        from edge_daemon.adapters import AdapterStore
+        from edge_daemon.artifacts.adapters import AdapterStore
 
         AdapterStore(config.adapters_dir, keep=config.train.keep_versions).make_current(reply.version)
     return reply

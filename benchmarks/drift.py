@@ -170,7 +170,7 @@ def scored_residuals(seed: int, change_day: float | None, regime: str, ramp_step
 def _base_residuals(data: object, n_train: int, n_test: int) -> np.ndarray:
     """(n_test, 3) model residuals of the `n_test` steps after the first `n_train`, scored through
     `Scorer.add_step` by a default-size base pretrained (500 steps) on those first steps."""
-    from edge_daemon.adapters import serving_model
+    from edge_daemon.artifacts.merge import serving_model
 
     base = pretrained_base(data, n_train)
     values = np.stack([data.values[c] for c in CHANNELS], axis=1)  # type: ignore[attr-defined]
@@ -198,7 +198,7 @@ def realtime_residuals(seed: int, change_h: float, base_dir: Path, train_h: floa
     step) at `change_h` hours after day 0's midnight; the time of the first residual; and the data."""
     import torch
 
-    from edge_daemon.adapters import serving_model
+    from edge_daemon.artifacts.merge import serving_model
 
     torch.set_num_threads(1)
     n_train, change = int(train_h * HOUR_RT), int(change_h * HOUR_RT)
@@ -330,7 +330,7 @@ def pretrained_base(data, n_train: int, out_dir: Path | None = None):  # noqa: A
     `out_dir` (a temporary directory when None)."""
     import tempfile
 
-    from edge_daemon.adapters import load_base
+    from edge_daemon.artifacts.base import load_base
     from edge_daemon.config import ModelConfig
     from edge_daemon.frames import build_grid
     from edge_daemon.pretrain import pretrain
@@ -402,7 +402,7 @@ def month_table(
     with the window alone and to one with the CUSUM on."""
     import torch
 
-    from edge_daemon.adapters import serving_model
+    from edge_daemon.artifacts.merge import serving_model
 
     torch.set_num_threads(1)
     modes = [mode for mode in RESIDUAL_MODES if mode != "stream"]

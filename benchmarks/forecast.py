@@ -50,7 +50,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_daemon.adapters import AdapterStore, load_base, serving_model  # noqa: E402
+from edge_daemon.artifacts.adapters import AdapterStore  # noqa: E402
+from edge_daemon.artifacts.base import load_base  # noqa: E402
+from edge_daemon.artifacts.merge import serving_model  # noqa: E402
 from edge_daemon.config import Config, parse_config  # noqa: E402
 from edge_daemon.frames import Grid, build_grid  # noqa: E402
 from edge_daemon.pretrain import pretrain  # noqa: E402

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_daemon.adapters import BaseModel  # noqa: E402
+from edge_daemon.artifacts.base import BaseModel  # noqa: E402
 from edge_daemon.baselines import Persistence, RidgeAR, SeasonalNaive  # noqa: E402
 from edge_daemon.config import ModelConfig  # noqa: E402
 from edge_daemon.frames import NormStats  # noqa: E402

@@ -21,10 +21,11 @@ from typing import Any
 from edge_daemon import __version__, notify
 from edge_daemon.adaptation.owner import Adaptation, register_worker
 from edge_daemon.adaptation.runner import UpdateRunner
-from edge_daemon.adapters import AdapterStore, BaseModel
+from edge_daemon.artifacts.adapters import AdapterStore
+from edge_daemon.artifacts.base import BaseModel
+from edge_daemon.artifacts.files import iso
 from edge_daemon.config import Config
 from edge_daemon.control import ControlServer, Handler
-from edge_daemon.files import iso
 from edge_daemon.ingest import Ingestor
 from edge_daemon.model import warm_up
 from edge_daemon.notify import Heartbeat

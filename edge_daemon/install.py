@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_daemon.artifacts.files import replace_atomically
 from edge_daemon.errors import InstallError
-from edge_daemon.files import replace_atomically
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The forecaster: persistence, plus a linear autoregression, plus a small causal transformer.
 
-No I/O here: loading and saving live in `adapters` and `training.lora`. Inputs are
+No I/O here: loading and saving live in `artifacts` and `training.lora`. Inputs are
 normalised channel values on a regular grid; at every position the model
 predicts the change from the current value to the next step, as the sum of a
 linear path over the last `lags` steps of every channel (the ridge baseline's

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from edge_daemon.artifacts.files import iso
 from edge_daemon.baselines import MODEL
 from edge_daemon.config import Config
 from edge_daemon.drift import DriftMonitor
 from edge_daemon.drift.reference import forecast_references
-from edge_daemon.files import iso
 from edge_daemon.scoring import GridAssembler, GridStep, Scorer
 from edge_daemon.store import Reading
 

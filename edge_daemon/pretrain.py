@@ -2,7 +2,7 @@
 
 Owns full training (AdamW on every weight, `forecast_loss`), the residual
 scale the anomaly score is measured in, and saving the result with
-`adapters.save_base`. Thread counts are the caller's to set.
+`artifacts.base.save_base`. Thread counts are the caller's to set.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from edge_daemon.adapters import save_base
+from edge_daemon.artifacts.base import save_base
 from edge_daemon.baselines import MODEL, RidgeAR, detect_season, held_out_report, make_baselines
 from edge_daemon.config import ModelConfig
 from edge_daemon.errors import TrainingAborted, TrainingError

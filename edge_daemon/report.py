@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 import math
 import time
@@ -26,7 +25,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from edge_daemon.adapters import AdapterVersion, BaseModel
+    from edge_daemon.artifacts.adapters import AdapterVersion
+    from edge_daemon.artifacts.base import BaseModel
     from edge_daemon.config import Config
     from edge_daemon.drift import DriftEvent
     from edge_daemon.frames import Grid
@@ -114,7 +114,7 @@ def _switch_time(adapter: AdapterVersion) -> float | None:
 
 def read_adapters(config: Config) -> tuple[list[Switch], int | None]:
     """Stored adapters ordered by the time they began serving, and the current version."""
-    from edge_daemon.adapters import AdapterStore
+    from edge_daemon.artifacts.adapters import AdapterStore
     from edge_daemon.records import resets_drift_baseline
 
     if not config.adapters_dir.is_dir():  # AdapterStore would create it; a report changes nothing
@@ -150,25 +150,6 @@ def read_adapters(config: Config) -> tuple[list[Switch], int | None]:
     return sorted(switches, key=lambda s: (s.t, s.version)), current
 
 
-def read_update_traces(config: Config) -> list[dict[str, Any]]:
-    """Traces of past updates (`updates/*.json`, plus adapters' `trace.json` not among them), oldest first."""
-    from edge_daemon.updater import TRACE_FILE, UPDATES_DIR
-
-    traces: dict[float, dict[str, Any]] = {}
-    candidates = sorted((config.device.state_dir / UPDATES_DIR).glob("*.json"))
-    if config.adapters_dir.is_dir():
-        candidates += sorted(config.adapters_dir.glob(f"v*/{TRACE_FILE}"))
-    for path in candidates:
-        try:
-            trace = json.loads(path.read_text(encoding="utf-8"))
-            started = float(trace["started_unix"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("skipping unreadable update trace %s: %s", path, exc)
-            continue
-        traces.setdefault(started, trace)  # the same update in both places: keep one
-    return [traces[k] for k in sorted(traces)]
-
-
 def _predict(model: Any, inputs: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
     """(M, C) next-step forecasts from the `window` rows of model inputs at each start (the serving rule)."""
     import torch
@@ -187,7 +168,7 @@ def compute_forecasts(grid: Grid, base: BaseModel, switches: list[Switch], max_f
     """Replay the grid through the base model and through each adapter from its switch time on."""
     import torch
 
-    from edge_daemon.adapters import serving_model
+    from edge_daemon.artifacts.merge import serving_model
     from edge_daemon.frames import valid_window_starts
     from edge_daemon.model import anomaly_score
 
@@ -266,7 +247,8 @@ def recompute_drift(
 
 def collect(config: Config, hours: float | None = None, max_forecasts: int = MAX_FORECASTS) -> ReportData:
     """Read the state directory and recompute everything the report shows."""
-    from edge_daemon.adapters import load_base
+    from edge_daemon.artifacts.base import load_base
+    from edge_daemon.artifacts.traces import read_update_traces
     from edge_daemon.frames import build_grid
     from edge_daemon.store import ReplayStore
 
@@ -714,4 +696,4 @@ def write_report(config: Config, out_dir: Path, *, hours: float | None = None, m
     return files
 
 
-__all__ = ["MAX_FORECASTS", "ReportData", "collect", "compute_forecasts", "read_update_traces", "recompute_drift", "write_report"]
+__all__ = ["MAX_FORECASTS", "ReportData", "collect", "compute_forecasts", "recompute_drift", "write_report"]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_daemon.adapters import BaseModel
+from edge_daemon.artifacts.base import BaseModel
 from edge_daemon.baselines import MODEL, Baseline, Persistence, baselines_from_dict
 from edge_daemon.frames import bucket_of
 from edge_daemon.model import Forecaster, anomaly_score

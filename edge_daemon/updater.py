@@ -10,7 +10,6 @@ the commit of an accepted adapter (not yet current). The daemon's side is
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_daemon.artifacts.traces import save_adapter_trace, save_update_trace
 from edge_daemon.config import Config
-from edge_daemon.files import replace_atomically
 from edge_daemon.governor import PlanGovernor
 from edge_daemon.memory.pressure import SharedLevel
 from edge_daemon.plan import TrainingPlan
@@ -39,12 +38,6 @@ MAX_REPLAY_SEGMENTS = 24
 # Recent windows kept per update: a longer span since a change is thinned (strided) to this many,
 # so a day of data at 1 s costs what an hour does.
 MAX_RECENT_WINDOWS = 4096
-# Memory and plan trace of each update, for `edge-daemon report`: `trace.json` in an accepted
-# adapter's directory, and `updates/<start ms>.json` under the state dir for every update
-# (rejected and failed ones too), of which the newest KEEP_UPDATE_TRACES are kept.
-TRACE_FILE = "trace.json"
-UPDATES_DIR = "updates"
-KEEP_UPDATE_TRACES = 20
 # Samples are thinned (every other one dropped, interval doubled) past this many, so a long
 # update's trace stays a few tens of kB.
 TRACE_MAX_POINTS = 600
@@ -309,22 +302,6 @@ class UpdateTrace:
             }
 
 
-def write_json_file(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` as compact JSON, atomically: a reader never sees half a trace."""
-    replace_atomically(path, json.dumps(data, separators=(",", ":")))
-
-
-def save_update_trace(state_dir: Path, trace: dict[str, Any], keep: int = KEEP_UPDATE_TRACES) -> Path:
-    """Write `state_dir/updates/<start ms>.json` and keep only the newest `keep` traces."""
-    directory = Path(state_dir) / UPDATES_DIR
-    path = directory / f"{int(trace['started_unix'] * 1000)}.json"
-    write_json_file(path, trace)
-    # Names are start times in ms: same width for centuries, so name order is time order.
-    for old in sorted(directory.glob("*.json"))[:-keep]:
-        old.unlink(missing_ok=True)
-    return path
-
-
 def run_worker(order: WorkerOrder, out: MessageWriter, level: SharedLevel, stop_event: SharedFlag) -> None:
     """Entry point of a training worker (forked, see `worker.py`): run the job, write one
     `JobResult` to `out`. The governor arrives without its level reader and stop event; the
@@ -428,7 +405,7 @@ def _run_update(
         try:
             save_update_trace(config.device.state_dir, record)
             if version_path is not None:
-                write_json_file(version_path / TRACE_FILE, record)
+                save_adapter_trace(version_path, record)
         except OSError as exc:  # telemetry only: never turn a finished update into a failed one
             log.warning("could not save the update trace: %s", exc)
 
@@ -437,7 +414,9 @@ def _update_traced(
     config: Config, job: UpdateJob, governor: PlanGovernor, stop_event: Any, out: Any, trace: UpdateTrace, in_worker: bool
 ) -> tuple[JobResult, Path | None]:
     """The update's steps; returns its result and the committed version's directory (None when rejected)."""
-    from edge_daemon.adapters import AdapterStore, load_base, serving_model
+    from edge_daemon.artifacts.adapters import AdapterStore
+    from edge_daemon.artifacts.base import load_base
+    from edge_daemon.artifacts.merge import serving_model
     from edge_daemon.errors import TrainingError
     from edge_daemon.store import ReplayStore, free_bytes
     from edge_daemon.training.loop import update
@@ -614,4 +593,4 @@ def refit_baselines(
     return [b.to_dict() for b in baselines], held_out
 
 
-__all__ = ["prepare_update_data", "refit_baselines", "run_worker", "save_update_trace", "UpdateTrace"]
+__all__ = ["prepare_update_data", "refit_baselines", "run_worker", "UpdateTrace"]

@@ -40,7 +40,10 @@ from typing import Any, BinaryIO
 import numpy.ctypeslib
 import numpy.random
 
-import edge_daemon.adapters
+import edge_daemon.artifacts.adapters
+import edge_daemon.artifacts.base
+import edge_daemon.artifacts.merge
+import edge_daemon.artifacts.traces
 import edge_daemon.baselines
 import edge_daemon.pretrain
 import edge_daemon.store

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from edge_daemon.adaptation.owner import Adaptation
-from edge_daemon.adapters import AdapterStore, load_base, save_base, serving_model
+from edge_daemon.artifacts.adapters import AdapterStore
+from edge_daemon.artifacts.base import load_base, save_base
+from edge_daemon.artifacts.merge import serving_model
 from edge_daemon.errors import AdapterError
 from edge_daemon.frames import NormStats
 from edge_daemon.model import Forecaster, ForecasterConfig

@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from edge_daemon.adapters import (
-    AdapterStore,
-    load_base,
-    load_lora_state,
-    merge_lora,
-    save_base,
-    serving_model,
-)
+from edge_daemon.artifacts.adapters import AdapterStore, load_lora_state
+from edge_daemon.artifacts.base import load_base, save_base
+from edge_daemon.artifacts.merge import merge_lora, serving_model
 from edge_daemon.records import AdapterMeta
 from edge_daemon.errors import AdapterError, ModelError
 from edge_daemon.frames import NormStats
@@ -268,7 +263,8 @@ def test_merge_rejects_mismatched_adapter(tmp_path: Path) -> None:
 def test_serving_path_does_not_import_peft() -> None:
     code = (
         "import sys\n"
-        "import edge_daemon.adapters, edge_daemon.scoring, edge_daemon.frames\n"
+        "import edge_daemon.artifacts.adapters, edge_daemon.artifacts.base, edge_daemon.artifacts.merge\n"
+        "import edge_daemon.scoring, edge_daemon.frames\n"
         "heavy = sorted(m for m in ('peft', 'transformers', 'bitsandbytes') if m in sys.modules)\n"
         "print(','.join(heavy) or 'clean')\n"
     )

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_daemon.adapters import load_base, serving_model
+from edge_daemon.artifacts.base import load_base
+from edge_daemon.artifacts.merge import serving_model
 from edge_daemon.config import DriftConfig, ModelConfig
 from edge_daemon.drift import DriftMonitor
 from edge_daemon.drift.reference import Reference, ReferenceShift, psi

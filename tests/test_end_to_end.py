@@ -18,7 +18,8 @@ import paho.mqtt.client as mqtt
 import torch
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_daemon.adapters import load_base, serving_model
+from edge_daemon.artifacts.base import load_base
+from edge_daemon.artifacts.merge import serving_model
 from edge_daemon.broker import LocalBroker
 from edge_daemon.control import request
 from edge_daemon.daemon import Daemon

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from edge_daemon.adapters import AdapterStore, BaseModel, load_base, serving_model
+from edge_daemon.artifacts.adapters import AdapterStore
+from edge_daemon.artifacts.base import BaseModel, load_base
+from edge_daemon.artifacts.merge import serving_model
 from edge_daemon.baselines import MODEL, PERSISTENCE, RIDGE, RidgeAR, fit_ridge
 from edge_daemon.config import Config
 from edge_daemon.errors import ConfigError, ModelError

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import CHANNELS, make_config
-from edge_daemon.adapters import load_base
+from edge_daemon.artifacts.base import load_base
 from edge_daemon.config import ModelConfig, StoreConfig
 from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.frames import Grid, NormStats, build_grid, make_windows

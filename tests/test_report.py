@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from edge_daemon.adapters import AdapterStore
+from edge_daemon.artifacts.adapters import AdapterStore
+from edge_daemon.artifacts.traces import TRACE_FILE, UPDATES_DIR, save_update_trace
 from edge_daemon.cli import main as cli_main
 from edge_daemon.config import Config
 from edge_daemon.frames import build_grid
@@ -30,7 +31,7 @@ from edge_daemon.pretrain import pretrain
 from edge_daemon.report import write_report
 from edge_daemon.store import Reading, ReplayStore
 from edge_daemon.records import JobResult, Progress, UpdateJob
-from edge_daemon.updater import TRACE_FILE, UPDATES_DIR, _run_update, save_update_trace
+from edge_daemon.updater import _run_update
 from edge_daemon.governor import PlanGovernor
 from edge_daemon.memory.pressure import Level
 from edge_daemon.plan import plan_candidates
@@ -252,7 +253,7 @@ def test_report_follows_a_rollback_to_the_base_model(state: Config, tmp_path: Pa
     """A recorded switch back to the base (data time mid-way through v1's period) is replayed as such."""
     import shutil
 
-    from edge_daemon.adapters import AdapterStore
+    from edge_daemon.artifacts.adapters import AdapterStore
     from edge_daemon.report import collect
 
     copy_root = tmp_path / "copy"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_daemon.adapters import BaseModel, load_base
+from edge_daemon.artifacts.base import BaseModel, load_base
 from edge_daemon.config import ModelConfig
 from edge_daemon.frames import Grid, build_grid
 from edge_daemon.model import anomaly_score

@@ -269,7 +269,7 @@ def test_an_update_gets_replay_windows_at_any_period(tmp_path: Path, period_s: f
     """Segments are sized in grid steps: at a 30-minute period a segment still holds whole windows."""
     import torch
 
-    from edge_daemon.adapters import BaseModel
+    from edge_daemon.artifacts.base import BaseModel
     from edge_daemon.frames import NormStats
     from edge_daemon.model import Forecaster, ForecasterConfig
     from edge_daemon.updater import prepare_update_data
@@ -299,7 +299,7 @@ def test_an_update_gets_replay_windows_at_any_period(tmp_path: Path, period_s: f
 def test_an_update_after_drift_learns_from_the_data_since_the_change(tmp_path: Path) -> None:
     """Recent data starts where the drift judges dated the change (not the last recent_hours), a
     long span is thinned to a bounded number of windows, and replay comes from before it."""
-    from edge_daemon.adapters import BaseModel
+    from edge_daemon.artifacts.base import BaseModel
     from edge_daemon.frames import NormStats
     from edge_daemon.model import Forecaster, ForecasterConfig
     from edge_daemon.updater import MAX_RECENT_WINDOWS, prepare_update_data

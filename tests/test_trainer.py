@@ -405,7 +405,8 @@ def test_plan_source_tightens_at_a_boundary_and_is_recorded(base: Forecaster, da
 def test_saved_adapter_loads_with_peft_and_gives_the_same_outputs(base: Forecaster, data: dict, tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from edge_daemon.adapters import load_lora_state, merge_lora
+    from edge_daemon.artifacts.adapters import load_lora_state
+    from edge_daemon.artifacts.merge import merge_lora
 
     result = update(base, **data, lora_cfg=lora(), train_cfg=train_cfg(steps=5), plan=plan(8, 1), keep_rejected=True)
     assert result.adapted is not None

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from edge_daemon.adaptation.runner import WORKER_TARGET, UpdateRunner
 from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger
-from edge_daemon.adapters import AdapterStore, AdapterVersion, BaseModel, load_base, serving_model
+from edge_daemon.artifacts.adapters import AdapterStore, AdapterVersion
+from edge_daemon.artifacts.base import BaseModel, load_base
+from edge_daemon.artifacts.merge import serving_model
 from edge_daemon.baselines import Baseline
 from edge_daemon.config import Config
 from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from edge_daemon.artifacts.files import iso
 from edge_daemon.drift.adwin import ADWIN
 from edge_daemon.drift.base import DriftDetector
 from edge_daemon.drift.cusum import CUSUM
@@ -22,7 +23,6 @@ from edge_daemon.drift.profile import TimeOfDayProfile
 from edge_daemon.drift.kswin import KSWIN
 from edge_daemon.drift.page_hinkley import PageHinkley
 from edge_daemon.drift.reference import Reference, ReferenceShift, ResidualRatio
-from edge_daemon.files import iso
 
 if TYPE_CHECKING:
     from edge_daemon.config import DriftConfig

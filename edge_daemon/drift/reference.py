@@ -84,7 +84,7 @@ def references_from_meta(meta: dict[str, Any], channels: Sequence[str]) -> list[
 
 
 def forecast_references(base: Any) -> list[Reference | None]:
-    """The input references a base model (`adapters.BaseModel`) recorded for its forecast channels,
+    """The input references a base model (`artifacts.base.BaseModel`) recorded for its forecast channels,
     which lead its channels: the ones drift is judged on."""
     return references_from_meta(base.meta, base.channels)[: base.cfg.n_channels]
 

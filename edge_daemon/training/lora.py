@@ -8,7 +8,7 @@ beside each adapted Linear. This module builds those layers the way peft's
 the same adapter) and writes `adapter_config.json` and
 `adapter_model.safetensors` with peft's key names, so `PeftModel.from_pretrained`
 loads every saved adapter unchanged. Serving reads them back in
-`adapters.merge_lora`.
+`artifacts.merge.merge_lora`.
 """
 
 from __future__ import annotations

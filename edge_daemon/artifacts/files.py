@@ -2,7 +2,8 @@
 
 A reader (systemd reading a unit, the daemon reading the adapter pointer, a trace being
 reported) sees the old content or the new, never a torn write, and what was written survives
-power loss once the call returns: the data and the directory entry are fsynced.
+power loss once the call returns: the data and the directory entry are fsynced. Also the one
+time format of replies (`iso`).
 """
 
 from __future__ import annotations
@@ -33,13 +34,19 @@ def fsync_tree(directory: Path) -> None:
         fsync_path(Path(root))
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write `data` as indented JSON to a file nobody reads yet (a staging directory), fsynced."""
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_json(path: Path, data: Any, compact: bool = False) -> None:
+    """Replace `path` with `data` as JSON, atomically and fsynced: indented with sorted keys (a
+    config or meta file, read by people too), or `compact` (a trace: tens of kB of numbers)."""
+    if compact:
+        text = json.dumps(data, separators=(",", ":"))
+    else:
+        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    replace_atomically(path, text)
 
 
 def replace_atomically(path: Path, text: str, mode: int | None = None) -> None:

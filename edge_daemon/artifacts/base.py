@@ -1,0 +1,215 @@
+"""The base model on disk in `base/`: weights, config and normalisation, written all or nothing,
+and read back checked against the config, with the fingerprint adapters record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from edge_daemon.artifacts.files import fsync_path, fsync_tree, now_iso, read_json, write_json
+from edge_daemon.errors import BaseFormatError, ModelError
+from edge_daemon.frames import Grid, NormStats, calendar_features, normalise_grid, with_calendar
+from edge_daemon.model import Forecaster, ForecasterConfig
+
+log = logging.getLogger(__name__)
+
+# 2: the forecaster predicts the change from the last value through a linear and a transformer path.
+BASE_FORMAT = 2
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+NORM_FILE = "norm.json"
+
+
+@dataclass
+class BaseModel:
+    """The frozen base forecaster and everything needed to feed it."""
+
+    model: Forecaster  # in eval mode
+    cfg: ForecasterConfig
+    norm: NormStats  # per channel, in `channels` order
+    channels: list[str]  # model order: the forecast channels, then the inputs only
+    period_s: float
+    residual_scale: np.ndarray  # (C,) float32, typical |residual| per forecast channel in normalised units
+    meta: dict[str, Any]  # steps/epochs, data range, losses of the run that produced it
+    path: Path
+    fingerprint: str  # sha256 prefix of the weights: adapters record which base they were trained on
+    # Column of each of `channels` in the raw values fed in (config order); None: already in model order.
+    source_columns: np.ndarray | None = None
+
+    @property
+    def targets(self) -> list[str]:
+        """The forecast channels, in the order of the model's outputs."""
+        return self.channels[: self.cfg.n_channels]
+
+    def residual_scale_tensor(self) -> torch.Tensor:
+        return torch.as_tensor(self.residual_scale, dtype=torch.float32)
+
+    def in_model_order(self, raw: np.ndarray) -> np.ndarray:
+        """(..., channels) raw values in config order -> the same in model order."""
+        return raw if self.source_columns is None else np.asarray(raw)[..., self.source_columns]
+
+    def inputs(self, grid: Grid) -> Grid:
+        """A raw grid (config order) as the model's input columns: normalised channels in model
+        order, then the calendar."""
+        ordered = Grid(grid.t0, grid.period_s, self.in_model_order(grid.values))
+        return with_calendar(normalise_grid(ordered, self.norm), self.cfg.calendar_s)
+
+    def step_inputs(self, t: float, raw: np.ndarray) -> np.ndarray:
+        """(n_inputs,) float32 model input of one grid step at time `t` from its raw values (config order)."""
+        calendar = calendar_features(np.array([t]), self.cfg.calendar_s)[0]
+        return np.concatenate([self.norm.apply(self.in_model_order(raw)), calendar]).astype(np.float32)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def save_base(
+    directory: Path,
+    model: Forecaster,
+    norm: NormStats,
+    channels: list[str],
+    period_s: float,
+    residual_scale: np.ndarray,
+    meta: dict[str, Any],
+) -> Path:
+    """Write the base model to `directory` atomically: all of it or none of it.
+
+    Built in a temp dir next to `directory`, fsynced, then renamed into place.
+    A directory cannot replace a non-empty one in a single rename, so an old
+    base is first moved aside; `load_base` recovers it if we die in between.
+    """
+    directory = Path(directory)
+    cfg = model.cfg
+    residual_scale = np.asarray(residual_scale, dtype=np.float32)
+    if not (len(channels) == cfg.n_sensors == norm.n_channels and residual_scale.shape[0] == cfg.n_channels):
+        raise ModelError(
+            f"inconsistent base: {len(channels)} channels, model {cfg.n_sensors} ({cfg.n_channels} forecast), "
+            f"norm {norm.n_channels}, residual_scale {residual_scale.shape[0]}"
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        # safetensors refuses shared or non-contiguous storage; clone detaches both.
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(
+            tmp / CONFIG_FILE,
+            {
+                "format": BASE_FORMAT,
+                "forecaster": cfg.to_dict(),
+                "channels": list(channels),  # model order: the forecast ones, then the inputs only
+                "inputs_only": list(channels[cfg.n_channels :]),
+                "period_s": float(period_s),
+                "meta": {"created": now_iso(), **meta},
+            },
+        )
+        write_json(tmp / NORM_FILE, {**norm.to_dict(), "residual_scale": residual_scale.astype(float).tolist()})
+        fsync_tree(tmp)
+        old = None
+        if directory.exists():
+            old = directory.parent / f".{directory.name}.old-{os.getpid()}-{time.time_ns()}"
+            os.rename(directory, old)
+        os.rename(tmp, directory)
+        fsync_path(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("saved base model to %s (%d parameters)", directory, model.n_params())
+    return directory
+
+
+def _recover_base(directory: Path) -> None:
+    """If a save died between moving the old base aside and renaming the new one in, restore the old one."""
+    if directory.exists():
+        return
+    leftovers = sorted(directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if leftovers:
+        log.warning("restoring base model from interrupted save: %s", leftovers[-1])
+        os.rename(leftovers[-1], directory)
+
+
+def load_base(
+    directory: Path, channels: list[str] | None = None, period_s: float | None = None, inputs_only: list[str] | None = None
+) -> BaseModel:
+    """Load the base model in eval mode; ModelError if missing, corrupt or not made for these
+    channels (config order; `inputs_only` of them read but not forecast) and period."""
+    directory = Path(directory)
+    _recover_base(directory)
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise ModelError(f"no base model in {directory} (run `edge-daemon pretrain`)")
+    try:
+        config = read_json(directory / CONFIG_FILE)
+        if config.get("format") != BASE_FORMAT:
+            raise BaseFormatError(
+                f"base model in {directory} has format {config.get('format')}, this version reads {BASE_FORMAT}: "
+                "retrain it with `edge-daemon pretrain`"
+            )
+        norm_data = read_json(directory / NORM_FILE)
+        cfg = ForecasterConfig.from_dict(config["forecaster"])
+        saved_channels = [str(c) for c in config["channels"]]
+        saved_period = float(config["period_s"])
+        norm = NormStats.from_dict(norm_data)
+        residual_scale = np.asarray(norm_data["residual_scale"], dtype=np.float32)
+        meta = dict(config.get("meta", {}))
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+        raise ModelError(f"corrupt base model in {directory}: {exc}") from None
+    if not (len(saved_channels) == cfg.n_sensors == norm.n_channels and residual_scale.shape[0] == cfg.n_channels):
+        raise ModelError(f"corrupt base model in {directory}: channel counts disagree")
+    if not (np.isfinite(residual_scale).all() and (residual_scale > 0).all()):
+        raise ModelError(f"corrupt base model in {directory}: residual_scale must be finite and > 0")
+    source_columns = None
+    if channels is not None:
+        skipped = set(inputs_only or ())
+        wanted = [c for c in channels if c not in skipped] + [c for c in channels if c in skipped]
+        if wanted != saved_channels:
+            raise ModelError(f"base model in {directory} was trained on channels {saved_channels}, config has {list(channels)}")
+        if set(saved_channels[cfg.n_channels :]) != skipped:
+            raise ModelError(
+                f"base model in {directory} reads {saved_channels[cfg.n_channels:] or 'no channels'} as inputs only, "
+                f"config has {sorted(skipped) or 'none'}: retrain it with `edge-daemon pretrain`"
+            )
+        source_columns = np.array([list(channels).index(c) for c in saved_channels], dtype=np.int64)
+    if period_s is not None and not math.isclose(period_s, saved_period, rel_tol=1e-9):
+        raise ModelError(f"base model in {directory} was trained at period {saved_period} s, config has {period_s} s")
+    model = Forecaster(cfg)
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE))
+        model.load_state_dict(state, strict=True)
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        raise ModelError(f"corrupt base model weights in {directory}: {exc}") from None
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise ModelError(f"corrupt base model weights in {directory}: non-finite values")
+    model.eval()
+    return BaseModel(
+        model=model,
+        cfg=cfg,
+        norm=norm,
+        channels=saved_channels,
+        period_s=saved_period,
+        residual_scale=residual_scale,
+        meta=meta,
+        path=directory,
+        fingerprint=_sha256(directory / WEIGHTS_FILE),
+        source_columns=source_columns,
+    )
