@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support
 
 from edge_daemon.broker import LocalBroker  # noqa: E402
 from edge_daemon.config import Config, parse_config  # noqa: E402
-from edge_daemon.ingest import Ingestor  # noqa: E402
+from edge_daemon.mqtt.ingestor import Ingestor  # noqa: E402
 from edge_daemon.store import Reading, ReplayStore  # noqa: E402
 
 PUBLISHER = r"""

@@ -26,8 +26,8 @@ from edge_daemon.artifacts.base import BaseModel
 from edge_daemon.artifacts.files import iso
 from edge_daemon.config import Config
 from edge_daemon.control import ControlServer, Handler
-from edge_daemon.ingest import Ingestor
 from edge_daemon.model import warm_up
+from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.notify import Heartbeat
 from edge_daemon.pipeline import ScoringPipeline
 from edge_daemon.scheduler import JobScheduler

@@ -14,7 +14,8 @@ from edge_daemon.broker import LocalBroker
 from edge_daemon.clock import ClockWatch, kernel_synchronized
 from edge_daemon.config import StoreConfig
 from edge_daemon.errors import PayloadError
-from edge_daemon.ingest import HOLD_FLOOR_TS, Ingestor, PayloadLimits, parse_payload
+from edge_daemon.mqtt.ingestor import Ingestor
+from edge_daemon.mqtt.payload import HOLD_FLOOR_TS, PayloadLimits, parse_payload
 from edge_daemon.store import MIGRATIONS, Reading, ReplayStore
 from conftest import CHANNELS
 from test_ingest import HANG_S, config_for, publisher, wait_for

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from edge_daemon.broker import LocalBroker
 from edge_daemon.config import Config
 from edge_daemon.errors import PayloadError
-from edge_daemon.ingest import REASONS, Ingestor, PayloadLimits, parse_payload
+from edge_daemon.mqtt.ingestor import Ingestor
+from edge_daemon.mqtt.payload import REASONS, PayloadLimits, parse_payload
 from edge_daemon.store import Reading, ReplayStore
 from conftest import CHANNELS, make_config
 
@@ -305,7 +306,7 @@ def test_broker_restart_mid_stream_loses_nothing(
     tmp_path: Path, restartable_broker: LocalBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
     broker = restartable_broker
-    caplog.set_level(logging.DEBUG, logger="edge_daemon.ingest")
+    caplog.set_level(logging.DEBUG, logger="edge_daemon.mqtt")
     config = config_for(tmp_path, broker)
     store = ReplayStore(config.store_path, config.store, config.channels.names)
     ingestor = Ingestor(config, store)

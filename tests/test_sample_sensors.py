@@ -374,7 +374,7 @@ def test_publish_reports_an_unreachable_broker() -> None:
 
 def test_daemon_parser_rejects_exactly_the_malformed_share(broker: LocalBroker, subscriber: Subscriber) -> None:
     from edge_daemon.errors import PayloadError
-    from edge_daemon.ingest import PayloadLimits, parse_payload
+    from edge_daemon.mqtt.payload import PayloadLimits, parse_payload
 
     steps, seed = 200, 13
     summary = publish(port=broker.port, steps=steps, speedup=1e6, form="mixed", malformed=0.2, seed=seed)

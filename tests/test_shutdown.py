@@ -241,7 +241,7 @@ def test_dead_part_stops_the_pings_and_the_daemon_exits_non_zero(
         assert {"store", "watchdog", "scoring", "control", "ingest", "scheduler", "main-loop"} <= set(daemon.heartbeat._parts)
 
         assert daemon.store is not None
-        with caplog.at_level(logging.ERROR, logger="edge_daemon.ingest"):
+        with caplog.at_level(logging.ERROR, logger="edge_daemon.mqtt"):
             daemon.store.close()
             # Nothing has failed yet (the writer fails at its next write): the pings go on.
             notify_socket.wait_for(lambda m: m == "WATCHDOG=1", HANG_S, "a ping with the store closed")

@@ -1,0 +1,8 @@
+"""MQTT: sensor readings in, the daemon's outputs out.
+
+Modules:
+- `payload`: the payload grammar (topics, JSON forms, limits, reject reasons); no paho.
+- `client`: the paho client's lifecycle, the manual PUBACKs, and publishing on `edge/<device.id>/...`.
+- `writer`: the batch-commit-ack writer thread (inbox, store commit, disk-full state, held readings).
+- `ingestor`: the `Ingestor` the daemon builds, a connection and its writer started and stopped together.
+"""

@@ -1,0 +1,235 @@
+"""The broker connection: the paho client's lifecycle (connect, reconnect, subscribe, the MQTT 5
+receive window), the manual PUBACKs of committed messages, and the publishing of every daemon
+output on `edge/<device.id>/...`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.client import PUBACK
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_daemon.config import Config
+
+log = logging.getLogger(__name__)
+
+# PUBACK fixed header (type 4, remaining length 2) in the high half of a big-endian uint32
+# whose low half is the message id: one PUBACK packet per packed integer.
+_PUBACK_WORD = 0x4002 << 16
+
+
+class Connection:
+    """The paho client the ingestor receives on and the daemon publishes through.
+
+    Its callbacks run in paho's network thread. Incoming messages are not handled here: the
+    Ingestor points `client.on_message` at its writer, which acknowledges them through `ack`
+    once their batch is committed.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.prefix = config.topic_prefix
+        # The retained `status` published at every (re)connect; the daemon supplies it.
+        self.online_status: Callable[[], dict[str, Any]] = lambda: {"online": True, "device": config.device.id}
+        mqtt_cfg = config.mqtt
+        self._v5 = mqtt_cfg.protocol == "5"
+        # The broker stops sending once this many QoS 1 messages wait for our ack.
+        self.inflight = mqtt_cfg.receive_maximum if self._v5 else mqtt_cfg.broker_inflight
+        # The connection a message arrived on, bumped at every connect and disconnect: a message
+        # id is only valid on its own connection.
+        self._gen_lock = threading.Lock()
+        self.generation = 0
+        self._connected = threading.Event()
+        # Set when the broker has granted our subscriptions: before that, a message published
+        # on a fresh session is not routed to us at all.
+        self._subscribed = threading.Event()
+        self._subscribe_mid: int | None = None
+        self._down_reported = False
+        self._stopped = False
+        self.client = self._make_client()
+        self._queue_packet = _packet_queue_of(self.client)
+
+    # -- client ------------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        mqtt_cfg = self.config.mqtt
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=mqtt_cfg.client_id or f"edge-daemon-{self.config.device.id}",
+            # MQTT 3.1.1: no clean session, so the broker keeps our subscription and queues
+            # QoS 1 messages while we are away (MQTT 5 uses clean_start + session expiry).
+            clean_session=None if self._v5 else False,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            # Acknowledge only after the batch holding a message is committed.
+            manual_ack=True,
+        )
+        if mqtt_cfg.username:
+            client.username_pw_set(mqtt_cfg.username, mqtt_cfg.password)
+        client.will_set(self.prefix + "status", json.dumps({"online": False, "device": self.config.device.id}), qos=1, retain=True)
+        client.reconnect_delay_set(mqtt_cfg.reconnect_min_s, mqtt_cfg.reconnect_max_s)  # type: ignore[arg-type]
+        # Our own publishes (status, forecasts) may queue while the broker is away.
+        client.max_queued_messages_set(10000)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_subscribe = self._on_subscribe
+        # on_message is the writer's: the Ingestor connects the two.
+        return client
+
+    def _connect_properties(self) -> Properties | None:
+        if not self._v5:
+            return None
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.config.mqtt.session_expiry_s
+        # Lets the broker keep enough unacknowledged messages in flight to fill a batch.
+        props.ReceiveMaximum = self.config.mqtt.receive_maximum
+        return props
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        if reason.is_failure:
+            self._report_down(f"broker refused the connection: {reason}")
+            return
+        with self._gen_lock:
+            self.generation += 1
+        self._down_reported = False
+        log.info(
+            "connected to %s:%d (session present: %s)",
+            self.config.mqtt.host, self.config.mqtt.port, bool(flags.session_present),
+        )
+        # Subscribe on every connect: a broker that lost our session (restart without
+        # persistence) must get the subscriptions again; with a kept session it is harmless.
+        qos = self.config.mqtt.qos
+        _, self._subscribe_mid = client.subscribe([(topic, qos) for topic in self.config.mqtt.topics])
+        # The last will may have replaced the retained status while we were away.
+        self.publish("status", self.online_status(), qos=1, retain=True)
+        self._connected.set()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list, props: Any) -> None:
+        if mid != self._subscribe_mid:
+            return
+        refused = [
+            f"{topic} ({code})" for topic, code in zip(self.config.mqtt.topics, reason_codes) if code.is_failure
+        ]
+        if refused:
+            # Nothing arrives on a refused topic (an ACL, a bad filter): say so loudly, keep the rest.
+            log.error("broker refused the subscription to %s", ", ".join(refused))
+        self._subscribed.set()
+
+    def _report_down(self, what: str) -> None:
+        # The first failure after being up (or at start) is a WARNING; the retries are DEBUG.
+        if not self._down_reported:
+            self._down_reported = True
+            log.warning("%s; reconnecting with backoff up to %.0f s", what, self.config.mqtt.reconnect_max_s)
+        else:
+            log.debug("%s; still retrying", what)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        # Message ids of the old connection mean nothing on the next one: acks still pending
+        # for them are dropped (the broker redelivers those messages, the store dedups them).
+        with self._gen_lock:
+            self.generation += 1
+        self._connected.clear()
+        self._subscribed.clear()
+        if not self._stopped:
+            self._report_down(f"lost connection to broker {self.config.mqtt.host}:{self.config.mqtt.port} ({reason})")
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._report_down(f"cannot connect to broker {self.config.mqtt.host}:{self.config.mqtt.port}")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        mqtt_cfg = self.config.mqtt
+        self.client.connect_async(
+            mqtt_cfg.host,
+            mqtt_cfg.port,
+            keepalive=mqtt_cfg.keepalive_s,
+            clean_start=False if self._v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=self._connect_properties(),
+        )
+        self.client.loop_start()
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Block until connected with the subscriptions granted, so nothing published from now on is missed."""
+        return self._subscribed.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        """Connected with the subscriptions granted: readings published now reach us."""
+        return self._subscribed.is_set()
+
+    def stopping(self) -> None:
+        """From now on a lost connection is the shutdown's doing: it is not reported."""
+        self._stopped = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Publish `offline` (retained), disconnect."""
+        self._stopped = True
+        if self._connected.is_set():
+            info = self.publish("status", {"online": False, "device": self.config.device.id}, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=min(timeout, 5.0))
+            except (RuntimeError, ValueError) as exc:
+                log.warning("could not publish offline status: %s", exc)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def publish(self, topic_suffix: str, payload: Any, qos: int = 0, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """Publish on `edge/<device.id>/<topic_suffix>`; dicts and lists are sent as JSON."""
+        if not isinstance(payload, (bytes, bytearray, str)):
+            payload = json.dumps(payload, separators=(",", ":"))
+        return self.client.publish(self.prefix + topic_suffix, payload, qos=qos, retain=retain)
+
+    # -- acknowledgements --------------------------------------------------------------------
+
+    def ack(self, acks: list[tuple[int, int, int]]) -> None:
+        """Acknowledge committed messages, given as (generation, mid, qos) in arrival order: those
+        that came on an earlier connection are skipped (the broker redelivers them)."""
+        # The lock keeps a reconnect from slipping in between the generation check and the ack.
+        with self._gen_lock:
+            current = self.generation
+            mids = [mid for generation, mid, qos in acks if generation == current and qos == 1]
+            if mids:
+                self._send_pubacks(mids)
+            for generation, mid, qos in acks:
+                if generation == current and qos > 1:
+                    rc = self.client.ack(mid, qos)
+                    if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        log.debug("ack of mid %d failed: %s", mid, rc)
+
+    def _send_pubacks(self, mids: list[int]) -> None:
+        """Acknowledge QoS 1 messages of the current connection (caller holds _gen_lock)."""
+        if self._queue_packet is None:
+            for mid in mids:
+                rc = self.client.ack(mid, 1)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    log.debug("ack of mid %d failed: %s", mid, rc)
+            return
+        # The PUBACKs of a batch as one queued write: client.ack() queues each one on its own
+        # and pokes the network thread's wake-up socket per message, and that thread then
+        # makes one send() per 4-byte packet. Byte for byte what client.ack() sends.
+        self._queue_packet(PUBACK, struct.pack(f">{len(mids)}I", *[_PUBACK_WORD | mid for mid in mids]), 0, 0)
+
+
+def _packet_queue_of(client: mqtt.Client) -> Callable[[int, bytes, int, int], Any] | None:
+    """paho's internal `_packet_queue(command, packet, mid, qos)` if this paho version has it
+    with that signature, else None (acks then go one by one through the public `ack`)."""
+    method = getattr(client, "_packet_queue", None)
+    if method is None:
+        return None
+    try:
+        params = list(inspect.signature(method).parameters)
+    except (TypeError, ValueError):
+        return None
+    return method if params[:4] == ["command", "packet", "mid", "qos"] else None
