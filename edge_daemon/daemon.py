@@ -29,6 +29,7 @@ from edge_daemon.ingest import Ingestor
 from edge_daemon.model import warm_up
 from edge_daemon.notify import Heartbeat
 from edge_daemon.pipeline import ScoringPipeline
+from edge_daemon.replies import DriftReply, OnlineStatus, StatusReply, StoreStatus
 from edge_daemon.scheduler import JobScheduler
 from edge_daemon.store import ReplayStore
 from edge_daemon.memory.pressure import Level
@@ -77,7 +78,7 @@ class Daemon:
         self.handlers: dict[str, Handler] = {"status": self._status}
         # Sections of the `status` reply beyond device/uptime, by key; later parts add theirs
         # (adapter, drift, memory, training).
-        self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.status_sections: dict[str, Callable[[], Any]] = {}
         self.exit_code = 0
         self._disk_full_published = False  # what the retained status last said of the disk
         self.stop_signal: str | None = None
@@ -121,12 +122,16 @@ class Daemon:
     def _start_store(self) -> Part:
         self.store = ReplayStore(self.config.store_path, self.config.store, self.config.channels.names)
         store = self.store
-        self.status_sections["store"] = lambda: {
-            "readings": store.count(),
-            "bytes": store.size_bytes(),
-            "disk_free_bytes": store.free_bytes(),
-            "disk_full": self.disk_full,
-        }
+
+        def section() -> StoreStatus:
+            return {
+                "readings": store.count(),
+                "bytes": store.size_bytes(),
+                "disk_free_bytes": store.free_bytes(),
+                "disk_full": self.disk_full,
+            }
+
+        self.status_sections["store"] = section
         return Part("store", store.close)
 
     def _start_worker_helper(self) -> Part:
@@ -372,24 +377,24 @@ class Daemon:
     def uptime_s(self) -> float:
         return time.monotonic() - self._started_mono
 
-    def _online_status(self) -> dict[str, Any]:
+    def _online_status(self) -> OnlineStatus:
         """The retained `edge/<id>/status` payload published at every (re)connect."""
-        status: dict[str, Any] = {
+        status: OnlineStatus = {
             "online": True,
             "device": self.config.device.id,
             "version": __version__,
             "started": iso(self.started_at),
             "adapter_version": self.adaptation.adapter_summary()["version"],
-        }
+        }  # type: ignore[typeddict-item]  # disk_full follows drift
         if self.pipeline is not None:
             status["drift"] = self.pipeline.drift.residual_drift_detected
         status["disk_full"] = self.disk_full
         return status
 
-    def _status(self, request: dict[str, Any]) -> dict[str, Any]:
-        reply: dict[str, Any] = {"device": self.config.device.id, "uptime_s": round(self.uptime_s(), 3)}
+    def _status(self, request: dict[str, Any]) -> StatusReply:
+        reply: StatusReply = {"device": self.config.device.id, "uptime_s": round(self.uptime_s(), 3)}
         for key, section in list(self.status_sections.items()):
-            reply[key] = section()
+            reply[key] = section()  # type: ignore[literal-required]
         return reply
 
     # -- outputs -----------------------------------------------------------------------------
@@ -432,7 +437,7 @@ class Daemon:
 
     # -- control handlers --------------------------------------------------------------------
 
-    def _drift(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _drift(self, request: dict[str, Any]) -> DriftReply:
         assert self.pipeline is not None
         return {"drift": self.pipeline.drift.status()}
 

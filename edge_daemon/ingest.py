@@ -30,6 +30,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edge_daemon.clock import ClockWatch
 from edge_daemon.config import Config
 from edge_daemon.errors import DiskFullError, PayloadError, StoreError
+from edge_daemon.replies import IngestStatus
 from edge_daemon.store import Reading, ReplayStore
 
 log = logging.getLogger(__name__)
@@ -530,11 +531,11 @@ class Ingestor:
         """Messages received but not yet parsed and committed."""
         return len(self._inbox)
 
-    def counters(self) -> dict[str, Any]:
+    def counters(self) -> IngestStatus:
         """received/rejected count messages (and rejected entries of `values` maps); readings,
         stored and duplicates count readings."""
         with self._stats_lock:
-            snapshot: dict[str, Any] = dict(self._stats)
+            snapshot: IngestStatus = dict(self._stats)  # type: ignore[assignment]
             snapshot["rejected_by_reason"] = dict(self._rejected_by_reason)
         snapshot["connected"] = self.connected
         snapshot["disk_full"] = self.disk_full

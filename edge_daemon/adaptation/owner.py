@@ -25,6 +25,7 @@ from edge_daemon.config import Config
 from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
 from edge_daemon.plan import plan_candidates, plan_from_config
 from edge_daemon.records import JobResult, UpdateCause, UpdateJob, resets_drift_baseline
+from edge_daemon.replies import AdapterDetail, AdapterListing, AdapterReply, AdaptersReply, AdapterSummary, RollbackReply, TrainingStatus, TrainReply
 from edge_daemon.scoring import Scorer, ServingRule, baselines_of
 from edge_daemon.store import ReplayStore
 from edge_daemon.updater import heavy_modules_loaded, run_worker
@@ -380,7 +381,7 @@ class Adaptation:
 
     # -- control commands and status ---------------------------------------------------------
 
-    def adapter_summary(self) -> dict[str, Any]:
+    def adapter_summary(self) -> AdapterSummary:
         version = self.current_adapter()
         if version is None:
             return {"version": None, "created": None, "size_bytes": 0, "val_loss": None, "base": self.base is not None}
@@ -389,9 +390,9 @@ class Adaptation:
             "val_loss": version.meta.val_loss, "base": True,
         }  # fmt: skip
 
-    def handle_adapter(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle_adapter(self, request: dict[str, Any]) -> AdapterReply:
         version = self.current_adapter()
-        detail = self.adapter_summary()
+        detail: AdapterDetail = {**self.adapter_summary()}
         if version is not None:
             meta = version.meta
             detail.update(
@@ -406,9 +407,9 @@ class Adaptation:
             )
         return {"adapter": detail}
 
-    def handle_adapters(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle_adapters(self, request: dict[str, Any]) -> AdaptersReply:
         current = self.current_adapter()
-        listed = []
+        listed: list[AdapterListing] = []
         for version in self.adapters.list():
             before, after = version.meta.metrics_before, version.meta.metrics_after
             listed.append(
@@ -428,7 +429,7 @@ class Adaptation:
             )
         return {"current": current.version if current else None, "adapters": listed}
 
-    def handle_train(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle_train(self, request: dict[str, Any]) -> TrainReply:
         if self.runner is not None and self.runner.running:
             return {"accepted": True, "state": "running", "message": "an update is already running"}
         if not self.trigger.request():
@@ -439,7 +440,7 @@ class Adaptation:
             message = "no base model yet: a base model is trained first, once enough data is stored"
         return {"accepted": True, "state": "idle", "message": message}
 
-    def handle_rollback(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle_rollback(self, request: dict[str, Any]) -> RollbackReply:
         version_number = int(request["version"])  # checked by the control server: an int >= 1
         if self.base is None:
             raise ControlError("no base model yet")
@@ -458,7 +459,7 @@ class Adaptation:
             self.pipeline.alert({"type": "rollback", "version": version_number, "message": f"rolled back to v{version_number}"})
         return {"adapter": self.adapter_summary()}
 
-    def training_status(self) -> dict[str, Any]:
+    def training_status(self) -> TrainingStatus:
         runner = self.runner
         if runner is None:
             return {"state": "idle", "last": None, "plan": None}
