@@ -486,21 +486,5 @@ class Adaptation:
             "last": runner.last.to_json() if runner.last is not None else None,
         }
 
-    def status_piece(self) -> str | None:
-        """The training part of the STATUS= line, while a job runs."""
-        runner = self.runner
-        if runner is None or not runner.running:
-            return None
-        job, progress = runner.job, runner.progress
-        step = f" step {progress.step}" if progress.step is not None else ""
-        return f"{job.kind if job is not None else 'update'} {progress.phase}{step}"
-
-    def adapter_piece(self) -> str:
-        """The adapter part of the STATUS= line."""
-        if self.base is None:
-            return "no base model yet"
-        version = self.current_adapter()
-        return f"adapter v{version.version}" if version is not None else "base model"
-
 
 __all__ = ["Adaptation", "UPDATE_MIN_WINDOWS_SINCE_CHANGE", "register_worker", "serving_rule"]
