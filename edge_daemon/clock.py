@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+from edge_daemon.replies import ClockStatus
+
 log = logging.getLogger(__name__)
 
 # The clock is synchronised while the kernel's maximum error estimate (`maxerror` of adjtimex(2),
@@ -136,7 +138,7 @@ class ClockWatch:
                     log.exception("clock jump hook %r failed", hook)
         return changed
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> ClockStatus:
         with self._lock:
             return {
                 "trust": self.trust,

@@ -23,14 +23,15 @@ from edge_daemon.adaptation.owner import Adaptation, register_worker
 from edge_daemon.adaptation.runner import UpdateRunner
 from edge_daemon.artifacts.adapters import AdapterStore
 from edge_daemon.artifacts.base import BaseModel
-from edge_daemon.artifacts.files import iso
 from edge_daemon.config import Config
 from edge_daemon.control import ControlServer, Handler
 from edge_daemon.model import warm_up
 from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.notify import Heartbeat
 from edge_daemon.pipeline import ScoringPipeline
+from edge_daemon.replies import DriftReply, OnlineStatus, StatusReply
 from edge_daemon.scheduler import JobScheduler
+from edge_daemon.status import StatusReport
 from edge_daemon.store import ReplayStore
 from edge_daemon.memory.pressure import Level
 from edge_daemon.memory.watchdog import MemoryWatchdog
@@ -76,9 +77,6 @@ class Daemon:
         self.parts: list[Part] = []
         # Control commands; parts add theirs while the daemon is built.
         self.handlers: dict[str, Handler] = {"status": self._status}
-        # Sections of the `status` reply beyond device/uptime, by key; later parts add theirs
-        # (adapter, drift, memory, training).
-        self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         self.exit_code = 0
         self._disk_full_published = False  # what the retained status last said of the disk
         self.stop_signal: str | None = None
@@ -121,14 +119,7 @@ class Daemon:
 
     def _start_store(self) -> Part:
         self.store = ReplayStore(self.config.store_path, self.config.store, self.config.channels.names)
-        store = self.store
-        self.status_sections["store"] = lambda: {
-            "readings": store.count(),
-            "bytes": store.size_bytes(),
-            "disk_free_bytes": store.free_bytes(),
-            "disk_full": self.disk_full,
-        }
-        return Part("store", store.close)
+        return Part("store", self.store.close)
 
     def _start_worker_helper(self) -> Part:
         # First, before any thread of ours: training workers are forked from this helper and share
@@ -147,16 +138,12 @@ class Daemon:
         watchdog = self.watchdog
         watchdog.add_listener(self._on_level_change)
         watchdog.start()
-        self.status_sections["memory"] = watchdog.snapshot
         return Part("watchdog", watchdog.stop, lambda: watchdog.alive)
 
     def _start_pipeline(self) -> Part:
         self.pipeline = ScoringPipeline(self.config, self._publish, self.adaptation.load_serving())
         pipeline = self.pipeline
         pipeline.start()
-        self.status_sections["drift"] = lambda: pipeline.drift.status()
-        self.status_sections["adapter"] = self.adaptation.adapter_summary
-        self.status_sections["scoring"] = pipeline.status
         return Part("scoring", pipeline.stop, lambda: pipeline.alive)
 
     def _start_scheduler(self) -> Part:
@@ -169,7 +156,6 @@ class Daemon:
             ingest_waiting=lambda: self.disk_full,
             publish_status=self._publish_status,
         )  # fmt: skip
-        self.status_sections["training"] = adaptation.training_status
         scheduler = JobScheduler()
         scheduler.add("idle", adaptation.idle.sample, interval_s=max(1.0, cfg.train.idle_window_s / 30), run_now=True)
         scheduler.add("update-trigger", adaptation.check, interval_s=cfg.train.check_interval_s)
@@ -198,7 +184,6 @@ class Daemon:
         self.ingestor.online_status = self._online_status
         self.ingestor.on_disk_full = self._on_disk_full
         ingestor = self.ingestor
-        self.status_sections["ingest"] = ingestor.counters
         if self.pipeline is not None:
             # Scoring gets readings as they arrive, not when their batch commits.
             ingestor.on_readings.append(self.pipeline.on_batch)
@@ -328,70 +313,20 @@ class Daemon:
         return time.monotonic() - self._loop_mono < MAIN_LOOP_STALE_S
 
     def status_line(self) -> str:
-        """The one-line STATUS= text: adapter, memory, drift, readings, broker and training.
-
-        Each piece is best effort: one that fails is left out rather than losing the line.
-        """
-        pieces: list[str] = []
-
-        def add(build: Callable[[], str | None]) -> None:
-            try:
-                piece = build()
-            except Exception as exc:  # noqa: BLE001 - a status line must never raise
-                log.debug("status line piece failed: %s", exc)
-                return
-            if piece:
-                pieces.append(piece)
-
-        add(self.adaptation.adapter_piece)
-        add(lambda: f"memory {self.watchdog.level.label}" if self.watchdog is not None else None)
-        add(self._status_drift)
-        add(lambda: f"{self.store.count()} readings" if self.store is not None else None)
-        add(lambda: "disk full: ingestion waiting" if self.disk_full else None)
-        add(self._status_clock)
-        add(lambda: "broker unreachable" if self.ingestor is not None and not self.ingestor.connected else None)
-        add(self.adaptation.status_piece)
-        return ", ".join(pieces)
-
-    def _status_clock(self) -> str | None:
-        if self.ingestor is None or self.store is None:
-            return None
-        held = self.store.held_rows
-        if not held:
-            return None  # an unsynchronised clock alone changes nothing (`status` shows it)
-        return f"{held} readings held" if self.ingestor.clock_watch.trusted else f"clock not trusted: {held} readings held"
-
-    def _status_drift(self) -> str | None:
-        if self.pipeline is None:
-            return None
-        channels = self.pipeline.drift.status().get("channels", {})
-        drifted = [name for name, detail in channels.items() if detail.get("state") == "drift"]
-        return f"drift {' '.join(drifted)}" if drifted else "drift none"
+        """The one-line STATUS= text (see status.StatusReport.line)."""
+        return StatusReport(self).line()
 
     # -- status ------------------------------------------------------------------------------
 
     def uptime_s(self) -> float:
         return time.monotonic() - self._started_mono
 
-    def _online_status(self) -> dict[str, Any]:
+    def _online_status(self) -> OnlineStatus:
         """The retained `edge/<id>/status` payload published at every (re)connect."""
-        status: dict[str, Any] = {
-            "online": True,
-            "device": self.config.device.id,
-            "version": __version__,
-            "started": iso(self.started_at),
-            "adapter_version": self.adaptation.adapter_summary()["version"],
-        }
-        if self.pipeline is not None:
-            status["drift"] = self.pipeline.drift.residual_drift_detected
-        status["disk_full"] = self.disk_full
-        return status
+        return StatusReport(self).online()
 
-    def _status(self, request: dict[str, Any]) -> dict[str, Any]:
-        reply: dict[str, Any] = {"device": self.config.device.id, "uptime_s": round(self.uptime_s(), 3)}
-        for key, section in list(self.status_sections.items()):
-            reply[key] = section()
-        return reply
+    def _status(self, request: dict[str, Any]) -> StatusReply:
+        return StatusReport(self).reply()
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -433,7 +368,7 @@ class Daemon:
 
     # -- control handlers --------------------------------------------------------------------
 
-    def _drift(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _drift(self, request: dict[str, Any]) -> DriftReply:
         assert self.pipeline is not None
         return {"drift": self.pipeline.drift.status()}
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from edge_daemon.memory.pressure import Level
 from edge_daemon.plan import TrainingPlan, tighten
+from edge_daemon.replies import OutcomeStatus
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class UpdateOutcome:
     worst_level: Level
     stopped: bool
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> OutcomeStatus:
         return {
             "start_plan": self.start_plan.to_dict(),
             "final_plan": self.final_plan.to_dict(),

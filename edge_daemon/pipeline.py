@@ -22,6 +22,7 @@ from edge_daemon.baselines import MODEL
 from edge_daemon.config import Config
 from edge_daemon.drift import DriftMonitor
 from edge_daemon.drift.reference import forecast_references
+from edge_daemon.replies import LastScore, ScoringStatus
 from edge_daemon.scoring import GridAssembler, GridStep, Scorer
 from edge_daemon.store import Reading
 
@@ -66,7 +67,7 @@ class ScoringPipeline:
         self.anomalies = 0
         self.dropped_batches = 0
         self.steps_since_update = 0
-        self.last_score: dict[str, Any] | None = None
+        self.last_score: LastScore | None = None
         self.heartbeat = time.monotonic()
         self.failures = 0  # batches (or flushes) failed in a row
         self._newest_ts = float("-inf")
@@ -151,7 +152,7 @@ class ScoringPipeline:
         for event in self.drift.update_residuals(model_residual, t):
             self._alert({**event.as_dict(), "message": f"residual drift on {event.channel}"})
         score = float(result.score) if result.score is not None else None
-        self.last_score = {"ts": t, "score": score, "version": result.model_version, "served_by": result.served_by}
+        self.last_score = {"ts": iso(t, "milliseconds"), "score": score, "version": result.model_version, "served_by": result.served_by}
         if len(self.history) >= 20000:
             del self.history[:10000]
         self.history.append((t, score if score is not None else float("nan"), result.model_version))
@@ -229,7 +230,7 @@ class ScoringPipeline:
         """Time of the newest reading handed to scoring (the data's clock), None before any."""
         return self._newest_ts if self._newest_ts != float("-inf") else None
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ScoringStatus:
         with self._lock:
             scorer = self.scorer
         return {

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from edge_daemon.memory.pressure import Level
+from edge_daemon.replies import PlanStatus
 
 if TYPE_CHECKING:
     from edge_daemon.config import TrainConfig
@@ -42,8 +43,8 @@ class TrainingPlan:
     def effective_batch(self) -> int:
         return self.micro_batch * self.accumulation
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self) -> PlanStatus:
+        return PlanStatus(**asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingPlan:

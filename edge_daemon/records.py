@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from edge_daemon.artifacts.files import iso
 from edge_daemon.plan import TrainingPlan
+from edge_daemon.replies import JobStatus, LastUpdate, ProgressStatus
 
 if TYPE_CHECKING:
     from edge_daemon.governor import PlanGovernor, UpdateOutcome
@@ -57,17 +58,17 @@ class UpdateJob:
     def started(self) -> UpdateJob:
         return replace(self, started_unix=time.time())
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JobStatus:
         """The job as `status` shows it (the candidate plans left out: they are the ladder's)."""
         return {
             "kind": self.kind,
             "reason": self.reason,
             "cause": self.cause,
-            "since": self.since,
+            "since": iso(self.since, "milliseconds"),
             "baseline_mb": self.baseline_mb,
             "budget_mb": self.budget_mb,
             "seed": self.seed,
-            "started": self.started_unix,
+            "started": iso(self.started_unix),
         }
 
 
@@ -96,7 +97,7 @@ class Progress:
     recent_windows: int | None = None
     replay_windows: int | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> ProgressStatus:
         return {k: v for k, v in asdict(self).items() if v is not None}  # asdict turns the plan into its dict too
 
 
@@ -136,7 +137,7 @@ class JobResult:
     def metrics_after(self) -> dict[str, Any] | None:
         return self.summary.get("metrics_after")
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> LastUpdate:
         """The summary `status` shows as `training.last`."""
         peak = self.summary.get("peak_rss_bytes")
         return {

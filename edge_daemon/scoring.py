@@ -22,6 +22,7 @@ from edge_daemon.artifacts.base import BaseModel
 from edge_daemon.baselines import MODEL, Baseline, Persistence, baselines_from_dict
 from edge_daemon.frames import bucket_of
 from edge_daemon.model import Forecaster, anomaly_score
+from edge_daemon.replies import ServingComparison
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ class Scorer:
     def served_by_channel(self) -> dict[str, str]:
         return dict(zip(self.base.targets, self._served, strict=True))
 
-    def comparison(self) -> dict[str, Any]:
+    def comparison(self) -> ServingComparison:
         """Live mean |error| (normalised units) of each forecaster over the comparison window."""
         with self._lock:
             return {

@@ -17,6 +17,7 @@ import pytest
 from test_control import ADAPTER, ADAPTERS, DRIFT, STATUS, FakeDaemon
 
 from edge_daemon import cli
+from edge_daemon.cli.render import NO_BASE
 from edge_daemon.broker import LocalBroker
 from edge_daemon.control import ControlServer
 
@@ -123,7 +124,7 @@ def test_adapter_human(capsys: pytest.CaptureFixture[str], sock: Path, fake: Fak
     assert (code, out) == (0, "serving the base model only (no adapter yet)\n")
     fake.status["adapter"] = {"version": None, "base": False}
     code, out, _ = run(capsys, "adapter", "--socket", str(sock))
-    assert (code, out.strip()) == (0, cli.NO_BASE)
+    assert (code, out.strip()) == (0, NO_BASE)
 
 
 def test_adapters_human(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:

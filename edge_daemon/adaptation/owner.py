@@ -27,6 +27,7 @@ from edge_daemon.config import Config
 from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
 from edge_daemon.plan import plan_candidates, plan_from_config
 from edge_daemon.records import JobResult, UpdateCause, UpdateJob, resets_drift_baseline
+from edge_daemon.replies import AdapterDetail, AdapterListing, AdapterReply, AdaptersReply, AdapterSummary, RollbackReply, TrainingStatus, TrainReply
 from edge_daemon.scoring import Scorer, ServingRule, baselines_of
 from edge_daemon.store import ReplayStore
 from edge_daemon.updater import heavy_modules_loaded, run_worker
@@ -382,7 +383,7 @@ class Adaptation:
 
     # -- control commands and status ---------------------------------------------------------
 
-    def adapter_summary(self) -> dict[str, Any]:
+    def adapter_summary(self) -> AdapterSummary:
         version = self.current_adapter()
         if version is None:
             return {"version": None, "created": None, "size_bytes": 0, "val_loss": None, "base": self.base is not None}
@@ -391,9 +392,9 @@ class Adaptation:
             "val_loss": version.meta.val_loss, "base": True,
         }  # fmt: skip
 
-    def handle_adapter(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle_adapter(self, request: dict[str, Any]) -> AdapterReply:
         version = self.current_adapter()
-        detail = self.adapter_summary()
+        detail: AdapterDetail = {**self.adapter_summary()}
         if version is not None:
             meta = version.meta
             detail.update(
@@ -408,9 +409,9 @@ class Adaptation:
             )
         return {"adapter": detail}
 
-    def handle_adapters(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle_adapters(self, request: dict[str, Any]) -> AdaptersReply:
         current = self.current_adapter()
-        listed = []
+        listed: list[AdapterListing] = []
         for version in self.adapters.list():
             before, after = version.meta.metrics_before, version.meta.metrics_after
             listed.append(
@@ -430,7 +431,7 @@ class Adaptation:
             )
         return {"current": current.version if current else None, "adapters": listed}
 
-    def handle_train(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle_train(self, request: dict[str, Any]) -> TrainReply:
         if self.runner is not None and self.runner.running:
             return {"accepted": True, "state": "running", "message": "an update is already running"}
         if not self.trigger.request():
@@ -441,7 +442,7 @@ class Adaptation:
             message = "no base model yet: a base model is trained first, once enough data is stored"
         return {"accepted": True, "state": "idle", "message": message}
 
-    def handle_rollback(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle_rollback(self, request: dict[str, Any]) -> RollbackReply:
         version_number = int(request["version"])  # checked by the control server: an int >= 1
         if self.base is None:
             raise ControlError("no base model yet")
@@ -460,7 +461,7 @@ class Adaptation:
             self.pipeline.alert({"type": "rollback", "version": version_number, "message": f"rolled back to v{version_number}"})
         return {"adapter": self.adapter_summary()}
 
-    def training_status(self) -> dict[str, Any]:
+    def training_status(self) -> TrainingStatus:
         runner = self.runner
         if runner is None:
             return {"state": "idle", "last": None, "plan": None}
@@ -486,22 +487,6 @@ class Adaptation:
             "heavy_modules": heavy_modules_loaded(),
             "last": runner.last.to_json() if runner.last is not None else None,
         }
-
-    def status_piece(self) -> str | None:
-        """The training part of the STATUS= line, while a job runs."""
-        runner = self.runner
-        if runner is None or not runner.running:
-            return None
-        job, progress = runner.job, runner.progress
-        step = f" step {progress.step}" if progress.step is not None else ""
-        return f"{job.kind if job is not None else 'update'} {progress.phase}{step}"
-
-    def adapter_piece(self) -> str:
-        """The adapter part of the STATUS= line."""
-        if self.base is None:
-            return "no base model yet"
-        version = self.current_adapter()
-        return f"adapter v{version.version}" if version is not None else "base model"
 
 
 __all__ = ["Adaptation", "UPDATE_MIN_WINDOWS_SINCE_CHANGE", "register_worker", "serving_rule"]

@@ -23,6 +23,7 @@ from edge_daemon.drift.profile import TimeOfDayProfile
 from edge_daemon.drift.kswin import KSWIN
 from edge_daemon.drift.page_hinkley import PageHinkley
 from edge_daemon.drift.reference import Reference, ReferenceShift, ResidualRatio
+from edge_daemon.replies import ChannelDriftStatus, CusumStatus, DriftStatus, DriftTrackStatus, PsiStatus, ResidualWindowStatus
 
 if TYPE_CHECKING:
     from edge_daemon.config import DriftConfig
@@ -110,7 +111,7 @@ class _Track:
         self.since_reset += 1
         self.last_t = t
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DriftTrackStatus:
         return {
             "state": "drift" if self.since_reset else "stable",
             "detections": self.detections,
@@ -222,7 +223,7 @@ class _Channel:
         times = [t for t in (self.inputs.last_t, self.residuals.last_t) if t is not None]
         return max(times) if times else None
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ChannelDriftStatus:
         drifted = self.inputs.since_reset or self.residuals.since_reset
         return {
             "state": "drift" if drifted else "stable",
@@ -240,7 +241,7 @@ class _Channel:
             **({} if self.residual_cusum is None else {"residual_cusum": self._cusum_status()}),
         }
 
-    def _cusum_status(self) -> dict[str, Any]:
+    def _cusum_status(self) -> CusumStatus:
         cusum, profile = self.residual_cusum, self.residual_profile
         assert cusum is not None
         return {
@@ -251,7 +252,7 @@ class _Channel:
             **({} if profile is None else {"time_of_day_learnt": round(profile.learnt_fraction, 3)}),
         }
 
-    def _window_status(self) -> dict[str, Any]:
+    def _window_status(self) -> ResidualWindowStatus:
         window = self.residual_window
         assert window is not None
         return {
@@ -261,7 +262,7 @@ class _Channel:
             "window_filled": round(window.filled / window.window, 3),
         }
 
-    def _psi_status(self) -> dict[str, Any]:
+    def _psi_status(self) -> PsiStatus:
         shift = self.shift
         assert shift is not None
         learning = shift.reference is None or shift.filled < shift.window
@@ -572,7 +573,7 @@ class DriftMonitor:
         with self._lock:
             return self._last_t()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DriftStatus:
         """The `drift` object of the status reply (JSON-ready)."""
         with self._lock:
             channels = {c.name: c.status() for c in self._channels}

@@ -17,6 +17,7 @@ from typing import Any
 from edge_daemon.memory.budget import Budget, cgroup_usage_mb, memory_budget
 from edge_daemon.memory.pressure import Level, PressurePolicy, SharedLevel
 from edge_daemon.memory.usage import TreeMemory, process_tree_rss_mb, system_available_mb
+from edge_daemon.replies import MemoryStatus
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class MemoryWatchdog:
         self._peak_rss_mb = self._rss_mb
         self._peak_usage_mb = self._usage_mb
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> MemoryStatus:
         """The `memory` part of the status reply."""
         return {
             "rss_mb": round(self._rss_mb, 1),

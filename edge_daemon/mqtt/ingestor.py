@@ -15,6 +15,7 @@ from edge_daemon.clock import ClockWatch
 from edge_daemon.config import Config
 from edge_daemon.mqtt.client import Connection
 from edge_daemon.mqtt.writer import BatchHook, Writer
+from edge_daemon.replies import IngestStatus
 from edge_daemon.store import ReplayStore
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,10 @@ class Ingestor:
         """Messages received but not yet parsed and committed."""
         return self.writer.backlog
 
-    def counters(self) -> dict[str, Any]:
+    def counters(self) -> IngestStatus:
         """received/rejected count messages (and rejected entries of `values` maps); readings,
         stored and duplicates count readings."""
-        snapshot = self.writer.stats()
+        snapshot: IngestStatus = self.writer.stats()  # type: ignore[assignment]
         snapshot["connected"] = self.connected
         snapshot["disk_full"] = self.disk_full
         snapshot["clock"] = {**self.clock_watch.status(), "holding": self.store.held_rows}

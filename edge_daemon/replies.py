@@ -1,0 +1,347 @@
+"""The shapes of what the daemon reports: each control-socket reply, every section of `status`,
+and the retained MQTT status payload, as TypedDicts its producers return and the CLI reads.
+
+A key is required where the daemon always sends it, NotRequired where it may not. The control
+server adds `"ok": true` to every reply (`ErrorReply` is its failure form). Times are ISO 8601
+UTC strings from `files.iso`: to the second, to the millisecond where a time names a grid step.
+Only `typing` here: the CLI imports this module on its cheap `--json` path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NotRequired, TypedDict
+
+Track = Literal["drift", "stable"]
+
+
+class ErrorReply(TypedDict):
+    """Any command's failure reply."""
+
+    ok: Literal[False]
+    error: str
+
+
+# -- status sections ------------------------------------------------------------------------------
+
+
+class StoreStatus(TypedDict):
+    readings: int
+    bytes: int
+    disk_free_bytes: int
+    disk_full: bool  # ingestion waits for disk space
+
+
+class ClockStatus(TypedDict):
+    """clock.ClockWatch.status()."""
+
+    trust: Literal["kernel", "always", "never"]
+    synchronized: bool | None  # None: the kernel was not asked (or cannot say)
+    trusted: bool
+    jumps: int
+    last_jump_s: float | None  # signed: > 0 the clock went forward
+
+
+class IngestClockStatus(ClockStatus):
+    holding: int  # readings held until the clock is trusted
+
+
+class IngestStatus(TypedDict):
+    """received/rejected count messages (and rejected entries of `values` maps); readings,
+    stored and duplicates count readings."""
+
+    received: int
+    readings: int
+    stored: int
+    duplicates: int
+    rejected: int
+    batches: int
+    dropped_disk_full: int
+    held: int
+    released: int
+    rejected_by_reason: dict[str, int]
+    connected: bool
+    disk_full: bool
+    clock: IngestClockStatus
+
+
+class AdapterSummary(TypedDict):
+    """The served adapter (`version` None: the base model alone, or no base when `base` is False)."""
+
+    version: int | None
+    created: str | None
+    size_bytes: int
+    val_loss: float | None
+    base: bool
+
+
+class DriftTrackStatus(TypedDict):
+    state: Track
+    detections: int
+    last_detected: str | None
+
+
+class DriftSamples(TypedDict):
+    inputs: int
+    residuals: int
+
+
+class PsiStatus(TypedDict):
+    value: float | None
+    threshold: float
+    reference: Literal["learning", "first window", "training data"]
+    window_filled: float
+
+
+class ResidualWindowStatus(TypedDict):
+    ratio: float | None
+    threshold: float
+    baseline: Literal["learning", "first window"]
+    window_filled: float
+
+
+class CusumStatus(TypedDict):
+    statistic: float
+    threshold: float
+    state: Literal["learning", "watching"]
+    samples: int
+    time_of_day_learnt: NotRequired[float]  # with [drift] cusum_by_time_of_day
+
+
+class ChannelDriftStatus(DriftTrackStatus):
+    """One channel: both tracks together, then each; the judges present depend on [drift]."""
+
+    inputs: DriftTrackStatus
+    residuals: DriftTrackStatus
+    residual_level: float | None
+    residual_baseline: float | None
+    samples: DriftSamples
+    psi: NotRequired[PsiStatus]  # inputs = "reference"
+    residual_window: NotRequired[ResidualWindowStatus]  # residuals = "window"
+    residual_change_from: NotRequired[str | None]  # residuals = "window"
+    residual_cusum: NotRequired[CusumStatus]  # residuals = "window" with cusum
+
+
+class DriftStatus(TypedDict):
+    detected: bool
+    channels: dict[str, ChannelDriftStatus]
+    last_detected: str | None
+    detector: str
+    inputs: str
+    residuals: str
+    baseline_since: str | None
+
+
+class MemoryStatus(TypedDict):
+    rss_mb: float
+    budget_mb: float
+    level: str  # pressure.Level.label
+    usage_mb: float
+    usage_source: str
+    peak_rss_mb: float
+    available_mb: float
+    cgroup_mb: float | None
+    budget_source: str
+
+
+class LastScore(TypedDict):
+    ts: str  # the grid step scored
+    score: float | None
+    version: int | None
+    served_by: str | None
+
+
+class HorizonComparison(TypedDict):
+    served_by_channel: dict[str, str]
+    steps_compared: int
+    mae: dict[str, float | None]
+
+
+class ServingComparison(TypedDict):
+    """scoring.Scorer.comparison(): who is served and the live mean |error| of each forecaster."""
+
+    served: str
+    served_by_channel: dict[str, str]
+    mode: str
+    steps_compared: int
+    mae: dict[str, float | None]
+    mae_by_channel: dict[str, list[float] | None]
+    switches: int
+    horizons: dict[str, HorizonComparison]
+
+
+class ScoringStatus(TypedDict):
+    steps: int
+    scored: int
+    anomalies: int
+    dropped_batches: int
+    failures_in_a_row: int
+    last: LastScore | None
+    serving: ServingComparison | None  # None while there is no base model
+
+
+class PlanStatus(TypedDict):
+    """plan.TrainingPlan.to_dict()."""
+
+    micro_batch: int
+    accumulation: int
+    checkpointing: bool
+    optimizer: str
+
+
+class ProgressStatus(TypedDict):
+    """records.Progress.to_json(): its fields that are set (an empty object while no job runs)."""
+
+    phase: NotRequired[str]
+    plan: NotRequired[PlanStatus]
+    step: NotRequired[int]
+    steps: NotRequired[int]
+    loss: NotRequired[float]
+    level: NotRequired[str]
+    recent_windows: NotRequired[int]
+    replay_windows: NotRequired[int]
+
+
+class JobStatus(TypedDict):
+    """records.UpdateJob.to_json()."""
+
+    kind: Literal["update", "pretrain"]
+    reason: str
+    cause: Literal["request", "drift", "new_data"] | None
+    since: str | None  # where its recent data starts (drift's dated onset)
+    baseline_mb: float
+    budget_mb: float
+    seed: int
+    started: str | None
+
+
+class OutcomeStatus(TypedDict):
+    """governor.UpdateOutcome.to_json()."""
+
+    start_plan: PlanStatus
+    final_plan: PlanStatus
+    worst_level: str
+    stopped: bool
+
+
+class LastUpdate(TypedDict):
+    """records.JobResult.to_json(): how the last job ended."""
+
+    kind: Literal["update", "pretrain"]
+    accepted: bool
+    version: int | None
+    reason: str | None
+    duration_s: float | None
+    metrics_before: dict[str, Any] | None
+    metrics_after: dict[str, Any] | None
+    peak_rss_mb: float | None
+    outcome: OutcomeStatus | None
+    finished: str | None
+
+
+class TrainingStatus(TypedDict):
+    """Only state, plan and last before the update runner exists."""
+
+    state: Literal["idle", "running", "paused"]
+    plan: PlanStatus | None
+    last: LastUpdate | None
+    progress: NotRequired[ProgressStatus]
+    job: NotRequired[JobStatus | None]
+    requested: NotRequired[bool]
+    trigger: NotRequired[str | None]  # why the trigger last did (not) start an update
+    retry_after_s: NotRequired[float]
+    expected_worker_mb: NotRequired[float]
+    expected_worker_measured: NotRequired[bool]
+    heavy_modules: NotRequired[list[str]]
+
+
+# -- replies --------------------------------------------------------------------------------------
+
+
+class StatusReply(TypedDict):
+    """`status`: a section per part started so far (a request during start-up gets fewer)."""
+
+    device: str
+    uptime_s: float
+    store: NotRequired[StoreStatus]
+    memory: NotRequired[MemoryStatus]
+    drift: NotRequired[DriftStatus]
+    adapter: NotRequired[AdapterSummary]
+    scoring: NotRequired[ScoringStatus]
+    ingest: NotRequired[IngestStatus]
+    training: NotRequired[TrainingStatus]
+
+
+class AdapterDetail(AdapterSummary):
+    """The served adapter with where it came from; the extra keys only while one is served."""
+
+    metrics_before: NotRequired[dict[str, float | None]]
+    metrics_after: NotRequired[dict[str, float | None]]
+    plan: NotRequired[dict[str, Any] | None]
+    chosen_blocks: NotRequired[list[int]]
+    peak_rss_mb: NotRequired[float | None]
+    reason: NotRequired[str | None]
+
+
+class AdapterReply(TypedDict):
+    """`adapter`."""
+
+    adapter: AdapterDetail
+
+
+class AdapterMetrics(TypedDict):
+    recent_before: float | None
+    recent_after: float | None
+    replay_before: float | None
+    replay_after: float | None
+
+
+class AdapterListing(TypedDict):
+    version: int
+    created: str
+    size_bytes: int
+    val_loss: float | None
+    current: bool
+    metrics: AdapterMetrics
+
+
+class AdaptersReply(TypedDict):
+    """`adapters`: every stored version, oldest first."""
+
+    current: int | None
+    adapters: list[AdapterListing]
+
+
+class DriftReply(TypedDict):
+    """`drift`."""
+
+    drift: DriftStatus
+
+
+class TrainReply(TypedDict):
+    """`train`: whether the request may start an update."""
+
+    accepted: bool
+    state: Literal["idle", "running"]
+    message: str
+
+
+class RollbackReply(TypedDict):
+    """`rollback`: what is served now."""
+
+    adapter: AdapterSummary
+
+
+# -- the retained MQTT status ---------------------------------------------------------------------
+
+
+class OnlineStatus(TypedDict):
+    """`edge/<id>/status` while the daemon runs (retained; refreshed at every (re)connect)."""
+
+    online: Literal[True]
+    device: str
+    version: str
+    started: str
+    adapter_version: int | None
+    drift: NotRequired[bool]  # residual drift; once scoring runs
+    disk_full: bool
+

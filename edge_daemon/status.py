@@ -1,0 +1,189 @@
+"""The daemon's status, composed in one place: a typed report over the daemon's parts, read as
+the socket `status` reply, the retained MQTT `edge/<id>/status` payload and the STATUS= line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from edge_daemon import __version__
+from edge_daemon.artifacts.files import iso
+from edge_daemon.replies import (
+    AdapterSummary,
+    DriftStatus,
+    IngestStatus,
+    MemoryStatus,
+    OnlineStatus,
+    ScoringStatus,
+    StatusReply,
+    StoreStatus,
+    TrainingStatus,
+)
+
+if TYPE_CHECKING:
+    from edge_daemon.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class StatusReport:
+    """One look at the daemon: a section per part started so far, each built at most once and
+    only when read (the STATUS= line and the MQTT payload need a few of them, often).
+
+    A section that raises raises again for every reader: the `status` reply fails with it (an
+    error reply), while the STATUS= line leaves out only the pieces that read it.
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._built: dict[str, object] = {}
+        self._failed: dict[str, Exception] = {}
+
+    def _once(self, key: str, build: Callable[[], T]) -> T:
+        if key in self._failed:
+            raise self._failed[key]
+        if key not in self._built:
+            try:
+                self._built[key] = build()
+            except Exception as exc:
+                self._failed[key] = exc
+                raise
+        return self._built[key]  # type: ignore[return-value]
+
+    # -- the sections, in start order --------------------------------------------------------
+
+    def store(self) -> StoreStatus | None:
+        store = self.daemon.store
+        if store is None:
+            return None
+        return self._once("store", lambda: StoreStatus(
+            readings=store.count(),
+            bytes=store.size_bytes(),
+            disk_free_bytes=store.free_bytes(),
+            disk_full=self.daemon.disk_full,
+        ))  # fmt: skip
+
+    def memory(self) -> MemoryStatus | None:
+        watchdog = self.daemon.watchdog
+        return None if watchdog is None else self._once("memory", watchdog.snapshot)
+
+    def drift(self) -> DriftStatus | None:
+        pipeline = self.daemon.pipeline
+        return None if pipeline is None else self._once("drift", pipeline.drift.status)
+
+    def adapter(self) -> AdapterSummary | None:
+        # Beside scoring, which serves it.
+        return None if self.daemon.pipeline is None else self._once("adapter", self.daemon.adaptation.adapter_summary)
+
+    def scoring(self) -> ScoringStatus | None:
+        pipeline = self.daemon.pipeline
+        return None if pipeline is None else self._once("scoring", pipeline.status)
+
+    def ingest(self) -> IngestStatus | None:
+        ingestor = self.daemon.ingestor
+        return None if ingestor is None else self._once("ingest", ingestor.counters)
+
+    def training(self) -> TrainingStatus | None:
+        # Once the scheduler has attached the update path's parts.
+        adaptation = self.daemon.adaptation
+        return None if adaptation.runner is None else self._once("training", adaptation.training_status)
+
+    # -- what it is read as ------------------------------------------------------------------
+
+    def reply(self) -> StatusReply:
+        """The `status` reply: device, uptime and every section there is."""
+        reply: StatusReply = {"device": self.daemon.config.device.id, "uptime_s": round(self.daemon.uptime_s(), 3)}
+        if (store := self.store()) is not None:
+            reply["store"] = store
+        if (memory := self.memory()) is not None:
+            reply["memory"] = memory
+        if (drift := self.drift()) is not None:
+            reply["drift"] = drift
+        if (adapter := self.adapter()) is not None:
+            reply["adapter"] = adapter
+        if (scoring := self.scoring()) is not None:
+            reply["scoring"] = scoring
+        if (ingest := self.ingest()) is not None:
+            reply["ingest"] = ingest
+        if (training := self.training()) is not None:
+            reply["training"] = training
+        return reply
+
+    def online(self) -> OnlineStatus:
+        """The retained `edge/<id>/status` payload published at every (re)connect."""
+        adapter, drift, ingest = self.adapter(), self.drift(), self.ingest()
+        status: OnlineStatus = {
+            "online": True,
+            "device": self.daemon.config.device.id,
+            "version": __version__,
+            "started": iso(self.daemon.started_at),
+            "adapter_version": adapter["version"] if adapter is not None else None,
+        }  # type: ignore[typeddict-item]  # disk_full follows drift
+        if drift is not None:
+            status["drift"] = any(channel["residuals"]["state"] == "drift" for channel in drift["channels"].values())
+        status["disk_full"] = ingest is not None and ingest["disk_full"]
+        return status
+
+    def line(self) -> str:
+        """The one-line STATUS= text: adapter, memory, drift, readings, broker and training.
+
+        Each piece is best effort: one that fails is left out rather than losing the line.
+        """
+        pieces: list[str] = []
+
+        def add(build: Callable[[], str | None]) -> None:
+            try:
+                piece = build()
+            except Exception as exc:  # noqa: BLE001 - a status line must never raise
+                log.debug("status line piece failed: %s", exc)
+                return
+            if piece:
+                pieces.append(piece)
+
+        add(self._adapter_piece)
+        add(lambda: f"memory {memory['level']}" if (memory := self.memory()) is not None else None)
+        add(self._drift_piece)
+        add(lambda: f"{store['readings']} readings" if (store := self.store()) is not None else None)
+        add(lambda: "disk full: ingestion waiting" if (ingest := self.ingest()) is not None and ingest["disk_full"] else None)
+        add(self._clock_piece)
+        add(lambda: "broker unreachable" if (ingest := self.ingest()) is not None and not ingest["connected"] else None)
+        add(self._training_piece)
+        return ", ".join(pieces)
+
+    def _adapter_piece(self) -> str | None:
+        adapter = self.adapter()
+        if adapter is None:
+            return None
+        if not adapter["base"]:
+            return "no base model yet"
+        return f"adapter v{adapter['version']}" if adapter["version"] is not None else "base model"
+
+    def _drift_piece(self) -> str | None:
+        drift = self.drift()
+        if drift is None:
+            return None
+        drifted = [name for name, detail in drift["channels"].items() if detail["state"] == "drift"]
+        return f"drift {' '.join(drifted)}" if drifted else "drift none"
+
+    def _clock_piece(self) -> str | None:
+        ingest = self.ingest()
+        if ingest is None or self.daemon.store is None:
+            return None
+        clock = ingest["clock"]
+        held = clock["holding"]
+        if not held:
+            return None  # an unsynchronised clock alone changes nothing (`status` shows it)
+        return f"{held} readings held" if clock["trusted"] else f"clock not trusted: {held} readings held"
+
+    def _training_piece(self) -> str | None:
+        """While a job runs."""
+        training = self.training()
+        if training is None or training["state"] != "running":
+            return None
+        job, progress = training.get("job"), training["progress"]
+        step = f" step {progress['step']}" if "step" in progress else ""
+        return f"{job['kind'] if job is not None else 'update'} {progress['phase']}{step}"
