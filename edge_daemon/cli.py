@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from edge_daemon import __version__
-from edge_daemon.control import request
+from edge_daemon.control.client import request
 from edge_daemon.errors import ConfigError, DaemonUnreachable, EdgeDaemonError
 
 if TYPE_CHECKING:

@@ -23,7 +23,8 @@ from edge_daemon.adaptation.owner import Adaptation, register_worker
 from edge_daemon.adaptation.runner import UpdateRunner
 from edge_daemon.adapters import AdapterStore, BaseModel
 from edge_daemon.config import Config
-from edge_daemon.control import ControlServer, Handler
+from edge_daemon.control.protocol import Handler
+from edge_daemon.control.server import ControlServer
 from edge_daemon.files import iso
 from edge_daemon.ingest import Ingestor
 from edge_daemon.model import warm_up
