@@ -218,7 +218,7 @@ def _write_bytes(pid: int) -> int:
 
 def wear_run(rate: float, seconds: float, store: dict[str, object], workdir: Path) -> dict[str, float]:
     """One daemon, one rate: bytes written to storage per stored reading."""
-    from edge_daemon.control import request
+    from edge_daemon.control.client import request
     from tests.support import config_toml, daemon_status, wait_for
 
     channels = max(1, min(10, int(rate)))

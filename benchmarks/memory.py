@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from edge_daemon.broker import LocalBroker  # noqa: E402
 from edge_daemon.config import parse_config  # noqa: E402
-from edge_daemon.control import request  # noqa: E402
+from edge_daemon.control.client import request  # noqa: E402
 from edge_daemon.frames import build_grid  # noqa: E402
 from edge_daemon.model import LARGE  # noqa: E402
 from edge_daemon.pretrain import pretrain  # noqa: E402

@@ -24,7 +24,8 @@ from edge_daemon.adaptation.runner import UpdateRunner
 from edge_daemon.artifacts.adapters import AdapterStore
 from edge_daemon.artifacts.base import BaseModel
 from edge_daemon.config import Config
-from edge_daemon.control import ControlServer, Handler
+from edge_daemon.control.protocol import Handler
+from edge_daemon.control.server import ControlServer
 from edge_daemon.model import warm_up
 from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.notify import Heartbeat

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge_daemon.control import request
+from edge_daemon.control.client import request
 
 
 def config_toml(data: dict[str, dict[str, Any]]) -> str:

@@ -19,7 +19,7 @@ from test_control import ADAPTER, ADAPTERS, DRIFT, STATUS, FakeDaemon
 from edge_daemon import cli
 from edge_daemon.cli.render import NO_BASE
 from edge_daemon.broker import LocalBroker
-from edge_daemon.control import ControlServer
+from edge_daemon.control.server import ControlServer
 
 REPO = Path(__file__).resolve().parents[1]
 

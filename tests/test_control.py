@@ -24,7 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_daemon.control import ControlServer, Handler, request
+from edge_daemon.control.client import request
+from edge_daemon.control.protocol import Handler
+from edge_daemon.control.server import ControlServer
 from edge_daemon.errors import AdapterError, ControlError, DaemonUnreachable
 
 # -- the reply shapes of the daemon's handlers -------------------------------------------------

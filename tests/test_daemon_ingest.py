@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from conftest import CHANNELS
 from edge_daemon.broker import LocalBroker
 from edge_daemon.config import StoreConfig
-from edge_daemon.control import request
+from edge_daemon.control.client import request
 from edge_daemon.store import ReplayStore
 
 REPO = Path(__file__).resolve().parents[1]

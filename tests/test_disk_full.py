@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_daemon.adaptation.trigger import TriggerInputs, UpdateTrigger
 from edge_daemon.broker import LocalBroker
 from edge_daemon.config import TrainConfig
-from edge_daemon.control import request
+from edge_daemon.control.client import request
 from edge_daemon.daemon import Daemon
 from edge_daemon.errors import DiskFullError
 from edge_daemon.memory.pressure import Level

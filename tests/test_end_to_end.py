@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_daemon.artifacts.base import load_base
 from edge_daemon.artifacts.merge import serving_model
 from edge_daemon.broker import LocalBroker
-from edge_daemon.control import request
+from edge_daemon.control.client import request
 from edge_daemon.daemon import Daemon
 from edge_daemon.records import AdapterMeta
 from edge_daemon.frames import build_grid

@@ -22,7 +22,7 @@ import pytest
 
 from edge_daemon.broker import LocalBroker
 from edge_daemon.config import Config
-from edge_daemon.control import request
+from edge_daemon.control.client import request
 from edge_daemon.daemon import Daemon
 from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain

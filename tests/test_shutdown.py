@@ -28,7 +28,7 @@ import torch
 from conftest import CHANNELS, make_config
 from edge_daemon.broker import LocalBroker, free_port
 from edge_daemon.config import ModelConfig, StoreConfig
-from edge_daemon.control import request
+from edge_daemon.control.client import request
 from edge_daemon.daemon import Daemon
 from edge_daemon.frames import build_grid
 from edge_daemon.pretrain import pretrain

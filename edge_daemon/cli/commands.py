@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge_daemon.cli import render
 from edge_daemon.cli.exits import EXIT_OK
-from edge_daemon.control import request
+from edge_daemon.control.client import request
 from edge_daemon.errors import EdgeDaemonError
 from edge_daemon import replies
 
