@@ -1,8 +1,9 @@
 """`edge-daemon report`: pictures of what a device saw and did, made from its state directory alone.
 
-Reads store.db, base/, adapters/ and updates/ (never the running daemon), recomputes forecasts,
-anomaly scores and drift detections the way serving does, and writes PNG figures (matplotlib,
-Agg, imported lazily) and one self-contained index.html that embeds them.
+Reads store.db, base/, adapters/ and updates/ (never the running daemon), replays forecasts,
+anomaly scores and drift detections through the daemon's own forward and drift feed
+(scoring/replay.py), and writes PNG figures (matplotlib, Agg, imported lazily) and one
+self-contained index.html that embeds them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_daemon.errors import AdapterError, ModelError, ReportError
+from edge_daemon.scoring.replay import MAX_FORECASTS, Forecasts, Switch, compute_forecasts, recompute_drift
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -33,40 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Forecast at most this many grid steps per model (evenly spaced): a week at 1 Hz is 600k steps,
-# and the figures cannot show more than a few thousand points apart anyway.
-MAX_FORECASTS = 20_000
 # Points per plotted line; longer series are thinned for drawing only.
 MAX_PLOT_POINTS = 6_000
 # Update traces drawn (the newest ones); each gets its own figure.
 MAX_UPDATE_FIGURES = 4
-INFERENCE_BATCH = 512
 DPI = 100
-
-
-@dataclass
-class Switch:
-    """What served from a data time on: a stored adapter, or the base model alone (version 0)."""
-
-    version: int  # 0: the base model alone
-    t: float  # unix seconds on the data's clock
-    adapter: AdapterVersion | None
-    resets_drift: bool = True  # as the daemon did: False for a routine update on new data
-
-
-@dataclass
-class Forecasts:
-    """One-step forecasts at `rows` of the grid, as serving would have made them."""
-
-    rows: np.ndarray  # (M,) grid row of each forecast target
-    t: np.ndarray  # (M,) unix seconds of those rows
-    base: np.ndarray  # (M, C) normalised forecasts of the base model
-    served: np.ndarray  # (M, C) normalised forecasts of whichever model served at t
-    served_version: np.ndarray  # (M,) adapter version serving at t, 0 for the base alone
-    actual: np.ndarray  # (M, C) normalised actual values
-    base_score: np.ndarray  # (M,) anomaly score of the base model
-    served_score: np.ndarray  # (M,) anomaly score of the served model
-    stride: int  # forecast every `stride`-th eligible step
 
 
 @dataclass
@@ -167,101 +140,6 @@ def read_update_traces(config: Config) -> list[dict[str, Any]]:
             continue
         traces.setdefault(started, trace)  # the same update in both places: keep one
     return [traces[k] for k in sorted(traces)]
-
-
-def _predict(model: Any, inputs: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
-    """(M, C) next-step forecasts from the `window` rows of model inputs at each start (the serving rule)."""
-    import torch
-
-    out = np.empty((len(starts), model.cfg.n_channels), dtype=np.float32)
-    offsets = np.arange(window)
-    with torch.inference_mode():
-        for lo in range(0, len(starts), INFERENCE_BATCH):
-            chunk = starts[lo : lo + INFERENCE_BATCH]
-            x = torch.from_numpy(np.ascontiguousarray(inputs[chunk[:, None] + offsets[None, :]]))  # (B, W, n_inputs)
-            out[lo : lo + len(chunk)] = model(x)[:, -1].numpy()
-    return out
-
-
-def compute_forecasts(grid: Grid, base: BaseModel, switches: list[Switch], max_forecasts: int = MAX_FORECASTS) -> Forecasts | None:
-    """Replay the grid through the base model and through each adapter from its switch time on."""
-    import torch
-
-    from edge_daemon.adapters import serving_model
-    from edge_daemon.frames import valid_window_starts
-    from edge_daemon.model import anomaly_score
-
-    window = base.cfg.window
-    inputs = base.inputs(grid).values  # (N, n_inputs): channels in model order (NaN stays NaN), then the calendar
-    starts = valid_window_starts(inputs[:, : base.cfg.n_sensors], window + 1)  # rows start..start+window are gap-free
-    normalised = inputs[:, : base.cfg.n_channels]  # (N, C): the forecast channels
-    if len(starts) == 0:
-        return None
-    stride = max(1, math.ceil(len(starts) / max_forecasts))
-    starts = starts[::stride]
-    rows = starts + window  # the row each forecast is for
-    t = grid.t0 + rows.astype(np.float64) * grid.period_s
-    actual = normalised[rows]
-    base_pred = _predict(base.model, inputs, starts, window)
-    served = base_pred.copy()
-    served_version = np.zeros(len(rows), dtype=np.int64)
-    for switch in switches:
-        since = t >= switch.t
-        if not since.any():
-            continue
-        if switch.adapter is None:  # back to the base model alone
-            served[since] = base_pred[since]
-            served_version[since] = 0
-            continue
-        try:
-            model = serving_model(base, switch.adapter)
-        except AdapterError as exc:
-            log.warning("adapter v%d cannot be replayed: %s", switch.version, exc)
-            continue
-        # Later switches overwrite earlier ones: what serves at t is the newest adapter live by t.
-        served[since] = _predict(model, inputs, starts[since], window)
-        served_version[since] = switch.version
-        del model
-    scale = base.residual_scale_tensor()
-    base_score = anomaly_score(torch.from_numpy(base_pred - actual), scale).numpy()
-    served_score = anomaly_score(torch.from_numpy(served - actual), scale).numpy()
-    return Forecasts(rows, t, base_pred, served, served_version, actual, base_score, served_score, stride)
-
-
-def recompute_drift(
-    config: Config, grid: Grid, forecasts: Forecasts | None, switches: list[Switch], base: BaseModel | None = None
-) -> list[DriftEvent]:
-    """Run a fresh DriftMonitor (same config as the daemon's) over the grid and the served residuals.
-
-    As in the daemon, every grid step feeds the input detectors, every scored step the residual
-    detectors, and the references restart when an adapter begins serving, except after a
-    routine update on new data (records.resets_drift_baseline).
-    """
-    from edge_daemon.drift import DriftMonitor
-    from edge_daemon.drift.reference import forecast_references
-
-    # As in the daemon, drift is judged on the forecast channels alone.
-    references = None if base is None else forecast_references(base)
-    monitor = DriftMonitor(config.channels.forecast, config.drift, input_reference=references, period_s=grid.period_s)
-    columns = [config.channels.names.index(name) for name in config.channels.forecast]
-    events: list[DriftEvent] = []
-    residual_at: dict[int, np.ndarray] = {}
-    if forecasts is not None:
-        residuals = forecasts.served - forecasts.actual
-        residual_at = {int(r): residuals[i] for i, r in enumerate(forecasts.rows)}
-    pending = [s.t for s in switches if s.resets_drift]
-    for row in range(len(grid.values)):
-        values = grid.values[row]
-        if np.isnan(values).all():
-            continue  # serving skips stretches where nothing is known
-        t = grid.t0 + row * grid.period_s
-        while pending and pending[0] <= t:
-            monitor.reset_baseline(pending.pop(0))
-        events += monitor.update_inputs(values[columns], t)
-        residual = residual_at.get(row)
-        if residual is not None:
-            events += monitor.update_residuals(residual, t)
-    return events
 
 
 def collect(config: Config, hours: float | None = None, max_forecasts: int = MAX_FORECASTS) -> ReportData:

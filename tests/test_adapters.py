@@ -268,7 +268,7 @@ def test_merge_rejects_mismatched_adapter(tmp_path: Path) -> None:
 def test_serving_path_does_not_import_peft() -> None:
     code = (
         "import sys\n"
-        "import edge_daemon.adapters, edge_daemon.scoring, edge_daemon.frames\n"
+        "import edge_daemon.adapters, edge_daemon.scoring.serving, edge_daemon.frames\n"
         "heavy = sorted(m for m in ('peft', 'transformers', 'bitsandbytes') if m in sys.modules)\n"
         "print(','.join(heavy) or 'clean')\n"
     )

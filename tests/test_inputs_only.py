@@ -22,7 +22,7 @@ from edge_daemon.errors import ConfigError, ModelError
 from edge_daemon.frames import Grid, make_windows, normalise_grid
 from edge_daemon.pipeline import ScoringPipeline
 from edge_daemon.pretrain import pretrain_from_config
-from edge_daemon.scoring import Scorer, ServingRule
+from edge_daemon.scoring.serving import Scorer, ServingRule
 from edge_daemon.store import Reading, ReplayStore
 from edge_daemon.records import UpdateJob
 from edge_daemon.updater import _run_update
