@@ -186,7 +186,8 @@ def test_an_update_trains_and_refits_the_baselines_with_the_input_only_channel(t
 
 def test_the_report_plots_the_input_only_channel_without_a_forecast(trained: tuple[Config, BaseModel, np.ndarray], tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from edge_daemon.report import collect, write_report
+    from edge_daemon.report import write_report
+    from edge_daemon.report.data import collect
 
     config, _, _ = trained
     data = collect(config)
