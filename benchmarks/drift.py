@@ -41,7 +41,7 @@ alarm in 30 stationary days, which hours cannot show. The base is trained as
 in the real-time table (00:00-04:00 of day 0) and scores the next
 `--month-days` (30) days, 86,400 steps a day. Scoring 2.6 M steps through
 `Scorer.add_step` would take over an hour, so the model's one-step residuals
-are computed in batches, as `report.compute_forecasts` replays a grid (the
+are computed in batches, as `scoring.replay.compute_forecasts` replays a grid (the
 first hour is checked against `Scorer.add_step`, and the run stops if they
 differ), then fed step by step to a `DriftMonitor` with the window alone and
 one with the CUSUM on (the default). `--month-reuse` feeds residuals saved by
@@ -378,7 +378,7 @@ def batched_residuals(base, model, ts: np.ndarray, values: np.ndarray, batch: in
 
 def scorer_residuals(base, model, ts: np.ndarray, values: np.ndarray) -> np.ndarray:  # noqa: ANN001
     """(N, C) the model residuals `Scorer.add_step` gives for the same steps, one at a time (the reference)."""
-    from edge_daemon.scoring import Scorer
+    from edge_daemon.scoring.serving import Scorer
 
     scorer = Scorer(base, model, 6.0)
     residuals = np.full(values.shape, np.nan, dtype=np.float32)

@@ -20,10 +20,10 @@ import numpy as np
 from edge_daemon.artifacts.files import iso
 from edge_daemon.baselines import MODEL
 from edge_daemon.config import Config
-from edge_daemon.drift import DriftMonitor
-from edge_daemon.drift.reference import forecast_references
+from edge_daemon.drift.feed import DriftFeed
 from edge_daemon.replies import LastScore, ScoringStatus
-from edge_daemon.scoring import GridAssembler, GridStep, Scorer
+from edge_daemon.scoring.grid import GridAssembler, GridStep
+from edge_daemon.scoring.serving import Scorer
 from edge_daemon.store import Reading
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,8 @@ class ScoringPipeline:
         self.assembler = GridAssembler(
             config.channels.names, config.channels.period_s, config.channels.max_fill_steps, config.channels.lateness_s
         )
-        # Drift is judged on the forecast channels alone: an input-only one is not a sensor to watch.
-        self._forecast_columns = [config.channels.names.index(name) for name in config.channels.forecast]
-        self.drift = DriftMonitor(
-            config.channels.forecast,
-            config.drift,
-            input_reference=None if scorer is None else forecast_references(scorer.base),
-            period_s=config.channels.period_s,
-        )
+        self._drift_feed = DriftFeed(config, None if scorer is None else scorer.base)
+        self.drift = self._drift_feed.monitor
         self._queue: queue.Queue[Sequence[Reading] | None] = queue.Queue(MAX_PENDING_BATCHES)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -137,7 +131,7 @@ class ScoringPipeline:
     def _on_step(self, t: float, values: np.ndarray) -> None:
         self.steps += 1
         self.steps_since_update += 1
-        for event in self.drift.update_inputs(values[self._forecast_columns], t):
+        for event in self._drift_feed.step(values, t):
             self._alert({**event.as_dict(), "message": f"input drift on {event.channel}"})
         with self._lock:
             scorer = self.scorer
@@ -147,9 +141,8 @@ class ScoringPipeline:
         if result is None or result.residual is None:
             return
         self.scored += 1
-        # Drift is the model's: what warrants adapting it is its own residuals, whoever is served.
         model_residual = result.model_residual if result.model_residual is not None else result.residual
-        for event in self.drift.update_residuals(model_residual, t):
+        for event in self._drift_feed.scored(model_residual, t):
             self._alert({**event.as_dict(), "message": f"residual drift on {event.channel}"})
         score = float(result.score) if result.score is not None else None
         self.last_score = {"ts": iso(t, "milliseconds"), "score": score, "version": result.model_version, "served_by": result.served_by}
@@ -221,9 +214,7 @@ class ScoringPipeline:
             previous = self.scorer
             self.scorer = scorer
         if previous is None or previous.base.fingerprint != scorer.base.fingerprint:
-            # A new base model (e.g. bootstrapped from the store): its training data is the
-            # reference for input drift from now on.
-            self.drift.set_input_reference(forecast_references(scorer.base))
+            self._drift_feed.new_base(scorer.base)  # e.g. bootstrapped from the store
 
     @property
     def newest_ts(self) -> float | None:

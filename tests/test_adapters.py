@@ -264,7 +264,7 @@ def test_serving_path_does_not_import_peft() -> None:
     code = (
         "import sys\n"
         "import edge_daemon.artifacts.adapters, edge_daemon.artifacts.base, edge_daemon.artifacts.merge\n"
-        "import edge_daemon.scoring, edge_daemon.frames\n"
+        "import edge_daemon.scoring.serving, edge_daemon.frames\n"
         "heavy = sorted(m for m in ('peft', 'transformers', 'bitsandbytes') if m in sys.modules)\n"
         "print(','.join(heavy) or 'clean')\n"
     )

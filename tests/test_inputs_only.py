@@ -24,7 +24,7 @@ from edge_daemon.errors import ConfigError, ModelError
 from edge_daemon.frames import Grid, make_windows, normalise_grid
 from edge_daemon.pipeline import ScoringPipeline
 from edge_daemon.pretrain import pretrain_from_config
-from edge_daemon.scoring import Scorer, ServingRule
+from edge_daemon.scoring.serving import Scorer, ServingRule
 from edge_daemon.store import Reading, ReplayStore
 from edge_daemon.records import UpdateJob
 from edge_daemon.updater import _run_update
@@ -188,7 +188,8 @@ def test_an_update_trains_and_refits_the_baselines_with_the_input_only_channel(t
 
 def test_the_report_plots_the_input_only_channel_without_a_forecast(trained: tuple[Config, BaseModel, np.ndarray], tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from edge_daemon.report import collect, write_report
+    from edge_daemon.report import write_report
+    from edge_daemon.report.data import collect
 
     config, _, _ = trained
     data = collect(config)

@@ -234,7 +234,7 @@ def test_report_from_state_dir(state: Config, tmp_path: Path) -> None:
 
 def test_report_shows_adaptation(state: Config) -> None:
     """The recomputed scores say what happened: high on the new regime under the base, lower once v1 serves."""
-    from edge_daemon.report import collect
+    from edge_daemon.report.data import collect
 
     data = collect(state)
     fc = data.forecasts
@@ -254,7 +254,7 @@ def test_report_follows_a_rollback_to_the_base_model(state: Config, tmp_path: Pa
     import shutil
 
     from edge_daemon.artifacts.adapters import AdapterStore
-    from edge_daemon.report import collect
+    from edge_daemon.report.data import collect
 
     copy_root = tmp_path / "copy"
     config = report_config(copy_root, gate_tolerance=5.0)

@@ -14,7 +14,8 @@ from edge_daemon.config import ModelConfig
 from edge_daemon.frames import Grid, build_grid
 from edge_daemon.model import anomaly_score
 from edge_daemon.pretrain import pretrain
-from edge_daemon.scoring import GridAssembler, Scorer, ServingRule
+from edge_daemon.scoring.grid import GridAssembler
+from edge_daemon.scoring.serving import Scorer, ServingRule
 
 torch.set_num_threads(1)
 

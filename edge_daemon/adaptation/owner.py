@@ -28,7 +28,7 @@ from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, Mode
 from edge_daemon.plan import plan_candidates, plan_from_config
 from edge_daemon.records import JobResult, UpdateCause, UpdateJob, resets_drift_baseline
 from edge_daemon.replies import AdapterDetail, AdapterListing, AdapterReply, AdaptersReply, AdapterSummary, RollbackReply, TrainingStatus, TrainReply
-from edge_daemon.scoring import Scorer, ServingRule, baselines_of
+from edge_daemon.scoring.serving import Scorer, ServingRule, baselines_of
 from edge_daemon.store import ReplayStore
 from edge_daemon.updater import heavy_modules_loaded, run_worker
 from edge_daemon.governor import PlanGovernor
