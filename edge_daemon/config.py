@@ -2,6 +2,10 @@
 
 One typed model per section; unknown keys are errors reported with their
 path. Only `[device]`, `[mqtt]` and `[channels]` are required.
+
+Over 400 lines on purpose: this is the whole configuration contract, one model per
+section with its defaults, limits and the cross-field checks between sections, so that
+every key is documented and validated in one place.
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
-"""SQLite replay store: schema and migrations, batched writes, retention, replay sampling.
+"""SQLite replay store: batched writes, held readings, retention, replay sampling.
 
 Readings are keyed by (channel, ts) so a redelivered MQTT message is stored once. The file is
 kept under a byte budget: recent readings are kept whole, older ones as a uniform reservoir of
 whole time segments, so older regimes survive for replay in a small file.
+
+Over 400 lines on purpose: it is one class over one SQLite file, and every method shares its
+connection discipline (one writer connection behind a lock, short-lived readers, IMMEDIATE
+transactions) and the segment table that writes, retention and replay sampling keep
+consistent. The schema and its migrations are in store_schema.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import logging
 import math
@@ -16,7 +20,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
@@ -27,6 +31,7 @@ import sqlite_utils
 
 from edge_daemon.config import StoreConfig
 from edge_daemon.errors import DiskFullError, StoreError
+from edge_daemon.store_schema import MIGRATIONS, adopt_legacy_record, migration_set
 
 log = logging.getLogger(__name__)
 
@@ -55,73 +60,6 @@ class Reading(NamedTuple):
     channel: str  # '<sensor>/<channel>'
     ts: float  # unix seconds
     value: float
-
-
-def _create_schema(db: sqlite_utils.Database) -> None:
-    conn = db.conn
-    # Channel names are stored once; readings carry a small integer id, which keeps rows short.
-    conn.execute("CREATE TABLE channels (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
-    # WITHOUT ROWID: the (channel_id, ts) key *is* the table, so there is no second b-tree and
-    # per-channel time ranges (reads, retention deletes) are contiguous key ranges.
-    conn.execute(
-        "CREATE TABLE readings (channel_id INTEGER NOT NULL, ts REAL NOT NULL, value REAL NOT NULL,"
-        " PRIMARY KEY (channel_id, ts)) WITHOUT ROWID"
-    )
-    # One row per time segment that holds readings: its row count (so count() and retention do
-    # not scan the readings) and a random priority fixed at creation (bottom-k reservoir sample).
-    conn.execute("CREATE TABLE segments (id INTEGER PRIMARY KEY, priority REAL NOT NULL, rows INTEGER NOT NULL)")
-    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-
-
-def _create_held(db: sqlite_utils.Database) -> None:
-    # Readings acknowledged while the device clock was not trusted and outside the time window
-    # it allows: kept apart from `readings` (retention, replay and training never see them) until
-    # the clock says they fit, or they have waited too long. Keyed by ts first: releases take ts
-    # ranges; `held_at` (the device clock when it was held) is indexed for expiry.
-    db.conn.execute(
-        "CREATE TABLE held (ts REAL NOT NULL, channel_id INTEGER NOT NULL, value REAL NOT NULL, held_at REAL NOT NULL,"
-        " PRIMARY KEY (ts, channel_id)) WITHOUT ROWID"
-    )
-    db.conn.execute("CREATE INDEX held_by_age ON held (held_at)")
-
-
-# Named schema migrations, applied in order by sqlite-utils' `Migrations` (each in one
-# transaction with its record in `_sqlite_migrations`, under the set MIGRATION_SET). Append
-# only: never edit or reorder an entry that has shipped.
-MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
-    ("0001_initial", _create_schema),
-    ("0002_held", _create_held),
-]
-MIGRATION_SET = "edge-daemon"
-# Where versions before sqlite-utils' migrations recorded theirs: (name, applied_at unix s).
-LEGACY_MIGRATIONS_TABLE = "migrations"
-
-
-def migration_set() -> sqlite_utils.Migrations:
-    """MIGRATIONS as a sqlite-utils migration set."""
-    migrations = sqlite_utils.Migrations(MIGRATION_SET)
-    for name, apply in MIGRATIONS:
-        migrations(name=name)(apply)
-    return migrations
-
-
-def _adopt_legacy_record(db: sqlite_utils.Database, migrations: sqlite_utils.Migrations) -> None:
-    """Move the record of a store written before sqlite-utils' migrations into theirs, in one
-    transaction, so its applied migrations are not applied again."""
-    if LEGACY_MIGRATIONS_TABLE not in db.table_names():
-        return
-    with db.atomic():
-        migrations.ensure_migrations_table(db)
-        rows = db.conn.execute(f"SELECT name, applied_at FROM {LEGACY_MIGRATIONS_TABLE} ORDER BY applied_at, name")
-        db[migrations.migrations_table].insert_all(  # type: ignore[union-attr]
-            {
-                "migration_set": MIGRATION_SET,
-                "name": name,
-                "applied_at": str(datetime.datetime.fromtimestamp(applied_at, datetime.timezone.utc)),
-            }
-            for name, applied_at in rows
-        )
-        db.conn.execute(f"DROP TABLE {LEGACY_MIGRATIONS_TABLE}")
 
 
 def segment_of(ts: float, segment_s: float) -> int:
@@ -260,7 +198,7 @@ class ReplayStore:
     def _migrate(self) -> None:
         migrations = migration_set()
         with self._write_lock:
-            _adopt_legacy_record(self._db, migrations)
+            adopt_legacy_record(self._db, migrations)
             applied = [m.name for m in migrations.applied(self._db)]
             unknown = set(applied) - {name for name, _ in MIGRATIONS}
             if unknown:

@@ -15,6 +15,7 @@ import torch
 from conftest import CHANNELS, make_config
 from edge_daemon.artifacts.base import load_base
 from edge_daemon.config import ModelConfig, StoreConfig
+from edge_daemon.csv_readings import read_csv_readings
 from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.frames import Grid, NormStats, build_grid, make_windows
 from edge_daemon.pretrain import (
@@ -23,7 +24,6 @@ from edge_daemon.pretrain import (
     pretrain_from_config,
     pretrain_from_csv,
     pretrain_from_store,
-    read_csv_readings,
 )
 
 torch.set_num_threads(1)
