@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_daemon.artifacts.files import iso
+from edge_daemon.times import iso
 from edge_daemon.baselines import MODEL
 from edge_daemon.config import Config
 from edge_daemon.drift.feed import DriftFeed

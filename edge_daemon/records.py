@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from edge_daemon.artifacts.files import iso
+from edge_daemon.times import iso
 from edge_daemon.plan import TrainingPlan
 from edge_daemon.replies import JobStatus, LastUpdate, ProgressStatus
 

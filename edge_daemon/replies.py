@@ -3,7 +3,7 @@ and the retained MQTT status payload, as TypedDicts its producers return and the
 
 A key is required where the daemon always sends it, NotRequired where it may not. The control
 server adds `"ok": true` to every reply (`ErrorReply` is its failure form). Times are ISO 8601
-UTC strings from `files.iso`: to the second, to the millisecond where a time names a grid step.
+UTC strings from `times.iso`: to the second, to the millisecond where a time names a grid step.
 Only `typing` here: the CLI imports this module on its cheap `--json` path.
 """
 

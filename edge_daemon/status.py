@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from edge_daemon import __version__
-from edge_daemon.artifacts.files import iso
+from edge_daemon.times import iso
 from edge_daemon.replies import (
     AdapterSummary,
     DriftStatus,

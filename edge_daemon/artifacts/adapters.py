@@ -25,7 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from edge_daemon.artifacts.files import fsync_path, fsync_tree, iso, now_iso, read_json, replace_atomically, write_json
+from edge_daemon.artifacts.files import fsync_path, fsync_tree, read_json, replace_atomically, write_json
+from edge_daemon.times import iso, now_iso
 from edge_daemon.errors import AdapterError
 from edge_daemon.training.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from edge_daemon.records import AdapterMeta

@@ -20,7 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from edge_daemon.artifacts.files import fsync_path, fsync_tree, now_iso, read_json, write_json
+from edge_daemon.artifacts.files import fsync_path, fsync_tree, read_json, write_json
+from edge_daemon.times import now_iso
 from edge_daemon.errors import BaseFormatError, ModelError
 from edge_daemon.frames import Grid, NormStats, calendar_features, normalise_grid, with_calendar
 from edge_daemon.model import Forecaster, ForecasterConfig

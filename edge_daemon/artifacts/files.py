@@ -2,8 +2,7 @@
 
 A reader (systemd reading a unit, the daemon reading the adapter pointer, a trace being
 reported) sees the old content or the new, never a torn write, and what was written survives
-power loss once the call returns: the data and the directory entry are fsynced. Also the one
-time format of replies (`iso`).
+power loss once the call returns: the data and the directory entry are fsynced.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import contextlib
 import json
 import os
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +65,3 @@ def replace_atomically(path: Path, text: str, mode: int | None = None) -> None:
             os.unlink(tmp)
         raise
     fsync_path(path.parent)
-
-
-def iso(ts: float | None, timespec: str = "seconds") -> str | None:
-    """Unix seconds as ISO 8601 UTC (None stays None): the one time format of replies, to the
-    second, or finer where a time names a grid step (steps may be under a second apart)."""
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec=timespec)
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from edge_daemon.artifacts.files import iso
+from edge_daemon.times import iso
 from edge_daemon.drift.adwin import ADWIN
 from edge_daemon.drift.base import DriftDetector
 from edge_daemon.drift.cusum import CUSUM
