@@ -29,13 +29,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import psutil
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 # Called on the sampler's thread with this process's RSS in bytes; must be quick.
 Listener = Callable[[int], None]
 
@@ -223,13 +221,3 @@ class RssSampler:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def measure_peak(fn: Callable[..., T], *args: Any, interval_s: float = 0.005, **kwargs: Any) -> tuple[T, PeakMemory]:
-    """Run `fn(*args, **kwargs)` while sampling RSS; return its result and the peak."""
-    sampler = RssSampler(interval_s).start()
-    try:
-        value = fn(*args, **kwargs)
-    finally:
-        peak = sampler.stop()
-    return value, peak
