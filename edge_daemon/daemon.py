@@ -15,10 +15,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from types import FrameType
 from typing import Any
 
 from edge_daemon import __version__, notify
+from edge_daemon.adaptation import commands
 from edge_daemon.adaptation.owner import Adaptation, register_worker
 from edge_daemon.adaptation.runner import UpdateRunner
 from edge_daemon.artifacts.adapters import AdapterStore
@@ -92,11 +94,11 @@ class Daemon:
         self._loop_mono = time.monotonic()
         self.handlers.update(
             {
-                "adapter": self.adaptation.handle_adapter,
-                "adapters": self.adaptation.handle_adapters,
+                "adapter": partial(commands.handle_adapter, self.adaptation),
+                "adapters": partial(commands.handle_adapters, self.adaptation),
                 "drift": self._drift,
-                "train": self.adaptation.handle_train,
-                "rollback": self.adaptation.handle_rollback,
+                "train": partial(commands.handle_train, self.adaptation),
+                "rollback": partial(commands.handle_rollback, self.adaptation),
             }
         )
 

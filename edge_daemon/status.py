@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from edge_daemon import __version__
+from edge_daemon.adaptation.commands import adapter_summary, training_status
 from edge_daemon.times import iso
 from edge_daemon.replies import (
     AdapterSummary,
@@ -77,7 +78,7 @@ class StatusReport:
 
     def adapter(self) -> AdapterSummary | None:
         # Beside scoring, which serves it.
-        return None if self.daemon.pipeline is None else self._once("adapter", self.daemon.adaptation.adapter_summary)
+        return None if self.daemon.pipeline is None else self._once("adapter", lambda: adapter_summary(self.daemon.adaptation))
 
     def scoring(self) -> ScoringStatus | None:
         pipeline = self.daemon.pipeline
@@ -90,7 +91,7 @@ class StatusReport:
     def training(self) -> TrainingStatus | None:
         # Once the scheduler has attached the update path's parts.
         adaptation = self.daemon.adaptation
-        return None if adaptation.runner is None else self._once("training", adaptation.training_status)
+        return None if adaptation.runner is None else self._once("training", lambda: training_status(adaptation))
 
     # -- what it is read as ------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_daemon.adaptation.commands import handle_rollback
 from edge_daemon.adaptation.owner import Adaptation
 from edge_daemon.artifacts.adapters import AdapterStore
 from edge_daemon.artifacts.base import load_base, save_base
@@ -65,10 +66,10 @@ def test_an_adapter_of_another_base_is_not_served_and_a_rollback_to_it_leaves_cu
     published: list[Any] = []
     adaptation.pipeline = ScoringPipeline(config, lambda *args, **kwargs: published.append(args), scorer)
     with pytest.raises(AdapterError, match="trained on base"):
-        adaptation.handle_rollback({"cmd": "rollback", "version": older})
+        handle_rollback(adaptation, {"cmd": "rollback", "version": older})
     assert store.current_version() == ours and scorer.version == ours
     # A rollback it can serve moves both.
-    adaptation.handle_rollback({"cmd": "rollback", "version": unrecorded})
+    handle_rollback(adaptation, {"cmd": "rollback", "version": unrecorded})
     assert store.current_version() == unrecorded and scorer.version == unrecorded
 
 

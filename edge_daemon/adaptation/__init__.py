@@ -11,6 +11,8 @@ One owner, `owner.Adaptation`, on the daemon's side; the steps, in order:
    and the commit of an accepted adapter with its `AdapterMeta` (not yet current).
 4. `Adaptation.on_result`: the scorer swaps the adapter in, then `current` names it.
 
-Rollback and "which adapter is served" are `Adaptation`'s too. Nothing here is imported by
-the package's `__init__`, so the trigger is importable without torch.
+Rollback and "which adapter is served" are `Adaptation`'s too; `commands` builds the replies
+to the `adapter`, `adapters`, `train` and `rollback` commands and the `adapter` and `training`
+sections of `status` from it. Nothing here is imported by the package's `__init__`, so the
+trigger is importable without torch.
 """

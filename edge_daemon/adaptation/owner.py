@@ -3,9 +3,8 @@ do, what happens to its result, and which adapter is served.
 
 `Adaptation` holds the trigger, the start rule (the worker's expected memory
 under the critical line), the runner of training workers, the serving switch
-(the scorer swaps an accepted adapter in, then `current` names it), rollback,
-and the `adapter`, `adapters`, `train` and `rollback` control commands and the
-`adapter` and `training` sections of `status`.
+(the scorer swaps an accepted adapter in, then `current` names it) and rollback;
+the replies built from it are in commands.py.
 """
 
 from __future__ import annotations
@@ -27,10 +26,9 @@ from edge_daemon.config import Config
 from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
 from edge_daemon.plan import plan_candidates, plan_from_config
 from edge_daemon.records import JobResult, UpdateCause, UpdateJob, resets_drift_baseline
-from edge_daemon.replies import AdapterDetail, AdapterListing, AdapterReply, AdaptersReply, AdapterSummary, RollbackReply, TrainingStatus, TrainReply
 from edge_daemon.scoring.serving import Scorer, ServingRule, baselines_of
 from edge_daemon.store import ReplayStore
-from edge_daemon.updater import heavy_modules_loaded, run_worker
+from edge_daemon.updater import run_worker
 from edge_daemon.governor import PlanGovernor
 from edge_daemon.memory.pressure import Level
 from edge_daemon.memory.usage import release_memory
@@ -87,7 +85,7 @@ class Adaptation:
         # What a training worker adds to the service's usage, as measured by the last one that
         # finished (peak usage while it ran, less the usage when it started); before any, what
         # its plan is chosen to stay within ([memory] update_share of the usage).
-        self._measured_worker_mb: float | None = None
+        self.measured_worker_mb: float | None = None
         self._usage_at_worker_start: float | None = None
 
     # -- what is served ----------------------------------------------------------------------
@@ -242,8 +240,8 @@ class Adaptation:
         return limit - (self.watchdog.usage_mb + self.expected_worker_mb())
 
     def expected_worker_mb(self) -> float:
-        if self._measured_worker_mb is not None:
-            return self._measured_worker_mb
+        if self.measured_worker_mb is not None:
+            return self.measured_worker_mb
         assert self.watchdog is not None
         return self.config.memory.update_share * self.watchdog.usage_mb
 
@@ -309,10 +307,10 @@ class Adaptation:
         expected = self.expected_worker_mb()
         if finished:
             log.info("the training worker added %.0f MB at its peak (expected %.0f MB)", added, expected)
-            self._measured_worker_mb = added
+            self.measured_worker_mb = added
         elif added > expected:
             log.info("the training worker reached +%.0f MB before it ended (expected %.0f MB in all)", added, expected)
-            self._measured_worker_mb = added
+            self.measured_worker_mb = added
 
     # -- results -----------------------------------------------------------------------------
 
@@ -381,69 +379,10 @@ class Adaptation:
         )
         self.publish_status()
 
-    # -- control commands and status ---------------------------------------------------------
+    # -- rollback ----------------------------------------------------------------------------
 
-    def adapter_summary(self) -> AdapterSummary:
-        version = self.current_adapter()
-        if version is None:
-            return {"version": None, "created": None, "size_bytes": 0, "val_loss": None, "base": self.base is not None}
-        return {
-            "version": version.version, "created": version.created, "size_bytes": version.size_bytes,
-            "val_loss": version.meta.val_loss, "base": True,
-        }  # fmt: skip
-
-    def handle_adapter(self, request: dict[str, Any]) -> AdapterReply:
-        version = self.current_adapter()
-        detail: AdapterDetail = {**self.adapter_summary()}
-        if version is not None:
-            meta = version.meta
-            detail.update(
-                {
-                    "metrics_before": meta.metrics_before,
-                    "metrics_after": meta.metrics_after,
-                    "plan": meta.plan,
-                    "chosen_blocks": meta.chosen_blocks,
-                    "peak_rss_mb": meta.peak_rss_mb,
-                    "reason": meta.reason,
-                }
-            )
-        return {"adapter": detail}
-
-    def handle_adapters(self, request: dict[str, Any]) -> AdaptersReply:
-        current = self.current_adapter()
-        listed: list[AdapterListing] = []
-        for version in self.adapters.list():
-            before, after = version.meta.metrics_before, version.meta.metrics_after
-            listed.append(
-                {
-                    "version": version.version,
-                    "created": version.created,
-                    "size_bytes": version.size_bytes,
-                    "val_loss": version.meta.val_loss,
-                    "current": current is not None and version.version == current.version,
-                    "metrics": {
-                        "recent_before": before.get("recent_val_loss"),
-                        "recent_after": after.get("recent_val_loss"),
-                        "replay_before": before.get("replay_val_loss"),
-                        "replay_after": after.get("replay_val_loss"),
-                    },
-                }
-            )
-        return {"current": current.version if current else None, "adapters": listed}
-
-    def handle_train(self, request: dict[str, Any]) -> TrainReply:
-        if self.runner is not None and self.runner.running:
-            return {"accepted": True, "state": "running", "message": "an update is already running"}
-        if not self.trigger.request():
-            message = 'requests may not start an update here: [train] start_on leaves out "request"'
-            return {"accepted": False, "state": "idle", "message": message}
-        message = "update requested: it starts when the device is idle and memory is normal"
-        if self.base is None:
-            message = "no base model yet: a base model is trained first, once enough data is stored"
-        return {"accepted": True, "state": "idle", "message": message}
-
-    def handle_rollback(self, request: dict[str, Any]) -> RollbackReply:
-        version_number = int(request["version"])  # checked by the control server: an int >= 1
+    def rollback(self, version_number: int) -> None:
+        """Serve adapter `version_number` and make it current (the `rollback` command)."""
         if self.base is None:
             raise ControlError("no base model yet")
         # Served first, then pointed at: `current` never names what the scorer could not serve
@@ -459,34 +398,6 @@ class Adaptation:
         log.info("rolled back to adapter v%d", version_number)
         if self.pipeline is not None:
             self.pipeline.alert({"type": "rollback", "version": version_number, "message": f"rolled back to v{version_number}"})
-        return {"adapter": self.adapter_summary()}
-
-    def training_status(self) -> TrainingStatus:
-        runner = self.runner
-        if runner is None:
-            return {"state": "idle", "last": None, "plan": None}
-        if runner.running:
-            progress = runner.progress
-            state = "running"
-        else:
-            progress = None
-            state = "paused" if self.governor is not None and not self.governor.may_start() else "idle"
-        job = runner.job
-        return {
-            "state": state,
-            "plan": progress.plan.to_dict() if progress is not None and progress.plan is not None else None,
-            "progress": progress.to_json() if progress is not None else {},
-            "job": job.to_json() if job is not None else None,
-            "requested": self.trigger.requested,
-            "trigger": self.last_decision,
-            "retry_after_s": self.governor.retry_after_s if self.governor else 0.0,
-            # What the start rule expects a training worker to add (measured by the last one that
-            # finished, else the update's share of the usage now), and whether that is measured.
-            "expected_worker_mb": round(self.expected_worker_mb(), 1),
-            "expected_worker_measured": self._measured_worker_mb is not None,
-            "heavy_modules": heavy_modules_loaded(),
-            "last": runner.last.to_json() if runner.last is not None else None,
-        }
 
 
 __all__ = ["Adaptation", "UPDATE_MIN_WINDOWS_SINCE_CHANGE", "register_worker", "serving_rule"]

@@ -3,8 +3,9 @@ comparisons against a reference (reference.py: PSI of a day of inputs
 against the training data, a day's mean |residual| against a baseline; the
 daemon's default), a CUSUM that sees an abrupt residual shift in minutes
 beside that window (cusum.py), streaming detectors (ADWIN, Page-Hinkley,
-KSWIN; one per module) and DriftMonitor, which keeps the per-channel drift status the
-daemon reports and alerts on.
+KSWIN; one per module), the drift state of one channel (channel.py: its detectors,
+counts and status) and DriftMonitor (monitor.py), which feeds the channels and keeps the
+drift status the daemon reports and alerts on.
 
 Implemented here rather than depending on river: `import river.drift` costs
 ~1.9 s and 111 MB peak RSS (it loads scipy.stats for KSWIN) against 0.3 s and
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 from edge_daemon.drift.adwin import ADWIN
 from edge_daemon.drift.base import DriftDetector
+from edge_daemon.drift.channel import make_detector
 from edge_daemon.drift.cusum import CUSUM
 from edge_daemon.drift.kswin import KSWIN
-from edge_daemon.drift.monitor import DriftEvent, DriftMonitor, make_detector
+from edge_daemon.drift.monitor import DriftEvent, DriftMonitor
 from edge_daemon.drift.page_hinkley import PageHinkley
 
 __all__ = ["ADWIN", "CUSUM", "KSWIN", "DriftDetector", "DriftEvent", "DriftMonitor", "PageHinkley", "make_detector"]

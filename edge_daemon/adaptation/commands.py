@@ -1,0 +1,113 @@
+"""The replies of the update path: the `adapter`, `adapters`, `train` and `rollback` control
+commands and the `adapter` and `training` sections of `status`, read from an `Adaptation`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge_daemon.adaptation.owner import Adaptation
+from edge_daemon.replies import AdapterDetail, AdapterListing, AdapterReply, AdaptersReply, AdapterSummary, RollbackReply, TrainingStatus, TrainReply
+from edge_daemon.updater import heavy_modules_loaded
+
+
+def adapter_summary(adaptation: Adaptation) -> AdapterSummary:
+    """The `adapter` section of `status`, and of the `adapter` and `rollback` replies."""
+    version = adaptation.current_adapter()
+    if version is None:
+        return {"version": None, "created": None, "size_bytes": 0, "val_loss": None, "base": adaptation.base is not None}
+    return {
+        "version": version.version, "created": version.created, "size_bytes": version.size_bytes,
+        "val_loss": version.meta.val_loss, "base": True,
+    }  # fmt: skip
+
+
+def handle_adapter(adaptation: Adaptation, request: dict[str, Any]) -> AdapterReply:
+    version = adaptation.current_adapter()
+    detail: AdapterDetail = {**adapter_summary(adaptation)}
+    if version is not None:
+        meta = version.meta
+        detail.update(
+            {
+                "metrics_before": meta.metrics_before,
+                "metrics_after": meta.metrics_after,
+                "plan": meta.plan,
+                "chosen_blocks": meta.chosen_blocks,
+                "peak_rss_mb": meta.peak_rss_mb,
+                "reason": meta.reason,
+            }
+        )
+    return {"adapter": detail}
+
+
+def handle_adapters(adaptation: Adaptation, request: dict[str, Any]) -> AdaptersReply:
+    current = adaptation.current_adapter()
+    listed: list[AdapterListing] = []
+    for version in adaptation.adapters.list():
+        before, after = version.meta.metrics_before, version.meta.metrics_after
+        listed.append(
+            {
+                "version": version.version,
+                "created": version.created,
+                "size_bytes": version.size_bytes,
+                "val_loss": version.meta.val_loss,
+                "current": current is not None and version.version == current.version,
+                "metrics": {
+                    "recent_before": before.get("recent_val_loss"),
+                    "recent_after": after.get("recent_val_loss"),
+                    "replay_before": before.get("replay_val_loss"),
+                    "replay_after": after.get("replay_val_loss"),
+                },
+            }
+        )
+    return {"current": current.version if current else None, "adapters": listed}
+
+
+def handle_train(adaptation: Adaptation, request: dict[str, Any]) -> TrainReply:
+    if adaptation.runner is not None and adaptation.runner.running:
+        return {"accepted": True, "state": "running", "message": "an update is already running"}
+    if not adaptation.trigger.request():
+        message = 'requests may not start an update here: [train] start_on leaves out "request"'
+        return {"accepted": False, "state": "idle", "message": message}
+    message = "update requested: it starts when the device is idle and memory is normal"
+    if adaptation.base is None:
+        message = "no base model yet: a base model is trained first, once enough data is stored"
+    return {"accepted": True, "state": "idle", "message": message}
+
+
+def handle_rollback(adaptation: Adaptation, request: dict[str, Any]) -> RollbackReply:
+    version_number = int(request["version"])  # checked by the control server: an int >= 1
+    adaptation.rollback(version_number)
+    return {"adapter": adapter_summary(adaptation)}
+
+
+def training_status(adaptation: Adaptation) -> TrainingStatus:
+    """The `training` section of `status`."""
+    runner = adaptation.runner
+    if runner is None:
+        return {"state": "idle", "last": None, "plan": None}
+    if runner.running:
+        progress = runner.progress
+        state = "running"
+    else:
+        progress = None
+        state = "paused" if adaptation.governor is not None and not adaptation.governor.may_start() else "idle"
+    job = runner.job
+    return {
+        "state": state,
+        "plan": progress.plan.to_dict() if progress is not None and progress.plan is not None else None,
+        "progress": progress.to_json() if progress is not None else {},
+        "job": job.to_json() if job is not None else None,
+        "requested": adaptation.trigger.requested,
+        "trigger": adaptation.last_decision,
+        "retry_after_s": adaptation.governor.retry_after_s if adaptation.governor else 0.0,
+        # What the start rule expects a training worker to add (measured by the last one that
+        # finished, else the update's share of the usage now), and whether that is measured.
+        "expected_worker_mb": round(adaptation.expected_worker_mb(), 1),
+        "expected_worker_measured": adaptation.measured_worker_mb is not None,
+        "heavy_modules": heavy_modules_loaded(),
+        "last": runner.last.to_json() if runner.last is not None else None,
+    }
+
+
+__all__ = ["adapter_summary", "handle_adapter", "handle_adapters", "handle_rollback", "handle_train", "training_status"]
