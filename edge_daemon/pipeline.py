@@ -145,7 +145,7 @@ class ScoringPipeline:
         for event in self._drift_feed.scored(model_residual, t):
             self._alert({**event.as_dict(), "message": f"residual drift on {event.channel}"})
         score = float(result.score) if result.score is not None else None
-        self.last_score = {"ts": iso(t, "milliseconds"), "score": score, "version": result.model_version, "served_by": result.served_by}
+        self.last_score = {"ts": t, "score": score, "version": result.model_version, "served_by": result.served_by}
         if len(self.history) >= 20000:
             del self.history[:10000]
         self.history.append((t, score if score is not None else float("nan"), result.model_version))

@@ -64,11 +64,11 @@ class UpdateJob:
             "kind": self.kind,
             "reason": self.reason,
             "cause": self.cause,
-            "since": iso(self.since, "milliseconds"),
+            "since": self.since,
             "baseline_mb": self.baseline_mb,
             "budget_mb": self.budget_mb,
             "seed": self.seed,
-            "started": iso(self.started_unix),
+            "started": self.started_unix,
         }
 
 

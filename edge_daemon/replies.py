@@ -3,7 +3,9 @@ and the retained MQTT status payload, as TypedDicts its producers return and the
 
 A key is required where the daemon always sends it, NotRequired where it may not. The control
 server adds `"ok": true` to every reply (`ErrorReply` is its failure form). Times are ISO 8601
-UTC strings from `times.iso`: to the second, to the millisecond where a time names a grid step.
+UTC strings from `times.iso`: to the second, to the millisecond where a time names a grid step;
+the exceptions are unix seconds a program compares, as the MQTT payloads' `ts` is:
+`scoring.last.ts` and `training.job.since` / `started`.
 Only `typing` here: the CLI imports this module on its cheap `--json` path.
 """
 
@@ -144,7 +146,7 @@ class MemoryStatus(TypedDict):
 
 
 class LastScore(TypedDict):
-    ts: str  # the grid step scored
+    ts: float  # the grid step scored (unix seconds, the data's clock)
     score: float | None
     version: int | None
     served_by: str | None
@@ -207,11 +209,11 @@ class JobStatus(TypedDict):
     kind: Literal["update", "pretrain"]
     reason: str
     cause: Literal["request", "drift", "new_data"] | None
-    since: str | None  # where its recent data starts (drift's dated onset)
+    since: float | None  # unix seconds where its recent data starts (drift's dated onset)
     baseline_mb: float
     budget_mb: float
     seed: int
-    started: str | None
+    started: float | None  # unix seconds
 
 
 class OutcomeStatus(TypedDict):
