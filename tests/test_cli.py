@@ -175,6 +175,29 @@ def test_rollback_human_and_error_reply(capsys: pytest.CaptureFixture[str], sock
     assert "no adapter v7" in err
 
 
+@pytest.mark.parametrize("answer", [b'{"ok": false}\n', b'{"hello": "not a daemon"}\n'])
+def test_a_reply_without_ok_or_error_is_an_error_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, answer: bytes
+) -> None:
+    """Whatever listens on the socket (an older daemon, something else) may answer in another shape."""
+    import socketserver
+    import threading
+
+    class Answer(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            self.rfile.readline()
+            self.wfile.write(answer)
+
+    path = tmp_path / "other.sock"
+    with socketserver.UnixStreamServer(str(path), Answer) as server:
+        thread = threading.Thread(target=server.handle_request)
+        thread.start()
+        code, out, err = run(capsys, "drift", "--socket", str(path))
+        thread.join()
+    assert (code, out) == (cli.EXIT_ERROR, "")
+    assert err == "edge-daemon: the daemon refused the request\n"
+
+
 @pytest.mark.parametrize("bad", ["0", "-1", "three", "1.5"])
 def test_rollback_rejects_a_bad_version_before_asking(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon, bad: str) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -26,7 +26,8 @@ class ErrorReply(EdgeDaemonError):
     """The daemon answered `{"ok": false}`; `reply` is what it sent."""
 
     def __init__(self, reply: replies.ErrorReply) -> None:
-        super().__init__(reply["error"])
+        # Whatever answered may not be this daemon's version (or this daemon): never a KeyError.
+        super().__init__(str(reply.get("error", "the daemon refused the request")))
         self.reply = reply
 
 
@@ -63,7 +64,7 @@ def ask(args: argparse.Namespace, payload: dict[str, Any]) -> dict[str, Any]:
     path = socket_path(args)
     args.socket_used = path
     reply = request(path, payload, timeout=getattr(args, "timeout", 10.0))
-    if reply["ok"] is not True:
+    if reply.get("ok") is not True:
         raise ErrorReply(reply)  # type: ignore[arg-type]
     return reply
 
