@@ -5,7 +5,7 @@ shape (T, S): the forecast channels first, then any input-only ones) with numpy
 alone, in microseconds; the first C values of a forecast are the forecast
 channels' (persistence and seasonal naive repeat every column). They are the yardstick the
 served model must beat, and what the daemon serves while it does not
-(`scoring.Scorer`). The ridge model predicts the change from the last value
+(`scoring.serving.Scorer`). The ridge model predicts the change from the last value
 from the last `lags` steps of every channel, so heavy shrinkage falls back to
 persistence; it is fitted in closed form on the same windows the model trains
 on, at pretraining and again with every update. Everything round-trips

@@ -22,7 +22,7 @@ def bucket_of(ts: np.ndarray | float, period_s: float) -> np.ndarray:
     """Grid step index of timestamps: round(ts / period), halves rounded up.
 
     np.rint rounds halves to even; floor(x + 0.5) keeps the rule the same for
-    every step, which the streaming assembler in `scoring` relies on too.
+    every step, which the streaming assembler in `scoring.grid` relies on too.
     """
     return np.floor(np.asarray(ts, dtype=np.float64) / period_s + 0.5).astype(np.int64)
 

@@ -182,7 +182,7 @@ class AdapterMeta:
     peak_rss_mb: float | None = None
     wall_time_s: float | None = None
     previous_version: int | None = None
-    baselines: list[dict[str, Any]] = field(default_factory=list)  # refitted with the update (scoring.baselines_of)
+    baselines: list[dict[str, Any]] = field(default_factory=list)  # refitted with the update (scoring.serving.baselines_of)
     held_out: dict[str, Any] | None = None  # the adapted model against them on held-out windows
     version: int | None = None
     created: str | None = None  # iso8601

@@ -159,7 +159,7 @@ class HorizonComparison(TypedDict):
 
 
 class ServingComparison(TypedDict):
-    """scoring.Scorer.comparison(): who is served and the live mean |error| of each forecaster."""
+    """scoring.serving.Scorer.comparison(): who is served and the live mean |error| of each forecaster."""
 
     served: str
     served_by_channel: dict[str, str]

@@ -33,7 +33,8 @@ T = TypeVar("T")
 
 class StatusReport:
     """One look at the daemon: a section per part started so far, each built at most once and
-    only when read (the STATUS= line and the MQTT payload need a few of them, often).
+    only when read. The STATUS= line and the MQTT payload, sent often and from other parts'
+    threads, read the parts' cheap accessors instead.
 
     A section that raises raises again for every reader: the `status` reply fails with it (an
     error reply), while the STATUS= line leaves out only the pieces that read it.
@@ -115,25 +116,29 @@ class StatusReport:
         return reply
 
     def online(self) -> OnlineStatus:
-        """The retained `edge/<id>/status` payload published at every (re)connect."""
-        adapter, drift, ingest = self.adapter(), self.drift(), self.ingest()
+        """The retained `edge/<id>/status` payload published at every (re)connect (on paho's
+        network thread and the ingest writer's: cheap accessors only, no whole section)."""
+        daemon = self.daemon
         status: OnlineStatus = {
             "online": True,
-            "device": self.daemon.config.device.id,
+            "device": daemon.config.device.id,
             "version": __version__,
-            "started": iso(self.daemon.started_at),
-            "adapter_version": adapter["version"] if adapter is not None else None,
+            "started": iso(daemon.started_at),
+            "adapter_version": adapter_summary(daemon.adaptation)["version"],
         }  # type: ignore[typeddict-item]  # disk_full follows drift
-        if drift is not None:
-            status["drift"] = any(channel["residuals"]["state"] == "drift" for channel in drift["channels"].values())
-        status["disk_full"] = ingest is not None and ingest["disk_full"]
+        if daemon.pipeline is not None:
+            status["drift"] = daemon.pipeline.drift.residual_drift_detected
+        status["disk_full"] = daemon.disk_full
         return status
 
     def line(self) -> str:
         """The one-line STATUS= text: adapter, memory, drift, readings, broker and training.
 
-        Each piece is best effort: one that fails is left out rather than losing the line.
+        Sent with every watchdog heartbeat, so it reads the parts' cheap accessors rather than
+        whole sections. Each piece is best effort: one that fails is left out rather than
+        losing the line.
         """
+        daemon = self.daemon
         pieces: list[str] = []
 
         def add(build: Callable[[], str | None]) -> None:
@@ -146,22 +151,21 @@ class StatusReport:
                 pieces.append(piece)
 
         add(self._adapter_piece)
-        add(lambda: f"memory {memory['level']}" if (memory := self.memory()) is not None else None)
+        add(lambda: f"memory {daemon.watchdog.level.label}" if daemon.watchdog is not None else None)
         add(self._drift_piece)
-        add(lambda: f"{store['readings']} readings" if (store := self.store()) is not None else None)
-        add(lambda: "disk full: ingestion waiting" if (ingest := self.ingest()) is not None and ingest["disk_full"] else None)
+        add(lambda: f"{daemon.store.count()} readings" if daemon.store is not None else None)
+        add(lambda: "disk full: ingestion waiting" if daemon.disk_full else None)
         add(self._clock_piece)
-        add(lambda: "broker unreachable" if (ingest := self.ingest()) is not None and not ingest["connected"] else None)
+        add(lambda: "broker unreachable" if daemon.ingestor is not None and not daemon.ingestor.connected else None)
         add(self._training_piece)
         return ", ".join(pieces)
 
     def _adapter_piece(self) -> str | None:
-        adapter = self.adapter()
-        if adapter is None:
-            return None
-        if not adapter["base"]:
+        adaptation = self.daemon.adaptation
+        if adaptation.base is None:
             return "no base model yet"
-        return f"adapter v{adapter['version']}" if adapter["version"] is not None else "base model"
+        version = adaptation.current_adapter()
+        return f"adapter v{version.version}" if version is not None else "base model"
 
     def _drift_piece(self) -> str | None:
         drift = self.drift()
@@ -171,20 +175,19 @@ class StatusReport:
         return f"drift {' '.join(drifted)}" if drifted else "drift none"
 
     def _clock_piece(self) -> str | None:
-        ingest = self.ingest()
-        if ingest is None or self.daemon.store is None:
+        daemon = self.daemon
+        if daemon.ingestor is None or daemon.store is None:
             return None
-        clock = ingest["clock"]
-        held = clock["holding"]
+        held = daemon.store.held_rows
         if not held:
             return None  # an unsynchronised clock alone changes nothing (`status` shows it)
-        return f"{held} readings held" if clock["trusted"] else f"clock not trusted: {held} readings held"
+        return f"{held} readings held" if daemon.ingestor.clock_watch.trusted else f"clock not trusted: {held} readings held"
 
     def _training_piece(self) -> str | None:
         """While a job runs."""
-        training = self.training()
-        if training is None or training["state"] != "running":
+        runner = self.daemon.adaptation.runner
+        if runner is None or not runner.running:
             return None
-        job, progress = training.get("job"), training["progress"]
-        step = f" step {progress['step']}" if "step" in progress else ""
-        return f"{job['kind'] if job is not None else 'update'} {progress['phase']}{step}"
+        job, progress = runner.job, runner.progress
+        step = f" step {progress.step}" if progress.step is not None else ""
+        return f"{job.kind if job is not None else 'update'} {progress.phase}{step}"

@@ -1,7 +1,7 @@
 """The daemon's files on disk, and how they are written and read back.
 
 Modules:
-- `files`: durable, atomic writes (JSON and text) and the fsyncs they rest on; the time format of replies.
+- `files`: durable, atomic writes (JSON and text) and the fsyncs they rest on.
 - `base`: the base model in `base/` (weights, config, normalisation) and its fingerprint.
 - `adapters`: versioned LoRA adapters in `adapters/v<N>/`, the `current` pointer and its history.
 - `merge`: the serving model, an adapter merged into a copy of the base in plain torch (no peft).

@@ -32,9 +32,7 @@ class Ingestor:
     def __init__(
         self, config: Config, store: ReplayStore, clock: Callable[[], float] = time.time, clock_watch: ClockWatch | None = None
     ) -> None:
-        self.config = config
         self.store = store
-        self.clock = clock
         self.connection = Connection(config)
         self.writer = Writer(config, store, self.connection, clock, clock_watch)
         # paho's network thread hands each message straight to the writer's inbox.
