@@ -572,7 +572,7 @@ def test_stop_leaves_a_newer_servers_socket_alone(tmp_path: Path) -> None:
     old = ControlServer(path, {"status": lambda r: {"who": "old"}})
     old.start()
     # Simulate a successor that took the path over (e.g. after the old one hung).
-    old._listener.close()  # type: ignore[union-attr]  # the old one stops answering
+    old._server.socket.close()  # type: ignore[union-attr]  # the old one stops answering
     path.unlink()
     new_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     new_listener.bind(str(path))
