@@ -30,7 +30,8 @@ from edge_daemon.records import JobResult, UpdateCause, UpdateJob, resets_drift_
 from edge_daemon.replies import AdapterDetail, AdapterListing, AdapterReply, AdaptersReply, AdapterSummary, RollbackReply, TrainingStatus, TrainReply
 from edge_daemon.scoring.serving import Scorer, ServingRule, baselines_of
 from edge_daemon.store import ReplayStore
-from edge_daemon.updater import heavy_modules_loaded, run_worker
+from edge_daemon.training.job import run_worker
+from edge_daemon.training.trace import heavy_modules_loaded
 from edge_daemon.governor import PlanGovernor
 from edge_daemon.memory.pressure import Level
 from edge_daemon.memory.usage import release_memory
