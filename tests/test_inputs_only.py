@@ -27,7 +27,7 @@ from edge_daemon.pretrain import pretrain_from_config
 from edge_daemon.scoring.serving import Scorer, ServingRule
 from edge_daemon.store import Reading, ReplayStore
 from edge_daemon.records import UpdateJob
-from edge_daemon.updater import _run_update
+from edge_daemon.training.job import _run_update
 from edge_daemon.governor import PlanGovernor
 from edge_daemon.memory.pressure import Level
 from edge_daemon.plan import plan_candidates

@@ -2,7 +2,7 @@
 
 The main fixture builds one the way a device would: readings in a real
 SQLite replay store, a base model pretrained on the old regime, then a real
-LoRA update run by the updater (in-process) after a regime change, whose
+LoRA update run by `training.job` (in-process) after a regime change, whose
 memory level rises mid-update so the plan tightens, then more readings
 served by the new adapter. A second, rejected update leaves only its trace.
 """
@@ -31,7 +31,7 @@ from edge_daemon.pretrain import pretrain
 from edge_daemon.report import write_report
 from edge_daemon.store import Reading, ReplayStore
 from edge_daemon.records import JobResult, Progress, UpdateJob
-from edge_daemon.updater import _run_update
+from edge_daemon.training.job import _run_update
 from edge_daemon.governor import PlanGovernor
 from edge_daemon.memory.pressure import Level
 from edge_daemon.plan import plan_candidates
@@ -170,7 +170,7 @@ def assert_real_picture(pixels: np.ndarray) -> None:
     assert np.mean(np.abs(rgb - background).sum(axis=1) > 0.05) > 0.03
 
 
-def test_updater_records_traces(state: Config) -> None:
+def test_update_job_records_traces(state: Config) -> None:
     traces = sorted((state.device.state_dir / UPDATES_DIR).glob("*.json"))
     assert len(traces) == 2
     accepted, rejected = (json.loads(p.read_text()) for p in traces)

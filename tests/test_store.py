@@ -272,7 +272,7 @@ def test_an_update_gets_replay_windows_at_any_period(tmp_path: Path, period_s: f
     from edge_daemon.artifacts.base import BaseModel
     from edge_daemon.frames import NormStats
     from edge_daemon.model import Forecaster, ForecasterConfig
-    from edge_daemon.updater import prepare_update_data
+    from edge_daemon.training.data import prepare_update_data
     from tests.conftest import make_config
 
     steps, recent_steps = 3000, 400
@@ -302,7 +302,7 @@ def test_an_update_after_drift_learns_from_the_data_since_the_change(tmp_path: P
     from edge_daemon.artifacts.base import BaseModel
     from edge_daemon.frames import NormStats
     from edge_daemon.model import Forecaster, ForecasterConfig
-    from edge_daemon.updater import MAX_RECENT_WINDOWS, prepare_update_data
+    from edge_daemon.training.data import MAX_RECENT_WINDOWS, prepare_update_data
     from tests.conftest import make_config
 
     steps = 3 * MAX_RECENT_WINDOWS

@@ -505,7 +505,7 @@ for checkpointing in (False, True):
                     TrainingPlan(micro_batch=4, accumulation=2, checkpointing=checkpointing, optimizer="adamw"), keep_rejected=True)
 # torch._dynamo (~70 MB) comes with torch.optim and torch.utils.checkpoint, sympy (~33 MB) with
 # torch.autograd.backward given gradients: none of them is used.
-from edge_daemon.updater import HEAVY_MODULES, heavy_modules_loaded
+from edge_daemon.training.trace import HEAVY_MODULES, heavy_modules_loaded
 assert {"peft", "transformers", "accelerate", "bitsandbytes", "torch._dynamo", "sympy"} <= set(HEAVY_MODULES)
 assert not heavy_modules_loaded(), heavy_modules_loaded()
 params = [p for p in result.adapted.parameters() if p.requires_grad]

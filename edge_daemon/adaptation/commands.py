@@ -8,7 +8,7 @@ from typing import Any
 
 from edge_daemon.adaptation.owner import Adaptation
 from edge_daemon.replies import AdapterDetail, AdapterListing, AdapterReply, AdaptersReply, AdapterSummary, RollbackReply, TrainingStatus, TrainReply
-from edge_daemon.updater import heavy_modules_loaded
+from edge_daemon.training.trace import heavy_modules_loaded
 
 
 def adapter_summary(adaptation: Adaptation) -> AdapterSummary:

@@ -28,7 +28,7 @@ from edge_daemon.plan import plan_candidates, plan_from_config
 from edge_daemon.records import JobResult, UpdateCause, UpdateJob, resets_drift_baseline
 from edge_daemon.scoring.serving import Scorer, ServingRule, baselines_of
 from edge_daemon.store import ReplayStore
-from edge_daemon.updater import run_worker
+from edge_daemon.training.job import run_worker
 from edge_daemon.governor import PlanGovernor
 from edge_daemon.memory.pressure import Level
 from edge_daemon.memory.usage import release_memory

@@ -1,7 +1,7 @@
 """The daemon's side of a training worker: start one job, relay its progress, report how it ended.
 
 The worker is forked from the training helper (`worker.py`) and runs
-`updater.run_worker`; it sends `Progress` messages and one `JobResult`. A
+`training.job.run_worker`; it sends `Progress` messages and one `JobResult`. A
 worker that dies without a result (the OOM killer, a crash) is reported as a
 failed result built from its exit status.
 """

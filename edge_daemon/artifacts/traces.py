@@ -1,5 +1,5 @@
-"""Update traces on disk: each update's memory and plan trace (`updater.UpdateTrace`) as written
-for `edge-daemon report`, and read back by it.
+"""Update traces on disk: each update's memory and plan trace (`training.trace.UpdateTrace`) as
+written for `edge-daemon report`, and read back by it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One thread per process sampling its memory over time, for every consumer at once.
 
 During an update a training worker has two consumers of the same reading:
-the update's trace (`updater.UpdateTrace`: RSS, private memory and the
+the update's trace (`training.trace.UpdateTrace`: RSS, private memory and the
 service's usage, every 0.1 s and slower as it grows, for the report) and the
 training loop's peak RSS (`RssSampler`, every `train.rss_sample_interval_s`,
 10 ms by default). Rather than a thread each, `MemorySampler` runs one: it

@@ -45,7 +45,7 @@ class ReportData:
 def _switch_time(adapter: AdapterVersion) -> float | None:
     """When the adapter started serving, on the data's clock.
 
-    `served_from_ts` (newest reading at commit) is what the updater records; older adapters fall
+    `served_from_ts` (newest reading at commit) is what `training.job` records; older adapters fall
     back to the end of their training data, then to their creation time.
     """
     meta = adapter.meta

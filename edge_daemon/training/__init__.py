@@ -1,5 +1,8 @@
-"""One low-memory LoRA update of the forecaster, from windows to a gated adapter.
+"""One low-memory LoRA update of the forecaster, from the store's windows to a committed adapter.
 
+`job` is what a training worker runs for one update (or the base-model
+bootstrap): `data` gathers the windows since the change plus replay, `start`
+dry-runs the candidate plans, `trace` records memory and plan over the update.
 `loop` runs the update (micro-batches, gradient accumulation, plan changes,
 peak RSS); `blocks` picks the blocks to adapt, `lora` adds and saves the
 adapter, `optimizer` holds AdamW and the 8-bit payoff, `batches` the windows
