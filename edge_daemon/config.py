@@ -11,6 +11,7 @@ every key is documented and validated in one place.
 from __future__ import annotations
 
 import logging
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -77,7 +78,9 @@ class ChannelsConfig(_Section):
         if len(set(names)) != len(names):
             raise ValueError("channel names must be unique")
         for name in names:
-            if name.count("/") != 1 or any(not part for part in name.split("/")):
+            # Two or more levels: the native grammar names `<sensor>/<channel>`, and an input mapping
+            # may name more (a zigbee2mqtt friendly name with a "/" in it).
+            if "/" not in name or any(not part for part in name.split("/")):
                 raise ValueError(f"channel {name!r} must look like '<sensor>/<channel>'")
             if any(ch in name for ch in "#+"):
                 raise ValueError(f"channel {name!r} must not contain MQTT wildcards")
@@ -98,6 +101,96 @@ class ChannelsConfig(_Section):
     def forecast(self) -> list[str]:
         """The channels forecast, scored and judged for drift, in config order."""
         return [name for name in self.names if name not in self.inputs_only]
+
+
+INPUT_FORMATS = ("native", "zigbee2mqtt", "tasmota", "esphome", "shelly", "json")
+# `$`, then `.key` or `[index]` steps: the JSON paths a `json` input mapping reads.
+_JSON_PATH = re.compile(r"^\$((\.[^.\[\]]+)|(\[\d+\]))+$")
+_SENSOR_FIELD = re.compile(r"\{(\d+)\}")
+
+
+def valid_topic_filter(topic: str) -> str | None:
+    """Why an MQTT subscription filter is invalid, or None: `#` only as the whole last level,
+    `+` only as a whole level."""
+    if not topic:
+        return "empty topic filter"
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return f"{topic!r}: '#' must be the whole last level"
+        if "+" in level and level != "+":
+            return f"{topic!r}: '+' must be a whole level"
+    return None
+
+
+class InputConfig(_Section):
+    """One `[[inputs]]` mapping: the messages on `topic` are read in `format`."""
+
+    topic: str = Field(description="MQTT topic filter (wildcards + and #); subscribed to")
+    format: Literal["native", "zigbee2mqtt", "tasmota", "esphome", "shelly", "json"] = Field(
+        description="payload form: native (sensors/<sensor>[/<channel>]), zigbee2mqtt, tasmota, esphome, shelly (Gen2+) or json"
+    )
+    timezone: str | None = Field(
+        None, description="tasmota (and json with ts_unit 'iso'): IANA zone of times written without one (default: the device's)"
+    )
+    sensor: str | None = Field(
+        None, description="json: the sensor part of each channel, from topic levels: '{1}' is the second level"
+    )
+    values: dict[str, str] = Field(
+        default_factory=dict, description="json: channel field -> JSON path of its value ('$.temp', '$.env.t', '$.list[0]')"
+    )
+    ts: str | None = Field(None, description="json: JSON path of the reading's time (default: the arrival time)")
+    ts_unit: Literal["s", "ms", "iso"] = Field("s", description="json: unit of `ts`: unix seconds, milliseconds, or ISO 8601 text")
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_filter(cls, topic: str) -> str:
+        problem = valid_topic_filter(topic)
+        if problem:
+            raise ValueError(problem)
+        return topic
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, zone: str | None) -> str | None:
+        if zone is not None:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(zone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {zone!r} (an IANA name such as 'Europe/Berlin' or 'UTC')") from None
+        return zone
+
+    @model_validator(mode="after")
+    def _keys_of_the_format(self) -> InputConfig:
+        json_keys = [key for key in ("sensor", "values", "ts", "ts_unit") if key in self.model_fields_set]
+        if self.format != "json":
+            if json_keys:
+                raise ValueError(f"{', '.join(json_keys)}: only for format 'json'")
+            if self.timezone is not None and self.format != "tasmota":
+                raise ValueError("timezone: only for formats 'tasmota' and 'json'")
+            return self
+        if not self.sensor:
+            raise ValueError("format 'json' needs sensor (e.g. \"{1}\", the second topic level)")
+        levels = len(self.topic.split("/"))
+        for index in _SENSOR_FIELD.findall(self.sensor):
+            if int(index) >= levels and not self.topic.endswith("#"):
+                raise ValueError(f"sensor {self.sensor!r}: topic {self.topic!r} has no level {index}")
+        if "/" in _SENSOR_FIELD.sub("", self.sensor) or any(ch in self.sensor for ch in "+#"):
+            raise ValueError(f"sensor {self.sensor!r}: no '/', '+' or '#' outside the level fields")
+        if not self.values:
+            raise ValueError("format 'json' needs values, e.g. values = {temperature = \"$.temp\"}")
+        for field, path in self.values.items():
+            if not field or any(ch in field for ch in "/+#"):
+                raise ValueError(f"values: field {field!r} must be non-empty, without '/', '+' or '#'")
+            if not _JSON_PATH.match(path):
+                raise ValueError(f"values.{field}: {path!r} is not a JSON path like '$.temp' or '$.a.b[0]'")
+        if self.ts is not None and not _JSON_PATH.match(self.ts):
+            raise ValueError(f"ts: {self.ts!r} is not a JSON path like '$.time'")
+        if self.timezone is not None and self.ts_unit != "iso":
+            raise ValueError("timezone: only with ts_unit = 'iso'")
+        return self
 
 
 class StoreConfig(_Section):
@@ -352,6 +445,22 @@ class Config(_Section):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    inputs: list[InputConfig] = Field(
+        default_factory=list, description="[[inputs]] mappings of other payload forms; none: the native grammar on [mqtt] topics"
+    )
+
+    @model_validator(mode="after")
+    def _channels_receivable(self) -> Config:
+        for topic in self.mqtt.topics:
+            problem = valid_topic_filter(topic)
+            if problem:
+                raise ValueError(f"mqtt.topics: {problem}")
+        # The native grammar names channels `<sensor>/<channel>`: one with more levels could only
+        # come through a mapping of another format.
+        deep = [name for name in self.channels.names if name.count("/") != 1]
+        if deep and all(mapping.format == "native" for mapping in self.inputs):
+            raise ValueError(f"channels.names: {deep} have more than two levels, which only [[inputs]] of other formats give")
+        return self
 
     @model_validator(mode="after")
     def _defaults_from_device(self) -> Config:
@@ -375,6 +484,17 @@ class Config(_Section):
     @property
     def adapters_dir(self) -> Path:
         return self.device.state_dir / "adapters"
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """The topic filters subscribed to: the [[inputs]] topics (and `[mqtt] topics` when set
+        beside them), else `[mqtt] topics`."""
+        if not self.inputs:
+            return list(self.mqtt.topics)
+        topics = [mapping.topic for mapping in self.inputs]
+        if "topics" in self.mqtt.model_fields_set:
+            topics += self.mqtt.topics
+        return list(dict.fromkeys(topics))
 
     @property
     def topic_prefix(self) -> str:

@@ -61,6 +61,8 @@ class IngestStatus(TypedDict):
     held: int
     released: int
     rejected_by_reason: dict[str, int]
+    ignored: int  # fields that are not configured channels, messages on topics without readings
+    ignored_by_reason: dict[str, int]
     connected: bool
     disk_full: bool
     clock: IngestClockStatus

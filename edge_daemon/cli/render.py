@@ -163,6 +163,9 @@ def describe_ingest(ingest: IngestStatus) -> str:
     by_reason = ingest["rejected_by_reason"]
     if by_reason:
         text += " (" + ", ".join(f"{esc(k)} {fmt_int(v)}" for k, v in sorted(by_reason.items())) + ")"
+    ignored = ingest.get("ignored_by_reason")  # older daemon
+    if ignored:
+        text += "; ignored " + ", ".join(f"{esc(k)} {fmt_int(v)}" for k, v in sorted(ignored.items()))
     clock = ingest.get("clock")  # older daemon
     if clock is not None and (clock["trusted"] is False or clock["holding"]):
         text += f"; [yellow]clock not trusted[/yellow], {fmt_int(clock['holding'])} readings held"

@@ -110,7 +110,7 @@ class Connection:
         # Subscribe on every connect: a broker that lost our session (restart without
         # persistence) must get the subscriptions again; with a kept session it is harmless.
         qos = self.config.mqtt.qos
-        _, self._subscribe_mid = client.subscribe([(topic, qos) for topic in self.config.mqtt.topics])
+        _, self._subscribe_mid = client.subscribe([(topic, qos) for topic in self.config.subscriptions])
         # The last will may have replaced the retained status while we were away.
         self.publish("status", self.online_status(), qos=1, retain=True)
         self._connected.set()
@@ -119,7 +119,7 @@ class Connection:
         if mid != self._subscribe_mid:
             return
         refused = [
-            f"{topic} ({code})" for topic, code in zip(self.config.mqtt.topics, reason_codes) if code.is_failure
+            f"{topic} ({code})" for topic, code in zip(self.config.subscriptions, reason_codes) if code.is_failure
         ]
         if refused:
             # Nothing arrives on a refused topic (an ACL, a bad filter): say so loudly, keep the rest.

@@ -25,6 +25,7 @@ _INT_LIMIT = 1 << 1000
 REASONS = (
     "bad_topic", "too_large", "bad_utf8", "too_deep", "bad_json", "bad_shape",
     "bad_ts", "not_a_number", "non_finite", "unknown_channel", "too_old", "future",
+    "unmapped_topic",
 )  # fmt: skip
 
 
@@ -39,6 +40,25 @@ class PayloadLimits:
     @classmethod
     def from_config(cls, config: Config) -> PayloadLimits:
         return cls(config.mqtt.max_payload_bytes, config.store.max_age_s, config.store.max_skew_s)
+
+
+def decode_json(payload: bytes, limits: PayloadLimits, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The JSON document of a payload, after the size, UTF-8 and nesting checks."""
+    # The cap comes before any decoding, so a huge payload costs nothing.
+    if len(payload) > limits.max_payload_bytes:
+        raise PayloadError("too_large", f"{len(payload)} bytes")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PayloadError("bad_utf8") from None
+    if _json_depth_exceeds(text, max_depth):
+        raise PayloadError("too_deep")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise PayloadError("too_deep") from None
+    except ValueError as exc:
+        raise PayloadError("bad_json", str(exc)[:80]) from None
 
 
 def _json_depth_exceeds(text: str, limit: int) -> bool:
@@ -136,7 +156,7 @@ def parse_payload(
 ) -> list[Reading]:
     """The readings in one MQTT message, or PayloadError(reason) for a message with none.
 
-    Forms (DESIGN.md): `sensors/<sensor>/<channel>` with `{"ts": t, "value": v}` or a bare
+    Forms (docs/contract.md): `sensors/<sensor>/<channel>` with `{"ts": t, "value": v}` or a bare
     number (ts = now, the arrival time); `sensors/<sensor>` with `{"ts": t, "values": {...}}`.
     In a `values` map each entry stands alone: bad entries are appended to `skipped` and the
     good ones returned; if no entry is good, the first entry's error is raised.
@@ -145,13 +165,23 @@ def parse_payload(
     ("too_old", "future"); given a `held` list, such readings (stamped after HOLD_FLOOR_TS) are
     appended to it instead, and the message returns none.
     """
+    return parse_holding(lambda at, window: _parse(topic, payload, at, channels, window, skipped), now, limits, held)
+
+
+def parse_holding(
+    parse: Callable[[float, PayloadLimits], list[Reading]], now: float, limits: PayloadLimits, held: list[Reading] | None
+) -> list[Reading]:
+    """`parse(now, limits)`, with the hold rule of `parse_payload` for any payload form.
+
+    `parse` must check a message's timestamp (raising through `timestamp`) before it appends to
+    `skipped` or counts anything, so that the second parse, without the window, counts once."""
     try:
-        return _parse(topic, payload, now, channels, limits, skipped)
+        return parse(now, limits)
     except _OutOfWindow as out:
         if held is None or out.ts < HOLD_FLOOR_TS:
             raise out.error from None
         # Parsed again without the window, the value checks and `skipped` exactly as in range.
-        held.extend(_parse(topic, payload, out.ts, channels, replace(limits, max_age_s=math.inf, max_skew_s=math.inf), skipped))
+        held.extend(parse(out.ts, replace(limits, max_age_s=math.inf, max_skew_s=math.inf)))
         return []
 
 
@@ -161,21 +191,7 @@ def _parse(
     levels = topic.split("/")
     if levels[0] != "sensors" or len(levels) not in (2, 3) or not all(levels):
         raise PayloadError("bad_topic", repr(topic[:120]))
-    # The cap comes before any decoding, so a huge payload costs nothing.
-    if len(payload) > limits.max_payload_bytes:
-        raise PayloadError("too_large", f"{len(payload)} bytes")
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PayloadError("bad_utf8") from None
-    if _json_depth_exceeds(text, MAX_JSON_DEPTH):
-        raise PayloadError("too_deep")
-    try:
-        doc = json.loads(text)
-    except RecursionError:
-        raise PayloadError("too_deep") from None
-    except ValueError as exc:
-        raise PayloadError("bad_json", str(exc)[:80]) from None
+    doc = decode_json(payload, limits)
 
     if len(levels) == 3:
         channel = _channel(f"{levels[1]}/{levels[2]}", channels)
@@ -216,3 +232,8 @@ def _parse(
             skipped.pop(0)  # raised instead of skipped
         raise first_error
     return readings
+
+
+# The shared checks, under the names the other payload forms (`edge_daemon.mqtt.formats`) use.
+number = _number
+timestamp = _timestamp

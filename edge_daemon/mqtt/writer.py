@@ -25,6 +25,7 @@ from edge_daemon.clock import ClockWatch
 from edge_daemon.config import Config
 from edge_daemon.errors import DiskFullError, PayloadError, StoreError
 from edge_daemon.mqtt.client import Connection
+from edge_daemon.mqtt.formats import InputRouter, Outcome
 from edge_daemon.mqtt.payload import PayloadLimits, parse_payload
 from edge_daemon.store import Reading, ReplayStore
 
@@ -130,7 +131,7 @@ class Writer:
         self._stats_lock = threading.Lock()
         self._stats: dict[str, int] = {
             "received": 0, "readings": 0, "stored": 0, "duplicates": 0, "rejected": 0, "batches": 0, "dropped_disk_full": 0,
-            "held": 0, "released": 0,
+            "held": 0, "released": 0, "ignored": 0,
         }  # fmt: skip
         # Set while a batch waits for disk space; `on_disk_full(full)` is called when that changes
         # (in the writer thread), and before each retry with `full=True` so space can be freed.
@@ -138,6 +139,11 @@ class Writer:
         self._batch_qos0 = 0  # readings of the pending batch that came with QoS 0
         self.on_disk_full: Callable[[bool], None] = lambda full: None
         self._rejected_by_reason: dict[str, int] = {}
+        # Fields that are not configured channels, and messages on topics that carry no readings
+        # (read through [[inputs]] mappings): neither stored nor rejected.
+        self._ignored_by_reason: dict[str, int] = {}
+        # Without [[inputs]] the native grammar is read directly: no topic matching per message.
+        self._router = InputRouter(config) if config.inputs else None
         self._log_reject = _RateLimitedLog(REJECT_LOG_INTERVAL_S)
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -194,7 +200,14 @@ class Writer:
         with self._stats_lock:
             snapshot: dict[str, Any] = dict(self._stats)
             snapshot["rejected_by_reason"] = dict(self._rejected_by_reason)
+            snapshot["ignored_by_reason"] = dict(self._ignored_by_reason)
         return snapshot
+
+    def _ignore(self, reasons: dict[str, int]) -> None:
+        with self._stats_lock:
+            for reason, count in reasons.items():
+                self._stats["ignored"] += count
+                self._ignored_by_reason[reason] = self._ignored_by_reason.get(reason, 0) + count
 
     def _reject(self, topic: str, error: PayloadError, count: int = 1) -> None:
         with self._stats_lock:
@@ -315,12 +328,20 @@ class Writer:
         except UnicodeDecodeError:
             self._reject("<invalid utf-8>", PayloadError("bad_topic", "topic is not UTF-8"))
             return
-        skipped: list[PayloadError] = []
+        router = self._router
+        outcome = Outcome() if router is not None else None
+        skipped: list[PayloadError] = [] if outcome is None else outcome.skipped
         try:
-            parsed = parse_payload(topic, message.payload, arrival, self.channels, self.limits, skipped, held)
+            if router is None:
+                parsed = parse_payload(topic, message.payload, arrival, self.channels, self.limits, skipped, held)
+            else:
+                parsed = router.parse(topic, message.payload, arrival, self.limits, outcome, held)  # type: ignore[arg-type]
         except PayloadError as exc:
             self._reject(topic, exc)
             return
+        finally:
+            if outcome is not None and outcome.ignored:
+                self._ignore(outcome.ignored)
         for exc in skipped:
             self._reject(topic, exc)
         readings.extend(parsed)
