@@ -1,9 +1,11 @@
 """Replay generated motor data over MQTT at a chosen speed-up.
 
 Owns the sample publisher: the payload forms of the input contract (one
-reading per message, a `values` object per sensor, bare numbers), pacing on
-the synthetic timeline, a share of malformed messages of many kinds, and the
-summary of what was sent. Run it as `python -m sample_sensors.publish`.
+reading per message, a `values` object per sensor, bare numbers), the same
+motor in the formats of other projects (zigbee2mqtt, Tasmota, ESPHome, Shelly)
+with the daemon config each needs, pacing on the synthetic timeline, a share
+of malformed messages of many kinds, and the summary of what was sent. Run it
+as `python -m sample_sensors.publish`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 from typing import Any
 
 import numpy as np
@@ -48,6 +52,17 @@ MALFORMED_KINDS: tuple[str, ...] = (
     "oversize",  # 64 KiB, far beyond any sane max_payload_bytes
     "deep_nesting",  # 5000 nested arrays, small enough to reach the JSON parser
 )
+# The payload formats: the daemon's own, and those of other projects read through `[[inputs]]`.
+FORMATS: tuple[str, ...] = ("native", "zigbee2mqtt", "tasmota", "esphome", "shelly")
+# Malformed kinds of the other formats: a truncated JSON text, a number sent as a string.
+FORMAT_MALFORMED_KINDS: dict[str, tuple[str, ...]] = {
+    "zigbee2mqtt": ("bad_json", "string_value"),
+    "tasmota": ("bad_json", "string_value"),
+    "esphome": ("string_value",),
+    "shelly": ("bad_json", "string_value"),
+}
+# Formats whose readings the daemon stamps on arrival: true to the timeline only at speed-up 1.
+ARRIVAL_STAMPED: tuple[str, ...] = ("esphome", "shelly")
 UNKNOWN_CHANNEL = "pressure"
 OVERSIZE_BYTES = 65_536
 NESTING_DEPTH = 5_000
@@ -91,6 +106,111 @@ def valid_messages(ts: float, readings: dict[str, float], form: str, prefix: str
     if form == "bare":
         return [Message(f"{prefix}/{ch}", json.dumps(v).encode(), "bare", 1) for ch, v in readings.items()]
     raise ValueError(f"form must be one of single, values, bare, got {form!r}")
+
+
+# Per format, where each motor channel's value goes: the daemon's channel name for it follows the
+# format's rule (a device name, then the field path).
+_FIELDS: dict[str, dict[str, str]] = {
+    "native": {ch: _channel_part(ch) for ch in CHANNELS},
+    # zigbee2mqtt: flat fields of the device's message.
+    "zigbee2mqtt": {"m1/temperature": "temperature", "m1/vibration": "vibration", "m1/current": "current"},
+    # Tasmota: a DS18B20 probe, the ADC input (the vibration transmitter's 0-10 V scaled) and the energy monitor.
+    "tasmota": {"m1/temperature": "DS18B20.Temperature", "m1/vibration": "ANALOG.Range1", "m1/current": "ENERGY.Current"},
+    # ESPHome: one sensor entity each.
+    "esphome": {"m1/temperature": "temperature", "m1/vibration": "vibration", "m1/current": "current"},
+    # Shelly Gen2: a Plus Add-on's temperature probe and voltmeter, the switch's power meter.
+    "shelly": {"m1/temperature": "temperature:100.tC", "m1/vibration": "voltmeter:100.voltage", "m1/current": "switch:0.current"},
+}
+_INPUT_TOPICS = {"zigbee2mqtt": "zigbee2mqtt/#", "tasmota": "tele/#", "esphome": "{device}/#", "shelly": "{device}/#"}
+
+
+def format_channels(fmt: str, device: str = SENSOR) -> list[str]:
+    """The daemon's channel names for the motor's channels (in CHANNELS order) when sent in `fmt`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return [f"{device}/{_FIELDS[fmt][ch]}" for ch in CHANNELS]
+
+
+def format_config(fmt: str, device: str = SENSOR, timezone: str = "UTC") -> str:
+    """The `[channels]` and `[[inputs]]` config the daemon needs to read the motor in `fmt`."""
+    names = ", ".join(json.dumps(name) for name in format_channels(fmt, device))
+    lines = []
+    if fmt != "native":
+        lines += ["[[inputs]]", f'topic = "{_INPUT_TOPICS[fmt].format(device=device)}"', f'format = "{fmt}"']
+        if fmt == "tasmota":
+            lines.append(f'timezone = "{timezone}"')
+        lines.append("")
+    lines += ["[channels]", f"names = [{names}]"]
+    return "\n".join(lines) + "\n"
+
+
+def _compact(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def format_messages(fmt: str, ts: float, readings: dict[str, float], device: str = SENSOR, timezone: str = "UTC") -> list[Message]:
+    """The messages that carry one step's readings (keyed by the motor's channels) as `fmt` sends them.
+
+    zigbee2mqtt: `zigbee2mqtt/<device>` with the flat fields, `linkquality` and `last_seen` (ISO
+    8601, UTC); tasmota: `tele/<device>/SENSOR` with `Time` (local time in `timezone`, no zone)
+    and sensor objects; esphome: `<device>/sensor/<name>/state`, the number alone; shelly:
+    `<device>/status/<component>:<n>`, the component's status object. "native" is the `values` form.
+    """
+    if fmt == "native":
+        return valid_messages(ts, readings, "values")
+    temperature, vibration, current = (readings[ch] for ch in CHANNELS)
+    if fmt == "zigbee2mqtt":
+        last_seen = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        body = {"temperature": temperature, "vibration": vibration, "current": current, "linkquality": 132, "last_seen": last_seen}
+        return [Message(f"zigbee2mqtt/{device}", _compact(body), fmt, 3)]
+    if fmt == "tasmota":
+        local = datetime.fromtimestamp(ts, ZoneInfo(timezone)).replace(tzinfo=None).isoformat(timespec="seconds")
+        body = {
+            "Time": local,
+            "DS18B20": {"Id": "0000053C0D1E", "Temperature": temperature},
+            "ANALOG": {"Range1": vibration},
+            "ENERGY": {"Power": round(current * 230.0 * 0.86), "ApparentPower": round(current * 230.0), "Voltage": 230, "Current": current},
+            "TempUnit": "C",
+        }
+        return [Message(f"tele/{device}/SENSOR", _compact(body), fmt, 3)]
+    if fmt == "esphome":
+        return [
+            Message(f"{device}/sensor/{name}/state", f"{value:g}".encode(), fmt, 1)
+            for name, value in (("temperature", temperature), ("vibration", vibration), ("current", current))
+        ]
+    if fmt == "shelly":
+        fahrenheit = round(temperature * 9 / 5 + 32, 1)
+        switch = {
+            "id": 0, "source": "init", "output": True, "apower": round(current * 230.0 * 0.86, 1), "voltage": 230.0,
+            "current": current, "temperature": {"tC": 41.2, "tF": 106.2},
+        }  # fmt: skip
+        return [
+            Message(f"{device}/status/temperature:100", _compact({"id": 100, "tC": temperature, "tF": fahrenheit}), fmt, 1),
+            Message(f"{device}/status/voltmeter:100", _compact({"id": 100, "voltage": vibration}), fmt, 1),
+            Message(f"{device}/status/switch:0", _compact(switch), fmt, 1),
+        ]
+    raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def format_malformed(fmt: str, kind: str, ts: float, rng: np.random.Generator, device: str = SENSOR, timezone: str = "UTC") -> Message:
+    """One malformed message of `fmt` (kind from FORMAT_MALFORMED_KINDS) that the daemon must reject."""
+    if kind not in FORMAT_MALFORMED_KINDS.get(fmt, ()):
+        raise ValueError(f"{fmt} has no malformed kind {kind!r} (it has {', '.join(FORMAT_MALFORMED_KINDS.get(fmt, ()))})")
+    value = round(float(rng.uniform(1.0, 50.0)), 2)
+    good = format_messages(fmt, ts, {ch: value for ch in CHANNELS}, device, timezone)[0]
+    if kind == "bad_json":
+        return Message(good.topic, good.payload[:-1], kind, 0)  # closing brace missing
+    # string_value: the temperature as text, which is not a number.
+    if fmt == "esphome":
+        return Message(good.topic, b"unknown", kind, 0)
+    doc = json.loads(good.payload)
+    if fmt == "zigbee2mqtt":
+        doc = {"temperature": str(value), "last_seen": doc["last_seen"]}
+    elif fmt == "tasmota":
+        doc = {"Time": doc["Time"], "DS18B20": {"Id": "0000053C0D1E", "Temperature": str(value)}, "TempUnit": "C"}
+    else:
+        doc = {"id": 100, "tC": str(value)}
+    return Message(good.topic, _compact(doc), kind, 0)
 
 
 def malformed_message(kind: str, ts: float, rng: np.random.Generator, prefix: str = "sensors") -> Message:
@@ -169,6 +289,8 @@ def publish(
     time_scale: float = 1.0,
     malformed: float = 0.0,
     form: str = "single",
+    fmt: str = "native",
+    timezone: str = "UTC",
     qos: int = 1,
     prefix: str = "sensors",
     client_id: str = "",
@@ -183,8 +305,12 @@ def publish(
     `malformed` is the share of all messages that are malformed (kinds cycle in a seeded order so
     every kind appears). With qos 1, returns only after the broker acknowledged every publish
     (or `ack_timeout_s` passed: see `all_acknowledged`). `stop` ends the replay early;
-    `progress(step, steps)` is called after each step.
+    `progress(step, steps)` is called after each step. `fmt` other than "native" sends the motor
+    as that project does (`format_messages`; `form` and `prefix` then do not apply) with its own
+    malformed kinds; `timezone` is the zone of Tasmota's local `Time`.
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     if not 0.0 <= malformed < 1.0:
@@ -206,7 +332,8 @@ def publish(
     rng = np.random.default_rng([seed, 1])
     # Bare numbers are stamped on arrival, which matches the timeline only in real time.
     mixed_forms = ["single", "values"] + (["bare"] if speedup <= 1.0 else [])
-    kind_cycle = list(MALFORMED_KINDS)
+    kinds = MALFORMED_KINDS if fmt == "native" else FORMAT_MALFORMED_KINDS[fmt]
+    kind_cycle = list(kinds)
 
     client = _connect(host, port, client_id, connect_timeout_s)
     sent_by_kind: Counter[str] = Counter()
@@ -227,14 +354,20 @@ def publish(
                 break
             step_form = mixed_forms[int(rng.integers(len(mixed_forms)))] if form == "mixed" else form
             readings = {ch: float(values[ch][step]) for ch in CHANNELS}
-            batch = valid_messages(float(ts[step]), readings, step_form, prefix)
+            if fmt == "native":
+                batch = valid_messages(float(ts[step]), readings, step_form, prefix)
+            else:
+                batch = format_messages(fmt, float(ts[step]), readings, timezone=timezone)
             valid_messages_sent += len(batch)
             readings_sent += sum(m.readings for m in batch)
             for _ in range(_schedule_malformed(valid_messages_sent, malformed) - sum(sent_by_kind.values())):
                 if not kind_cycle:
-                    kind_cycle = list(MALFORMED_KINDS)
+                    kind_cycle = list(kinds)
                 kind = kind_cycle.pop(int(rng.integers(len(kind_cycle))))
-                batch.append(malformed_message(kind, float(ts[step]), rng, prefix))
+                if fmt == "native":
+                    batch.append(malformed_message(kind, float(ts[step]), rng, prefix))
+                else:
+                    batch.append(format_malformed(fmt, kind, float(ts[step]), rng, timezone=timezone))
                 sent_by_kind[kind] += 1
             for message in batch:
                 pending.append(client.publish(message.topic, message.payload, qos=qos))
@@ -255,6 +388,7 @@ def publish(
         "host": host,
         "port": port,
         "form": form,
+        "format": fmt,
         "qos": qos,
         "seed": seed,
         "steps": steps_done,
@@ -371,7 +505,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regime-change-at", type=int, default=None, help="step at which the regime changes")
     parser.add_argument("--regime", choices=REGIMES, default="bearing_wear", help="kind of regime change")
     parser.add_argument("--malformed", type=float, default=0.0, help="share of messages that are malformed (0..1)")
-    parser.add_argument("--form", choices=FORMS, default="single", help="payload form (default single)")
+    parser.add_argument("--form", choices=FORMS, default="single", help="native payload form (default single)")
+    parser.add_argument("--format", choices=FORMATS, default="native", dest="fmt",
+                        help="payload format: the daemon's own (default) or that of zigbee2mqtt, Tasmota, ESPHome or Shelly")  # fmt: skip
+    parser.add_argument("--timezone", default="UTC", help="zone of Tasmota's local Time (default UTC)")
+    parser.add_argument("--print-config", action="store_true", help="print the [channels] and [[inputs]] config the daemon needs for --format, and exit")
     parser.add_argument("--qos", type=int, choices=(0, 1, 2), default=1, help="publish QoS (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of data and malformed choices")
     parser.add_argument("--start-ts", type=float, default=None, help="ts of step 0 (default: replay ends now)")
@@ -381,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.print_config:
+        print(format_config(args.fmt, timezone=args.timezone), end="")
+        return 0
+    if args.fmt in ARRIVAL_STAMPED and args.speedup > 1.0:
+        log.warning("%s readings are stamped on arrival: the timeline holds only at --speedup 1", args.fmt)
     # SIGINT/SIGTERM end the replay at a step boundary, so the summary of what went out is still written.
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -399,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             time_scale=args.time_scale,
             malformed=args.malformed,
             form=args.form,
+            fmt=args.fmt,
+            timezone=args.timezone,
             qos=args.qos,
             prefix=args.prefix,
             client_id=args.client_id,

@@ -407,3 +407,105 @@ def test_daemon_parser_rejects_exactly_the_malformed_share(broker: LocalBroker, 
     ts = timestamps(steps, 1.0, summary["start_ts"])
     expected = generate(steps, 1.0, summary["start_ts"], seed)
     assert accepted == {(ch, float(ts[k])): float(expected[ch][k]) for ch in CHANNELS for k in range(steps)}
+
+
+# ---------------------------------------------------------------- other formats
+
+
+def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested objects joined with dots, list items by index: the tasmota and shelly channel rule."""
+    if isinstance(doc, dict):
+        return {k: v for key, item in doc.items() for k, v in _flatten(item, f"{prefix}.{key}" if prefix else key).items()}
+    if isinstance(doc, list):
+        return {k: v for i, item in enumerate(doc) for k, v in _flatten(item, f"{prefix}.{i}").items()}
+    return {prefix: doc}
+
+
+def _channels_by_the_formats_rules(fmt: str, messages: list[Any]) -> dict[str, float]:
+    """The numeric readings each message carries, named by the format's rule in the input contract."""
+    found: dict[str, float] = {}
+    for message in messages:
+        levels = message.topic.split("/")
+        if fmt == "zigbee2mqtt":
+            assert levels[0] == "zigbee2mqtt"
+            doc = json.loads(message.payload)
+            assert set(doc) >= {"linkquality", "last_seen"}
+            found.update({f"{'/'.join(levels[1:])}/{k}": v for k, v in doc.items() if type(v) in (int, float)})
+        elif fmt == "tasmota":
+            assert levels[0] == "tele" and levels[-1] == "SENSOR"
+            doc = json.loads(message.payload)
+            time.strptime(doc.pop("Time"), "%Y-%m-%dT%H:%M:%S")  # local time, no zone
+            found.update({f"{levels[-2]}/{k}": v for k, v in _flatten(doc).items() if type(v) in (int, float)})
+        elif fmt == "esphome":
+            assert levels[1] == "sensor" and levels[3] == "state" and len(levels) == 4
+            found[f"{levels[0]}/{levels[2]}"] = float(message.payload)
+        elif fmt == "shelly":
+            assert levels[1] == "status" and len(levels) == 3
+            doc = json.loads(message.payload)
+            found.update({f"{levels[0]}/{levels[2]}.{k}": v for k, v in _flatten(doc).items() if type(v) in (int, float)})
+    return found
+
+
+@pytest.mark.parametrize("fmt", ["zigbee2mqtt", "tasmota", "esphome", "shelly"])
+def test_each_format_carries_every_motor_reading_under_the_channel_its_config_names(fmt: str) -> None:
+    from sample_sensors.publish import format_channels, format_messages
+
+    readings = {"m1/temperature": 21.5, "m1/vibration": 0.82, "m1/current": 7.9}
+    messages = format_messages(fmt, 1_717_171_717.5, readings, timezone="Europe/Berlin")
+    assert sum(m.readings for m in messages) == 3
+    carried = _channels_by_the_formats_rules(fmt, messages)
+    for motor_channel, name in zip(CHANNELS, format_channels(fmt), strict=True):
+        assert carried[name] == readings[motor_channel], (name, carried)
+
+
+def test_format_timestamps_are_as_the_projects_send_them() -> None:
+    from sample_sensors.publish import format_messages
+
+    readings = {"m1/temperature": 21.5, "m1/vibration": 0.82, "m1/current": 7.9}
+    (z2m,) = format_messages("zigbee2mqtt", 1_717_171_717.5, readings)
+    assert json.loads(z2m.payload)["last_seen"] == "2024-05-31T16:08:37.500Z"
+    (tasmota,) = format_messages("tasmota", 1_717_171_717.5, readings, timezone="Europe/Berlin")
+    assert json.loads(tasmota.payload)["Time"] == "2024-05-31T18:08:37"  # Berlin summer time, no zone
+    assert [m.payload for m in format_messages("esphome", 1_717_171_717.5, readings)] == [b"21.5", b"0.82", b"7.9"]
+
+
+@pytest.mark.parametrize("fmt", ["native", "zigbee2mqtt", "tasmota", "esphome", "shelly"])
+def test_printed_config_is_valid_toml_with_channel_names_the_contract_allows(fmt: str) -> None:
+    import tomllib
+
+    from sample_sensors.publish import format_channels, format_config
+
+    config = tomllib.loads(format_config(fmt, timezone="Europe/Berlin"))
+    assert config["channels"]["names"] == format_channels(fmt)
+    for name in config["channels"]["names"]:
+        assert "/" in name and all(name.split("/")) and not set(name) & {"+", "#"}, name
+    if fmt == "native":
+        assert "inputs" not in config
+    else:
+        (mapping,) = config["inputs"]
+        assert mapping["format"] == fmt and mapping["topic"].endswith("#")
+        assert mapping.get("timezone") == ("Europe/Berlin" if fmt == "tasmota" else None)
+    result = subprocess.run(
+        [sys.executable, "-m", "sample_sensors.publish", "--format", fmt, "--print-config", "--timezone", "Europe/Berlin"],
+        capture_output=True, text=True, cwd=REPO, check=True,
+    )  # fmt: skip
+    assert result.stdout == format_config(fmt, timezone="Europe/Berlin")
+
+
+@pytest.mark.parametrize("fmt", ["zigbee2mqtt", "tasmota", "esphome", "shelly"])
+def test_malformed_messages_of_a_format_carry_no_reading(fmt: str) -> None:
+    from sample_sensors.publish import FORMAT_MALFORMED_KINDS, format_malformed
+
+    rng = np.random.default_rng(0)
+    for kind in FORMAT_MALFORMED_KINDS[fmt]:
+        message = format_malformed(fmt, kind, 1_717_171_717.5, rng)
+        assert message.kind == kind and message.readings == 0
+        if kind == "bad_json":
+            with pytest.raises(ValueError):
+                json.loads(message.payload)
+        elif fmt == "esphome":
+            with pytest.raises(ValueError):
+                float(message.payload)
+        else:  # the temperature, a configured channel, as a string
+            leaves = _flatten(json.loads(message.payload))
+            assert isinstance(leaves.get("temperature", leaves.get("DS18B20.Temperature", leaves.get("tC"))), str), leaves
