@@ -67,7 +67,8 @@ def validate(args: argparse.Namespace) -> int:
         for field_path, message in exc.problems:
             print(f"  {field_path}: {message}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"{args.path}: valid (device {config.device.id}, {len(config.channels.names)} channels)")
+    inputs = ", ".join(f"{mapping.format} on {mapping.topic}" for mapping in config.inputs) or "the native form"
+    print(f"{args.path}: valid (device {config.device.id}, {len(config.channels.names)} channels; reading {inputs})")
     return EXIT_OK
 
 
