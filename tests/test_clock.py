@@ -67,6 +67,25 @@ def test_out_of_window_readings_go_to_the_hold_list_only_when_given_one() -> Non
     assert len(held) == 2
 
 
+def test_a_timestamp_no_clock_error_explains_is_rejected_at_once_never_held() -> None:
+    """Past 2100, or more than a year ahead of the device clock: `future` at once, even with a hold list."""
+    held: list[Reading] = []
+    for ts in (NOW + 366 * DAY, 4_102_444_800.5, 1e11, 1e20):
+        for topic, doc in (("sensors/m1/current", {"ts": ts, "value": 1.0}), ("sensors/m1", {"ts": ts, "values": {"current": 1.0}})):
+            with pytest.raises(PayloadError, match="future") as raised:
+                parse_payload(topic, json.dumps(doc).encode(), NOW, set(CHANNELS), LIMITS, None, held)
+            assert raised.value.reason == "future"
+    assert held == []
+    # A day, or up to a year, ahead is still a clock that may be wrong: held.
+    for ts in (NOW + DAY, NOW + 364 * DAY):
+        assert parse_payload("sensors/m1/current", json.dumps({"ts": ts, "value": 1.0}).encode(), NOW, set(CHANNELS), LIMITS, None, held) == []
+    assert [r.ts for r in held] == [NOW + DAY, NOW + 364 * DAY]
+    # A device clock before any working clock (a dead RTC) measures nothing: only the 2100 limit applies.
+    dead_clock = HOLD_FLOOR_TS - 1000 * DAY
+    assert parse_payload("sensors/m1/current", json.dumps({"ts": NOW, "value": 1.0}).encode(), dead_clock, set(CHANNELS), LIMITS, None, held) == []
+    assert held[-1].ts == NOW
+
+
 # -- the store's hold ---------------------------------------------------------------------------
 
 
