@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,16 @@ import torch
 
 from edge_daemon.artifacts.base import BaseModel, load_base
 from edge_daemon.config import ModelConfig
+from edge_daemon.daemon import Daemon
 from edge_daemon.frames import Grid, build_grid
 from edge_daemon.model import anomaly_score
+from edge_daemon.pipeline import ScoringPipeline
 from edge_daemon.pretrain import pretrain
 from edge_daemon.scoring.grid import GridAssembler
 from edge_daemon.scoring.serving import Scorer, ServingRule
+from edge_daemon.status import StatusReport
+from edge_daemon.store import Reading
+from edge_daemon.times import iso
 
 torch.set_num_threads(1)
 
@@ -374,3 +381,71 @@ def test_further_horizons_are_forecast_and_scored_when_their_step_arrives(base: 
     compared = scorer.comparison()["horizons"]["8"]
     assert compared["steps_compared"] == 60 - 23 and compared["served_by_channel"] == dict.fromkeys(CHANNELS, "model")
 
+
+# ---------------------------------------------------------------- ScoringPipeline: stalls
+
+
+def test_a_stall_is_reported_and_logged_once_when_it_starts_and_when_it_ends(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Four steps a day ahead in one batch (a gateway's buffer from a wrong clock) confirm each
+    other, the grid follows them, and the real stream is late from then on: `status` says so."""
+    from conftest import make_config
+
+    mono = Mono()
+    config = make_config(tmp_path)
+    pipeline = ScoringPipeline(config, lambda *args: None, held_rows=lambda: 7, mono=mono)
+    assert pipeline.stall_s == 60.0
+    names = config.channels.names
+    start = 1_800_000_000.0
+
+    def second(t: float) -> None:
+        mono.now += 1.0
+        pipeline.feed([Reading(name, t, 1.0) for name in names])
+
+    for t in range(10):
+        second(start + t)
+    pipeline.feed([Reading(name, start + 86400.0 + t, 1.0) for t in range(10, 14) for name in names])
+    assert pipeline.assembler.stats.jumps == 1 and pipeline.stall_warning() is None
+    steps = pipeline.steps
+    caplog.set_level(logging.INFO, logger="edge_daemon.pipeline")
+    for t in range(14, 75):
+        second(start + t)
+    # Readings every second and no step: stalled once more than 60 s passed since the last step.
+    assert pipeline.steps == steps
+    counters = pipeline.counters()
+    assert counters["late_readings"] == 61 * 3 and counters["last_late"] == iso(start + 74)
+    assert counters["held"] == 7 and counters["outliers"] == 0 and counters["set_aside"] == 0
+    assert counters["stalled"] is not None and counters["stalled"].startswith("scoring stalled: readings arrive but no grid step completed for 61 s")
+    assert pipeline.status()["stalled"] == counters["stalled"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "183 late readings" in warnings[0].getMessage()
+    # The retained MQTT status carries the counters, the STATUS= line the stall.
+    daemon = Daemon(config)
+    daemon.pipeline = pipeline
+    report = StatusReport(daemon)
+    assert report.online()["scoring"] == counters
+    assert "scoring stalled" in report.line().split(", ")
+    # Readings stop: nothing is expected of scoring, so the stall is over.
+    mono.now += 61.0
+    pipeline.feed([])
+    assert pipeline.stall_warning() is None
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == ["scoring stall over: no readings arrive"]
+    assert "scoring stalled" not in StatusReport(daemon).line()
+    assert StatusReport(daemon).online()["scoring"]["stalled"] is None
+
+
+def test_the_clock_flush_follows_the_accepted_stream_not_a_reading_set_aside(tmp_path: Path) -> None:
+    """A backfill of the last ten minutes pauses after an outlier an hour ahead: the clock
+    completes the backfill's own steps only, so its next readings are not late."""
+    from conftest import make_config
+
+    config = make_config(tmp_path)
+    pipeline = ScoringPipeline(config, lambda *args: None)
+    start = float(int(time.time()) - 600)
+    pipeline.feed([Reading(name, start + t, 1.0) for t in range(100) for name in config.channels.names])
+    pipeline.feed([Reading("m1/temperature", time.time() + 3600.0, 1.0)])
+    assert pipeline.assembler.set_aside == 1 and pipeline.newest_ts == start + 99
+    pipeline.flush_by_clock()
+    assert pipeline.steps == 100  # every step up to the newest accepted reading, none made up beyond it
+    pipeline.feed([Reading(name, start + t, 1.0) for t in range(100, 200) for name in config.channels.names])
+    assert pipeline.assembler.stats.late == 0 and pipeline.steps == 198
+    assert pipeline.assembler.stats.outliers == 1 and pipeline.counters()["outliers"] == 1
