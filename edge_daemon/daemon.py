@@ -144,7 +144,9 @@ class Daemon:
         return Part("watchdog", watchdog.stop, lambda: watchdog.alive)
 
     def _start_pipeline(self) -> Part:
-        self.pipeline = ScoringPipeline(self.config, self._publish, self.adaptation.load_serving())
+        store = self.store
+        held_rows = (lambda: store.held_rows) if store is not None else None
+        self.pipeline = ScoringPipeline(self.config, self._publish, self.adaptation.load_serving(), held_rows)
         pipeline = self.pipeline
         pipeline.start()
         return Part("scoring", pipeline.stop, lambda: pipeline.alive)

@@ -21,7 +21,7 @@ from edge_daemon.times import iso
 from edge_daemon.baselines import MODEL
 from edge_daemon.config import Config
 from edge_daemon.drift.feed import DriftFeed
-from edge_daemon.replies import LastScore, ScoringStatus
+from edge_daemon.replies import LastScore, ScoringCounters, ScoringStatus
 from edge_daemon.scoring.grid import GridAssembler, GridStep
 from edge_daemon.scoring.serving import Scorer
 from edge_daemon.store import Reading
@@ -39,17 +39,33 @@ MAX_FAILURES_IN_A_ROW = 20
 # The thread beats at least once a second while it runs; this long without a beat is a wedged
 # scoring thread (dead too).
 STALE_S = 120.0
+# Scoring has stalled when readings were handed to it within the last STALL_S (or STALL_PERIODS
+# periods, the longer) and no grid step completed for longer than that: every reading is late or
+# set aside, and nothing else would say so.
+STALL_S = 60.0
+STALL_PERIODS = 30
 
 
 class ScoringPipeline:
     """Owns the assembler, the scorer (once a base model exists) and the drift monitor."""
 
-    def __init__(self, config: Config, publish: Publish, scorer: Scorer | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        publish: Publish,
+        scorer: Scorer | None = None,
+        held_rows: Callable[[], int] | None = None,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`held_rows` counts the readings the store holds for the clock (for `status`); `mono` is
+        the monotonic clock stalls and the assembler's arrivals are measured by."""
         self.config = config
         self.publish = publish
         self.scorer = scorer
+        self._held_rows = held_rows
+        self._mono = mono
         self.assembler = GridAssembler(
-            config.channels.names, config.channels.period_s, config.channels.max_fill_steps, config.channels.lateness_s
+            config.channels.names, config.channels.period_s, config.channels.max_fill_steps, config.channels.lateness_s, mono
         )
         self._drift_feed = DriftFeed(config, None if scorer is None else scorer.base)
         self.drift = self._drift_feed.monitor
@@ -64,7 +80,10 @@ class ScoringPipeline:
         self.last_score: LastScore | None = None
         self.heartbeat = time.monotonic()
         self.failures = 0  # batches (or flushes) failed in a row
-        self._newest_ts = float("-inf")
+        self.stall_s = max(STALL_S, STALL_PERIODS * config.channels.period_s)
+        self._readings_at: float | None = None  # when (by `mono`) readings last reached the assembler
+        self._step_at: float | None = None  # when a grid step last completed (or readings first came)
+        self._stall_logged = False
         # Recent (t, anomaly score, adapter version) for the report; bounded.
         self.history: list[tuple[float, float, int | None]] = []
 
@@ -98,21 +117,37 @@ class ScoringPipeline:
             try:
                 batch = self._queue.get(timeout=1.0)
             except queue.Empty:
-                # Readings stopped: the newest step is complete once the clock is past it (plus
-                # lateness). Bounded by the newest reading, so no forward-filled steps are made
-                # up beyond the data and a backfill's next batch is not counted late.
-                horizon = min(time.time(), self._newest_ts + self.config.channels.period_s + self.config.channels.lateness_s)
-                self._score(lambda: self.assembler.flush(horizon), "scoring flushed steps failed")
+                self.flush_by_clock()
                 continue
             if batch is None:
                 log.info("scoring thread exiting")
                 return
-            self._score(lambda: self._add(batch), "scoring a batch failed")
+            self.feed(batch)
         log.error("scoring failed %d times in a row; the scoring thread stops", self.failures)
+
+    def flush_by_clock(self) -> None:
+        """Readings stopped: the newest step is complete once the clock is past it (plus lateness).
+
+        Bounded by the newest reading the assembler accepted (never one it set aside as an
+        outlier), so no forward-filled steps are made up beyond the data and a backfill's next
+        batch is not counted late.
+        """
+        newest = self.assembler.newest_ts
+        if newest is not None:
+            horizon = min(time.time(), newest + self.config.channels.period_s + self.config.channels.lateness_s)
+            self._score(lambda: self.assembler.flush(horizon), "scoring flushed steps failed")
+        self._note_stall()
+
+    def feed(self, batch: Sequence[Reading]) -> None:
+        """Assemble and score one batch in the calling thread (the scoring thread's work for each)."""
+        self._score(lambda: self._add(batch), "scoring a batch failed")
+        self._note_stall()
 
     def _add(self, batch: Sequence[Reading]) -> list[GridStep]:
         if batch:
-            self._newest_ts = max(self._newest_ts, max(reading.ts for reading in batch))
+            self._readings_at = self._mono()
+            if self._step_at is None:
+                self._step_at = self._readings_at  # a stall is measured from the first readings
         return self.assembler.add(batch)
 
     def _score(self, steps: Callable[[], list[GridStep]], what: str) -> None:
@@ -120,6 +155,7 @@ class ScoringPipeline:
         try:
             for step in steps():
                 self._on_step(step.t, step.values)
+                self._step_at = self._mono()
                 self.heartbeat = time.monotonic()
         except Exception:  # one bad step must not stop scoring; it is logged with its traceback
             self.failures += 1
@@ -218,15 +254,63 @@ class ScoringPipeline:
 
     @property
     def newest_ts(self) -> float | None:
-        """Time of the newest reading handed to scoring (the data's clock), None before any."""
-        return self._newest_ts if self._newest_ts != float("-inf") else None
+        """Time of the newest reading scoring accepted (the data's clock; not an outlier set
+        aside), None before any."""
+        return self.assembler.newest_ts
+
+    # -- stalls ----------------------------------------------------------------------------
+
+    def stall_warning(self) -> str | None:
+        """Why scoring is stalled (readings arrive, no grid step completes), None while it is not.
+
+        Counters only: read for the retained MQTT status on paho's network thread.
+        """
+        readings_at, step_at = self._readings_at, self._step_at
+        if readings_at is None or step_at is None:
+            return None
+        now = self._mono()
+        if now - readings_at > self.stall_s or now - step_at <= self.stall_s:
+            return None
+        stats = self.assembler.stats
+        why = [f"{stats.late} late readings"]
+        if stats.last_late_ts is not None:
+            why[0] += f" (latest stamped {iso(stats.last_late_ts)})"
+        if self.assembler.set_aside:
+            why.append(f"{self.assembler.set_aside} readings set aside far ahead of the stream")
+        return f"scoring stalled: readings arrive but no grid step completed for {now - step_at:.0f} s; " + ", ".join(why)
+
+    def _note_stall(self) -> None:
+        """Log a stall once when it starts (WARNING) and once when it ends (INFO)."""
+        warning = self.stall_warning()
+        if warning is not None and not self._stall_logged:
+            self._stall_logged = True
+            log.warning("%s", warning)
+        elif warning is None and self._stall_logged:
+            self._stall_logged = False
+            resumed = self._step_at is not None and self._mono() - self._step_at <= self.stall_s
+            log.info("scoring stall over: %s", "grid steps complete again" if resumed else "no readings arrive")
+
+    # -- status ----------------------------------------------------------------------------
+
+    def counters(self) -> ScoringCounters:
+        """Counts for the retained MQTT status and the STATUS= line: no lock, no scorer, cheap."""
+        stats = self.assembler.stats
+        return {
+            "steps": self.steps,
+            "scored": self.scored,
+            "late_readings": stats.late,
+            "last_late": iso(stats.last_late_ts),
+            "held": self._held_rows() if self._held_rows is not None else None,
+            "outliers": stats.outliers,
+            "set_aside": self.assembler.set_aside,
+            "stalled": self.stall_warning(),
+        }
 
     def status(self) -> ScoringStatus:
         with self._lock:
             scorer = self.scorer
         return {
-            "steps": self.steps,
-            "scored": self.scored,
+            **self.counters(),
             "anomalies": self.anomalies,
             "dropped_batches": self.dropped_batches,
             "failures_in_a_row": self.failures,

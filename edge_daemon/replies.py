@@ -173,9 +173,20 @@ class ServingComparison(TypedDict):
     horizons: dict[str, HorizonComparison]
 
 
-class ScoringStatus(TypedDict):
-    steps: int
+class ScoringCounters(TypedDict):
+    """ScoringPipeline.counters(): cheap counts, also in the retained MQTT status."""
+
+    steps: int  # grid steps completed
     scored: int
+    late_readings: int  # arrived after their grid step was completed: dropped from scoring
+    last_late: str | None  # the timestamp of the latest of them (ISO 8601)
+    held: int | None  # readings the store holds for the clock (scored once released); None without a store
+    outliers: int  # readings set aside far ahead of the stream and dropped unconfirmed
+    set_aside: int  # readings set aside now, waiting for later ones to confirm them
+    stalled: str | None  # why scoring stalls while readings arrive; None while it does not
+
+
+class ScoringStatus(ScoringCounters):
     anomalies: int
     dropped_batches: int
     failures_in_a_row: int
@@ -347,5 +358,6 @@ class OnlineStatus(TypedDict):
     started: str
     adapter_version: int | None
     drift: NotRequired[bool]  # residual drift; once scoring runs
+    scoring: NotRequired[ScoringCounters]  # once scoring runs
     disk_full: bool
 

@@ -128,11 +128,12 @@ class StatusReport:
         }  # type: ignore[typeddict-item]  # disk_full follows drift
         if daemon.pipeline is not None:
             status["drift"] = daemon.pipeline.drift.residual_drift_detected
+            status["scoring"] = daemon.pipeline.counters()
         status["disk_full"] = daemon.disk_full
         return status
 
     def line(self) -> str:
-        """The one-line STATUS= text: adapter, memory, drift, readings, broker and training.
+        """The one-line STATUS= text: adapter, memory, drift, a scoring stall, readings, broker and training.
 
         Sent with every watchdog heartbeat, so it reads the parts' cheap accessors rather than
         whole sections. Each piece is best effort: one that fails is left out rather than
@@ -153,6 +154,7 @@ class StatusReport:
         add(self._adapter_piece)
         add(lambda: f"memory {daemon.watchdog.level.label}" if daemon.watchdog is not None else None)
         add(self._drift_piece)
+        add(lambda: "scoring stalled" if daemon.pipeline is not None and daemon.pipeline.stall_warning() else None)
         add(lambda: f"{daemon.store.count()} readings" if daemon.store is not None else None)
         add(lambda: "disk full: ingestion waiting" if daemon.disk_full else None)
         add(self._clock_piece)

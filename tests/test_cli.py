@@ -262,6 +262,20 @@ def test_json_output_skips_rich_and_pydantic(sock: Path) -> None:
 # -- against a real daemon ---------------------------------------------------------------------
 
 
+def test_status_human_says_what_scoring_could_not_use(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:
+    scoring = {"steps": 1300, "scored": 1200, "anomalies": 2, "dropped_batches": 0, "failures_in_a_row": 0, "last": None, "serving": None,
+               "late_readings": 45, "last_late": "2024-05-01T12:00:03+00:00", "held": 3, "outliers": 1, "set_aside": 0, "stalled": None}  # fmt: skip
+    fake.status = {"device": "pump-07", "uptime_s": 5, "scoring": scoring}
+    code, out, _ = run(capsys, "status", "--socket", str(sock))
+    assert code == 0
+    text = " ".join(out.split())  # the console wraps long lines at its width
+    assert ("scoring 1,200 steps scored, 2 anomalies, 45 late readings (latest stamped 2024-05-01 12:00:03Z), "
+            "1 outliers set aside, 3 held for the clock") in text  # fmt: skip
+    fake.status["scoring"] = {**scoring, "late_readings": 0, "held": 0, "outliers": 0, "stalled": "scoring stalled: no grid step for 61 s"}
+    code, out, _ = run(capsys, "status", "--socket", str(sock))
+    assert "scoring 1,200 steps scored, 2 anomalies; scoring stalled: no grid step for 61 s" in " ".join(out.split())
+
+
 def test_status_against_a_real_daemon(capsys: pytest.CaptureFixture[str], tmp_path: Path, broker: LocalBroker) -> None:
     from test_daemon_ingest import DaemonProcess, write_config
 

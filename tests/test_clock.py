@@ -67,6 +67,25 @@ def test_out_of_window_readings_go_to_the_hold_list_only_when_given_one() -> Non
     assert len(held) == 2
 
 
+def test_a_timestamp_no_clock_error_explains_is_rejected_at_once_never_held() -> None:
+    """Past 2100, or more than a year ahead of the device clock: `future` at once, even with a hold list."""
+    held: list[Reading] = []
+    for ts in (NOW + 366 * DAY, 4_102_444_800.5, 1e11, 1e20):
+        for topic, doc in (("sensors/m1/current", {"ts": ts, "value": 1.0}), ("sensors/m1", {"ts": ts, "values": {"current": 1.0}})):
+            with pytest.raises(PayloadError, match="future") as raised:
+                parse_payload(topic, json.dumps(doc).encode(), NOW, set(CHANNELS), LIMITS, None, held)
+            assert raised.value.reason == "future"
+    assert held == []
+    # A day, or up to a year, ahead is still a clock that may be wrong: held.
+    for ts in (NOW + DAY, NOW + 364 * DAY):
+        assert parse_payload("sensors/m1/current", json.dumps({"ts": ts, "value": 1.0}).encode(), NOW, set(CHANNELS), LIMITS, None, held) == []
+    assert [r.ts for r in held] == [NOW + DAY, NOW + 364 * DAY]
+    # A device clock before any working clock (a dead RTC) measures nothing: only the 2100 limit applies.
+    dead_clock = HOLD_FLOOR_TS - 1000 * DAY
+    assert parse_payload("sensors/m1/current", json.dumps({"ts": NOW, "value": 1.0}).encode(), dead_clock, set(CHANNELS), LIMITS, None, held) == []
+    assert held[-1].ts == NOW
+
+
 # -- the store's hold ---------------------------------------------------------------------------
 
 
@@ -188,8 +207,8 @@ def test_readings_ahead_of_an_unsynchronised_clock_are_held_then_stored_once_it_
     tmp_path: Path, broker: LocalBroker
 ) -> None:
     """A device booted with the clock of its last shutdown, two days behind the sensors: their
-    readings are held (acknowledged, scored), nothing is lost across a restart, and all are
-    stored exactly once when NTP corrects the clock."""
+    readings are held (acknowledged, not scored), nothing is lost across a restart, and all are
+    stored and handed to scoring exactly once when NTP corrects the clock."""
     config = config_for(tmp_path, broker)
     store = ReplayStore(config.store_path, config.store, config.channels.names)
     state = {"behind": 2 * DAY, "synchronized": False}
@@ -217,14 +236,16 @@ def test_readings_ahead_of_an_unsynchronised_clock_are_held_then_stored_once_it_
     counters = ingestor.counters()
     assert store.count() == 0 and store.held_rows == 300
     assert counters["clock"]["trusted"] is False and counters["clock"]["holding"] == 300
-    wait_for(lambda: len(scored) == 300, HANG_S, "the held readings scored")
     ingestor.stop()
+    # Stopped with its pending batch flushed: nothing held reached scoring.
+    assert scored == []
 
     # Restarted with the clock still wrong: the held readings were acknowledged (the broker
     # sends none again) and are still held.
     again = Ingestor(config, store, clock=device_clock, clock_watch=watch())
     batches: list[Reading] = []
     again.on_batch.append(batches.extend)
+    again.on_readings.append(scored.extend)
     again.start()
     assert again.wait_subscribed(HANG_S)
     assert store.held_rows == 300 and store.count() == 0
@@ -233,6 +254,9 @@ def test_readings_ahead_of_an_unsynchronised_clock_are_held_then_stored_once_it_
     state["synchronized"] = True
     wait_for(lambda: store.count() == 300, HANG_S, "the held readings released")
     assert store.held_rows == 0
+    # Released into the store, they reach scoring, each once.
+    wait_for(lambda: len(scored) == 300, HANG_S, "the released readings handed to scoring")
+    assert sorted(scored) == sorted(Reading(*r) for r in expected)
     later = _publish_readings(broker, "pub-after", now + 200, 30)
     wait_for(lambda: store.count() == 330, HANG_S, "readings after the correction")
     again.stop()
@@ -241,6 +265,7 @@ def test_readings_ahead_of_an_unsynchronised_clock_are_held_then_stored_once_it_
     assert counters["received"] == 30 and counters["released"] == 300
     assert counters["clock"]["jumps"] == 1 and counters["clock"]["trusted"] is True
     assert sorted(set(batches)) == sorted(Reading(*r) for r in expected + later)
+    assert sorted(scored) == sorted(Reading(*r) for r in expected + later)
     assert stored(config.store_path) == sorted(expected + later, key=lambda r: (r[1], r[0]))
 
 

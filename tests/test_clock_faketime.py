@@ -131,11 +131,15 @@ def test_a_daemon_started_on_a_wrong_clock_stores_everything_once_the_clock_is_c
         status = daemon.status()
         assert status["store"]["readings"] == 0 and status["ingest"]["clock"]["holding"] == len(expected)
         assert status["ingest"]["rejected"] == 0, status["ingest"]["rejected_by_reason"]
-        # Scoring ran on the held readings (the sensors' timestamps, not the device clock).
-        assert status["scoring"]["steps"] > 0
+        # Held readings are not scored while held (one stamped far ahead would move scoring's
+        # horizon); `status` says how many wait.
+        assert status["scoring"]["steps"] == 0 and status["scoring"]["held"] == len(expected)
 
         offset.write_text("+0\n")  # NTP corrects the clock
         wait_for(lambda: daemon.status()["store"]["readings"] == len(expected), HANG_S, "the held readings stored")
+        # Released into the store, they are scored.
+        wait_for(lambda: daemon.status()["scoring"]["steps"] > 0, HANG_S, "the released readings scored")
+        assert daemon.status()["scoring"]["held"] == 0
         # The background jobs run on after the step (apscheduler counts in wall-clock time).
         refreshed = watcher.count
         wait_for(lambda: watcher.count >= refreshed + 3, HANG_S, "the status job after the clock step")

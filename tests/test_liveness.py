@@ -84,7 +84,7 @@ def test_a_scoring_thread_that_stops_beating_is_dead(tmp_path: Path, monkeypatch
     try:
         assert pipeline.alive
         with pipeline._lock:  # each step takes it: the thread is stuck in its first step
-            pipeline.on_batch([Reading("m1/temperature", 1_800_000_000.0, 1.0), Reading("m1/temperature", 1_800_000_100.0, 2.0)])
+            pipeline.on_batch([Reading("m1/temperature", 1_800_000_000.0, 1.0), Reading("m1/temperature", 1_800_000_002.0, 2.0)])
             wait_for(lambda: not pipeline.alive, HANG_S, "the stuck scoring thread to count as dead")
         wait_for(lambda: pipeline.alive, HANG_S, "scoring to beat again")
         assert pipeline.steps > 0

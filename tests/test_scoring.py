@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,16 @@ import torch
 
 from edge_daemon.artifacts.base import BaseModel, load_base
 from edge_daemon.config import ModelConfig
+from edge_daemon.daemon import Daemon
 from edge_daemon.frames import Grid, build_grid
 from edge_daemon.model import anomaly_score
+from edge_daemon.pipeline import ScoringPipeline
 from edge_daemon.pretrain import pretrain
 from edge_daemon.scoring.grid import GridAssembler
 from edge_daemon.scoring.serving import Scorer, ServingRule
+from edge_daemon.status import StatusReport
+from edge_daemon.store import Reading
+from edge_daemon.times import iso
 
 torch.set_num_threads(1)
 
@@ -100,6 +107,100 @@ def test_long_outage_is_skipped_not_emitted() -> None:
     times = [s.t for s in first + later]
     # 5 steps, 2 forward-filled ones after the outage stopped, then the new readings: no 100000 NaN rows.
     assert times == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 100000.0, 100001.0, 100002.0, 100003.0]
+
+
+class Mono:
+    """A monotonic clock the test moves: arrival times are explicit."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _stream(assembler: GridAssembler, mono: Mono, ts: list[float], extra: dict[int, list[tuple[str, float, float]]] | None = None) -> list[float]:
+    """One batch per step (both channels at ts[i], plus extra[i]), arriving a second apart; the times of the steps emitted."""
+    times = []
+    for i, t in enumerate(ts):
+        times += [s.t for s in assembler.add([(c, t, 1.0) for c in CHANNELS] + (extra or {}).get(i, []))]
+        mono.now += 1.0
+    return times
+
+
+def test_one_reading_far_ahead_of_the_stream_does_not_move_the_grid() -> None:
+    mono = Mono()
+    assembler = GridAssembler(CHANNELS, period_s=1.0, max_fill_steps=2, lateness_s=1.0, mono=mono)
+    assert assembler.outlier_floor_s == 60.0
+    ahead = {50: [("m1/temperature", 50.0 + 86400.0, 9.0)], 70: [("m1/vibration", 70.0 + 200.0, 9.0)], 80: [("m1/vibration", 1e20, 9.0)]}
+    times = _stream(assembler, mono, [float(t) for t in range(100)], ahead)
+    # Every step of the stream, none late: the day-ahead and the 200 s-ahead readings were set
+    # aside, then dropped once the stream had moved on 3 steps; 1e20 is no time at all.
+    assert times == [float(t) for t in range(98)]
+    assert assembler.stats.late == 0 and assembler.stats.last_late_ts is None
+    assert assembler.stats.outliers == 2 and assembler.set_aside == 0 and assembler.stats.jumps == 0
+    assert assembler.stats.non_finite == 1
+    assert assembler.newest_ts == 99.0
+    # Set aside, a reading waits (not counted yet) until the stream has advanced DROP_STEPS steps.
+    assembler.add([("m1/temperature", 100.0 + 3600.0, 1.0)])
+    assert assembler.set_aside == 1 and assembler.stats.outliers == 2
+    _stream(assembler, mono, [100.0, 101.0])
+    assert assembler.set_aside == 1
+    _stream(assembler, mono, [102.0])
+    assert assembler.set_aside == 0 and assembler.stats.outliers == 3
+
+
+def test_a_forward_jump_of_the_whole_stream_is_followed_once_three_later_steps_confirm_it() -> None:
+    """A sensor clock corrected a day forward: every reading from then on is a day ahead."""
+    mono = Mono()
+    assembler = GridAssembler(CHANNELS, period_s=1.0, max_fill_steps=2, lateness_s=1.0, mono=mono)
+    times = _stream(assembler, mono, [float(t) for t in range(50)])
+    assert times == [float(t) for t in range(48)]
+    jumped = [86400.0 + t for t in range(50, 70)]
+    times = _stream(assembler, mono, jumped[:3])
+    assert times == [] and assembler.set_aside == 6 and assembler.newest_ts == 49.0  # not yet: 2 later steps
+    times += _stream(assembler, mono, jumped[3:])
+    # The old stream's last steps and 2 forward-filled ones, then the new stream from its first step.
+    assert times == [48.0, 49.0, 50.0, 51.0] + jumped[:-2]
+    assert assembler.stats.jumps == 1 and assembler.stats.outliers == 0 and assembler.stats.late == 0
+    assert assembler.set_aside == 0 and assembler.newest_ts == jumped[-1]
+
+
+def test_a_real_gap_is_followed_at_once_when_as_much_time_has_passed() -> None:
+    mono = Mono()
+    assembler = GridAssembler(CHANNELS, period_s=1.0, max_fill_steps=2, lateness_s=1.0, mono=mono)
+    _stream(assembler, mono, [float(t) for t in range(10)])
+    mono.now += 3600.0  # the sensors were silent for an hour: their next readings are an hour on
+    times = _stream(assembler, mono, [3610.0, 3611.0, 3612.0])
+    assert times == [8.0, 9.0, 10.0, 11.0, 3610.0]
+    assert assembler.set_aside == 0 and assembler.stats.jumps == 0 and assembler.stats.outliers == 0
+
+
+def test_a_backfill_arriving_at_once_and_a_gap_within_it() -> None:
+    """Old readings delivered as fast as they come (no arrival time passes), in order, with a
+    day-long hole in the middle: all of it is assembled, none late."""
+    mono = Mono()
+    assembler = GridAssembler(CHANNELS, period_s=1.0, max_fill_steps=2, lateness_s=1.0, mono=mono)
+    ts = [float(t) for t in range(500)] + [86400.0 + t for t in range(500)]
+    steps = []
+    for first in range(0, len(ts), 50):
+        steps += assembler.add([(c, t, 1.0) for t in ts[first : first + 50] for c in CHANNELS])
+    assert [s.t for s in steps] == [float(t) for t in range(502)] + [86400.0 + t for t in range(498)]
+    assert assembler.stats.late == 0 and assembler.stats.outliers == 0 and assembler.stats.jumps == 1
+
+
+def test_a_channel_whose_clock_runs_a_day_ahead_is_dropped_and_the_stream_scored() -> None:
+    """Only the vibration sensor's clock is a day ahead: the stream the rest keeps advancing wins."""
+    mono = Mono()
+    assembler = GridAssembler(CHANNELS, period_s=1.0, max_fill_steps=0, lateness_s=1.0, mono=mono)
+    times = []
+    for t in range(30):
+        times += [s.t for s in assembler.add([("m1/temperature", float(t), 1.0), ("m1/vibration", 86400.0 + t, 2.0)])]
+        mono.now += 1.0
+    assert times == [float(t) for t in range(28)]
+    # Set aside in groups of 3 steps, each dropped as the stream reaches 3 steps on; the last waits.
+    assert assembler.stats.outliers == 27 and assembler.set_aside == 3
+    assert assembler.stats.jumps == 0 and assembler.stats.late == 0 and assembler.newest_ts == 29.0
 
 
 # ---------------------------------------------------------------- Scorer
@@ -279,3 +380,72 @@ def test_further_horizons_are_forecast_and_scored_when_their_step_arrives(base: 
     np.testing.assert_allclose(arrived["persistence"], base.norm.apply(data[20]) - base.norm.apply(data[28]), atol=1e-5)
     compared = scorer.comparison()["horizons"]["8"]
     assert compared["steps_compared"] == 60 - 23 and compared["served_by_channel"] == dict.fromkeys(CHANNELS, "model")
+
+
+# ---------------------------------------------------------------- ScoringPipeline: stalls
+
+
+def test_a_stall_is_reported_and_logged_once_when_it_starts_and_when_it_ends(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Four steps a day ahead in one batch (a gateway's buffer from a wrong clock) confirm each
+    other, the grid follows them, and the real stream is late from then on: `status` says so."""
+    from conftest import make_config
+
+    mono = Mono()
+    config = make_config(tmp_path)
+    pipeline = ScoringPipeline(config, lambda *args: None, held_rows=lambda: 7, mono=mono)
+    assert pipeline.stall_s == 60.0
+    names = config.channels.names
+    start = 1_800_000_000.0
+
+    def second(t: float) -> None:
+        mono.now += 1.0
+        pipeline.feed([Reading(name, t, 1.0) for name in names])
+
+    for t in range(10):
+        second(start + t)
+    pipeline.feed([Reading(name, start + 86400.0 + t, 1.0) for t in range(10, 14) for name in names])
+    assert pipeline.assembler.stats.jumps == 1 and pipeline.stall_warning() is None
+    steps = pipeline.steps
+    caplog.set_level(logging.INFO, logger="edge_daemon.pipeline")
+    for t in range(14, 75):
+        second(start + t)
+    # Readings every second and no step: stalled once more than 60 s passed since the last step.
+    assert pipeline.steps == steps
+    counters = pipeline.counters()
+    assert counters["late_readings"] == 61 * 3 and counters["last_late"] == iso(start + 74)
+    assert counters["held"] == 7 and counters["outliers"] == 0 and counters["set_aside"] == 0
+    assert counters["stalled"] is not None and counters["stalled"].startswith("scoring stalled: readings arrive but no grid step completed for 61 s")
+    assert pipeline.status()["stalled"] == counters["stalled"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "183 late readings" in warnings[0].getMessage()
+    # The retained MQTT status carries the counters, the STATUS= line the stall.
+    daemon = Daemon(config)
+    daemon.pipeline = pipeline
+    report = StatusReport(daemon)
+    assert report.online()["scoring"] == counters
+    assert "scoring stalled" in report.line().split(", ")
+    # Readings stop: nothing is expected of scoring, so the stall is over.
+    mono.now += 61.0
+    pipeline.feed([])
+    assert pipeline.stall_warning() is None
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == ["scoring stall over: no readings arrive"]
+    assert "scoring stalled" not in StatusReport(daemon).line()
+    assert StatusReport(daemon).online()["scoring"]["stalled"] is None
+
+
+def test_the_clock_flush_follows_the_accepted_stream_not_a_reading_set_aside(tmp_path: Path) -> None:
+    """A backfill of the last ten minutes pauses after an outlier an hour ahead: the clock
+    completes the backfill's own steps only, so its next readings are not late."""
+    from conftest import make_config
+
+    config = make_config(tmp_path)
+    pipeline = ScoringPipeline(config, lambda *args: None)
+    start = float(int(time.time()) - 600)
+    pipeline.feed([Reading(name, start + t, 1.0) for t in range(100) for name in config.channels.names])
+    pipeline.feed([Reading("m1/temperature", time.time() + 3600.0, 1.0)])
+    assert pipeline.assembler.set_aside == 1 and pipeline.newest_ts == start + 99
+    pipeline.flush_by_clock()
+    assert pipeline.steps == 100  # every step up to the newest accepted reading, none made up beyond it
+    pipeline.feed([Reading(name, start + t, 1.0) for t in range(100, 200) for name in config.channels.names])
+    assert pipeline.assembler.stats.late == 0 and pipeline.steps == 198
+    assert pipeline.assembler.stats.outliers == 1 and pipeline.counters()["outliers"] == 1

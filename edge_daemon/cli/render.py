@@ -203,6 +203,17 @@ def describe_drift(drift: DriftStatus) -> str:
 
 def describe_scoring(scoring: ScoringStatus) -> str:
     text = f"{scoring['scored']:,} steps scored, {scoring['anomalies']:,} anomalies"
+    # Readings scoring could not use, only when there are some (`late_readings`..: older daemon).
+    late, outliers, held = scoring.get("late_readings"), scoring.get("outliers"), scoring.get("held")
+    if late:
+        last = scoring.get("last_late")
+        text += f", {fmt_int(late)} late readings" + (f" (latest stamped {fmt_time(last)})" if last else "")
+    if outliers:
+        text += f", {fmt_int(outliers)} outliers set aside"
+    if held:
+        text += f", {fmt_int(held)} held for the clock"
+    if scoring.get("stalled"):
+        text += f"; [red]{esc(scoring['stalled'])}[/red]"
     serving = scoring["serving"]
     if serving is not None:
         served = serving["served"]

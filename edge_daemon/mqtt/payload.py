@@ -107,6 +107,9 @@ def _number(value: Any, what: str) -> float:
 # A reading stamped before this (2024-01-01 UTC) was not stamped by a working clock (a dead RTC
 # sends 1970): it is rejected at once, never held for the device clock to be corrected.
 HOLD_FLOOR_TS = 1_704_067_200.0
+# Nor was one stamped after 2100-01-01 UTC, or more than a year ahead of a working device clock:
+# no clock error explains it, so it is rejected as "future" at once, whatever the clock trust.
+FUTURE_LIMIT_TS, MAX_AHEAD_S = 4_102_444_800.0, 365 * 86400.0
 
 
 class _OutOfWindow(Exception):
@@ -127,6 +130,8 @@ def _timestamp(value: Any, now: float, limits: PayloadLimits) -> float:
         raise PayloadError("bad_ts", "ts overflows a float") from None
     if not isfinite(ts):
         raise PayloadError("bad_ts", f"ts is {ts}")
+    if ts > FUTURE_LIMIT_TS or (now >= HOLD_FLOOR_TS and ts > now + MAX_AHEAD_S):
+        raise PayloadError("future", f"ts {ts:.3f} is past 2100 or a year ahead")
     if ts < now - limits.max_age_s:
         raise _OutOfWindow(PayloadError("too_old", f"ts {ts:.3f} is {now - ts:.0f} s old"), ts)
     if ts > now + limits.max_skew_s:

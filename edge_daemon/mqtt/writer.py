@@ -119,7 +119,8 @@ class Writer:
         # Called in the writer thread with readings as they are taken, within HAND_OVER_S of
         # their arrival and before their batch commits (a commit waits for flush_interval_s, the
         # batch size or half the receive window): scoring need not wait for storage. Duplicates
-        # of stored readings come too. Must be cheap and not block.
+        # of stored readings come too. Readings held for the clock come only when released into
+        # the store. Must be cheap and not block.
         self.on_readings: list[BatchHook] = []
         # Flushing at half the broker's in-flight window keeps messages flowing while a batch commits.
         self._ack_flush = max(1, connection.inflight // 2)
@@ -237,7 +238,7 @@ class Writer:
         held: list[Reading] = []  # outside the time window while the clock is not trusted
         acks: list[tuple[int, int, int]] = []  # (generation, mid, qos) in arrival order
         deadline: float | None = None  # flush time of the oldest message taken and not flushed
-        handed = held_handed = 0  # readings[:handed] and held[:held_handed] went to the on_readings hooks
+        handed = 0  # readings[:handed] went to the on_readings hooks
         hand_at: float | None = None  # when the rest go to them
         while True:
             if time.monotonic() >= self._next_clock_check:
@@ -273,27 +274,26 @@ class Writer:
                     self._stats["received"] += taken
                 if deadline is None:
                     deadline = time.monotonic() + interval
-                if hand_at is None and (len(readings) > handed or len(held) > held_handed):
+                if hand_at is None and len(readings) > handed:
                     hand_at = time.monotonic() + HAND_OVER_S
             if stop:
                 self._hand_over(readings[handed:])
-                self._hand_over(held[held_handed:])
                 self._flush(readings, held, acks)
                 return
             flush = deadline is not None and (
                 len(readings) + len(held) >= batch_size or len(acks) >= ack_flush or time.monotonic() >= deadline
             )
             if hand_at is not None and (flush or time.monotonic() >= hand_at):
-                # Held readings are scored too: their timestamps are the sensors', whatever the
-                # device clock says, and scoring runs on those.
+                # Held readings are not handed over: one stamped a day ahead would move scoring's
+                # horizon with it and make every later reading late. They go to scoring when the
+                # clock releases them into the store (`_check_clock`).
                 self._hand_over(readings[handed:])
-                self._hand_over(held[held_handed:])
-                handed, held_handed, hand_at = len(readings), len(held), None
+                handed, hand_at = len(readings), None
             if flush:
                 # Also when only rejected QoS 0 messages were taken (nothing to write or ack):
                 # the deadline must be cleared or the wait above would spin.
                 self._flush(readings, held, acks)
-                readings, held, acks, deadline, handed, held_handed = [], [], [], None, 0, 0
+                readings, held, acks, deadline, handed = [], [], [], None, 0
             elif taken and not inbox:
                 time.sleep(LINGER_S)
 
@@ -399,6 +399,8 @@ class Writer:
                     self._stats["readings"] += len(moved)
                     self._stats["stored"] += stored
                     self._stats["duplicates"] += len(moved) - stored
+                # Never handed over while held: scoring gets them now, once, like any new reading.
+                self._hand_over(moved)
                 self._call_batch_hooks(moved)
             hold_s = self.config.store.clock_hold_s
             if self.clock_watch.trusted:
