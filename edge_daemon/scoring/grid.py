@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_daemon.frames import bucket_of
+
 # A reading further ahead of the stream's newest than the arrival time elapsed since that newest
 # advanced, plus this floor (max of the two), is set aside rather than moving the horizon. The
 # elapsed time lets a real gap through (sensors silent for an hour come back an hour later); the
@@ -133,7 +135,7 @@ class GridAssembler:
             if not (math.isfinite(ts) and math.isfinite(value)) or abs(ts / self.period_s) >= _MAX_STEP:
                 self.stats.non_finite += 1
                 continue
-            self._route(column, math.floor(ts / self.period_s + 0.5), float(ts), float(value), now)
+            self._route(column, int(bucket_of(ts, self.period_s)), float(ts), float(value), now)
         return self._emit_until(self._newest_ts)
 
     def flush(self, now: float) -> list[GridStep]:
