@@ -170,7 +170,11 @@ def parse_payload(
     ("too_old", "future"); given a `held` list, such readings (stamped after HOLD_FLOOR_TS) are
     appended to it instead, and the message returns none.
     """
-    return parse_holding(lambda at, window: _parse(topic, payload, at, channels, window, skipped), now, limits, held)
+    # The native form is the hot path: parsed directly, a closure made only for a held reading.
+    try:
+        return _parse(topic, payload, now, channels, limits, skipped)
+    except _OutOfWindow as out:
+        return _hold(out, lambda at, window: _parse(topic, payload, at, channels, window, skipped), limits, held)
 
 
 def parse_holding(
@@ -183,11 +187,17 @@ def parse_holding(
     try:
         return parse(now, limits)
     except _OutOfWindow as out:
-        if held is None or out.ts < HOLD_FLOOR_TS:
-            raise out.error from None
-        # Parsed again without the window, the value checks and `skipped` exactly as in range.
-        held.extend(parse(out.ts, replace(limits, max_age_s=math.inf, max_skew_s=math.inf)))
-        return []
+        return _hold(out, parse, limits, held)
+
+
+def _hold(
+    out: _OutOfWindow, parse: Callable[[float, PayloadLimits], list[Reading]], limits: PayloadLimits, held: list[Reading] | None
+) -> list[Reading]:
+    if held is None or out.ts < HOLD_FLOOR_TS:
+        raise out.error from None
+    # Parsed again without the window, the value checks and `skipped` exactly as in range.
+    held.extend(parse(out.ts, replace(limits, max_age_s=math.inf, max_skew_s=math.inf)))
+    return []
 
 
 def _parse(

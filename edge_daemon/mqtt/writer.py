@@ -145,6 +145,7 @@ class Writer:
         self._ignored_by_reason: dict[str, int] = {}
         # Without [[inputs]] the native grammar is read directly: no topic matching per message.
         self._router = InputRouter(config) if config.inputs else None
+        self._parse = self._parse_native if self._router is None else self._parse_mapped
         self._log_reject = _RateLimitedLog(REJECT_LOG_INTERVAL_S)
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -203,6 +204,23 @@ class Writer:
             snapshot["rejected_by_reason"] = dict(self._rejected_by_reason)
             snapshot["ignored_by_reason"] = dict(self._ignored_by_reason)
         return snapshot
+
+    def _parse_native(
+        self, topic: str, payload: bytes, arrival: float, skipped: list[PayloadError], held: list[Reading] | None
+    ) -> list[Reading]:
+        return parse_payload(topic, payload, arrival, self.channels, self.limits, skipped, held)
+
+    def _parse_mapped(
+        self, topic: str, payload: bytes, arrival: float, skipped: list[PayloadError], held: list[Reading] | None
+    ) -> list[Reading]:
+        """Through the [[inputs]] mappings; what they ignore is counted, not rejected."""
+        assert self._router is not None
+        outcome = Outcome(skipped=skipped)
+        try:
+            return self._router.parse(topic, payload, arrival, self.limits, outcome, held)
+        finally:
+            if outcome.ignored:
+                self._ignore(outcome.ignored)
 
     def _ignore(self, reasons: dict[str, int]) -> None:
         with self._stats_lock:
@@ -328,20 +346,12 @@ class Writer:
         except UnicodeDecodeError:
             self._reject("<invalid utf-8>", PayloadError("bad_topic", "topic is not UTF-8"))
             return
-        router = self._router
-        outcome = Outcome() if router is not None else None
-        skipped: list[PayloadError] = [] if outcome is None else outcome.skipped
+        skipped: list[PayloadError] = []
         try:
-            if router is None:
-                parsed = parse_payload(topic, message.payload, arrival, self.channels, self.limits, skipped, held)
-            else:
-                parsed = router.parse(topic, message.payload, arrival, self.limits, outcome, held)  # type: ignore[arg-type]
+            parsed = self._parse(topic, message.payload, arrival, skipped, held)
         except PayloadError as exc:
             self._reject(topic, exc)
             return
-        finally:
-            if outcome is not None and outcome.ignored:
-                self._ignore(outcome.ignored)
         for exc in skipped:
             self._reject(topic, exc)
         readings.extend(parsed)
