@@ -1,14 +1,39 @@
 """Ingest throughput: readings/s persisted by the ingestor vs a bare paho subscriber that only counts.
 
-For QoS 0 and 1, single-reading and batched (`values` map) payloads: a publisher in its own
-process sends as fast as it can; the same run measures the client ceiling (a paho subscriber
-that counts messages and does nothing else) and the real path (parse, batch, commit to SQLite,
-acknowledge). Both see the same publisher, broker, protocol (MQTT 5), QoS and receive maximum.
-Each case runs `--repeats` ceiling/persisted pairs, alternating which goes first so a change in
-machine load does not favour either side; the table holds medians (the ratio is the median of
-the per-pair ratios) and the most readings lost in any repeat.
+For QoS 0 and 1 and each payload form: a publisher in its own process sends as fast as it can;
+the same run measures the client ceiling (a paho subscriber that counts readings and does nothing
+else) and the real path (parse, batch, commit to SQLite, acknowledge). Both see the same
+publisher, broker, topics, protocol (MQTT 5), QoS and receive maximum. Each case runs `--repeats`
+rounds of one measurement per side, rotating which side goes first so a change in machine load
+does not favour any; the table holds medians (each ratio is the median of the per-round ratios
+persisted / bare) and the most readings lost in any round.
+
+Payload forms: the native grammar (`single`: one reading per message on
+`sensors/bench/<channel>`; `batched`: a `values` map of every channel on `sensors/bench`), and
+each `[[inputs]]` format shaped the way its project publishes:
+
+- `zigbee2mqtt`: `zigbee2mqtt/bench`, a flat state object of the channels' fields plus
+  `linkquality` (not a channel) and `last_seen` in epoch ms, 1 ms later per message;
+- `tasmota`: `tele/bench/SENSOR`, `{"Time": <local time without zone>, "ANALOG": {"A0": ..},
+  "TempUnit": "C"}`; `Time` has 1 s resolution, so it steps 1 s per message (from a base a few
+  hours back) or readings of a channel in the same second would be duplicates;
+- `esphome`: `bench/sensor/<channel>/state`, a bare number, stamped on arrival;
+- `shelly`: `bench/status/switch:<k>`, a switch's status (apower, voltage, current and
+  aenergy.total are channels; id, output, aenergy.by_minute, temperature ... are not), on arrival;
+- `json`: `json/bench/data` read by a `json` mapping with value paths and a `ts` path (unix s).
+
+Fields that are not configured channels are ignored by the ingestor and are not counted as
+readings on either side.
+
+Every measurement runs in a child process (a small script below, not this module): the bare
+subscriber, and the ingestor of this tree or, with `--checkout PATH`, of another checkout, run
+with `PYTHONPATH` and the working directory set to that tree and this interpreter. The native
+forms then get one persisted column per checkout, measured in the same rounds (other formats run
+for this tree only, as an older revision need not read them).
 
     python benchmarks/ingest.py [--messages 30000] [--channels 16] [--repeats 3]
+    python benchmarks/ingest.py --checkout ../old-main   # native before/after in the same run
+    python benchmarks/ingest.py --only tasmota --only shelly
 
 `--wear` measures instead what storing costs an SD card: the real daemon
 (`python -m edge_daemon run`, no model, so nothing but ingestion and
@@ -24,7 +49,9 @@ and with the earlier `[store] flush_interval_s` of 0.2 s, side by side.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -33,23 +60,64 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support, run from a checkout
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.support, run from a checkout
 
 from edge_daemon.broker import LocalBroker  # noqa: E402
-from edge_daemon.config import Config, parse_config  # noqa: E402
-from edge_daemon.mqtt.ingestor import Ingestor  # noqa: E402
-from edge_daemon.store import Reading, ReplayStore  # noqa: E402
+from edge_daemon.config import parse_config  # noqa: E402
+
+NATIVE = ("single", "batched")
+FORMS = (*NATIVE, "zigbee2mqtt", "tasmota", "esphome", "shelly", "json")
+# The zone of the Tasmota device's clock (no daylight saving: no hour repeats in its local time).
+TASMOTA_ZONE = "Asia/Kolkata"
+# The fields of a Shelly switch status taken as channels (the rest of the status is ignored).
+SHELLY_FIELDS = ("apower", "voltage", "current", "aenergy.total")
 
 PUBLISHER = r"""
 import json, sys, time
+from datetime import datetime
+from zoneinfo import ZoneInfo
 import paho.mqtt.client as mqtt
 port, qos, form, n, channels, base = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+zone = ZoneInfo(sys.argv[7])
 names = [f"c{k:02d}" for k in range(channels)]
+switches = max(1, channels // 4)
+
+
+def message(i):
+    ts = round(base + i * 0.001, 3)
+    if form == "single":
+        return f"sensors/bench/{names[i % channels]}", json.dumps({"ts": ts, "value": i})
+    if form == "batched":
+        return "sensors/bench", json.dumps({"ts": ts, "values": {name: i + k for k, name in enumerate(names)}})
+    if form == "zigbee2mqtt":
+        doc = {name: round(20 + 0.01 * ((i + k) % 500), 2) for k, name in enumerate(names)}
+        doc["linkquality"] = 60 + i % 195
+        doc["last_seen"] = int(base * 1000) + i  # epoch ms, 1 ms later per message
+        return "zigbee2mqtt/bench", json.dumps(doc)
+    if form == "tasmota":
+        local = datetime.fromtimestamp(int(base) + i, zone).replace(tzinfo=None)  # 1 s per message
+        doc = {"Time": local.isoformat(), "ANALOG": {f"A{k}": (i + 37 * k) % 4096 for k in range(channels)}, "TempUnit": "C"}
+        return "tele/bench/SENSOR", json.dumps(doc)
+    if form == "esphome":
+        return f"bench/sensor/{names[i % channels]}/state", f"{20 + 0.01 * (i % 500):.2f}"
+    if form == "shelly":
+        k = i % switches
+        power = round(50 + (i % 200) * 0.5, 1)
+        doc = {
+            "id": k, "source": "timer", "output": True, "apower": power, "voltage": round(229 + (i % 20) * 0.1, 1),
+            "current": round(power / 230, 3), "aenergy": {"total": round(1000 + i * 0.01, 3), "by_minute": [45.199, 47.141, 88.397], "minute_ts": int(base) + i // 60},
+            "temperature": {"tC": 41.2, "tF": 106.2},
+        }
+        return f"bench/status/switch:{k}", json.dumps(doc)
+    if form == "json":
+        doc = {"meta": {"time": ts, "seq": i}, "data": {name: round(i * 0.1 + k, 1) for k, name in enumerate(names)}, "rssi": -60 - i % 20}
+        return "json/bench/data", json.dumps(doc)
+    raise SystemExit(f"unknown form {form}")
+
+
 client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{time.time_ns()}", protocol=mqtt.MQTTv311)
 client.max_inflight_messages_set(1000)
 client.max_queued_messages_set(0)
@@ -58,130 +126,255 @@ client.loop_start()
 time.sleep(0.2)
 last = None
 for i in range(n):
-    ts = round(base + i * 0.001, 3)
-    if form == "single":
-        last = client.publish(f"sensors/bench/{names[i % channels]}", json.dumps({"ts": ts, "value": i}), qos=qos)
-    else:
-        last = client.publish("sensors/bench", json.dumps({"ts": ts, "values": {name: i + k for k, name in enumerate(names)}}), qos=qos)
+    topic, payload = message(i)
+    last = client.publish(topic, payload, qos=qos)
 last.wait_for_publish(120)
 time.sleep(0.5)
 client.disconnect()
 client.loop_stop()
 """
 
-
-def start_publisher(port: int, qos: int, form: str, n: int, channels: int, base: float) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", PUBLISHER, str(port), str(qos), form, str(n), str(channels), str(base)])
+# One measurement, in a process of its own started with the measured tree on PYTHONPATH: the bare
+# subscriber ("ceiling") or the ingestor ("persisted"), each starting the publisher once it
+# listens. It does not import the benchmark module (whose sys.path.insert would put this tree
+# first), and uses only what every measured revision has: parse_config, ReplayStore, Ingestor
+# (start, wait_subscribed, on_batch, stop) and store.count.
+CHILD = r"""
+import json, logging, subprocess, sys, threading, time
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 
 class Meter:
-    """Counts arrivals and notes the time of the first and of the one that completes `target`.
+    # Counts arrivals and notes the time of each. The rate runs from the first arrival to the one
+    # before the last, and leaves out what the first brought: its readings were received before
+    # the clock started. (The persisted path reports per committed batch, so counting the first
+    # batch would credit it with up to a whole batch received in no measured time.) The last is
+    # left out because the persisted path commits a final partial batch only once its
+    # flush_interval_s has run out: an idle wait of up to that long, not throughput.
 
-    The rate leaves out what the first arrival brought: its readings were received before the
-    clock started. (The persisted path reports per committed batch, so counting the first batch
-    would credit it with up to a whole batch received in no measured time.)
-    """
-
-    def __init__(self, target: int) -> None:
+    def __init__(self, target):
         self.target = target
         self.count = 0
         self.first_count = 0
-        self.first: float | None = None
-        self.last: float | None = None
+        self.first = None
+        self.last = None
+        self.before_last = None  # (count, time) as of the arrival before the last
         self.done = threading.Event()
         self.lock = threading.Lock()
 
-    def add(self, k: int) -> None:
+    def add(self, k):
         with self.lock:
             now = time.perf_counter()
             if self.first is None:
                 self.first = now
                 self.first_count = k
+            else:
+                self.before_last = (self.count, self.last)
             self.count += k
             self.last = now
             if self.count >= self.target:
                 self.done.set()
 
-    def wait(self, publisher: subprocess.Popen[bytes], idle_s: float = 5.0, limit_s: float = 300.0) -> None:
-        """Until every reading arrived, or nothing arrived for idle_s after the publisher ended."""
+    def wait(self, publisher, idle_s=5.0, limit_s=300.0):
+        # Until every reading arrived, or nothing arrived for idle_s after the publisher ended.
         deadline = time.monotonic() + limit_s
         while not self.done.wait(0.2) and time.monotonic() < deadline:
             if publisher.poll() is not None and self.last is not None and time.perf_counter() - self.last > idle_s:
                 break
 
-    def rate(self) -> float:
-        if self.first is None or self.last is None or self.last <= self.first:
+    def rate(self):
+        if self.before_last is None or self.before_last[1] <= self.first:
             return 0.0
-        return (self.count - self.first_count) / (self.last - self.first)
+        count, at = self.before_last
+        return (count - self.first_count) / (at - self.first)
 
 
-def ceiling(broker: LocalBroker, qos: int, form: str, n: int, channels: int, receive_maximum: int) -> tuple[float, int]:
-    """Readings/s a bare paho subscriber receives (it only counts), and readings lost."""
-    per_message = 1 if form == "single" else channels
-    meter = Meter(n * per_message)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-ceiling-{time.time_ns()}", protocol=mqtt.MQTTv5)
-    client.on_message = lambda c, u, m: meter.add(per_message)
-    props = Properties(PacketTypes.CONNECT)
-    props.ReceiveMaximum = receive_maximum  # the same window the ingestor announces
-    client.connect(broker.host, broker.port, properties=props)
-    client.subscribe("sensors/#", qos=qos)
-    client.loop_start()
-    time.sleep(0.3)
-    publisher = start_publisher(broker.port, qos, form, n, channels, time.time() - 3600)
-    meter.wait(publisher)
-    publisher.wait()
-    client.disconnect()
-    client.loop_stop()
-    return meter.rate(), n * per_message - meter.count
-
-
-def drop_session(broker: LocalBroker, client_id: str) -> None:
-    """End the ingestor's persistent session, so the broker does not go on queueing every later
-    QoS 1 message for it (which would slow every later run, ceiling and persisted alike)."""
+def drop_session(spec, client_id):
+    # End the ingestor's persistent session, so the broker does not go on queueing every later
+    # QoS 1 message for it (which would slow every later run, ceiling and persisted alike).
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.connect(broker.host, broker.port, clean_start=True)  # session expiry 0: gone at disconnect
+    client.connect(spec["host"], spec["port"], clean_start=True)  # session expiry 0: gone at disconnect
     client.loop_start()
     time.sleep(0.2)
     client.disconnect()
     client.loop_stop()
 
 
-def bench_config(port: int, qos: int, channels: int, state: Path, batch_size: int | None) -> Config:
-    store = {} if batch_size is None else {"batch_size": batch_size}
-    return parse_config({
-        "device": {"id": f"bench-{time.time_ns()}", "state_dir": str(state), "socket": str(state / "control.sock")},
-        "mqtt": {"port": port, "qos": qos},
-        "channels": {"names": [f"bench/c{k:02d}" for k in range(channels)]},
-        "store": store,
-    })  # fmt: skip
+def ceiling(spec, meter):
+    per_message = spec["per_message"]
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-ceiling-{time.time_ns()}", protocol=mqtt.MQTTv5)
+    client.on_message = lambda c, u, m: meter.add(per_message)
+    props = Properties(PacketTypes.CONNECT)
+    props.ReceiveMaximum = spec["receive_maximum"]  # the same window the ingestor announces
+    client.connect(spec["host"], spec["port"], properties=props)
+    client.subscribe([(topic, spec["qos"]) for topic in spec["topics"]])
+    client.loop_start()
+    time.sleep(0.3)
+    publisher = subprocess.Popen(spec["publisher"])
+    meter.wait(publisher)
+    publisher.wait()
+    client.disconnect()
+    client.loop_stop()
+    return {"rate": meter.rate(), "lost": meter.target - meter.count}
 
 
-def persisted(
-    broker: LocalBroker, qos: int, form: str, n: int, channels: int, workdir: Path, batch_size: int | None = None
-) -> tuple[float, int]:
-    """Readings/s the ingestor commits to the store (and acknowledges), and readings lost."""
-    per_message = 1 if form == "single" else channels
-    state = Path(tempfile.mkdtemp(dir=workdir))
-    config = bench_config(broker.port, qos, channels, state, batch_size)
+def persisted(spec, meter):
+    import edge_daemon
+    from edge_daemon.config import parse_config
+    from edge_daemon.mqtt.ingestor import Ingestor
+    from edge_daemon.store import ReplayStore
+
+    config = parse_config(spec["config"])
     store = ReplayStore(config.store_path, config.store, config.channels.names)
-    meter = Meter(n * per_message)
     ingestor = Ingestor(config, store)
-
-    def count(readings: Sequence[Reading]) -> None:
-        meter.add(len(readings))
-
-    ingestor.on_batch.append(count)
+    ingestor.on_batch.append(lambda readings: meter.add(len(readings)))
     ingestor.start()
     ingestor.wait_subscribed(10)
     time.sleep(0.3)
-    publisher = start_publisher(broker.port, qos, form, n, channels, time.time() - 3600)
+    publisher = subprocess.Popen(spec["publisher"])
     meter.wait(publisher)
     publisher.wait()
     ingestor.stop()
     stored = store.count()
     store.close()
-    drop_session(broker, config.mqtt.client_id or f"edge-daemon-{config.device.id}")
-    return meter.rate(), n * per_message - stored
+    drop_session(spec, config.mqtt.client_id or f"edge-daemon-{config.device.id}")
+    return {"rate": meter.rate(), "lost": meter.target - stored, "package": edge_daemon.__file__}
+
+
+logging.basicConfig(level=logging.WARNING)
+spec = json.loads(sys.argv[1])
+meter = Meter(spec["readings"])
+result = (ceiling if spec["kind"] == "ceiling" else persisted)(spec, meter)
+print(json.dumps(result), flush=True)
+"""
+
+
+def form_setup(form: str, channels: int) -> tuple[list[dict[str, Any]], list[str], int]:
+    """The `[[inputs]]` mappings, the channel names and the readings per message of a payload form."""
+    plain = [f"bench/c{k:02d}" for k in range(channels)]
+    if form == "single":
+        return [], plain, 1
+    if form == "batched":
+        return [], plain, channels
+    if form == "zigbee2mqtt":
+        return [{"topic": "zigbee2mqtt/#", "format": "zigbee2mqtt"}], plain, channels
+    if form == "tasmota":
+        names = [f"bench/ANALOG.A{k}" for k in range(channels)]
+        return [{"topic": "tele/#", "format": "tasmota", "timezone": TASMOTA_ZONE}], names, channels
+    if form == "esphome":
+        return [{"topic": "bench/#", "format": "esphome"}], plain, 1
+    if form == "shelly":
+        names = [f"bench/switch:{k}.{field}" for k in range(max(1, channels // 4)) for field in SHELLY_FIELDS]
+        return [{"topic": "bench/#", "format": "shelly"}], names, len(SHELLY_FIELDS)
+    if form == "json":
+        values = {f"c{k:02d}": f"$.data.c{k:02d}" for k in range(channels)}
+        mapping = {"topic": "json/+/data", "format": "json", "sensor": "{1}", "values": values, "ts": "$.meta.time", "ts_unit": "s"}
+        return [mapping], plain, channels
+    raise ValueError(form)
+
+
+def bench_sections(form: str, port: int, qos: int, channels: int, state: Path, batch_size: int | None) -> dict[str, Any]:
+    """The ingestor's config; the native forms leave out `inputs`, which older revisions do not know."""
+    inputs, names, _ = form_setup(form, channels)
+    sections: dict[str, Any] = {
+        "device": {"id": f"bench-{time.time_ns()}", "state_dir": str(state), "socket": str(state / "control.sock")},
+        "mqtt": {"port": port, "qos": qos},
+        "channels": {"names": names},
+        "store": {} if batch_size is None else {"batch_size": batch_size},
+    }
+    if inputs:
+        sections["inputs"] = inputs
+    return sections
+
+
+def publisher_base(form: str, n: int) -> float:
+    """Time of the first message: an hour back; for Tasmota (1 s per message) far enough back
+    that the last one is still in the past."""
+    if form == "tasmota":
+        return float(int(time.time()) - max(3 * 3600, n + 600))
+    return time.time() - 3600
+
+
+def _revision(checkout: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(checkout)
+
+
+def measure(checkout: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement in a child process with `checkout` first on its path and as its cwd."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(spec)], cwd=checkout, env=dict(os.environ, PYTHONPATH=str(checkout)),
+        stdout=subprocess.PIPE, text=True, timeout=600,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec['kind']} measurement in {checkout} failed ({proc.returncode}): {proc.stdout[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    package = result.get("package")
+    if package is not None and not Path(package).resolve().is_relative_to(checkout):
+        raise RuntimeError(f"the child meant for {checkout} imported edge_daemon from {package}")
+    return result
+
+
+def run_case(
+    broker: LocalBroker, form: str, qos: int, n: int, args: argparse.Namespace, trees: list[tuple[str, Path]],
+    receive_maximum: int, workdir: Path,
+) -> dict[str, Any]:
+    """`args.repeats` rounds of the bare subscriber and each tree's ingestor, in rotating order."""
+    _, _, per_message = form_setup(form, args.channels)
+    topics = parse_config(bench_sections(form, broker.port, qos, args.channels, workdir, None)).subscriptions
+    sides: list[tuple[str, Path | None]] = [("bare", None), *trees]
+    rates: dict[str, list[float]] = {label: [] for label, _ in sides}
+    ratios: dict[str, list[float]] = {label: [] for label, _ in trees}
+    lost = dict.fromkeys(rates, 0)
+    for rep in range(args.repeats):
+        order = sides[rep % len(sides):] + sides[:rep % len(sides)]  # each side goes first in turn
+        got: dict[str, dict[str, Any]] = {}
+        for label, checkout in order:
+            spec: dict[str, Any] = {
+                "kind": "ceiling" if checkout is None else "persisted", "host": broker.host, "port": broker.port, "qos": qos,
+                "readings": n * per_message, "per_message": per_message, "topics": topics, "receive_maximum": receive_maximum,
+                "publisher": [
+                    sys.executable, "-c", PUBLISHER, str(broker.port), str(qos), form, str(n), str(args.channels),
+                    repr(publisher_base(form, n)), TASMOTA_ZONE,
+                ],
+            }  # fmt: skip
+            if checkout is not None:
+                state = Path(tempfile.mkdtemp(dir=workdir))
+                spec["config"] = bench_sections(form, broker.port, qos, args.channels, state, args.batch_size)
+            got[label] = measure(checkout or ROOT, spec)
+        bare = got["bare"]["rate"]
+        for label, _ in sides:
+            rates[label].append(got[label]["rate"])
+            lost[label] = max(lost[label], got[label]["lost"])
+            if label in ratios:
+                ratios[label].append(got[label]["rate"] / bare if bare else float("nan"))
+        text = ", ".join(
+            f"{label} {got[label]['rate']:,.0f}/s" + (f" ({ratios[label][-1]:.2f})" if label in ratios else "") + f" lost {got[label]['lost']}"
+            for label, _ in sides
+        )
+        print(f"  {form} qos{qos} #{rep + 1} [{' '.join(label for label, _ in order)}]: {text}", file=sys.stderr, flush=True)
+    median = statistics.median
+    return {
+        "form": form, "qos": qos, "n": n, "per_message": per_message,
+        "rates": {label: median(values) for label, values in rates.items()},
+        "ratios": {label: median(values) for label, values in ratios.items()},
+        "lost": lost,
+    }  # fmt: skip
+
+
+FORM_LABELS = {
+    "single": "native, single reading",
+    "batched": "native, values map",
+    "zigbee2mqtt": "zigbee2mqtt state object",
+    "tasmota": "tasmota tele SENSOR",
+    "esphome": "esphome sensor state",
+    "shelly": "shelly switch status",
+    "json": "json mapping",
+}
 
 
 WEAR_PUBLISHER = r"""
@@ -292,12 +485,16 @@ def wear(seconds: float, flushes: Sequence[float] = (0.2,)) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=30000, help="messages per single-reading run")
-    parser.add_argument("--batched-messages", type=int, default=10000, help="messages per batched run")
-    parser.add_argument("--channels", type=int, default=16, help="channels (entries per values map)")
-    parser.add_argument("--repeats", type=int, default=3, help="ceiling/persisted pairs per case (medians reported)")
+    parser.add_argument("--messages", type=int, default=30000, help="messages per run of a one-reading form (single, esphome)")
+    parser.add_argument("--batched-messages", type=int, default=10000, help="messages per run of the other forms")
+    parser.add_argument("--channels", type=int, default=16, help="channels (entries per values map or object; shelly: 4 per switch)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per case (medians reported)")
     parser.add_argument("--batch-size", type=int, default=None, help="store.batch_size (default: the config default)")
-    parser.add_argument("--only", choices=["single", "batched"], default=None, help="run one payload form only")
+    parser.add_argument("--only", choices=FORMS, action="append", default=None, help="run this payload form only (repeatable)")
+    parser.add_argument(
+        "--checkout", type=Path, action="append", default=[],
+        help="also measure the ingestor of this checkout on the native forms (another revision, with this interpreter and its packages)",
+    )  # fmt: skip
     parser.add_argument("--wear", action="store_true", help="bytes written to storage per stored reading instead")
     parser.add_argument("--wear-seconds", type=float, default=150.0, help="seconds of readings per wear run")
     parser.add_argument("--wear-flush", type=float, action="append", default=None, help="also run with this flush_interval_s (repeatable; default 0.2)")
@@ -306,50 +503,50 @@ def main(argv: list[str] | None = None) -> int:
     if args.wear:
         wear(args.wear_seconds, args.wear_flush or (0.2,))
         return 0
-    defaults = bench_config(1883, 1, args.channels, Path(tempfile.gettempdir()), args.batch_size)
+    defaults = parse_config(bench_sections("single", 1883, 1, args.channels, Path(tempfile.gettempdir()), args.batch_size))
     receive_maximum = defaults.mqtt.receive_maximum
-    sizes = {"single": args.messages, "batched": args.batched_messages}
-    forms = [(form, n) for form, n in sizes.items() if args.only in (None, form)]
+    this = f"this tree ({_revision(ROOT)})"
+    others = [(_revision(checkout), checkout.resolve()) for checkout in args.checkout]
+    forms = [form for form in FORMS if args.only is None or form in args.only]
 
+    started = time.monotonic()
     rows = []
     with tempfile.TemporaryDirectory() as tmp, LocalBroker() as broker:
-        for form, n in forms:
+        for form in forms:
+            n = args.messages if form_setup(form, args.channels)[2] == 1 else args.batched_messages
+            trees = [(this, ROOT), *(others if form in NATIVE else [])]
             for qos in (0, 1):
-                ceil_rates: list[float] = []
-                rates: list[float] = []
-                ratios: list[float] = []
-                ceil_lost = lost = 0
-                for rep in range(args.repeats):
-                    # Alternate which side runs first, so drifting load does not favour either.
-                    if rep % 2:
-                        rate, p_lost = persisted(broker, qos, form, n, args.channels, Path(tmp), args.batch_size)
-                        ceil_rate, c_lost = ceiling(broker, qos, form, n, args.channels, receive_maximum)
-                    else:
-                        ceil_rate, c_lost = ceiling(broker, qos, form, n, args.channels, receive_maximum)
-                        rate, p_lost = persisted(broker, qos, form, n, args.channels, Path(tmp), args.batch_size)
-                    ceil_rates.append(ceil_rate)
-                    rates.append(rate)
-                    ratios.append(rate / ceil_rate if ceil_rate else float("nan"))
-                    ceil_lost, lost = max(ceil_lost, c_lost), max(lost, p_lost)
-                    print(
-                        f"  {form} qos{qos} #{rep + 1}: ceiling {ceil_rate:,.0f}/s, persisted {rate:,.0f}/s,"
-                        f" ratio {ratios[-1]:.2f}, lost {p_lost}", file=sys.stderr, flush=True,
-                    )  # fmt: skip
-                median = statistics.median
-                rows.append((form, qos, n, median(ceil_rates), ceil_lost, median(rates), median(ratios), lost))
+                rows.append(run_case(broker, form, qos, n, args, trees, receive_maximum, Path(tmp)))
         kind = broker.kind
+    minutes = (time.monotonic() - started) / 60
 
     print(
         f"\nbroker: {kind}; {args.channels} channels; MQTT 5 subscribers, receive maximum {receive_maximum};"
         f" store.batch_size {defaults.store.batch_size}, synchronous {defaults.store.synchronous};"
-        f" medians of {args.repeats} runs\n"
+        f" medians of {args.repeats} rounds; {minutes:.1f} min\n"
     )
-    print("| payload | QoS | messages | bare subscriber (readings/s) | persisted (readings/s) | ratio | lost |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for form, qos, n, ceil_rate, ceil_lost, rate, ratio, lost in rows:
-        label = "single reading" if form == "single" else f"values map ({args.channels} readings)"
-        lost_text = f"{lost}" + (f" (bare: {ceil_lost})" if ceil_lost else "")
-        print(f"| {label} | {qos} | {n:,} | {ceil_rate:,.0f} | {rate:,.0f} | {ratio:.2f}x | {lost_text} |")
+    head = f"| payload | QoS | messages | bare subscriber (readings/s) | persisted, {this} | ratio |"
+    rule = "| --- | --- | --: | --: | --: | --: |"
+    for label, _ in others:
+        head += f" persisted, {label} | ratio |"
+        rule += " --: | --: |"
+    print(head + " lost |")
+    print(rule + " --- |")
+    for row in rows:
+        per = row["per_message"]
+        label = f"{FORM_LABELS[row['form']]} ({per} reading{'s' if per != 1 else ''})"
+        line = f"| {label} | {row['qos']} | {row['n']:,} | {row['rates']['bare']:,.0f} | {row['rates'][this]:,.0f} | {row['ratios'][this]:.2f}x |"
+        for other, _ in others:
+            if other in row["rates"]:
+                line += f" {row['rates'][other]:,.0f} | {row['ratios'][other]:.2f}x |"
+            else:
+                line += " – | – |"
+        lost = row["lost"]
+        if not any(lost.values()):
+            lost_text = "0"
+        else:
+            lost_text = ", ".join(f"{'this' if side == this else side}: {count}" for side, count in lost.items())
+        print(f"{line} {lost_text} |")
     return 0
 
 
