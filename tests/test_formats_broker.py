@@ -106,7 +106,7 @@ def test_every_format_is_stored_once_and_bad_payloads_are_counted_by_reason(tmp_
     pub.loop_start()
     try:
         assert ingestor.wait_subscribed(HANG_S)
-        now = time.time()
+        now = float(int(time.time()))  # whole seconds: last_seen in ms and Tasmota's Time are exact
         good, expected = messages(now)
         # Each dated message twice, as a broker redelivers one whose ack was lost: the (channel, ts)
         # key stores it once. (A reading stamped with its arrival has no such key: a redelivered
