@@ -32,7 +32,8 @@ from edge_daemon.model import warm_up
 from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.notify import Heartbeat
 from edge_daemon.pipeline import ScoringPipeline
-from edge_daemon.replies import DriftReply, OnlineStatus, StatusReply
+from edge_daemon.payloads import OnlineStatus
+from edge_daemon.replies import DriftReply, StatusReply
 from edge_daemon.scheduler import JobScheduler
 from edge_daemon.status import StatusReport
 from edge_daemon.store import ReplayStore

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -21,9 +21,10 @@ from edge_daemon.times import iso
 from edge_daemon.baselines import MODEL
 from edge_daemon.config import Config
 from edge_daemon.drift.feed import DriftFeed
+from edge_daemon.payloads import Alert, Forecast, Forecaster, ForecastHorizon, ScoredBy, anomaly_alert
 from edge_daemon.replies import LastScore, ScoringCounters, ScoringStatus
 from edge_daemon.scoring.grid import GridAssembler, GridStep
-from edge_daemon.scoring.serving import Scorer
+from edge_daemon.scoring.serving import Scorer, ScoreResult
 from edge_daemon.store import Reading
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class ScoringPipeline:
         self.steps += 1
         self.steps_since_update += 1
         for event in self._drift_feed.step(values, t):
-            self._alert({**event.as_dict(), "message": f"input drift on {event.channel}"})
+            self._alert(event.alert())
         with self._lock:
             scorer = self.scorer
         if scorer is None:
@@ -179,7 +180,7 @@ class ScoringPipeline:
         self.scored += 1
         model_residual = result.model_residual if result.model_residual is not None else result.residual
         for event in self._drift_feed.scored(model_residual, t):
-            self._alert({**event.as_dict(), "message": f"residual drift on {event.channel}"})
+            self._alert(event.alert())
         score = float(result.score) if result.score is not None else None
         self.last_score = {"ts": t, "score": score, "version": result.model_version, "served_by": result.served_by}
         if len(self.history) >= 20000:
@@ -187,60 +188,19 @@ class ScoringPipeline:
         self.history.append((t, score if score is not None else float("nan"), result.model_version))
         every = self.config.outputs.forecast_every
         if every and self.scored % every == 0:
-            channels = self.config.channels.forecast  # the model's output order
-            self.publish(
-                "forecast",
-                {
-                    "ts": t,
-                    "forecast_ts": result.forecast_t,
-                    "forecast": {c: float(v) for c, v in zip(channels, result.forecast)},
-                    "actual": {c: float(v) for c, v in zip(channels, result.actual)},
-                    "anomaly_score": score,
-                    # Who made the forecast this message carries: the model (with adapter
-                    # adapter_version, None for the base alone) or the baseline served while no
-                    # model beats it. The anomaly score is of the forecast made one step earlier.
-                    "model": forecaster_label(result.forecast_by, result.forecast_version),
-                    "models": {c: forecaster_label(name, result.forecast_version)
-                               for c, name in zip(channels, result.forecast_by_channel, strict=True)},  # fmt: skip
-                    "adapter_version": result.forecast_version if MODEL in result.forecast_by_channel else None,
-                    "scored_by": result.served_by,
-                    # Further horizons ([model] horizons), each labelled like the next step's forecast.
-                    "horizons": [
-                        {
-                            "steps": far.steps,
-                            "forecast_ts": far.t,
-                            "forecast": {c: float(v) for c, v in zip(channels, far.forecast, strict=True)},
-                            "model": forecaster_label(far.by, result.forecast_version),
-                            "models": {c: forecaster_label(name, result.forecast_version)
-                                       for c, name in zip(channels, far.by_channel, strict=True)},  # fmt: skip
-                            "adapter_version": result.forecast_version if MODEL in far.by_channel else None,
-                        }
-                        for far in result.horizons
-                    ],
-                },
-                self.config.outputs.qos,
-                False,
-            )
+            self.publish("forecast", forecast_payload(result, score, self.config.channels.forecast), self.config.outputs.qos, False)
         if result.anomaly:
             self.anomalies += 1
-            self._alert(
-                {
-                    "type": "anomaly",
-                    "ts": t,
-                    "time": iso(t),
-                    "score": score,
-                    "threshold": self.config.outputs.anomaly_threshold,
-                    "message": f"anomaly score {score:.1f} over {self.config.outputs.anomaly_threshold}",
-                }
-            )
+            assert score is not None  # an anomaly is a score over the threshold
+            self._alert(anomaly_alert(t, score, self.config.outputs.anomaly_threshold))
 
-    def _alert(self, payload: dict[str, Any]) -> None:
-        log.info("alert: %s", payload.get("message", payload.get("type")))
+    def _alert(self, payload: Alert) -> None:
+        log.info("alert: %s", payload["message"])
         # Alerts always at QoS 1: an operator must not miss them over a flaky link.
         self.publish("alert", payload, 1, False)
 
-    def alert(self, payload: dict[str, Any]) -> None:
-        """Publish an alert from another part (adapter accepted/rejected)."""
+    def alert(self, payload: Alert) -> None:
+        """Publish an alert from another part (adapter accepted/rejected, base model, rollback)."""
         self._alert(payload)
 
     # -- model changes (update monitor / control threads) ----------------------------------
@@ -320,8 +280,39 @@ class ScoringPipeline:
         }
 
 
-def forecaster_label(name: str, version: int | None) -> str:
+def forecaster_label(name: str, version: int | None) -> Forecaster:
     """"adapter" or "base" when the model forecasts, else the baseline's name (or "mixed")."""
     if name != MODEL:
-        return name
+        return cast(Forecaster, name)
     return "base" if version is None else "adapter"
+
+
+def forecast_payload(result: ScoreResult, score: float | None, channels: Sequence[str]) -> Forecast:
+    """The `forecast` payload of a scored step: who made the forecast it carries (the model, with
+    adapter `adapter_version` or None for the base alone, or the baseline served while no model
+    beats it) and its further horizons ([model] horizons), each labelled like the next step's.
+    The anomaly score `score` is of the forecast made one step earlier. `channels` are the
+    forecast channels in the model's output order."""
+    version = result.forecast_version
+    return Forecast(
+        ts=result.t,
+        forecast_ts=result.forecast_t,
+        forecast={c: float(v) for c, v in zip(channels, result.forecast)},
+        actual={c: float(v) for c, v in zip(channels, result.actual)},
+        anomaly_score=score,
+        model=forecaster_label(result.forecast_by, version),
+        models={c: forecaster_label(name, version) for c, name in zip(channels, result.forecast_by_channel, strict=True)},
+        adapter_version=version if MODEL in result.forecast_by_channel else None,
+        scored_by=cast(ScoredBy | None, result.served_by),
+        horizons=[
+            ForecastHorizon(
+                steps=far.steps,
+                forecast_ts=far.t,
+                forecast={c: float(v) for c, v in zip(channels, far.forecast, strict=True)},
+                model=forecaster_label(far.by, version),
+                models={c: forecaster_label(name, version) for c, name in zip(channels, far.by_channel, strict=True)},
+                adapter_version=version if MODEL in far.by_channel else None,
+            )
+            for far in result.horizons
+        ],
+    )

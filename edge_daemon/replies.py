@@ -1,17 +1,22 @@
-"""The shapes of what the daemon reports: each control-socket reply, every section of `status`,
-and the retained MQTT status payload, as TypedDicts its producers return and the CLI reads.
+"""The shapes of what the daemon reports: each control-socket reply and every section of
+`status`, as TypedDicts its producers return and the CLI reads (the MQTT payloads are
+payloads.py's).
 
 A key is required where the daemon always sends it, NotRequired where it may not. The control
 server adds `"ok": true` to every reply (`ErrorReply` is its failure form). Times are ISO 8601
 UTC strings from `times.iso`: to the second, to the millisecond where a time names a grid step;
 the exceptions are unix seconds a program compares, as the MQTT payloads' `ts` is:
 `scoring.last.ts` and `training.job.since` / `started`.
-Only `typing` here: the CLI imports this module on its cheap `--json` path.
+Only typing here: the CLI imports this module on its cheap `--json` path. The TypedDicts are
+typing_extensions' so pydantic can generate JSON Schemas of them (it reads no other on Python
+< 3.12): the retained MQTT status carries `ScoringCounters`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired
+
+from typing_extensions import TypedDict
 
 Track = Literal["drift", "stable"]
 
@@ -344,20 +349,4 @@ class RollbackReply(TypedDict):
     """`rollback`: what is served now."""
 
     adapter: AdapterSummary
-
-
-# -- the retained MQTT status ---------------------------------------------------------------------
-
-
-class OnlineStatus(TypedDict):
-    """`edge/<id>/status` while the daemon runs (retained; refreshed at every (re)connect)."""
-
-    online: Literal[True]
-    device: str
-    version: str
-    started: str
-    adapter_version: int | None
-    drift: NotRequired[bool]  # residual drift; once scoring runs
-    scoring: NotRequired[ScoringCounters]  # once scoring runs
-    disk_full: bool
 

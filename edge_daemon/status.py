@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, TypeVar
 
 from edge_daemon import __version__
 from edge_daemon.adaptation.commands import adapter_summary, training_status
-from edge_daemon.times import iso
+from edge_daemon.payloads import OnlineStatus, online_status
 from edge_daemon.replies import (
     AdapterSummary,
     DriftStatus,
     IngestStatus,
     MemoryStatus,
-    OnlineStatus,
     ScoringStatus,
     StatusReply,
     StoreStatus,
@@ -119,18 +118,15 @@ class StatusReport:
         """The retained `edge/<id>/status` payload published at every (re)connect (on paho's
         network thread and the ingest writer's: cheap accessors only, no whole section)."""
         daemon = self.daemon
-        status: OnlineStatus = {
-            "online": True,
-            "device": daemon.config.device.id,
-            "version": __version__,
-            "started": iso(daemon.started_at),
-            "adapter_version": adapter_summary(daemon.adaptation)["version"],
-        }  # type: ignore[typeddict-item]  # disk_full follows drift
-        if daemon.pipeline is not None:
-            status["drift"] = daemon.pipeline.drift.residual_drift_detected
-            status["scoring"] = daemon.pipeline.counters()
-        status["disk_full"] = daemon.disk_full
-        return status
+        pipeline = daemon.pipeline
+        return online_status(
+            device=daemon.config.device.id,
+            version=__version__,
+            started_unix=daemon.started_at,
+            adapter_version=adapter_summary(daemon.adaptation)["version"],
+            disk_full=daemon.disk_full,
+            scoring=None if pipeline is None else (pipeline.drift.residual_drift_detected, pipeline.counters()),
+        )
 
     def line(self) -> str:
         """The one-line STATUS= text: adapter, memory, drift, a scoring stall, readings, broker and training.

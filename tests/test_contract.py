@@ -33,6 +33,7 @@ from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.store import ReplayStore
 from sample_sensors.generate import generate_labeled
 from tests.conftest import start_daemon
+from tests.payload_schemas import violations
 from tests.support import wait_for
 from tests.test_end_to_end import Collector, publish_steps, small_config
 
@@ -337,3 +338,24 @@ def test_output_example_has_the_keys_of_the_real_payload(name: str, live: Live) 
         assert payload.get("type", example.get("type")) == example.get("type"), payload
         problems = same_shape(example, payload, optional=optional)
         assert not problems, (problems, json.dumps(payload, indent=2))
+
+
+def test_every_published_payload_matches_its_schema(live: Live) -> None:
+    """Every message the daemon published, on every topic, against the schema shipped for it."""
+    topics = {topic.rsplit("/", 1)[-1] for topic, _ in live.messages}
+    assert topics == {"status", "forecast", "alert"}, topics
+    problems = [problem for topic, payload in live.messages for problem in violations(topic, payload)]
+    assert not problems, problems
+
+
+def mqtt_topic_of(output: str) -> str | None:
+    """The topic an output example is published on (None: a socket reply)."""
+    if output.startswith("reply-"):
+        return None
+    return output.split("-", 1)[0]
+
+
+@pytest.mark.parametrize("name", [n for n in OUTPUT_NAMES if mqtt_topic_of(n) is not None])
+def test_output_example_matches_its_schema(name: str) -> None:
+    topic = mqtt_topic_of(name)
+    assert violations(f"edge/pump-1/{topic}", json.loads(one("output", name).body)) == []

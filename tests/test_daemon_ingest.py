@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import CHANNELS
+from payload_schemas import violations
 from edge_daemon.broker import LocalBroker
 from edge_daemon.config import StoreConfig
 from edge_daemon.control.client import request
@@ -348,6 +349,8 @@ def test_sigterm_flushes_publishes_offline_and_exits_zero(tmp_path: Path, broker
     watcher.loop_stop()
     assert len(stored_keys(tmp_path)) == 50
     assert not (tmp_path / "control.sock").exists()
+    # Every status it published (online at connect and refreshed, offline at stop) has its schema's shape.
+    assert not [problem for payload in statuses for problem in violations("edge/test-dev/status", json.loads(payload))]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

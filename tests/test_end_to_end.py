@@ -29,6 +29,7 @@ from edge_daemon.pretrain import pretrain
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from sample_sensors.publish import valid_messages
 from tests.conftest import make_config, save_random_peft_adapter, start_daemon
+from tests.payload_schemas import violations
 from tests.support import wait_for
 
 OLD_STEPS = 2400
@@ -65,10 +66,12 @@ def small_config(tmp_path: Path, port: int, **overrides: dict):
 
 
 class Collector:
-    """A plain paho subscriber that keeps every message on edge/#."""
+    """A plain paho subscriber that keeps every message on edge/#, each checked on arrival against
+    its topic's JSON Schema (`violations`: what did not match; tests assert it stays empty)."""
 
     def __init__(self, port: int) -> None:
         self.messages: list[tuple[str, dict]] = []
+        self.violations: list[str] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"e2e-collector-{uuid.uuid4().hex[:8]}")
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
@@ -77,9 +80,11 @@ class Collector:
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         try:
-            self.messages.append((message.topic, json.loads(message.payload)))
+            payload = json.loads(message.payload)
         except ValueError:
-            self.messages.append((message.topic, {"raw": message.payload.decode(errors="replace")}))
+            payload = {"raw": message.payload.decode(errors="replace")}
+        self.violations += violations(message.topic, payload)
+        self.messages.append((message.topic, payload))
 
     def of(self, suffix: str) -> list[dict]:
         return [payload for topic, payload in self.messages if topic.endswith("/" + suffix)]
@@ -184,6 +189,7 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         statuses = collector.of("status")
         # min_interval_s is 0 here: a later drift may have started a second update meanwhile.
         assert statuses and statuses[-1]["online"] is True and statuses[-1]["adapter_version"] >= 1
+        assert not collector.violations, collector.violations
     finally:
         daemon.stop()
         collector.close()
@@ -280,6 +286,7 @@ def test_device_without_a_base_model_bootstraps_one_from_its_store(tmp_path: Pat
         assert daemon.pipeline.scorer is not None and daemon.pipeline.scorer.version is None
         wait_for(lambda: any(a["type"] == "base_model" for a in collector.of("alert")), 10, "base_model alert")
         assert daemon.runner is not None and daemon.runner.last.kind == "pretrain" and daemon.runner.last.accepted
+        assert collector.of("status") and not collector.violations, collector.violations
     finally:
         daemon.stop()
         collector.close()

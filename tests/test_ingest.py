@@ -24,6 +24,7 @@ from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.mqtt.payload import REASONS, PayloadLimits, parse_payload
 from edge_daemon.store import Reading, ReplayStore
 from conftest import CHANNELS, make_config
+from payload_schemas import violations
 
 NOW = 1_800_000_000.0
 LIMITS = PayloadLimits(max_payload_bytes=1024, max_age_s=7 * 86400, max_skew_s=300)
@@ -296,10 +297,14 @@ def test_status_is_retained_online_then_offline_after_stop(tmp_path: Path, broke
         return json.loads(got[0])
 
     wait_for(lambda: retained_status()["online"] is True, HANG_S, "retained online status")
+    online = retained_status()
+    assert violations(f"edge/{config.device.id}/status", online) == []
     ingestor.publish("forecast", {"step": 1}, qos=1).wait_for_publish(HANG_S)
     ingestor.stop()
     store.close()
-    assert retained_status() == {"online": False, "device": config.device.id}
+    offline = retained_status()
+    assert offline == {"online": False, "device": config.device.id}
+    assert violations(f"edge/{config.device.id}/status", offline) == []
 
 
 def test_broker_restart_mid_stream_loses_nothing(

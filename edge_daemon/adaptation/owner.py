@@ -24,6 +24,14 @@ from edge_daemon.artifacts.merge import serving_model
 from edge_daemon.baselines import Baseline
 from edge_daemon.config import Config
 from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
+from edge_daemon.payloads import (
+    AdapterAcceptedAlert,
+    AdapterRejectedAlert,
+    adapter_accepted_alert,
+    adapter_rejected_alert,
+    base_model_alert,
+    rollback_alert,
+)
 from edge_daemon.plan import plan_candidates, plan_from_config
 from edge_daemon.records import JobResult, UpdateCause, UpdateJob, resets_drift_baseline
 from edge_daemon.scoring.serving import Scorer, ServingRule, baselines_of
@@ -345,10 +353,10 @@ class Adaptation:
             except (AdapterError, ModelError, OSError) as exc:
                 log.error("accepted adapter v%d cannot be served: %s", result.version, exc)
                 return
-            self._alert_adapter("adapter_accepted", result.version, result, result.reason)
+            self._alert_adapter(adapter_accepted_alert(result.version, result.reason, result.metrics_before, result.metrics_after))
         else:
             reason = result.error or result.reason
-            self._alert_adapter("adapter_rejected", None, result, reason)
+            self._alert_adapter(adapter_rejected_alert(reason, result.metrics_before, result.metrics_after))
             log.info("update not accepted: %s", reason)
 
     def _on_pretrained(self, result: JobResult) -> None:
@@ -357,26 +365,17 @@ class Adaptation:
             scorer = self.load_serving()
             if scorer is not None and self.pipeline is not None:
                 self.pipeline.set_scorer(scorer)
-                self.pipeline.alert({"type": "base_model", "message": "base model trained from the store"})
+                self.pipeline.alert(base_model_alert())
             return
         # Usually too few gap-free windows yet; each try costs a worker.
         retry_s = max(60.0, self.config.train.min_interval_s)
         self._bootstrap_not_before = time.monotonic() + retry_s
         log.warning("base model bootstrap failed: %s; retrying in %.0f s", result.error, retry_s)
 
-    def _alert_adapter(self, kind: str, version: int | None, result: JobResult, reason: Any) -> None:
+    def _alert_adapter(self, alert: AdapterAcceptedAlert | AdapterRejectedAlert) -> None:
         if self.pipeline is None:
             return
-        self.pipeline.alert(
-            {
-                "type": kind,
-                "version": version,
-                "reason": reason,
-                "metrics_before": result.metrics_before,
-                "metrics_after": result.metrics_after,
-                "message": f"{kind.replace('_', ' ')}" + (f": v{version}" if version is not None else f": {reason}"),
-            }
-        )
+        self.pipeline.alert(alert)
         self.publish_status()
 
     # -- rollback ----------------------------------------------------------------------------
@@ -397,7 +396,7 @@ class Adaptation:
             raise
         log.info("rolled back to adapter v%d", version_number)
         if self.pipeline is not None:
-            self.pipeline.alert({"type": "rollback", "version": version_number, "message": f"rolled back to v{version_number}"})
+            self.pipeline.alert(rollback_alert(version_number))
 
 
 __all__ = ["Adaptation", "UPDATE_MIN_WINDOWS_SINCE_CHANGE", "register_worker", "serving_rule"]

@@ -10,7 +10,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from edge_daemon.drift.channel import Channel, Kind, iso8601, residual_episode_o
 from edge_daemon.drift.cusum import CUSUM
 from edge_daemon.drift.profile import TimeOfDayProfile
 from edge_daemon.drift.reference import Reference, ReferenceShift, ResidualRatio
+from edge_daemon.payloads import DriftAlert, drift_alert
 from edge_daemon.replies import DriftStatus
 
 if TYPE_CHECKING:
@@ -48,17 +49,9 @@ class DriftEvent:
     residual_level: float | None
     residual_baseline: float | None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "type": "drift",
-            "channel": self.channel,
-            "kind": self.kind,
-            "ts": self.t,
-            "time": iso8601(self.t),
-            "detections": self.detections,
-            "residual_level": self.residual_level,
-            "residual_baseline": self.residual_baseline,
-        }
+    def alert(self) -> DriftAlert:
+        """The `drift` alert published for it."""
+        return drift_alert(self.channel, self.kind, self.t, self.detections, self.residual_level, self.residual_baseline)
 
 
 class DriftMonitor:

@@ -10,6 +10,7 @@ import json
 import logging
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_daemon import __version__
 from edge_daemon.config import Config
+from edge_daemon.payloads import OnlineStatus, offline_status, online_status
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,10 @@ class Connection:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.prefix = config.topic_prefix
-        # The retained `status` published at every (re)connect; the daemon supplies it.
-        self.online_status: Callable[[], dict[str, Any]] = lambda: {"online": True, "device": config.device.id}
+        # The retained `status` published at every (re)connect; the daemon supplies it (until
+        # then: this connection's, with no adapter and no scoring yet).
+        started = time.time()
+        self.online_status: Callable[[], OnlineStatus] = lambda: online_status(config.device.id, __version__, started, None, False)
         mqtt_cfg = config.mqtt
         self._v5 = mqtt_cfg.protocol == "5"
         # The broker stops sending once this many QoS 1 messages wait for our ack.
@@ -76,7 +81,7 @@ class Connection:
         )
         if mqtt_cfg.username:
             client.username_pw_set(mqtt_cfg.username, mqtt_cfg.password)
-        client.will_set(self.prefix + "status", json.dumps({"online": False, "device": self.config.device.id}), qos=1, retain=True)
+        client.will_set(self.prefix + "status", json.dumps(offline_status(self.config.device.id)), qos=1, retain=True)
         client.reconnect_delay_set(mqtt_cfg.reconnect_min_s, mqtt_cfg.reconnect_max_s)  # type: ignore[arg-type]
         # Our own publishes (status, forecasts) may queue while the broker is away.
         client.max_queued_messages_set(10000)
@@ -177,7 +182,7 @@ class Connection:
         """Publish `offline` (retained), disconnect."""
         self._stopped = True
         if self._connected.is_set():
-            info = self.publish("status", {"online": False, "device": self.config.device.id}, qos=1, retain=True)
+            info = self.publish("status", offline_status(self.config.device.id), qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=min(timeout, 5.0))
             except (RuntimeError, ValueError) as exc:

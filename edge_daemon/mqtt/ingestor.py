@@ -15,6 +15,7 @@ from edge_daemon.clock import ClockWatch
 from edge_daemon.config import Config
 from edge_daemon.mqtt.client import Connection
 from edge_daemon.mqtt.writer import BatchHook, Writer
+from edge_daemon.payloads import OnlineStatus
 from edge_daemon.replies import IngestStatus
 from edge_daemon.store import ReplayStore
 
@@ -44,12 +45,12 @@ class Ingestor:
         self._stopped = False
 
     @property
-    def online_status(self) -> Callable[[], dict[str, Any]]:
+    def online_status(self) -> Callable[[], OnlineStatus]:
         """The retained `status` published at every (re)connect; the daemon supplies it."""
         return self.connection.online_status
 
     @online_status.setter
-    def online_status(self, status: Callable[[], dict[str, Any]]) -> None:
+    def online_status(self, status: Callable[[], OnlineStatus]) -> None:
         self.connection.online_status = status
 
     @property
