@@ -181,8 +181,9 @@ class Daemon:
 
     def _start_control(self) -> Part:
         self.control = ControlServer(self.config.device.socket, self.handlers)
-        self.control.start()
-        return Part("control", self.control.stop)
+        control = self.control
+        control.start()
+        return Part("control", control.stop, lambda: control.alive)
 
     def _start_ingest(self) -> Part:
         assert self.store is not None

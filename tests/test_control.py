@@ -583,6 +583,37 @@ def test_stop_leaves_a_newer_servers_socket_alone(tmp_path: Path) -> None:
         new_listener.close()
 
 
+def test_a_server_whose_socket_file_is_removed_is_dead(server: ControlServer) -> None:
+    assert server.alive
+    server.path.unlink()  # as a careless cleanup of the socket directory does
+    # Still serving, but nobody can reach it: dead, so the daemon exits and its restart republishes.
+    assert server.running and not server.alive
+
+
+def test_a_server_whose_socket_file_is_replaced_is_dead_and_leaves_the_new_one(server: ControlServer, tmp_path: Path) -> None:
+    assert server.alive
+    # Someone else's listener renamed over our path: the CLI now reaches it, not us.
+    theirs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging = tmp_path / "theirs.sock"
+    theirs.bind(str(staging))
+    theirs.listen(1)
+    try:
+        os.replace(staging, server.path)
+        assert server.running and not server.alive
+        server.stop()
+        assert stat.S_ISSOCK(os.lstat(server.path).st_mode)  # not ours to remove
+    finally:
+        theirs.close()
+
+
+def test_a_server_whose_serving_thread_ends_is_dead(server: ControlServer) -> None:
+    assert server.alive
+    assert server._server is not None
+    server._server.shutdown()  # socketserver's own stop: serve_forever returns and the thread ends
+    wait_for(lambda: not server.alive, "the server to count as dead")
+    assert not server.running and server.path.exists()
+
+
 # -- permissions -------------------------------------------------------------------------------
 
 NOBODY = 65534

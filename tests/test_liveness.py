@@ -1,5 +1,6 @@
 """No half-alive parts: scoring and background jobs that keep failing, or stop moving, count as
-dead (the daemon then exits non-zero for the service manager to restart it)."""
+dead, and so does a control server nobody can reach (the daemon then exits non-zero for the
+service manager to restart it). The memory watchdog's liveness is tested in test_watchdog.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from edge_daemon import pipeline as pipeline_module
+from edge_daemon.config import Config
+from edge_daemon.daemon import Daemon
 from edge_daemon.pipeline import MAX_FAILURES_IN_A_ROW, ScoringPipeline
 from edge_daemon.scheduler import JobScheduler
 from edge_daemon.store import Reading
@@ -90,3 +93,23 @@ def test_a_scoring_thread_that_stops_beating_is_dead(tmp_path: Path, monkeypatch
         assert pipeline.steps > 0
     finally:
         pipeline.stop()
+
+
+def test_removing_the_control_socket_under_a_running_daemon_kills_its_control_part(config: Config) -> None:
+    daemon = Daemon(config)
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(daemon.run()), name="daemon-under-test")
+    runner.start()
+    try:
+        wait_for(lambda: daemon.heartbeat is not None, HANG_S, "the daemon to be ready")
+        control = next(part for part in daemon.parts if part.name == "control")
+        assert control.alive()
+        config.device.socket.unlink()
+        assert not control.alive()
+        # The main loop finds it dead at its next check and run() returns non-zero.
+        runner.join(HANG_S)
+        assert not runner.is_alive()
+    finally:
+        daemon.stop_event.set()
+        runner.join(HANG_S)
+    assert codes == [1]

@@ -273,6 +273,22 @@ def test_dead_part_stops_the_pings_and_the_daemon_exits_non_zero(
     assert not daemon.heartbeat.is_alive()
 
 
+def test_a_removed_control_socket_makes_the_service_exit_non_zero(tmp_path: Path, broker: LocalBroker) -> None:
+    # Nobody can reach a daemon whose socket file is gone: it exits 1, and systemd's restart
+    # publishes the socket again.
+    service = Service(write_config(tmp_path, broker), tmp_path / "control.sock", tmp_path / "daemon.log")
+    service.start()
+    try:
+        service.wait_up()
+        service.socket_path.unlink()
+        assert service.proc is not None
+        code = service.proc.wait(HANG_S)
+    finally:
+        service.close()
+    assert code == 1, service.log()
+    assert "part(s) control died" in service.log()
+
+
 def test_broker_down_at_start_ready_after_the_wait_and_pings_go_on(
     tmp_path: Path, notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
 ) -> None:

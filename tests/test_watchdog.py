@@ -8,12 +8,14 @@ cgroup it creates (skipped where this machine cannot create one).
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import platform
 import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +35,7 @@ from edge_daemon.memory.usage import (
     release_memory,
     reset_peak_rss,
 )
-from edge_daemon.memory.watchdog import MemoryWatchdog
+from edge_daemon.memory.watchdog import FAILURE_LOG_INTERVAL_S, MAX_FAILURES_IN_A_ROW, MemoryWatchdog
 from edge_daemon.plan import TrainingPlan, choose_start_plan, plan_candidates, plan_limit_mb, tighten
 from tests.cgroups import MB, MemoryCgroup, create_memory_cgroup
 
@@ -739,3 +741,105 @@ def test_alone_in_its_cgroup_the_service_costs_the_cgroups_charge(memory_cgroup:
     assert kernel is not None
     assert snapshot["usage_source"] == "cgroup" and snapshot["budget_source"] == "config [memory] budget_mb"
     assert abs(snapshot["usage_mb"] - kernel) < 0.10 * kernel, (snapshot, kernel)
+
+
+# ---------------------------------------------------------------- liveness
+
+
+def test_a_watchdog_whose_usage_is_unreadable_goes_critical_then_dead(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # It watches a child; once the child has exited and been reaped, /proc/<pid> is gone and every
+    # sample fails for real. No cgroup file names it, so the budget is the config's.
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    watchdog = MemoryWatchdog(
+        POLICY, configured_budget_mb=10_000, sample_interval_s=0.01, pid=child.pid, proc_cgroup=tmp_path / "no-cgroup"
+    )
+    seen: list[tuple[Level, Level]] = []
+    watchdog.add_listener(lambda old, new: seen.append((old, new)))
+    try:
+        with caplog.at_level(logging.INFO, logger="edge_daemon.memory.watchdog"), watchdog:
+            assert watchdog.level == N and watchdog.alive and watchdog.rss_mb > 0
+            assert child.stdin is not None
+            child.stdin.close()
+            child.wait(HANG_S)
+            # Unknown usage is not normal: the level a training worker reads turns critical at the
+            # first failure, so a running update stops at its next micro-batch boundary.
+            wait_for(lambda: watchdog.shared_level.get() == C, what="the level to turn critical")
+            wait_for(lambda: not watchdog.alive, what="the failing watchdog to count as dead")
+            assert watchdog.failures == MAX_FAILURES_IN_A_ROW
+            assert watchdog.level == C and watchdog.shared_level.get() == C
+            assert seen == [(N, C)]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    messages = [r.getMessage() for r in caplog.records]
+    # Logged once in full, then at most every FAILURE_LOG_INTERVAL_S: not once per sample.
+    failed = [r for r in caplog.records if r.getMessage().startswith("memory sample failed")]
+    assert len(failed) == 1 and f"/proc/{child.pid}" in failed[0].getMessage(), messages
+    assert "critical" in failed[0].getMessage()
+    end = next(r for r in caplog.records if r.getMessage().startswith("memory sampling failed"))
+    assert end.getMessage() == f"memory sampling failed {MAX_FAILURES_IN_A_ROW} times in a row; the memory watchdog stops"
+    reminders = [m for m in messages if m.startswith("memory sampling still failing")]
+    assert len(reminders) <= (end.created - failed[0].created) / FAILURE_LOG_INTERVAL_S, messages
+
+
+def test_a_watchdog_survives_one_failed_sample_when_its_limiting_cgroup_is_removed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A real memory cgroup whose limit is the budget, removed under the running watchdog: that
+    # sample fails (its usage is unreadable), the budget is re-read at once and the next sample
+    # succeeds against the machine's limit.
+    made = create_memory_cgroup()
+    if not isinstance(made, MemoryCgroup):
+        pytest.skip(f"cannot create a memory cgroup here: {made}")
+    try:
+        made.set_limit_mb(256)
+        if made.version == 2:
+            mount, line = Path("/sys/fs/cgroup"), "0::/{}"
+        else:
+            mount, line = Path("/sys/fs/cgroup/memory"), "4:memory:/{}"
+        proc_cgroup = tmp_path / "proc-cgroup"
+        proc_cgroup.write_text(line.format(made.path.relative_to(mount)) + "\n")
+        # No refresh but the one a failure forces.
+        watchdog = MemoryWatchdog(POLICY, sample_interval_s=0.01, proc_cgroup=proc_cgroup, budget_refresh_s=100 * HANG_S)
+        seen: list[tuple[Level, Level]] = []
+        watchdog.add_listener(lambda old, new: seen.append((old, new)))
+        with caplog.at_level(logging.INFO, logger="edge_daemon.memory.watchdog"), watchdog:
+            assert watchdog.budget.cgroup_dir == made.path and watchdog.usage_source == "cgroup limit"
+            assert watchdog.level == N
+            made.path.rmdir()  # empty: nothing of the test runs in it
+            wait_for(lambda: seen == [(N, C), (C, N)], what="critical for the failed sample, then normal again")
+            samples = watchdog.samples
+            wait_for(lambda: watchdog.samples > samples + 2, what="samples after the failure")
+            assert watchdog.alive and watchdog.failures == 0
+            assert watchdog.budget.cgroup_dir is None and watchdog.level == N
+    finally:
+        if made.path.exists():
+            made.remove(HANG_S)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if m.startswith("memory sample failed")]) == 1, messages
+    assert "memory sampling recovered after 1 failed sample(s); level normal" in messages
+
+
+def test_a_watchdog_stuck_in_a_sample_is_dead_until_it_moves_again() -> None:
+    # A listener runs on the watchdog's thread: one that blocks holds the loop as a read of /proc
+    # or of a cgroup file stuck in the kernel would.
+    release, stuck = threading.Event(), threading.Event()
+
+    def wedge(old: Level, new: Level) -> None:
+        stuck.set()
+        release.wait(HANG_S)
+
+    watchdog = MemoryWatchdog(POLICY, configured_budget_mb=10_000, sample_interval_s=0.01, stale_s=0.3)
+    watchdog.add_listener(wedge)
+    try:
+        with watchdog:
+            assert watchdog.alive
+            watchdog.set_configured_budget(watchdog.usage_mb / 2)  # the next sample is critical: a level change
+            assert stuck.wait(HANG_S)
+            wait_for(lambda: not watchdog.alive, what="the stuck watchdog to count as dead")
+            release.set()
+            wait_for(lambda: watchdog.alive, what="the watchdog to move again")
+            assert watchdog.failures == 0
+    finally:
+        release.set()

@@ -210,6 +210,16 @@ class ControlServer:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def alive(self) -> bool:
+        """Serving, and the file at `path` is still the socket we published.
+
+        A socket file removed (or replaced by someone else's) leaves a server nobody can reach:
+        the CLI would find nothing, or another process, at the path. Dead, so the daemon exits
+        and its restart publishes the socket again.
+        """
+        return self.running and self._file.owns()
+
 
 class _Stopped(Exception):
     """Ends serve_forever() from inside once stop() has been asked for."""
