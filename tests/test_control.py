@@ -590,6 +590,13 @@ def test_a_server_whose_socket_file_is_removed_is_dead(server: ControlServer) ->
     assert server.running and not server.alive
 
 
+def test_a_chmod_of_the_socket_file_keeps_the_server_alive(server: ControlServer) -> None:
+    # An administrator widening or narrowing access changes the file's ctime, not the socket.
+    os.chmod(server.path, 0o600)
+    assert server.alive
+    assert request(server.path, {"cmd": "status"})["ok"]
+
+
 def test_a_server_whose_socket_file_is_replaced_is_dead_and_leaves_the_new_one(server: ControlServer, tmp_path: Path) -> None:
     assert server.alive
     # Someone else's listener renamed over our path: the CLI now reaches it, not us.

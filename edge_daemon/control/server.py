@@ -218,7 +218,7 @@ class ControlServer:
         the CLI would find nothing, or another process, at the path. Dead, so the daemon exits
         and its restart publishes the socket again.
         """
-        return self.running and self._file.owns()
+        return self.running and self._file.in_place()
 
 
 class _Stopped(Exception):

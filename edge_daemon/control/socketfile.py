@@ -109,6 +109,17 @@ class SocketFile:
             return False
         return _identity(st) == self._inode
 
+    def in_place(self) -> bool:
+        """True while the path still holds our socket's inode: removed or replaced, it is gone.
+
+        Unlike `owns`, a change of mode or group (an administrator's chmod or chgrp) keeps it in
+        place: that alone must not make the daemon restart."""
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return False
+        return self._inode is not None and stat.S_ISSOCK(st.st_mode) and _identity(st)[:2] == self._inode[:2]
+
     def remove(self) -> None:
         """Unlink the socket, unless it is no longer ours."""
         # A daemon started after us may own the path now; remove only our own socket.
