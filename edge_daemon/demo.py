@@ -156,7 +156,6 @@ def run_demo(
                     break
                 time.sleep(0.5)
             publisher.join()
-            before_scores = [s for t, s, v in daemon.pipeline.history if v is None and t >= data.ts[old_steps + 100] and np.isfinite(s)]
             if accepted_at is not None:
                 publish_range(old_steps + new_steps, total)
                 end = time.monotonic() + 60
@@ -165,8 +164,8 @@ def run_demo(
                         progress.update(_render(daemon, alerts))
                     time.sleep(0.5)
                 time.sleep(2.0)
-        after_scores = [s for t, s, v in daemon.pipeline.history if v is not None and np.isfinite(s)]
         status = daemon._status({})
+        memory = status["memory"]
         last = status["training"]["last"] or {}
         summary.update(
             {
@@ -180,12 +179,12 @@ def run_demo(
                 "adapter_bytes": status["adapter"]["size_bytes"],
                 "update_accepted": bool(last.get("accepted")),
                 "update_reason": daemon.runner.last.job.reason if daemon.runner and daemon.runner.last and daemon.runner.last.job else None,
-                "update_peak_rss_mb": last.get("peak_rss_mb"),
-                # The demo process hosts the daemon (and trained the base model before it):
-                # its RSS at the end, with the update child gone, is what serving costs here.
-                "serving_rss_mb": round(_own_rss_mb(), 1),
-                "score_before": float(np.mean(before_scores)) if before_scores else None,
-                "score_after": float(np.mean(after_scores)) if after_scores else None,
+                # Memory as the daemon's watchdog counts it (the kernel's charge of its cgroup, or
+                # the PSS of its process tree: `memory_source`). The demo process hosts the daemon
+                # (and the broker it started): its usage at the end, the update child gone, is what
+                # serving costs here; the update's figures are from its trace.
+                "memory_source": memory.get("usage_source"),
+                "serving_mb": memory.get("usage_mb"),
                 "metrics_before": last.get("metrics_before"),
                 "metrics_after": last.get("metrics_after"),
             }
@@ -196,28 +195,68 @@ def run_demo(
         sub.loop_stop()
         sub.disconnect()
         broker.stop()
-    summary["report"] = _write_report(config, Path(report_dir) if report_dir is not None else workdir / "report")
+    # The anomaly scores and the report come from one replay of the store (report.data.collect):
+    # the summary's scores are the report's statistics over the same steps.
+    from edge_daemon.report.data import collect
+
+    try:
+        report_data = collect(config)
+    except EdgeDaemonError as exc:
+        log.warning("no replay of the store: %s", exc)
+        report_data = None
+    version = summary.get("adapter_version")
+    summary.update(_replayed_scores(report_data, float(data.ts[old_steps + 100]), version))
+    summary.update(_update_memory(report_data.updates if report_data is not None else [], version))
+    summary["report"] = _write_report(config, Path(report_dir) if report_dir is not None else workdir / "report", report_data)
     if live and console is not None:
         _print_summary(console, summary)
     return summary
 
 
-def _write_report(config: Config, out_dir: Path) -> str | None:
+def _replayed_scores(data: Any, new_regime_from: float, version: int | None) -> dict[str, Any]:
+    """Mean anomaly score of the model in use, replayed as the report does: the base on the new
+    regime before the adapter (from `new_regime_from`), and adapter `version` over the steps it was
+    in use (the report's "mean anomaly score while vN was in use")."""
+    fc = data.forecasts if data is not None else None
+    if fc is None:
+        return {"score_before": None, "score_after": None}
+    before = (fc.served_version == 0) & (fc.t >= new_regime_from)
+    after = fc.served_version == (version or -1)
+    return {
+        "score_before": float(np.mean(fc.served_score[before])) if before.any() else None,
+        "score_after": float(np.mean(fc.served_score[after])) if after.any() else None,
+    }
+
+
+def _update_memory(traces: list[dict[str, Any]], version: int | None) -> dict[str, Any]:
+    """What the accepted update cost, from its trace: the service's peak usage while it ran and what
+    it added to the usage before it, counted as the watchdog counts (`memory_source`)."""
+    accepted = [t for t in traces if t.get("outcome") == "accepted" and t.get("version") == version] or traces
+    if not accepted:
+        return {"update_peak_mb": None, "update_added_mb": None}
+    trace = accepted[-1]
+    peak, before = trace.get("peak_sampled_service_mb"), trace.get("baseline_mb")
+    added = peak - before if isinstance(peak, (int, float)) and isinstance(before, (int, float)) and before > 0 else None
+    return {"update_peak_mb": peak, "update_added_mb": added}
+
+
+def memory_text(memory: dict[str, Any]) -> str:
+    """The daemon's memory as its watchdog counts it (PSS or cgroup charge), for the live panel."""
+    source = {"pss": "PSS", "cgroup": "cgroup charge"}.get(str(memory.get("usage_source")), "RSS")
+    used = memory.get("usage_mb", memory.get("rss_mb", 0))  # older daemon: RSS only
+    return f"{used:.0f} MB {source} of {memory.get('budget_mb', 0):.0f} MB ({memory.get('level')})"
+
+
+def _write_report(config: Config, out_dir: Path, data: Any = None) -> str | None:
     """The report of the demo's state dir; None (logged) if it cannot be made, e.g. without matplotlib."""
     from edge_daemon.report import write_report
 
     try:
-        files = write_report(config, out_dir)
+        files = write_report(config, out_dir, data=data)
     except (ImportError, EdgeDaemonError) as exc:
         log.warning("no report: %s", exc)
         return None
     return str(files[-1])
-
-
-def _own_rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 class _Null:
@@ -248,8 +287,7 @@ def _render(daemon: Any, alerts: list[dict[str, Any]]) -> Any:
     training = status.get("training", {})
     plan = training.get("plan")
     table.add_row("training", f"{training.get('state')} {json.dumps(plan) if plan else ''}")
-    memory = status.get("memory", {})
-    table.add_row("memory", f"{memory.get('rss_mb', 0):.0f} MB of {memory.get('budget_mb', 0):.0f} MB ({memory.get('level')})")
+    table.add_row("memory", memory_text(status.get("memory", {})))
     table.add_row("adapter", f"v{status['adapter']['version']}" if status["adapter"]["version"] else "base model")
     table.add_row("alerts", ", ".join(a.get("type", "?") for a in alerts[-6:]))
     return table
@@ -267,6 +305,13 @@ def _print_summary(console: Any, summary: dict[str, Any]) -> None:
             return f"{value:.4g}"
         return str(value)
 
+    def score(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)  # as the report prints it
+
+    def mb(value: Any, sign: str = "") -> str:
+        return f"{sign}{value:.0f} MB" if isinstance(value, (int, float)) else "-"
+
+    source = {"pss": "PSS of the demo process tree", "cgroup": "cgroup charge"}.get(str(summary.get("memory_source")), "?")
     before, after = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}
     rows = [
         ("readings sent / stored / lost", f"{summary.get('readings_sent')} / {summary.get('readings_stored')} / {summary.get('readings_lost')}"),
@@ -275,8 +320,10 @@ def _print_summary(console: Any, summary: dict[str, Any]) -> None:
         ("update accepted (reason)", f"{summary.get('update_accepted')} ({summary.get('update_reason')})"),
         ("forecast loss on recent data before -> after", f"{fmt(before.get('recent_val_loss'))} -> {fmt(after.get('recent_val_loss'))}"),
         ("forecast loss on replayed old data before -> after", f"{fmt(before.get('replay_val_loss'))} -> {fmt(after.get('replay_val_loss'))}"),
-        ("anomaly score on new regime: base -> adapted", f"{fmt(summary.get('score_before'))} -> {fmt(summary.get('score_after'))}"),
-        ("RSS: demo process serving / update child peak", f"{fmt(summary.get('serving_rss_mb'))} MB / {fmt(summary.get('update_peak_rss_mb'))} MB"),
+        ("mean anomaly score on the new regime (as in the report): base -> adapter",
+         f"{score(summary.get('score_before'))} -> {score(summary.get('score_after'))}"),
+        (f"memory ({source}): serving / during the update (peak) / added by the update",
+         f"{mb(summary.get('serving_mb'))} / {mb(summary.get('update_peak_mb'))} / {mb(summary.get('update_added_mb'), '+')}"),
         ("adapter version / size", f"v{summary.get('adapter_version')} / {summary.get('adapter_bytes')} bytes"),
         ("state dir", summary.get("state_dir")),
         ("report", summary.get("report") or "not written (pip install 'edge-daemon[report]')"),

@@ -64,7 +64,7 @@ class ControlError(EdgeDaemonError):
 
 
 class DaemonUnreachable(ControlError):
-    """Nothing answered on the control socket; `cause` is missing, refused, permission, timeout or other."""
+    """Nothing answered on the control socket; `cause` is missing, refused, not_socket, permission, timeout or other."""
 
     def __init__(self, message: str, cause: str = "other") -> None:
         super().__init__(message)

@@ -77,7 +77,9 @@ def test_status_human(capsys: pytest.CaptureFixture[str], sock: Path) -> None:
     lines = [line.rstrip() for line in out.splitlines()]
     assert lines[0] == "pump-07  up 1h 2m"
     assert "store     123,456 readings, 2.3 MB" in lines
-    assert "ingest    1,000 received, 990 stored, 10 rejected (bad_json 4, too_old 6)" in lines
+    # A message may carry several readings: each count says which it counts.
+    # (the console wraps long lines at its width)
+    assert "ingest 1,000 messages received, 990 readings stored, 10 rejected (bad_json 4, too_old 6)" in " ".join(out.split())
     assert "adapter   v3 (created 2024-05-01 12:00:03Z, 45.7 kB, val_loss 0.01234)" in lines
     assert "drift     DETECTED on m1/vibration; last detection 2024-05-01 12:00:03Z" in lines
     assert "memory    312 MB RSS of 1,024 MB budget (31%); level elevated" in lines
@@ -127,6 +129,26 @@ def test_adapter_human(capsys: pytest.CaptureFixture[str], sock: Path, fake: Fak
     assert (code, out.strip()) == (0, NO_BASE)
 
 
+def test_adapter_human_as_the_daemon_sends_it(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:
+    """The keys the daemon adds while an adapter serves: `base` (a base model exists) is not shown as
+    if the base served, the numbers are rounded, the metrics and plan are read as such."""
+    fake.status["adapter"] = {
+        **ADAPTER, "base": True, "peak_rss_mb": 318.9609375, "reason": "drift detected", "chosen_blocks": [0, 1],
+        "metrics_before": {"recent_val_loss": 0.51234567, "replay_val_loss": 0.2}, "metrics_after": {"recent_val_loss": 0.31, "replay_val_loss": 0.21},
+        "plan": {"micro_batch": 16, "accumulation": 1, "checkpointing": False, "optimizer": "adamw"}, "wall_s": 12.3456789,
+    }  # fmt: skip
+    code, out, _ = run(capsys, "adapter", "--socket", str(sock))
+    assert code == 0
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert lines[0] == "serving adapter v3"
+    assert not any(line.startswith("base") for line in lines) and "318.96" not in out
+    assert "update peak RSS 319 MB" in lines
+    assert "recent loss 0.5123 -> 0.31" in lines and "replay loss 0.2 -> 0.21" in lines
+    text = " ".join(out.split())  # the console wraps long lines at its width
+    assert "start plan micro-batch 16 x 1 accumulation, checkpointing off, optimizer adamw" in text
+    assert "trained blocks 0, 1" in lines and "reason drift detected" in lines and "wall_s 12.35" in lines
+
+
 def test_adapters_human(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:
     code, out, _ = run(capsys, "adapters", "--socket", str(sock))
     assert code == 0
@@ -156,7 +178,11 @@ def test_drift_human(capsys: pytest.CaptureFixture[str], sock: Path) -> None:
 
 def test_train_human_and_not_accepted(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:
     code, out, _ = run(capsys, "train", "--socket", str(sock))
-    assert (code, out) == (0, "update requested (trainer running): update started\n")
+    assert (code, out) == (0, "update started (trainer running)\n")
+    # The daemon's own message when it takes a request, shown once, not under a heading repeating it.
+    fake.train_reply = {"accepted": True, "state": "idle", "message": "update requested: it starts when the device is idle and memory is normal"}
+    code, out, _ = run(capsys, "train", "--socket", str(sock))
+    assert (code, " ".join(out.split())) == (0, "update requested: it starts when the device is idle and memory is normal (trainer idle)")
     fake.train_reply = {"accepted": False, "state": "running", "message": "an update is already running"}
     code, out, _ = run(capsys, "train", "--socket", str(sock))
     assert (code, out) == (1, "update not started: an update is already running (trainer running)\n")
@@ -227,6 +253,30 @@ def test_stale_socket_is_reported_as_unreachable(capsys: pytest.CaptureFixture[s
     assert code == cli.EXIT_UNREACHABLE and "stale socket" in err and "systemctl status" in err
 
 
+def test_a_regular_file_is_not_called_a_stale_socket(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    not_a_socket = tmp_path / "config.toml"
+    not_a_socket.write_text("[device]\n")
+    code, _, err = run(capsys, "status", "--socket", str(not_a_socket))
+    assert code == cli.EXIT_UNREACHABLE
+    assert f"{not_a_socket} is not a socket" in err and "stale" not in err
+    assert "[device] socket" in err
+
+
+def test_config_errors_are_printed_once(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[device]\nid = "pump 07"\nwhatever = 1\n[mqtt]\n[channels]\nnames = ["m1/current"]\n')
+    code, out, err = run(capsys, "status", "--config", str(bad))
+    assert (code, out) == (cli.EXIT_ERROR, "")
+    lines = err.splitlines()
+    assert lines[0] == f"edge-daemon: {bad}: invalid configuration"
+    problems = lines[1:]
+    assert len(problems) == 2 and len(set(problems)) == 2, err
+    assert any(line.startswith("  device.id: ") for line in problems) and "  device.whatever: unknown key" in problems
+    # An unreadable file: its one line, once.
+    code, _, err = run(capsys, "status", "--config", str(tmp_path / "missing.toml"))
+    assert code == cli.EXIT_ERROR and err.count("No such file") == 1, err
+
+
 def test_socket_from_config(capsys: pytest.CaptureFixture[str], tmp_path: Path, sock: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[device]\nid = "pump-07"\nsocket = "{sock}"\n[mqtt]\n[channels]\nnames = ["m1/current"]\n')
@@ -293,7 +343,7 @@ def test_status_against_a_real_daemon(capsys: pytest.CaptureFixture[str], tmp_pa
         lines = [line.rstrip() for line in out.splitlines()]
         assert lines[0].startswith("test-dev  up ")
         assert any(line.startswith("store     0 readings, ") for line in lines)
-        assert any(line.startswith("ingest    connected; 0 received") for line in lines)
+        assert any(line.startswith("ingest    connected; 0 messages received, 0 readings") for line in lines)
         assert daemon.terminate() == 0
         code, _, err = run(capsys, "status", "--socket", str(daemon.socket_path))
         assert code == cli.EXIT_UNREACHABLE and "no daemon socket" in err

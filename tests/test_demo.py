@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_daemon.demo import run_demo
+from edge_daemon.demo import memory_text, run_demo
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
@@ -19,3 +19,16 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     report = Path(summary["report"])
     assert report.name == "index.html" and report.exists()
     assert len(list(report.parent.glob("*.png"))) >= 3
+    # The summary's score after the update is the report's, the same statistic over the same steps.
+    page = report.read_text()
+    assert f"mean anomaly score while v1 was in use</td><td>{summary['score_after']:.3g} over" in page
+    # Memory as the watchdog counts it, not RSS; what the update added over serving.
+    assert summary["memory_source"] in ("pss", "cgroup") and summary["serving_mb"] > 0
+    assert 0 < summary["update_added_mb"] < summary["update_peak_mb"]
+    assert not any("rss" in key for key in summary)
+
+
+def test_live_panel_shows_memory_as_the_watchdog_counts_it() -> None:
+    memory = {"rss_mb": 705.2, "usage_mb": 449.6, "usage_source": "pss", "budget_mb": 2048.0, "level": "normal"}
+    assert memory_text(memory) == "450 MB PSS of 2048 MB (normal)"
+    assert memory_text({**memory, "usage_source": "cgroup"}) == "450 MB cgroup charge of 2048 MB (normal)"

@@ -10,6 +10,7 @@ served by the new adapter. A second, rejected update leaves only its trace.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
@@ -247,6 +248,50 @@ def test_report_shows_adaptation(state: Config) -> None:
     old = fc.t < START_TS + OLD_STEPS
     assert np.array_equal(fc.served[old], fc.base[old])
     assert any(e.kind == "inputs" and e.t >= START_TS + OLD_STEPS for e in data.drift_events)
+
+
+def test_report_reads_right(state: Config, tmp_path: Path) -> None:
+    """What a new user read wrong: detections labelled with a detector that did not judge them, the
+    forecast hiding its error, a cramped update axis under its legend, "served model" against
+    "serves first: ridge"."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.legend import Legend
+
+    from edge_daemon.report.data import collect
+    from edge_daemon.report.figures import channels_figure, drift_judges, update_figure
+
+    data = collect(state)
+    page = write_report(state, tmp_path / "report", data=data)[-1].read_text()
+    # Default settings: the inputs' day window (PSI) and the residuals' window with its CUSUM, not ADWIN.
+    judges = drift_judges(state.drift)
+    assert "PSI" in judges["inputs"] and "CUSUM" in judges["residuals"]
+    assert html.escape(judges["inputs"]) in page and html.escape(judges["residuals"]) in page
+    assert "adwin" not in page.lower()
+    # The model's forecasts are said to be the model's; the baselines' serving is named as such.
+    assert "served model" not in page and "model in use" in page
+    assert "mean anomaly score while v1 was in use" in page
+    # Each forecast channel has an error panel: forecast - reading, as the replay made them.
+    fig = channels_figure(data)
+    assert len(fig.axes) == 2 * len(CHANNELS)
+    error_ax = fig.axes[1]
+    fc = data.forecasts
+    assert fc is not None and data.base is not None
+    expected = data.base.norm.invert(fc.served)[:, 0] - data.base.norm.invert(fc.actual)[:, 0]
+    series = [line for line in error_ax.lines if len(line.get_ydata()) > 2]  # not the zero or switch lines
+    drawn = np.asarray(series[-1].get_ydata(), dtype=np.float64)  # the base's error (after v1's switch), then the served
+    assert len(drawn) == len(expected) and np.allclose(drawn, expected, atol=1e-3)
+    reading, *forecasts = fig.axes[0].lines[:3]
+    assert all(line.get_linestyle() != reading.get_linestyle() for line in forecasts)
+    assert not any(isinstance(child, Legend) for ax in fig.axes for child in ax.get_children())  # the legend is the figure's
+    # An update of half a second: the axis covers every step and event, and the legend stands beside the plot.
+    trace = dict(data.updates[0])
+    trace["duration_s"] = 0.5
+    fig = update_figure(trace)
+    ax_mem, ax_loss = fig.axes[:2]
+    assert ax_loss.get_xlim()[1] >= max(trace["steps"]["t"] + trace["samples"]["t"])
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    assert ax_mem.get_legend().get_window_extent(renderer).x0 >= ax_mem.get_window_extent(renderer).x1
 
 
 def test_report_follows_a_rollback_to_the_base_model(state: Config, tmp_path: Path) -> None:

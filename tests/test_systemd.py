@@ -82,6 +82,15 @@ def test_default_config_is_valid_and_matches_the_unit() -> None:
     assert config.memory.budget_mb is None  # budget comes from the unit's MemoryHigh=
 
 
+def test_unit_comment_gives_the_config_memory_thresholds() -> None:
+    text = UNIT.read_text()
+    comment = text[text.index("# --- memory") : text.index("MemoryHigh=")]
+    memory = load_config(DEFAULT_CONFIG).memory
+    shares = [int(p) / 100 for p in re.findall(r"(\d+)%", comment)]
+    assert shares == pytest.approx([memory.elevated, memory.high, memory.critical]), comment
+    assert "update stops" in comment  # what critical does (config.MemoryConfig.critical)
+
+
 @pytest.fixture
 def offline_root(tmp_path: Path) -> Path:
     """A root with the system's unit tree and a stub ExecStart, for `systemd-analyze --root`."""

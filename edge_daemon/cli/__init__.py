@@ -16,7 +16,7 @@ from edge_daemon import __version__
 from edge_daemon.cli import commands, local
 from edge_daemon.cli.commands import add_socket_options
 from edge_daemon.cli.exits import EXIT_ERROR, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
-from edge_daemon.errors import ConfigError, DaemonUnreachable, EdgeDaemonError
+from edge_daemon.errors import DaemonUnreachable, EdgeDaemonError
 
 Setup = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -101,6 +101,8 @@ def unreachable_message(exc: DaemonUnreachable, args: argparse.Namespace) -> str
     group = "are you in the daemon's group? run as root or as a member of the socket's group (`id` shows yours)"
     if exc.cause == "permission":
         hints += [group, running]
+    elif exc.cause == "not_socket":
+        hints += ["the daemon's socket is `[device] socket` in its config; pass that path, or --config CONFIG"]
     elif exc.cause == "timeout":
         hints += ["the daemon is up but not answering; check `journalctl -u edge-daemon`", running]
     else:
@@ -115,12 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     except DaemonUnreachable as exc:
         print(unreachable_message(exc, args), file=sys.stderr)
         return EXIT_UNREACHABLE
-    except ConfigError as exc:
-        print(f"edge-daemon: {exc}", file=sys.stderr)
-        for field_path, message in exc.problems:
-            print(f"  {field_path}: {message}", file=sys.stderr)
-        return EXIT_ERROR
     except EdgeDaemonError as exc:
+        # A ConfigError's message lists its problems already (one `  field: message` line each).
         print(f"edge-daemon: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -153,12 +153,21 @@ def describe_store(store: StoreStatus) -> str:
     return f"{fmt_int(store['readings'])} readings, {fmt_bytes(store.get('bytes'))}"  # older daemon
 
 
+INGEST_COUNTS = (
+    ("received", "messages received"),
+    ("stored", "readings stored"),
+    ("duplicates", "duplicate readings"),
+    ("rejected", "rejected"),
+)
+
+
 def describe_ingest(ingest: IngestStatus) -> str:
     parts = []
     if "connected" in ingest:  # older daemon
         parts.append("connected" if ingest["connected"] else "[red]DISCONNECTED[/red]")
-    # `duplicates`: older daemon
-    counts = [f"{fmt_int(ingest[k])} {k}" for k in ("received", "stored", "duplicates", "rejected") if k in ingest]  # type: ignore[literal-required]
+    # What each count counts: `received` messages, `stored` and `duplicates` readings (a message
+    # may carry several readings), `rejected` messages and rejected entries. `duplicates`: older daemon.
+    counts = [f"{fmt_int(ingest[k])} {what}" for k, what in INGEST_COUNTS if k in ingest]  # type: ignore[literal-required]
     text = "; ".join(parts + [", ".join(counts)] if counts else parts) or NONE
     by_reason = ingest["rejected_by_reason"]
     if by_reason:
@@ -239,6 +248,9 @@ def describe_memory(memory: MemoryStatus) -> str:
     return f"{text}; level {shown_level}"
 
 
+PLAN_KEYS = {"micro_batch", "accumulation", "checkpointing", "optimizer"}
+
+
 def describe_plan(plan: PlanStatus) -> str:
     text = f"micro-batch {fmt_int(plan['micro_batch'])} x {fmt_int(plan['accumulation'])} accumulation"
     text += f", checkpointing {'on' if plan['checkpointing'] else 'off'}"
@@ -301,9 +313,27 @@ def render_adapter(out: Console, reply: AdapterReply) -> None:
     table.add_row("created", fmt_time(adapter["created"]))
     table.add_row("size", fmt_bytes(adapter["size_bytes"]))
     table.add_row("val_loss", fmt_float(adapter["val_loss"]))
+    before, after = adapter.get("metrics_before") or {}, adapter.get("metrics_after") or {}
+    for key, label in (("recent_val_loss", "recent loss"), ("replay_val_loss", "replay loss")):
+        if key in before or key in after:
+            table.add_row(label, fmt_change(before.get(key), after.get(key)))
+    plan = adapter.get("plan")
+    if plan:
+        table.add_row("start plan", describe_plan(plan) if PLAN_KEYS <= set(plan) else fmt_other(plan))  # type: ignore[arg-type]
+    blocks = adapter.get("chosen_blocks")
+    if blocks:
+        table.add_row("trained blocks", ", ".join(esc(b) for b in blocks))
+    if adapter.get("peak_rss_mb") is not None:
+        table.add_row("update peak RSS", fmt_mb(adapter.get("peak_rss_mb")))
+    if adapter.get("reason"):
+        table.add_row("reason", fmt_other(adapter.get("reason")))
+    # `base` says whether a base model exists, which matters only while no adapter serves; the
+    # rest are keys of a newer daemon, numbers rounded.
+    shown = {"version", "created", "size_bytes", "val_loss", "base", "metrics_before", "metrics_after", "plan",
+             "chosen_blocks", "peak_rss_mb", "reason"}  # fmt: skip
     for key, value in adapter.items():
-        if key not in ("version", "created", "size_bytes", "val_loss") and value not in (None, {}, []):
-            table.add_row(esc(key), fmt_other(value))
+        if key not in shown and value not in (None, {}, []):
+            table.add_row(esc(key), fmt_float(value) if isinstance(value, float) else fmt_other(value))
     out.print(table)
 
 
@@ -388,7 +418,9 @@ def render_train(out: Console, reply: TrainReply) -> int:
     if not reply["accepted"]:
         out.print(f"update not started: {message or 'the daemon declined'} (trainer {state})")
         return EXIT_ERROR
-    out.print(f"update requested (trainer {state})" + (f": {message}" if message else ""))
+    # The daemon's message says what happens to the request ("update requested: it starts when
+    # ...", "an update is already running"): shown as it is, not under a heading repeating it.
+    out.print(f"{message or 'update requested'} (trainer {state})")
     return EXIT_OK
 
 

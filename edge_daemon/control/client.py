@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
 from edge_daemon.control.protocol import MAX_REPLY_BYTES
 from edge_daemon.errors import ControlError, DaemonUnreachable
+
+
+def _is_socket(path: Path | str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return True  # gone meanwhile: say what connect() said
 
 
 def request(path: Path | str, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -27,6 +36,9 @@ def request(path: Path | str, payload: dict[str, Any], timeout: float = 10.0) ->
         except PermissionError:
             raise DaemonUnreachable(f"permission denied on {path}", cause="permission") from None
         except ConnectionRefusedError:
+            # connect() on a path that is not a socket (a regular file, say) is refused as well.
+            if not _is_socket(path):
+                raise DaemonUnreachable(f"{path} is not a socket: is this the daemon's control socket path?", cause="not_socket") from None
             raise DaemonUnreachable(f"nothing is listening on {path} (stale socket)", cause="refused") from None
         except TimeoutError:
             raise DaemonUnreachable(f"the daemon at {path} did not accept within {timeout} s", cause="timeout") from None

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_daemon.report.data import collect
+from edge_daemon.report.data import ReportData, collect
 from edge_daemon.report.figures import plot_anomaly, plot_channels, plot_drift, plot_update
 from edge_daemon.report.page import render_html
 from edge_daemon.scoring.replay import MAX_FORECASTS
@@ -27,18 +27,23 @@ log = logging.getLogger(__name__)
 MAX_UPDATE_FIGURES = 4
 
 
-def write_report(config: Config, out_dir: Path, *, hours: float | None = None, max_forecasts: int = MAX_FORECASTS) -> list[Path]:
+def write_report(
+    config: Config, out_dir: Path, *, hours: float | None = None, max_forecasts: int = MAX_FORECASTS, data: ReportData | None = None
+) -> list[Path]:
     """Write the figures (PNG) and index.html for the state directory of `config` into `out_dir`.
 
-    `hours` limits the readings to the newest H hours of the store. Returns the files written,
+    `hours` limits the readings to the newest H hours of the store; `data`, when given, is what
+    `collect` already read (and `hours`, `max_forecasts` are not used). Returns the files written,
     index.html last. ReportError if the state directory has no replay store or it is empty.
     """
     started = time.monotonic()
-    data = collect(config, hours=hours, max_forecasts=max_forecasts)
+    if data is None:
+        data = collect(config, hours=hours, max_forecasts=max_forecasts)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, Path]] = [
-        ("Sensor channels with the served model's one-step forecasts; dashed green lines: adapter switches",
+        ("Sensor channels with the one-step forecasts of the model in use (the base, or the adapter from its switch) "
+         "and their error; dashed green lines: adapter switches",
          plot_channels(data, out_dir / "channels.png")),  # fmt: skip
     ]
     if data.forecasts is not None:

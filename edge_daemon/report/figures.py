@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from edge_daemon.config import DriftConfig
     from edge_daemon.report.data import ReportData
     from edge_daemon.scoring.replay import Switch
 
@@ -62,36 +63,71 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+# What the forecasts drawn are: the model's, as the replay makes them (scoring/replay.py); the
+# daemon may have published a baseline's instead where one forecast better.
+MODEL_IN_USE = "model in use (base, or the adapter from its switch)"
+
+
 def plot_channels(data: ReportData, path: Path) -> Path:
-    """Each channel over time with the served model's one-step forecasts (and the base's, once adapters
-    serve); an input-only channel has no forecast."""
+    return _save(channels_figure(data), path)
+
+
+def channels_figure(data: ReportData) -> Figure:
+    """Each channel over time with the one-step forecasts of the model in use, drawn as a dashed line
+    over the readings, and below it their error (forecast - reading), where a forecast drawn on
+    top of the readings would hide it; the base's too once an adapter is in use. An input-only
+    channel has no forecast and no error panel."""
+    from matplotlib.figure import Figure
+
     names = data.config.channels.names
     forecast = data.config.channels.forecast
     grid = data.grid
-    fig, axes = _new_figure(len(names), 2.4)
+    fc = data.forecasts
+    with_error = [fc is not None and data.base is not None and name in forecast for name in names]
+    ratios = [r for has_error in with_error for r in ((3, 1.4) if has_error else (3,))]
+    fig = Figure(figsize=(12.0, max(2.5, 0.8 * sum(ratios))), layout="constrained")
+    all_axes = list(fig.subplots(len(ratios), 1, sharex=True, squeeze=False, height_ratios=ratios)[:, 0])
     thin = _thin(len(grid.values))
     t_grid = _dates(grid.t0 + np.arange(len(grid.values))[thin] * grid.period_s)
-    fc = data.forecasts
-    for c, ax in enumerate(axes):
-        ax.plot(t_grid, grid.values[thin, c], color="0.35", linewidth=0.8, label="reading")
-        if fc is not None and data.base is not None and names[c] in forecast:
-            column = forecast.index(names[c])  # forecasts are in the model's output order
+    row = 0
+    for c, name in enumerate(names):
+        ax = all_axes[row]
+        row += 1
+        ax.plot(t_grid, grid.values[thin, c], color="0.25", linewidth=0.9, label="reading")
+        if with_error[c]:
+            assert fc is not None and data.base is not None
+            err_ax = all_axes[row]
+            row += 1
+            column = forecast.index(name)  # forecasts are in the model's output order
             f_thin = _thin(len(fc.t))
             t_fc = _dates(fc.t[f_thin])
+            actual = data.base.norm.invert(fc.actual[f_thin])[:, column]
             served = data.base.norm.invert(fc.served[f_thin])[:, column]
             if data.switches and (fc.served_version > 0).any():
                 base = data.base.norm.invert(fc.base[f_thin])[:, column]
-                adapted = fc.served_version[f_thin] > 0
-                ax.plot(t_fc, np.where(adapted, base, np.nan), color="tab:orange", linewidth=0.8, alpha=0.8,
-                        label="base model (not served)")  # fmt: skip
-            ax.plot(t_fc, served, color="tab:blue", linewidth=0.8, alpha=0.85, label="forecast (served model)")
+                base_only = np.where(fc.served_version[f_thin] > 0, base, np.nan)
+                ax.plot(t_fc, base_only, color="tab:orange", linewidth=0.8, linestyle=(0, (2, 2)), alpha=0.9,
+                        label="forecast of the base alone")  # fmt: skip
+                err_ax.plot(t_fc, base_only - actual, color="tab:orange", linewidth=0.7, alpha=0.8)
+            ax.plot(t_fc, served, color="tab:blue", linewidth=0.8, linestyle=(0, (4, 2)), alpha=0.9,
+                    label=f"forecast of the {MODEL_IN_USE}")  # fmt: skip
+            err_ax.plot(t_fc, served - actual, color="tab:blue", linewidth=0.7, alpha=0.8)
+            err_ax.axhline(0.0, color="0.3", linewidth=0.8)
+            err_ax.set_ylabel("error", fontsize=8)
+            err_ax.grid(alpha=0.3)
+            _mark_switches(err_ax, data.switches, label=False)
         _mark_switches(ax, data.switches, label=c == 0)
-        ax.set_ylabel(names[c], fontsize=9)
+        ax.set_ylabel(name, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="upper left", fontsize=8, ncols=4)
-    axes[0].set_title("Sensor channels and one-step forecasts")
-    _format_time_axis(axes[-1])
-    return _save(fig, path)
+    legend: dict[str, Any] = {}
+    for ax in all_axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    # Below the axes, never over the lines.
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=4, fontsize=8, frameon=False)
+    fig.suptitle("Sensor channels, one-step forecasts and their error (forecast - reading)")
+    _format_time_axis(all_axes[-1])
+    return fig
 
 
 def _rolling_mean(x: np.ndarray, n: int) -> np.ndarray:
@@ -103,7 +139,7 @@ def _rolling_mean(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def plot_anomaly(data: ReportData, path: Path) -> Path:
-    """Anomaly score over time (served model, and the base for comparison) against the alert threshold."""
+    """Anomaly score over time (model in use, and the base alone for comparison) against the alert threshold."""
     fc = data.forecasts
     assert fc is not None
     fig, (ax,) = _new_figure(1, 3.6)
@@ -112,10 +148,10 @@ def plot_anomaly(data: ReportData, path: Path) -> Path:
     smooth = max(1, len(fc.t) // 200)
     if (fc.served_version > 0).any():
         ax.plot(t, _rolling_mean(fc.base_score, smooth)[thin], color="tab:orange", linewidth=1.0,
-                label=f"base model (mean of {smooth} steps)")  # fmt: skip
-    ax.plot(t, fc.served_score[thin], color="tab:blue", linewidth=0.5, alpha=0.35, label="served model, per step")
+                label=f"base alone (mean of {smooth} steps)")  # fmt: skip
+    ax.plot(t, fc.served_score[thin], color="tab:blue", linewidth=0.5, alpha=0.35, label="model in use, per step")
     ax.plot(t, _rolling_mean(fc.served_score, smooth)[thin], color="tab:blue", linewidth=1.4,
-            label=f"served model (mean of {smooth} steps)")  # fmt: skip
+            label=f"model in use (mean of {smooth} steps)")  # fmt: skip
     threshold = data.config.outputs.anomaly_threshold
     ax.axhline(threshold, color="tab:red", linestyle=":", label=f"alert threshold {threshold:g}")
     ax.axhline(1.0, color="0.5", linestyle=":", linewidth=0.8)
@@ -146,7 +182,7 @@ def plot_drift(data: ReportData, path: Path) -> Path:
                     linewidth=1.0, label=name)  # fmt: skip
         ax.axhline(1.0, color="0.5", linestyle=":", linewidth=0.8)
         ax.set_ylabel(f"|residual| / typical\n(mean of {smooth} steps)", fontsize=9)
-        ax.set_title("Residuals of the served model and drift detections (recomputed)")
+        ax.set_title("Residuals of the model in use and drift detections (recomputed)")
         ax.grid(alpha=0.3)
         _mark_switches(ax, data.switches, label=True)
         ax.legend(loc="upper left", fontsize=8, ncols=len(names))
@@ -165,11 +201,34 @@ def plot_drift(data: ReportData, path: Path) -> Path:
     ax.set_yticks(range(len(names)), names, fontsize=9)
     ax.set_ylim(-0.6, len(names) - 0.4)
     counts = {kind: sum(e.kind == kind for e in data.drift_events) for kind in ("inputs", "residuals")}
-    ax.set_title(f"Detections ({data.config.drift.detector}): | inputs ({counts['inputs']}), v residuals ({counts['residuals']})",
-                 fontsize=10)  # fmt: skip
+    judges = drift_judges(data.config.drift)
+    ax.set_title(f"Detections: | inputs ({counts['inputs']}): {judges['inputs']}\n"
+                 f"v residuals ({counts['residuals']}): {judges['residuals']}", fontsize=10)  # fmt: skip
     ax.grid(alpha=0.3, axis="x")
     _format_time_axis(ax)
     return _save(fig, path)
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("day", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{seconds / size:g}-{unit}"
+    return f"{seconds:g}-s"
+
+
+def drift_judges(cfg: DriftConfig) -> dict[str, str]:
+    """What judges drift on the inputs and on the residuals with these settings (drift/channel.py)."""
+    if cfg.inputs == "reference":
+        inputs = f"PSI of a {_span(cfg.input_window_s)} window against the training data"
+    else:
+        inputs = f"{cfg.detector} on every value"
+    if cfg.residuals == "window":
+        residuals = f"mean |residual| of a {_span(cfg.residual_window_s)} window against its baseline"
+        if cfg.cusum:
+            residuals += ", and a CUSUM"
+    else:
+        residuals = f"{cfg.detector} on every residual"
+    return {"inputs": inputs, "residuals": residuals}
 
 
 def plan_label(plan: dict[str, Any]) -> str:
@@ -180,6 +239,10 @@ def plan_label(plan: dict[str, Any]) -> str:
 
 
 def plot_update(trace: dict[str, Any], path: Path) -> Path:
+    return _save(update_figure(trace), path)
+
+
+def update_figure(trace: dict[str, Any]) -> Figure:
     """Memory of one update over time, with its phases, plan changes and training loss."""
     fig, (ax_mem, ax_loss) = _new_figure(2, 3.0, width=11.0)
     samples = trace.get("samples") or {}
@@ -227,9 +290,10 @@ def plot_update(trace: dict[str, Any], path: Path) -> Path:
         ax_mem.annotate(("plan " if i == 0 else "-> ") + plan_label(change["plan"]) + level, (change["t"], 0.97),
                         xycoords=("data", "axes fraction"), fontsize=8, color="tab:orange", va="top",
                         xytext=(3, -12 * (i % 4)), textcoords="offset points")  # fmt: skip
-    ax_mem.set_ylabel("RSS (MB)")
+    ax_mem.set_ylabel("memory (MB)")
     ax_mem.grid(alpha=0.3)
-    ax_mem.legend(loc="best", fontsize=8)
+    # Beside the axes, never over the lines.
+    ax_mem.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0.0)
     steps = trace.get("steps") or {}
     if steps.get("t"):
         ax_loss.plot(steps["t"], steps["loss"], color="tab:blue", marker=".", markersize=3, linewidth=1.0)
@@ -238,9 +302,12 @@ def plot_update(trace: dict[str, Any], path: Path) -> Path:
     ax_loss.set_ylabel("training loss (batch MAE)")
     ax_loss.set_xlabel("seconds since the update started")
     ax_loss.grid(alpha=0.3)
-    ax_loss.set_xlim(left=0.0, right=max(end, 1e-3) * 1.01)
+    # The whole update: to its end, or its last sample, step or event if one came later.
+    last = max([end, *(t[-1:] if t.size else []), *(steps.get("t") or [])[-1:], *(float(p["t"]) for p in phases),
+                *(float(c["t"]) for c in trace.get("plans") or [])])  # fmt: skip
+    ax_loss.set_xlim(left=0.0, right=max(last, 1.0) * 1.02)
     started = datetime.fromtimestamp(float(trace.get("started_unix", 0.0)), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     outcome = trace.get("outcome", "?")
     version = f" v{trace['version']}" if trace.get("version") else ""
     ax_mem.set_title(f"Update at {started}: {outcome}{version} ({trace.get('reason') or 'no reason recorded'})")
-    return _save(fig, path)
+    return fig

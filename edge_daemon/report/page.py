@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from edge_daemon.report.data import ReportData
-from edge_daemon.report.figures import plan_label
+from edge_daemon.report.figures import MODEL_IN_USE, drift_judges, plan_label
 from edge_daemon.times import iso
 
 
@@ -40,6 +40,7 @@ def render_html(data: ReportData, figures: list[tuple[str, Path]], elapsed_s: fl
     grid = data.grid
     span = data.time_range
     fc = data.forecasts
+    judges = drift_judges(config.drift)
     summary_rows = [
         ["device", html.escape(config.device.id)],
         ["state directory", html.escape(str(config.device.state_dir))],
@@ -51,15 +52,16 @@ def render_html(data: ReportData, figures: list[tuple[str, Path]], elapsed_s: fl
         ["base model", html.escape(data.base_problem) if data.base is None else
          f"window {data.base.cfg.window}, {data.base.model.n_params():,} parameters, "
          f"validation loss {_num(data.base.meta.get('val_loss'))}"],  # fmt: skip
-        ["adapter served now", f"v{data.current_version}" if data.current_version else "none (base model)"],
-        ["drift detections (recomputed)", f"{sum(e.kind == 'inputs' for e in data.drift_events)} on inputs, "
-         f"{sum(e.kind == 'residuals' for e in data.drift_events)} on residuals ({html.escape(config.drift.detector)})"],  # fmt: skip
+        ["adapter in use now", f"v{data.current_version}" if data.current_version else "none (base model)"],
+        ["drift detections (recomputed)", f"{sum(e.kind == 'inputs' for e in data.drift_events)} on inputs "
+         f"({html.escape(judges['inputs'])}), {sum(e.kind == 'residuals' for e in data.drift_events)} on residuals "
+         f"({html.escape(judges['residuals'])})"],  # fmt: skip
     ]
     if fc is not None:
         for version in sorted(set(fc.served_version.tolist())):
             mask = fc.served_version == version
-            name = f"v{version}" if version else "base model"
-            summary_rows.append([f"mean anomaly score while {name} served",
+            name = f"v{version}" if version else "the base model alone"
+            summary_rows.append([f"mean anomaly score while {name} was in use",
                                  f"{float(np.mean(fc.served_score[mask])):.3g} over {int(mask.sum()):,} steps"])  # fmt: skip
     adapter_rows = []
     listed: set[int] = set()
@@ -128,11 +130,13 @@ def render_html(data: ReportData, figures: list[tuple[str, Path]], elapsed_s: fl
                 "replayed val loss before &rarr; after", "peak RSS (MB)", "start plan", "reason"], adapter_rows)
         if adapter_rows else "<p>No adapters stored: the base model serves.</p>",  # fmt: skip
         "<h2>Against the baselines</h2>",
-        _table(["trained", "serves first", "held-out windows", "one-step MAE (normalised)"], yardstick_rows)
+        _table(["trained", "served first (by held-out MAE)", "held-out windows", "one-step MAE (normalised)"], yardstick_rows)
         if yardstick_rows else "<p>No held-out comparison recorded.</p>",  # fmt: skip
         "<p>While serving, the daemon keeps comparing the model with persistence, seasonal naive and the ridge "
         "autoregression on every scored step and serves whichever has the lowest mean |error| "
-        "(<code>[outputs] serve</code>); <code>edge-daemon status</code> shows the live figures.</p>",
+        "(<code>[outputs] serve</code>); <code>edge-daemon status</code> shows the live figures. That choice is not "
+        f"replayed here: the figures' forecasts and anomaly scores are those of the {html.escape(MODEL_IN_USE)}, "
+        "which the daemon published wherever no baseline forecast better.</p>",
         "<h2>Updates</h2>",
         _table(["started", "outcome", "reason", "duration (s)", "peak RSS (MB)", "plans", "detail"], update_rows)
         if update_rows else "<p>No update traces recorded.</p>",  # fmt: skip
