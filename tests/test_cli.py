@@ -364,3 +364,11 @@ def test_install_and_uninstall_take_their_options(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit) as usage:
         cli.main(["install", "--no-such-option"])
     assert usage.value.code == 2
+
+
+def test_memory_is_shown_as_the_kernel_counts_it() -> None:
+    from edge_daemon.cli.render import describe_memory
+
+    memory = {"rss_mb": 520.0, "usage_mb": 260.0, "usage_source": "pss", "budget_mb": 1024.0, "level": "normal"}
+    # PSS (or the cgroup's charge), the measure the level is judged by, not the RSS sum.
+    assert describe_memory(memory) == "260 MB (pss) of 1,024 MB budget (25%); level [green]normal[/green]"  # type: ignore[arg-type]

@@ -239,12 +239,19 @@ def describe_memory(memory: MemoryStatus) -> str:
     level = str(memory["level"])
     style = LEVEL_STYLE.get(level, "")
     shown_level = f"[{style}]{level}[/{style}]" if style else esc(level)
-    text = f"{fmt_mb(memory['rss_mb'])} RSS"
-    rss, budget = _number(memory["rss_mb"]), _number(memory.get("budget_mb"))  # older daemon
+    # Usage as the kernel counts it (the cgroup's charge or PSS), the measure the level is judged
+    # by; an older daemon sends only the tree's RSS, which counts shared pages once per process.
+    usage = _number(memory.get("usage_mb"))
+    if usage is not None:
+        text = f"{fmt_mb(usage)} ({esc(memory.get('usage_source', 'usage'))})"
+    else:
+        usage = _number(memory["rss_mb"])
+        text = f"{fmt_mb(memory['rss_mb'])} RSS"
+    budget = _number(memory.get("budget_mb"))  # older daemon
     if budget:
         text += f" of {fmt_mb(budget)} budget"
-        if rss is not None:
-            text += f" ({rss / budget:.0%})"
+        if usage is not None:
+            text += f" ({usage / budget:.0%})"
     return f"{text}; level {shown_level}"
 
 
