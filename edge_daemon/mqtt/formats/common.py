@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
-from math import isfinite
 from typing import Any, Protocol
 
 from edge_daemon.config import InputConfig
 from edge_daemon.errors import PayloadError
-from edge_daemon.mqtt.payload import PayloadLimits, decode_json, timestamp
+from edge_daemon.mqtt.payload import PayloadLimits, decode_json, number, timestamp
 from edge_daemon.store import Reading
 
 # Other projects nest deeper than the native grammar (Shelly's NotifyStatus: params, component,
@@ -50,20 +49,11 @@ def base_levels(topic_filter: str) -> int:
 def value_of(raw: Any, what: str) -> float:
     """A JSON value as a reading's value: a finite number, a boolean (1/0), or "ON"/"OFF"."""
     kind = type(raw)
-    if kind is float:
-        if isfinite(raw):
-            return raw  # type: ignore[no-any-return]
-        raise PayloadError("non_finite", f"{what} is {raw}")
-    if kind is int:
-        try:
-            return float(raw)
-        except OverflowError:
-            raise PayloadError("non_finite", f"{what} overflows a float") from None
     if kind is bool:
         return 1.0 if raw else 0.0
     if kind is str and raw in ON_OFF:
         return ON_OFF[raw]
-    raise PayloadError("not_a_number", f"{what} is {kind.__name__}")
+    return number(raw, what)  # the native form's rule for numbers
 
 
 def flatten(doc: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
