@@ -169,7 +169,7 @@ def test_esphome_states_are_bare_text(esphome: InputRouter) -> None:
     for topic, payload in [("boiler/status", "online"), ("boiler/debug", "[D][sensor]"), ("boiler/switch/pump/command", "ON")]:
         assert parse(esphome, topic, payload)[1].ignored == {"not_readings": 1}
     assert parse(esphome, "boiler/sensor/wifi_signal/state", "-61")[1].ignored == {"not_a_channel": 1}
-    for payload, reason in [("nan", "non_finite"), ("unknown", "not_a_number"), (b"\xff", "bad_utf8")]:
+    for payload, reason in [("12a", "not_a_number"), (b"\xff", "bad_utf8")]:
         with pytest.raises(PayloadError) as caught:
             parse(esphome, "boiler/sensor/flow_temperature/state", payload)
         assert caught.value.reason == reason
@@ -280,3 +280,42 @@ def test_subscriptions_follow_the_mappings() -> None:
     assert config([], ["a/t"]).subscriptions == ["sensors/#"]
     with pytest.raises(ConfigError, match="more than two levels"):
         config([], ["kitchen/plug/power"])
+
+
+def test_hostile_payloads_are_rejected_never_raised() -> None:
+    """Whatever the field sends, parsing ends in readings or a PayloadError: a retained bad
+    message would otherwise end the writer at every start."""
+    tz_less = InputRouter(config([{"topic": "tele/+/+", "format": "tasmota"}], ["t1/DS18B20.Temperature"]))
+    z2m = InputRouter(config([{"topic": "zigbee2mqtt/#", "format": "zigbee2mqtt"}], ["d/t"]))
+    shelly = InputRouter(config([{"topic": "+/events/rpc", "format": "shelly"}], ["s/temperature:0.tC"]))
+    deep: object = {"t": 1}
+    for _ in range(12):
+        deep = {"x": deep}
+    cases = [
+        (tz_less, "tele/t1/SENSOR", {"Time": "0001-01-01T00:00:00", "DS18B20": {"Temperature": 1}}, "bad_ts"),
+        (tz_less, "tele/t1/SENSOR", {"Time": "9999-12-31T23:59:59", "DS18B20": {"Temperature": 1}}, {"bad_ts", "future"}),
+        (tz_less, "tele/t1/SENSOR", {"Time": "2024-13-45T00:00:00", "DS18B20": {"Temperature": 1}}, "bad_ts"),
+        (z2m, "zigbee2mqtt/d", {"t": 1, "last_seen": "0001-01-01"}, "bad_ts"),
+        (z2m, "zigbee2mqtt/d", {"t": 1, "last_seen": 10**400}, "bad_ts"),
+        (z2m, "zigbee2mqtt/d", deep, "too_deep"),
+        (shelly, "s/events/rpc", {"method": [1], "params": {}}, None),
+        (shelly, "s/events/rpc", {"method": "NotifyStatus", "params": []}, "bad_shape"),
+    ]
+    for router, topic, payload, reasons in cases:
+        try:
+            parse(router, topic, payload)
+        except PayloadError as exc:
+            assert reasons is not None and exc.reason in ({reasons} if isinstance(reasons, str) else reasons), (payload, exc)
+        else:
+            assert reasons is None, payload
+
+
+def test_esphome_reads_only_plain_numbers_and_ignores_unknown_states(esphome: InputRouter) -> None:
+    for text in ("1_000", "\u0661\u0662", "infinity", "0x10"):
+        with pytest.raises(PayloadError) as caught:
+            parse(esphome, "boiler/sensor/flow_temperature/state", text)
+        assert caught.value.reason == "not_a_number", text
+    assert parse(esphome, "boiler/sensor/flow_temperature/state", "-1.5e2")[0] == [Reading("boiler/flow_temperature", NOW, -150.0)]
+    # A sensor not read yet publishes "nan": no reading, not an error every time.
+    readings, outcome = parse(esphome, "boiler/sensor/flow_temperature/state", "nan")
+    assert readings == [] and outcome.ignored == {"no_state": 1}

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from edge_daemon.broker import LocalBroker
 from edge_daemon.config import parse_config
@@ -76,7 +77,7 @@ BAD = [
     ("zigbee2mqtt/pump_room", '{"temperature": 21.0, "last_seen": "yesterday"}', "bad_ts"),
     ("zigbee2mqtt/pump_room", '{"temperature": "warm"}', "not_a_number"),
     ("tele/plug1/SENSOR", '{"ENERGY": {"Power": 45', "bad_json"),
-    ("boiler/sensor/flow_temperature/state", "nan", "non_finite"),
+    ("boiler/sensor/flow_temperature/state", "1e999", "non_finite"),
     ("shellyplus1pm-a8/status/switch:0", "[1, 2]", "bad_shape"),
     ("plant/pump7/telemetry", '{"flow": 1.0}', "bad_ts"),
     ("elsewhere/thing", "1.0", "unmapped_topic"),
@@ -135,3 +136,44 @@ def test_every_format_is_stored_once_and_bad_payloads_are_counted_by_reason(tmp_
     # id and tF of the event, rpm: fields of devices that are not channels, ignored (once per message).
     assert counters["ignored_by_reason"]["not_a_channel"] >= 15
     store.close()
+
+
+def test_a_parser_bug_rejects_one_message_and_ingestion_goes_on(
+    tmp_path: Path, broker: LocalBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A format that raises something other than PayloadError (a bug no test foresaw) costs one
+    message, counted as parse_error; the writer thread lives on and stores the next one."""
+    from edge_daemon.mqtt import formats
+    from edge_daemon.mqtt.formats.esphome import EsphomeFormat
+
+    class Buggy(EsphomeFormat):
+        def parse(self, levels, payload, now, limits, outcome):  # type: ignore[no-untyped-def]
+            if payload == b"boom":
+                raise ZeroDivisionError("a bug")
+            return super().parse(levels, payload, now, limits, outcome)
+
+    monkeypatch.setitem(formats._FORMATS, "esphome", Buggy)
+    config = parse_config({
+        "device": {"id": "buggy", "state_dir": str(tmp_path / "state"), "socket": str(tmp_path / "control.sock")},
+        "mqtt": {"port": broker.port, "client_id": f"buggy-{time.monotonic_ns()}"},
+        "channels": {"names": ["boiler/flow_temperature"]},
+        "inputs": [{"topic": "boiler/#", "format": "esphome"}],
+        "store": {"flush_interval_s": 0.2},
+    })  # fmt: skip
+    store = ReplayStore(config.store_path, config.store, config.channels.names)
+    ingestor = Ingestor(config, store)
+    ingestor.start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"buggy-pub-{time.monotonic_ns()}")
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    try:
+        assert ingestor.wait_subscribed(HANG_S)
+        for payload in (b"boom", b"48.5"):
+            pub.publish("boiler/sensor/flow_temperature/state", payload, qos=1).wait_for_publish(HANG_S)
+        wait_for(lambda: store.count() == 1, HANG_S, "the message after the bug stored", detail=ingestor.counters)
+        assert ingestor.alive and ingestor.counters()["rejected_by_reason"] == {"parse_error": 1}
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        ingestor.stop()
+        store.close()

@@ -25,7 +25,7 @@ _INT_LIMIT = 1 << 1000
 REASONS = (
     "bad_topic", "too_large", "bad_utf8", "too_deep", "bad_json", "bad_shape",
     "bad_ts", "not_a_number", "non_finite", "unknown_channel", "too_old", "future",
-    "unmapped_topic",
+    "unmapped_topic", "parse_error",
 )  # fmt: skip
 
 
@@ -42,8 +42,11 @@ class PayloadLimits:
         return cls(config.mqtt.max_payload_bytes, config.store.max_age_s, config.store.max_skew_s)
 
 
-def decode_json(payload: bytes, limits: PayloadLimits, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """The JSON document of a payload, after the size, UTF-8 and nesting checks."""
+def decode_json(payload: bytes, limits: PayloadLimits, max_depth: int | None = MAX_JSON_DEPTH) -> Any:
+    """The JSON document of a payload, after the size, UTF-8 and nesting checks.
+
+    `max_depth` None skips the nesting pre-check: json.loads still refuses what would exhaust
+    the recursion limit ("too_deep"), and the caller bounds the depth it walks."""
     # The cap comes before any decoding, so a huge payload costs nothing.
     if len(payload) > limits.max_payload_bytes:
         raise PayloadError("too_large", f"{len(payload)} bytes")
@@ -51,7 +54,7 @@ def decode_json(payload: bytes, limits: PayloadLimits, max_depth: int = MAX_JSON
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise PayloadError("bad_utf8") from None
-    if _json_depth_exceeds(text, max_depth):
+    if max_depth is not None and _json_depth_exceeds(text, max_depth):
         raise PayloadError("too_deep")
     try:
         return json.loads(text)
@@ -252,3 +255,4 @@ def _parse(
 # The shared checks, under the names the other payload forms (`edge_daemon.mqtt.formats`) use.
 number = _number
 timestamp = _timestamp
+parse_native = _parse

@@ -147,6 +147,7 @@ class Writer:
         self._router = InputRouter(config) if config.inputs else None
         self._parse = self._parse_native if self._router is None else self._parse_mapped
         self._log_reject = _RateLimitedLog(REJECT_LOG_INTERVAL_S)
+        self._parse_error_logged = False
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._stop_wait = threading.Event()
@@ -351,6 +352,14 @@ class Writer:
             parsed = self._parse(topic, message.payload, arrival, skipped, held)
         except PayloadError as exc:
             self._reject(topic, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a parser's bug must not end ingestion
+            # Whatever a message holds, it is one message: rejected and counted (the first
+            # traceback logged), never the writer thread's end.
+            if not self._parse_error_logged:
+                self._parse_error_logged = True
+                log.exception("parsing a message on %r failed; such messages are rejected as parse_error", topic[:120])
+            self._reject(topic, PayloadError("parse_error", f"{type(exc).__name__}: {exc}"[:120]))
             return
         for exc in skipped:
             self._reject(topic, exc)

@@ -56,15 +56,17 @@ def value_of(raw: Any, what: str) -> float:
     return number(raw, what)  # the native form's rule for numbers
 
 
-def flatten(doc: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+def flatten(doc: dict[str, Any], prefix: str = "", depth: int = 1) -> Iterator[tuple[str, Any]]:
     """(dotted path, leaf) of a JSON object: `{"ENERGY": {"Power": [1, 2]}}` gives
-    `ENERGY.Power.0` and `ENERGY.Power.1`."""
+    `ENERGY.Power.0` and `ENERGY.Power.1`. Deeper than MAX_DEPTH: PayloadError("too_deep")."""
+    if depth > MAX_DEPTH:
+        raise PayloadError("too_deep", f"nested deeper than {MAX_DEPTH} levels")
     for key, value in doc.items():
         path = f"{prefix}{key}"
         if type(value) is dict:
-            yield from flatten(value, path + ".")
+            yield from flatten(value, path + ".", depth + 1)
         elif type(value) is list:
-            yield from flatten({str(i): item for i, item in enumerate(value)}, path + ".")
+            yield from flatten({str(i): item for i, item in enumerate(value)}, path + ".", depth + 1)
         else:
             yield path, value
 
@@ -100,7 +102,9 @@ def take_fields(
 
 
 def json_object(payload: bytes, limits: PayloadLimits, what: str) -> dict[str, Any]:
-    doc = decode_json(payload, limits, MAX_DEPTH)
+    # No per-character nesting scan: these objects hold many brackets, and the scan would cost
+    # more than the parse. `flatten` refuses what nests deeper than MAX_DEPTH.
+    doc = decode_json(payload, limits, None)
     if type(doc) is not dict:
         raise PayloadError("bad_shape", f"{what}: want a JSON object, got {type(doc).__name__}")
     return doc  # type: ignore[no-any-return]
@@ -115,10 +119,14 @@ def iso_timestamp(text: Any, zone: tzinfo | None, now: float, limits: PayloadLim
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise PayloadError("bad_ts", f"{what} {text[:40]!r} is not ISO 8601") from None
-    if moment.tzinfo is None:
-        # astimezone() on a naive time reads it as the device's local time (DST included).
-        moment = moment.replace(tzinfo=zone) if zone is not None else moment.astimezone()
-    return timestamp(moment.timestamp(), now, limits)
+    try:
+        if moment.tzinfo is None:
+            # astimezone() on a naive time reads it as the device's local time (DST included).
+            moment = moment.replace(tzinfo=zone) if zone is not None else moment.astimezone()
+        seconds = moment.timestamp()
+    except (ValueError, OverflowError):  # year 1 or 9999 moved out of datetime's range by a zone
+        raise PayloadError("bad_ts", f"{what} {text[:40]!r} is out of range") from None
+    return timestamp(seconds, now, limits)
 
 
 def epoch_timestamp(raw: Any, per_second: float, now: float, limits: PayloadLimits, what: str) -> float:

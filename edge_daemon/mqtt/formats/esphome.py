@@ -5,6 +5,7 @@ stamped on arrival. Other topics of a node (`status`, `debug`, commands) carry n
 
 from __future__ import annotations
 
+import re
 from math import isfinite
 
 from edge_daemon.config import InputConfig
@@ -13,8 +14,12 @@ from edge_daemon.mqtt.formats.common import ON_OFF, Outcome
 from edge_daemon.mqtt.payload import PayloadLimits
 from edge_daemon.store import Reading
 
-# ESPHome writes an unknown state as "nan" (and some sensors "unknown"): not a reading.
 _KINDS = {"sensor", "binary_sensor"}
+# A decimal number as ESPHome writes one; float() alone would also take "1_000", other scripts'
+# digits and "infinity".
+_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+# How ESPHome writes a state it does not know (a sensor not yet read, a failed read): no reading.
+_NO_STATE = {"nan", "NaN", "-nan", "unknown", "unavailable", "None"}
 
 
 class EsphomeFormat:
@@ -39,10 +44,12 @@ class EsphomeFormat:
             if text not in ON_OFF:
                 raise PayloadError("not_a_number", f"binary state {text[:20]!r} (want ON or OFF)")
             return [Reading(channel, now, ON_OFF[text])]
-        try:
-            value = float(text)
-        except ValueError:
-            raise PayloadError("not_a_number", f"state {text[:20]!r}") from None
-        if not isfinite(value):
+        if text in _NO_STATE:
+            outcome.ignore("no_state")
+            return []
+        if not _NUMBER.fullmatch(text):
+            raise PayloadError("not_a_number", f"state {text[:20]!r}")
+        value = float(text)
+        if not isfinite(value):  # digits beyond a float's range
             raise PayloadError("non_finite", f"state {text[:20]!r}")
         return [Reading(channel, now, value)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edge_daemon.config import InputConfig
 from edge_daemon.mqtt.formats.common import Outcome
-from edge_daemon.mqtt.payload import PayloadLimits, _parse
+from edge_daemon.mqtt.payload import PayloadLimits, parse_native
 from edge_daemon.store import Reading
 
 
@@ -13,4 +13,4 @@ class NativeFormat:
         self.channels = channels
 
     def parse(self, levels: list[str], payload: bytes, now: float, limits: PayloadLimits, outcome: Outcome) -> list[Reading]:
-        return _parse("/".join(levels), payload, now, self.channels, limits, outcome.skipped)
+        return parse_native("/".join(levels), payload, now, self.channels, limits, outcome.skipped)

@@ -35,7 +35,8 @@ class ShellyFormat:
     def _notification(self, device: str, payload: bytes, now: float, limits: PayloadLimits, outcome: Outcome) -> list[Reading]:
         doc = json_object(payload, limits, "shelly rpc event")
         params = doc.get("params")
-        if doc.get("method") not in _STATUS_METHODS:
+        method = doc.get("method")
+        if type(method) is not str or method not in _STATUS_METHODS:
             outcome.ignore("not_readings")  # NotifyEvent (button presses, ...) and the rest
             return []
         if type(params) is not dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from edge_daemon.config import InputConfig
 from edge_daemon.errors import PayloadError
-from edge_daemon.mqtt.formats.common import Outcome, base_levels, epoch_timestamp, flatten, iso_timestamp, json_object, take_fields, zone_of
+from edge_daemon.mqtt.formats.common import Outcome, base_levels, epoch_timestamp, flatten, iso_timestamp, json_object, take_fields
 from edge_daemon.mqtt.payload import PayloadLimits
 from edge_daemon.store import Reading
 
@@ -22,7 +22,6 @@ class Zigbee2mqttFormat:
     def __init__(self, mapping: InputConfig, channels: set[str]) -> None:
         self.channels = channels
         self.base = base_levels(mapping.topic)
-        self.zone = zone_of(mapping.timezone)
 
     def parse(self, levels: list[str], payload: bytes, now: float, limits: PayloadLimits, outcome: Outcome) -> list[Reading]:
         name = levels[self.base:]
@@ -36,7 +35,7 @@ class Zigbee2mqttFormat:
         if seen is None:
             ts = now
         elif type(seen) is str:
-            ts = iso_timestamp(seen, self.zone, now, limits, "last_seen")
+            ts = iso_timestamp(seen, None, now, limits, "last_seen")
         else:
             ts = epoch_timestamp(seen, 1000.0, now, limits, "last_seen")  # epoch milliseconds
         return take_fields("/".join(name), flatten(doc), ts, self.channels, outcome)
