@@ -34,6 +34,7 @@ for this tree only, as an older revision need not read them).
     python benchmarks/ingest.py [--messages 30000] [--channels 16] [--repeats 3]
     python benchmarks/ingest.py --checkout ../old-main   # native before/after in the same run
     python benchmarks/ingest.py --only tasmota --only shelly
+    python benchmarks/ingest.py --parse --checkout ../old-main  # CPU per native message, parse only
 
 `--wear` measures instead what storing costs an SD card: the real daemon
 (`python -m edge_daemon run`, no model, so nothing but ingestion and
@@ -483,6 +484,58 @@ def wear(seconds: float, flushes: Sequence[float] = (0.2,)) -> None:
             )
 
 
+# The CPU cost of reading one message, without a broker or a store: the part of ingestion the
+# payload forms change, measured apart from the network's noise. Run in a child process per tree.
+PARSE_CHILD = r"""
+import json, sys, timeit
+from edge_daemon.mqtt.payload import PayloadLimits, parse_payload
+import edge_daemon.mqtt.payload as payload_module
+spec = json.loads(sys.argv[1])
+now, n_channels = 1.7e9, spec["channels"]
+fields = {f"c{k:02d}": 20.0 + k / 7 for k in range(n_channels)}
+channels = {f"bench/{name}" for name in fields}
+limits = PayloadLimits()
+cases = {
+    "single": ("sensors/bench/c00", json.dumps({"ts": now - 1.25, "value": 21.5}).encode()),
+    "batched": ("sensors/bench", json.dumps({"ts": now - 1.25, "values": fields}).encode()),
+}
+out = {"module": payload_module.__file__}
+for form, (topic, body) in cases.items():
+    def one(topic=topic, body=body):
+        return parse_payload(topic, body, now, channels, limits, [], [])
+    assert len(one()) == (1 if form == "single" else n_channels)
+    out[form] = min(timeit.repeat(one, number=spec["number"], repeat=spec["repeat"])) / spec["number"]
+print(json.dumps(out))
+"""
+
+
+def parse_costs(trees: list[tuple[str, Path]], channels: int, rounds: int) -> None:
+    """Microseconds of CPU to parse one native message, per tree: the best of `rounds` rounds."""
+    spec = json.dumps({"channels": channels, "number": 20000, "repeat": 7})
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(rounds):
+        for label, tree in trees:  # the trees alternate within each round
+            run = subprocess.run(
+                [sys.executable, "-c", PARSE_CHILD, spec], cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)),
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            result = json.loads(run.stdout)
+            if not result["module"].startswith(str(tree)):
+                raise RuntimeError(f"{label} imported {result['module']}, not its own tree")
+            for form in ("single", "batched"):
+                best.setdefault(label, {})[form] = min(best.get(label, {}).get(form, float("inf")), result[form])
+    first = trees[0][0]
+    print(f"\nCPU per native message, parse only (best of {rounds} rounds x 7 x 20,000 calls; {channels} channels)\n")
+    print("| tree | single reading (us) | values map (us) | single vs " + first + " | values map vs " + first + " |")
+    print("| --- | --: | --: | --: | --: |")
+    for label, _ in trees:
+        costs = best[label]
+        print(
+            f"| {label} | {costs['single'] * 1e6:.2f} | {costs['batched'] * 1e6:.2f} "
+            f"| {costs['single'] / best[first]['single']:.2f}x | {costs['batched'] / best[first]['batched']:.2f}x |"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=30000, help="messages per run of a one-reading form (single, esphome)")
@@ -495,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         "--checkout", type=Path, action="append", default=[],
         help="also measure the ingestor of this checkout on the native forms (another revision, with this interpreter and its packages)",
     )  # fmt: skip
+    parser.add_argument("--parse", action="store_true", help="CPU per native message, parse only (with --checkout: before/after)")
     parser.add_argument("--wear", action="store_true", help="bytes written to storage per stored reading instead")
     parser.add_argument("--wear-seconds", type=float, default=150.0, help="seconds of readings per wear run")
     parser.add_argument("--wear-flush", type=float, action="append", default=None, help="also run with this flush_interval_s (repeatable; default 0.2)")
@@ -502,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.wear:
         wear(args.wear_seconds, args.wear_flush or (0.2,))
+        return 0
+    if args.parse:
+        trees = [(f"this tree ({_revision(ROOT)})", ROOT)] + [(_revision(c), c.resolve()) for c in args.checkout]
+        parse_costs(trees, args.channels, max(3, args.repeats))
         return 0
     defaults = parse_config(bench_sections("single", 1883, 1, args.channels, Path(tempfile.gettempdir()), args.batch_size))
     receive_maximum = defaults.mqtt.receive_maximum
