@@ -26,9 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from edge_daemon.artifacts.files import fsync_path, fsync_tree, read_json, replace_atomically, write_json
+from edge_daemon.artifacts.peft_format import ADAPTER_CONFIG_FILE, ADAPTER_FILES, ADAPTER_WEIGHTS_FILE
 from edge_daemon.times import iso, now_iso
 from edge_daemon.errors import AdapterError
-from edge_daemon.training.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from edge_daemon.records import AdapterMeta
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class AdapterStore:
             if not isinstance(data, dict):
                 raise ValueError("meta.json is not an object")
             meta = AdapterMeta.from_json(data)
-            size = sum((path / name).stat().st_size for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE))
+            size = sum((path / name).stat().st_size for name in ADAPTER_FILES)
         except (OSError, ValueError, TypeError) as exc:
             raise AdapterError(f"adapter v{version} in {path} is corrupt: {exc}") from None
         created = str(meta.created or iso(path.stat().st_mtime))
@@ -166,7 +166,7 @@ class AdapterStore:
         staging = Path(staging)
         if staging.parent.resolve() != self.root.resolve():
             raise AdapterError(f"staging dir {staging} is not under {self.root}")
-        for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+        for name in ADAPTER_FILES:
             if not (staging / name).is_file():
                 raise AdapterError(f"staging dir {staging} has no {name}: was save_pretrained called on it?")
         with self._locked():

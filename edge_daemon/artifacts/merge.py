@@ -14,8 +14,8 @@ from torch import nn
 
 from edge_daemon.artifacts.adapters import AdapterVersion, load_lora_state
 from edge_daemon.artifacts.base import BaseModel
+from edge_daemon.artifacts.peft_format import PEFT_PREFIX
 from edge_daemon.errors import AdapterError
-from edge_daemon.training.lora import PEFT_PREFIX
 from edge_daemon.model import Forecaster
 
 

@@ -1,4 +1,4 @@
-"""LoRA for the trainer, in plain torch, saved in peft's on-disk format, and the
+"""LoRA for the trainer, in plain torch, saved in peft's on-disk format (`artifacts.peft_format`), and the
 forecaster it wraps (`build_lora_model`, the checkpointing switch).
 
 peft (with transformers and accelerate behind it) costs a training process
@@ -23,16 +23,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from edge_daemon.artifacts.peft_format import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, lora_config, lora_key
 from edge_daemon.model import Forecaster
 
 if TYPE_CHECKING:
     from edge_daemon.config import LoraConfigSection
-
-# Written by save_adapter; the names peft's save_pretrained uses, and the prefix it gives every
-# key (PeftModel -> LoraModel -> the wrapped model).
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 
 
 class LoraLinear(nn.Module):
@@ -123,16 +118,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors under the keys peft saves them with."""
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model).items():
-        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
-        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
+        state[lora_key(name, "lora_A.weight")] = layer.lora_A.weight.detach().contiguous()
+        state[lora_key(name, "lora_B.weight")] = layer.lora_B.weight.detach().contiguous()
     return state
 
 
 def adapter_config(model: nn.Module) -> dict[str, Any]:
-    """The adapter_config.json peft writes for a plain LoRA (no DoRA, rsLoRA, bias or modules_to_save).
-
-    Fields peft has added for other methods are left out: its config fills them with defaults.
-    """
+    """The model's adapter_config.json (`artifacts.peft_format.lora_config`): its LoRA layers share one rank, alpha and dropout."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers")
@@ -141,28 +133,7 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
     dropouts = {float(getattr(layer.lora_dropout, "p", 0.0)) for layer in layers.values()}
     if len(ranks) != 1 or len(alphas) != 1 or len(dropouts) != 1:
         raise ValueError("LoRA layers with different rank, alpha or dropout are not supported")
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "revision": None,
-        "inference_mode": True,
-        "r": ranks.pop(),
-        "lora_alpha": alphas.pop(),
-        "lora_dropout": dropouts.pop(),
-        "target_modules": sorted(layers),
-        "bias": "none",
-        "lora_bias": False,
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
+    return lora_config(layers, ranks.pop(), alphas.pop(), dropouts.pop())
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
