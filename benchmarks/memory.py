@@ -394,7 +394,7 @@ def _line(row: Row) -> str:
 
 
 def eight_bit_table() -> list[str]:
-    """Whether 8-bit Adam state pays (`training.optimizer.EightBitPayoff`, the planner's own rule) for the LoRA the
+    """Whether 8-bit Adam state pays (`plan.EightBitPayoff`, the planner's own rule) for the LoRA the
     daemon trains on each model, for every block adapted, and for full fine-tuning (every weight)."""
     from edge_daemon.config import LoraConfigSection
     from edge_daemon.model import Forecaster, ForecasterConfig

@@ -4,12 +4,15 @@ A plan is the knob set the memory watchdog turns (micro-batch size, gradient
 accumulation, gradient checkpointing, optimizer state precision); the trainer
 runs whatever plan it is handed at each micro-batch boundary. The ladder runs
 from the loosest plan to the tightest; `tighten` steps down it for a pressure
-level and `choose_start_plan` picks the start by dry runs. No torch here.
+level and `choose_start_plan` picks the start by dry runs. Where 8-bit optimizer state does
+not pay for its import (`EightBitPayoff`), `Fp32State` runs every plan with fp32 state
+instead. No torch here.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -58,6 +61,19 @@ class TrainingPlan:
     def describe(self) -> str:
         """Short human form for logs: `8x4 ckpt adamw8bit`."""
         return f"{self.micro_batch}x{self.accumulation} {'ckpt' if self.checkpointing else 'no-ckpt'} {self.optimizer}"
+
+
+@dataclass(frozen=True)
+class PlanChange:
+    """A plan taking effect during an update: the start plan (step 0, window 0), then every change
+    at a micro-batch boundary. The trainer records each in its report and emits each as it happens."""
+
+    step: int  # optimizer step during which the plan took effect (0-based)
+    window: int  # windows of that step already done when it took effect
+    plan: TrainingPlan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "window": self.window, "plan": self.plan.to_dict()}
 
 
 def plan_from_config(train: TrainConfig) -> TrainingPlan:
@@ -122,6 +138,63 @@ def plan_candidates(effective_batch: int, max_micro: int) -> list[TrainingPlan]:
         # micro 1 already: 8-bit state is the only step left.
         ladder.append(TrainingPlan(1, effective_batch, True, "adamw8bit"))
     return ladder
+
+
+# What 8-bit state costs a training process that has torch but neither of these loaded, measured
+# here: bitsandbytes ~44 MB, and its optimizer, a torch.optim one, loads torch._dynamo ~70 MB.
+BITSANDBYTES_IMPORT_MB = 44.0
+TORCH_DYNAMO_IMPORT_MB = 70.0
+# 8-bit moments cost precision and time: worth it only for a saving of at least this much.
+MIN_8BIT_SAVING_MB = 1.0
+
+
+@dataclass(frozen=True)
+class EightBitPayoff:
+    """Whether 8-bit Adam state is worth importing bitsandbytes for, on this many trainable parameters."""
+
+    saving_mb: float  # two fp32 moments (8 bytes a parameter) kept in 8 bits (2 bytes) instead
+    import_mb: float  # what loading bitsandbytes (and torch._dynamo) costs now (0 once loaded)
+
+    @property
+    def pays(self) -> bool:
+        return self.saving_mb > self.import_mb + MIN_8BIT_SAVING_MB
+
+    @classmethod
+    def of(cls, trainable_params: int) -> EightBitPayoff:
+        cost = 0.0 if sys.modules.get("bitsandbytes") is not None else BITSANDBYTES_IMPORT_MB
+        cost += 0.0 if sys.modules.get("torch._dynamo") is not None else TORCH_DYNAMO_IMPORT_MB
+        return cls(trainable_params * 6 / 2**20, cost)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"saving_mb": round(self.saving_mb, 3), "import_mb": self.import_mb, "pays": self.pays}
+
+
+def with_fp32_state(plan: TrainingPlan) -> TrainingPlan:
+    """The plan with fp32 optimizer state."""
+    return plan if plan.optimizer == "adamw" else replace(plan, optimizer="adamw")
+
+
+class Fp32State:
+    """Where 8-bit optimizer state does not pay (`runs_fp32`): a plan source whose plans run with
+    fp32 state. The source is asked with the plan it last gave (not the fp32 one that runs), so a
+    governor does not read the difference as a looser plan and its outcome is its own plans'."""
+
+    def __init__(self, source: Callable[[TrainingPlan], TrainingPlan | None], start: TrainingPlan) -> None:
+        self.source = source
+        self.last = start
+
+    @staticmethod
+    def runs_fp32(optimizer_setting: str, payoff: EightBitPayoff) -> bool:
+        """Under `[train] optimizer = "auto"`, 8-bit state only where it saves more than its import
+        costs; a setting that names an optimizer is taken as it is."""
+        return optimizer_setting == "auto" and not payoff.pays
+
+    def __call__(self, current: TrainingPlan) -> TrainingPlan | None:
+        proposed = self.source(self.last)
+        if proposed is None:
+            return None
+        self.last = proposed
+        return with_fp32_state(proposed)
 
 
 # How many times a micro-batch's activations grow when checkpointing is dropped (measured on the

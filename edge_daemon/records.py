@@ -1,24 +1,28 @@
-"""The update path's typed records: a job, its progress and result messages, an adapter's meta.json.
+"""The update path's typed records: a job, its progress and result messages, an update's report,
+an adapter's meta.json.
 
 The daemon sends an `UpdateJob` to a training worker, the worker sends back
 `Progress` messages and one `JobResult` (pickled over a pipe: both ends are
-the same code, forked), and a committed adapter carries an `AdapterMeta`.
-Each turns into JSON in one place (`to_json()`), for the control socket, the
-update traces and `meta.json`. No torch here.
+the same code, forked). The trainer emits `ProgressEvent`s as it runs and
+returns an `UpdateReport`, which the `JobResult` carries; a committed adapter
+carries an `AdapterMeta`, built from the job, the report and the data in one
+place (`adapter_meta`). Each turns into JSON in one place (`to_json()`), for
+the control socket, the update traces and `meta.json`. No torch here.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from edge_daemon.times import iso
-from edge_daemon.plan import TrainingPlan
+from edge_daemon.plan import EightBitPayoff, PlanChange, TrainingPlan
 from edge_daemon.replies import JobStatus, LastUpdate, ProgressStatus
 
 if TYPE_CHECKING:
     from edge_daemon.governor import PlanGovernor, UpdateOutcome
+    from edge_daemon.training.data import UpdateData
 
 JobKind = Literal["update", "pretrain"]
 # What started an update, in `[train] start_on`'s words: an operator's request, residual drift,
@@ -101,6 +105,92 @@ class Progress:
         return {k: v for k, v in asdict(self).items() if v is not None}  # asdict turns the plan into its dict too
 
 
+@dataclass(frozen=True)
+class TrainingStep:
+    """The trainer's event after each optimizer step."""
+
+    step: int  # optimizer steps done
+    steps: int  # of this many
+    loss: float  # the step's batch loss
+    recent_windows: int  # the windows it draws from
+    replay_windows: int
+    plan: TrainingPlan  # the plan that ran it
+
+
+# What the trainer emits while it runs (`training.loop.update(on_progress=...)`): the plan
+# taking effect (the start plan, then every change at a micro-batch boundary) and each step.
+ProgressEvent = Union[PlanChange, TrainingStep]
+
+
+@dataclass
+class UpdateReport:
+    """What one update did and how it did: the trainer's result without the model.
+
+    Returned by `training.loop.update` (with the adapted model beside it), carried
+    to the daemon in `JobResult.report`, and the source of an adapter's meta.json
+    (`adapter_meta`). A new training metric is a field here and a line there.
+    """
+
+    accepted: bool
+    reason: str
+    metrics_before: dict[str, float | None]  # recent_val_loss, replay_val_loss of the incumbent (default: base)
+    metrics_after: dict[str, float | None]  # the same with the new adapter
+    plan_history: list[PlanChange]  # the initial plan, then every change at a micro-batch boundary
+    chosen_blocks: list[int]
+    block_grad_norms: list[float]
+    target_modules: list[str]
+    trainable_params: int
+    total_params: int
+    steps: int
+    windows_seen: int
+    replay_windows_seen: int
+    train_losses: list[float]  # mean loss of each optimizer step's batch
+    grad_norms: list[float]  # norm of each step's accumulated gradient, before clipping
+    optimizer_state: dict[str, int]  # bytes per dtype at the end of training
+    wall_time_s: float
+    peak_rss_bytes: int  # sampled during the update
+    start_rss_bytes: int
+    eight_bit: EightBitPayoff | None = None  # whether 8-bit state paid for its import
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+    @property
+    def replay_share(self) -> float:
+        return self.replay_windows_seen / self.windows_seen if self.windows_seen else 0.0
+
+    @property
+    def peak_rss_mb(self) -> float | None:
+        return self.peak_rss_bytes / 2**20 if self.peak_rss_bytes else None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready, with the per-step lists."""
+        return {
+            "accepted": self.accepted,
+            "reason": self.reason,
+            "metrics_before": dict(self.metrics_before),
+            "metrics_after": dict(self.metrics_after),
+            "plan_history": [change.to_dict() for change in self.plan_history],
+            "chosen_blocks": list(self.chosen_blocks),
+            "block_grad_norms": list(self.block_grad_norms),
+            "target_modules": list(self.target_modules),
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "trainable_fraction": self.trainable_fraction,
+            "steps": self.steps,
+            "windows_seen": self.windows_seen,
+            "replay_share": self.replay_share,
+            "train_losses": list(self.train_losses),
+            "grad_norms": list(self.grad_norms),
+            "optimizer_state": dict(self.optimizer_state),
+            "wall_time_s": self.wall_time_s,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "start_rss_bytes": self.start_rss_bytes,
+            "eight_bit": None if self.eight_bit is None else self.eight_bit.to_dict(),
+        }
+
+
 @dataclass
 class JobResult:
     """How a job ended, as the worker reported it (or, when it died without a word, as its exit
@@ -113,7 +203,7 @@ class JobResult:
     aborted: bool = False  # stopped at a micro-batch boundary (shutdown or critical memory)
     version: int | None = None  # the committed adapter (not yet current)
     adapter_bytes: int | None = None
-    summary: dict[str, Any] = field(default_factory=dict)  # training.loop.UpdateResult.to_dict() (no per-step lists)
+    report: UpdateReport | None = None  # an update's, once it reached the gate
     outcome: UpdateOutcome | None = None  # how the plan went (updates that began training)
     metrics: dict[str, Any] | None = None  # a pretrain's
     job: UpdateJob | None = None
@@ -130,16 +220,15 @@ class JobResult:
         return not (self.stopped_for_memory or self.aborted or self.error)
 
     @property
-    def metrics_before(self) -> dict[str, Any] | None:
-        return self.summary.get("metrics_before")
+    def metrics_before(self) -> dict[str, float | None] | None:
+        return None if self.report is None else self.report.metrics_before
 
     @property
-    def metrics_after(self) -> dict[str, Any] | None:
-        return self.summary.get("metrics_after")
+    def metrics_after(self) -> dict[str, float | None] | None:
+        return None if self.report is None else self.report.metrics_after
 
     def to_json(self) -> LastUpdate:
         """The summary `status` shows as `training.last`."""
-        peak = self.summary.get("peak_rss_bytes")
         return {
             "kind": self.kind,
             "accepted": self.accepted,
@@ -148,7 +237,7 @@ class JobResult:
             "duration_s": self.duration_s,
             "metrics_before": self.metrics_before,
             "metrics_after": self.metrics_after,
-            "peak_rss_mb": peak / 2**20 if peak else None,
+            "peak_rss_mb": None if self.report is None else self.report.peak_rss_mb,
             "outcome": None if self.outcome is None else self.outcome.to_json(),
             "finished": iso(self.finished_unix),
         }
@@ -208,4 +297,60 @@ class AdapterMeta:
         return _LEGACY_REASONS.get(self.reason)
 
 
-__all__ = ["AdapterMeta", "JobKind", "JobResult", "Progress", "UpdateCause", "UpdateJob", "WorkerOrder", "resets_drift_baseline"]
+def adapter_meta(
+    job: UpdateJob,
+    report: UpdateReport,
+    data: UpdateData,
+    *,
+    created_unix: float,
+    served_from_ts: float | None,
+    base_fingerprint: str | None,
+    previous_version: int | None,
+    baselines: list[dict[str, Any]],
+    held_out: dict[str, Any] | None,
+) -> AdapterMeta:
+    """An accepted update's meta.json, from its job, its report and its data (with where its
+    adapter stands: when, on which base, after which version, beside which baselines)."""
+    return AdapterMeta(
+        created_unix=created_unix,
+        served_from_ts=served_from_ts,
+        reason=job.reason,
+        cause=job.cause,
+        base_fingerprint=base_fingerprint,
+        data_range={"recent": list(data.recent_range), "replay": [list(s) for s in data.replay_spans]},
+        windows={
+            "recent_train": len(data.recent_train),
+            "recent_val": len(data.recent_val),
+            "replay_train": len(data.replay_train),
+            "replay_val": len(data.replay_val),
+        },
+        metrics_before=dict(report.metrics_before),
+        metrics_after=dict(report.metrics_after),
+        val_loss=report.metrics_after.get("recent_val_loss"),
+        plan=report.plan_history[0].plan.to_dict() if report.plan_history else None,
+        plan_history=[change.to_dict() for change in report.plan_history],
+        chosen_blocks=list(report.chosen_blocks),
+        block_grad_norms=list(report.block_grad_norms),
+        trainable_params=report.trainable_params,
+        peak_rss_mb=report.peak_rss_bytes / 2**20,
+        wall_time_s=report.wall_time_s,
+        previous_version=previous_version,
+        baselines=baselines,
+        held_out=held_out,
+    )
+
+
+__all__ = [
+    "AdapterMeta",
+    "JobKind",
+    "JobResult",
+    "Progress",
+    "ProgressEvent",
+    "TrainingStep",
+    "UpdateCause",
+    "UpdateJob",
+    "UpdateReport",
+    "WorkerOrder",
+    "adapter_meta",
+    "resets_drift_baseline",
+]

@@ -240,7 +240,7 @@ def test_8bit_state_only_where_it_saves_more_than_importing_bitsandbytes_costs(b
     tighter = plan(2, 4, checkpointing=True, optimizer="adamw8bit")
     result = update(base, **data, lora_cfg=lora(), train_cfg=train_cfg(steps=2), plan=plan(4, 2, optimizer="adamw8bit"),
                     plan_source=lambda current: tighter)  # fmt: skip
-    assert result.eight_bit["pays"] is False and result.eight_bit["saving_mb"] < 1
+    assert result.eight_bit is not None and result.eight_bit.pays is False and result.eight_bit.saving_mb < 1
     assert "uint8" not in result.optimizer_state
     assert [change.plan.optimizer for change in result.plan_history] == ["adamw", "adamw"]
     assert result.plan_history[-1].plan.micro_batch == 2  # the rest of the tightening stands
@@ -306,7 +306,7 @@ def test_update_that_learns_the_new_regime_is_accepted(base: Forecaster, data: d
     assert result.trainable_params == 2 * (512 + 256 + 384 + 384) + 140 + 204
     assert 0 < result.trainable_fraction < 0.2
     assert result.peak_rss_bytes >= result.start_rss_bytes > 0
-    meta = json.loads(json.dumps(result.to_dict()))  # what the adapter store writes to meta.json
+    meta = json.loads(json.dumps(result.to_json()))  # the report, JSON-ready
     assert meta["accepted"] and meta["chosen_blocks"] == result.chosen_blocks and len(meta["train_losses"]) == 30
     for name, tensor in state_of(base).items():  # the base was never touched
         assert torch.equal(tensor, before[name]), name

@@ -4,8 +4,10 @@
 bootstrap): `data` gathers the windows since the change plus replay, `start`
 dry-runs the candidate plans, `trace` records memory and plan over the update.
 `loop` runs the update (micro-batches, gradient accumulation, plan changes,
-peak RSS); `blocks` picks the blocks to adapt, `lora` adds and saves the
-adapter, `optimizer` holds AdamW and the 8-bit payoff, `batches` the windows
-and the replay mix, `gate` the validation gate. Nothing is imported here, so
-`artifacts.adapters` can read the adapter file names without loading the training loop.
+peak RSS) and returns its report (`records.UpdateReport`); `blocks` picks the
+blocks to adapt, `lora` adds the adapter and saves it in peft's format
+(`artifacts.peft_format`), `optimizer` holds AdamW (whether 8-bit state pays is
+the planner's rule, `plan.EightBitPayoff`), `batches` the windows and the replay
+mix, `gate` the validation gate, `refit` the baselines an accepted adapter serves
+beside. Nothing is imported here.
 """

@@ -4,8 +4,9 @@ The worker holds the base it trains, its LoRA layers (the project's own, no
 peft) and activations; when it exits, all of that goes back to the OS, so the
 daemon's steady state stays lean. Its steps: the data since the change plus
 replay (`training.data`), the start plan (dry runs, `training.start`), training
-under the governor, the gate, and the commit of an accepted adapter (not yet
-current), with the update's trace (`training.trace`). The daemon's side is
+under the governor, the gate, the baselines refitted for an accepted adapter (`training.refit`) and its
+commit (not yet current) with the meta built from the job, the trainer's report and the data
+(`records.adapter_meta`), with the update's trace (`training.trace`). The daemon's side is
 `adaptation.runner`.
 """
 
@@ -15,7 +16,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from edge_daemon.artifacts.traces import save_adapter_trace, save_update_trace
 from edge_daemon.config import Config
 from edge_daemon.governor import PlanGovernor
 from edge_daemon.memory.pressure import SharedLevel
-from edge_daemon.plan import TrainingPlan
-from edge_daemon.records import AdapterMeta, JobResult, Progress, UpdateJob, WorkerOrder
-from edge_daemon.training.data import UpdateData, prepare_update_data
+from edge_daemon.plan import PlanChange
+from edge_daemon.records import JobResult, Progress, ProgressEvent, UpdateJob, WorkerOrder, adapter_meta
+from edge_daemon.training.data import prepare_update_data
+from edge_daemon.training.refit import refit_baselines
 from edge_daemon.training.start import AFTER_TRAINING_MB, measure_micro_batch_mb
 from edge_daemon.training.trace import TRACE_INTERVAL_S, UpdateTrace, heavy_modules_loaded
 from edge_daemon.worker import MessageWriter, SharedFlag
@@ -196,32 +197,22 @@ def _update_traced(
     trace.plan(plan, governor.level_reader().label)
     out.put(Progress("training", plan=plan, step=0))
 
-    last_plan = [plan]  # the plan that runs
-    asked = [plan]  # the governor's own last plan
-    fp32_only = [False]  # set when the trainer finds 8-bit state not worth importing bitsandbytes
+    last_plan = [plan]  # the plan that runs (with fp32 state where 8-bit state does not pay)
 
-    def plan_source(current: TrainingPlan) -> TrainingPlan | None:
-        new = governor.plan_source(asked[0])
-        if new is None:
-            return None
-        asked[0] = new
-        runs = replace(new, optimizer="adamw") if fp32_only[0] else new
-        if runs != last_plan[0]:
-            last_plan[0] = runs
+    def on_progress(event: ProgressEvent) -> None:
+        if isinstance(event, PlanChange):
+            if event.plan == last_plan[0]:
+                return  # the start plan as chosen, traced and reported above
+            last_plan[0] = event.plan
             level = governor.level_reader().label
-            trace.plan(runs, level)
-            out.put(Progress("training", plan=runs, level=level))
-        return runs
-
-    def on_progress(info: dict[str, Any]) -> None:
-        if "eight_bit" in info:  # the trainer's verdict on 8-bit state, before its first step
-            fp32_only[0] = config.train.optimizer == "auto" and not info["eight_bit"]["pays"]
+            trace.plan(event.plan, level)
+            out.put(Progress("training", plan=event.plan, level=level))
             return
-        trace.step(int(info["step"]), float(info["loss"]))
+        trace.step(event.step, event.loss)
         out.put(
             Progress(
-                "training", plan=last_plan[0], step=int(info["step"]), steps=int(info["steps"]), loss=float(info["loss"]),
-                recent_windows=int(info["recent_windows"]), replay_windows=int(info["replay_windows"]),
+                "training", plan=event.plan, step=event.step, steps=event.steps, loss=event.loss,
+                recent_windows=event.recent_windows, replay_windows=event.replay_windows,
             )
         )  # fmt: skip
 
@@ -234,7 +225,7 @@ def _update_traced(
         config.lora,
         config.train,
         plan,
-        plan_source=plan_source,
+        plan_source=governor.plan_source,
         should_stop=governor.should_stop,
         on_progress=on_progress,
         seed=job.seed,
@@ -246,10 +237,7 @@ def _update_traced(
     # Training's freed memory back to the kernel before saving and refitting allocate more.
     release_memory()
     trace.phase("saving" if trained.accepted else "done")
-    summary = trained.to_dict()
-    summary.pop("train_losses", None)
-    summary.pop("grad_norms", None)
-    result = JobResult("update", accepted=trained.accepted, reason=trained.reason, summary=summary, outcome=governor.outcome())
+    result = JobResult("update", accepted=trained.accepted, reason=trained.reason, report=trained.report, outcome=governor.outcome())
     if not (trained.accepted and trained.adapted is not None):
         return result, None
     # An adapter is small, but the room is the readings': below the reserve nothing is written.
@@ -269,29 +257,13 @@ def _update_traced(
     # The baselines refitted on this update's windows, and how the adapted model compares with
     # them on its held-out ones: where serving starts (scoring.serving.ServingRule).
     baselines, held_out = refit_baselines(base, config, data, trained.adapted, batch_size=last_plan[0].micro_batch)
-    meta = AdapterMeta(
+    meta = adapter_meta(
+        job,
+        result.report,
+        data,
         created_unix=started,
         served_from_ts=span[1] if span is not None else None,
-        reason=job.reason,
-        cause=job.cause,
         base_fingerprint=base.fingerprint,
-        data_range={"recent": list(data.recent_range), "replay": [list(s) for s in data.replay_spans]},
-        windows={
-            "recent_train": len(data.recent_train),
-            "recent_val": len(data.recent_val),
-            "replay_train": len(data.replay_train),
-            "replay_val": len(data.replay_val),
-        },
-        metrics_before=summary["metrics_before"],
-        metrics_after=summary["metrics_after"],
-        val_loss=summary["metrics_after"].get("recent_val_loss"),
-        plan=plan.to_dict(),
-        plan_history=summary["plan_history"],
-        chosen_blocks=summary["chosen_blocks"],
-        block_grad_norms=summary["block_grad_norms"],
-        trainable_params=summary["trainable_params"],
-        peak_rss_mb=summary["peak_rss_bytes"] / 2**20,
-        wall_time_s=summary["wall_time_s"],
         previous_version=incumbent_version.version if incumbent_version else None,
         baselines=baselines,
         held_out=held_out,
@@ -304,26 +276,4 @@ def _update_traced(
     return result, version.path
 
 
-def refit_baselines(
-    base: Any, config: Config, data: UpdateData, model: Any, batch_size: int
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Baselines fitted on an update's training windows (recent and replayed) and the held-out
-    comparison on its recent validation windows, with `model` the adapted forecaster."""
-    from edge_daemon.baselines import held_out_report, make_baselines
-    from edge_daemon.pretrain import last_step_errors
-
-    n_sensors = base.cfg.n_sensors  # the forecast channels, then the inputs only; the calendar after them
-    # The ridge fit reads the last lags + horizon steps of each window (seasonal naive and
-    # persistence read none): those of every window, not whole windows.
-    tail = base.cfg.lags + max(base.cfg.horizons)
-    train = np.concatenate([data.recent_train.tails(tail), data.replay_train.tails(tail)])[..., :n_sensors]
-    season = base.meta.get("season_steps") or config.model.season_steps or None
-    baselines = make_baselines(train, season, base.cfg.lags, base.cfg.horizons, base.cfg.n_channels)
-    val = data.recent_val.numpy()
-    # The adapted model forecasts as many windows at a time as the update's last plan trained on:
-    # what fitted the memory then fits it now.
-    held_out = held_out_report(baselines, val[..., :n_sensors], last_step_errors(model, val, batch_size), base.cfg.n_channels)
-    return [b.to_dict() for b in baselines], held_out
-
-
-__all__ = ["refit_baselines", "run_worker"]
+__all__ = ["run_worker"]

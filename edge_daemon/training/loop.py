@@ -2,8 +2,9 @@
 
 Owns the micro-batch training loop (gradient accumulation, checkpointing,
 8-bit optimizer state where it pays, replay mixing, plan changes at
-micro-batch boundaries), its result and the update's peak RSS (sampled by
-`memory.sampling`). LoRA layers are the project's own (`training.lora`,
+micro-batch boundaries), its typed progress events and report
+(`records.ProgressEvent`, `records.UpdateReport`) and the update's peak RSS
+(sampled by `memory.sampling`). LoRA layers are the project's own (`training.lora`,
 saved in peft's format): training imports neither peft nor transformers, and
 bitsandbytes only when 8-bit state pays for its import.
 """
@@ -16,8 +17,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,12 +27,13 @@ from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.memory.sampling import RssSampler
 from edge_daemon.memory.usage import release_memory
 from edge_daemon.model import Forecaster, forecast_loss
-from edge_daemon.plan import TrainingPlan
+from edge_daemon.plan import EightBitPayoff, Fp32State, PlanChange, TrainingPlan, with_fp32_state
+from edge_daemon.records import ProgressEvent, TrainingStep, UpdateReport
 from edge_daemon.training.batches import BatchMixer
 from edge_daemon.training.blocks import choose_blocks
 from edge_daemon.training.gate import evaluate_loss, gate
 from edge_daemon.training.lora import build_lora_model, set_checkpointing
-from edge_daemon.training.optimizer import EightBitPayoff, Optimizer, make_optimizer, optimizer_state_bytes
+from edge_daemon.training.optimizer import Optimizer, make_optimizer, optimizer_state_bytes
 
 if TYPE_CHECKING:
     from edge_daemon.config import LoraConfigSection, TrainConfig
@@ -41,73 +43,16 @@ log = logging.getLogger(__name__)
 PlanSource = Callable[[TrainingPlan], "TrainingPlan | None"]
 
 
-@dataclass(frozen=True)
-class PlanChange:
-    step: int  # optimizer step during which the plan took effect (0-based)
-    window: int  # windows of that step already done when it took effect
-    plan: TrainingPlan
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "window": self.window, "plan": self.plan.to_dict()}
-
-
 @dataclass
-class UpdateResult:
-    accepted: bool
-    reason: str
-    metrics_before: dict[str, float | None]  # recent_val_loss, replay_val_loss of the incumbent (default: base)
-    metrics_after: dict[str, float | None]  # the same with the new adapter
-    plan_history: list[PlanChange]  # the initial plan, then every change at a micro-batch boundary
-    chosen_blocks: list[int]
-    block_grad_norms: list[float]
-    target_modules: list[str]
-    trainable_params: int
-    total_params: int
-    steps: int
-    windows_seen: int
-    replay_windows_seen: int
-    train_losses: list[float]  # mean loss of each optimizer step's batch
-    grad_norms: list[float]  # norm of each step's accumulated gradient, before clipping
-    optimizer_state: dict[str, int]  # bytes per dtype at the end of training
-    wall_time_s: float
-    peak_rss_bytes: int  # sampled during the update
-    start_rss_bytes: int
-    eight_bit: dict[str, Any] = field(default_factory=dict)  # EightBitPayoff.to_dict(): whether 8-bit state paid
-    adapted: nn.Module | None = field(default=None, repr=False)  # only when accepted (or keep_rejected)
+class UpdateResult(UpdateReport):
+    """The update's report with the adapted model (only when accepted, or `keep_rejected`)."""
+
+    adapted: nn.Module | None = field(default=None, repr=False)
 
     @property
-    def trainable_fraction(self) -> float:
-        return self.trainable_params / self.total_params if self.total_params else 0.0
-
-    @property
-    def replay_share(self) -> float:
-        return self.replay_windows_seen / self.windows_seen if self.windows_seen else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (for meta.json and status); the model itself is left out."""
-        return {
-            "accepted": self.accepted,
-            "reason": self.reason,
-            "metrics_before": dict(self.metrics_before),
-            "metrics_after": dict(self.metrics_after),
-            "plan_history": [change.to_dict() for change in self.plan_history],
-            "chosen_blocks": list(self.chosen_blocks),
-            "block_grad_norms": list(self.block_grad_norms),
-            "target_modules": list(self.target_modules),
-            "trainable_params": self.trainable_params,
-            "total_params": self.total_params,
-            "trainable_fraction": self.trainable_fraction,
-            "steps": self.steps,
-            "windows_seen": self.windows_seen,
-            "replay_share": self.replay_share,
-            "train_losses": list(self.train_losses),
-            "grad_norms": list(self.grad_norms),
-            "optimizer_state": dict(self.optimizer_state),
-            "wall_time_s": self.wall_time_s,
-            "peak_rss_bytes": self.peak_rss_bytes,
-            "start_rss_bytes": self.start_rss_bytes,
-            "eight_bit": dict(self.eight_bit),
-        }
+    def report(self) -> UpdateReport:
+        """The report alone, without the model: what the worker sends the daemon."""
+        return UpdateReport(**{f.name: getattr(self, f.name) for f in fields(UpdateReport)})
 
 
 def _check_windows(base: Forecaster, **named: torch.Tensor) -> None:
@@ -131,7 +76,7 @@ def update(
     plan: TrainingPlan,
     plan_source: PlanSource | None = None,
     should_stop: Callable[[], bool] | None = None,
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
     seed: int = 0,
     incumbent: nn.Module | Callable[[], nn.Module] | None = None,
     keep_rejected: bool = False,
@@ -142,7 +87,8 @@ def update(
 
     Windows are (N, T+1, C) normalised tensors. `plan_source(current)` is asked
     at every micro-batch boundary and may return a new plan (None = keep);
-    `should_stop()` is asked there too and stops the update. The gate compares
+    `should_stop()` is asked there too and stops the update. `on_progress(event)`
+    hears each plan as it takes effect (`PlanChange`) and each step (`TrainingStep`). The gate compares
     against `incumbent` (the model currently served, e.g. base with the current
     adapter merged, or a function that builds it: built for the metrics before
     training and dropped before training starts), by default the base. Nothing is saved here; the result
@@ -198,7 +144,7 @@ def _update(
     plan: TrainingPlan,
     plan_source: PlanSource | None,
     should_stop: Callable[[], bool] | None,
-    on_progress: Callable[[dict[str, Any]], None] | None,
+    on_progress: Callable[[ProgressEvent], None] | None,
     seed: int,
     incumbent: nn.Module | Callable[[], nn.Module] | None,
     keep_rejected: bool,
@@ -243,19 +189,19 @@ def _update(
     # 8-bit state only where it saves more than importing bitsandbytes costs, unless the config
     # asks for it outright: on a LoRA of a few thousand parameters it saves kilobytes.
     payoff = EightBitPayoff.of(trainable_params)
-    if on_progress is not None:
-        on_progress({"eight_bit": payoff.to_dict()})
-    if train_cfg.optimizer == "auto" and not payoff.pays:
+    if Fp32State.runs_fp32(train_cfg.optimizer, payoff):
         log.info("8-bit optimizer state would save %.3f MB, importing bitsandbytes costs %.0f MB: fp32 state", payoff.saving_mb, payoff.import_mb)
         if plan_source is not None:
-            plan_source = _Fp32Source(plan_source, plan)
-        plan = _without_8bit(plan)
+            plan_source = Fp32State(plan_source, plan)
+        plan = with_fp32_state(plan)
     optimizer = make_optimizer(trainable, plan.optimizer, train_cfg.lr, train_cfg.weight_decay, train_cfg.min_8bit_size)
 
     # 5. The loop: one optimizer step per effective batch, fed in micro-batches.
     effective = plan.effective_batch
     mixer = BatchMixer(recent_train, replay_train, effective, train_cfg.replay_fraction, generator)
     history = [PlanChange(0, 0, plan)]
+    if on_progress is not None:
+        on_progress(history[0])
     train_losses: list[float] = []
     grad_norms: list[float] = []
     windows_seen = replay_seen = 0
@@ -273,6 +219,8 @@ def _update(
                     optimizer = _apply_plan(plan, new_plan, lora_model, trainable, optimizer, train_cfg)
                     plan = new_plan
                     history.append(PlanChange(step, done, plan))
+                    if on_progress is not None:
+                        on_progress(history[-1])
             chunk = windows[done : done + plan.micro_batch]
             loss = forecast_loss(lora_model, chunk)
             if not torch.isfinite(loss):
@@ -294,16 +242,7 @@ def _update(
         train_losses.append(step_loss)
         del windows, is_replay
         if on_progress is not None:
-            on_progress(
-                {
-                    "step": step + 1,
-                    "steps": train_cfg.steps,
-                    "loss": step_loss,
-                    "replay_windows": mixer.n_replay,
-                    "recent_windows": mixer.n_recent,
-                    "plan": plan.to_dict(),
-                }
-            )
+            on_progress(TrainingStep(step + 1, train_cfg.steps, step_loss, mixer.n_recent, mixer.n_replay, plan))
     state_bytes = optimizer_state_bytes(optimizer)
     del optimizer, mixer
     gc.collect()
@@ -336,29 +275,9 @@ def _update(
         wall_time_s=0.0,
         peak_rss_bytes=0,
         start_rss_bytes=0,
-        eight_bit=payoff.to_dict(),
+        eight_bit=payoff,
         adapted=lora_model if accepted or keep_rejected else None,
     )
-
-
-def _without_8bit(plan: TrainingPlan | None) -> TrainingPlan | None:
-    """The plan with fp32 optimizer state."""
-    return plan if plan is None or plan.optimizer == "adamw" else replace(plan, optimizer="adamw")
-
-
-class _Fp32Source:
-    """A plan source whose plans run with fp32 optimizer state. The source is asked with the plan it
-    last gave (not the fp32 one that runs), so it does not read the difference as a looser plan."""
-
-    def __init__(self, source: PlanSource, start: TrainingPlan) -> None:
-        self.source = source
-        self.last = start
-
-    def __call__(self, current: TrainingPlan) -> TrainingPlan | None:
-        proposed = self.source(self.last)
-        if proposed is not None:
-            self.last = proposed
-        return _without_8bit(proposed)
 
 
 def _apply_plan(

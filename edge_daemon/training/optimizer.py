@@ -1,5 +1,6 @@
 """The update's optimizer: AdamW for the adapter's few thousand weights, without
-`torch.optim`, or bitsandbytes' 8-bit AdamW where its state saves more than its import costs.
+`torch.optim`, or bitsandbytes' 8-bit AdamW where its state saves more than its import costs
+(`plan.EightBitPayoff`).
 
 The first `torch.optim` optimizer a process builds loads `torch._dynamo`
 (~70 MB of memory of its own and ~2 s here), which a LoRA update of a small
@@ -10,13 +11,14 @@ same weights; `tests/test_optim.py` holds it to `torch.optim.AdamW`.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+# Whether 8-bit state pays is the planner's rule (`plan.EightBitPayoff`); named here too, beside the optimizers it chooses between.
+from edge_daemon.plan import BITSANDBYTES_IMPORT_MB, MIN_8BIT_SAVING_MB, TORCH_DYNAMO_IMPORT_MB, EightBitPayoff
 
 
 class AdamW:
@@ -96,36 +98,6 @@ def make_optimizer(
 
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
     raise ValueError(f"optimizer must be one of adamw, adamw8bit; got {kind!r}")
-
-
-# What importing bitsandbytes adds to a training process that has torch already (measured: ~44 MB).
-# What 8-bit state costs a training process that has torch but neither of these loaded, measured
-# here: bitsandbytes ~44 MB, and its optimizer, a torch.optim one, loads torch._dynamo ~70 MB.
-BITSANDBYTES_IMPORT_MB = 44.0
-TORCH_DYNAMO_IMPORT_MB = 70.0
-# 8-bit moments cost precision and time: worth it only for a saving of at least this much.
-MIN_8BIT_SAVING_MB = 1.0
-
-
-@dataclass(frozen=True)
-class EightBitPayoff:
-    """Whether 8-bit Adam state is worth importing bitsandbytes for, on this many trainable parameters."""
-
-    saving_mb: float  # two fp32 moments (8 bytes a parameter) kept in 8 bits (2 bytes) instead
-    import_mb: float  # what loading bitsandbytes (and torch._dynamo) costs now (0 once loaded)
-
-    @property
-    def pays(self) -> bool:
-        return self.saving_mb > self.import_mb + MIN_8BIT_SAVING_MB
-
-    @classmethod
-    def of(cls, trainable_params: int) -> EightBitPayoff:
-        cost = 0.0 if sys.modules.get("bitsandbytes") is not None else BITSANDBYTES_IMPORT_MB
-        cost += 0.0 if sys.modules.get("torch._dynamo") is not None else TORCH_DYNAMO_IMPORT_MB
-        return cls(trainable_params * 6 / 2**20, cost)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"saving_mb": round(self.saving_mb, 3), "import_mb": self.import_mb, "pays": self.pays}
 
 
 def optimizer_state_bytes(optimizer: Optimizer) -> dict[str, int]:
