@@ -14,28 +14,26 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from edge_daemon import __version__, notify
 from edge_daemon.adaptation import commands
 from edge_daemon.adaptation.owner import Adaptation, register_worker
-from edge_daemon.adaptation.runner import UpdateRunner
 from edge_daemon.artifacts.adapters import AdapterStore
-from edge_daemon.artifacts.base import BaseModel
 from edge_daemon.config import Config
 from edge_daemon.control.protocol import Handler
 from edge_daemon.control.server import ControlServer
 from edge_daemon.model import warm_up
 from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.notify import Heartbeat
+from edge_daemon.parts import HelperPart, Part, StorePart
 from edge_daemon.pipeline import ScoringPipeline
 from edge_daemon.payloads import OnlineStatus
 from edge_daemon.replies import DriftReply, StatusReply
 from edge_daemon.scheduler import JobScheduler
-from edge_daemon.status import StatusReport
+from edge_daemon.status import StatusParts, StatusReport
 from edge_daemon.store import ReplayStore
 from edge_daemon.memory.pressure import Level
 from edge_daemon.memory.watchdog import MemoryWatchdog
@@ -56,13 +54,14 @@ MAIN_LOOP_STALE_S = 10.0
 READY_BROKER_WAIT_S = 30.0
 
 
-@dataclass
-class Part:
-    """One started component: how to stop it and how to tell it is still alive."""
+T = TypeVar("T")
 
-    name: str
-    stop: Callable[[], None]
-    alive: Callable[[], bool] = field(default=lambda: True)
+
+def _built(part: T | None, name: str) -> T:
+    """A part an earlier step of the start order built (the order in `builders` guarantees it)."""
+    if part is None:
+        raise RuntimeError(f"the {name} part is built later in the start order")
+    return part
 
 
 class Daemon:
@@ -74,139 +73,131 @@ class Daemon:
         self.stop_event = threading.Event()
         self.started_at = time.time()
         self._started_mono = time.monotonic()
+        # Started parts by name, in start order; stopped in reverse.
+        self.parts: dict[str, Part[Any]] = {}
+        # The parts by what they are, once started (status reads them; each wires the next).
+        self.forker: WorkerForker | None = None
         self.store: ReplayStore | None = None
+        self._store_part: StorePart | None = None
+        self.watchdog: MemoryWatchdog | None = None
+        self.pipeline: ScoringPipeline | None = None
+        # The update path: trigger, start rule, training workers, serving switch, rollback.
+        self.adaptation: Adaptation | None = None
         self.control: ControlServer | None = None
         self.ingestor: Ingestor | None = None
-        # Started parts, in start order; stopped in reverse.
-        self.parts: list[Part] = []
-        # Control commands; parts add theirs while the daemon is built.
-        self.handlers: dict[str, Handler] = {"status": self._status}
+        self._ingestor_built: Ingestor | None = None  # built with the update path, started later
+        self.scheduler: JobScheduler | None = None
         self.exit_code = 0
         self._disk_full_published = False  # what the retained status last said of the disk
         self.stop_signal: str | None = None
-        self.watchdog: MemoryWatchdog | None = None
-        self.pipeline: ScoringPipeline | None = None
-        self.scheduler: JobScheduler | None = None
-        self.forker: WorkerForker | None = None
-        # The update path: trigger, start rule, training workers, serving switch, rollback.
-        self.adaptation = Adaptation(config, self.stop_event)
         self.heartbeat: Heartbeat | None = None
         # Monotonic time of the main loop's last health check; the heartbeat watches it.
         self._loop_mono = time.monotonic()
-        self.handlers.update(
-            {
-                "adapter": partial(commands.handle_adapter, self.adaptation),
-                "adapters": partial(commands.handle_adapters, self.adaptation),
-                "drift": self._drift,
-                "train": partial(commands.handle_train, self.adaptation),
-                "rollback": partial(commands.handle_rollback, self.adaptation),
-            }
-        )
 
-    @property
-    def runner(self) -> UpdateRunner | None:
-        return self.adaptation.runner
+    # -- build, in order (each builder returns its part; start() starts it) -----------------
 
-    @property
-    def base(self) -> BaseModel | None:
-        return self.adaptation.base
-
-    @property
-    def adapters(self) -> AdapterStore:
-        return self.adaptation.adapters
-
-    @property
-    def trigger_checks(self) -> int:
-        return self.adaptation.trigger_checks
-
-    # -- build and start, in order -----------------------------------------------------------
-
-    def _start_store(self) -> Part:
-        self.store = ReplayStore(self.config.store_path, self.config.store, self.config.channels.names)
-        return Part("store", self.store.close)
-
-    def _start_worker_helper(self) -> Part:
+    def _build_helper(self) -> Part[None]:
         # First, before any thread of ours: training workers are forked from this helper and share
         # the memory of everything imported and set up so far (see worker.py), torch's lazily
         # built state included.
         warm_up()
         self.forker = WorkerForker()
-        register_worker(self.forker)
-        self.forker.start()
-        forker = self.forker
-        return Part("training helper", forker.stop, lambda: forker.alive)
+        return HelperPart(self.forker, register_worker)
 
-    def _start_watchdog(self) -> Part:
-        assert self.forker is not None
-        self.watchdog = MemoryWatchdog.from_config(self.config.memory, shared_level=self.forker.level)
-        watchdog = self.watchdog
-        watchdog.add_listener(self._on_level_change)
-        watchdog.start()
-        return Part("watchdog", watchdog.stop, lambda: watchdog.alive)
+    def _build_store(self) -> StorePart:
+        self.store = ReplayStore(self.config.store_path, self.config.store, self.config.channels.names)
+        self._store_part = StorePart(self.store)
+        return self._store_part
 
-    def _start_pipeline(self) -> Part:
-        store = self.store
-        held_rows = (lambda: store.held_rows) if store is not None else None
-        self.pipeline = ScoringPipeline(self.config, self._publish, self.adaptation.load_serving(), held_rows)
-        pipeline = self.pipeline
-        pipeline.start()
-        return Part("scoring", pipeline.stop, lambda: pipeline.alive)
+    def _build_watchdog(self) -> MemoryWatchdog:
+        forker = _built(self.forker, "training helper")
+        self.watchdog = MemoryWatchdog.from_config(self.config.memory, shared_level=forker.level)
+        self.watchdog.add_listener(self._on_level_change)
+        return self.watchdog
 
-    def _start_scheduler(self) -> Part:
-        assert self.watchdog is not None and self.store is not None and self.pipeline is not None and self.forker is not None
+    def _build_pipeline(self) -> ScoringPipeline:
+        # Without a scorer: the update path loads the served model into it when it starts.
+        store = _built(self._store_part, "store")
+        self.pipeline = ScoringPipeline(self.config, self._publish, None, held_rows=lambda: store.held_rows)
+        return self.pipeline
+
+    def _build_ingestor(self) -> Ingestor:
+        """The ingestor, built (not started: that comes after the control socket) with the update
+        path, which reads its backlog."""
+        if self._ingestor_built is None:
+            ingestor = Ingestor(self.config, _built(self.store, "store"))
+            ingestor.online_status = self._online_status
+            ingestor.on_disk_full = self._on_disk_full
+            # Scoring gets readings as they arrive, not when their batch commits.
+            ingestor.on_readings.append(_built(self.pipeline, "scoring").on_batch)
+            self._ingestor_built = ingestor
+        return self._ingestor_built
+
+    def _build_adaptation(self) -> Adaptation:
         cfg = self.config
-        store, adaptation = self.store, self.adaptation
-        runner = adaptation.attach(
-            self.watchdog, self.pipeline, self.forker, store,
-            backlog=lambda: self.ingestor.backlog if self.ingestor else 0,
-            ingest_waiting=lambda: self.disk_full,
+        pipeline = _built(self.pipeline, "scoring")
+        self.adaptation = Adaptation(
+            cfg,
+            self.stop_event,
+            adapters=AdapterStore(cfg.adapters_dir, keep=cfg.train.keep_versions),
+            forker=_built(self.forker, "training helper"),
+            serving=pipeline,
+            drift=pipeline.drift_signal,
+            scored_steps=lambda: pipeline.steps,
+            memory=_built(self.watchdog, "watchdog"),
+            replay=_built(self.store, "store"),
+            ingest=self._build_ingestor(),
             publish_status=self._publish_status,
-        )  # fmt: skip
+        )
+        return self.adaptation
+
+    def _build_control(self) -> ControlServer:
+        adaptation = _built(self.adaptation, "adaptation")
+        handlers: dict[str, Handler] = {
+            "status": self._status,
+            "adapter": partial(commands.handle_adapter, adaptation),
+            "adapters": partial(commands.handle_adapters, adaptation),
+            "drift": self._drift,
+            "train": partial(commands.handle_train, adaptation),
+            "rollback": partial(commands.handle_rollback, adaptation),
+        }
+        self.control = ControlServer(self.config.device.socket, handlers)
+        return self.control
+
+    def _build_ingest(self) -> Ingestor:
+        self.ingestor = self._build_ingestor()
+        return self.ingestor
+
+    def _build_scheduler(self) -> JobScheduler:
+        cfg = self.config
+        store, adaptation = _built(self.store, "store"), _built(self.adaptation, "adaptation")
         scheduler = JobScheduler()
         scheduler.add("idle", adaptation.idle.sample, interval_s=max(1.0, cfg.train.idle_window_s / 30), run_now=True)
         scheduler.add("update-trigger", adaptation.check, interval_s=cfg.train.check_interval_s)
         scheduler.add("retention", store.run_retention, interval_s=cfg.store.retention_interval_s)
         scheduler.add("status", self._publish_status, interval_s=cfg.outputs.status_interval_s)
-        scheduler.start()
         self.scheduler = scheduler
         if self.ingestor is not None:
             self.ingestor.clock_watch.on_jump.append(scheduler.clock_jumped)
+        return scheduler
 
-        def stop() -> None:
-            scheduler.stop()
-            # An update stops at its next micro-batch boundary; nothing partial is saved.
-            runner.stop(timeout=max(5.0, cfg.train.stop_timeout_s))
+    def builders(self) -> list[tuple[str, Callable[[], Part[Any]]]]:
+        """The start order: each part is built, then started, once those before it run.
 
-        return Part("scheduler", stop, lambda: scheduler.alive)
-
-    def _start_control(self) -> Part:
-        self.control = ControlServer(self.config.device.socket, self.handlers)
-        control = self.control
-        control.start()
-        return Part("control", control.stop, lambda: control.alive)
-
-    def _start_ingest(self) -> Part:
-        assert self.store is not None
-        self.ingestor = Ingestor(self.config, self.store)
-        self.ingestor.online_status = self._online_status
-        self.ingestor.on_disk_full = self._on_disk_full
-        ingestor = self.ingestor
-        if self.pipeline is not None:
-            # Scoring gets readings as they arrive, not when their batch commits.
-            ingestor.on_readings.append(self.pipeline.on_batch)
-        ingestor.start()
-        return Part("ingest", ingestor.stop, lambda: ingestor.alive)
-
-    def starters(self) -> list[tuple[str, Callable[[], Part]]]:
-        """The start order. Later parts (scorer, scheduler, watchdog, trainer) go in here."""
+        The update path comes before the control socket (whose commands it answers) and the
+        ingestor after it (a second daemon whose socket claim fails must not take over our
+        broker session); stopped in reverse, so a running update is asked to end once the
+        scheduler, ingestion and the socket have stopped.
+        """
         return [
-            ("training helper", self._start_worker_helper),
-            ("store", self._start_store),
-            ("watchdog", self._start_watchdog),
-            ("scoring", self._start_pipeline),
-            ("control", self._start_control),
-            ("ingest", self._start_ingest),
-            ("scheduler", self._start_scheduler),
+            ("training helper", self._build_helper),
+            ("store", self._build_store),
+            ("watchdog", self._build_watchdog),
+            ("scoring", self._build_pipeline),
+            ("adaptation", self._build_adaptation),
+            ("control", self._build_control),
+            ("ingest", self._build_ingest),
+            ("scheduler", self._build_scheduler),
         ]
 
     def start(self) -> None:
@@ -218,9 +209,11 @@ class Daemon:
         import torch
 
         torch.set_num_threads(1)
-        for name, starter in self.starters():
+        for name, build in self.builders():
             try:
-                self.parts.append(starter())
+                part = build()
+                part.start()
+                self.parts[name] = part
             except BaseException:
                 log.error("could not start %s", name)
                 self.stop()
@@ -233,11 +226,11 @@ class Daemon:
         # Whoever calls stop() (run()'s shutdown or an embedding program), it means "stop".
         self.stop_event.set()
         while self.parts:
-            part = self.parts.pop()
+            name, part = self.parts.popitem()
             try:
                 part.stop()
             except Exception:
-                log.exception("stopping %s failed", part.name)
+                log.exception("stopping %s failed", name)
                 self.exit_code = self.exit_code or 1
 
     # -- running -----------------------------------------------------------------------------
@@ -266,7 +259,7 @@ class Daemon:
                 self.heartbeat.start()
             while not self.stop_event.wait(HEALTH_INTERVAL_S):
                 self._loop_mono = time.monotonic()
-                dead = [part.name for part in self.parts if not part.alive()]
+                dead = [name for name, part in self.parts.items() if not part.alive]
                 if self.heartbeat is not None and not self.heartbeat.is_alive():
                     dead.append("heartbeat")
                 if dead:
@@ -282,7 +275,7 @@ class Daemon:
             # after STOPPING=1 systemd times the shutdown with TimeoutStopSec, not the watchdog.
             if self.heartbeat is not None:
                 self.heartbeat.stop()
-            training = self.runner is not None and self.runner.running
+            training = self.adaptation is not None and self.adaptation.runner.running
             notify.stopping(
                 "stopping" + (f" ({reason})" if reason else "") + (": ending the running update" if training else "")
             )
@@ -311,8 +304,8 @@ class Daemon:
     def _make_heartbeat(self) -> Heartbeat:
         """A heartbeat over every started part plus the main loop's own liveness."""
         heartbeat = Heartbeat(self.status_line)
-        for part in self.parts:
-            heartbeat.register(part.name, part.alive)
+        for name, part in self.parts.items():
+            heartbeat.register(name, partial(_alive, part))
         heartbeat.register("main-loop", self._main_loop_alive)
         return heartbeat
 
@@ -321,19 +314,33 @@ class Daemon:
 
     def status_line(self) -> str:
         """The one-line STATUS= text (see status.StatusReport.line)."""
-        return StatusReport(self).line()
+        return StatusReport(self.status_parts()).line()
 
     # -- status ------------------------------------------------------------------------------
 
     def uptime_s(self) -> float:
         return time.monotonic() - self._started_mono
 
+    def status_parts(self) -> StatusParts:
+        """The parts status is composed from: those started so far."""
+        started = self.parts
+        return StatusParts(
+            device=self.config.device.id,
+            started_unix=self.started_at,
+            uptime_s=self.uptime_s(),
+            store=self._store_part if "store" in started else None,
+            memory=self.watchdog if "watchdog" in started else None,
+            scoring=self.pipeline if "scoring" in started else None,
+            adaptation=self.adaptation if "adaptation" in started else None,
+            ingest=self.ingestor,
+        )
+
     def _online_status(self) -> OnlineStatus:
         """The retained `edge/<id>/status` payload published at every (re)connect."""
-        return StatusReport(self).online()
+        return StatusReport(self.status_parts()).online()
 
     def _status(self, request: dict[str, Any]) -> StatusReply:
-        return StatusReport(self).reply()
+        return StatusReport(self.status_parts()).reply()
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -350,21 +357,10 @@ class Daemon:
         """Refresh the retained `edge/<id>/status`."""
         self._publish("status", self._online_status(), self.config.outputs.qos, True)
 
-    @property
-    def disk_full(self) -> bool:
-        """Ingestion is waiting for disk space."""
-        return self.ingestor is not None and self.ingestor.disk_full
-
     def _on_disk_full(self, full: bool) -> None:
         """In the ingest writer: the disk is full (called before each retry) or has room again."""
-        if full and self.store is not None:
-            # Older replay data and empty pages go first: the store's budget shrinks to the
-            # free space less the reserve (store.run_retention). On a full disk even that may fail.
-            try:
-                report = self.store.run_retention()
-                log.info("disk full: retention freed %d readings", report["deleted_rows"])
-            except Exception as exc:  # noqa: BLE001 - the write is retried whatever happens here
-                log.debug("retention on a full disk failed: %s", exc)
+        if self._store_part is not None:
+            self._store_part.on_disk_full(full)  # retention frees what it can
         if full != self._disk_full_published:
             self._disk_full_published = full
             self._publish_status()
@@ -376,8 +372,11 @@ class Daemon:
     # -- control handlers --------------------------------------------------------------------
 
     def _drift(self, request: dict[str, Any]) -> DriftReply:
-        assert self.pipeline is not None
-        return {"drift": self.pipeline.drift.status()}
+        return {"drift": _built(self.pipeline, "scoring").drift_signal.status()}
+
+
+def _alive(part: Part[Any]) -> bool:
+    return part.alive
 
 
 def _claim_watchdog() -> None:

@@ -178,7 +178,7 @@ def run_demo(
                 "adapter_version": status["adapter"]["version"],
                 "adapter_bytes": status["adapter"]["size_bytes"],
                 "update_accepted": bool(last.get("accepted")),
-                "update_reason": daemon.runner.last.job.reason if daemon.runner and daemon.runner.last and daemon.runner.last.job else None,
+                "update_reason": ran.job.reason if daemon.adaptation and (ran := daemon.adaptation.runner.last) and ran.job else None,
                 # Memory as the daemon's watchdog counts it (the kernel's charge of its cgroup, or
                 # the PSS of its process tree: `memory_source`). The demo process hosts the daemon
                 # (and the broker it started): its usage at the end, the update child gone, is what

@@ -13,19 +13,23 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from edge_daemon.times import iso
-from edge_daemon.baselines import MODEL
+from edge_daemon.baselines import MODEL, Baseline
 from edge_daemon.config import Config
 from edge_daemon.drift.feed import DriftFeed
+from edge_daemon.drift.monitor import DriftMonitor
 from edge_daemon.payloads import Alert, Forecast, Forecaster, ForecastHorizon, ScoredBy, anomaly_alert
-from edge_daemon.replies import LastScore, ScoringCounters, ScoringStatus
+from edge_daemon.replies import DriftStatus, LastScore, ScoringCounters, ScoringStatus
 from edge_daemon.scoring.grid import GridAssembler, GridStep
 from edge_daemon.scoring.serving import Scorer, ScoreResult
 from edge_daemon.store import Reading
+
+if TYPE_CHECKING:
+    from edge_daemon.model import Forecaster as ForecastModel
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,7 @@ class ScoringPipeline:
         )
         self._drift_feed = DriftFeed(config, None if scorer is None else scorer.base)
         self.drift = self._drift_feed.monitor
+        self.drift_signal = ResidualDrift(self.drift)
         self._queue: queue.Queue[Sequence[Reading] | None] = queue.Queue(MAX_PENDING_BATCHES)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -77,7 +82,6 @@ class ScoringPipeline:
         self.scored = 0
         self.anomalies = 0
         self.dropped_batches = 0
-        self.steps_since_update = 0
         self.last_score: LastScore | None = None
         self.heartbeat = time.monotonic()
         self.failures = 0  # batches (or flushes) failed in a row
@@ -166,8 +170,7 @@ class ScoringPipeline:
         self.heartbeat = time.monotonic()
 
     def _on_step(self, t: float, values: np.ndarray) -> None:
-        self.steps += 1
-        self.steps_since_update += 1
+        self.steps += 1  # only this thread writes it; the update path counts new windows from it
         for event in self._drift_feed.step(values, t):
             self._alert(event.alert())
         with self._lock:
@@ -211,6 +214,16 @@ class ScoringPipeline:
             self.scorer = scorer
         if previous is None or previous.base.fingerprint != scorer.base.fingerprint:
             self._drift_feed.new_base(scorer.base)  # e.g. bootstrapped from the store
+
+    def swap_model(
+        self, model: ForecastModel, version: int | None, baselines: list[Baseline], held_out: dict[str, Any] | None
+    ) -> None:
+        """Serve `model` (the base with adapter `version` merged in, None for the base alone) from
+        the next step; nothing while no scorer serves yet."""
+        with self._lock:
+            scorer = self.scorer
+        if scorer is not None:
+            scorer.swap_model(model, version, baselines, held_out)
 
     @property
     def newest_ts(self) -> float | None:
@@ -278,6 +291,30 @@ class ScoringPipeline:
             # Who is served, and the live mean |error| of the model and each baseline.
             "serving": scorer.comparison() if scorer is not None else None,
         }
+
+
+class ResidualDrift:
+    """The update path's view of drift: whether the model's residuals drifted, since when (the
+    judges' estimate of the change), and a restart once a new adapter serves. Thread-safe: the
+    monitor takes its lock for each."""
+
+    def __init__(self, monitor: DriftMonitor) -> None:
+        self._monitor = monitor
+
+    @property
+    def detected(self) -> bool:
+        return self._monitor.residual_drift_detected
+
+    @property
+    def since(self) -> float | None:
+        return self._monitor.residual_change_from
+
+    def reset(self, t: float | None = None) -> None:
+        self._monitor.reset_baseline(t)
+
+    def status(self) -> DriftStatus:
+        """The `drift` section of `status`."""
+        return self._monitor.status()
 
 
 def forecaster_label(name: str, version: int | None) -> Forecaster:

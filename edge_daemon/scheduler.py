@@ -101,5 +101,9 @@ class JobScheduler:
                 dead.append(f"{name} (stuck for {now - beat:.0f} s)")
         return dead
 
+    def status(self) -> None:
+        """No section in `status` (a dead job is logged and ends the daemon; see `alive`)."""
+        return None
+
     def heartbeats(self) -> dict[str, float]:
         return dict(self._heartbeats)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from edge_daemon import __version__
-from edge_daemon.adaptation.commands import adapter_summary, training_status
+from edge_daemon.adaptation.commands import adapter_summary
 from edge_daemon.payloads import OnlineStatus, online_status
 from edge_daemon.replies import (
     AdapterSummary,
@@ -23,24 +24,44 @@ from edge_daemon.replies import (
 )
 
 if TYPE_CHECKING:
-    from edge_daemon.daemon import Daemon
+    from edge_daemon.adaptation.owner import Adaptation
+    from edge_daemon.memory.watchdog import MemoryWatchdog
+    from edge_daemon.mqtt.ingestor import Ingestor
+    from edge_daemon.parts import StorePart
+    from edge_daemon.pipeline import ScoringPipeline
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class StatusParts:
+    """What status is read from: the device, its clock, and each part started so far (None
+    before it starts)."""
+
+    device: str
+    started_unix: float
+    uptime_s: float
+    store: StorePart | None = None
+    memory: MemoryWatchdog | None = None
+    scoring: ScoringPipeline | None = None
+    adaptation: Adaptation | None = None
+    ingest: Ingestor | None = None
+
+
 class StatusReport:
-    """One look at the daemon: a section per part started so far, each built at most once and
-    only when read. The STATUS= line and the MQTT payload, sent often and from other parts'
-    threads, read the parts' cheap accessors instead.
+    """One look at the daemon: a section per part started so far (each part's `status()`, or
+    for the `drift` and `adapter` sections the drift signal's and the update path's), each
+    built at most once and only when read. The STATUS= line and the MQTT payload, sent often
+    and from other parts' threads, read the parts' cheap accessors and counters instead.
 
     A section that raises raises again for every reader: the `status` reply fails with it (an
     error reply), while the STATUS= line leaves out only the pieces that read it.
     """
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, parts: StatusParts) -> None:
+        self.parts = parts
         self._built: dict[str, object] = {}
         self._failed: dict[str, Exception] = {}
 
@@ -58,46 +79,38 @@ class StatusReport:
     # -- the sections, in start order --------------------------------------------------------
 
     def store(self) -> StoreStatus | None:
-        store = self.daemon.store
-        if store is None:
-            return None
-        return self._once("store", lambda: StoreStatus(
-            readings=store.count(),
-            bytes=store.size_bytes(),
-            disk_free_bytes=store.free_bytes(),
-            disk_full=self.daemon.disk_full,
-        ))  # fmt: skip
+        store = self.parts.store
+        return None if store is None else self._once("store", store.status)
 
     def memory(self) -> MemoryStatus | None:
-        watchdog = self.daemon.watchdog
-        return None if watchdog is None else self._once("memory", watchdog.snapshot)
+        memory = self.parts.memory
+        return None if memory is None else self._once("memory", memory.status)
 
     def drift(self) -> DriftStatus | None:
-        pipeline = self.daemon.pipeline
-        return None if pipeline is None else self._once("drift", pipeline.drift.status)
+        scoring = self.parts.scoring
+        return None if scoring is None else self._once("drift", scoring.drift_signal.status)
 
     def adapter(self) -> AdapterSummary | None:
-        # Beside scoring, which serves it.
-        return None if self.daemon.pipeline is None else self._once("adapter", lambda: adapter_summary(self.daemon.adaptation))
+        adaptation = self.parts.adaptation
+        return None if adaptation is None else self._once("adapter", lambda: adapter_summary(adaptation))
 
     def scoring(self) -> ScoringStatus | None:
-        pipeline = self.daemon.pipeline
-        return None if pipeline is None else self._once("scoring", pipeline.status)
+        scoring = self.parts.scoring
+        return None if scoring is None else self._once("scoring", scoring.status)
 
     def ingest(self) -> IngestStatus | None:
-        ingestor = self.daemon.ingestor
-        return None if ingestor is None else self._once("ingest", ingestor.counters)
+        ingest = self.parts.ingest
+        return None if ingest is None else self._once("ingest", ingest.status)
 
     def training(self) -> TrainingStatus | None:
-        # Once the scheduler has attached the update path's parts.
-        adaptation = self.daemon.adaptation
-        return None if adaptation.runner is None else self._once("training", lambda: training_status(adaptation))
+        adaptation = self.parts.adaptation
+        return None if adaptation is None else self._once("training", adaptation.status)
 
     # -- what it is read as ------------------------------------------------------------------
 
     def reply(self) -> StatusReply:
         """The `status` reply: device, uptime and every section there is."""
-        reply: StatusReply = {"device": self.daemon.config.device.id, "uptime_s": round(self.daemon.uptime_s(), 3)}
+        reply: StatusReply = {"device": self.parts.device, "uptime_s": round(self.parts.uptime_s, 3)}
         if (store := self.store()) is not None:
             reply["store"] = store
         if (memory := self.memory()) is not None:
@@ -117,15 +130,15 @@ class StatusReport:
     def online(self) -> OnlineStatus:
         """The retained `edge/<id>/status` payload published at every (re)connect (on paho's
         network thread and the ingest writer's: cheap accessors only, no whole section)."""
-        daemon = self.daemon
-        pipeline = daemon.pipeline
+        parts = self.parts
+        scoring, adaptation, ingest = parts.scoring, parts.adaptation, parts.ingest
         return online_status(
-            device=daemon.config.device.id,
+            device=parts.device,
             version=__version__,
-            started_unix=daemon.started_at,
-            adapter_version=adapter_summary(daemon.adaptation)["version"],
-            disk_full=daemon.disk_full,
-            scoring=None if pipeline is None else (pipeline.drift.residual_drift_detected, pipeline.counters()),
+            started_unix=parts.started_unix,
+            adapter_version=None if adaptation is None else adapter_summary(adaptation)["version"],
+            disk_full=ingest is not None and ingest.disk_full,
+            scoring=None if scoring is None else (scoring.drift_signal.detected, scoring.counters()),
         )
 
     def line(self) -> str:
@@ -135,7 +148,8 @@ class StatusReport:
         whole sections. Each piece is best effort: one that fails is left out rather than
         losing the line.
         """
-        daemon = self.daemon
+        parts = self.parts
+        store, memory, scoring, adaptation, ingest = parts.store, parts.memory, parts.scoring, parts.adaptation, parts.ingest
         pieces: list[str] = []
 
         def add(build: Callable[[], str | None]) -> None:
@@ -148,18 +162,20 @@ class StatusReport:
                 pieces.append(piece)
 
         add(self._adapter_piece)
-        add(lambda: f"memory {daemon.watchdog.level.label}" if daemon.watchdog is not None else None)
+        add(lambda: f"memory {memory.level.label}" if memory is not None else None)
         add(self._drift_piece)
-        add(lambda: "scoring stalled" if daemon.pipeline is not None and daemon.pipeline.stall_warning() else None)
-        add(lambda: f"{daemon.store.count()} readings" if daemon.store is not None else None)
-        add(lambda: "disk full: ingestion waiting" if daemon.disk_full else None)
+        add(lambda: "scoring stalled" if scoring is not None and scoring.stall_warning() else None)
+        add(lambda: f"{store.readings} readings" if store is not None else None)
+        add(lambda: "disk full: ingestion waiting" if ingest is not None and ingest.disk_full else None)
         add(self._clock_piece)
-        add(lambda: "broker unreachable" if daemon.ingestor is not None and not daemon.ingestor.connected else None)
-        add(self._training_piece)
+        add(lambda: "broker unreachable" if ingest is not None and not ingest.connected else None)
+        add(lambda: adaptation.training if adaptation is not None else None)
         return ", ".join(pieces)
 
     def _adapter_piece(self) -> str | None:
-        adaptation = self.daemon.adaptation
+        adaptation = self.parts.adaptation
+        if adaptation is None:
+            return None
         if adaptation.base is None:
             return "no base model yet"
         version = adaptation.current_adapter()
@@ -173,19 +189,10 @@ class StatusReport:
         return f"drift {' '.join(drifted)}" if drifted else "drift none"
 
     def _clock_piece(self) -> str | None:
-        daemon = self.daemon
-        if daemon.ingestor is None or daemon.store is None:
+        store, ingest = self.parts.store, self.parts.ingest
+        if ingest is None or store is None:
             return None
-        held = daemon.store.held_rows
+        held = store.held_rows
         if not held:
             return None  # an unsynchronised clock alone changes nothing (`status` shows it)
-        return f"{held} readings held" if daemon.ingestor.clock_watch.trusted else f"clock not trusted: {held} readings held"
-
-    def _training_piece(self) -> str | None:
-        """While a job runs."""
-        runner = self.daemon.adaptation.runner
-        if runner is None or not runner.running:
-            return None
-        job, progress = runner.job, runner.progress
-        step = f" step {progress.step}" if progress.step is not None else ""
-        return f"{job.kind if job is not None else 'update'} {progress.phase}{step}"
+        return f"{held} readings held" if ingest.clock_watch.trusted else f"clock not trusted: {held} readings held"

@@ -18,7 +18,12 @@ from edge_daemon.artifacts.merge import serving_model
 from edge_daemon.errors import AdapterError
 from edge_daemon.frames import NormStats
 from edge_daemon.model import Forecaster, ForecasterConfig
+from edge_daemon.config import Config
+from edge_daemon.memory.watchdog import MemoryWatchdog
+from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.pipeline import ScoringPipeline
+from edge_daemon.store import Reading, ReplayStore
+from edge_daemon.worker import WorkerForker
 from edge_daemon.plan import TrainingPlan
 from edge_daemon.records import AdapterMeta, JobResult, Progress, UpdateJob
 from edge_daemon.governor import UpdateOutcome
@@ -60,17 +65,43 @@ def test_an_adapter_of_another_base_is_not_served_and_a_rollback_to_it_leaves_cu
     with pytest.raises(AdapterError, match="trained on base"):
         serving_model(base, store.get(older))
 
-    adaptation = Adaptation(config, threading.Event())
-    scorer = adaptation.load_serving()
-    assert scorer is not None and scorer.version == ours
     published: list[Any] = []
-    adaptation.pipeline = ScoringPipeline(config, lambda *args, **kwargs: published.append(args), scorer)
+    pipeline = ScoringPipeline(config, lambda *args, **kwargs: published.append(args))
+    adaptation = _adaptation(config, store, pipeline)
+    adaptation.start()
+    scorer = pipeline.scorer
+    assert scorer is not None and scorer.version == ours and adaptation.base is not None
     with pytest.raises(AdapterError, match="trained on base"):
         handle_rollback(adaptation, {"cmd": "rollback", "version": older})
     assert store.current_version() == ours and scorer.version == ours
     # A rollback it can serve moves both.
     handle_rollback(adaptation, {"cmd": "rollback", "version": unrecorded})
     assert store.current_version() == unrecorded and scorer.version == unrecorded
+
+
+def _adaptation(config: Config, adapters: AdapterStore, pipeline: ScoringPipeline) -> Adaptation:
+    """The update path over real parts, none of them started (nothing here trains)."""
+    forker = WorkerForker()
+    replay = ReplayStore(config.store_path, config.store, config.channels.names)
+    return Adaptation(
+        config, threading.Event(), adapters=adapters, forker=forker, serving=pipeline, drift=pipeline.drift_signal,
+        scored_steps=lambda: pipeline.steps, memory=MemoryWatchdog.from_config(config.memory, shared_level=forker.level),
+        replay=replay, ingest=Ingestor(config, replay), publish_status=lambda: None,
+    )  # fmt: skip
+
+
+def test_new_windows_count_the_scored_steps_since_an_update_started(tmp_path: Path) -> None:
+    """The scoring thread only counts its steps; the update path keeps its own mark."""
+    config = make_config(tmp_path)
+    pipeline = ScoringPipeline(config, lambda *args, **kwargs: None)
+    adaptation = _adaptation(config, AdapterStore(config.adapters_dir), pipeline)
+    names = config.channels.names
+    pipeline.feed([Reading(name, 1_800_000_000.0 + t, 1.0) for t in range(30) for name in names])
+    assert pipeline.steps > 0 and adaptation.new_windows.count == pipeline.steps
+    adaptation.new_windows.reset()
+    assert adaptation.new_windows.count == 0
+    pipeline.feed([Reading(name, 1_800_000_030.0 + t, 1.0) for t in range(10) for name in names])
+    assert adaptation.new_windows.count == 10
 
 
 def test_meta_keeps_what_a_newer_writer_added(tmp_path: Path) -> None:

@@ -287,7 +287,7 @@ def run_live(workdir: Path, broker: LocalBroker) -> Live:
                  detail=lambda: sorted({a.get("type") for a in collector.of("alert")}))  # fmt: skip
         assert request(socket_path, {"cmd": "train"})["accepted"]
         wait_for(lambda: alerts("adapter_accepted") or alerts("adapter_rejected"), TRAIN_HANG_S, "the update's verdict")
-        version = daemon.adapters.current_version()
+        version = daemon.adaptation.adapters.current_version()
         if version is not None:
             assert request(socket_path, {"cmd": "rollback", "version": version})["ok"]
             wait_for(lambda: alerts("rollback"), HANG_S, "the rollback alert")

@@ -141,7 +141,7 @@ def test_a_full_disk_pauses_ingestion_until_there_is_room_and_loses_nothing(tmp_
         )  # fmt: skip
         assert status["ingest"]["disk_full"] is True and status["store"]["readings"] < 3 * STEPS
         assert "disk full" in daemon.status_line()
-        assert daemon.ingestor is not None and all(part.alive() for part in daemon.parts), [p.name for p in daemon.parts if not p.alive()]
+        assert daemon.ingestor is not None and all(part.alive for part in daemon.parts.values()), [name for name, p in daemon.parts.items() if not p.alive]
         # The disk grows: ingestion resumes by itself and stores every reading once.
         small_fs.resize(64)
         assert daemon.store is not None
@@ -152,6 +152,6 @@ def test_a_full_disk_pauses_ingestion_until_there_is_room_and_loses_nothing(tmp_
             assert sorted(ts[idx == channel]) == [start_ts + k for k in range(STEPS)]
         after = request(config.device.socket, {"cmd": "status"})
         assert after["store"]["disk_full"] is False and after["ingest"]["dropped_disk_full"] == 0
-        assert all(part.alive() for part in daemon.parts)
+        assert all(part.alive for part in daemon.parts.values())
     finally:
         daemon.stop()

@@ -146,8 +146,8 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         # The next start rule uses what this worker measurably added, not the assumption it began with.
         expected = status["training"]["expected_worker_mb"]
         assert status["training"]["expected_worker_measured"] is True and 0 < expected < 2000, expected
-        assert daemon.runner is not None and daemon.runner.last is not None
-        assert daemon.runner.last.job is not None and daemon.runner.last.job.reason == "drift detected"
+        assert daemon.adaptation is not None and daemon.adaptation.runner.last is not None
+        assert daemon.adaptation.runner.last.job is not None and daemon.adaptation.runner.last.job.reason == "drift detected"
         assert (cfg.adapters_dir / "v1" / "adapter_model.safetensors").stat().st_size < 100_000
         # The update mixed in replay windows drawn from the store's older segments, and the gate
         # judged forgetting on held-out ones.
@@ -155,7 +155,7 @@ def test_regime_change_is_detected_adapted_and_alerted(tmp_path: Path, broker: L
         assert meta["windows"]["replay_train"] > 0 and meta["windows"]["replay_val"] > 0, meta["windows"]
         recent_from = meta["data_range"]["recent"][0]
         # The update learnt from the data since the drift judges dated the change, not a fixed span.
-        assert daemon.runner.last.job.since == recent_from
+        assert daemon.adaptation.runner.last.job.since == recent_from
         spans = meta["data_range"]["replay"]
         segment_s = cfg.store.segment_s  # spans are whole store segments holding old readings
         assert spans and all(data.ts[0] - segment_s < a < b <= recent_from for a, b in spans), (spans, recent_from)
@@ -214,9 +214,9 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
         # so one decision comes after the drift is seen): no reason of its own may start an update.
         assert daemon.pipeline is not None
         wait_for(lambda: daemon.pipeline.drift.residual_drift_detected, 120, "residual drift")
-        checks = daemon.trigger_checks
-        wait_for(lambda: daemon.trigger_checks >= checks + 2, 60, "two more trigger decisions")
-        assert daemon.runner is not None and daemon.runner.last is None, "nothing may start an update unasked"
+        checks = daemon.adaptation.trigger_checks
+        wait_for(lambda: daemon.adaptation.trigger_checks >= checks + 2, 60, "two more trigger decisions")
+        assert daemon.adaptation is not None and daemon.adaptation.runner.last is None, "nothing may start an update unasked"
         status = request(cfg.device.socket, {"cmd": "status"})
         assert status["training"]["trigger"] == "no reason to adapt"
         serving = status["scoring"]["serving"]  # the model and the baselines, compared live
@@ -224,11 +224,11 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
 
         reply = request(cfg.device.socket, {"cmd": "train"})
         assert reply["ok"] and reply["accepted"]
-        wait_for(lambda: daemon.runner.last is not None, 240, "the requested update")
-        last = daemon.runner.last
+        wait_for(lambda: daemon.adaptation.runner.last is not None, 240, "the requested update")
+        last = daemon.adaptation.runner.last
         assert last.accepted and last.version == 1, last
         # The result is known before it is handled: `current` moves once the scorer serves it.
-        wait_for(lambda: daemon.adapters.current_version() == 1, 60, "v1 served and current")
+        wait_for(lambda: daemon.adaptation.adapters.current_version() == 1, 60, "v1 served and current")
         assert last.job is not None and last.job.reason == "requested"
         adapters = request(cfg.device.socket, {"cmd": "adapters"})
         assert adapters["current"] == 1 and [a["version"] for a in adapters["adapters"]] == [1]
@@ -238,16 +238,16 @@ def test_train_request_and_rollback_over_the_socket(tmp_path: Path, broker: Loca
         # A second version in the store (peft's format, as one shipped to the device would be),
         # served by a rollback to it; then a rollback to the older v1 serves v1's weights again.
         base = load_base(cfg.base_dir, list(CHANNELS), 1.0)
-        staging = daemon.adapters.staging_dir()
+        staging = daemon.adaptation.adapters.staging_dir()
         save_random_peft_adapter(base.model, staging, ["blocks.0.attn.qkv", "blocks.1.fc2", "head"])
-        assert daemon.adapters.commit(staging, AdapterMeta(reason="shipped"), make_current=False).version == 2
+        assert daemon.adaptation.adapters.commit(staging, AdapterMeta(reason="shipped"), make_current=False).version == 2
         window = torch.randn(1, cfg.model.window, len(CHANNELS), generator=torch.Generator().manual_seed(0))
 
         def forecast_of(model: torch.nn.Module) -> torch.Tensor:
             with torch.no_grad():
                 return model.eval()(window)
 
-        served_v1, served_v2 = (forecast_of(serving_model(base, daemon.adapters.get(v))) for v in (1, 2))
+        served_v1, served_v2 = (forecast_of(serving_model(base, daemon.adaptation.adapters.get(v))) for v in (1, 2))
         assert not torch.allclose(served_v1, served_v2, atol=1e-4)
         assert daemon.pipeline.scorer.version == 1
         assert torch.allclose(forecast_of(daemon.pipeline.scorer.model), served_v1)
@@ -277,15 +277,15 @@ def test_device_without_a_base_model_bootstraps_one_from_its_store(tmp_path: Pat
     daemon = Daemon(cfg)
     start_daemon(daemon)
     try:
-        assert daemon.base is None and daemon.pipeline is not None and daemon.pipeline.scorer is None
+        assert daemon.adaptation.base is None and daemon.pipeline is not None and daemon.pipeline.scorer is None
         publish_steps(broker.port, data.ts, data.values, 0, total)
         wait_for(lambda: daemon.store.count() == 3 * total, READINGS_TIMEOUT_S, "every reading stored", detail=lambda: (daemon.store.count(), daemon.ingestor.counters()))
         # Idle and enough gap-free windows: the daemon trains its own base in the child.
-        wait_for(lambda: daemon.base is not None, 180, "a bootstrapped base model")
+        wait_for(lambda: daemon.adaptation.base is not None, 180, "a bootstrapped base model")
         assert (cfg.base_dir / "model.safetensors").exists()
         assert daemon.pipeline.scorer is not None and daemon.pipeline.scorer.version is None
         wait_for(lambda: any(a["type"] == "base_model" for a in collector.of("alert")), 10, "base_model alert")
-        assert daemon.runner is not None and daemon.runner.last.kind == "pretrain" and daemon.runner.last.accepted
+        assert daemon.adaptation is not None and daemon.adaptation.runner.last.kind == "pretrain" and daemon.adaptation.runner.last.accepted
         assert collector.of("status") and not collector.violations, collector.violations
     finally:
         daemon.stop()
@@ -304,10 +304,10 @@ def test_a_base_of_an_earlier_layout_is_set_aside_and_trained_again(tmp_path: Pa
     daemon = Daemon(cfg)
     start_daemon(daemon)
     try:
-        assert daemon.base is None and daemon.pipeline is not None and daemon.pipeline.scorer is None
+        assert daemon.adaptation.base is None and daemon.pipeline is not None and daemon.pipeline.scorer is None
         assert not cfg.base_dir.exists()
         aside = list(cfg.base_dir.parent.glob("base.old-format-*"))
         assert len(aside) == 1 and (aside[0] / "model.safetensors").exists()
-        assert daemon.adapters.current_version() is None
+        assert daemon.adaptation.adapters.current_version() is None
     finally:
         daemon.stop()

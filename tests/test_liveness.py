@@ -102,10 +102,10 @@ def test_removing_the_control_socket_under_a_running_daemon_kills_its_control_pa
     runner.start()
     try:
         wait_for(lambda: daemon.heartbeat is not None, HANG_S, "the daemon to be ready")
-        control = next(part for part in daemon.parts if part.name == "control")
-        assert control.alive()
+        control = daemon.parts["control"]
+        assert control.alive
         config.device.socket.unlink()
-        assert not control.alive()
+        assert not control.alive
         # The main loop finds it dead at its next check and run() returns non-zero.
         runner.join(HANG_S)
         assert not runner.is_alive()

@@ -120,8 +120,8 @@ def test_pressure_during_an_update_tightens_the_plan_and_ingestion_goes_on(
     watcher: StatusWatcher | None = None
     publisher: threading.Thread | None = None
     try:
-        assert daemon.store is not None and daemon.watchdog is not None and daemon.runner is not None
-        watchdog, runner, store = daemon.watchdog, daemon.runner, daemon.store
+        assert daemon.store is not None and daemon.watchdog is not None and daemon.adaptation is not None
+        watchdog, runner, store = daemon.watchdog, daemon.adaptation.runner, daemon.store
         publish_steps(broker.port, data.ts, data.values, 0, HISTORY_STEPS)
         wait_for(lambda: store.count() == 3 * HISTORY_STEPS, HANG_S, "the history stored", detail=lambda: store.count())
 
@@ -195,7 +195,7 @@ def test_pressure_during_an_update_tightens_the_plan_and_ingestion_goes_on(
         wait_for(lambda: store.count() == 3 * total, HANG_S, "the readings published under pressure stored")
         wait_for(lambda: watchdog.level == Level.NORMAL, HANG_S, "normal once the hog freed")
         assert status["memory"]["budget_mb"] == pytest.approx(budget, abs=0.1)
-        assert all(part.alive() for part in daemon.parts)
+        assert all(part.alive for part in daemon.parts.values())
         assert watcher.errors == 0
     finally:
         if watcher is not None:

@@ -13,14 +13,13 @@ import torch
 
 from edge_daemon.artifacts.base import BaseModel, load_base
 from edge_daemon.config import ModelConfig
-from edge_daemon.daemon import Daemon
 from edge_daemon.frames import Grid, build_grid
 from edge_daemon.model import anomaly_score
 from edge_daemon.pipeline import ScoringPipeline
 from edge_daemon.pretrain import pretrain
 from edge_daemon.scoring.grid import GridAssembler
 from edge_daemon.scoring.serving import Scorer, ServingRule
-from edge_daemon.status import StatusReport
+from edge_daemon.status import StatusParts, StatusReport
 from edge_daemon.store import Reading
 from edge_daemon.times import iso
 
@@ -419,9 +418,8 @@ def test_a_stall_is_reported_and_logged_once_when_it_starts_and_when_it_ends(tmp
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "183 late readings" in warnings[0].getMessage()
     # The retained MQTT status carries the counters, the STATUS= line the stall.
-    daemon = Daemon(config)
-    daemon.pipeline = pipeline
-    report = StatusReport(daemon)
+    parts = StatusParts(device=config.device.id, started_unix=time.time(), uptime_s=1.0, scoring=pipeline)
+    report = StatusReport(parts)
     assert report.online()["scoring"] == counters
     assert "scoring stalled" in report.line().split(", ")
     # Readings stop: nothing is expected of scoring, so the stall is over.
@@ -429,8 +427,8 @@ def test_a_stall_is_reported_and_logged_once_when_it_starts_and_when_it_ends(tmp
     pipeline.feed([])
     assert pipeline.stall_warning() is None
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == ["scoring stall over: no readings arrive"]
-    assert "scoring stalled" not in StatusReport(daemon).line()
-    assert StatusReport(daemon).online()["scoring"]["stalled"] is None
+    assert "scoring stalled" not in StatusReport(parts).line()
+    assert StatusReport(parts).online()["scoring"]["stalled"] is None
 
 
 def test_the_clock_flush_follows_the_accepted_stream_not_a_reading_set_aside(tmp_path: Path) -> None:

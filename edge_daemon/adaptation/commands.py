@@ -1,5 +1,6 @@
 """The replies of the update path: the `adapter`, `adapters`, `train` and `rollback` control
-commands and the `adapter` and `training` sections of `status`, read from an `Adaptation`.
+commands and the `adapter` section of `status`, read from an `Adaptation` (whose own
+`status()` is the `training` section).
 """
 
 from __future__ import annotations
@@ -7,8 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from edge_daemon.adaptation.owner import Adaptation
-from edge_daemon.replies import AdapterDetail, AdapterListing, AdapterReply, AdaptersReply, AdapterSummary, RollbackReply, TrainingStatus, TrainReply
-from edge_daemon.training.trace import heavy_modules_loaded
+from edge_daemon.replies import AdapterDetail, AdapterListing, AdapterReply, AdaptersReply, AdapterSummary, RollbackReply, TrainReply
 
 
 def adapter_summary(adaptation: Adaptation) -> AdapterSummary:
@@ -64,7 +64,7 @@ def handle_adapters(adaptation: Adaptation, request: dict[str, Any]) -> Adapters
 
 
 def handle_train(adaptation: Adaptation, request: dict[str, Any]) -> TrainReply:
-    if adaptation.runner is not None and adaptation.runner.running:
+    if adaptation.runner.running:
         return {"accepted": True, "state": "running", "message": "an update is already running"}
     if not adaptation.trigger.request():
         message = 'requests may not start an update here: [train] start_on leaves out "request"'
@@ -81,33 +81,4 @@ def handle_rollback(adaptation: Adaptation, request: dict[str, Any]) -> Rollback
     return {"adapter": adapter_summary(adaptation)}
 
 
-def training_status(adaptation: Adaptation) -> TrainingStatus:
-    """The `training` section of `status`."""
-    runner = adaptation.runner
-    if runner is None:
-        return {"state": "idle", "last": None, "plan": None}
-    if runner.running:
-        progress = runner.progress
-        state = "running"
-    else:
-        progress = None
-        state = "paused" if adaptation.governor is not None and not adaptation.governor.may_start() else "idle"
-    job = runner.job
-    return {
-        "state": state,
-        "plan": progress.plan.to_dict() if progress is not None and progress.plan is not None else None,
-        "progress": progress.to_json() if progress is not None else {},
-        "job": job.to_json() if job is not None else None,
-        "requested": adaptation.trigger.requested,
-        "trigger": adaptation.last_decision,
-        "retry_after_s": adaptation.governor.retry_after_s if adaptation.governor else 0.0,
-        # What the start rule expects a training worker to add (measured by the last one that
-        # finished, else the update's share of the usage now), and whether that is measured.
-        "expected_worker_mb": round(adaptation.expected_worker_mb(), 1),
-        "expected_worker_measured": adaptation.measured_worker_mb is not None,
-        "heavy_modules": heavy_modules_loaded(),
-        "last": runner.last.to_json() if runner.last is not None else None,
-    }
-
-
-__all__ = ["adapter_summary", "handle_adapter", "handle_adapters", "handle_rollback", "handle_train", "training_status"]
+__all__ = ["adapter_summary", "handle_adapter", "handle_adapters", "handle_rollback", "handle_train"]

@@ -5,6 +5,10 @@ do, what happens to its result, and which adapter is served.
 under the critical line), the runner of training workers, the serving switch
 (the scorer swaps an accepted adapter in, then `current` names it) and rollback;
 the replies built from it are in commands.py.
+
+It is built complete, over narrow ports to the parts it works with (below): the
+drift signal, the serving swap, the memory gauge, the replay data and the ingest
+gauge; the count of new scoring windows since the last update is its own.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from edge_daemon.adaptation.runner import WORKER_TARGET, UpdateRunner
 from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger
@@ -26,25 +30,24 @@ from edge_daemon.config import Config
 from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
 from edge_daemon.payloads import (
     AdapterAcceptedAlert,
+    Alert,
     AdapterRejectedAlert,
     adapter_accepted_alert,
     adapter_rejected_alert,
     base_model_alert,
     rollback_alert,
 )
-from edge_daemon.plan import plan_candidates, plan_from_config
+from edge_daemon.plan import TrainingPlan, plan_candidates, plan_from_config
 from edge_daemon.records import JobResult, UpdateCause, UpdateJob, resets_drift_baseline
 from edge_daemon.scoring.serving import Scorer, ServingRule, baselines_of
-from edge_daemon.store import ReplayStore
 from edge_daemon.training.job import run_worker
 from edge_daemon.governor import PlanGovernor
 from edge_daemon.memory.pressure import Level
 from edge_daemon.memory.usage import release_memory
-from edge_daemon.memory.watchdog import MemoryWatchdog
+from edge_daemon.model import Forecaster
+from edge_daemon.replies import TrainingStatus
+from edge_daemon.training.trace import heavy_modules_loaded
 from edge_daemon.worker import WorkerForker
-
-if TYPE_CHECKING:
-    from edge_daemon.pipeline import ScoringPipeline
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +56,115 @@ log = logging.getLogger(__name__)
 UPDATE_MIN_WINDOWS_SINCE_CHANGE = 10
 
 
+# -- the ports: what the update path needs of the other parts, and nothing more --------------
+
+
+class DriftSignal(Protocol):
+    """Whether the model's residuals drifted (what warrants an update), since when, and the
+    restart of the judges once a new adapter serves (pipeline.ResidualDrift)."""
+
+    @property
+    def detected(self) -> bool: ...
+
+    @property
+    def since(self) -> float | None: ...
+
+    def reset(self, t: float | None = None) -> None: ...
+
+
+class ServingSwap(Protocol):
+    """The scorer's side of serving (pipeline.ScoringPipeline): a new scorer (a new base), a new
+    merged model in the scorer there is, alerts, and the data's clock."""
+
+    def set_scorer(self, scorer: Scorer) -> None: ...
+
+    def swap_model(self, model: Forecaster, version: int | None, baselines: list[Baseline], held_out: dict[str, Any] | None) -> None: ...
+
+    def alert(self, payload: Alert) -> None: ...
+
+    @property
+    def newest_ts(self) -> float | None: ...
+
+
+class MemoryGauge(Protocol):
+    """The service's memory as the watchdog measures it (memory.watchdog.MemoryWatchdog)."""
+
+    @property
+    def level(self) -> Level: ...
+
+    @property
+    def usage_mb(self) -> float: ...
+
+    @property
+    def budget_mb(self) -> float: ...
+
+    @property
+    def peak_usage_mb(self) -> float: ...
+
+    def reset_peak(self) -> None: ...
+
+
+class ReplayData(Protocol):
+    """What the store holds, for the start rules (store.ReplayStore)."""
+
+    def count(self) -> int: ...
+
+    def time_range(self) -> tuple[float, float] | None: ...
+
+    def disk_short(self) -> bool: ...
+
+
+class IngestGauge(Protocol):
+    """Ingestion's state (mqtt.ingestor.Ingestor): readings received and not yet committed, and
+    whether a batch waits for disk space."""
+
+    @property
+    def backlog(self) -> int: ...
+
+    @property
+    def disk_full(self) -> bool: ...
+
+
+class NewWindows:
+    """Scoring windows completed since the last update started.
+
+    The scoring thread only counts its steps (`steps()`, one writer); this keeps the mark an
+    update sets when it starts, under its own lock, so nothing writes across threads.
+    """
+
+    def __init__(self, steps: Callable[[], int]) -> None:
+        self._steps = steps
+        self._lock = threading.Lock()
+        self._mark = steps()
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return self._steps() - self._mark
+
+    def reset(self) -> None:
+        with self._lock:
+            self._mark = self._steps()
+
+
 def serving_rule(config: Config) -> ServingRule:
     outputs = config.outputs
     return ServingRule(mode=outputs.serve, compare_steps=outputs.compare_steps, margin=outputs.switch_margin)
+
+
+def plan_ladder(config: Config) -> list[TrainingPlan]:
+    """The plans an update may train with, tightest last, within `[train]`'s choices of
+    checkpointing and optimizer (all of them where the choices leave none)."""
+    train = config.train
+    ladder = plan_candidates(train.batch_size, plan_from_config(train).micro_batch)
+    return [
+        p
+        for p in ladder
+        if not (train.gradient_checkpointing == "off" and p.checkpointing)
+        and not (train.gradient_checkpointing == "on" and not p.checkpointing)
+        and not (train.optimizer == "adamw" and p.optimizer == "adamw8bit")
+        and not (train.optimizer == "adamw8bit" and p.optimizer == "adamw")
+    ] or ladder
 
 
 def register_worker(forker: WorkerForker) -> None:
@@ -66,35 +175,109 @@ def register_worker(forker: WorkerForker) -> None:
 class Adaptation:
     """Decides, starts, relays and serves updates; knows the base and the served adapter.
 
-    Built with the daemon; `attach()` gives it the parts it works with once they
-    run (the watchdog, the scoring pipeline, the helper that forks workers, the
-    ingestion backlog and the daemon's status publisher).
+    A part of the daemon: `start()` loads the served model (the base with the current adapter
+    merged in) into the scorer, `stop()` ends a running update at its next micro-batch
+    boundary, `status()` is the `training` section. The update-trigger job calls `check()`.
     """
 
-    def __init__(self, config: Config, stop_event: threading.Event) -> None:
+    def __init__(
+        self,
+        config: Config,
+        stop_event: threading.Event,
+        *,
+        adapters: AdapterStore,
+        forker: WorkerForker,
+        serving: ServingSwap,
+        drift: DriftSignal,
+        scored_steps: Callable[[], int],
+        memory: MemoryGauge,
+        replay: ReplayData,
+        ingest: IngestGauge,
+        publish_status: Callable[[], None],
+    ) -> None:
+        cfg = config
         self.config = config
         self.stop_event = stop_event
-        self.adapters = AdapterStore(config.adapters_dir, keep=config.train.keep_versions)
-        self.trigger = UpdateTrigger(config.train)
-        self.idle = IdleDetector(config.train.idle_cpu_percent, config.train.idle_window_s)
-        self.base: BaseModel | None = None
-        self.watchdog: MemoryWatchdog | None = None
-        self.pipeline: ScoringPipeline | None = None
-        self.governor: PlanGovernor | None = None
-        self.runner: UpdateRunner | None = None
-        self.store: ReplayStore | None = None
-        self.backlog: Callable[[], int] = lambda: 0  # readings received, not yet committed
-        self.ingest_waiting: Callable[[], bool] = lambda: False  # ingestion waits for disk space
-        self.publish_status: Callable[[], None] = lambda: None
+        self.adapters = adapters
+        self.serving = serving
+        self.drift = drift
+        self.memory = memory
+        self.replay = replay
+        self.ingest = ingest
+        self.publish_status = publish_status
+        self.new_windows = NewWindows(scored_steps)
+        self.trigger = UpdateTrigger(cfg.train)
+        self.idle = IdleDetector(cfg.train.idle_cpu_percent, cfg.train.idle_window_s)
+        self.base: BaseModel | None = None  # None until one is stored (then trained from the store)
+        # The plan governor reads the level the watchdog shares with the helper and its workers.
+        self.governor = PlanGovernor.from_config(cfg.memory, forker.level, plan_ladder(cfg))
+        self.governor.stop_event = forker.stop_flag
+        self.runner = UpdateRunner(cfg, self.governor, forker, self.on_result)
         self._model_lock = threading.Lock()
         self._bootstrap_not_before = 0.0
         self.last_decision: str | None = None  # why the trigger last did (not) start an update
-        self.trigger_checks = 0  # decisions taken so far (a test waits for the next one)
+        self.trigger_checks = 0  # decisions taken so far
         # What a training worker adds to the service's usage, as measured by the last one that
         # finished (peak usage while it ran, less the usage when it started); before any, what
         # its plan is chosen to stay within ([memory] update_share of the usage).
         self.measured_worker_mb: float | None = None
         self._usage_at_worker_start: float | None = None
+
+    # -- the part ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve what was served before the restart (nothing while there is no base yet)."""
+        scorer = self.load_serving()
+        if scorer is not None:
+            self.serving.set_scorer(scorer)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End a running update at its next micro-batch boundary (nothing partial is saved);
+        kill its worker after `timeout` (`[train] stop_timeout_s`, at least 5 s)."""
+        self.runner.stop(timeout=timeout if timeout is not None else max(5.0, self.config.train.stop_timeout_s))
+
+    @property
+    def alive(self) -> bool:
+        """Its work runs in the scheduler's update-trigger job (dead with the scheduler) and
+        in a training worker watched by the runner's thread while one runs."""
+        return True
+
+    def status(self) -> TrainingStatus:
+        """The `training` section of `status`."""
+        runner, governor = self.runner, self.governor
+        if runner.running:
+            progress = runner.progress
+            state = "running"
+        else:
+            progress = None
+            state = "paused" if not governor.may_start() else "idle"
+        job = runner.job
+        return {
+            "state": state,
+            "plan": progress.plan.to_dict() if progress is not None and progress.plan is not None else None,
+            "progress": progress.to_json() if progress is not None else {},
+            "job": job.to_json() if job is not None else None,
+            "requested": self.trigger.requested,
+            "trigger": self.last_decision,
+            "retry_after_s": governor.retry_after_s,
+            # What the start rule expects a training worker to add (measured by the last one that
+            # finished, else the update's share of the usage now), and whether that is measured.
+            "expected_worker_mb": round(self.expected_worker_mb(), 1),
+            "expected_worker_measured": self.measured_worker_mb is not None,
+            "heavy_modules": heavy_modules_loaded(),
+            "last": runner.last.to_json() if runner.last is not None else None,
+        }
+
+    @property
+    def training(self) -> str | None:
+        """What runs now, for the STATUS= line ("update training step 3"); None while idle.
+        Cheap: the runner's last progress message."""
+        runner = self.runner
+        if not runner.running:
+            return None
+        job, progress = runner.job, runner.progress
+        step = f" step {progress.step}" if progress.step is not None else ""
+        return f"{job.kind if job is not None else 'update'} {progress.phase}{step}"
 
     # -- what is served ----------------------------------------------------------------------
 
@@ -105,7 +288,7 @@ class Adaptation:
             log.warning("no base model in %s yet: storing readings; one is trained once enough data is stored", cfg.base_dir)
             return None
         try:
-            self.base = load_base(cfg.base_dir, cfg.channels.names, cfg.channels.period_s, cfg.channels.inputs_only)
+            base = load_base(cfg.base_dir, cfg.channels.names, cfg.channels.period_s, cfg.channels.inputs_only)
         except BaseFormatError as exc:
             # An upgrade changed the forecaster's layout: keep the old base aside, serve nothing
             # from it (its adapters fit only it) and train a new one from the store.
@@ -114,27 +297,28 @@ class Adaptation:
             self.adapters.use_base()
             log.error("%s; moved it to %s; a new one is trained once enough data is stored", exc, aside)
             return None
+        self.base = base
         version = self.current_adapter()
         try:
-            model = serving_model(self.base, version)
+            model = serving_model(base, version)
         except AdapterError as exc:
             log.error("cannot serve adapter v%s (%s); serving the base model", version.version if version else "?", exc)
             version = None
-            model = serving_model(self.base, None)
-        baselines, held_out = self._baselines_for(version)
+            model = serving_model(base, None)
+        baselines, held_out = self._baselines_for(base, version)
         return Scorer(
-            self.base, model, cfg.outputs.anomaly_threshold, version=version.version if version else None,
+            base, model, cfg.outputs.anomaly_threshold, version=version.version if version else None,
             baselines=baselines, held_out=held_out, rule=serving_rule(cfg),
         )  # fmt: skip
 
-    def _baselines_for(self, version: AdapterVersion | None) -> tuple[list[Baseline], dict[str, Any] | None]:
+    @staticmethod
+    def _baselines_for(base: BaseModel, version: AdapterVersion | None) -> tuple[list[Baseline], dict[str, Any] | None]:
         """The baselines fitted with `version` (refitted with each update) and its held-out comparison,
         else the base's. An adapter from before baselines were refitted gets the base's baselines and
         no comparison: the base's says nothing about that adapter."""
-        assert self.base is not None
         if version is not None and version.meta.baselines:
             return baselines_of(version.meta.baselines), version.meta.held_out
-        return baselines_of(self.base.meta.get("baselines")), self.base.meta.get("held_out") if version is None else None
+        return baselines_of(base.meta.get("baselines")), base.meta.get("held_out") if version is None else None
 
     def current_adapter(self) -> AdapterVersion | None:
         try:
@@ -146,66 +330,34 @@ class Adaptation:
     def serve_version(self, version: AdapterVersion | None, reset_drift: bool = True) -> None:
         """Merge `version` into a copy of the base and swap it in; the drift baseline restarts
         unless `reset_drift` is False (see records.resets_drift_baseline)."""
-        assert self.base is not None and self.pipeline is not None
+        if self.base is None:
+            raise ControlError("no base model yet")
         with self._model_lock:
             model = serving_model(self.base, version)
-            scorer = self.pipeline.scorer
-            if scorer is not None:
-                baselines, held_out = self._baselines_for(version)
-                scorer.swap_model(model, version.version if version else None, baselines, held_out)
+            baselines, held_out = self._baselines_for(self.base, version)
+            self.serving.swap_model(model, version.version if version else None, baselines, held_out)
             if reset_drift:
-                self.pipeline.drift.reset_baseline(time.time())
+                self.drift.reset(time.time())
 
     # -- starting ----------------------------------------------------------------------------
 
-    def attach(
-        self,
-        watchdog: MemoryWatchdog,
-        pipeline: ScoringPipeline,
-        forker: WorkerForker,
-        store: ReplayStore,
-        backlog: Callable[[], int],
-        ingest_waiting: Callable[[], bool],
-        publish_status: Callable[[], None],
-    ) -> UpdateRunner:
-        """The plan governor and the runner of training workers, over the parts they use."""
-        cfg = self.config
-        self.watchdog, self.pipeline, self.store, self.publish_status = watchdog, pipeline, store, publish_status
-        self.backlog, self.ingest_waiting = backlog, ingest_waiting
-        ladder = plan_candidates(cfg.train.batch_size, plan_from_config(cfg.train).micro_batch)
-        ladder = [
-            p
-            for p in ladder
-            if not (cfg.train.gradient_checkpointing == "off" and p.checkpointing)
-            and not (cfg.train.gradient_checkpointing == "on" and not p.checkpointing)
-            and not (cfg.train.optimizer == "adamw" and p.optimizer == "adamw8bit")
-            and not (cfg.train.optimizer == "adamw8bit" and p.optimizer == "adamw")
-        ] or ladder
-        shared = watchdog.shared_level
-        assert shared is not None
-        self.governor = PlanGovernor.from_config(cfg.memory, shared, ladder)
-        self.governor.stop_event = forker.stop_flag
-        self.runner = UpdateRunner(cfg, self.governor, forker, self.on_result)
-        return self.runner
-
     def check(self) -> None:
         """The update-trigger job: start an update (or the base bootstrap) when the trigger says so."""
-        assert self.runner is not None and self.watchdog is not None and self.pipeline is not None
         if self.runner.running or self.trigger.running:  # a worker runs, or its result is being served
             return
-        pipeline = self.pipeline
-        if self.base is None:
+        base = self.base
+        if base is None:
             self._maybe_bootstrap()
             return
         decision = self.trigger.decide(
             TriggerInputs(
                 idle=self.idle.idle(),
-                memory_level=self.watchdog.level,
-                backlog=self.backlog(),
+                memory_level=self.memory.level,
+                backlog=self.ingest.backlog,
                 # Input detectors also fire on seasonal swings; what warrants an update is the
                 # model's residuals drifting.
-                drift_detected=pipeline.drift.residual_drift_detected,
-                new_windows=pipeline.steps_since_update,
+                drift_detected=self.drift.detected,
+                new_windows=self.new_windows.count,
                 has_base=True,
                 headroom_mb=self.worker_headroom_mb(),
                 disk_short=self.disk_short(),
@@ -213,29 +365,27 @@ class Adaptation:
         )
         self.last_decision = decision.reason
         self.trigger_checks += 1
-        if not decision.start:
+        if not decision.start or decision.cause is None:
             log.debug("no update: %s", decision.reason)
             return
         # Drift dated by its judges: the update learns from the data since the change, once there
         # is enough of it to train and validate on (a request does not wait: it takes the last
         # train.recent_hours until then).
-        since = pipeline.drift.residual_change_from
+        since = self.drift.since
         if since is not None:
-            needed_s = UPDATE_MIN_WINDOWS_SINCE_CHANGE * (self.base.cfg.window + 1) * self.config.channels.period_s
+            needed_s = UPDATE_MIN_WINDOWS_SINCE_CHANGE * (base.cfg.window + 1) * self.config.channels.period_s
             # The update reads the store, which the scorer runs ahead of by up to a batch.
-            assert self.store is not None
-            have_s = ((self.store.time_range() or (None, None))[1] or since) - since
+            have_s = ((self.replay.time_range() or (None, None))[1] or since) - since
             if have_s < needed_s:
                 if not self.trigger.requested:
                     self.last_decision = f"waiting for data since the change: {have_s:.0f} of {needed_s:.0f} s"
                     return
                 since = None
-        assert decision.cause is not None
         self.start_update(decision.reason, decision.cause, since=since)
 
     def disk_short(self) -> bool:
         """Ingestion waits for disk space, or the free space is under `[store] disk_reserve_mb`."""
-        return self.ingest_waiting() or (self.store is not None and self.store.disk_short())
+        return self.ingest.disk_full or self.replay.disk_short()
 
     def worker_headroom_mb(self) -> float:
         """MB under the critical threshold left once a training worker of the expected size runs.
@@ -243,39 +393,34 @@ class Adaptation:
         Below it the watchdog tightens the plan as levels rise; at it the update stops. An update
         expected to reach it would stop at its first boundaries, so it does not start.
         """
-        assert self.watchdog is not None
-        limit = self.config.memory.critical * self.watchdog.budget_mb
-        return limit - (self.watchdog.usage_mb + self.expected_worker_mb())
+        limit = self.config.memory.critical * self.memory.budget_mb
+        return limit - (self.memory.usage_mb + self.expected_worker_mb())
 
     def expected_worker_mb(self) -> float:
         if self.measured_worker_mb is not None:
             return self.measured_worker_mb
-        assert self.watchdog is not None
-        return self.config.memory.update_share * self.watchdog.usage_mb
+        return self.config.memory.update_share * self.memory.usage_mb
 
     def start_update(self, reason: str, cause: UpdateCause, since: float | None = None) -> bool:
-        assert self.governor is not None and self.watchdog is not None
         job = UpdateJob(
             "update",
             reason,
             cause=cause,
             since=since,
             candidates=tuple(self.governor.start_candidates()),
-            baseline_mb=self.watchdog.usage_mb,
-            budget_mb=self.watchdog.budget_mb,
+            baseline_mb=self.memory.usage_mb,
+            budget_mb=self.memory.budget_mb,
             seed=int(time.time()),
         )
         if not self._start_worker(job):
             return False
         self.trigger.started()
-        if self.pipeline is not None:
-            self.pipeline.steps_since_update = 0
+        self.new_windows.reset()
         return True
 
     def _maybe_bootstrap(self) -> None:
         """No base model yet: train one in a worker once the store holds enough gap-free windows."""
-        assert self.watchdog is not None and self.pipeline is not None
-        if self.watchdog.level != Level.NORMAL or not (self.trigger.requested or self.idle.idle()):
+        if self.memory.level != Level.NORMAL or not (self.trigger.requested or self.idle.idle()):
             return
         if self.worker_headroom_mb() < 0:
             log.debug("no bootstrap: not enough memory for the training worker")
@@ -285,19 +430,17 @@ class Adaptation:
             return
         if time.monotonic() < self._bootstrap_not_before:
             return
-        assert self.store is not None
-        if self.store.count() < self.config.model.bootstrap_min_windows * len(self.config.channels.names):
+        if self.replay.count() < self.config.model.bootstrap_min_windows * len(self.config.channels.names):
             return
         if self._start_worker(UpdateJob("pretrain", "no base model")):
             self.trigger.started()
 
     def _start_worker(self, job: UpdateJob) -> bool:
         """Start a training worker, with the service's usage now as the mark its increment is measured from."""
-        assert self.runner is not None and self.watchdog is not None
-        usage = self.watchdog.usage_mb
+        usage = self.memory.usage_mb
         if not self.runner.start(job):
             return False
-        self.watchdog.reset_peak()
+        self.memory.reset_peak()
         self._usage_at_worker_start = usage
         return True
 
@@ -306,9 +449,9 @@ class Adaptation:
         worker's expected cost. One stopped or killed on the way needed at least what it reached:
         the next must have room for more than that (a start rule that kept expecting less would
         start it again after every back-off, to be stopped at the same point)."""
-        if self.watchdog is None or self._usage_at_worker_start is None:
+        if self._usage_at_worker_start is None:
             return
-        added = self.watchdog.peak_usage_mb - self._usage_at_worker_start
+        added = self.memory.peak_usage_mb - self._usage_at_worker_start
         self._usage_at_worker_start = None
         if added <= 0:
             return
@@ -329,7 +472,7 @@ class Adaptation:
         try:
             self._handle_result(result)
         finally:
-            backoff = self.governor.retry_after_s if self.governor else 0.0
+            backoff = self.governor.retry_after_s
             self.trigger.finished(stopped_for_memory=result.stopped_for_memory, backoff_s=backoff)
 
     def _handle_result(self, result: JobResult) -> None:
@@ -363,9 +506,9 @@ class Adaptation:
         if result.accepted:
             log.info("base model trained from the store")
             scorer = self.load_serving()
-            if scorer is not None and self.pipeline is not None:
-                self.pipeline.set_scorer(scorer)
-                self.pipeline.alert(base_model_alert())
+            if scorer is not None:
+                self.serving.set_scorer(scorer)
+                self.serving.alert(base_model_alert())
             return
         # Usually too few gap-free windows yet; each try costs a worker.
         retry_s = max(60.0, self.config.train.min_interval_s)
@@ -373,9 +516,7 @@ class Adaptation:
         log.warning("base model bootstrap failed: %s; retrying in %.0f s", result.error, retry_s)
 
     def _alert_adapter(self, alert: AdapterAcceptedAlert | AdapterRejectedAlert) -> None:
-        if self.pipeline is None:
-            return
-        self.pipeline.alert(alert)
+        self.serving.alert(alert)
         self.publish_status()
 
     # -- rollback ----------------------------------------------------------------------------
@@ -390,13 +531,24 @@ class Adaptation:
         previous = self.current_adapter()
         self.serve_version(self.adapters.get(version_number))
         try:
-            self.adapters.rollback(version_number, data_ts=self.pipeline.newest_ts if self.pipeline else None)
+            self.adapters.rollback(version_number, data_ts=self.serving.newest_ts)
         except BaseException:
             self.serve_version(previous)
             raise
         log.info("rolled back to adapter v%d", version_number)
-        if self.pipeline is not None:
-            self.pipeline.alert(rollback_alert(version_number))
+        self.serving.alert(rollback_alert(version_number))
 
 
-__all__ = ["Adaptation", "UPDATE_MIN_WINDOWS_SINCE_CHANGE", "register_worker", "serving_rule"]
+__all__ = [
+    "Adaptation",
+    "DriftSignal",
+    "IngestGauge",
+    "MemoryGauge",
+    "NewWindows",
+    "ReplayData",
+    "ServingSwap",
+    "UPDATE_MIN_WINDOWS_SINCE_CHANGE",
+    "plan_ladder",
+    "register_worker",
+    "serving_rule",
+]

@@ -189,6 +189,10 @@ class MemoryWatchdog:
             "budget_source": self._budget.source,
         }
 
+    def status(self) -> MemoryStatus:
+        """Its section of `status` (the part protocol's name for `snapshot`)."""
+        return self.snapshot()
+
     def add_listener(self, listener: LevelListener) -> None:
         with self._lock:
             self._listeners.append(listener)

@@ -109,6 +109,10 @@ class Ingestor:
         """Messages received but not yet parsed and committed."""
         return self.writer.backlog
 
+    def status(self) -> IngestStatus:
+        """Its section of `status`: the counters."""
+        return self.counters()
+
     def counters(self) -> IngestStatus:
         """received/rejected count messages (and rejected entries of `values` maps); readings,
         stored and duplicates count readings."""
