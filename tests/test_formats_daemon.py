@@ -76,6 +76,7 @@ def test_a_daemon_stores_once_and_scores_from_four_formats(tmp_path: Path, broke
     pub.connect(broker.host, broker.port)
     pub.loop_start()
     sent_tasmota: set[int] = set()
+    pending: list[mqtt.MQTTMessageInfo] = []
     try:
         live = [generate(LIVE_STEPS, period_s=PERIOD_S, seed=10 + k) for k in range(len(DEVICES))]
         t0 = time.time()
@@ -86,7 +87,13 @@ def test_a_daemon_stores_once_and_scores_from_four_formats(tmp_path: Path, broke
             sent_tasmota.add(int(ts))
             for k, (fmt, device) in enumerate(DEVICES.items()):
                 for message in format_messages(fmt, ts, {ch: float(live[k][ch][i]) for ch in CHANNELS}, device, "UTC"):
-                    pub.publish(message.topic, message.payload, qos=1)
+                    pending.append(pub.publish(message.topic, message.payload, qos=1))
+        for info in pending:
+            info.wait_for_publish(HANG_S)
+        # Every message taken by the daemon (zigbee2mqtt and Tasmota one a step, ESPHome and Shelly
+        # three): a message taken is stored before the daemon stops.
+        wait_for(lambda: daemon.ingestor is not None and daemon.ingestor.counters()["received"] == 8 * LIVE_STEPS, HANG_S,
+                 "every message received", detail=lambda: daemon.ingestor.counters() if daemon.ingestor else None)  # fmt: skip
         wait_for(lambda: daemon.pipeline is not None and daemon.pipeline.status()["scored"] >= LIVE_STEPS // 2, HANG_S,
                  "the live steps scored", detail=lambda: daemon.pipeline.status() if daemon.pipeline else None)  # fmt: skip
         wait_for(lambda: len(collector.of("forecast")) >= LIVE_STEPS // 2, HANG_S, "forecasts published")
