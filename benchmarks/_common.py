@@ -101,11 +101,11 @@ def mae(model: torch.nn.Module, data: torch.Tensor, batch: int = 32) -> float:
 def run_update(config: Any, reason: str = "requested", since: float | None = None, seed: int = 0) -> Any:
     """One update through the daemon's update path (`training.job._run_update`: store windows, replay, gate,
     commit), run in this process at memory level normal; `since` as the daemon passes it after drift."""
-    from edge_daemon.records import UpdateJob
+    from edge_daemon.training.records import UpdateJob
     from edge_daemon.training.job import _run_update
-    from edge_daemon.governor import PlanGovernor
+    from edge_daemon.training.governor import PlanGovernor
     from edge_daemon.memory.pressure import Level
-    from edge_daemon.plan import plan_candidates
+    from edge_daemon.training.plan import plan_candidates
 
     governor = PlanGovernor(lambda: Level.NORMAL, plan_candidates(config.train.batch_size, config.train.micro_batch))
     job = UpdateJob("update", reason, since=since, candidates=tuple(governor.start_candidates()), baseline_mb=300.0, budget_mb=16000.0, seed=seed)

@@ -23,7 +23,7 @@ from _common import OLD, make_data, mae, pretrain, regime_windows
 
 from edge_daemon.config import LoraConfigSection, TrainConfig
 from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
-from edge_daemon.plan import plan_from_config
+from edge_daemon.training.plan import plan_from_config
 from edge_daemon.training.batches import BatchMixer
 from edge_daemon.training.loop import update
 

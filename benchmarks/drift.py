@@ -333,7 +333,7 @@ def pretrained_base(data, n_train: int, out_dir: Path | None = None):  # noqa: A
     from edge_daemon.artifacts.base import load_base
     from edge_daemon.config import ModelConfig
     from edge_daemon.frames import build_grid
-    from edge_daemon.pretrain import pretrain
+    from edge_daemon.training.pretrain import pretrain
     from sample_sensors.generate import readings
 
     grid = build_grid(*readings(data, 0, n_train), len(CHANNELS), 1.0, 5)

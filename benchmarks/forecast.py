@@ -55,7 +55,7 @@ from edge_daemon.artifacts.base import load_base  # noqa: E402
 from edge_daemon.artifacts.merge import serving_model  # noqa: E402
 from edge_daemon.config import Config, parse_config  # noqa: E402
 from edge_daemon.frames import Grid, build_grid  # noqa: E402
-from edge_daemon.pretrain import pretrain  # noqa: E402
+from edge_daemon.training.pretrain import pretrain  # noqa: E402
 from edge_daemon.scoring.serving import Scorer, ServingRule, baselines_of  # noqa: E402
 from edge_daemon.store import Reading, ReplayStore  # noqa: E402
 from _common import run_update  # noqa: E402

@@ -44,7 +44,7 @@ from edge_daemon.config import parse_config  # noqa: E402
 from edge_daemon.control.client import request  # noqa: E402
 from edge_daemon.frames import build_grid  # noqa: E402
 from edge_daemon.model import LARGE  # noqa: E402
-from edge_daemon.pretrain import pretrain  # noqa: E402
+from edge_daemon.training.pretrain import pretrain  # noqa: E402
 from edge_daemon.store import Reading, ReplayStore  # noqa: E402
 from edge_daemon.memory.usage import _pss_bytes, private_mb  # noqa: E402
 from sample_sensors.generate import CHANNELS, generate_labeled, readings  # noqa: E402
@@ -394,7 +394,7 @@ def _line(row: Row) -> str:
 
 
 def eight_bit_table() -> list[str]:
-    """Whether 8-bit Adam state pays (`plan.EightBitPayoff`, the planner's own rule) for the LoRA the
+    """Whether 8-bit Adam state pays (`training.plan.EightBitPayoff`, the planner's own rule) for the LoRA the
     daemon trains on each model, for every block adapted, and for full fine-tuning (every weight)."""
     from edge_daemon.config import LoraConfigSection
     from edge_daemon.model import Forecaster, ForecasterConfig

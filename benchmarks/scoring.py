@@ -28,7 +28,7 @@ from edge_daemon.baselines import Persistence, RidgeAR, SeasonalNaive  # noqa: E
 from edge_daemon.config import ModelConfig  # noqa: E402
 from edge_daemon.frames import NormStats  # noqa: E402
 from edge_daemon.model import Forecaster  # noqa: E402
-from edge_daemon.pretrain import calendar_periods, forecaster_config  # noqa: E402
+from edge_daemon.training.pretrain import calendar_periods, forecaster_config  # noqa: E402
 from edge_daemon.scoring.serving import Scorer  # noqa: E402
 
 CHANNELS = ["m1/temperature", "m1/vibration", "m1/current"]

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from edge_daemon.replies import ClockStatus
+from edge_daemon.control.replies import ClockStatus
 
 log = logging.getLogger(__name__)
 

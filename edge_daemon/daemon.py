@@ -30,14 +30,14 @@ from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.notify import Heartbeat
 from edge_daemon.parts import HelperPart, Part, StorePart
 from edge_daemon.pipeline import ScoringPipeline
-from edge_daemon.payloads import OnlineStatus
-from edge_daemon.replies import DriftReply, StatusReply
+from edge_daemon.mqtt.outputs import OnlineStatus
+from edge_daemon.control.replies import DriftReply, StatusReply
 from edge_daemon.scheduler import JobScheduler
-from edge_daemon.status import StatusParts, StatusReport
+from edge_daemon.control.status import StatusParts, StatusReport
 from edge_daemon.store import ReplayStore
 from edge_daemon.memory.pressure import Level
 from edge_daemon.memory.watchdog import MemoryWatchdog
-from edge_daemon.worker import WorkerForker
+from edge_daemon.training.worker import WorkerForker
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Daemon:
 
     def _build_helper(self) -> Part[None]:
         # First, before any thread of ours: training workers are forked from this helper and share
-        # the memory of everything imported and set up so far (see worker.py), torch's lazily
+        # the memory of everything imported and set up so far (see training/worker.py), torch's lazily
         # built state included.
         warm_up()
         self.forker = WorkerForker()

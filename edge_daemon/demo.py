@@ -71,7 +71,7 @@ def run_demo(
 
     from edge_daemon.daemon import Daemon
     from edge_daemon.frames import build_grid
-    from edge_daemon.pretrain import pretrain
+    from edge_daemon.training.pretrain import pretrain
     from sample_sensors.generate import generate_labeled, readings
     from sample_sensors.publish import malformed_message, valid_messages
 

@@ -1,7 +1,7 @@
 """What every part of the daemon is: started, stopped, alive or dead, and a typed status section.
 
 The daemon holds its parts as `Part`s only: it starts them in order, stops them in reverse and
-exits when one is not alive; `status.py` composes the `status` reply from their sections.
+exits when one is not alive; `control.status` composes the `status` reply from their sections.
 Most parts implement the protocol themselves (the scoring pipeline, the memory watchdog, the
 update path, the control server, the ingestor, the scheduler); the two below adapt a component
 whose own interface is not a part's (the replay store, the training helper).
@@ -13,9 +13,9 @@ import logging
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
-from edge_daemon.replies import StoreStatus
+from edge_daemon.control.replies import StoreStatus
 from edge_daemon.store import ReplayStore
-from edge_daemon.worker import WorkerForker
+from edge_daemon.training.worker import WorkerForker
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class StorePart:
 class HelperPart:
     """The training helper (the process training workers are forked from) as a part.
 
-    Started first, before any thread of ours (see worker.py), with the worker entry points
+    Started first, before any thread of ours (see training/worker.py), with the worker entry points
     `register` makes known to it.
     """
 

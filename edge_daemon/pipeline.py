@@ -22,8 +22,8 @@ from edge_daemon.baselines import MODEL, Baseline
 from edge_daemon.config import Config
 from edge_daemon.drift.feed import DriftFeed
 from edge_daemon.drift.monitor import DriftMonitor
-from edge_daemon.payloads import Alert, Forecast, Forecaster, ForecastHorizon, ScoredBy, anomaly_alert
-from edge_daemon.replies import DriftStatus, LastScore, ScoringCounters, ScoringStatus
+from edge_daemon.mqtt.outputs import Alert, Forecast, Forecaster, ForecastHorizon, ScoredBy, anomaly_alert
+from edge_daemon.control.replies import DriftStatus, LastScore, ScoringCounters, ScoringStatus
 from edge_daemon.scoring.grid import GridAssembler, GridStep
 from edge_daemon.scoring.serving import Scorer, ScoreResult
 from edge_daemon.store import Reading

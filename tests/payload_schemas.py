@@ -1,5 +1,5 @@
 """The MQTT payloads a test sees, checked against the JSON Schema the package ships for their topic
-(`edge_daemon/data/schemas/<topic>.schema.json`, generated from edge_daemon/payloads.py)."""
+(`edge_daemon/data/schemas/<topic>.schema.json`, generated from edge_daemon/mqtt/outputs.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from edge_daemon.payloads import TOPICS
+from edge_daemon.mqtt.outputs import TOPICS
 
 
 def shipped_schema(topic: str) -> dict[str, Any]:

@@ -23,10 +23,10 @@ from edge_daemon.memory.watchdog import MemoryWatchdog
 from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.pipeline import ScoringPipeline
 from edge_daemon.store import Reading, ReplayStore
-from edge_daemon.worker import WorkerForker
-from edge_daemon.plan import TrainingPlan
-from edge_daemon.records import AdapterMeta, JobResult, Progress, UpdateJob
-from edge_daemon.governor import UpdateOutcome
+from edge_daemon.training.worker import WorkerForker
+from edge_daemon.training.plan import TrainingPlan
+from edge_daemon.training.records import AdapterMeta, JobResult, Progress, UpdateJob
+from edge_daemon.training.governor import UpdateOutcome
 from edge_daemon.memory.pressure import Level
 from tests.conftest import CHANNELS, make_config, save_random_peft_adapter
 

@@ -17,7 +17,7 @@ import torch
 from edge_daemon.artifacts.adapters import AdapterStore, load_lora_state
 from edge_daemon.artifacts.base import load_base, save_base
 from edge_daemon.artifacts.merge import merge_lora, serving_model
-from edge_daemon.records import AdapterMeta
+from edge_daemon.training.records import AdapterMeta
 from edge_daemon.errors import AdapterError, ModelError
 from edge_daemon.frames import NormStats
 from edge_daemon.model import Forecaster, ForecasterConfig

@@ -21,7 +21,7 @@ from edge_daemon.config import ModelConfig
 from edge_daemon.frames import Grid
 from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.pipeline import ScoringPipeline
-from edge_daemon.pretrain import pretrain
+from edge_daemon.training.pretrain import pretrain
 from edge_daemon.scoring.serving import Scorer, ServingRule
 from edge_daemon.store import ReplayStore
 from test_ingest import HANG_S, config_for, publisher, wait_for

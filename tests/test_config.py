@@ -70,7 +70,7 @@ def test_bad_channel_name_and_bad_toml(tmp_path: Path) -> None:
 
 def test_horizons_start_at_one_and_fit_in_half_a_window() -> None:
     from edge_daemon.config import ModelConfig
-    from edge_daemon.pretrain import horizon_steps
+    from edge_daemon.training.pretrain import horizon_steps
 
     assert horizon_steps(ModelConfig(), 1.0) == (1, 32)  # an hour is 3600 steps: capped at half the window
     assert horizon_steps(ModelConfig(), 600.0) == (1, 6)

@@ -21,7 +21,7 @@ from edge_daemon.drift import DriftMonitor
 from edge_daemon.drift.reference import Reference, ReferenceShift, psi
 from edge_daemon.frames import build_grid
 from edge_daemon.pipeline import ScoringPipeline
-from edge_daemon.pretrain import pretrain
+from edge_daemon.training.pretrain import pretrain
 from edge_daemon.scoring.serving import Scorer
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from tests.conftest import make_config

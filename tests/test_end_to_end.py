@@ -23,9 +23,9 @@ from edge_daemon.artifacts.merge import serving_model
 from edge_daemon.broker import LocalBroker
 from edge_daemon.control.client import request
 from edge_daemon.daemon import Daemon
-from edge_daemon.records import AdapterMeta
+from edge_daemon.training.records import AdapterMeta
 from edge_daemon.frames import build_grid
-from edge_daemon.pretrain import pretrain
+from edge_daemon.training.pretrain import pretrain
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from sample_sensors.publish import valid_messages
 from tests.conftest import make_config, save_random_peft_adapter, start_daemon

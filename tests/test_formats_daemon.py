@@ -15,7 +15,7 @@ import paho.mqtt.client as mqtt
 from edge_daemon.broker import LocalBroker
 from edge_daemon.config import parse_config
 from edge_daemon.daemon import Daemon
-from edge_daemon.pretrain import pretrain_from_config
+from edge_daemon.training.pretrain import pretrain_from_config
 from sample_sensors.generate import CHANNELS, generate
 from sample_sensors.publish import format_channels, format_messages
 from tests.conftest import start_daemon

@@ -23,14 +23,14 @@ from edge_daemon.config import Config
 from edge_daemon.errors import ConfigError, ModelError
 from edge_daemon.frames import Grid, make_windows, normalise_grid
 from edge_daemon.pipeline import ScoringPipeline
-from edge_daemon.pretrain import pretrain_from_config
+from edge_daemon.training.pretrain import pretrain_from_config
 from edge_daemon.scoring.serving import Scorer, ServingRule
 from edge_daemon.store import Reading, ReplayStore
-from edge_daemon.records import UpdateJob
+from edge_daemon.training.records import UpdateJob
 from edge_daemon.training.job import _run_update
-from edge_daemon.governor import PlanGovernor
+from edge_daemon.training.governor import PlanGovernor
 from edge_daemon.memory.pressure import Level
-from edge_daemon.plan import plan_candidates
+from edge_daemon.training.plan import plan_candidates
 from tests.conftest import make_config
 
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ OFF_THE_DAEMON_PATH = ("edge_daemon.report", "edge_daemon.demo", "edge_daemon.in
 def test_the_daemon_does_not_import_the_report_demo_install_or_test_broker() -> None:
     code = (
         "import sys\n"
-        "import edge_daemon.daemon, edge_daemon.worker\n"
+        "import edge_daemon.daemon, edge_daemon.training.worker\n"
         f"loaded = sorted(m for m in sys.modules if m.startswith({OFF_THE_DAEMON_PATH!r}))\n"
         "print(','.join(loaded) or 'clean')\n"
     )

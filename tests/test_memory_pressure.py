@@ -25,7 +25,7 @@ from edge_daemon.config import Config
 from edge_daemon.control.client import request
 from edge_daemon.daemon import Daemon
 from edge_daemon.frames import build_grid
-from edge_daemon.pretrain import pretrain
+from edge_daemon.training.pretrain import pretrain
 from edge_daemon.memory.budget import cgroup_usage_mb
 from edge_daemon.memory.pressure import Level
 from sample_sensors.generate import CHANNELS, generate_labeled, readings

@@ -1,4 +1,4 @@
-"""The MQTT payloads' records (edge_daemon/payloads.py) and the JSON Schemas generated from them.
+"""The MQTT payloads' records (edge_daemon/mqtt/outputs.py) and the JSON Schemas generated from them.
 
 The schema files shipped in the package and in docs/ are what the records generate; a payload
 built by a record is the documented example, key for key and in order (the JSON on the wire);
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_daemon import payloads
+from edge_daemon.mqtt import outputs as payloads
 from edge_daemon.pipeline import forecast_payload
 from edge_daemon.scoring.serving import HorizonForecast, ScoreResult
 from tests.payload_schemas import violations
@@ -43,12 +43,12 @@ def test_the_committed_schemas_are_what_the_records_generate() -> None:
         assert sorted(p.name for p in directory.iterdir()) == sorted(f"{topic}.schema.json" for topic in generated)
         for topic, schema in generated.items():
             path = directory / f"{topic}.schema.json"
-            assert path.read_text(encoding="utf-8") == payloads.schema_text(schema), f"{path} is stale: python -m edge_daemon.payloads --write-schemas"
+            assert path.read_text(encoding="utf-8") == payloads.schema_text(schema), f"{path} is stale: python -m edge_daemon.mqtt.outputs --write-schemas"
     assert payloads.stale_schemas() == []
 
 
 def test_check_and_write_from_the_command_line(tmp_path: Path) -> None:
-    check = subprocess.run([sys.executable, "-m", "edge_daemon.payloads", "--check"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    check = subprocess.run([sys.executable, "-m", "edge_daemon.mqtt.outputs", "--check"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert check.returncode == 0, check.stderr
     # A stale copy is named; writing makes it current again.
     stale = tmp_path / "alert.schema.json"
@@ -57,7 +57,7 @@ def test_check_and_write_from_the_command_line(tmp_path: Path) -> None:
     written = payloads.write_schemas([tmp_path])
     assert {p.name for p in written} == {"forecast.schema.json", "alert.schema.json", "status.schema.json"}
     assert payloads.stale_schemas([tmp_path]) == []
-    usage = subprocess.run([sys.executable, "-m", "edge_daemon.payloads"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    usage = subprocess.run([sys.executable, "-m", "edge_daemon.mqtt.outputs"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert usage.returncode == 2 and "--write-schemas" in usage.stderr
 
 

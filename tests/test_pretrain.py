@@ -15,10 +15,10 @@ import torch
 from conftest import CHANNELS, make_config
 from edge_daemon.artifacts.base import load_base
 from edge_daemon.config import ModelConfig, StoreConfig
-from edge_daemon.csv_readings import read_csv_readings
+from edge_daemon.training.csv_readings import read_csv_readings
 from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.frames import Grid, NormStats, build_grid, make_windows
-from edge_daemon.pretrain import (
+from edge_daemon.training.pretrain import (
     count_windows,
     pretrain,
     pretrain_from_config,
@@ -249,7 +249,7 @@ def test_last_step_errors_forecast_as_many_windows_at_a_time_as_asked() -> None:
     """A training worker forecasts its held-out windows with its plan's micro-batch: on the large
     model's 256-step window a batch of 32 held ~120 MB, more than the whole update's plan."""
     from edge_daemon.model import Forecaster, ForecasterConfig
-    from edge_daemon.pretrain import last_step_errors
+    from edge_daemon.training.pretrain import last_step_errors
 
     torch.manual_seed(0)
     model = Forecaster(ForecasterConfig(n_channels=3, window=16, d_model=16, n_heads=2, n_layers=1, d_ff=16, lags=4))

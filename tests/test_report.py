@@ -28,14 +28,14 @@ from edge_daemon.artifacts.traces import TRACE_FILE, UPDATES_DIR, save_update_tr
 from edge_daemon.cli import main as cli_main
 from edge_daemon.config import Config
 from edge_daemon.frames import build_grid
-from edge_daemon.pretrain import pretrain
+from edge_daemon.training.pretrain import pretrain
 from edge_daemon.report import write_report
 from edge_daemon.store import Reading, ReplayStore
-from edge_daemon.records import JobResult, Progress, UpdateJob
+from edge_daemon.training.records import JobResult, Progress, UpdateJob
 from edge_daemon.training.job import _run_update
-from edge_daemon.governor import PlanGovernor
+from edge_daemon.training.governor import PlanGovernor
 from edge_daemon.memory.pressure import Level
-from edge_daemon.plan import plan_candidates
+from edge_daemon.training.plan import plan_candidates
 from sample_sensors.generate import CHANNELS, generate_labeled, readings
 from tests.conftest import make_config
 

@@ -11,7 +11,7 @@ import pytest
 from edge_daemon.config import TrainConfig
 from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger
 from edge_daemon.memory.pressure import Level
-from edge_daemon.records import AdapterMeta, resets_drift_baseline
+from edge_daemon.training.records import AdapterMeta, resets_drift_baseline
 from edge_daemon.scheduler import JobScheduler
 
 # Bounds a wait for something that must happen; never how long anything is expected to take.

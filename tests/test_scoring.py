@@ -16,10 +16,10 @@ from edge_daemon.config import ModelConfig
 from edge_daemon.frames import Grid, build_grid
 from edge_daemon.model import anomaly_score
 from edge_daemon.pipeline import ScoringPipeline
-from edge_daemon.pretrain import pretrain
+from edge_daemon.training.pretrain import pretrain
 from edge_daemon.scoring.grid import GridAssembler
 from edge_daemon.scoring.serving import Scorer, ServingRule
-from edge_daemon.status import StatusParts, StatusReport
+from edge_daemon.control.status import StatusParts, StatusReport
 from edge_daemon.store import Reading
 from edge_daemon.times import iso
 

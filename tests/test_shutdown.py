@@ -31,7 +31,7 @@ from edge_daemon.config import ModelConfig, StoreConfig
 from edge_daemon.control.client import request
 from edge_daemon.daemon import Daemon
 from edge_daemon.frames import build_grid
-from edge_daemon.pretrain import pretrain
+from edge_daemon.training.pretrain import pretrain
 from edge_daemon.store import Reading, ReplayStore
 from test_daemon_ingest import PUBLISHER, stored_keys, wait_for, write_config
 

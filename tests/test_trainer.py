@@ -22,7 +22,7 @@ from torch import nn
 from edge_daemon.config import LoraConfigSection, TrainConfig
 from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
-from edge_daemon.plan import TrainingPlan, plan_from_config
+from edge_daemon.training.plan import TrainingPlan, plan_from_config
 from edge_daemon.memory.sampling import RssSampler
 from edge_daemon.training.batches import BatchMixer
 from edge_daemon.training.blocks import block_target_modules, choose_blocks
@@ -495,7 +495,7 @@ def test_an_update_imports_no_peft_and_bitsandbytes_only_for_8bit_state() -> Non
 import sys, torch
 from edge_daemon.config import LoraConfigSection, TrainConfig
 from edge_daemon.model import Forecaster, ForecasterConfig
-from edge_daemon.plan import TrainingPlan
+from edge_daemon.training.plan import TrainingPlan
 from edge_daemon.training.loop import update
 from edge_daemon.training.optimizer import make_optimizer
 model = Forecaster(ForecasterConfig(n_channels=3, window=8, d_model=16, n_layers=1, d_ff=16))

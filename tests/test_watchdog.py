@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from edge_daemon.config import MemoryConfig
-from edge_daemon.governor import PlanGovernor, UpdateOutcome
+from edge_daemon.training.governor import PlanGovernor, UpdateOutcome
 from edge_daemon.memory.budget import Budget, cgroup_usage_mb, memory_budget
 from edge_daemon.memory.pressure import Level, PressurePolicy, SharedLevel
 from edge_daemon.memory.usage import (
@@ -36,7 +36,7 @@ from edge_daemon.memory.usage import (
     reset_peak_rss,
 )
 from edge_daemon.memory.watchdog import FAILURE_LOG_INTERVAL_S, MAX_FAILURES_IN_A_ROW, MemoryWatchdog
-from edge_daemon.plan import TrainingPlan, choose_start_plan, plan_candidates, plan_limit_mb, tighten
+from edge_daemon.training.plan import TrainingPlan, choose_start_plan, plan_candidates, plan_limit_mb, tighten
 from tests.cgroups import MB, MemoryCgroup, create_memory_cgroup
 
 MEMHOG = Path(__file__).with_name("memhog.py")

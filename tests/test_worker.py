@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from edge_daemon.memory.pressure import Level, SharedLevel
-from edge_daemon.worker import MessageWriter, SharedFlag, WorkerForker, read_messages
+from edge_daemon.training.worker import MessageWriter, SharedFlag, WorkerForker, read_messages
 
 HANG_S = 120.0  # bounds a hang only
 
@@ -140,10 +140,10 @@ def test_entry_points_are_registered_before_the_fork() -> None:
 
 
 def _runner_with_hanging_worker(tmp_path: Any) -> tuple[Any, Any, WorkerForker, list[Any], threading.Event]:
-    from edge_daemon.plan import TrainingPlan, plan_candidates
+    from edge_daemon.training.plan import TrainingPlan, plan_candidates
     from edge_daemon.adaptation.runner import UpdateRunner
-    from edge_daemon.records import JobResult, UpdateJob
-    from edge_daemon.governor import PlanGovernor
+    from edge_daemon.training.records import JobResult, UpdateJob
+    from edge_daemon.training.governor import PlanGovernor
     from tests.conftest import make_config
 
     forker = WorkerForker()
@@ -197,7 +197,7 @@ def test_a_worker_the_runner_kills_on_shutdown_is_no_memory_stop(tmp_path: Any) 
 
 SAVE_IN_A_WORKER = """
 import sys
-from edge_daemon.worker import WorkerForker, read_messages
+from edge_daemon.training.worker import WorkerForker, read_messages
 
 def save(job, out, level, stop):
     before = set(sys.modules)

@@ -4,8 +4,8 @@ One owner, `owner.Adaptation`, on the daemon's side; the steps, in order:
 
 1. `trigger`: the device is idle and there is a reason (residual drift, enough new data, a
    request); `Adaptation` adds the start rule (the worker's expected memory fits under critical).
-2. `runner`: an `UpdateJob` goes to a training worker forked from the helper (`worker.py`);
-   its `Progress` and its one `JobResult` come back (`records.py`).
+2. `runner`: an `UpdateJob` goes to a training worker forked from the helper (`training.worker`);
+   its `Progress` and its one `JobResult` come back (`training.records`).
 3. In the worker (`training.job`): the data since the change plus replay, the plan (dry runs
    against `[memory] update_share`), training under the governor, the gate (`training.loop.update`),
    and the commit of an accepted adapter with its `AdapterMeta` (not yet current).

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from edge_daemon.adaptation.owner import Adaptation
-from edge_daemon.replies import AdapterDetail, AdapterListing, AdapterReply, AdaptersReply, AdapterSummary, RollbackReply, TrainReply
+from edge_daemon.control.replies import AdapterDetail, AdapterListing, AdapterReply, AdaptersReply, AdapterSummary, RollbackReply, TrainReply
 
 
 def adapter_summary(adaptation: Adaptation) -> AdapterSummary:

@@ -28,7 +28,7 @@ from edge_daemon.artifacts.merge import serving_model
 from edge_daemon.baselines import Baseline
 from edge_daemon.config import Config
 from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
-from edge_daemon.payloads import (
+from edge_daemon.mqtt.outputs import (
     AdapterAcceptedAlert,
     Alert,
     AdapterRejectedAlert,
@@ -37,17 +37,17 @@ from edge_daemon.payloads import (
     base_model_alert,
     rollback_alert,
 )
-from edge_daemon.plan import TrainingPlan, plan_candidates, plan_from_config
-from edge_daemon.records import JobResult, UpdateCause, UpdateJob, resets_drift_baseline
-from edge_daemon.scoring.serving import Scorer, ServingRule, baselines_of
+from edge_daemon.training.plan import TrainingPlan, plan_ladder
+from edge_daemon.training.records import JobResult, UpdateCause, UpdateJob, resets_drift_baseline
+from edge_daemon.scoring.serving import Scorer, baselines_of, serving_rule
 from edge_daemon.training.job import run_worker
-from edge_daemon.governor import PlanGovernor
+from edge_daemon.training.governor import PlanGovernor
 from edge_daemon.memory.pressure import Level
 from edge_daemon.memory.usage import release_memory
 from edge_daemon.model import Forecaster
-from edge_daemon.replies import TrainingStatus
+from edge_daemon.control.replies import TrainingStatus
 from edge_daemon.training.trace import heavy_modules_loaded
-from edge_daemon.worker import WorkerForker
+from edge_daemon.training.worker import WorkerForker
 
 log = logging.getLogger(__name__)
 
@@ -147,26 +147,6 @@ class NewWindows:
             self._mark = self._steps()
 
 
-def serving_rule(config: Config) -> ServingRule:
-    outputs = config.outputs
-    return ServingRule(mode=outputs.serve, compare_steps=outputs.compare_steps, margin=outputs.switch_margin)
-
-
-def plan_ladder(config: Config) -> list[TrainingPlan]:
-    """The plans an update may train with, tightest last, within `[train]`'s choices of
-    checkpointing and optimizer (all of them where the choices leave none)."""
-    train = config.train
-    ladder = plan_candidates(train.batch_size, plan_from_config(train).micro_batch)
-    return [
-        p
-        for p in ladder
-        if not (train.gradient_checkpointing == "off" and p.checkpointing)
-        and not (train.gradient_checkpointing == "on" and not p.checkpointing)
-        and not (train.optimizer == "adamw" and p.optimizer == "adamw8bit")
-        and not (train.optimizer == "adamw8bit" and p.optimizer == "adamw")
-    ] or ladder
-
-
 def register_worker(forker: WorkerForker) -> None:
     """Make the training worker's entry point known to the helper (before it forks)."""
     forker.register(WORKER_TARGET, run_worker)
@@ -210,7 +190,7 @@ class Adaptation:
         self.idle = IdleDetector(cfg.train.idle_cpu_percent, cfg.train.idle_window_s)
         self.base: BaseModel | None = None  # None until one is stored (then trained from the store)
         # The plan governor reads the level the watchdog shares with the helper and its workers.
-        self.governor = PlanGovernor.from_config(cfg.memory, forker.level, plan_ladder(cfg))
+        self.governor = PlanGovernor.from_config(cfg.memory, forker.level, plan_ladder(cfg.train))
         self.governor.stop_event = forker.stop_flag
         self.runner = UpdateRunner(cfg, self.governor, forker, self.on_result)
         self._model_lock = threading.Lock()
@@ -308,7 +288,7 @@ class Adaptation:
         baselines, held_out = self._baselines_for(base, version)
         return Scorer(
             base, model, cfg.outputs.anomaly_threshold, version=version.version if version else None,
-            baselines=baselines, held_out=held_out, rule=serving_rule(cfg),
+            baselines=baselines, held_out=held_out, rule=serving_rule(cfg.outputs),
         )  # fmt: skip
 
     @staticmethod
@@ -548,7 +528,5 @@ __all__ = [
     "ReplayData",
     "ServingSwap",
     "UPDATE_MIN_WINDOWS_SINCE_CHANGE",
-    "plan_ladder",
     "register_worker",
-    "serving_rule",
 ]

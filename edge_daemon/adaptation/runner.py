@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 
 from edge_daemon.config import Config
-from edge_daemon.records import JobResult, Progress, UpdateJob, WorkerOrder
-from edge_daemon.governor import PlanGovernor, UpdateOutcome
+from edge_daemon.training.records import JobResult, Progress, UpdateJob, WorkerOrder
+from edge_daemon.training.governor import PlanGovernor, UpdateOutcome
 from edge_daemon.memory.pressure import Level
-from edge_daemon.worker import WorkerForker, read_messages
+from edge_daemon.training.worker import WorkerForker, read_messages
 
 log = logging.getLogger(__name__)
 

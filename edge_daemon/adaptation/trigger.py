@@ -19,7 +19,7 @@ import psutil
 
 from edge_daemon.config import TrainConfig
 from edge_daemon.memory.pressure import Level
-from edge_daemon.records import UpdateCause
+from edge_daemon.training.records import UpdateCause
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from edge_daemon.artifacts.files import fsync_path, fsync_tree, read_json, repla
 from edge_daemon.artifacts.peft_format import ADAPTER_CONFIG_FILE, ADAPTER_FILES, ADAPTER_WEIGHTS_FILE
 from edge_daemon.times import iso, now_iso
 from edge_daemon.errors import AdapterError
-from edge_daemon.records import AdapterMeta
+from edge_daemon.training.records import AdapterMeta
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from edge_daemon.cli import render
 from edge_daemon.cli.exits import EXIT_OK
 from edge_daemon.control.client import request
 from edge_daemon.errors import EdgeDaemonError
-from edge_daemon import replies
+from edge_daemon.control import replies
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -84,7 +84,7 @@ def setup_pretrain(parser: argparse.ArgumentParser) -> None:
 def pretrain(args: argparse.Namespace) -> int:
     from edge_daemon.config import load_config
     from edge_daemon.logs import setup_logging
-    from edge_daemon.pretrain import pretrain_from_config
+    from edge_daemon.training.pretrain import pretrain_from_config
 
     config = load_config(args.config)
     setup_logging(config.device.log_level)

@@ -1,6 +1,6 @@
 """Human output of the client commands: value formatting and the rich rendering of each reply.
 
-Replies are read by their keys (replies.py); `.get` only for what may be absent. A few keys the
+Replies are read by their keys (control/replies.py); `.get` only for what may be absent. A few keys the
 daemon always sends are read with `.get` too, marked "older daemon": replies without them (from
 a daemon of an earlier version, or the tests' partial replies) still render. Values keep being
 formatted defensively (`fmt_*`). rich is imported only when rendering.
@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from edge_daemon.cli.exits import EXIT_ERROR, EXIT_OK
-from edge_daemon.replies import (
+from edge_daemon.control.replies import (
     AdapterReply,
     AdaptersReply,
     AdapterSummary,

@@ -14,7 +14,7 @@ from edge_daemon.drift.profile import TimeOfDayProfile
 from edge_daemon.drift.kswin import KSWIN
 from edge_daemon.drift.page_hinkley import PageHinkley
 from edge_daemon.drift.reference import ReferenceShift, ResidualRatio
-from edge_daemon.replies import ChannelDriftStatus, CusumStatus, DriftTrackStatus, PsiStatus, ResidualWindowStatus
+from edge_daemon.control.replies import ChannelDriftStatus, CusumStatus, DriftTrackStatus, PsiStatus, ResidualWindowStatus
 
 if TYPE_CHECKING:
     from edge_daemon.config import DriftConfig

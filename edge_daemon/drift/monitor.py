@@ -18,8 +18,8 @@ from edge_daemon.drift.channel import Channel, Kind, iso8601, residual_episode_o
 from edge_daemon.drift.cusum import CUSUM
 from edge_daemon.drift.profile import TimeOfDayProfile
 from edge_daemon.drift.reference import Reference, ReferenceShift, ResidualRatio
-from edge_daemon.payloads import DriftAlert, drift_alert
-from edge_daemon.replies import DriftStatus
+from edge_daemon.mqtt.outputs import DriftAlert, drift_alert
+from edge_daemon.control.replies import DriftStatus
 
 if TYPE_CHECKING:
     from edge_daemon.config import DriftConfig

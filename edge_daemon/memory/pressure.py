@@ -1,7 +1,7 @@
 """The memory pressure level, the rule that moves it, and the level shared with a training worker.
 
 Nothing here reads /proc (`memory.watchdog` does), so the plan ladder
-(`plan.py`) depends on the level without importing psutil and the readers.
+(`training.plan`) depends on the level without importing psutil and the readers.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any
 from edge_daemon.memory.budget import Budget, cgroup_usage_mb, memory_budget
 from edge_daemon.memory.pressure import Level, PressurePolicy, SharedLevel
 from edge_daemon.memory.usage import TreeMemory, process_tree_rss_mb, system_available_mb
-from edge_daemon.replies import MemoryStatus
+from edge_daemon.control.replies import MemoryStatus
 
 log = logging.getLogger(__name__)
 

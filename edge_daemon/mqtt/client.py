@@ -23,7 +23,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_daemon import __version__
 from edge_daemon.config import Config
-from edge_daemon.payloads import OnlineStatus, offline_status, online_status
+from edge_daemon.mqtt.outputs import OnlineStatus, offline_status, online_status
 
 log = logging.getLogger(__name__)
 

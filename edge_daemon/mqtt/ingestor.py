@@ -15,8 +15,8 @@ from edge_daemon.clock import ClockWatch
 from edge_daemon.config import Config
 from edge_daemon.mqtt.client import Connection
 from edge_daemon.mqtt.writer import BatchHook, Writer
-from edge_daemon.payloads import OnlineStatus
-from edge_daemon.replies import IngestStatus
+from edge_daemon.mqtt.outputs import OnlineStatus
+from edge_daemon.control.replies import IngestStatus
 from edge_daemon.store import ReplayStore
 
 log = logging.getLogger(__name__)

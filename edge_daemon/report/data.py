@@ -65,7 +65,7 @@ def _switch_time(adapter: AdapterVersion) -> float | None:
 def read_adapters(config: Config) -> tuple[list[Switch], int | None]:
     """Stored adapters ordered by the time they began serving, and the current version."""
     from edge_daemon.artifacts.adapters import AdapterStore
-    from edge_daemon.records import resets_drift_baseline
+    from edge_daemon.training.records import resets_drift_baseline
 
     if not config.adapters_dir.is_dir():  # AdapterStore would create it; a report changes nothing
         return [], None

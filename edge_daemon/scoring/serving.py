@@ -14,7 +14,7 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,7 +22,10 @@ import torch
 from edge_daemon.artifacts.base import BaseModel
 from edge_daemon.baselines import MODEL, Baseline, Persistence, baselines_from_dict
 from edge_daemon.model import Forecaster, anomaly_score
-from edge_daemon.replies import ServingComparison
+from edge_daemon.control.replies import ServingComparison
+
+if TYPE_CHECKING:
+    from edge_daemon.config import OutputsConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,11 @@ class ServingRule:
     mode: str = "best"  # "best" | "model"
     compare_steps: int = 600
     margin: float = 0.05
+
+
+def serving_rule(outputs: OutputsConfig) -> ServingRule:
+    """The serving rule `[outputs]` configures."""
+    return ServingRule(mode=outputs.serve, compare_steps=outputs.compare_steps, margin=outputs.switch_margin)
 
 
 class _Tally:

@@ -23,15 +23,15 @@ import numpy as np
 
 from edge_daemon.artifacts.traces import save_adapter_trace, save_update_trace
 from edge_daemon.config import Config
-from edge_daemon.governor import PlanGovernor
+from edge_daemon.training.governor import PlanGovernor
 from edge_daemon.memory.pressure import SharedLevel
-from edge_daemon.plan import PlanChange
-from edge_daemon.records import JobResult, Progress, ProgressEvent, UpdateJob, WorkerOrder, adapter_meta
+from edge_daemon.training.plan import PlanChange
+from edge_daemon.training.records import JobResult, Progress, ProgressEvent, UpdateJob, WorkerOrder, adapter_meta
 from edge_daemon.training.data import prepare_update_data
 from edge_daemon.training.refit import refit_baselines
 from edge_daemon.training.start import AFTER_TRAINING_MB, measure_micro_batch_mb
 from edge_daemon.training.trace import TRACE_INTERVAL_S, UpdateTrace, heavy_modules_loaded
-from edge_daemon.worker import MessageWriter, SharedFlag
+from edge_daemon.training.worker import MessageWriter, SharedFlag
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _check_stop(stop_event: Any) -> None:
 
 
 def _run_pretrain(config: Config, stop_event: Any, out: Any) -> JobResult:
-    from edge_daemon.pretrain import pretrain_from_config
+    from edge_daemon.training.pretrain import pretrain_from_config
 
     out.put(Progress("pretrain"))
     metrics = pretrain_from_config(config, should_stop=stop_event.is_set)
@@ -156,7 +156,7 @@ def _update_traced(
     from edge_daemon.training.loop import update
     from edge_daemon.training.lora import adapter_bytes, save_adapter
     from edge_daemon.memory.usage import private_mb, release_memory
-    from edge_daemon.plan import choose_start_plan, plan_limit_mb
+    from edge_daemon.training.plan import choose_start_plan, plan_limit_mb
 
     started = time.time()
     # What this update holds of its own: in a forked worker, every private page; run in-process

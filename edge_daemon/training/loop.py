@@ -27,8 +27,8 @@ from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.memory.sampling import RssSampler
 from edge_daemon.memory.usage import release_memory
 from edge_daemon.model import Forecaster, forecast_loss
-from edge_daemon.plan import EightBitPayoff, Fp32State, PlanChange, TrainingPlan, with_fp32_state
-from edge_daemon.records import ProgressEvent, TrainingStep, UpdateReport
+from edge_daemon.training.plan import EightBitPayoff, Fp32State, PlanChange, TrainingPlan, with_fp32_state
+from edge_daemon.training.records import ProgressEvent, TrainingStep, UpdateReport
 from edge_daemon.training.batches import BatchMixer
 from edge_daemon.training.blocks import choose_blocks
 from edge_daemon.training.gate import evaluate_loss, gate

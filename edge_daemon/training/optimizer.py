@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 # Whether 8-bit state pays is the planner's rule (`plan.EightBitPayoff`); named here too, beside the optimizers it chooses between.
-from edge_daemon.plan import BITSANDBYTES_IMPORT_MB, MIN_8BIT_SAVING_MB, TORCH_DYNAMO_IMPORT_MB, EightBitPayoff
+from edge_daemon.training.plan import BITSANDBYTES_IMPORT_MB, MIN_8BIT_SAVING_MB, TORCH_DYNAMO_IMPORT_MB, EightBitPayoff
 
 
 class AdamW:

@@ -22,7 +22,7 @@ def refit_baselines(
     """Baselines fitted on an update's training windows (recent and replayed) and the held-out
     comparison on its recent validation windows, with `model` the adapted forecaster."""
     from edge_daemon.baselines import held_out_report, make_baselines
-    from edge_daemon.pretrain import last_step_errors
+    from edge_daemon.training.pretrain import last_step_errors
 
     n_sensors = base.cfg.n_sensors  # the forecast channels, then the inputs only; the calendar after them
     # The ridge fit reads the last lags + horizon steps of each window (seasonal naive and

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from edge_daemon.plan import TrainingPlan
+from edge_daemon.training.plan import TrainingPlan
 
 # What a worker's own memory grows by after training, on top of what it held when it planned:
 # the metrics after, the saved adapter, the baselines refitted (measured on the default model:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edge_daemon.plan import TrainingPlan
+from edge_daemon.training.plan import TrainingPlan
 
 # Samples are thinned (every other one dropped, interval doubled) past this many, so a long
 # update's trace stays a few tens of kB.

@@ -5,10 +5,10 @@ Each payload is a TypedDict its producer builds (through the constructors below 
 is derived, such as an alert's `message`) and the connection sends as compact JSON: the record
 is the payload, key for key. JSON Schemas generated from these records ship with the package
 (`edge_daemon/data/schemas/<topic>.schema.json`) and in `docs/schemas/`; regenerate both with
-`python -m edge_daemon.payloads --write-schemas` after changing a record (`--check`, and a test,
+`python -m edge_daemon.mqtt.outputs --write-schemas` after changing a record (`--check`, and a test,
 fail while they differ).
 
-The TypedDicts are typing_extensions' (as in replies.py): pydantic, which generates the
+The TypedDicts are typing_extensions' (as in control/replies.py): pydantic, which generates the
 schemas, reads only those on Python < 3.12. Only typing here at import; pydantic is imported
 when schemas are generated.
 """
@@ -22,7 +22,7 @@ from typing import Any, Literal, NotRequired
 
 from typing_extensions import TypedDict
 
-from edge_daemon.replies import ScoringCounters
+from edge_daemon.control.replies import ScoringCounters
 from edge_daemon.times import iso
 
 # Who made a forecast: the model ("base" alone or with an "adapter"), a baseline, or several
@@ -268,7 +268,7 @@ TOPICS: dict[str, object] = {"forecast": Forecast, "alert": Alert, "status": Sta
 _DISCRIMINATORS = {"alert": "type", "status": "online"}
 # A JSON Schema document, as json.loads reads one.
 JsonSchema = dict[str, Any]
-SCHEMA_DIR = Path(__file__).resolve().parent / "data" / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "data" / "schemas"
 
 
 def json_schemas() -> dict[str, JsonSchema]:
@@ -310,7 +310,7 @@ def schema_text(schema: JsonSchema) -> str:
 
 def schema_dirs() -> list[Path]:
     """Where the schema files live: the package's data, and docs/schemas in a source checkout."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return [SCHEMA_DIR, root / "docs" / "schemas"] if (root / "pyproject.toml").is_file() else [SCHEMA_DIR]
 
 
@@ -341,7 +341,7 @@ def write_schemas(dirs: list[Path] | None = None) -> list[Path]:
     return written
 
 
-USAGE = "usage: python -m edge_daemon.payloads --write-schemas | --check"
+USAGE = "usage: python -m edge_daemon.mqtt.outputs --write-schemas | --check"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["--check"]:
         stale = stale_schemas()
         for path in stale:
-            print(f"{path}: differs from the records (python -m edge_daemon.payloads --write-schemas)", file=sys.stderr)
+            print(f"{path}: differs from the records (python -m edge_daemon.mqtt.outputs --write-schemas)", file=sys.stderr)
         return 1 if stale else 0
     print(USAGE, file=sys.stderr)
     return 2

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from edge_daemon import __version__
 from edge_daemon.adaptation.commands import adapter_summary
-from edge_daemon.payloads import OnlineStatus, online_status
-from edge_daemon.replies import (
+from edge_daemon.mqtt.outputs import OnlineStatus, online_status
+from edge_daemon.control.replies import (
     AdapterSummary,
     DriftStatus,
     IngestStatus,

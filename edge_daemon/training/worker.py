@@ -45,7 +45,7 @@ import edge_daemon.artifacts.base
 import edge_daemon.artifacts.merge
 import edge_daemon.artifacts.traces
 import edge_daemon.baselines
-import edge_daemon.pretrain
+import edge_daemon.training.pretrain
 import edge_daemon.store
 import edge_daemon.training.loop
 import edge_daemon.training.lora  # noqa: F401  (with numpy.random and the others above)

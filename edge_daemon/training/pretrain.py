@@ -25,7 +25,7 @@ import torch
 from edge_daemon.artifacts.base import save_base
 from edge_daemon.baselines import MODEL, RidgeAR, detect_season, held_out_report, make_baselines
 from edge_daemon.config import ModelConfig
-from edge_daemon.csv_readings import read_csv_readings
+from edge_daemon.training.csv_readings import read_csv_readings
 from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.frames import (
     Grid,

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_daemon.memory.pressure import Level
-from edge_daemon.plan import TrainingPlan, tighten
-from edge_daemon.replies import OutcomeStatus
+from edge_daemon.training.plan import TrainingPlan, tighten
+from edge_daemon.control.replies import OutcomeStatus
 
 log = logging.getLogger(__name__)
 

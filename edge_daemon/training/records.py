@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from edge_daemon.times import iso
-from edge_daemon.plan import EightBitPayoff, PlanChange, TrainingPlan
-from edge_daemon.replies import JobStatus, LastUpdate, ProgressStatus
+from edge_daemon.training.plan import EightBitPayoff, PlanChange, TrainingPlan
+from edge_daemon.control.replies import JobStatus, LastUpdate, ProgressStatus
 
 if TYPE_CHECKING:
-    from edge_daemon.governor import PlanGovernor, UpdateOutcome
+    from edge_daemon.training.governor import PlanGovernor, UpdateOutcome
     from edge_daemon.training.data import UpdateData
 
 JobKind = Literal["update", "pretrain"]

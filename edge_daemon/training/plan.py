@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from edge_daemon.memory.pressure import Level
-from edge_daemon.replies import PlanStatus
+from edge_daemon.control.replies import PlanStatus
 
 if TYPE_CHECKING:
     from edge_daemon.config import TrainConfig
@@ -139,6 +139,20 @@ def plan_candidates(effective_batch: int, max_micro: int) -> list[TrainingPlan]:
         ladder.append(TrainingPlan(1, effective_batch, True, "adamw8bit"))
     return ladder
 
+
+
+def plan_ladder(train: TrainConfig) -> list[TrainingPlan]:
+    """The plans an update may train with, tightest last, within `[train]`'s choices of
+    checkpointing and optimizer (all of them where the choices leave none)."""
+    ladder = plan_candidates(train.batch_size, plan_from_config(train).micro_batch)
+    return [
+        p
+        for p in ladder
+        if not (train.gradient_checkpointing == "off" and p.checkpointing)
+        and not (train.gradient_checkpointing == "on" and not p.checkpointing)
+        and not (train.optimizer == "adamw" and p.optimizer == "adamw8bit")
+        and not (train.optimizer == "adamw8bit" and p.optimizer == "adamw")
+    ] or ladder
 
 # What 8-bit state costs a training process that has torch but neither of these loaded, measured
 # here: bitsandbytes ~44 MB, and its optimizer, a torch.optim one, loads torch._dynamo ~70 MB.

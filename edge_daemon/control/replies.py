@@ -1,6 +1,6 @@
 """The shapes of what the daemon reports: each control-socket reply and every section of
 `status`, as TypedDicts its producers return and the CLI reads (the MQTT payloads are
-payloads.py's).
+mqtt/outputs.py's).
 
 A key is required where the daemon always sends it, NotRequired where it may not. The control
 server adds `"ok": true` to every reply (`ErrorReply` is its failure form). Times are ISO 8601
