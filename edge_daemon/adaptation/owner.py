@@ -25,7 +25,7 @@ from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTr
 from edge_daemon.artifacts.adapters import AdapterStore, AdapterVersion
 from edge_daemon.artifacts.base import BaseModel, load_base
 from edge_daemon.artifacts.merge import serving_model
-from edge_daemon.baselines import Baseline
+from edge_daemon.baselines import Baseline, HeldOut
 from edge_daemon.config import Config
 from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
 from edge_daemon.payloads import (
@@ -78,7 +78,7 @@ class ServingSwap(Protocol):
 
     def set_scorer(self, scorer: Scorer) -> None: ...
 
-    def swap_model(self, model: Forecaster, version: int | None, baselines: list[Baseline], held_out: dict[str, Any] | None) -> None: ...
+    def swap_model(self, model: Forecaster, version: int | None, baselines: list[Baseline], held_out: HeldOut | None) -> None: ...
 
     def alert(self, payload: Alert) -> None: ...
 
@@ -312,7 +312,7 @@ class Adaptation:
         )  # fmt: skip
 
     @staticmethod
-    def _baselines_for(base: BaseModel, version: AdapterVersion | None) -> tuple[list[Baseline], dict[str, Any] | None]:
+    def _baselines_for(base: BaseModel, version: AdapterVersion | None) -> tuple[list[Baseline], HeldOut | None]:
         """The baselines fitted with `version` (refitted with each update) and its held-out comparison,
         else the base's. An adapter from before baselines were refitted gets the base's baselines and
         no comparison: the base's says nothing about that adapter."""
