@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from edge_daemon.adaptation.runner import WORKER_TARGET, UpdateRunner
 from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger

@@ -14,7 +14,6 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
