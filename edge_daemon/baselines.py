@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal, NotRequired, TypedDict
 
 import numpy as np
 
@@ -30,6 +30,27 @@ RIDGE_PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # per row; the best on he
 MAX_RIDGE_ROWS = 50_000  # enough for lags x channels coefficients; keeps the fit to a few MB
 
 
+class BaselineJson(TypedDict):
+    """A baseline in the base's and an adapter's meta (`to_dict`): the kind, and what it needs."""
+
+    kind: Literal["persistence", "seasonal_naive", "ridge"]
+    season: NotRequired[int]  # seasonal_naive's
+    lags: NotRequired[int]  # ridge's, with penalty, coef and ahead
+    penalty: NotRequired[float]
+    coef: NotRequired[list[list[float]]]  # (lags * S + 1, C)
+    ahead: NotRequired[dict[str, list[list[float]]]]  # steps ahead (as a string: a JSON key) -> coef
+
+
+class HeldOut(TypedDict):
+    """`held_out_report`: the model and each baseline on held-out windows, and which to serve."""
+
+    mae: dict[str, float]  # name ("model" or a baseline's) -> one-step MAE
+    mse: dict[str, float]
+    rms: dict[str, list[float]]  # name -> per-channel RMS error
+    serve: str  # the lowest MAE
+    windows: int
+
+
 class Persistence:
     name = PERSISTENCE
     history_steps = 1
@@ -40,8 +61,8 @@ class Persistence:
     def predict_ahead(self, history: np.ndarray, steps: int) -> np.ndarray | None:
         return history[-1]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.name}
+    def to_dict(self) -> BaselineJson:
+        return {"kind": PERSISTENCE}
 
 
 @dataclass
@@ -64,8 +85,8 @@ class SeasonalNaive:
         back = self.season * math.ceil(steps / self.season) - steps + 1  # rows back from the newest
         return history[-back] if len(history) >= back else history[-1]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.name, "season": self.season}
+    def to_dict(self) -> BaselineJson:
+        return {"kind": SEASONAL, "season": self.season}
 
 
 @dataclass
@@ -96,9 +117,9 @@ class RidgeAR:
             return history[-1, :outputs]
         return history[-1, :outputs] + _features(history[None, -self.lags :])[0] @ coef
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> BaselineJson:
         return {
-            "kind": self.name, "lags": self.lags, "penalty": self.penalty, "coef": self.coef.tolist(),
+            "kind": RIDGE, "lags": self.lags, "penalty": self.penalty, "coef": self.coef.tolist(),
             "ahead": {str(h): c.tolist() for h, c in self.ahead.items()},
         }  # fmt: skip
 
@@ -198,7 +219,7 @@ def detect_season(values: np.ndarray, max_lag: int, min_lag: int = 4, threshold:
     return int(next(k for k in peaks if acf[k] >= 0.9 * strongest))
 
 
-def baselines_from_dict(items: list[dict[str, Any]]) -> list[Baseline]:
+def baselines_from_dict(items: list[BaselineJson]) -> list[Baseline]:
     made: list[Baseline] = []
     for item in items:
         kind = item.get("kind")
@@ -258,7 +279,7 @@ def one_step_errors(baselines: list[Baseline], windows: np.ndarray, outputs: int
 
 def held_out_report(
     baselines: list[Baseline], windows: np.ndarray, model_errors: np.ndarray | None, outputs: int | None = None
-) -> dict[str, Any]:
+) -> HeldOut:
     """One-step MAE, MSE and per-channel RMS error of the model and each baseline on the first
     `outputs` channels (default all) of held-out (N, L, S) windows, and which of them to serve:
     the lowest MAE, the measure the live serving rule uses."""

@@ -23,7 +23,7 @@ from edge_daemon.adaptation import commands
 from edge_daemon.adaptation.owner import Adaptation, register_worker
 from edge_daemon.artifacts.adapters import AdapterStore
 from edge_daemon.config import Config
-from edge_daemon.control.protocol import Handler
+from edge_daemon.control.protocol import Handler, Request
 from edge_daemon.control.server import ControlServer
 from edge_daemon.model import warm_up
 from edge_daemon.mqtt.ingestor import Ingestor
@@ -339,7 +339,7 @@ class Daemon:
         """The retained `edge/<id>/status` payload published at every (re)connect."""
         return StatusReport(self.status_parts()).online()
 
-    def _status(self, request: dict[str, Any]) -> StatusReply:
+    def _status(self, request: Request) -> StatusReply:
         return StatusReport(self.status_parts()).reply()
 
     # -- outputs -----------------------------------------------------------------------------
@@ -371,7 +371,7 @@ class Daemon:
 
     # -- control handlers --------------------------------------------------------------------
 
-    def _drift(self, request: dict[str, Any]) -> DriftReply:
+    def _drift(self, request: Request) -> DriftReply:
         return {"drift": _built(self.pipeline, "scoring").drift_signal.status()}
 
 

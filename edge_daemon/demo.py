@@ -15,13 +15,18 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
 from edge_daemon.broker import LocalBroker
 from edge_daemon.config import Config, parse_config
 from edge_daemon.errors import EdgeDaemonError
+
+if TYPE_CHECKING:
+    from edge_daemon.artifacts.traces import UpdateTraceJson
+    from edge_daemon.mqtt.outputs import Alert
+    from edge_daemon.control.replies import MemoryStatus
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ def run_demo(
     report_dir: Path | None = None,
     live: bool = True,
     timeout_s: float = 300.0,
-) -> dict[str, Any]:
+) -> DemoSummary:
     """Run the demo end to end; returns the summary (also printed as a table when `live`)."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -88,7 +93,7 @@ def run_demo(
     # (144 s of its time per step) is then in the same phase in every run, whatever the hour.
     start_ts = float((int(time.time()) - total - 10) // 86400 * 86400)
     data = generate_labeled(total, start_ts=start_ts, seed=7, regime_change_at=old_steps, time_scale=144)
-    summary: dict[str, Any] = {"state_dir": str(workdir), "broker": broker.kind}
+    summary: DemoSummary = {"state_dir": str(workdir), "broker": broker.kind}
     console = None
     if live:
         from rich.console import Console
@@ -104,7 +109,7 @@ def run_demo(
     summary["base_train_s"] = round(time.monotonic() - t0, 1)
     summary["base_val_loss"] = base_metrics.get("val_loss")
 
-    alerts: list[dict[str, Any]] = []
+    alerts: list[Alert] = []
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="edge-demo-watcher")
     sub.on_message = lambda c, u, m: alerts.append(json.loads(m.payload)) if m.topic.endswith("/alert") else None
     sub.connect("127.0.0.1", port)
@@ -213,7 +218,41 @@ def run_demo(
     return summary
 
 
-def _replayed_scores(data: Any, new_regime_from: float, version: int | None) -> dict[str, Any]:
+class ReplayedScores(TypedDict):
+    score_before: float | None  # mean anomaly score of the base on the new regime
+    score_after: float | None  # of the adapter while it was in use
+
+
+class UpdateMemory(TypedDict):
+    update_peak_mb: float | None  # the service's peak while the accepted update ran
+    update_added_mb: float | None  # what it added to the usage before it
+
+
+class DemoSummary(ReplayedScores, UpdateMemory, total=False):
+    """What `run_demo` returns (and prints as a table when live); filled in as the demo runs."""
+
+    state_dir: str
+    broker: str
+    base_train_s: float
+    base_val_loss: float | None
+    readings_sent: int
+    readings_stored: int
+    readings_lost: int
+    malformed_sent: int
+    rejected: int
+    drift_alerts: int
+    adapter_version: int | None
+    adapter_bytes: int
+    update_accepted: bool
+    update_reason: str | None
+    memory_source: str | None  # how the watchdog counts memory: "pss" or "cgroup"
+    serving_mb: float | None
+    metrics_before: dict[str, float | None] | None
+    metrics_after: dict[str, float | None] | None
+    report: str | None
+
+
+def _replayed_scores(data: Any, new_regime_from: float, version: int | None) -> ReplayedScores:
     """Mean anomaly score of the model in use, replayed as the report does: the base on the new
     regime before the adapter (from `new_regime_from`), and adapter `version` over the steps it was
     in use (the report's "mean anomaly score while vN was in use")."""
@@ -228,7 +267,7 @@ def _replayed_scores(data: Any, new_regime_from: float, version: int | None) -> 
     }
 
 
-def _update_memory(traces: list[dict[str, Any]], version: int | None) -> dict[str, Any]:
+def _update_memory(traces: list[UpdateTraceJson], version: int | None) -> UpdateMemory:
     """What the accepted update cost, from its trace: the service's peak usage while it ran and what
     it added to the usage before it, counted as the watchdog counts (`memory_source`)."""
     accepted = [t for t in traces if t.get("outcome") == "accepted" and t.get("version") == version] or traces
@@ -240,7 +279,7 @@ def _update_memory(traces: list[dict[str, Any]], version: int | None) -> dict[st
     return {"update_peak_mb": peak, "update_added_mb": added}
 
 
-def memory_text(memory: dict[str, Any]) -> str:
+def memory_text(memory: MemoryStatus) -> str:
     """The daemon's memory as its watchdog counts it (PSS or cgroup charge), for the live panel."""
     source = {"pss": "PSS", "cgroup": "cgroup charge"}.get(str(memory.get("usage_source")), "RSS")
     used = memory.get("usage_mb", memory.get("rss_mb", 0))  # older daemon: RSS only
@@ -267,13 +306,13 @@ class _Null:
         return None
 
 
-def _live_view(console: Any, daemon: Any, alerts: list[dict[str, Any]]) -> Any:
+def _live_view(console: Any, daemon: Any, alerts: list[Alert]) -> Any:
     from rich.live import Live
 
     return Live(_render(daemon, alerts), console=console, refresh_per_second=4)
 
 
-def _render(daemon: Any, alerts: list[dict[str, Any]]) -> Any:
+def _render(daemon: Any, alerts: list[Alert]) -> Any:
     from rich.table import Table
 
     status = daemon._status({})
@@ -293,7 +332,7 @@ def _render(daemon: Any, alerts: list[dict[str, Any]]) -> Any:
     return table
 
 
-def _print_summary(console: Any, summary: dict[str, Any]) -> None:
+def _print_summary(console: Any, summary: DemoSummary) -> None:
     from rich.table import Table
 
     table = Table(title="demo summary")

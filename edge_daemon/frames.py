@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple, TypedDict
 
 import numpy as np
 
@@ -171,11 +171,11 @@ class NormStats:
         n = normalised.shape[-1]
         return normalised * self.std[:n] + self.mean[:n]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> NormJson:
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> NormStats:
+    def from_dict(cls, data: NormJson) -> NormStats:
         """Inverse of to_dict; ValueError if the stats are malformed."""
         try:
             return cls(np.asarray(data["mean"], dtype=np.float64), np.asarray(data["std"], dtype=np.float64))
@@ -183,7 +183,22 @@ class NormStats:
             raise ValueError(f"bad normalisation stats: {exc}") from None
 
 
-def value_reference(values: np.ndarray, bins: int = 10) -> dict[str, Any]:
+class NormJson(TypedDict):
+    """NormStats in a base's config.json: per channel, in the base's channel order."""
+
+    mean: list[float]
+    std: list[float]
+
+
+class ValueReference(TypedDict):
+    """`value_reference`: interior quantile edges (ascending), each bin's share, and of how many values."""
+
+    edges: list[float]
+    proportions: list[float]  # one more than edges
+    samples: int
+
+
+def value_reference(values: np.ndarray, bins: int = 10) -> ValueReference:
     """The distribution of one channel's finite values: `bins`-quantile edges and each bin's share.
 
     What input drift is judged against (drift/reference.py); pretraining

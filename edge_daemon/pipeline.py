@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from edge_daemon.times import iso
-from edge_daemon.baselines import MODEL, Baseline
+from edge_daemon.baselines import MODEL, Baseline, HeldOut
 from edge_daemon.config import Config
 from edge_daemon.drift.feed import DriftFeed
 from edge_daemon.drift.monitor import DriftMonitor
@@ -216,7 +216,7 @@ class ScoringPipeline:
             self._drift_feed.new_base(scorer.base)  # e.g. bootstrapped from the store
 
     def swap_model(
-        self, model: ForecastModel, version: int | None, baselines: list[Baseline], held_out: dict[str, Any] | None
+        self, model: ForecastModel, version: int | None, baselines: list[Baseline], held_out: HeldOut | None
     ) -> None:
         """Serve `model` (the base with adapter `version` merged in, None for the base alone) from
         the next step; nothing while no scorer serves yet."""

@@ -5,9 +5,8 @@ commands and the `adapter` section of `status`, read from an `Adaptation` (whose
 
 from __future__ import annotations
 
-from typing import Any
-
 from edge_daemon.adaptation.owner import Adaptation
+from edge_daemon.control.protocol import Request
 from edge_daemon.control.replies import AdapterDetail, AdapterListing, AdapterReply, AdaptersReply, AdapterSummary, RollbackReply, TrainReply
 
 
@@ -22,7 +21,7 @@ def adapter_summary(adaptation: Adaptation) -> AdapterSummary:
     }  # fmt: skip
 
 
-def handle_adapter(adaptation: Adaptation, request: dict[str, Any]) -> AdapterReply:
+def handle_adapter(adaptation: Adaptation, request: Request) -> AdapterReply:
     version = adaptation.current_adapter()
     detail: AdapterDetail = {**adapter_summary(adaptation)}
     if version is not None:
@@ -40,7 +39,7 @@ def handle_adapter(adaptation: Adaptation, request: dict[str, Any]) -> AdapterRe
     return {"adapter": detail}
 
 
-def handle_adapters(adaptation: Adaptation, request: dict[str, Any]) -> AdaptersReply:
+def handle_adapters(adaptation: Adaptation, request: Request) -> AdaptersReply:
     current = adaptation.current_adapter()
     listed: list[AdapterListing] = []
     for version in adaptation.adapters.list():
@@ -63,7 +62,7 @@ def handle_adapters(adaptation: Adaptation, request: dict[str, Any]) -> Adapters
     return {"current": current.version if current else None, "adapters": listed}
 
 
-def handle_train(adaptation: Adaptation, request: dict[str, Any]) -> TrainReply:
+def handle_train(adaptation: Adaptation, request: Request) -> TrainReply:
     if adaptation.runner.running:
         return {"accepted": True, "state": "running", "message": "an update is already running"}
     if not adaptation.trigger.request():
@@ -75,7 +74,7 @@ def handle_train(adaptation: Adaptation, request: dict[str, Any]) -> TrainReply:
     return {"accepted": True, "state": "idle", "message": message}
 
 
-def handle_rollback(adaptation: Adaptation, request: dict[str, Any]) -> RollbackReply:
+def handle_rollback(adaptation: Adaptation, request: Request) -> RollbackReply:
     version_number = int(request["version"])  # checked by the control server: an int >= 1
     adaptation.rollback(version_number)
     return {"adapter": adapter_summary(adaptation)}

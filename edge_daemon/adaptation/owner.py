@@ -18,14 +18,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from edge_daemon.adaptation.runner import WORKER_TARGET, UpdateRunner
 from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger
 from edge_daemon.artifacts.adapters import AdapterStore, AdapterVersion
 from edge_daemon.artifacts.base import BaseModel, load_base
 from edge_daemon.artifacts.merge import serving_model
-from edge_daemon.baselines import Baseline
+from edge_daemon.baselines import Baseline, HeldOut
 from edge_daemon.config import Config
 from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
 from edge_daemon.mqtt.outputs import (
@@ -37,7 +37,7 @@ from edge_daemon.mqtt.outputs import (
     base_model_alert,
     rollback_alert,
 )
-from edge_daemon.training.plan import TrainingPlan, plan_ladder
+from edge_daemon.training.plan import plan_ladder
 from edge_daemon.training.records import JobResult, UpdateCause, UpdateJob, resets_drift_baseline
 from edge_daemon.scoring.serving import Scorer, baselines_of, serving_rule
 from edge_daemon.training.job import run_worker
@@ -78,7 +78,7 @@ class ServingSwap(Protocol):
 
     def set_scorer(self, scorer: Scorer) -> None: ...
 
-    def swap_model(self, model: Forecaster, version: int | None, baselines: list[Baseline], held_out: dict[str, Any] | None) -> None: ...
+    def swap_model(self, model: Forecaster, version: int | None, baselines: list[Baseline], held_out: HeldOut | None) -> None: ...
 
     def alert(self, payload: Alert) -> None: ...
 
@@ -292,7 +292,7 @@ class Adaptation:
         )  # fmt: skip
 
     @staticmethod
-    def _baselines_for(base: BaseModel, version: AdapterVersion | None) -> tuple[list[Baseline], dict[str, Any] | None]:
+    def _baselines_for(base: BaseModel, version: AdapterVersion | None) -> tuple[list[Baseline], HeldOut | None]:
         """The baselines fitted with `version` (refitted with each update) and its held-out comparison,
         else the base's. An adapter from before baselines were refitted gets the base's baselines and
         no comparison: the base's says nothing about that adapter."""

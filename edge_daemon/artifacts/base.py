@@ -13,17 +13,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from edge_daemon.baselines import BaselineJson, HeldOut
 from edge_daemon.artifacts.files import fsync_path, fsync_tree, read_json, write_json
 from edge_daemon.times import now_iso
 from edge_daemon.errors import BaseFormatError, ModelError
-from edge_daemon.frames import Grid, NormStats, calendar_features, normalise_grid, with_calendar
+from edge_daemon.frames import Grid, NormStats, ValueReference, calendar_features, normalise_grid, with_calendar
 from edge_daemon.model import Forecaster, ForecasterConfig
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,37 @@ BASE_FORMAT = 2
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 NORM_FILE = "norm.json"
+
+
+class BaseMeta(TypedDict, total=False):
+    """The `meta` of a base's config.json: where it came from and how its pretraining went
+    (`pretrain.pretrain` writes it; a base from an older writer may lack any of it). `pretrain`
+    returns the same, with `path` added: where it saved the base."""
+
+    created: str  # iso8601, added by save_base
+    source: str  # "csv:<file>" or "store"
+    steps: int
+    best_step: int  # the step whose weights were kept (the best validation loss)
+    epochs: float
+    batch_size: int
+    lr: float
+    train_loss: float
+    val_loss: float
+    persistence_val_loss: float
+    horizons: list[int]
+    calendar_s: list[float]
+    baselines: list[BaselineJson]  # what is served while the model does not beat them
+    held_out: HeldOut  # the model against them on held-out windows
+    season_steps: int | None
+    residual_scale: list[float]
+    input_reference: list[ValueReference | None]  # per channel: what input drift is judged against
+    train_windows: int
+    val_windows: int
+    n_params: int
+    data_start: float | None
+    data_end: float
+    seconds: float
+    path: str  # pretrain's return value only
 
 
 @dataclass
@@ -45,7 +77,7 @@ class BaseModel:
     channels: list[str]  # model order: the forecast channels, then the inputs only
     period_s: float
     residual_scale: np.ndarray  # (C,) float32, typical |residual| per forecast channel in normalised units
-    meta: dict[str, Any]  # steps/epochs, data range, losses of the run that produced it
+    meta: BaseMeta  # steps/epochs, data range, losses of the run that produced it
     path: Path
     fingerprint: str  # sha256 prefix of the weights: adapters record which base they were trained on
     # Column of each of `channels` in the raw values fed in (config order); None: already in model order.
@@ -90,7 +122,7 @@ def save_base(
     channels: list[str],
     period_s: float,
     residual_scale: np.ndarray,
-    meta: dict[str, Any],
+    meta: BaseMeta,
 ) -> Path:
     """Write the base model to `directory` atomically: all of it or none of it.
 
@@ -172,7 +204,7 @@ def load_base(
         saved_period = float(config["period_s"])
         norm = NormStats.from_dict(norm_data)
         residual_scale = np.asarray(norm_data["residual_scale"], dtype=np.float32)
-        meta = dict(config.get("meta", {}))
+        meta: BaseMeta = dict(config.get("meta", {}))
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
         raise ModelError(f"corrupt base model in {directory}: {exc}") from None
     if not (len(saved_channels) == cfg.n_sensors == norm.n_channels and residual_scale.shape[0] == cfg.n_channels):

@@ -59,7 +59,7 @@ def socket_path(args: argparse.Namespace) -> Path:
     return DEFAULT_SOCKET
 
 
-def ask(args: argparse.Namespace, payload: dict[str, Any]) -> dict[str, Any]:
+def ask(args: argparse.Namespace, payload: replies.JsonObject) -> replies.JsonObject:
     """Send a request to the daemon; raise ErrorReply if it answers `ok: false`."""
     path = socket_path(args)
     args.socket_used = path
@@ -73,7 +73,7 @@ def print_json(reply: Any) -> None:
     print(json.dumps(reply, indent=2, sort_keys=True, default=str))
 
 
-def client_command(args: argparse.Namespace, payload: dict[str, Any], render_reply: Callable[[Console, Any], int | None]) -> int:
+def client_command(args: argparse.Namespace, payload: replies.JsonObject, render_reply: Callable[[Console, Any], int | None]) -> int:
     """Ask, then print the reply as JSON (`--json`) or through `render_reply`, which may return an exit code."""
     try:
         reply = ask(args, payload)

@@ -8,9 +8,8 @@ import socket
 import stat
 import time
 from pathlib import Path
-from typing import Any
 
-from edge_daemon.control.protocol import MAX_REPLY_BYTES
+from edge_daemon.control.protocol import MAX_REPLY_BYTES, JsonObject
 from edge_daemon.errors import ControlError, DaemonUnreachable
 
 
@@ -21,7 +20,7 @@ def _is_socket(path: Path | str) -> bool:
         return True  # gone meanwhile: say what connect() said
 
 
-def request(path: Path | str, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+def request(path: Path | str, payload: JsonObject, timeout: float = 10.0) -> JsonObject:
     """Send one request to the daemon at `path` and return its reply (ok or not).
 
     Raises DaemonUnreachable when nothing answers at `path` (no socket, refused, no

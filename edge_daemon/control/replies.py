@@ -14,11 +14,17 @@ typing_extensions' so pydantic can generate JSON Schemas of them (it reads no ot
 
 from __future__ import annotations
 
-from typing import Any, Literal, NotRequired
+from typing import Literal, NotRequired, Union
 
 from typing_extensions import TypedDict
 
 Track = Literal["drift", "stable"]
+
+# Free-form JSON, for what has no shape of its own: a control request line before it is checked
+# (and as the CLI sends it), a reply as a client reads it, the keys of a newer meta.json this
+# version does not know.
+JsonValue = Union[None, bool, int, float, str, list["JsonValue"], dict[str, "JsonValue"]]
+JsonObject = dict[str, JsonValue]
 
 
 class ErrorReply(TypedDict):
@@ -208,6 +214,22 @@ class PlanStatus(TypedDict):
     optimizer: str
 
 
+class PlanChangeJson(TypedDict):
+    """plan.PlanChange.to_dict(): a plan taking effect during an update."""
+
+    step: int
+    window: int
+    plan: PlanStatus
+
+
+class EightBitJson(TypedDict):
+    """plan.EightBitPayoff.to_dict()."""
+
+    saving_mb: float
+    import_mb: float
+    pays: bool
+
+
 class ProgressStatus(TypedDict):
     """records.Progress.to_json(): its fields that are set (an empty object while no job runs)."""
 
@@ -251,8 +273,8 @@ class LastUpdate(TypedDict):
     version: int | None
     reason: str | None
     duration_s: float | None
-    metrics_before: dict[str, Any] | None
-    metrics_after: dict[str, Any] | None
+    metrics_before: dict[str, float | None] | None
+    metrics_after: dict[str, float | None] | None
     peak_rss_mb: float | None
     outcome: OutcomeStatus | None
     finished: str | None
@@ -296,7 +318,7 @@ class AdapterDetail(AdapterSummary):
 
     metrics_before: NotRequired[dict[str, float | None]]
     metrics_after: NotRequired[dict[str, float | None]]
-    plan: NotRequired[dict[str, Any] | None]
+    plan: NotRequired[PlanStatus | None]
     chosen_blocks: NotRequired[list[int]]
     peak_rss_mb: NotRequired[float | None]
     reason: NotRequired[str | None]

@@ -14,12 +14,13 @@ import socketserver
 import struct
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_daemon.control import protocol
-from edge_daemon.control.protocol import MAX_REQUEST_BYTES, ArgCheck, Handler
+from edge_daemon.control.protocol import MAX_REQUEST_BYTES, ArgCheck, Handler, Reply, Request
 from edge_daemon.control.socketfile import SocketFile
 from edge_daemon.errors import PermissionDenied
 
@@ -120,10 +121,10 @@ class ControlServer:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def dispatch(self, line: bytes, peer: Peer | None = None) -> dict[str, Any]:
+    def dispatch(self, line: bytes, peer: Peer | None = None) -> Reply:
         """Reply to one request line. `peer` None means a trusted in-process caller."""
 
-        def run(name: str, handler: Handler, request: dict[str, Any]) -> dict[str, Any]:
+        def run(name: str, handler: Handler, request: Request) -> Mapping[str, object]:
             if name not in self.mutating:
                 return handler(request)
             if peer is not None and not self.may_mutate(peer):
@@ -348,7 +349,7 @@ class _Client(socketserver.StreamRequestHandler):
                     line = line[:-1]
                 elif len(line) > control.max_request_bytes:
                     # Over the size cap: the rest of the stream cannot be trusted to resync.
-                    self._send({"ok": False, "error": f"request longer than {control.max_request_bytes} bytes"})
+                    self._send(protocol.error_reply(f"request longer than {control.max_request_bytes} bytes"))
                     return
                 # (Otherwise EOF: a last request without a newline is still answered.)
                 if not line.strip():
@@ -364,7 +365,7 @@ class _Client(socketserver.StreamRequestHandler):
             # Nothing a client sends may take the server down; log and drop this one.
             log.exception("control client failed")
 
-    def _send(self, reply: dict[str, Any]) -> bool:
+    def _send(self, reply: Reply) -> bool:
         """Send one reply line; False if the client is gone."""
         control = self.server.control
         data = protocol.encode(reply)
@@ -385,6 +386,6 @@ def _refuse(conn: socket.socket, message: str) -> None:
     # Never block the serving thread on a refused client: one non-blocking send (the server closes it).
     try:
         conn.setblocking(False)
-        conn.send(protocol.encode({"ok": False, "error": message}), socket.MSG_NOSIGNAL)
+        conn.send(protocol.encode(protocol.error_reply(message)), socket.MSG_NOSIGNAL)
     except OSError:
         pass

@@ -30,11 +30,14 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_daemon.frames import value_reference
+from edge_daemon.frames import ValueReference, value_reference
+
+if TYPE_CHECKING:
+    from edge_daemon.artifacts.base import BaseMeta
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +57,11 @@ class Reference:
         """Decile edges (for `bins`=10) of the finite values and each bin's share of them."""
         return cls.from_dict(value_reference(np.asarray(values), bins))
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> ValueReference:
         return {"edges": list(self.edges), "proportions": list(self.proportions), "samples": self.samples}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Reference:
+    def from_dict(cls, data: ValueReference) -> Reference:
         edges = tuple(float(e) for e in data["edges"])
         proportions = tuple(float(p) for p in data["proportions"])
         if len(proportions) != len(edges) + 1 or list(edges) != sorted(edges):
@@ -68,7 +71,7 @@ class Reference:
         return cls(edges, proportions, int(data.get("samples", 0)))
 
 
-def references_from_meta(meta: dict[str, Any], channels: Sequence[str]) -> list[Reference | None]:
+def references_from_meta(meta: BaseMeta, channels: Sequence[str]) -> list[Reference | None]:
     """Per channel, the input reference a base model recorded at pretraining (None: not recorded)."""
     recorded = meta.get("input_reference")
     if not isinstance(recorded, list) or len(recorded) != len(channels):

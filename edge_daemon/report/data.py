@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from edge_daemon.errors import AdapterError, ModelError, ReportError
 from edge_daemon.scoring.replay import MAX_FORECASTS, Forecasts, Switch, compute_forecasts, recompute_drift
@@ -17,6 +17,7 @@ from edge_daemon.scoring.replay import MAX_FORECASTS, Forecasts, Switch, compute
 if TYPE_CHECKING:
     from edge_daemon.artifacts.adapters import AdapterVersion
     from edge_daemon.artifacts.base import BaseModel
+    from edge_daemon.artifacts.traces import UpdateTraceJson
     from edge_daemon.config import Config
     from edge_daemon.drift import DriftEvent
     from edge_daemon.frames import Grid
@@ -38,7 +39,7 @@ class ReportData:
     current_version: int | None
     forecasts: Forecasts | None
     drift_events: list[DriftEvent]
-    updates: list[dict[str, Any]]
+    updates: list[UpdateTraceJson]
     notes: list[str] = field(default_factory=list)
 
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from matplotlib.artist import Artist
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+    from edge_daemon.artifacts.traces import UpdateTraceJson
+    from edge_daemon.control.replies import PlanStatus
 
     from edge_daemon.config import DriftConfig
     from edge_daemon.report.data import ReportData
@@ -119,7 +123,7 @@ def channels_figure(data: ReportData) -> Figure:
         _mark_switches(ax, data.switches, label=c == 0)
         ax.set_ylabel(name, fontsize=9)
         ax.grid(alpha=0.3)
-    legend: dict[str, Any] = {}
+    legend: dict[str, Artist] = {}  # label -> its first handle
     for ax in all_axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(label, handle)
@@ -231,18 +235,18 @@ def drift_judges(cfg: DriftConfig) -> dict[str, str]:
     return {"inputs": inputs, "residuals": residuals}
 
 
-def plan_label(plan: dict[str, Any]) -> str:
+def plan_label(plan: PlanStatus) -> str:
     return (
         f"{plan.get('micro_batch')}x{plan.get('accumulation')} "
         f"{'ckpt' if plan.get('checkpointing') else 'no-ckpt'} {plan.get('optimizer')}"
     )
 
 
-def plot_update(trace: dict[str, Any], path: Path) -> Path:
+def plot_update(trace: UpdateTraceJson, path: Path) -> Path:
     return _save(update_figure(trace), path)
 
 
-def update_figure(trace: dict[str, Any]) -> Figure:
+def update_figure(trace: UpdateTraceJson) -> Figure:
     """Memory of one update over time, with its phases, plan changes and training loss."""
     fig, (ax_mem, ax_loss) = _new_figure(2, 3.0, width=11.0)
     samples = trace.get("samples") or {}

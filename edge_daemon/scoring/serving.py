@@ -14,13 +14,13 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from edge_daemon.artifacts.base import BaseModel
-from edge_daemon.baselines import MODEL, Baseline, Persistence, baselines_from_dict
+from edge_daemon.baselines import MODEL, Baseline, BaselineJson, HeldOut, Persistence, baselines_from_dict
 from edge_daemon.model import Forecaster, anomaly_score
 from edge_daemon.control.replies import ServingComparison
 
@@ -126,7 +126,7 @@ class Scorer:
         min_history: int | None = None,
         version: int | None = None,
         baselines: list[Baseline] | None = None,
-        held_out: dict[str, Any] | None = None,
+        held_out: HeldOut | None = None,
         rule: ServingRule | None = None,
     ) -> None:
         self.base = base
@@ -158,16 +158,16 @@ class Scorer:
         self._far = tuple(base.cfg.horizons[1:])
         self._far_pending: dict[int, dict[int, dict[str, np.ndarray]]] = {h: {} for h in self._far}
 
-    def _set_forecasters(self, baselines: list[Baseline], held_out: dict[str, Any] | None) -> None:
+    def _set_forecasters(self, baselines: list[Baseline], held_out: HeldOut | None) -> None:
         self._baselines = list(baselines)
         names = [MODEL] + [b.name for b in self._baselines]
         n = self.base.cfg.n_channels  # forecast channels
         self._tallies = {name: _Tally(self.rule.compare_steps, n) for name in names}
         scale = self.base.residual_scale.astype(np.float32)
-        rms = (held_out or {}).get("rms", {})
+        rms: dict[str, list[float]] = held_out.get("rms", {}) if held_out else {}
         self._scales = {name: torch.as_tensor(np.maximum(np.asarray(rms.get(name, scale), np.float32), 1e-6)) for name in names}
         self._scales[MODEL] = self.base.residual_scale_tensor()
-        choice = (held_out or {}).get("serve", MODEL)
+        choice = held_out.get("serve", MODEL) if held_out else MODEL
         # Per channel: a baseline may forecast one channel best and the model another.
         self._served = [choice if self.rule.mode == "best" and choice in names else MODEL] * n
         self._switches = 0
@@ -218,7 +218,7 @@ class Scorer:
 
     def swap_model(
         self, merged_model: Forecaster, version: int | None = None, baselines: list[Baseline] | None = None,
-        held_out: dict[str, Any] | None = None,
+        held_out: HeldOut | None = None,
     ) -> None:  # fmt: skip
         """Serve a new merged model from the next step on; a step being scored finishes with the old one.
 
@@ -376,7 +376,7 @@ def forecast_windows(model: Forecaster, windows: torch.Tensor, horizons: bool = 
         return model(windows)[:, -1:].numpy().copy()
 
 
-def baselines_of(items: list[dict[str, Any]] | None) -> list[Baseline]:
+def baselines_of(items: list[BaselineJson] | None) -> list[Baseline]:
     """The baselines recorded with a base or an adapter (their `baselines`); persistence alone when none were."""
     return baselines_from_dict(items) if items else [Persistence()]
 

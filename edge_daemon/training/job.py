@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_daemon.artifacts.traces import save_adapter_trace, save_update_trace
+from edge_daemon.artifacts.traces import TraceJob, save_adapter_trace, save_update_trace
 from edge_daemon.config import Config
 from edge_daemon.training.governor import PlanGovernor
 from edge_daemon.memory.pressure import SharedLevel
@@ -114,7 +114,7 @@ def _run_update(
     from edge_daemon.errors import TrainingAborted
 
     trace = UpdateTrace(TRACE_INTERVAL_S, service_pid, governor.level_reader).start()
-    extra: dict[str, Any] = {
+    extra: TraceJob = {
         "reason": job.reason,
         "cause": job.cause,
         "budget_mb": job.budget_mb,
@@ -135,7 +135,7 @@ def _run_update(
         trace.stop()
         extra["worker_imports"] = heavy_modules_loaded()
         extra["worker_new_modules"] = None if modules_at_fork is None else sorted(set(sys.modules) - modules_at_fork)
-        record = trace.to_dict(**extra)
+        record = trace.to_dict(extra)
         try:
             save_update_trace(config.device.state_dir, record)
             if version_path is not None:

@@ -15,10 +15,10 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from edge_daemon.memory.pressure import Level
-from edge_daemon.control.replies import PlanStatus
+from edge_daemon.control.replies import EightBitJson, PlanChangeJson, PlanStatus
 
 if TYPE_CHECKING:
     from edge_daemon.config import TrainConfig
@@ -50,7 +50,7 @@ class TrainingPlan:
         return PlanStatus(**asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainingPlan:
+    def from_dict(cls, data: PlanStatus) -> TrainingPlan:
         return cls(
             micro_batch=int(data["micro_batch"]),
             accumulation=int(data["accumulation"]),
@@ -72,7 +72,7 @@ class PlanChange:
     window: int  # windows of that step already done when it took effect
     plan: TrainingPlan
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> PlanChangeJson:
         return {"step": self.step, "window": self.window, "plan": self.plan.to_dict()}
 
 
@@ -179,7 +179,7 @@ class EightBitPayoff:
         cost += 0.0 if sys.modules.get("torch._dynamo") is not None else TORCH_DYNAMO_IMPORT_MB
         return cls(trainable_params * 6 / 2**20, cost)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> EightBitJson:
         return {"saving_mb": round(self.saving_mb, 3), "import_mb": self.import_mb, "pays": self.pays}
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from edge_daemon.artifacts.base import save_base
+from edge_daemon.artifacts.base import BaseMeta, save_base
 from edge_daemon.baselines import MODEL, RidgeAR, detect_season, held_out_report, make_baselines
 from edge_daemon.config import ModelConfig
 from edge_daemon.training.csv_readings import read_csv_readings
@@ -36,6 +36,7 @@ from edge_daemon.frames import (
     normalise_grid,
     split_by_time,
     valid_window_starts,
+    ValueReference,
     value_reference,
     with_calendar,
 )
@@ -156,7 +157,7 @@ def _persistence_loss(windows: np.ndarray, horizons: tuple[int, ...] = (1,)) -> 
     return float(np.mean([np.mean(np.abs(windows[:, first + h :] - windows[:, first : T + 1 - h])) for h in horizons]))
 
 
-def input_references_of(data: Grid | np.ndarray) -> list[dict[str, Any] | None]:
+def input_references_of(data: Grid | np.ndarray) -> list[ValueReference | None]:
     """Per channel, the decile reference of the raw training values (None: too few values)."""
     if isinstance(data, Grid):
         raw = np.asarray(data.values, dtype=np.float64)
@@ -164,7 +165,7 @@ def input_references_of(data: Grid | np.ndarray) -> list[dict[str, Any] | None]:
         raw = np.asarray(data, dtype=np.float64)
         if raw.ndim == 3:
             raw = raw[:, -1, :]  # each window's last step: every value about once
-    references: list[dict[str, Any] | None] = []
+    references: list[ValueReference | None] = []
     for c in range(raw.shape[1]):
         try:
             references.append(value_reference(raw[:, c]))
@@ -228,9 +229,9 @@ def pretrain(
     progress: bool = False,
     gradient_checkpointing: bool = False,
     should_stop: Callable[[], bool] | None = None,
-    meta: dict[str, Any] | None = None,
+    meta: BaseMeta | None = None,
     inputs_only: Sequence[str] = (),
-) -> dict[str, Any]:
+) -> BaseMeta:
     """Train a base forecaster on raw (unnormalised) data and save it to `out_dir` with `save_base`.
 
     `data` is a `Grid` (preferred: its times date the model), grid values
@@ -355,7 +356,7 @@ def pretrain(
     # daemon serves the best baseline until a model beats it.
     held_out = held_out_report(baselines, val.windows[..., :n_sensors], last_step_errors(model, val.windows), n_channels)
     first_time = float(train.end_times.min()) - fcfg.window * period_s if len(train.end_times) else None
-    metrics: dict[str, Any] = {
+    metrics: BaseMeta = {
         "steps": steps,
         "best_step": best_step,
         "epochs": round(steps * batch_size / len(train.windows), 3),
@@ -431,13 +432,13 @@ def pretrain_from_csv(
     model_cfg: ModelConfig,
     out_dir: Path,
     **kwargs: Any,
-) -> dict[str, Any]:
+) -> BaseMeta:
     """Grid a CSV (wide or long, see `read_csv_readings`) and `pretrain` on it; kwargs go to `pretrain`."""
     ts, channel_idx, values = read_csv_readings(Path(csv_path), channels)
     if ts.size == 0:
         raise TrainingError(f"{csv_path}: no readings of the configured channels")
     grid = build_grid(ts, channel_idx, values, len(channels), period_s, max_fill_steps)
-    meta = {"source": f"csv:{Path(csv_path).name}", **kwargs.pop("meta", {})}
+    meta: BaseMeta = {"source": f"csv:{Path(csv_path).name}", **kwargs.pop("meta", {})}
     return pretrain(grid, channels, period_s, model_cfg, out_dir, meta=meta, **kwargs)
 
 
@@ -453,7 +454,7 @@ def pretrain_from_store(
     until: float | None = None,
     min_windows: int | None = None,
     **kwargs: Any,
-) -> dict[str, Any]:
+) -> BaseMeta:
     """Train the base from the replay store's readings (how a device bootstraps its own base).
 
     TrainingError if fewer than `min_windows` (default `model_cfg.bootstrap_min_windows`)
@@ -465,7 +466,7 @@ def pretrain_from_store(
     needed = model_cfg.bootstrap_min_windows if min_windows is None else min_windows
     if available < needed:
         raise TrainingError(f"not enough data in the store to train a base model: {available} windows, need {needed}")
-    meta = {"source": "store", **kwargs.pop("meta", {})}
+    meta: BaseMeta = {"source": "store", **kwargs.pop("meta", {})}
     return pretrain(grid, channels, period_s, model_cfg, out_dir, meta=meta, **kwargs)
 
 
@@ -479,7 +480,7 @@ def pretrain_from_config(
     csv_path: Path | None = None,
     store: ReplayStore | None = None,
     **kwargs: Any,
-) -> dict[str, Any]:
+) -> BaseMeta:
     """What `edge-daemon pretrain --config PATH [--data CSV]` runs: train into `config.base_dir`.
 
     From `csv_path` when given, else from `store` (opened from the config when None).

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Literal, TypedDict, Union
 
 from edge_daemon.times import iso
 from edge_daemon.training.plan import EightBitPayoff, PlanChange, TrainingPlan
-from edge_daemon.control.replies import JobStatus, LastUpdate, ProgressStatus
+from edge_daemon.control.replies import EightBitJson, JobStatus, JsonObject, LastUpdate, PlanChangeJson, PlanStatus, ProgressStatus
 
 if TYPE_CHECKING:
+    from edge_daemon.artifacts.base import BaseMeta
+    from edge_daemon.baselines import BaselineJson, HeldOut
     from edge_daemon.training.governor import PlanGovernor, UpdateOutcome
     from edge_daemon.training.data import UpdateData
 
@@ -83,7 +85,7 @@ class WorkerOrder:
     shared memory) and the daemon's pid (whose service's usage the worker's trace records)."""
 
     job: UpdateJob
-    config: dict[str, Any]
+    config: JsonObject  # Config.model_dump(mode="json")
     governor: PlanGovernor
     service_pid: int
 
@@ -120,6 +122,32 @@ class TrainingStep:
 # What the trainer emits while it runs (`training.loop.update(on_progress=...)`): the plan
 # taking effect (the start plan, then every change at a micro-batch boundary) and each step.
 ProgressEvent = Union[PlanChange, TrainingStep]
+
+
+class UpdateReportJson(TypedDict):
+    """UpdateReport.to_json()."""
+
+    accepted: bool
+    reason: str
+    metrics_before: dict[str, float | None]
+    metrics_after: dict[str, float | None]
+    plan_history: list[PlanChangeJson]
+    chosen_blocks: list[int]
+    block_grad_norms: list[float]
+    target_modules: list[str]
+    trainable_params: int
+    total_params: int
+    trainable_fraction: float
+    steps: int
+    windows_seen: int
+    replay_share: float
+    train_losses: list[float]
+    grad_norms: list[float]
+    optimizer_state: dict[str, int]
+    wall_time_s: float
+    peak_rss_bytes: int
+    start_rss_bytes: int
+    eight_bit: EightBitJson | None
 
 
 @dataclass
@@ -164,7 +192,7 @@ class UpdateReport:
     def peak_rss_mb(self) -> float | None:
         return self.peak_rss_bytes / 2**20 if self.peak_rss_bytes else None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> UpdateReportJson:
         """JSON-ready, with the per-step lists."""
         return {
             "accepted": self.accepted,
@@ -205,7 +233,7 @@ class JobResult:
     adapter_bytes: int | None = None
     report: UpdateReport | None = None  # an update's, once it reached the gate
     outcome: UpdateOutcome | None = None  # how the plan went (updates that began training)
-    metrics: dict[str, Any] | None = None  # a pretrain's
+    metrics: BaseMeta | None = None  # a pretrain's
     job: UpdateJob | None = None
     duration_s: float | None = None
     finished_unix: float | None = None
@@ -243,6 +271,41 @@ class JobResult:
         }
 
 
+class DataRange(TypedDict, total=False):
+    """The data an update trained on: its recent span and the replayed spans (unix seconds); empty
+    in adapters from before it was recorded."""
+
+    recent: list[float]  # [t0, t1]
+    replay: list[list[float]]  # [[a, b], ...]
+
+
+class AdapterMetaJson(TypedDict):
+    """AdapterMeta.to_json(): an adapter's meta.json (with any keys a newer writer added)."""
+
+    created_unix: float | None
+    served_from_ts: float | None
+    reason: str | None
+    cause: UpdateCause | None
+    base_fingerprint: str | None
+    data_range: DataRange
+    windows: dict[str, int]
+    metrics_before: dict[str, float | None]
+    metrics_after: dict[str, float | None]
+    val_loss: float | None
+    plan: PlanStatus | None
+    plan_history: list[PlanChangeJson]
+    chosen_blocks: list[int]
+    block_grad_norms: list[float]
+    trainable_params: int | None
+    peak_rss_mb: float | None
+    wall_time_s: float | None
+    previous_version: int | None
+    baselines: list[BaselineJson]
+    held_out: HeldOut | None
+    version: int | None
+    created: str | None
+
+
 @dataclass(frozen=True)
 class AdapterMeta:
     """An adapter's `meta.json`: where it came from, how it did, and what serves beside it.
@@ -258,34 +321,34 @@ class AdapterMeta:
     reason: str | None = None  # why its update started, for people
     cause: UpdateCause | None = None  # what started its update (None in adapters from before it was recorded)
     base_fingerprint: str | None = None  # the base it was trained on (None: an adapter from before this was recorded)
-    data_range: dict[str, Any] = field(default_factory=dict)  # {"recent": [t0, t1], "replay": [[a, b], ...]}
+    data_range: DataRange = field(default_factory=lambda: DataRange())
     windows: dict[str, int] = field(default_factory=dict)
     metrics_before: dict[str, float | None] = field(default_factory=dict)
     metrics_after: dict[str, float | None] = field(default_factory=dict)
     val_loss: float | None = None
-    plan: dict[str, Any] | None = None  # the start plan
-    plan_history: list[dict[str, Any]] = field(default_factory=list)
+    plan: PlanStatus | None = None  # the start plan
+    plan_history: list[PlanChangeJson] = field(default_factory=list)
     chosen_blocks: list[int] = field(default_factory=list)
     block_grad_norms: list[float] = field(default_factory=list)
     trainable_params: int | None = None
     peak_rss_mb: float | None = None
     wall_time_s: float | None = None
     previous_version: int | None = None
-    baselines: list[dict[str, Any]] = field(default_factory=list)  # refitted with the update (scoring.serving.baselines_of)
-    held_out: dict[str, Any] | None = None  # the adapted model against them on held-out windows
+    baselines: list[BaselineJson] = field(default_factory=list)  # refitted with the update (scoring.serving.baselines_of)
+    held_out: HeldOut | None = None  # the adapted model against them on held-out windows
     version: int | None = None
     created: str | None = None  # iso8601
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: JsonObject = field(default_factory=dict)  # free-form: this version does not know them
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AdapterMeta:
+    def from_json(cls, data: JsonObject) -> AdapterMeta:
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: v for k, v in data.items() if k in known}
         return cls(**values, extra={k: v for k, v in data.items() if k not in known})
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> AdapterMetaJson:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
-        return {**self.extra, **out}
+        return {**self.extra, **out}  # type: ignore[typeddict-item]  # the fields are AdapterMetaJson's keys
 
     @property
     def update_cause(self) -> UpdateCause | None:
@@ -306,8 +369,8 @@ def adapter_meta(
     served_from_ts: float | None,
     base_fingerprint: str | None,
     previous_version: int | None,
-    baselines: list[dict[str, Any]],
-    held_out: dict[str, Any] | None,
+    baselines: list[BaselineJson],
+    held_out: HeldOut | None,
 ) -> AdapterMeta:
     """An accepted update's meta.json, from its job, its report and its data (with where its
     adapter stands: when, on which base, after which version, beside which baselines)."""
@@ -342,6 +405,8 @@ def adapter_meta(
 
 __all__ = [
     "AdapterMeta",
+    "AdapterMetaJson",
+    "DataRange",
     "JobKind",
     "JobResult",
     "Progress",
@@ -350,6 +415,7 @@ __all__ = [
     "UpdateCause",
     "UpdateJob",
     "UpdateReport",
+    "UpdateReportJson",
     "WorkerOrder",
     "adapter_meta",
     "resets_drift_baseline",

@@ -8,17 +8,20 @@ which only the worker holds.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_daemon.config import Config
 from edge_daemon.training.data import UpdateData
 
+if TYPE_CHECKING:
+    from edge_daemon.baselines import BaselineJson, HeldOut
+
 
 def refit_baselines(
     base: Any, config: Config, data: UpdateData, model: Any, batch_size: int
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[list[BaselineJson], HeldOut]:
     """Baselines fitted on an update's training windows (recent and replayed) and the held-out
     comparison on its recent validation windows, with `model` the adapted forecaster."""
     from edge_daemon.baselines import held_out_report, make_baselines

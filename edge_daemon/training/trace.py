@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from edge_daemon.artifacts.traces import TraceJob, TraceLevel, TracePhase, TracePlan, UpdateTraceJson
 from edge_daemon.training.plan import TrainingPlan
 
 # Samples are thinned (every other one dropped, interval doubled) past this many, so a long
@@ -52,9 +53,9 @@ class UpdateTrace:
         self.started_unix = time.time()
         self._t0 = time.monotonic()
         self.samples: dict[str, list[float | None]] = {"t": [], "rss_mb": [], "private_mb": [], "service_mb": []}
-        self.phases: list[dict[str, Any]] = []
-        self.plans: list[dict[str, Any]] = []
-        self.levels: list[dict[str, Any]] = []
+        self.phases: list[TracePhase] = []
+        self.plans: list[TracePlan] = []
+        self.levels: list[TraceLevel] = []
         self.steps: dict[str, list[float]] = {"t": [], "step": [], "loss": []}
 
     def now(self) -> float:
@@ -129,7 +130,8 @@ class UpdateTrace:
             self.steps["step"].append(step)
             self.steps["loss"].append(float(loss))
 
-    def to_dict(self, **extra: Any) -> dict[str, Any]:
+    def to_dict(self, job: TraceJob | None = None) -> UpdateTraceJson:
+        """The trace as saved, with what `job` adds (its keys after the trace's)."""
         with self._lock:
             def peak(key: str) -> float | None:
                 values = [v for v in self.samples[key] if v is not None]
@@ -147,7 +149,7 @@ class UpdateTrace:
                 "plans": list(self.plans),
                 "levels": list(self.levels),
                 "steps": {k: list(v) for k, v in self.steps.items()},
-                **extra,
+                **(job or {}),
             }
 
 
