@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
 from datetime import datetime, timezone
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -91,22 +93,36 @@ IGNORED = [
 ]
 
 
-def test_every_format_is_stored_once_and_bad_payloads_are_counted_by_reason(tmp_path: Path, broker: LocalBroker) -> None:
+@contextlib.contextmanager
+def ingesting(tmp_path: Path, broker: LocalBroker, name: str, **sections: object) -> Iterator[tuple[ReplayStore, Ingestor, mqtt.Client]]:
+    """A real Ingestor (and its store) on the test broker with `sections` of config, subscribed,
+    and a publisher; stopped (the pending batch committed) on the way out."""
     config = parse_config({
-        "device": {"id": "formats", "state_dir": str(tmp_path / "state"), "socket": str(tmp_path / "control.sock")},
-        "mqtt": {"port": broker.port, "client_id": f"formats-{time.monotonic_ns()}", "topics": ["elsewhere/#"]},
-        "channels": {"names": CHANNELS},
-        "inputs": INPUTS,
-        "store": {"flush_interval_s": 0.2, "clock_trust": "always"},
+        "device": {"id": name, "state_dir": str(tmp_path / "state"), "socket": str(tmp_path / "control.sock")},
+        "mqtt": {"port": broker.port, "client_id": f"{name}-{time.monotonic_ns()}", **sections.pop("mqtt", {})},  # type: ignore[dict-item]
+        **sections,
     })  # fmt: skip
     store = ReplayStore(config.store_path, config.store, config.channels.names)
     ingestor = Ingestor(config, store)
     ingestor.start()
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"formats-pub-{time.monotonic_ns()}")
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{name}-pub-{time.monotonic_ns()}")
     pub.connect(broker.host, broker.port)
     pub.loop_start()
     try:
         assert ingestor.wait_subscribed(HANG_S)
+        yield store, ingestor, pub
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        ingestor.stop()
+        store.close()
+
+
+def test_every_format_is_stored_once_and_bad_payloads_are_counted_by_reason(tmp_path: Path, broker: LocalBroker) -> None:
+    with ingesting(
+        tmp_path, broker, "formats", mqtt={"topics": ["elsewhere/#"]}, channels={"names": CHANNELS}, inputs=INPUTS,
+        store={"flush_interval_s": 0.2, "clock_trust": "always"},
+    ) as (store, ingestor, pub):  # fmt: skip
         now = float(int(time.time()))  # whole seconds: last_seen in ms and Tasmota's Time are exact
         good, expected = messages(now)
         # Each dated message twice, as a broker redelivers one whose ack was lost: the (channel, ts)
@@ -119,12 +135,8 @@ def test_every_format_is_stored_once_and_bad_payloads_are_counted_by_reason(tmp_
             pub.publish(topic, payload, qos=1).wait_for_publish(HANG_S)
         wait_for(lambda: ingestor.counters()["received"] == len(sent), HANG_S, "every message taken", detail=ingestor.counters)
         wait_for(lambda: store.count() == len(expected) + 4, HANG_S, "the readings committed", detail=ingestor.counters)
-    finally:
-        pub.loop_stop()
-        pub.disconnect()
-        ingestor.stop()
     counters = ingestor.counters()
-    rows = stored(config.store_path)
+    rows = stored(tmp_path / "state" / "store.db")
     assert {(c, round(ts, 3), v) for c, ts, v in expected} <= {(c, round(ts, 3), v) for c, ts, v in rows}
     arrival = [(c, v) for c, ts, v in rows if (c, v) in ARRIVAL_STAMPED]
     assert sorted(arrival) == sorted(ARRIVAL_STAMPED) and len(rows) == len(expected) + len(ARRIVAL_STAMPED), rows
@@ -135,7 +147,6 @@ def test_every_format_is_stored_once_and_bad_payloads_are_counted_by_reason(tmp_
     # battery, linkquality, voltage, Total, Voltage, Current, Id, TempUnit, output, voltage, aenergy.*,
     # id and tF of the event, rpm: fields of devices that are not channels, ignored (once per message).
     assert counters["ignored_by_reason"]["not_a_channel"] >= 15
-    store.close()
 
 
 def test_a_parser_bug_rejects_one_message_and_ingestion_goes_on(
@@ -153,27 +164,11 @@ def test_a_parser_bug_rejects_one_message_and_ingestion_goes_on(
             return super().parse(levels, payload, now, limits, outcome)
 
     monkeypatch.setitem(formats._FORMATS, "esphome", Buggy)
-    config = parse_config({
-        "device": {"id": "buggy", "state_dir": str(tmp_path / "state"), "socket": str(tmp_path / "control.sock")},
-        "mqtt": {"port": broker.port, "client_id": f"buggy-{time.monotonic_ns()}"},
-        "channels": {"names": ["boiler/flow_temperature"]},
-        "inputs": [{"topic": "boiler/#", "format": "esphome"}],
-        "store": {"flush_interval_s": 0.2},
-    })  # fmt: skip
-    store = ReplayStore(config.store_path, config.store, config.channels.names)
-    ingestor = Ingestor(config, store)
-    ingestor.start()
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"buggy-pub-{time.monotonic_ns()}")
-    pub.connect(broker.host, broker.port)
-    pub.loop_start()
-    try:
-        assert ingestor.wait_subscribed(HANG_S)
+    with ingesting(
+        tmp_path, broker, "buggy", channels={"names": ["boiler/flow_temperature"]},
+        inputs=[{"topic": "boiler/#", "format": "esphome"}], store={"flush_interval_s": 0.2},
+    ) as (store, ingestor, pub):  # fmt: skip
         for payload in (b"boom", b"48.5"):
             pub.publish("boiler/sensor/flow_temperature/state", payload, qos=1).wait_for_publish(HANG_S)
         wait_for(lambda: store.count() == 1, HANG_S, "the message after the bug stored", detail=ingestor.counters)
         assert ingestor.alive and ingestor.counters()["rejected_by_reason"] == {"parse_error": 1}
-    finally:
-        pub.loop_stop()
-        pub.disconnect()
-        ingestor.stop()
-        store.close()
