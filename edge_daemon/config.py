@@ -71,6 +71,9 @@ class ChannelsConfig(_Section):
         description="channels (of `names`) the model reads but does not forecast: a set-point, a 0/1 working-day flag. "
         "They are stored and replayed like the others, but not forecast, scored or judged for drift",
     )
+    units: dict[str, str] = Field(
+        default_factory=dict, description="unit of measurement by channel (of `names`), e.g. {\"m1/temperature\" = \"°C\"}: shown in Home Assistant"
+    )
 
     @field_validator("names")
     @classmethod
@@ -95,6 +98,9 @@ class ChannelsConfig(_Section):
             raise ValueError("inputs_only names must be unique")
         if not self.forecast:
             raise ValueError("at least one channel must be forecast (not inputs_only)")
+        unknown = [name for name in self.units if name not in self.names]
+        if unknown:
+            raise ValueError(f"units names channels not in names: {unknown}")
         return self
 
     @property
@@ -434,6 +440,22 @@ class OutputsConfig(_Section):
     switch_margin: float = Field(0.05, ge=0, lt=1, description="... and switched only when another is this much better")
 
 
+class HomeAssistantConfig(_Section):
+    discovery: bool = Field(
+        False, description="publish Home Assistant MQTT discovery (one retained device config); turned off: the config published before is removed"
+    )
+    prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix (its MQTT integration's setting)")
+
+    @field_validator("prefix")
+    @classmethod
+    def _topic_prefix(cls, prefix: str) -> str:
+        if not prefix or any(ch in prefix for ch in "+#\0"):
+            raise ValueError(f"prefix {prefix!r} must be a non-empty topic without the wildcards + and #")
+        if any(not level for level in prefix.split("/")):
+            raise ValueError(f"prefix {prefix!r} must not start or end with '/' or hold an empty level")
+        return prefix
+
+
 class Config(_Section):
     device: DeviceConfig
     mqtt: MqttConfig
@@ -445,6 +467,7 @@ class Config(_Section):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     inputs: list[InputConfig] = Field(
         default_factory=list, description="[[inputs]] mappings of other payload forms; none: the native grammar on [mqtt] topics"
     )

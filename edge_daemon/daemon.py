@@ -25,6 +25,7 @@ from edge_daemon.artifacts.adapters import AdapterStore
 from edge_daemon.config import Config
 from edge_daemon.control.protocol import Handler, Request
 from edge_daemon.control.server import ControlServer
+from edge_daemon.homeassistant import Discovery
 from edge_daemon.model import warm_up
 from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.notify import Heartbeat
@@ -52,6 +53,10 @@ MAIN_LOOP_STALE_S = 10.0
 # itself and the broker keeps our persistent session's messages meanwhile. So a missing broker is
 # reported in STATUS= (and the log), not treated as a failed start; well inside TimeoutStartSec.
 READY_BROKER_WAIT_S = 30.0
+# How often the daemon looks whether what the retained status says of the served adapter, drift
+# or training changed since it was published (it is then republished at once, so a consumer such
+# as Home Assistant is not minutes behind `[outputs] status_interval_s`).
+STATUS_CHANGE_CHECK_S = 1.0
 
 
 T = TypeVar("T")
@@ -89,6 +94,7 @@ class Daemon:
         self.scheduler: JobScheduler | None = None
         self.exit_code = 0
         self._disk_full_published = False  # what the retained status last said of the disk
+        self._state_published: tuple[object, ...] | None = None  # StatusReport.online_state() last published
         self.stop_signal: str | None = None
         self.heartbeat: Heartbeat | None = None
         # Monotonic time of the main loop's last health check; the heartbeat watches it.
@@ -176,10 +182,16 @@ class Daemon:
         scheduler.add("update-trigger", adaptation.check, interval_s=cfg.train.check_interval_s)
         scheduler.add("retention", store.run_retention, interval_s=cfg.store.retention_interval_s)
         scheduler.add("status", self._publish_status, interval_s=cfg.outputs.status_interval_s)
+        scheduler.add("status-changes", self._publish_status_on_change, interval_s=STATUS_CHANGE_CHECK_S)
         self.scheduler = scheduler
         if self.ingestor is not None:
             self.ingestor.clock_watch.on_jump.append(scheduler.clock_jumped)
         return scheduler
+
+    def _build_homeassistant(self) -> Discovery:
+        """Home Assistant discovery: publishes the device's config, or removes one published
+        before discovery was turned off (built only then: `Discovery.wanted`)."""
+        return Discovery(self.config, _built(self.ingestor, "ingest"))
 
     def builders(self) -> list[tuple[str, Callable[[], Part[Any]]]]:
         """The start order: each part is built, then started, once those before it run.
@@ -198,6 +210,7 @@ class Daemon:
             ("control", self._build_control),
             ("ingest", self._build_ingest),
             ("scheduler", self._build_scheduler),
+            *([("homeassistant", self._build_homeassistant)] if Discovery.wanted(self.config) else []),
         ]
 
     def start(self) -> None:
@@ -355,7 +368,14 @@ class Daemon:
 
     def _publish_status(self) -> None:
         """Refresh the retained `edge/<id>/status`."""
-        self._publish("status", self._online_status(), self.config.outputs.qos, True)
+        report = StatusReport(self.status_parts())
+        self._state_published = report.online_state()
+        self._publish("status", report.online(), self.config.outputs.qos, True)
+
+    def _publish_status_on_change(self) -> None:
+        """Republish the retained status as soon as the adapter served, drift or training changed."""
+        if StatusReport(self.status_parts()).online_state() != self._state_published:
+            self._publish_status()
 
     def _on_disk_full(self, full: bool) -> None:
         """In the ingest writer: the disk is full (called before each retry) or has room again."""

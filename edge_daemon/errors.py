@@ -81,3 +81,7 @@ class InstallError(EdgeDaemonError):
 
 class ReportError(EdgeDaemonError):
     """A report cannot be made from this state directory (no replay store, or it holds no readings)."""
+
+
+class DiscoveryError(EdgeDaemonError):
+    """A Home Assistant discovery config could not be removed: the broker is unreachable or did not acknowledge."""

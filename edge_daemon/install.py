@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_daemon.artifacts.files import replace_atomically
-from edge_daemon.errors import InstallError
+from edge_daemon.errors import EdgeDaemonError, InstallError
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,8 @@ def uninstall(
     targets.append(venv_path)
     data = [under(prefix, p) for p in STATE_DIRS] + [under(prefix, CONFIG_PATH.parent), unit_dir / f"{UNIT_NAME}.d"]
     if purge:
+        # While the config and the state (which remembers what was published) are still there.
+        _remove_discovery(prefix)
         targets += data
     else:
         kept += [p for p in data if p.exists() or p.is_symlink()]
@@ -276,6 +278,31 @@ def uninstall(
     for path in kept:
         log.info("kept %s (uninstall --purge removes it)", path)
     return UninstallResult(removed, kept, ran)
+
+
+def _remove_discovery(prefix: Path) -> None:
+    """Remove the Home Assistant discovery config the daemon published (an empty retained message on
+    its topic, over the config's broker settings); a broker out of reach is reported, not fatal."""
+    config_path = under(prefix, CONFIG_PATH)
+    if not config_path.is_file():
+        return
+    # Not standard library: without them (the system python3 of a source tree) this step is skipped.
+    try:
+        from edge_daemon.config import load_config
+        from edge_daemon.homeassistant import remove_published
+    except ImportError as exc:
+        log.warning("not removing any Home Assistant discovery config (%s); "
+                    "an empty retained message on <prefix>/device/<device id>/config removes it", exc)  # fmt: skip
+        return
+    try:
+        config = load_config(config_path)
+        state_dir = config.device.state_dir
+        removed = remove_published(config, state_dir=under(prefix, state_dir) if state_dir.is_absolute() else state_dir)
+    except EdgeDaemonError as exc:
+        log.warning("%s; uninstalling anyway", exc)
+        return
+    for topic in removed:
+        log.info("removed the Home Assistant discovery config on %s", topic)
 
 
 def _read(path: Path) -> str:

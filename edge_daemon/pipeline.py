@@ -309,6 +309,11 @@ class ResidualDrift:
     def since(self) -> float | None:
         return self._monitor.residual_change_from
 
+    @property
+    def channels(self) -> dict[str, bool]:
+        """Per forecast channel: drifted (inputs or residuals) since the last reset."""
+        return self._monitor.channels_drifted
+
     def reset(self, t: float | None = None) -> None:
         self._monitor.reset_baseline(t)
 

@@ -94,9 +94,10 @@ def test_the_status_records_build_their_documented_examples() -> None:
     online = example("status")
     started = datetime.fromisoformat(online["started"]).timestamp()
     built = payloads.online_status(online["device"], online["version"], started, online["adapter_version"], online["disk_full"],
-                                   scoring=(online["drift"], online["scoring"]))  # fmt: skip
+                                   scoring=(online["drift"], online["scoring"]), drift_channels=online["drift_channels"],
+                                   training=online["training"], readings=online["readings"])  # fmt: skip
     same_json(built, online)
-    # Before scoring runs: neither `drift` nor `scoring`.
+    # Before the parts run: neither `drift`, `drift_channels`, `scoring`, `training` nor `readings`.
     early = payloads.online_status(online["device"], online["version"], started, None, False)
     assert list(early) == ["online", "device", "version", "started", "adapter_version", "disk_full"]
     assert violations("edge/pump-1/status", early) == []

@@ -32,6 +32,7 @@ from edge_daemon.mqtt.outputs import (
     AdapterAcceptedAlert,
     Alert,
     AdapterRejectedAlert,
+    TrainingState,
     adapter_accepted_alert,
     adapter_rejected_alert,
     base_model_alert,
@@ -247,6 +248,14 @@ class Adaptation:
             "heavy_modules": heavy_modules_loaded(),
             "last": runner.last.to_json() if runner.last is not None else None,
         }
+
+    @property
+    def training_state(self) -> TrainingState:
+        """Training (an update or a base), paused (a memory back-off), or idle. Cheap: read for
+        the retained MQTT status."""
+        if self.runner.running:
+            return "running"
+        return "paused" if not self.governor.may_start() else "idle"
 
     @property
     def training(self) -> str | None:

@@ -131,7 +131,7 @@ class StatusReport:
         """The retained `edge/<id>/status` payload published at every (re)connect (on paho's
         network thread and the ingest writer's: cheap accessors only, no whole section)."""
         parts = self.parts
-        scoring, adaptation, ingest = parts.scoring, parts.adaptation, parts.ingest
+        store, scoring, adaptation, ingest = parts.store, parts.scoring, parts.adaptation, parts.ingest
         return online_status(
             device=parts.device,
             version=__version__,
@@ -139,6 +139,21 @@ class StatusReport:
             adapter_version=None if adaptation is None else adapter_summary(adaptation)["version"],
             disk_full=ingest is not None and ingest.disk_full,
             scoring=None if scoring is None else (scoring.drift_signal.detected, scoring.counters()),
+            drift_channels=None if scoring is None else scoring.drift_signal.channels,
+            training=None if adaptation is None else adaptation.training_state,
+            readings=None if store is None else store.readings,
+        )
+
+    def online_state(self) -> tuple[object, ...]:
+        """What of the retained status a consumer acts on (the adapter served, drift, training),
+        without the counters that move with every reading: the daemon republishes the status
+        as soon as this changes, not only every `[outputs] status_interval_s`. Cheap accessors only."""
+        scoring, adaptation = self.parts.scoring, self.parts.adaptation
+        return (
+            None if adaptation is None else adapter_summary(adaptation)["version"],
+            None if scoring is None else tuple(sorted(scoring.drift_signal.channels.items())),
+            None if scoring is None else scoring.drift_signal.detected,
+            None if adaptation is None else adaptation.training_state,
         )
 
     def line(self) -> str:

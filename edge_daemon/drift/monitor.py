@@ -323,6 +323,13 @@ class DriftMonitor:
             return any(c.residuals.since_reset for c in self._channels)
 
     @property
+    def channels_drifted(self) -> dict[str, bool]:
+        """Per channel: whether its inputs or residuals drifted since the last reset (its
+        `state` in `status()`, without building the rest)."""
+        with self._lock:
+            return {c.name: bool(c.inputs.since_reset or c.residuals.since_reset) for c in self._channels}
+
+    @property
     def residual_change_from(self) -> float | None:
         """Unix seconds at which the residuals began to drift, as estimated at the first detection
         since the last reset (the earliest over channels); None without one, or in stream mode."""

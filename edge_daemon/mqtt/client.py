@@ -62,6 +62,12 @@ class Connection:
         self._subscribe_mid: int | None = None
         self._down_reported = False
         self._stopped = False
+        # Called (in paho's network thread) after every connect, once the status is published:
+        # appended to, never replaced.
+        self.on_connect: list[Callable[[], None]] = []
+        # Subscriptions beside the sensor topics, each with its own callback (add_subscription).
+        self._extra_lock = threading.Lock()
+        self._extra_subscriptions: list[tuple[str, int]] = []
         self.client = self._make_client()
         self._queue_packet = _packet_queue_of(self.client)
 
@@ -119,6 +125,15 @@ class Connection:
         # The last will may have replaced the retained status while we were away.
         self.publish("status", self.online_status(), qos=1, retain=True)
         self._connected.set()
+        with self._extra_lock:
+            extra = list(self._extra_subscriptions)
+        if extra:
+            client.subscribe(extra)
+        for hook in list(self.on_connect):
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - one hook's failure must not keep the others (or the connection) from running
+                log.exception("on-connect hook failed")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list, props: Any) -> None:
         if mid != self._subscribe_mid:
@@ -192,9 +207,33 @@ class Connection:
 
     def publish(self, topic_suffix: str, payload: Any, qos: int = 0, retain: bool = False) -> mqtt.MQTTMessageInfo:
         """Publish on `edge/<device.id>/<topic_suffix>`; dicts and lists are sent as JSON."""
+        return self.publish_topic(self.prefix + topic_suffix, payload, qos=qos, retain=retain)
+
+    def publish_topic(self, topic: str, payload: Any, qos: int = 0, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """Publish on `topic` itself (outside `edge/<device.id>/`); dicts and lists are sent as JSON."""
         if not isinstance(payload, (bytes, bytearray, str)):
             payload = json.dumps(payload, separators=(",", ":"))
-        return self.client.publish(self.prefix + topic_suffix, payload, qos=qos, retain=retain)
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def add_subscription(self, topic_filter: str, qos: int, callback: Callable[[mqtt.MQTTMessage], None]) -> None:
+        """Subscribe to `topic_filter` now (if connected) and at every connect; its messages go to
+        `callback(message)` in paho's network thread, never to the ingest writer. They are
+        acknowledged on arrival: they are not readings, nothing is committed for them."""
+
+        def route(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+            if message.qos > 0:
+                client.ack(message.mid, message.qos)  # manual_ack: nobody else acknowledges these
+            try:
+                callback(message)
+            except Exception:  # noqa: BLE001 - a callback's failure must not end paho's network thread
+                log.exception("handling a message on %s failed", message.topic)
+
+        # The route first, then the subscription: nothing arrives before it can be routed.
+        self.client.message_callback_add(topic_filter, route)
+        with self._extra_lock:
+            self._extra_subscriptions.append((topic_filter, qos))
+        if self._connected.is_set():
+            self.client.subscribe(topic_filter, qos)
 
     # -- acknowledgements --------------------------------------------------------------------
 

@@ -97,6 +97,20 @@ class Ingestor:
         """Publish on `edge/<device.id>/<topic_suffix>`; dicts and lists are sent as JSON."""
         return self.connection.publish(topic_suffix, payload, qos=qos, retain=retain)
 
+    def publish_topic(self, topic: str, payload: Any, qos: int = 0, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """Publish on `topic` itself (outside `edge/<device.id>/`); dicts and lists are sent as JSON."""
+        return self.connection.publish_topic(topic, payload, qos=qos, retain=retain)
+
+    def add_subscription(self, topic_filter: str, qos: int, callback: Callable[[mqtt.MQTTMessage], None]) -> None:
+        """Subscribe to `topic_filter` at every connect with its own `callback(message)` (in paho's
+        network thread); the writer never sees these messages (see `Connection.add_subscription`)."""
+        self.connection.add_subscription(topic_filter, qos, callback)
+
+    @property
+    def on_connect(self) -> list[Callable[[], None]]:
+        """Hooks called in paho's network thread after every (re)connect: appended to, never replaced."""
+        return self.connection.on_connect
+
     # -- counters ----------------------------------------------------------------------------
 
     @property

@@ -31,6 +31,8 @@ Forecaster = Literal["base", "adapter", "persistence", "seasonal_naive", "ridge"
 # Who made the forecast an anomaly score judges: the model, a baseline, or several.
 ScoredBy = Literal["model", "persistence", "seasonal_naive", "ridge", "mixed"]
 DriftKind = Literal["inputs", "residuals"]
+# What the update path is doing: training an update (or a base), waiting out a memory back-off, or nothing.
+TrainingState = Literal["idle", "running", "paused"]
 
 
 # -- forecast ---------------------------------------------------------------------------------
@@ -207,7 +209,10 @@ class OnlineStatus(TypedDict):
     started: str
     adapter_version: int | None
     drift: NotRequired[bool]  # residual drift; once scoring runs
+    drift_channels: NotRequired[dict[str, bool]]  # per forecast channel: drifted (inputs or residuals); once scoring runs
     scoring: NotRequired[ScoringCounters]  # once scoring runs
+    training: NotRequired[TrainingState]  # once the update path runs
+    readings: NotRequired[int]  # readings in the store; once the store is open
     disk_full: bool
 
 
@@ -229,24 +234,27 @@ def online_status(
     adapter_version: int | None,
     disk_full: bool,
     scoring: tuple[bool, ScoringCounters] | None = None,
+    drift_channels: dict[str, bool] | None = None,
+    training: TrainingState | None = None,
+    readings: int | None = None,
 ) -> OnlineStatus:
     """The retained status while running; `scoring` is (residual drift now, the scoring counters)
-    once scoring runs (absent before)."""
-    if scoring is None:
-        return OnlineStatus(
-            online=True, device=device, version=version, started=_iso(started_unix), adapter_version=adapter_version, disk_full=disk_full
-        )
-    drift, counters = scoring
-    return OnlineStatus(
-        online=True,
-        device=device,
-        version=version,
-        started=_iso(started_unix),
-        adapter_version=adapter_version,
-        drift=drift,
-        scoring=counters,
-        disk_full=disk_full,
-    )
+    and `drift_channels` each forecast channel's drift, once scoring runs; `training` once the
+    update path runs; `readings` once the store is open (each absent before)."""
+    # disk_full is set last: the keys go on the wire in this order.
+    status = OnlineStatus(online=True, device=device, version=version, started=_iso(started_unix), adapter_version=adapter_version)  # type: ignore[typeddict-item]
+    if scoring is not None:
+        status["drift"] = scoring[0]
+    if drift_channels is not None:
+        status["drift_channels"] = drift_channels
+    if scoring is not None:
+        status["scoring"] = scoring[1]
+    if training is not None:
+        status["training"] = training
+    if readings is not None:
+        status["readings"] = readings
+    status["disk_full"] = disk_full
+    return status
 
 
 def offline_status(device: str) -> OfflineStatus:
