@@ -26,6 +26,7 @@ from edge_daemon import install as inst
 from edge_daemon.artifacts.base import save_base
 from edge_daemon.broker import LocalBroker, free_port
 from edge_daemon.config import Config
+from edge_daemon.control.client import request
 from edge_daemon.daemon import Daemon
 from edge_daemon.errors import ConfigError
 from edge_daemon.frames import NormStats
@@ -196,10 +197,13 @@ def ha_config(workdir: Path, port: int, **sections: dict[str, Any]) -> Config:
         "homeassistant": {"discovery": True},
         "channels": {"units": UNITS},
         "model": SMALL_MODEL,
-        "outputs": {"forecast_every": 1, "status_interval_s": 30},
+        # The periodic refresh is out of the way: what the status says of training reaches Home
+        # Assistant by the change check alone.
+        "outputs": {"forecast_every": 1, "status_interval_s": 3600},
         # The readings below are recent: none is held for an unsynchronised kernel clock.
         "store": {"clock_trust": "always"},
-        "train": {"start_on": ["request"]},
+        # An update runs as soon as it is requested, for longer than the module's tests.
+        "train": {"start_on": ["request"], "idle_cpu_percent": 100, "min_interval_s": 0, "check_interval_s": 0.2, "steps": 1_000_000},
     }
     for name, values in sections.items():
         defaults.setdefault(name, {}).update(values)
@@ -312,12 +316,27 @@ def test_every_state_topic_receives_what_its_template_reads(running: Running) ->
 def test_readings_training_and_drift_are_in_the_status_it_reads(running: Running) -> None:
     assert running.daemon.store is not None
     wait_for(lambda: running.daemon.store.count() == STEPS * len(CHANNELS), HANG_S, "every reading stored")
-    # The status is refreshed every 30 s here; a change of what it says of training is published at once.
+    # The status is refreshed hourly here; a change of what it says of training is published at once.
     adaptation = running.daemon.adaptation
     assert adaptation is not None and adaptation.training_state == "idle"
     status = json.loads(retained(running.broker.port, "edge/test-dev/status") or b"{}")
     assert status["training"] == "idle" and set(status["drift_channels"]) == set(CHANNELS), status
     assert isinstance(status["readings"], int)
+
+
+def test_a_change_of_training_reaches_the_status_at_once(running: Running) -> None:
+    """Home Assistant's `training` entity follows an update within seconds, not at the hourly refresh."""
+    status_topic = "edge/test-dev/status"
+    before = len(running.listener.on(status_topic))
+    reply = request(running.config.device.socket, {"cmd": "train"})
+    assert reply["ok"] and reply["accepted"], reply
+    wait_for(
+        lambda: any(json.loads(p).get("training") == "running" for p, _ in running.listener.on(status_topic)[before:]),
+        HANG_S, "a status saying the update runs", detail=lambda: running.daemon.status_line(),
+    )  # fmt: skip
+    components = the_config(running)["cmps"]
+    latest = running.listener.on(status_topic)[-1][0]
+    assert render(components["training"]["value_template"], latest) == "running"
 
 
 def test_availability_follows_the_status_and_its_last_will(running: Running) -> None:
