@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -229,6 +231,15 @@ def test_dashboard_names_only_metrics_the_daemon_exports(running: tuple[Daemon, 
     assert all(expr.count('instance=~"$instance"') == len(promql_metric_names(expr)) for expr in panel_exprs), panel_exprs
 
 
+
+def test_the_contract_lists_every_metric_exported(running: tuple[Daemon, LocalBroker, Path]) -> None:
+    text = metrics_part(running[0]).render().decode()
+    exported = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    contract = (REPO / "docs" / "contract.md").read_text()
+    section = contract[contract.index("## 5. Prometheus metrics") :]
+    documented = set(re.findall(r"^\| `(edge_daemon_\w+)` \|", section, re.M))
+    assert documented == exported, (sorted(documented - exported), sorted(exported - documented))
+
 def _exprs(node: Any) -> Iterator[str]:
     if isinstance(node, dict):
         for key, item in node.items():
@@ -295,6 +306,20 @@ def test_metrics_are_off_unless_configured(tmp_path: Path) -> None:
     with_listen = [name for name, _ in Daemon(make_config(tmp_path, metrics={"listen": "127.0.0.1:9108"})).builders()]
     assert with_listen == names + ["metrics"]  # last: started once everything it reads runs
     assert [name for name, _ in Daemon(make_config(tmp_path, metrics={"textfile": str(tmp_path / "m.prom")})).builders()][-1] == "metrics"
+
+
+def test_a_daemon_without_metrics_does_not_import_prometheus_client(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from pathlib import Path\n"
+        "from conftest import make_config\n"
+        "from edge_daemon.daemon import Daemon\n"
+        f"Daemon(make_config(Path({str(tmp_path)!r}))).builders()\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('prometheus_client', 'edge_daemon.metrics'))) or 'clean')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, cwd=REPO)
+    assert out.stdout.strip() == "clean", out.stdout + out.stderr
 
 
 def _validate(tmp_path: Path, capsys: pytest.CaptureFixture[str], listen: str) -> str:
