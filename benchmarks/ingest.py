@@ -45,6 +45,15 @@ are divided by the readings stored. Each rate runs with the current defaults
 and with the earlier `[store] flush_interval_s` of 0.2 s, side by side.
 
     python benchmarks/ingest.py --wear [--wear-seconds 150]
+
+`--scrape` measures instead what the Prometheus endpoint (`[metrics] listen`) costs: the real
+daemon, with a store of `--scrape-hours` hours of readings on `--channels` channels, scraped
+`--scrapes` times back to back over HTTP; per scrape, the wall time the client waits, the daemon's
+CPU (utime + stime from /proc, less what it spends idle over the same time) and the bytes served.
+Beside it the same daemon without `[metrics]`: its idle CPU per second, to compare with the idle
+CPU of the one that serves metrics.
+
+    python benchmarks/ingest.py --scrape [--scrapes 200] [--channels 16]
 """
 
 from __future__ import annotations
@@ -484,6 +493,109 @@ def wear(seconds: float, flushes: Sequence[float] = (0.2,)) -> None:
             )
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds the process has used (utime + stime of all its threads; not its children)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape_daemon(state: Path, port: int, channels: int, hours: float, metrics_port: int | None) -> subprocess.Popen[bytes]:
+    """The daemon on a store of `hours` of readings (no model: nothing trains), with [metrics] on `metrics_port` if given."""
+    from edge_daemon.store import Reading, ReplayStore
+    from tests.support import config_toml
+
+    names = [f"bench/c{k:02d}" for k in range(channels)]
+    sections: dict[str, dict[str, Any]] = {
+        "device": {"id": f"scrape-{time.time_ns()}", "state_dir": str(state / "state"), "socket": str(state / "control.sock")},
+        "mqtt": {"port": port, "qos": 1},
+        "channels": {"names": names, "period_s": 1.0},
+        "model": {"bootstrap_min_windows": 10**9},
+        "train": {"start_on": ["request"]},
+    }
+    if metrics_port is not None:
+        sections["metrics"] = {"listen": f"127.0.0.1:{metrics_port}"}
+    (state / "config.toml").write_text(config_toml(sections))
+    cfg = parse_config(sections)
+    steps = int(hours * 3600)
+    start = float(int(time.time()) - steps - 5)
+    with ReplayStore(cfg.store_path, cfg.store, names) as store:
+        batch: list[Reading] = []
+        for step in range(steps):
+            batch += [Reading(name, start + step, 20.0 + k + (step % 60) / 60) for k, name in enumerate(names)]
+            if len(batch) >= 50_000:
+                store.write(batch)
+                batch = []
+        store.write(batch)
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge_daemon", "run", "--config", str(state / "config.toml")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+    )  # fmt: skip
+
+
+def _idle_cpu_per_s(pid: int, seconds: float) -> float:
+    before, started = _cpu_s(pid), time.monotonic()
+    time.sleep(seconds)
+    return (_cpu_s(pid) - before) / (time.monotonic() - started)
+
+
+def scrape_costs(scrapes: int, channels: int, hours: float, idle_s: float = 20.0) -> None:
+    """The metrics endpoint's cost per scrape, and the idle CPU of the daemon with and without it."""
+    import urllib.request
+
+    from tests.support import daemon_status, wait_for
+
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp, LocalBroker(workdir=Path(tmp)) as broker:
+        for label in ("without [metrics]", "with [metrics]"):
+            state = Path(tempfile.mkdtemp(dir=tmp))
+            metrics_port = None
+            if label == "with [metrics]":
+                import socket
+
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    metrics_port = int(sock.getsockname()[1])
+            daemon = scrape_daemon(state, broker.port, channels, hours, metrics_port)
+            try:
+                wait_for(lambda: (daemon_status(state / "control.sock") or {}).get("ingest", {}).get("connected"), 120, "the daemon subscribed")
+                time.sleep(5.0)  # start-up's own work (the first retention run, warm-up) settles
+                row = {"idle_cpu_ms_per_s": _idle_cpu_per_s(daemon.pid, idle_s) * 1e3}
+                if metrics_port is not None:
+                    url = f"http://127.0.0.1:{metrics_port}/metrics"
+                    urllib.request.urlopen(url, timeout=10).read()  # the first scrape builds what later ones reuse
+                    walls, size = [], 0
+                    cpu_before, started = _cpu_s(daemon.pid), time.monotonic()
+                    for _ in range(scrapes):
+                        t0 = time.perf_counter()
+                        with urllib.request.urlopen(url, timeout=10) as response:
+                            size = len(response.read())
+                        walls.append(time.perf_counter() - t0)
+                    elapsed = time.monotonic() - started
+                    cpu = _cpu_s(daemon.pid) - cpu_before - row["idle_cpu_ms_per_s"] / 1e3 * elapsed
+                    walls.sort()
+                    row |= {
+                        "wall_ms_median": walls[len(walls) // 2] * 1e3, "wall_ms_p95": walls[int(len(walls) * 0.95)] * 1e3,
+                        "cpu_ms_per_scrape": cpu / scrapes * 1e3, "bytes": size,
+                        "cpu_share_at_15s": cpu / scrapes / 15.0 * 100,
+                    }  # fmt: skip
+                results[label] = row
+            finally:
+                daemon.terminate()
+                daemon.wait(60)
+    print(f"\n{channels} channels, a store of {hours:g} h of 1 s readings ({int(hours * 3600 * channels):,} rows); {scrapes} scrapes back to back; idle CPU over {idle_s:.0f} s\n")
+    print("| daemon | idle CPU (ms/s) | scrape wall ms (median / p95) | daemon CPU ms per scrape | bytes per scrape | CPU share at a 15 s interval |")
+    print("| --- | --: | --: | --: | --: | --: |")
+    for label, r in results.items():
+        if "bytes" in r:
+            print(
+                f"| {label} | {r['idle_cpu_ms_per_s']:.2f} | {r['wall_ms_median']:.2f} / {r['wall_ms_p95']:.2f} | {r['cpu_ms_per_scrape']:.2f} "
+                f"| {r['bytes']:,.0f} | {r['cpu_share_at_15s']:.3f}% |"
+            )
+        else:
+            print(f"| {label} | {r['idle_cpu_ms_per_s']:.2f} | – | – | – | – |")
+
+
 # The CPU cost of reading one message, without a broker or a store: the part of ingestion the
 # payload forms change, measured apart from the network's noise. Run in a child process per tree.
 PARSE_CHILD = r"""
@@ -552,8 +664,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wear", action="store_true", help="bytes written to storage per stored reading instead")
     parser.add_argument("--wear-seconds", type=float, default=150.0, help="seconds of readings per wear run")
     parser.add_argument("--wear-flush", type=float, action="append", default=None, help="also run with this flush_interval_s (repeatable; default 0.2)")
+    parser.add_argument("--scrape", action="store_true", help="the metrics endpoint's cost per scrape instead (and the daemon's idle CPU with and without it)")
+    parser.add_argument("--scrapes", type=int, default=200, help="scrapes measured with --scrape")
+    parser.add_argument("--scrape-hours", type=float, default=1.0, help="hours of 1 s readings in the store with --scrape")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.scrape:
+        scrape_costs(args.scrapes, args.channels, args.scrape_hours)
+        return 0
     if args.wear:
         wear(args.wear_seconds, args.wear_flush or (0.2,))
         return 0

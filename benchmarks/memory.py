@@ -12,6 +12,7 @@ the worker together. The tree's PSS and its summed RSS are printed beside it.
     python benchmarks/memory.py --size default --no-search
     python benchmarks/memory.py --checkout ../old-main # the same rows for another checkout's daemon
     python benchmarks/memory.py --idle-minutes 30 --checkout ../old-main  # idle, side by side
+    python benchmarks/memory.py --operator-stack      # idle with ON_SECTIONS ([metrics] and [homeassistant] discovery) vs without
 
 The limit search runs the default model under real cgroup limits, as multiples
 of its serving charge, and bisects the smallest under which the daemon, by its
@@ -108,8 +109,9 @@ def _rss_sum_mb(pids: list[int]) -> float:
     return total / 2**20
 
 
-def prepare_state(workdir: Path, size: str, port: int) -> Path:
-    """Config, a store with HISTORY_H hours of readings, and a base model; returns the config file."""
+def prepare_state(workdir: Path, size: str, port: int, extra: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Config (with `extra` sections), a store with HISTORY_H hours of readings, and a base model;
+    returns the config file."""
     sections: dict[str, dict[str, Any]] = {
         "device": {"id": f"bench-{size}", "state_dir": str(workdir / "state"), "socket": str(workdir / "control.sock")},
         "mqtt": {"host": "127.0.0.1", "port": port},
@@ -118,6 +120,7 @@ def prepare_state(workdir: Path, size: str, port: int) -> Path:
         # Only the benchmark's request starts an update, at once.
         "train": {"start_on": ["request"], "idle_cpu_percent": 100, "idle_window_s": 1, "check_interval_s": 0.5, "min_interval_s": 0},
         "memory": {"sample_interval_s": SAMPLE_S},
+        **(extra or {}),
     }
     config_file = workdir / "config.toml"
     config_file.write_text(config_toml(sections))
@@ -174,7 +177,7 @@ class Service:
 
 
 @contextlib.contextmanager
-def serving(size: str, checkout: Path) -> Iterator[tuple[Service, int]]:
+def serving(size: str, checkout: Path, extra: dict[str, dict[str, Any]] | None = None) -> Iterator[tuple[Service, int]]:
     """The daemon of `checkout` in a fresh cgroup (no limit yet) with a store, a base and live
     readings, once it has scored its first live step (yielded with that step count); stopped,
     and everything removed, after."""
@@ -190,7 +193,7 @@ def serving(size: str, checkout: Path) -> Iterator[tuple[Service, int]]:
         feed: LiveFeed | None = None
         daemon: subprocess.Popen[bytes] | None = None
         try:
-            config_file = prepare_state(workdir, size, broker.port)
+            config_file = prepare_state(workdir, size, broker.port, extra)
             with open(workdir / "daemon.log", "wb") as log:
                 daemon = subprocess.Popen(
                     [sys.executable, "-m", "edge_daemon", "run", "--config", str(config_file)],
@@ -315,6 +318,73 @@ def run_idle(label: str, checkout: Path, minutes: int) -> list[dict[str, Any]]:
             })  # fmt: skip
             print(f"  {label} minute {minute}: {samples[-1]}", file=sys.stderr, flush=True)
     return samples
+
+
+# The operator's stack, on: the sections a device adds to be watched (Prometheus metrics; add
+# ("homeassistant", {"discovery": True}) where Home Assistant discovery exists). The metrics port
+# is filled in per run (a free one).
+ON_SECTIONS: list[tuple[str, dict[str, Any]]] = [("metrics", {"listen": "127.0.0.1:{port}"}), ("homeassistant", {"discovery": True})]
+STACK_SCRAPE_S = 5.0  # scraped this often while measured, as a Prometheus would (more often than its 15 s)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_stack_idle(label: str, sections: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The default model serving with `sections` added: the median cgroup charge (and the tree's PSS)
+    over SERVING_S once scoring has settled, scraping /metrics every STACK_SCRAPE_S when served."""
+    import urllib.request
+
+    port = _free_port()
+    extra = {name: {key: value.format(port=port) if isinstance(value, str) else value for key, value in values.items()} for name, values in sections}
+    url = f"http://127.0.0.1:{port}/metrics" if "listen" in extra.get("metrics", {}) else None
+    with serving("default", ROOT, extra) as (service, first):
+        wait_for(lambda: ((service.alive_status() or {}).get("scoring") or {}).get("steps", 0) >= first + SETTLE_SCORED, HANG_S, "live scoring to settle", interval=0.1)
+        charges, scraped, next_scrape, size = [], 0, 0.0, 0
+        deadline = time.monotonic() + SERVING_S
+        while time.monotonic() < deadline:
+            if url is not None and time.monotonic() >= next_scrape:
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    size = len(response.read())
+                scraped += 1
+                next_scrape = time.monotonic() + STACK_SCRAPE_S
+            charges.append(service.cgroup.charge_mb())
+            time.sleep(SAMPLE_S)
+        pids = service.cgroup.pids()
+        modules = "prometheus_client" if url is not None else "-"
+        return {
+            "label": label, "sections": ", ".join(f"[{name}]" for name, _ in sections) or "none",
+            "charge_mb": sorted(charges)[len(charges) // 2], "pss_mb": _pss_mb(pids), "scrapes": scraped, "scrape_bytes": size,
+            "imports": modules,
+        }  # fmt: skip
+
+
+def operator_stack(repeat: int) -> list[str]:
+    """Idle memory with ON_SECTIONS vs without, `repeat` pairs run side by side (the same machine state)."""
+    results: list[dict[str, Any]] = []
+    for _ in range(repeat):
+        pair: list[dict[str, Any]] = []
+        threads = [
+            threading.Thread(target=lambda label=label, sections=sections: pair.append(run_stack_idle(label, sections)))
+            for label, sections in (("off", []), ("on", ON_SECTIONS))
+        ]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        results += sorted(pair, key=lambda r: r["label"] != "off")
+    lines = ["| stack | sections | cgroup charge MB (median) | tree PSS MB | scrapes | scrape bytes |", "| --- | --- | --: | --: | --: | --: |"]
+    for r in results:
+        lines.append(f"| {r['label']} | {r['sections']} | {r['charge_mb']:.1f} | {r['pss_mb']:.1f} | {r['scrapes']} | {r['scrape_bytes']} |")
+    off = [r["charge_mb"] for r in results if r["label"] == "off"]
+    on = [r["charge_mb"] for r in results if r["label"] == "on"]
+    lines.append(f"\non - off (cgroup charge, median of pairs): {sorted(b - a for a, b in zip(off, on))[len(on) // 2]:+.1f} MB")
+    return lines
 
 
 def idle_table(runs: list[list[dict[str, Any]]]) -> list[str]:
@@ -447,7 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes", type=int, default=4)
     parser.add_argument("--json", type=Path, help="write every row here")
     parser.add_argument("--idle-minutes", type=int, default=0, help="instead: each daemon idle (serving) this long, side by side")
+    parser.add_argument("--operator-stack", action="store_true", help="instead: idle memory with ON_SECTIONS ([metrics] ...) vs without")
     args = parser.parse_args(argv)
+    if args.operator_stack:
+        print("\n".join(operator_stack(args.repeat)))
+        return 0
     daemons = [("this", ROOT)] + [(_revision(c), c.resolve()) for c in args.checkout]
     if args.idle_minutes:
         runs: list[list[dict[str, Any]]] = [[] for _ in daemons]

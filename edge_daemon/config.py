@@ -456,6 +456,71 @@ class HomeAssistantConfig(_Section):
         return prefix
 
 
+class MetricsConfig(_Section):
+    """`[metrics]`: Prometheus metrics over HTTP, or as a file for node_exporter; off while neither is set."""
+
+    listen: str | None = Field(
+        None, description="serve /metrics on this host:port (\"127.0.0.1:9108\"; IPv6 in brackets: \"[::1]:9108\"); unset: no HTTP server"
+    )
+    textfile: Path | None = Field(
+        None, description="write the metrics to this file for node_exporter's textfile collector (name it *.prom); replaced atomically"
+    )
+    textfile_interval_s: float = Field(15.0, gt=0, description="how often the textfile is rewritten")
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, listen: str | None) -> str | None:
+        if listen is not None:
+            listen_address(listen)  # raises ValueError with what is wrong
+        return listen
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None or self.textfile is not None
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to serve on, the host without IPv6 brackets; None without `listen`."""
+        return None if self.listen is None else listen_address(self.listen)
+
+    def warnings(self) -> list[str]:
+        """What validate-config points out: an endpoint reachable from other machines."""
+        address = self.address
+        if address is not None and not _loopback(address[0]):
+            return [f"metrics.listen: {self.listen} is reachable from other machines (the metrics have no authentication)"]
+        return []
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[addr]:port`) as (host, port); ValueError saying what is wrong."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{listen!r}: want host:port, e.g. \"127.0.0.1:9108\" or \"[::1]:9108\"")
+    if host.startswith("[") != host.endswith("]"):
+        raise ValueError(f"{listen!r}: unbalanced brackets around the IPv6 address")
+    if host.startswith("["):
+        host = host[1:-1]
+        if ":" not in host:
+            raise ValueError(f"{listen!r}: brackets are only for IPv6 addresses")
+    elif ":" in host:
+        raise ValueError(f"{listen!r}: write an IPv6 address in brackets, e.g. \"[::1]:9108\"")
+    if not host or any(ch.isspace() for ch in host):
+        raise ValueError(f"{listen!r}: empty or invalid host")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{listen!r}: port must be a number 0-65535")
+    return host, int(port_text)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to may be reachable
+
 class Config(_Section):
     device: DeviceConfig
     mqtt: MqttConfig
@@ -468,6 +533,7 @@ class Config(_Section):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     inputs: list[InputConfig] = Field(
         default_factory=list, description="[[inputs]] mappings of other payload forms; none: the native grammar on [mqtt] topics"
     )

@@ -193,6 +193,12 @@ class Daemon:
         before discovery was turned off (built only then: `Discovery.wanted`)."""
         return Discovery(self.config, _built(self.ingestor, "ingest"))
 
+    def _build_metrics(self) -> Part[None]:
+        # Imported here: prometheus_client is loaded only by a daemon configured with [metrics].
+        from edge_daemon.metrics import Metrics
+
+        return Metrics(self.config, self.status_parts)
+
     def builders(self) -> list[tuple[str, Callable[[], Part[Any]]]]:
         """The start order: each part is built, then started, once those before it run.
 
@@ -201,7 +207,7 @@ class Daemon:
         broker session); stopped in reverse, so a running update is asked to end once the
         scheduler, ingestion and the socket have stopped.
         """
-        return [
+        order: list[tuple[str, Callable[[], Part[Any]]]] = [
             ("training helper", self._build_helper),
             ("store", self._build_store),
             ("watchdog", self._build_watchdog),
@@ -212,6 +218,9 @@ class Daemon:
             ("scheduler", self._build_scheduler),
             *([("homeassistant", self._build_homeassistant)] if Discovery.wanted(self.config) else []),
         ]
+        if self.config.metrics.enabled:  # last: it reads every other part (and stops first)
+            order.append(("metrics", self._build_metrics))
+        return order
 
     def start(self) -> None:
         """Start every part in order; if one fails, stop those already started and re-raise."""

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from edge_daemon.adaptation.runner import WORKER_TARGET, UpdateRunner
+from edge_daemon.adaptation.tally import UpdateTally
 from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger
 from edge_daemon.artifacts.adapters import AdapterStore, AdapterVersion
 from edge_daemon.artifacts.base import BaseModel, load_base
@@ -198,6 +199,7 @@ class Adaptation:
         self._bootstrap_not_before = 0.0
         self.last_decision: str | None = None  # why the trigger last did (not) start an update
         self.trigger_checks = 0  # decisions taken so far
+        self.updates = UpdateTally()  # every job that ended, by cause and outcome (the metrics read it)
         # What a training worker adds to the service's usage, as measured by the last one that
         # finished (peak usage while it ran, less the usage when it started); before any, what
         # its plan is chosen to stay within ([memory] update_share of the usage).
@@ -458,6 +460,7 @@ class Adaptation:
         """In the runner's monitor thread: serve an accepted adapter, publish the outcome; only
         then may the trigger start another update (before, it would still see the drift that the
         adapter now served is about to reset, or no base while a new one loads)."""
+        self.updates.record(result, shutting_down=self.stop_event.is_set())
         try:
             self._handle_result(result)
         finally:

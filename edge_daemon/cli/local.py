@@ -69,6 +69,8 @@ def validate(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     inputs = ", ".join(f"{mapping.format} on {mapping.topic}" for mapping in config.inputs) or "the native form"
     print(f"{args.path}: valid (device {config.device.id}, {len(config.channels.names)} channels; reading {inputs})")
+    for warning in config.metrics.warnings():
+        print(f"  warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
