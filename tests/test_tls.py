@@ -25,7 +25,7 @@ from edge_daemon.errors import ConfigError
 from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.store import ReplayStore
 from tests.conftest import CHANNELS, make_config, running_broker
-from tests.support import config_toml, daemon_status, wait_for
+from tests.support import config_toml, daemon_status, openssl_ca, openssl_signed, wait_for
 
 HANG_S = 30.0
 KEY_PASSPHRASE = "correct horse battery staple"
@@ -49,36 +49,14 @@ class Pki:
     client_key: Path  # encrypted with KEY_PASSPHRASE
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-def _ca(directory: Path, name: str) -> tuple[Path, Path]:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-             "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=directory)  # fmt: skip
-    return directory / f"{name}.crt", directory / f"{name}.key"
-
-
-def _signed(directory: Path, ca: tuple[Path, Path], name: str, extensions: str, key_args: tuple[str, ...] = ("-nodes",)) -> tuple[Path, Path]:
-    (directory / f"{name}.ext").write_text(extensions + "\n")
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", *key_args,
-             "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=directory)  # fmt: skip
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
-             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=directory)  # fmt: skip
-    return directory / f"{name}.crt", directory / f"{name}.key"
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory = tmp_path_factory.mktemp("pki")
-    ca = _ca(directory, "edge-test-ca")
-    other_ca = _ca(directory, "someone-elses-ca")
-    server = _signed(directory, ca, "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1")
-    example = _signed(directory, ca, "broker.example", "subjectAltName=DNS:broker.example")
-    client = _signed(directory, ca, "edge-device", "extendedKeyUsage=clientAuth",
-                     key_args=("-passout", f"pass:{KEY_PASSPHRASE}"))  # fmt: skip
-    for key in (server[1], example[1]):
-        key.chmod(0o644)  # mosquitto runs as the caller, but keep it simple for any user
+    ca = openssl_ca(directory, "edge-test-ca")
+    other_ca = openssl_ca(directory, "someone-elses-ca")
+    server = openssl_signed(directory, ca, "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1")
+    example = openssl_signed(directory, ca, "broker.example", "subjectAltName=DNS:broker.example")
+    client = openssl_signed(directory, ca, "edge-device", "extendedKeyUsage=clientAuth", passphrase=KEY_PASSPHRASE)
     return Pki(ca[0], other_ca[0], *server, *example, *client)
 
 
