@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import subprocess
 import time
@@ -301,6 +302,14 @@ def test_validate_config_warns_about_secrets_others_can_read(tmp_path: Path, cap
     assert code == 0 and f"mqtt.password_file: {password_file} holds a secret and is readable by every user (mode 0644)" in err
     password_file.chmod(0o600)
     assert validate({"username": "edge", "password_file": str(password_file)}) == (0, "")
+    # Group-readable by a group that is neither root's nor the service's.
+    if os.geteuid() == 0:
+        os.chown(password_file, 0, 65534)
+        password_file.chmod(0o640)
+        code, err = validate({"username": "edge", "password_file": str(password_file)})
+        assert code == 0 and "readable by group" in err and "not only the service's group edge-daemon" in err
+        os.chown(password_file, 0, 0)
+        password_file.chmod(0o600)
     # An inline password in a world-readable config.
     code, err = validate({"username": "edge", "password": "hunter2"}, mode=0o644)
     assert code == 0 and f"{config} holds mqtt.password and is readable by every user" in err
