@@ -54,6 +54,14 @@ Beside it the same daemon without `[metrics]`: its idle CPU per second, to compa
 CPU of the one that serves metrics.
 
     python benchmarks/ingest.py --scrape [--scrapes 200] [--channels 16]
+
+`--tls` measures what TLS costs ingestion: the ingestor of this tree, QoS 1, the native `single`
+and `batched` forms, once over plaintext and once over TLS (a client certificate required, a
+CA and certificates made by openssl for the run), alternating in each round. One mosquitto
+serves both: the same config, a plaintext listener and a TLS one; the publisher sends on the
+plaintext one in both cases, so only the ingestor's link differs.
+
+    python benchmarks/ingest.py --tls [--repeats 3]
 """
 
 from __future__ import annotations
@@ -596,6 +604,90 @@ def scrape_costs(scrapes: int, channels: int, hours: float, idle_s: float = 20.0
             print(f"| {label} | {r['idle_cpu_ms_per_s']:.2f} | – | – | – | – |")
 
 
+def tls_case(
+    broker: LocalBroker, tls_port: int, tls_options: dict[str, Any], form: str, n: int, args: argparse.Namespace, workdir: Path,
+) -> dict[str, Any]:
+    """`args.repeats` rounds of this tree's ingestor over plaintext and over TLS (QoS 1), in rotating order."""
+    _, _, per_message = form_setup(form, args.channels)
+    topics = parse_config(bench_sections(form, broker.port, 1, args.channels, workdir, None)).subscriptions
+    links = ("plaintext", "TLS")
+    rates: dict[str, list[float]] = {link: [] for link in links}
+    lost = dict.fromkeys(links, 0)
+    for rep in range(args.repeats):
+        order = links[rep % 2:] + links[:rep % 2]
+        got: dict[str, dict[str, Any]] = {}
+        for link in order:
+            state = Path(tempfile.mkdtemp(dir=workdir))
+            config = bench_sections(form, broker.port, 1, args.channels, state, args.batch_size)
+            if link == "TLS":
+                config["mqtt"].update(port=tls_port, **tls_options)
+            spec: dict[str, Any] = {
+                "kind": "persisted", "host": broker.host, "port": broker.port, "qos": 1, "config": config,
+                "readings": n * per_message, "per_message": per_message, "topics": topics, "receive_maximum": 0,
+                "publisher": [
+                    sys.executable, "-c", PUBLISHER, str(broker.port), "1", form, str(n), str(args.channels),
+                    repr(publisher_base(form, n)), TASMOTA_ZONE,
+                ],
+            }  # fmt: skip
+            got[link] = measure(ROOT, spec)
+        for link in links:
+            rates[link].append(got[link]["rate"])
+            lost[link] = max(lost[link], got[link]["lost"])
+        text = ", ".join(f"{link} {got[link]['rate']:,.0f}/s lost {got[link]['lost']}" for link in order)
+        print(f"  {form} qos1 #{rep + 1}: {text}", file=sys.stderr, flush=True)
+    ratios = [tls / plain for plain, tls in zip(rates["plaintext"], rates["TLS"]) if plain]
+    median = statistics.median
+    return {
+        "form": form, "n": n, "per_message": per_message, "rates": {link: median(values) for link, values in rates.items()},
+        "ratio": median(ratios) if ratios else float("nan"), "lost": lost,
+    }  # fmt: skip
+
+
+def tls_ingest(args: argparse.Namespace) -> None:
+    """Readings/s persisted over plaintext and over TLS, side by side (see the module docstring)."""
+    from edge_daemon.broker import free_port
+    from tests.support import openssl_ca, openssl_signed
+
+    started = time.monotonic()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pki = Path(tmp) / "pki"
+        pki.mkdir()
+        ca = openssl_ca(pki, "bench-ca")
+        server = openssl_signed(pki, ca, "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1")
+        client = openssl_signed(pki, ca, "bench-ingestor", "extendedKeyUsage=clientAuth")
+        tls_port = free_port()
+        conf = (
+            f"listener {tls_port} 127.0.0.1\ncafile {ca[0]}\ncertfile {server[0]}\nkeyfile {server[1]}\n"
+            "require_certificate true\n"
+        )
+        tls_options = {"tls": True, "ca_file": str(ca[0]), "cert_file": str(client[0]), "key_file": str(client[1])}
+        broker_dir = Path(tmp) / "broker"
+        broker_dir.mkdir()
+        with LocalBroker(workdir=broker_dir, conf=conf) as broker:
+            for form in NATIVE:
+                n = args.messages if form == "single" else args.batched_messages
+                rows.append(tls_case(broker, tls_port, tls_options, form, n, args, Path(tmp)))
+    minutes = (time.monotonic() - started) / 60
+    import ssl
+
+    print(
+        f"\nmosquitto, one plaintext and one TLS listener (client certificate required, P-256 keys; {ssl.OPENSSL_VERSION});"
+        f" QoS 1; {args.channels} channels; medians of {args.repeats} rounds; {minutes:.1f} min\n"
+    )
+    print("| payload | QoS | messages | plaintext (readings/s) | TLS (readings/s) | TLS / plaintext | lost |")
+    print("| --- | --- | --: | --: | --: | --: | --- |")
+    for row in rows:
+        per = row["per_message"]
+        label = f"{FORM_LABELS[row['form']]} ({per} reading{'s' if per != 1 else ''})"
+        lost = row["lost"]
+        lost_text = "0" if not any(lost.values()) else ", ".join(f"{link}: {count}" for link, count in lost.items())
+        print(
+            f"| {label} | 1 | {row['n']:,} | {row['rates']['plaintext']:,.0f} | {row['rates']['TLS']:,.0f} "
+            f"| {row['ratio']:.2f}x | {lost_text} |"
+        )
+
+
 # The CPU cost of reading one message, without a broker or a store: the part of ingestion the
 # payload forms change, measured apart from the network's noise. Run in a child process per tree.
 PARSE_CHILD = r"""
@@ -662,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--parse", action="store_true", help="CPU per native message, parse only (with --checkout: before/after)")
     parser.add_argument("--wear", action="store_true", help="bytes written to storage per stored reading instead")
+    parser.add_argument("--tls", action="store_true", help="QoS 1 native ingest over plaintext and over TLS instead, side by side")
     parser.add_argument("--wear-seconds", type=float, default=150.0, help="seconds of readings per wear run")
     parser.add_argument("--wear-flush", type=float, action="append", default=None, help="also run with this flush_interval_s (repeatable; default 0.2)")
     parser.add_argument("--scrape", action="store_true", help="the metrics endpoint's cost per scrape instead (and the daemon's idle CPU with and without it)")
@@ -674,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.wear:
         wear(args.wear_seconds, args.wear_flush or (0.2,))
+        return 0
+    if args.tls:
+        tls_ingest(args)
         return 0
     if args.parse:
         trees = [(f"this tree ({_revision(ROOT)})", ROOT)] + [(_revision(c), c.resolve()) for c in args.checkout]

@@ -68,15 +68,22 @@ asyncio.run(main(int(sys.argv[1])))
 
 
 class LocalBroker:
-    """A broker process on 127.0.0.1:<port>; `start`, `stop`, `restart`."""
+    """A broker process on 127.0.0.1:<port>; `start`, `stop`, `restart`.
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None, prefer: str = "mosquitto") -> None:
+    `conf` adds mosquitto.conf lines at the end (mosquitto only): the listener's TLS
+    `cafile`/`certfile`/`keyfile`, a `password_file` with `allow_anonymous false`, a second listener.
+    """
+
+    def __init__(self, port: int | None = None, workdir: Path | None = None, prefer: str = "mosquitto", conf: str = "") -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edge-broker-"))
         self.kind = "mosquitto" if prefer == "mosquitto" and shutil.which("mosquitto") else "amqtt"
         self._proc: subprocess.Popen[bytes] | None = None
+        if conf and self.kind != "mosquitto":
+            raise RuntimeError("mosquitto.conf lines given but mosquitto is not installed")
+        self.conf = conf.strip()
 
     def _command(self) -> list[str]:
         if self.kind == "mosquitto":
@@ -86,7 +93,6 @@ class LocalBroker:
                 # Run as the caller: mosquitto started as root would drop to the
                 # `mosquitto` user and lose access to a private persistence dir.
                 f"user {getpass.getuser()}\n"
-                "allow_anonymous true\n"
                 # Sessions and queued QoS 1 messages survive a broker restart.
                 "persistence true\n"
                 f"persistence_location {self.workdir}/\n"
@@ -95,6 +101,10 @@ class LocalBroker:
                 "log_dest stderr\n"
                 "log_type error\n"
                 "log_type warning\n"
+                + ("" if "allow_anonymous" in self.conf else "allow_anonymous true\n")
+                # Options after the listener line above apply to it (a second `listener` line in
+                # `conf` starts another).
+                + (f"{self.conf}\n" if self.conf else "")
             )
             return [shutil.which("mosquitto") or "mosquitto", "-c", str(conf)]
         return [sys.executable, "-c", _AMQTT_MAIN, str(self.port)]

@@ -40,7 +40,17 @@ class MqttConfig(_Section):
     qos: Literal[0, 1] = Field(1, description="subscription QoS; 1 = nothing lost")
     client_id: str | None = Field(None, description="persistent-session client id (default edge-daemon-<device.id>)")
     username: str | None = Field(None, description="broker user name")
-    password: str | None = Field(None, description="broker password")
+    # repr=False: a config printed or logged never shows it.
+    password: str | None = Field(None, repr=False, description="broker password (better: password_file, kept out of this file)")
+    password_file: str | None = Field(
+        None, description="file holding the broker password, read at start; may start with ${CREDENTIALS_DIRECTORY}"
+    )
+    tls: bool = Field(False, description="connect over TLS (the port is then usually 8883); never falls back to plaintext")
+    ca_file: str | None = Field(None, description="TLS: CA certificate(s) (PEM) the broker's is checked against (default: the system's)")
+    cert_file: str | None = Field(None, description="TLS: client certificate (PEM), with key_file")
+    key_file: str | None = Field(None, description="TLS: the client certificate's private key (PEM); may start with ${CREDENTIALS_DIRECTORY}")
+    key_password_file: str | None = Field(None, description="TLS: file holding key_file's passphrase, read at start")
+    tls_insecure: bool = Field(False, description="TLS: accept a broker certificate whose name does not match host (still CA-checked)")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0, description="how long the broker keeps the session (MQTT 5)")
     reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay")
@@ -58,6 +68,21 @@ class MqttConfig(_Section):
     def _backoff_order(self) -> MqttConfig:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+    @model_validator(mode="after")
+    def _secrets_and_tls(self) -> MqttConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("password and password_file are exclusive: keep the password in password_file only")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        tls_only = [key for key in ("ca_file", "cert_file", "key_file", "key_password_file") if getattr(self, key) is not None]
+        if tls_only and not self.tls:
+            raise ValueError(f"{', '.join(tls_only)} set but tls = false")
+        if self.key_password_file is not None and self.key_file is None:
+            raise ValueError("key_password_file is set without key_file")
+        if self.tls_insecure and not self.tls:
+            raise ValueError("tls_insecure is set but tls = false")
         return self
 
 

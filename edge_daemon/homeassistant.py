@@ -16,7 +16,7 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NotRequired, Protocol
 
@@ -26,7 +26,8 @@ from typing_extensions import TypedDict
 from edge_daemon import __version__
 from edge_daemon.artifacts.files import replace_atomically
 from edge_daemon.config import Config
-from edge_daemon.errors import DiscoveryError
+from edge_daemon.errors import ConfigError, DiscoveryError
+from edge_daemon.mqtt.credentials import configure_client
 
 log = logging.getLogger(__name__)
 
@@ -353,9 +354,12 @@ class Discovery:
 # -- removal without the daemon (uninstall --purge) ---------------------------------------------
 
 
-def remove_published(config: Config, state_dir: Path | None = None, timeout: float = 5.0) -> list[str]:
+def remove_published(
+    config: Config, state_dir: Path | None = None, timeout: float = 5.0, environ: Mapping[str, str] | None = None
+) -> list[str]:
     """Clear every discovery config `topics_to_remove` names with an empty retained message, over
-    a connection of its own to `[mqtt]`'s broker; forget the marker. The topics cleared (none: nothing
+    a connection of its own to `[mqtt]`'s broker (its password and TLS as the daemon's, files read
+    with `environ`'s `$CREDENTIALS_DIRECTORY`); forget the marker. The topics cleared (none: nothing
     was published). DiscoveryError when the broker cannot be reached within `timeout` seconds."""
     state_dir = config.device.state_dir if state_dir is None else state_dir
     topics = topics_to_remove(config, state_dir)
@@ -369,8 +373,10 @@ def remove_published(config: Config, state_dir: Path | None = None, timeout: flo
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
         **({} if v5 else {"clean_session": True}),
     )
-    if mqtt_cfg.username:
-        client.username_pw_set(mqtt_cfg.username, mqtt_cfg.password)
+    try:
+        configure_client(client, mqtt_cfg, environ)
+    except ConfigError as exc:
+        raise DiscoveryError(f"{exc}: the Home Assistant discovery config on {', '.join(topics)} stays") from None
     client.connect_timeout = timeout
     accepted = threading.Event()
     client.on_connect = lambda c, userdata, flags, reason, props: None if reason.is_failure else accepted.set()

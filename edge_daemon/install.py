@@ -1,8 +1,10 @@
 """Install and uninstall edge-daemon as a systemd service.
 
 Owns the on-device layout: a virtual environment under /opt, the unit in
-/etc/systemd/system, the default config (never overwritten) and the state
-that uninstall keeps unless asked to purge. Standard library only, so the
+/etc/systemd/system, the default config (never overwritten; 0640
+root:edge-daemon, with the system user and group edge-daemon the service runs
+as), the MQTT password in systemd's credential store, and the state that
+uninstall keeps unless asked to purge. Standard library only, so the
 system python3 can run it from a source tree (scripts/install).
 
 The unit and the default config are package data (edge_daemon/data/), so an
@@ -14,6 +16,7 @@ the venv itself, with the CPU torch pin from constraints.txt.
 from __future__ import annotations
 
 import argparse
+import grp
 import logging
 import os
 import re
@@ -21,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +38,15 @@ UNIT_NAME = "edge-daemon.service"
 DEFAULT_VENV = Path("/opt/edge-daemon/venv")
 UNIT_DIR = Path("/etc/systemd/system")
 CONFIG_PATH = Path("/etc/edge-daemon/config.toml")
+# The unit's User=/Group=: a system user of this name makes systemd use it instead of a dynamic
+# one, so the config can be readable by the service and no one else.
+SERVICE_USER = "edge-daemon"
+CONFIG_MODE = 0o640
+# systemd's credential store, searched by the unit's `LoadCredential=mqtt-password:<file>`.
+CREDSTORE_DIR = Path("/etc/credstore")
+MQTT_PASSWORD_CREDENTIAL = "edge-daemon.mqtt-password"
+# Every credential the unit loads from the store (uninstall --purge removes them).
+CREDENTIALS = (MQTT_PASSWORD_CREDENTIAL, "edge-daemon.mqtt-key-password", "edge-daemon.mqtt-client-key")
 # DynamicUser= keeps the real directories under private/ and links them from
 # the usual place; both forms are removed together.
 STATE_DIRS = (Path("/var/lib/edge-daemon"), Path("/var/lib/private/edge-daemon"))
@@ -53,6 +66,8 @@ class InstallResult:
     unit: Path
     config: Path
     config_written: bool  # False: an existing config was kept untouched
+    config_group: str | None  # the config's group when set to the service's, else None (left root's)
+    mqtt_password: Path | None  # where --mqtt-password-file was copied (the credential store)
     venv: Path | None  # None: venv creation was skipped
     systemctl_ran: bool  # daemon-reload + enable --now
 
@@ -64,6 +79,12 @@ class UninstallResult:
     removed: list[Path] = field(default_factory=list)
     kept: list[Path] = field(default_factory=list)
     systemctl_ran: bool = False
+
+
+def credential_id(name: str) -> str:
+    """The id the unit loads a credential store file as (`LoadCredential=<id>:<name>`): the name
+    without the service's prefix, e.g. mqtt-password."""
+    return name.removeprefix("edge-daemon.")
 
 
 def project_dir() -> Path:
@@ -164,11 +185,15 @@ def install(
     systemctl: bool = True,
     with_venv: bool = True,
     device_id: str | None = None,
+    mqtt_password_file: Path | None = None,
 ) -> InstallResult:
     """Install the service under `prefix` (a temporary root in tests, / on a device).
 
     Writes the unit (replacing an older one: local changes belong in
-    `systemctl edit` drop-ins) and the default config only if none exists.
+    `systemctl edit` drop-ins) and the default config only if none exists,
+    mode 0640 and, once the system group edge-daemon exists (created here
+    at /), group edge-daemon. `mqtt_password_file` is copied into the
+    credential store (0600 root) that the unit's LoadCredential= reads.
     `systemctl daemon-reload` and `enable --now` run only when `systemctl` is
     True, `prefix` is / and systemd is running. `with_venv=False` skips
     the venv (tests, or a venv provisioned another way).
@@ -196,6 +221,7 @@ def install(
         log.info("edge-daemon is installed in %s: the service runs from that venv", venv_dir)
     unit_text = render_unit(venv_dir)  # read everything before touching the target
     config_text = render_config(device_id)
+    password = _read_password_file(mqtt_password_file) if mqtt_password_file is not None else None
 
     venv_path: Path | None = None
     if with_venv:
@@ -206,12 +232,27 @@ def install(
     replace_atomically(unit_path, unit_text, 0o644)  # systemd never reads a half-written unit
     log.info("wrote %s", unit_path)
 
+    if at_root:
+        ensure_service_user()
     config_path = under(prefix, CONFIG_PATH)
-    config_written = _write_new(config_path, config_text, 0o644)
+    config_written = _write_new(config_path, config_text, CONFIG_MODE)
+    config_group = None
     if config_written:
+        config_group = _give_to_service_group(config_path)
         log.info("wrote default config %s", config_path)
     else:
         log.info("kept existing config %s", config_path)
+
+    password_path = None
+    if password is not None:
+        password_path = under(prefix, CREDSTORE_DIR / MQTT_PASSWORD_CREDENTIAL)
+        password_path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(password_path.parent, 0o700)
+        replace_atomically(password_path, password, 0o600)
+        log.info(
+            'wrote %s: the service reads it as password_file = "${CREDENTIALS_DIRECTORY}/mqtt-password" '
+            "(set that and username in [mqtt])", password_path,
+        )
 
     ran = False
     if systemctl and at_root and systemd_running():
@@ -220,7 +261,47 @@ def install(
         ran = True
     elif systemctl:
         log.info("not running systemctl: %s", "prefix is not /" if not at_root else "systemd is not running")
-    return InstallResult(unit_path, config_path, config_written, venv_path, ran)
+    return InstallResult(unit_path, config_path, config_written, config_group, password_path, venv_path, ran)
+
+
+def ensure_service_user() -> None:
+    """Create the system user and group edge-daemon (no home, no login) unless they exist."""
+    try:
+        grp.getgrnam(SERVICE_USER)
+        return
+    except KeyError:
+        pass
+    _run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+          "--shell", "/usr/sbin/nologin", "--comment", "edge-daemon service", SERVICE_USER])  # fmt: skip
+    log.info("created system user and group %s", SERVICE_USER)
+
+
+def _give_to_service_group(path: Path) -> str | None:
+    """chown root:edge-daemon when that group exists and we may; else say what to do."""
+    try:
+        gid = grp.getgrnam(SERVICE_USER).gr_gid
+    except KeyError:
+        log.warning(
+            "no group %s here: %s stays root's, unreadable by the service until "
+            "`chown root:%s` (installing to / creates the group)", SERVICE_USER, path, SERVICE_USER,
+        )
+        return None
+    try:
+        os.chown(path, 0, gid)
+    except PermissionError:
+        log.warning("cannot chown %s to root:%s (not root): do it before starting the service", path, SERVICE_USER)
+        return None
+    return SERVICE_USER
+
+
+def _read_password_file(path: Path) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InstallError(f"--mqtt-password-file {path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    if not text.strip("\r\n"):
+        raise InstallError(f"--mqtt-password-file {path} is empty")
+    return text
 
 
 def uninstall(
@@ -232,8 +313,9 @@ def uninstall(
     """Stop and remove the service and its venv; keep state and config unless `purge`.
 
     Caches are always removed (they are rebuilt on demand); `purge` also
-    removes the state directory (store, base model, adapters), the config
-    and any `systemctl edit` drop-ins.
+    removes the state directory (store, base model, adapters), the config,
+    the service's credentials in /etc/credstore and any `systemctl edit`
+    drop-ins. The system user edge-daemon stays (files may still be its).
     """
     prefix = Path(prefix)
     at_root = prefix.resolve() == Path("/")
@@ -256,6 +338,7 @@ def uninstall(
         raise InstallError(f"{venv_path} is not a virtual environment (no pyvenv.cfg); not removing it")
     targets.append(venv_path)
     data = [under(prefix, p) for p in STATE_DIRS] + [under(prefix, CONFIG_PATH.parent), unit_dir / f"{UNIT_NAME}.d"]
+    data += [under(prefix, CREDSTORE_DIR / name) for name in CREDENTIALS]
     if purge:
         # While the config and the state (which remembers what was published) are still there.
         _remove_discovery(prefix)
@@ -297,7 +380,13 @@ def _remove_discovery(prefix: Path) -> None:
     try:
         config = load_config(config_path)
         state_dir = config.device.state_dir
-        removed = remove_published(config, state_dir=under(prefix, state_dir) if state_dir.is_absolute() else state_dir)
+        # The broker password and key files as the service sees them: a config naming
+        # ${CREDENTIALS_DIRECTORY}/<id> reads the credential store's file the unit loads as <id>.
+        with tempfile.TemporaryDirectory() as credentials:
+            for name in CREDENTIALS:
+                (Path(credentials) / credential_id(name)).symlink_to(under(prefix, CREDSTORE_DIR / name))
+            environ = {**os.environ, "CREDENTIALS_DIRECTORY": credentials}
+            removed = remove_published(config, state_dir=under(prefix, state_dir) if state_dir.is_absolute() else state_dir, environ=environ)
     except EdgeDaemonError as exc:
         log.warning("%s; uninstalling anyway", exc)
         return
@@ -361,6 +450,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                             help="source tree to build the venv from (default: this one; installed from a wheel: the venv it runs from)")  # fmt: skip
         parser.add_argument("--no-venv", action="store_true", help="skip creating the venv (it exists or is managed elsewhere)")
         parser.add_argument("--device-id", default=None, help="[device] id for a new config (default: host name)")
+        parser.add_argument("--mqtt-password-file", type=Path, default=None,
+                            help="copy this file to /etc/credstore/edge-daemon.mqtt-password (0600), the broker "
+                            "password the unit passes as ${CREDENTIALS_DIRECTORY}/mqtt-password")  # fmt: skip
     else:
         parser.add_argument("--purge", action="store_true", help="also remove state (store, models, adapters) and the config")
 
@@ -370,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edge-daemon",
         description="Install or remove the edge-daemon systemd service.",
         epilog="examples:\n  sudo edge-daemon install\n  edge-daemon install --prefix /tmp/root --no-venv\n"
+        "  sudo edge-daemon install --mqtt-password-file ./mqtt-password\n"
         "  sudo edge-daemon uninstall            # keeps /var/lib/edge-daemon and the config\n"
         "  sudo edge-daemon uninstall --purge",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -393,6 +486,7 @@ def run(args: argparse.Namespace) -> int:
                 systemctl=not args.no_systemctl,
                 with_venv=not args.no_venv,
                 device_id=args.device_id,
+                mqtt_password_file=args.mqtt_password_file,
             )
             if not res.systemctl_ran and args.prefix.resolve() == Path("/"):
                 log.info("start it with: systemctl daemon-reload && systemctl enable --now %s", UNIT_NAME)

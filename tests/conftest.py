@@ -26,16 +26,24 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 CHANNELS = ["m1/temperature", "m1/vibration", "m1/current"]
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[LocalBroker]:
-    """A mosquitto (or amqtt) broker of this test's own on a free port."""
-    b = LocalBroker(workdir=tmp_path / "broker")
-    (tmp_path / "broker").mkdir()
+@contextlib.contextmanager
+def running_broker(workdir: Path, conf: str = "") -> Iterator[LocalBroker]:
+    """A broker on a free port working in `workdir` (created), with extra mosquitto.conf lines
+    `conf` (a TLS listener, a password file); closed on the way out."""
+    workdir.mkdir(parents=True)
+    b = LocalBroker(workdir=workdir, conf=conf)
     b.start()
     try:
         yield b
     finally:
         b.close()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A mosquitto (or amqtt) broker of this test's own on a free port."""
+    with running_broker(tmp_path / "broker") as b:
+        yield b
 
 
 def make_config(tmp_path: Path, port: int = 1883, **sections: dict) -> Config:

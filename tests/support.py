@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,3 +39,28 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f": {detail()}" if detail else ""))
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def openssl_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed CA (P-256, two days): (<name>.crt, <name>.key) in `directory`."""
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+             "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=directory)  # fmt: skip
+    return directory / f"{name}.crt", directory / f"{name}.key"
+
+
+def openssl_signed(
+    directory: Path, ca: tuple[Path, Path], name: str, extensions: str, passphrase: str | None = None
+) -> tuple[Path, Path]:
+    """A certificate for CN `name` signed by `ca` with `extensions` ("subjectAltName=DNS:localhost,IP:127.0.0.1"),
+    its key encrypted with `passphrase` if given: (<name>.crt, <name>.key)."""
+    (directory / f"{name}.ext").write_text(extensions + "\n")
+    key_args = ("-passout", f"pass:{passphrase}") if passphrase is not None else ("-nodes",)
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", *key_args,
+             "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=directory)  # fmt: skip
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
+             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=directory)  # fmt: skip
+    return directory / f"{name}.crt", directory / f"{name}.key"

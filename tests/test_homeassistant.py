@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 import time
 import uuid
@@ -35,7 +36,7 @@ from edge_daemon.model import Forecaster
 from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.store import ReplayStore
 from edge_daemon.training.pretrain import forecaster_config
-from tests.conftest import CHANNELS, make_config, start_daemon
+from tests.conftest import CHANNELS, make_config, running_broker, start_daemon
 from tests.support import config_toml, wait_for
 from tests.test_contract import one, same_shape
 from tests.test_end_to_end import publish_steps
@@ -148,20 +149,24 @@ class Listener:
         self.client.disconnect()
 
 
-def publisher(port: int) -> mqtt.Client:
+def publisher(port: int, auth: tuple[str, str] | None = None) -> mqtt.Client:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ha-pub-{uuid.uuid4().hex[:8]}")
+    if auth is not None:
+        client.username_pw_set(*auth)
     client.connect("127.0.0.1", port)
     client.loop_start()
     return client
 
 
-def retained(port: int, topic: str) -> bytes | None:
+def retained(port: int, topic: str, auth: tuple[str, str] | None = None) -> bytes | None:
     """The message retained on `topic` (None: none). A probe published after the subscription is
     granted arrives after any retained message, so its arrival ends the wait."""
     probe = f"ha-probe/{uuid.uuid4().hex[:8]}"
     got: dict[str, bytes] = {}
     done, subscribed = threading.Event(), threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ha-retained-{uuid.uuid4().hex[:8]}")
+    if auth is not None:
+        client.username_pw_set(*auth)
 
     def on_message(c: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         if message.topic == probe:
@@ -404,9 +409,9 @@ def test_a_new_prefix_removes_the_config_under_the_old_one(tmp_path: Path, broke
 # -- uninstall --purge -------------------------------------------------------------------------------
 
 
-def installed(prefix: Path, port: int) -> Path:
+def installed(prefix: Path, port: int, mqtt_password_file: Path | None = None) -> Path:
     """An installed service whose config turns discovery on and points at the broker on `port`."""
-    inst.install(prefix=prefix, with_venv=False, device_id="pump-7")
+    inst.install(prefix=prefix, with_venv=False, device_id="pump-7", mqtt_password_file=mqtt_password_file)
     config = prefix / "etc/edge-daemon/config.toml"
     config.write_text(config_toml({
         "device": {"id": "pump-7"},
@@ -429,6 +434,29 @@ def test_uninstall_purge_removes_the_config(tmp_path: Path, broker: LocalBroker)
     inst.uninstall(prefix=tmp_path, purge=True)
     assert retained(broker.port, topic) is None
     assert not (tmp_path / "var/lib/edge-daemon").exists()
+
+
+def test_uninstall_purge_logs_in_with_the_password_the_service_is_given(tmp_path: Path) -> None:
+    """The config names ${CREDENTIALS_DIRECTORY}/mqtt-password, as under the unit: uninstall reads the
+    credential store's file the unit loads as that, and the broker (passwords only) takes it."""
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "edge", "s3cret"], check=True, capture_output=True)
+    passwords.chmod(0o600)
+    auth = ("edge", "s3cret")
+    with running_broker(tmp_path / "broker", f"allow_anonymous false\npassword_file {passwords}\n") as broker:
+        secret = tmp_path / "secret"
+        secret.write_text("s3cret\n")
+        root = tmp_path / "root"
+        config = installed(root, broker.port, mqtt_password_file=secret)
+        config.write_text(config.read_text().replace('port = ', 'username = "edge"\npassword_file = "${CREDENTIALS_DIRECTORY}/mqtt-password"\nport = ', 1))
+        topic = "homeassistant/device/pump-7/config"
+        client = publisher(broker.port, auth)
+        client.publish(topic, json.dumps({"dev": {"ids": ["x"]}}), qos=1, retain=True).wait_for_publish(HANG_S)
+        client.loop_stop()
+        client.disconnect()
+        assert retained(broker.port, topic, auth) is not None
+        inst.uninstall(prefix=root, purge=True)
+        assert retained(broker.port, topic, auth) is None
 
 
 def test_uninstall_purge_goes_on_without_the_broker(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -47,7 +47,9 @@ def test_install_layout(tmp_path: Path) -> None:
     config = tmp_path / "etc/edge-daemon/config.toml"
     assert (res.unit, res.config, res.config_written, res.venv, res.systemctl_ran) == (unit, config, True, None, False)
     assert unit.read_text() == (ROOT / "systemd/edge-daemon.service").read_text()
-    assert _mode(unit) == 0o644 and _mode(config) == 0o644
+    # The config may hold a password: readable by root and the service's group only.
+    assert _mode(unit) == 0o644 and _mode(config) == 0o640
+    assert res.mqtt_password is None and not (tmp_path / "etc/credstore").exists()
     loaded = load_config(config)
     assert loaded.device.id == "pump-07"
     assert loaded.mqtt.client_id == "edge-daemon-pump-07"
@@ -223,3 +225,38 @@ def test_a_wheel_installs_the_service_from_its_own_venv(tmp_path: Path) -> None:
     # A --venv the wheel is not installed in is refused, not silently replaced.
     other = subprocess.run([*cmd, "--venv", "/opt/elsewhere"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert other.returncode == 1 and f"runs from {sys.prefix}" in other.stderr
+
+
+def test_install_puts_the_mqtt_password_in_the_credential_store(tmp_path: Path) -> None:
+    source = tmp_path / "password.txt"
+    source.write_text("s3cret\n")
+    root = tmp_path / "root"
+    res = inst.install(prefix=root, with_venv=False, device_id="pump-07", mqtt_password_file=source)
+    stored = root / "etc/credstore/edge-daemon.mqtt-password"
+    assert res.mqtt_password == stored and stored.read_text() == "s3cret\n"
+    assert _mode(stored) == 0o600 and _mode(stored.parent) == 0o700
+    # The group is the service's when it exists here (install at / creates it), else left alone.
+    config = root / "etc/edge-daemon/config.toml"
+    assert res.config_group == (inst.SERVICE_USER if _group_exists(inst.SERVICE_USER) else None)
+    if res.config_group is not None:
+        import grp
+
+        assert config.stat().st_gid == grp.getgrnam(inst.SERVICE_USER).gr_gid
+    # Purged with the rest; kept otherwise.
+    kept = inst.uninstall(prefix=root, systemctl=False)
+    assert stored in kept.kept and stored.exists()
+    inst.uninstall(prefix=root, purge=True, systemctl=False)
+    assert not stored.exists()
+    with pytest.raises(InstallError, match="empty"):
+        (tmp_path / "empty").write_text("\n")
+        inst.install(prefix=root, with_venv=False, mqtt_password_file=tmp_path / "empty")
+
+
+def _group_exists(name: str) -> bool:
+    import grp
+
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from edge_daemon.config import load_config
+from edge_daemon import install as inst
 from edge_daemon.install import install
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,17 @@ def test_unit_has_the_required_settings() -> None:
     assert unit_settings()["Install"]["WantedBy"] == ["multi-user.target"]
 
 
+def test_unit_loads_the_credentials_the_default_config_names() -> None:
+    # Each `${CREDENTIALS_DIRECTORY}/<id>` in the default config's comments is a LoadCredential=
+    # id, read from a relative name: the credential store, where a missing file is skipped
+    # (an absolute path that is missing fails the start with status 243/CREDENTIALS).
+    loaded = dict(value.split(":", 1) for value in unit_settings()["Service"]["LoadCredential"])
+    named = set(re.findall(r"\$\{CREDENTIALS_DIRECTORY\}/([\w.-]+)", DEFAULT_CONFIG.read_text()))
+    assert named == {"mqtt-password", "mqtt-key-password", "mqtt-client-key"} and named <= set(loaded)
+    assert all(not source.startswith("/") and source == f"edge-daemon.{cred}" for cred, source in loaded.items())
+    assert loaded["mqtt-password"] == inst.MQTT_PASSWORD_CREDENTIAL and set(loaded.values()) == set(inst.CREDENTIALS)
+
+
 def test_default_config_is_valid_and_matches_the_unit() -> None:
     config = load_config(DEFAULT_CONFIG)
     service = unit_settings()["Service"]
@@ -118,8 +130,12 @@ def _verify(root: Path) -> subprocess.CompletedProcess[str]:
 
 @needs_analyze
 def test_systemd_analyze_verify(offline_root: Path) -> None:
-    # The unit as `install` lays it out; verify also checks ExecStart exists.
-    install(prefix=offline_root, with_venv=False, systemctl=False, device_id="pump-07")
+    # The unit as `install` lays it out, with its LoadCredential= lines and a password in the
+    # credential store; verify also checks ExecStart exists.
+    password = offline_root / "mqtt-password"
+    password.write_text("s3cret\n")
+    install(prefix=offline_root, with_venv=False, systemctl=False, device_id="pump-07", mqtt_password_file=password)
+    assert "LoadCredential=mqtt-password:edge-daemon.mqtt-password" in (offline_root / "etc/systemd/system/edge-daemon.service").read_text()
     result = _verify(offline_root)
     # Unknown keys and bad values are only warnings (exit 0): no output at all is the bar.
     assert (result.returncode, result.stdout + result.stderr) == (0, "")

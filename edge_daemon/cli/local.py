@@ -67,10 +67,14 @@ def validate(args: argparse.Namespace) -> int:
         for field_path, message in exc.problems:
             print(f"  {field_path}: {message}", file=sys.stderr)
         return EXIT_ERROR
+    from edge_daemon.mqtt.credentials import secret_file_warnings
+
     inputs = ", ".join(f"{mapping.format} on {mapping.topic}" for mapping in config.inputs) or "the native form"
     print(f"{args.path}: valid (device {config.device.id}, {len(config.channels.names)} channels; reading {inputs})")
-    for warning in config.metrics.warnings():
-        print(f"  warning: {warning}", file=sys.stderr)
+    # Warnings leave the exit status alone: the config itself is valid. They name keys and
+    # paths, never a secret's value.
+    for warning in [*config.metrics.warnings(), *secret_file_warnings(config.mqtt, args.path)]:
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -163,7 +163,14 @@ INGEST_COUNTS = (
 
 def describe_ingest(ingest: IngestStatus) -> str:
     parts = []
-    if "connected" in ingest:  # older daemon
+    broker = ingest.get("broker")  # older daemon: none
+    if broker is not None:
+        over = " over TLS" if broker["tls"] else ""
+        if broker["connected"]:
+            parts.append(f"connected{over}")
+        else:
+            parts.append(f"[red]DISCONNECTED[/red]{over}" + (f" ({esc(broker['error'])})" if broker["error"] else ""))
+    elif "connected" in ingest:  # older daemon
         parts.append("connected" if ingest["connected"] else "[red]DISCONNECTED[/red]")
     # What each count counts: `received` messages, `stored` and `duplicates` readings (a message
     # may carry several readings), `rejected` messages and rejected entries. `duplicates`: older daemon.

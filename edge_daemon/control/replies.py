@@ -58,6 +58,19 @@ class IngestClockStatus(ClockStatus):
     holding: int  # readings held until the clock is trusted
 
 
+class BrokerStatus(TypedDict):
+    """The broker link (mqtt.client.Connection.broker_status)."""
+
+    host: str
+    port: int
+    tls: bool
+    connected: bool  # connected with the subscriptions granted
+    # The last failure to connect or the lost connection, until the next successful connect:
+    # "TLS: certificate verify failed for <host> (<why>)", "cannot connect to broker <host>:<port>: ...",
+    # "broker refused the connection: Not authorized". Never holds a secret.
+    error: str | None
+
+
 class IngestStatus(TypedDict):
     """received/rejected count messages (and rejected entries of `values` maps); readings,
     stored and duplicates count readings."""
@@ -75,6 +88,7 @@ class IngestStatus(TypedDict):
     ignored: int  # fields that are not configured channels, messages on topics without readings
     ignored_by_reason: dict[str, int]
     connected: bool
+    broker: BrokerStatus
     disk_full: bool
     clock: IngestClockStatus
 

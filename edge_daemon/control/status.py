@@ -183,7 +183,7 @@ class StatusReport:
         add(lambda: f"{store.readings} readings" if store is not None else None)
         add(lambda: "disk full: ingestion waiting" if ingest is not None and ingest.disk_full else None)
         add(self._clock_piece)
-        add(lambda: "broker unreachable" if ingest is not None and not ingest.connected else None)
+        add(lambda: ingest.broker_problem if ingest is not None else None)
         add(lambda: adaptation.training if adaptation is not None else None)
         return ", ".join(pieces)
 

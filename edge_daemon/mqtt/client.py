@@ -1,6 +1,7 @@
-"""The broker connection: the paho client's lifecycle (connect, reconnect, subscribe, the MQTT 5
-receive window), the manual PUBACKs of committed messages, and the publishing of every daemon
-output on `edge/<device.id>/...`.
+"""The broker connection: the paho client's lifecycle (connect over TCP or TLS, reconnect,
+subscribe, the MQTT 5 receive window), the state of the broker link as `status` reports it, the
+manual PUBACKs of committed messages, and the publishing of every daemon output on
+`edge/<device.id>/...`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import inspect
 import json
 import logging
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_daemon import __version__
 from edge_daemon.config import Config
+from edge_daemon.control.replies import BrokerStatus
+from edge_daemon.mqtt.credentials import configure_client, describe_connect_error
 from edge_daemon.mqtt.outputs import OnlineStatus, offline_status, online_status
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,10 @@ class Connection:
     Its callbacks run in paho's network thread. Incoming messages are not handled here: the
     Ingestor points `client.on_message` at its writer, which acknowledges them through `ack`
     once their batch is committed.
+
+    The password and key files are read and the TLS context built when it is made (ConfigError
+    naming the key if one cannot be). With `tls` it only ever speaks TLS: a failed handshake is
+    kept as the broker error and retried with the back-off, never tried again in plaintext.
     """
 
     def __init__(self, config: Config) -> None:
@@ -68,6 +76,8 @@ class Connection:
         # Subscriptions beside the sensor topics, each with its own callback (add_subscription).
         self._extra_lock = threading.Lock()
         self._extra_subscriptions: list[tuple[str, int]] = []
+        # The last failure to reach the broker as (STATUS= words, detail), until the next connect.
+        self._error: tuple[str, str] | None = None
         self.client = self._make_client()
         self._queue_packet = _packet_queue_of(self.client)
 
@@ -85,8 +95,7 @@ class Connection:
             # Acknowledge only after the batch holding a message is committed.
             manual_ack=True,
         )
-        if mqtt_cfg.username:
-            client.username_pw_set(mqtt_cfg.username, mqtt_cfg.password)
+        configure_client(client, mqtt_cfg)
         client.will_set(self.prefix + "status", json.dumps(offline_status(self.config.device.id)), qos=1, retain=True)
         client.reconnect_delay_set(mqtt_cfg.reconnect_min_s, mqtt_cfg.reconnect_max_s)  # type: ignore[arg-type]
         # Our own publishes (status, forecasts) may queue while the broker is away.
@@ -109,14 +118,18 @@ class Connection:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
         if reason.is_failure:
-            self._report_down(f"broker refused the connection: {reason}")
+            refused = f"broker refused the connection: {reason}"
+            self._error = (refused, refused)
+            self._report_down(self._error[1])
             return
         with self._gen_lock:
             self.generation += 1
         self._down_reported = False
+        self._error = None
         log.info(
-            "connected to %s:%d (session present: %s)",
-            self.config.mqtt.host, self.config.mqtt.port, bool(flags.session_present),
+            "connected to %s:%d%s (session present: %s)",
+            self.config.mqtt.host, self.config.mqtt.port, " over TLS" if self.config.mqtt.tls else "",
+            bool(flags.session_present),
         )
         # Subscribe on every connect: a broker that lost our session (restart without
         # persistence) must get the subscriptions again; with a kept session it is harmless.
@@ -150,7 +163,7 @@ class Connection:
         # The first failure after being up (or at start) is a WARNING; the retries are DEBUG.
         if not self._down_reported:
             self._down_reported = True
-            log.warning("%s; reconnecting with backoff up to %.0f s", what, self.config.mqtt.reconnect_max_s)
+            log.warning("%s; reconnecting with backoff up to %g s", what, self.config.mqtt.reconnect_max_s)
         else:
             log.debug("%s; still retrying", what)
 
@@ -159,13 +172,30 @@ class Connection:
         # for them are dropped (the broker redelivers those messages, the store dedups them).
         with self._gen_lock:
             self.generation += 1
+        was_up = self._connected.is_set()
         self._connected.clear()
         self._subscribed.clear()
-        if not self._stopped:
-            self._report_down(f"lost connection to broker {self.config.mqtt.host}:{self.config.mqtt.port} ({reason})")
+        if self._stopped:
+            return
+        if not was_up and self._error is not None and self._error[0].startswith("broker refused"):
+            return  # the end of a connection the broker refused: the refusal stays the reason
+        mqtt_cfg = self.config.mqtt
+        if not was_up and mqtt_cfg.tls:
+            # With TLS 1.3 a broker that rejects our certificate (or its absence) says so only
+            # after the handshake: the connection ends before the CONNACK.
+            short = f"TLS: {mqtt_cfg.host} closed the connection"
+            what = f"{short} before accepting it ({reason}): does it want a client certificate (cert_file, key_file)?"
+        else:
+            short, what = "broker unreachable", f"lost connection to broker {mqtt_cfg.host}:{mqtt_cfg.port} ({reason})"
+        self._error = (short, what)
+        self._report_down(what)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._report_down(f"cannot connect to broker {self.config.mqtt.host}:{self.config.mqtt.port}")
+        # paho calls this from inside its `except OSError:` around the connect (socket, TLS
+        # handshake), passing no exception: the one being handled is the reason.
+        mqtt_cfg = self.config.mqtt
+        self._error = describe_connect_error(sys.exc_info()[1], mqtt_cfg.host, mqtt_cfg.port, mqtt_cfg.tls)
+        self._report_down(self._error[1])
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -188,6 +218,27 @@ class Connection:
     def connected(self) -> bool:
         """Connected with the subscriptions granted: readings published now reach us."""
         return self._subscribed.is_set()
+
+    @property
+    def problem(self) -> str | None:
+        """Why the broker is not reachable, in a few words for the STATUS= line ("TLS: certificate
+        verify failed for <host>", "broker unreachable"); None while connected."""
+        if self.connected:
+            return None
+        error = self._error
+        return error[0] if error is not None else "broker unreachable"
+
+    def broker_status(self) -> BrokerStatus:
+        """The broker link as `status` shows it: where, whether over TLS, and the last failure."""
+        mqtt_cfg = self.config.mqtt
+        error = self._error
+        return {
+            "host": mqtt_cfg.host,
+            "port": mqtt_cfg.port,
+            "tls": mqtt_cfg.tls,
+            "connected": self.connected,
+            "error": None if error is None else error[1],
+        }
 
     def stopping(self) -> None:
         """From now on a lost connection is the shutdown's doing: it is not reported."""

@@ -79,6 +79,12 @@ class Ingestor:
         return self.connection.connected
 
     @property
+    def broker_problem(self) -> str | None:
+        """Why the broker is not reachable, in a few words ("TLS: certificate verify failed for
+        <host>"); None while connected."""
+        return self.connection.problem
+
+    @property
     def alive(self) -> bool:
         """False once the writer thread has died (the daemon must then exit non-zero)."""
         return self.writer.alive
@@ -132,6 +138,7 @@ class Ingestor:
         stored and duplicates count readings."""
         snapshot: IngestStatus = self.writer.stats()  # type: ignore[assignment]
         snapshot["connected"] = self.connected
+        snapshot["broker"] = self.connection.broker_status()
         snapshot["disk_full"] = self.disk_full
         snapshot["clock"] = {**self.clock_watch.status(), "holding": self.store.held_rows}
         return snapshot
