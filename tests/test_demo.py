@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from edge_daemon.demo import memory_text, run_demo
 
 
+# Half a minute of the whole demo: in the slow suite (CI runs it), the parts have their own tests.
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     summary = run_demo(state_dir=tmp_path / "demo", live=False, timeout_s=240)
     assert summary["readings_lost"] == 0

@@ -118,6 +118,7 @@ def test_drift_config_rejects_bad_detector_and_kswin_sizes() -> None:
         DriftConfig(kswin_window_size=100, kswin_stat_size=60)
 
 
+@pytest.mark.slow  # long seeded streams through river and ours (about 15 s)
 def test_agrees_with_river_on_seeded_streams() -> None:
     # river is in the test extras: a missing river fails this test instead of skipping it.
     from river import drift as river_drift

@@ -208,7 +208,7 @@ def ha_config(workdir: Path, port: int, **sections: dict[str, Any]) -> Config:
         # The readings below are recent: none is held for an unsynchronised kernel clock.
         "store": {"clock_trust": "always"},
         # An update runs as soon as it is requested, for longer than the module's tests.
-        "train": {"start_on": ["request"], "idle_cpu_percent": 100, "min_interval_s": 0, "check_interval_s": 0.2, "steps": 1_000_000},
+        "train": {"start_on": ["request"], "idle_cpu_percent": 100, "idle_window_s": 1, "min_interval_s": 0, "check_interval_s": 0.2, "steps": 1_000_000},
     }
     for name, values in sections.items():
         defaults.setdefault(name, {}).update(values)
@@ -332,6 +332,9 @@ def test_readings_training_and_drift_are_in_the_status_it_reads(running: Running
 def test_a_change_of_training_reaches_the_status_at_once(running: Running) -> None:
     """Home Assistant's `training` entity follows an update within seconds, not at the hourly refresh."""
     status_topic = "edge/test-dev/status"
+    assert running.daemon.store is not None
+    # An update on an empty store ends at once; with every reading stored it runs until the stop.
+    wait_for(lambda: running.daemon.store.count() == STEPS * len(CHANNELS), HANG_S, "every reading stored")
     before = len(running.listener.on(status_topic))
     reply = request(running.config.device.socket, {"cmd": "train"})
     assert reply["ok"] and reply["accepted"], reply

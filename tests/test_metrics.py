@@ -187,7 +187,8 @@ def test_textfile_is_replaced_atomically(running: tuple[Daemon, LocalBroker, Pat
     stop = threading.Event()
 
     def read() -> None:  # a reader like node_exporter's: it must only ever see whole files
-        while not stop.is_set():
+        # Paced a little: a tight loop would hold the GIL and starve the daemon's writer in this process.
+        while not stop.wait(0.001):
             seen.append(textfile.read_text())
 
     reader = threading.Thread(target=read)

@@ -227,6 +227,7 @@ def test_calendar_inputs_are_used_only_where_the_data_spans_two_cycles(tmp_path:
     assert base.cfg.calendar_s == (86400.0, 604800.0) and base.cfg.n_inputs == 5
 
 
+@pytest.mark.slow  # trains two base models on days of data (about 20 s)
 def test_calendar_inputs_let_the_model_forecast_what_follows_the_clock(tmp_path: Path) -> None:
     """A load switched by a timer: no history tells when it switches, the time of day does. With the
     time of day as an input the base beats the ridge baseline by far; without it, it cannot.
