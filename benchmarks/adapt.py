@@ -8,6 +8,9 @@ fine-tuning on the same batches; and MAE on held-out old-regime windows
 before and after (forgetting).
 
     python benchmarks/adapt.py [--seeds 3] [--steps 60]
+
+`--cases permanent alternating recalibration` runs the gate's cases on the sample motor instead
+(`adapt_cases.py`: always accept, today's gate and the new gate on the same data).
 """
 
 from __future__ import annotations
@@ -90,7 +93,17 @@ def main() -> None:
     parser.add_argument("--max-blocks", type=int, default=LoraConfigSection().max_blocks)
     parser.add_argument("--rank", type=int, default=LoraConfigSection().r)
     parser.add_argument("--extra-modules", nargs="*", default=LoraConfigSection().extra_modules, help="e.g. head embed")
+    parser.add_argument("--cases", nargs="*", choices=("permanent", "alternating", "recalibration"), help="the gate on permanent and recurring changes of the sample motor (window 32 unless --window)")
     args = parser.parse_args()
+    if args.cases is not None:
+        import adapt_cases
+
+        if args.window == 64:
+            args.window = 32
+        if args.pretrain_steps == 600:
+            args.pretrain_steps = 300
+        adapt_cases.main(argparse.Namespace(**{**vars(args), "cases": args.cases or list(adapt_cases.CASES)}))
+        return
     torch.set_num_threads(1)
 
     runs = [run_seed(seed, args) for seed in range(args.seeds)]

@@ -356,6 +356,18 @@ class TrainConfig(_Section):
         0.0, ge=0, lt=1, description="recent validation loss must fall by at least this fraction to accept an adapter"
     )
     rss_sample_interval_s: float = Field(0.01, gt=0, description="how often an update samples its RSS to find its peak")
+    gate_recurrence: bool = Field(
+        True, description="weigh the replayed loss's worsening by how likely the old regime is to return (false: the fixed gate_tolerance)"
+    )
+    gate_min_weight: float = Field(0.1, ge=0, le=1, description="the old regime's least weight: a permanent change may forget it by up to gate_tolerance / this")
+    gate_settle_hours: float = Field(
+        1.0, ge=0, description="a change never seen reversed counts as permanent once it has lasted this long (its weight falls to gate_min_weight)"
+    )
+    gate_retry: Literal["replay", "anchor", "off"] = Field(
+        "replay", description="before rejecting for forgetting, train once more: with heavier replay, anchored to the base (L2-SP), or not"
+    )
+    gate_retry_replay_fraction: float = Field(0.8, ge=0, lt=1, description="replay share of each batch in the 'replay' retry")
+    gate_retry_anchor: float = Field(1.0, ge=0, description="strength of the 'anchor' retry's pull toward the adapter's start (the base)")
 
 
 class MemoryConfig(_Section):

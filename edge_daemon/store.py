@@ -485,6 +485,37 @@ class ReplayStore:
         order = np.argsort(ts, kind="stable")
         return ts[order], channel_idx[order], values[order]
 
+    def bucket_stats(self, bucket_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per time bucket [k * bucket_s, (k + 1) * bucket_s) and configured channel: the readings'
+        count, mean and standard deviation, aggregated in SQLite (nothing the size of the store is read;
+        timestamps are positive unix seconds, so the cast is the floor).
+
+        Returns (bucket starts (B,), counts (B, C), stats (B, C, 2) mean and std; NaN where empty).
+        """
+        size = float(bucket_s)
+        per: dict[int, dict[int, tuple[int, float, float]]] = {}
+        with self._reader() as conn, self._transaction(conn, immediate=False):
+            ids = {name: int(cid) for cid, name in conn.execute("SELECT id, name FROM channels")}
+            for idx, name in enumerate(self.channels):
+                cid = ids.get(name)
+                if cid is None:
+                    continue
+                for k, n, s1, s2 in conn.execute(
+                    "SELECT CAST(ts / ? AS INTEGER) AS k, COUNT(*), AVG(value), AVG(value * value)"
+                    " FROM readings WHERE channel_id = ? GROUP BY k ORDER BY k",
+                    (size, cid),
+                ):
+                    per.setdefault(int(k), {})[idx] = (int(n), float(s1), float(s2))
+        keys = sorted(per)
+        n_ch = len(self.channels)
+        counts = np.zeros((len(keys), n_ch), dtype=np.int64)
+        stats = np.full((len(keys), n_ch, 2), np.nan)
+        for row, k in enumerate(keys):
+            for idx, (n, s1, s2) in per[k].items():
+                counts[row, idx] = n
+                stats[row, idx] = (s1, math.sqrt(max(0.0, s2 - s1 * s1)))
+        return np.asarray(keys, dtype=np.float64) * size, counts, stats
+
     def replay_segments(self, before: float, rng: np.random.Generator, max_segments: int) -> list[tuple[float, float]]:
         """Up to max_segments (start, end) spans, drawn uniformly without replacement from the
         stored segments that end at or before `before`; sorted by start.

@@ -488,10 +488,10 @@ class Adaptation:
             except (AdapterError, ModelError, OSError) as exc:
                 log.error("accepted adapter v%d cannot be served: %s", result.version, exc)
                 return
-            self._alert_adapter(adapter_accepted_alert(result.version, result.reason, result.metrics_before, result.metrics_after))
+            self._alert_adapter(adapter_accepted_alert(result.version, result.reason, result.metrics_before, result.metrics_after, result.gate))
         else:
             reason = result.error or result.reason
-            self._alert_adapter(adapter_rejected_alert(reason, result.metrics_before, result.metrics_after))
+            self._alert_adapter(adapter_rejected_alert(reason, result.metrics_before, result.metrics_after, result.gate))
             log.info("update not accepted: %s", reason)
 
     def _on_pretrained(self, result: JobResult) -> None:

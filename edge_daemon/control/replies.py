@@ -279,6 +279,44 @@ class OutcomeStatus(TypedDict):
     stopped: bool
 
 
+class RecurrenceJson(TypedDict):
+    """Recurrence.to_json(): the evidence behind the gate's weight."""
+
+    weight: float
+    distinct: bool
+    changed: list[str]
+    persists_s: float | None
+    old_seen_s: float | None
+    returns: int
+    longest_absence_s: float | None
+    buckets: int
+    summary: str
+
+
+class AttemptJson(TypedDict):
+    """One training attempt as the gate judged it."""
+
+    kind: str  # "first", "heavier replay" or "anchored to the incumbent"
+    replay_fraction: float  # share of each batch drawn from older data
+    recent_val_loss: float | None
+    replay_val_loss: float | None
+    accepted: bool
+    reason: str
+
+
+class GateJson(TypedDict):
+    """GateVerdict.to_json(): how the gate decided, for the adapter's meta, the alerts and `status`."""
+
+    accepted: bool
+    reason: str  # in words an operator understands
+    weight: float  # the old regime's weight (1: today's fixed rule)
+    forgetting: float | None  # how much worse the replayed loss got (0.37: 37% worse)
+    allowed_forgetting: float | None  # tolerance / weight (None: unlimited)
+    failed_on: Literal["recent", "forgetting"] | None
+    evidence: RecurrenceJson | None  # why the weight is what it is
+    attempts: list[AttemptJson]  # the first training and, before a rejection for forgetting, the retry
+
+
 class LastUpdate(TypedDict):
     """records.JobResult.to_json(): how the last job ended."""
 
@@ -292,6 +330,7 @@ class LastUpdate(TypedDict):
     peak_rss_mb: float | None
     outcome: OutcomeStatus | None
     finished: str | None
+    gate: GateJson | None  # how the gate decided (None: no verdict, or a pretraining job)
 
 
 class TrainingStatus(TypedDict):

@@ -22,7 +22,7 @@ from typing import Any, Literal, NotRequired
 
 from typing_extensions import TypedDict
 
-from edge_daemon.control.replies import ScoringCounters
+from edge_daemon.control.replies import GateJson, ScoringCounters
 from edge_daemon.times import iso
 
 # Who made a forecast: the model ("base" alone or with an "adapter"), a baseline, or several
@@ -101,6 +101,7 @@ class AdapterAcceptedAlert(TypedDict):
     reason: str | None  # the gate's verdict
     metrics_before: dict[str, float | None] | None
     metrics_after: dict[str, float | None] | None
+    gate: GateJson | None  # how the gate decided: the old regime's weight and its evidence, the attempts
     message: str
 
 
@@ -112,6 +113,7 @@ class AdapterRejectedAlert(TypedDict):
     reason: str | None  # the gate's verdict, or the error
     metrics_before: dict[str, float | None] | None
     metrics_after: dict[str, float | None] | None
+    gate: GateJson | None  # how the gate decided (None: the update failed before its verdict)
     message: str
 
 
@@ -160,7 +162,8 @@ def drift_alert(
 
 
 def adapter_accepted_alert(
-    version: int, reason: str | None, metrics_before: dict[str, float | None] | None, metrics_after: dict[str, float | None] | None
+    version: int, reason: str | None, metrics_before: dict[str, float | None] | None, metrics_after: dict[str, float | None] | None,
+    gate: GateJson | None = None,
 ) -> AdapterAcceptedAlert:
     """An update ended with adapter `version` served."""
     return AdapterAcceptedAlert(
@@ -169,12 +172,14 @@ def adapter_accepted_alert(
         reason=reason,
         metrics_before=metrics_before,
         metrics_after=metrics_after,
-        message=f"adapter accepted: v{version}",
+        gate=gate,
+        message=f"adapter accepted: v{version}" + (f" ({reason})" if gate is not None and reason else ""),
     )
 
 
 def adapter_rejected_alert(
-    reason: str | None, metrics_before: dict[str, float | None] | None, metrics_after: dict[str, float | None] | None
+    reason: str | None, metrics_before: dict[str, float | None] | None, metrics_after: dict[str, float | None] | None,
+    gate: GateJson | None = None,
 ) -> AdapterRejectedAlert:
     """An update ended without a new adapter: the gate's verdict or the error is `reason`."""
     return AdapterRejectedAlert(
@@ -183,6 +188,7 @@ def adapter_rejected_alert(
         reason=reason,
         metrics_before=metrics_before,
         metrics_after=metrics_after,
+        gate=gate,
         message=f"adapter rejected: {reason}",
     )
 

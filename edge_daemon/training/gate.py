@@ -1,14 +1,19 @@
 """The validation gate: a model's mean loss on held-out windows, and whether an adapter's
-losses beat the incumbent's (better on recent windows, not much worse on replayed ones)."""
+losses beat the incumbent's (better on recent windows, not much worse on replayed ones, the
+replayed loss weighed by how likely the old regime is to return: `training.recurrence`)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 from edge_daemon.model import forecast_loss
+from edge_daemon.control.replies import AttemptJson, GateJson
+from edge_daemon.training.recurrence import Recurrence, weigh_limit
 
 
 def evaluate_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float | None:
@@ -28,23 +33,77 @@ def evaluate_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 32)
     return total / len(windows)
 
 
-def gate(before: dict[str, float | None], after: dict[str, float | None], tolerance: float, min_improvement: float = 0.0) -> tuple[bool, str]:
-    """Accept iff recent loss improves and replayed loss worsens by at most `tolerance` (a fraction)."""
+@dataclass
+class GateVerdict:
+    accepted: bool
+    reason: str
+    weight: float = 1.0
+    forgetting: float | None = None
+    allowed_forgetting: float | None = None
+    failed_on: Literal["recent", "forgetting"] | None = None
+    evidence: Recurrence | None = None
+    attempts: list[AttemptJson] = field(default_factory=list)
+
+    def to_json(self) -> GateJson:
+        return {
+            "accepted": self.accepted,
+            "reason": self.reason,
+            "weight": self.weight,
+            "forgetting": self.forgetting,
+            "allowed_forgetting": None if self.allowed_forgetting is None or math.isinf(self.allowed_forgetting) else self.allowed_forgetting,
+            "failed_on": self.failed_on,
+            "evidence": None if self.evidence is None else self.evidence.to_json(),
+            "attempts": list(self.attempts),
+        }
+
+
+def judge(
+    before: dict[str, float | None],
+    after: dict[str, float | None],
+    tolerance: float,
+    min_improvement: float = 0.0,
+    recurrence: Recurrence | None = None,
+) -> GateVerdict:
+    """Accept iff the recent loss improves and the replayed loss's worsening, weighed by how likely
+    the old regime is to return (`recurrence.weight`; none: 1, the fixed rule), is within `tolerance`."""
+    weight = 1.0 if recurrence is None else recurrence.weight
+    evidence = "" if recurrence is None else recurrence.summary + "; "
     recent_before, recent_after = before["recent_val_loss"], after["recent_val_loss"]
     if recent_before is None or recent_after is None:
-        return False, "no recent validation windows"
+        return GateVerdict(False, "no recent validation windows", weight, failed_on="recent", evidence=recurrence)
     if not math.isfinite(recent_after):
-        return False, f"recent validation loss is {recent_after}"
+        return GateVerdict(False, f"recent validation loss is {recent_after}", weight, failed_on="recent", evidence=recurrence)
     needed = recent_before * (1.0 - min_improvement)
+    gain = 1.0 - recent_after / recent_before if recent_before > 0 else 0.0
     if not recent_after < needed:
-        return False, f"recent loss {recent_after:.5g} does not improve on {recent_before:.5g}"
+        return GateVerdict(
+            False, f"rejected: recent loss {recent_after:.5g} does not improve on {recent_before:.5g}", weight,
+            failed_on="recent", evidence=recurrence,
+        )  # fmt: skip
     replay_before, replay_after = before["replay_val_loss"], after["replay_val_loss"]
-    if replay_before is not None and replay_after is not None:
-        allowed = replay_before * (1.0 + tolerance)
-        if not replay_after <= allowed:
-            return False, f"replay loss {replay_after:.5g} worse than {replay_before:.5g} by more than {tolerance:.0%}"
-        return True, f"recent loss {recent_before:.5g} -> {recent_after:.5g}, replay {replay_before:.5g} -> {replay_after:.5g}"
-    return True, f"recent loss {recent_before:.5g} -> {recent_after:.5g} (no replay windows to check)"
+    if replay_before is None or replay_after is None or replay_before <= 0:
+        return GateVerdict(True, f"accepted: recent loss {gain:.0%} lower (no older data to check forgetting)", weight, evidence=recurrence)
+    forgetting = replay_after / replay_before - 1.0
+    allowed = weigh_limit(tolerance, weight)
+    limit = "no limit" if math.isinf(allowed) else f"at most {allowed:.0%}"
+    counts = "" if weight >= 1.0 else f" (the old regime counts {weight:.2g}: {limit})"
+    if not math.isfinite(replay_after) or not forgetting <= allowed:
+        return GateVerdict(
+            False,
+            f"{evidence}rejected: it forgets the old regime by {forgetting:.0%}, more than it may{counts}",
+            weight, forgetting, allowed, "forgetting", recurrence,
+        )  # fmt: skip
+    if forgetting > 0:
+        how = f"accepted although it forgets the old regime by {forgetting:.0%}{counts}"
+    else:
+        how = f"accepted; the old regime's loss {-forgetting:.0%} lower too"
+    return GateVerdict(True, f"{evidence}{how}; recent loss {gain:.0%} lower", weight, forgetting, allowed, None, recurrence)
 
 
-__all__ = ["evaluate_loss", "gate"]
+def gate(before: dict[str, float | None], after: dict[str, float | None], tolerance: float, min_improvement: float = 0.0) -> tuple[bool, str]:
+    """The fixed rule (weight 1): accept iff recent loss improves and replayed loss worsens by at most `tolerance`."""
+    verdict = judge(before, after, tolerance, min_improvement)
+    return verdict.accepted, verdict.reason
+
+
+__all__ = ["AttemptJson", "GateJson", "GateVerdict", "evaluate_loss", "gate", "judge"]

@@ -28,6 +28,7 @@ from edge_daemon.memory.pressure import SharedLevel
 from edge_daemon.training.plan import PlanChange
 from edge_daemon.training.records import JobResult, Progress, ProgressEvent, UpdateJob, WorkerOrder, adapter_meta
 from edge_daemon.training.data import prepare_update_data
+from edge_daemon.training.recurrence import from_store
 from edge_daemon.training.refit import refit_baselines
 from edge_daemon.training.start import AFTER_TRAINING_MB, measure_micro_batch_mb
 from edge_daemon.training.trace import TRACE_INTERVAL_S, UpdateTrace, heavy_modules_loaded
@@ -170,6 +171,11 @@ def _update_traced(
     rng = np.random.default_rng(job.seed)
     with ReplayStore(config.store_path, config.store, config.channels.names) as store:
         data = prepare_update_data(store, base, config, rng, since=job.since)
+        # How likely the old regime is to return, from the store's history: the gate's weight on it.
+        recurrence = from_store(
+            store, list(config.channels.names), data.recent_range[0], data.recent_range[1],
+            min_weight=config.train.gate_min_weight, settle_hours=config.train.gate_settle_hours,
+        )  # fmt: skip
     _check_stop(stop_event)
     trace.phase("planning")
     out.put(Progress("planning", recent_windows=len(data.recent_train), replay_windows=len(data.replay_train)))
@@ -233,6 +239,7 @@ def _update_traced(
         # base); the base itself is the worker's own, trained in place.
         incumbent=(lambda: serving_model(base, incumbent_version)) if incumbent_version is not None else None,
         in_place=True,
+        recurrence=recurrence,
     )
     # Training's freed memory back to the kernel before saving and refitting allocate more.
     release_memory()

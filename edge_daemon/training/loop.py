@@ -31,8 +31,9 @@ from edge_daemon.training.plan import EightBitPayoff, Fp32State, PlanChange, Tra
 from edge_daemon.training.records import ProgressEvent, TrainingStep, UpdateReport
 from edge_daemon.training.batches import BatchMixer
 from edge_daemon.training.blocks import choose_blocks
-from edge_daemon.training.gate import evaluate_loss, gate
+from edge_daemon.training.gate import AttemptJson, GateVerdict, evaluate_loss, judge
 from edge_daemon.training.lora import build_lora_model, set_checkpointing
+from edge_daemon.training.recurrence import Recurrence
 from edge_daemon.training.optimizer import Optimizer, make_optimizer, optimizer_state_bytes
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ def update(
     incumbent: nn.Module | Callable[[], nn.Module] | None = None,
     keep_rejected: bool = False,
     in_place: bool = False,
+    recurrence: Recurrence | None = None,
 ) -> UpdateResult:
     """Train one LoRA adapter on a copy of `base_model` (or, `in_place`, on `base_model` itself:
     a training worker's own, which nothing else uses) and gate it.
@@ -93,7 +95,9 @@ def update(
     adapter merged, or a function that builds it: built for the metrics before
     training and dropped before training starts), by default the base. Nothing is saved here; the result
     carries the adapted model only if accepted (or if `keep_rejected`, for
-    benchmarks and tests).
+    benchmarks and tests). `recurrence` weighs the replayed loss in the gate (how likely the old
+    regime is to return; None: in full, the fixed rule). Before a rejection for forgetting the
+    adapter trains once more (`[train] gate_retry`) and is judged again.
 
     Raises TrainingAborted (stopped; nothing kept) or TrainingError (non-finite
     loss, no data). In both cases every reference to the training copy is
@@ -110,7 +114,7 @@ def update(
             torch.manual_seed(seed)
             result = _update(
                 base_model, recent_train, recent_val, replay_train, replay_val, lora_cfg, train_cfg, plan,
-                plan_source, should_stop, on_progress, seed, incumbent, keep_rejected, in_place,
+                plan_source, should_stop, on_progress, seed, incumbent, keep_rejected, in_place, recurrence,
             )  # fmt: skip
     except (TrainingAborted, TrainingError) as exc:
         # A fresh exception, logged as text only: the original's traceback (also
@@ -149,6 +153,7 @@ def _update(
     incumbent: nn.Module | Callable[[], nn.Module] | None,
     keep_rejected: bool,
     in_place: bool,
+    recurrence: Recurrence | None,
 ) -> UpdateResult:
     if len(recent_val) == 0:
         raise TrainingError("no recent validation windows for the gate")
@@ -198,61 +203,96 @@ def _update(
 
     # 5. The loop: one optimizer step per effective batch, fed in micro-batches.
     effective = plan.effective_batch
-    mixer = BatchMixer(recent_train, replay_train, effective, train_cfg.replay_fraction, generator)
     history = [PlanChange(0, 0, plan)]
     if on_progress is not None:
         on_progress(history[0])
     train_losses: list[float] = []
     grad_norms: list[float] = []
-    windows_seen = replay_seen = 0
-    for step in range(train_cfg.steps):
-        windows, is_replay = mixer.next_batch()  # (effective, T+1, C), (effective,)
-        done = 0
-        step_loss = 0.0
-        while done < effective:
-            # Micro-batch boundary: stop if asked, else take any tighter plan.
-            if should_stop is not None and should_stop():
-                raise TrainingAborted(f"stopped at step {step}/{train_cfg.steps}, window {done}/{effective}")
-            if plan_source is not None:
-                new_plan = plan_source(plan)
-                if new_plan is not None and new_plan != plan:
-                    optimizer = _apply_plan(plan, new_plan, lora_model, trainable, optimizer, train_cfg)
-                    plan = new_plan
-                    history.append(PlanChange(step, done, plan))
-                    if on_progress is not None:
-                        on_progress(history[-1])
-            chunk = windows[done : done + plan.micro_batch]
-            loss = forecast_loss(lora_model, chunk)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
-            # Scale by the chunk's share so the summed gradients equal the full batch's mean.
-            share = len(chunk) / effective
-            (loss * share).backward()
-            step_loss += loss.item() * share
-            done += len(chunk)
-            del loss, chunk
-        # Clip the accumulated gradient, step, and free the gradients (not zero them).
-        # An infinite max_norm only measures: the norm is kept as telemetry either way.
-        max_norm = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else math.inf
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, max_norm)))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        windows_seen += effective
-        replay_seen += int(is_replay.sum())
-        train_losses.append(step_loss)
-        del windows, is_replay
-        if on_progress is not None:
-            on_progress(TrainingStep(step + 1, train_cfg.steps, step_loss, mixer.n_recent, mixer.n_replay, plan))
+    counts = [0, 0]  # windows seen, replay windows seen
+    state = {"plan": plan, "optimizer": optimizer}
+
+    def run_steps(replay_fraction: float, anchor: float, first_step: int) -> None:
+        """`train_cfg.steps` optimizer steps; `anchor` > 0 adds anchor * |theta - theta_0|^2 / n
+        (L2-SP toward the adapter's start, i.e. toward the base)."""
+        mixer = BatchMixer(recent_train, replay_train, effective, replay_fraction, generator)
+        start = [p.detach().clone() for p in trainable] if anchor > 0 else []
+        n_params = max(1, sum(p.numel() for p in trainable))
+        total = first_step + train_cfg.steps
+        for step in range(first_step, total):
+            windows, is_replay = mixer.next_batch()  # (effective, T+1, C), (effective,)
+            done = 0
+            step_loss = 0.0
+            while done < effective:
+                # Micro-batch boundary: stop if asked, else take any tighter plan.
+                if should_stop is not None and should_stop():
+                    raise TrainingAborted(f"stopped at step {step}/{total}, window {done}/{effective}")
+                if plan_source is not None:
+                    new_plan = plan_source(state["plan"])
+                    if new_plan is not None and new_plan != state["plan"]:
+                        state["optimizer"] = _apply_plan(state["plan"], new_plan, lora_model, trainable, state["optimizer"], train_cfg)
+                        state["plan"] = new_plan
+                        history.append(PlanChange(step, done, new_plan))
+                        if on_progress is not None:
+                            on_progress(history[-1])
+                chunk = windows[done : done + state["plan"].micro_batch]
+                loss = forecast_loss(lora_model, chunk)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
+                # Scale by the chunk's share so the summed gradients equal the full batch's mean.
+                share = len(chunk) / effective
+                (loss * share).backward()
+                step_loss += loss.item() * share
+                done += len(chunk)
+                del loss, chunk
+            if anchor > 0:
+                penalty = sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, start)) * (anchor / n_params)
+                penalty.backward()  # type: ignore[union-attr]
+            # Clip the accumulated gradient, step, and free the gradients (not zero them).
+            # An infinite max_norm only measures: the norm is kept as telemetry either way.
+            max_norm = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else math.inf
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, max_norm)))
+            state["optimizer"].step()
+            state["optimizer"].zero_grad(set_to_none=True)
+            counts[0] += effective
+            counts[1] += int(is_replay.sum())
+            train_losses.append(step_loss)
+            del windows, is_replay
+            if on_progress is not None:
+                on_progress(TrainingStep(step + 1, total, step_loss, mixer.n_recent, mixer.n_replay, state["plan"]))
+
+    def judged(kind: str, replay_fraction: float) -> tuple[dict[str, float | None], GateVerdict]:
+        after = {
+            "recent_val_loss": evaluate_loss(lora_model, recent_val, state["plan"].micro_batch),
+            "replay_val_loss": evaluate_loss(lora_model, replay_val, state["plan"].micro_batch),
+        }
+        weighed = recurrence if train_cfg.gate_recurrence else None
+        verdict = judge(before, after, train_cfg.gate_tolerance, train_cfg.gate_min_improvement, weighed)
+        attempts.append({"kind": kind, "replay_fraction": replay_fraction, **after, "accepted": verdict.accepted, "reason": verdict.reason})  # type: ignore[typeddict-item]
+        return after, verdict
+
+    attempts: list[AttemptJson] = []
+    run_steps(train_cfg.replay_fraction, 0.0, 0)
+    # 6. Gate: better on recent held-out windows, not much worse on replayed ones (weighed).
+    after, verdict = judged("first", train_cfg.replay_fraction)
+    steps_run = train_cfg.steps
+    if verdict.failed_on == "forgetting" and train_cfg.gate_retry != "off" and len(replay_train):
+        # One more attempt before rejecting for forgetting, from where the first left off.
+        heavier = train_cfg.gate_retry == "replay"
+        fraction = max(train_cfg.replay_fraction, train_cfg.gate_retry_replay_fraction) if heavier else train_cfg.replay_fraction
+        log.info("rejected for forgetting (%s); retrying with %s", verdict.reason, "heavier replay" if heavier else "an anchor to the incumbent")
+        run_steps(fraction, 0.0 if heavier else train_cfg.gate_retry_anchor, steps_run)
+        steps_run += train_cfg.steps
+        after, verdict = judged("heavier replay" if heavier else "anchored to the incumbent", fraction)
+    verdict.attempts = attempts
+    optimizer = state["optimizer"]
+    plan = state["plan"]
+    windows_seen, replay_seen = counts
     state_bytes = optimizer_state_bytes(optimizer)
-    del optimizer, mixer
+    del optimizer
+    state.clear()
     gc.collect()
 
-    # 6. Gate: better on recent held-out windows, not much worse on replayed ones.
-    after = {
-        "recent_val_loss": evaluate_loss(lora_model, recent_val, plan.micro_batch),
-        "replay_val_loss": evaluate_loss(lora_model, replay_val, plan.micro_batch),
-    }
-    accepted, reason = gate(before, after, train_cfg.gate_tolerance, train_cfg.gate_min_improvement)
+    accepted, reason = verdict.accepted, verdict.reason
     set_checkpointing(lora_model, False)
     lora_model.eval()
     return UpdateResult(
@@ -266,7 +306,7 @@ def _update(
         target_modules=choice.target_modules,
         trainable_params=trainable_params,
         total_params=total_params,
-        steps=train_cfg.steps,
+        steps=steps_run,
         windows_seen=windows_seen,
         replay_windows_seen=replay_seen,
         train_losses=train_losses,
@@ -276,6 +316,7 @@ def _update(
         peak_rss_bytes=0,
         start_rss_bytes=0,
         eight_bit=payoff,
+        gate=verdict.to_json(),
         adapted=lora_model if accepted or keep_rejected else None,
     )
 

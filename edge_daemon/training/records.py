@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal, TypedDict, Union
 
 from edge_daemon.times import iso
 from edge_daemon.training.plan import EightBitPayoff, PlanChange, TrainingPlan
-from edge_daemon.control.replies import EightBitJson, JobStatus, JsonObject, LastUpdate, PlanChangeJson, PlanStatus, ProgressStatus
+from edge_daemon.control.replies import EightBitJson, GateJson, JobStatus, JsonObject, LastUpdate, PlanChangeJson, PlanStatus, ProgressStatus
 
 if TYPE_CHECKING:
     from edge_daemon.artifacts.base import BaseMeta
@@ -148,6 +148,7 @@ class UpdateReportJson(TypedDict):
     peak_rss_bytes: int
     start_rss_bytes: int
     eight_bit: EightBitJson | None
+    gate: GateJson | None
 
 
 @dataclass
@@ -179,6 +180,7 @@ class UpdateReport:
     peak_rss_bytes: int  # sampled during the update
     start_rss_bytes: int
     eight_bit: EightBitPayoff | None = None  # whether 8-bit state paid for its import
+    gate: GateJson | None = None  # how the gate decided: the old regime's weight, its evidence, the attempts
 
     @property
     def trainable_fraction(self) -> float:
@@ -216,6 +218,7 @@ class UpdateReport:
             "peak_rss_bytes": self.peak_rss_bytes,
             "start_rss_bytes": self.start_rss_bytes,
             "eight_bit": None if self.eight_bit is None else self.eight_bit.to_dict(),
+            "gate": self.gate,
         }
 
 
@@ -255,6 +258,11 @@ class JobResult:
     def metrics_after(self) -> dict[str, float | None] | None:
         return None if self.report is None else self.report.metrics_after
 
+    @property
+    def gate(self) -> GateJson | None:
+        """How the gate decided (None: no verdict)."""
+        return None if self.report is None else self.report.gate
+
     def to_json(self) -> LastUpdate:
         """The summary `status` shows as `training.last`."""
         return {
@@ -268,6 +276,7 @@ class JobResult:
             "peak_rss_mb": None if self.report is None else self.report.peak_rss_mb,
             "outcome": None if self.outcome is None else self.outcome.to_json(),
             "finished": iso(self.finished_unix),
+            "gate": self.gate,
         }
 
 
@@ -302,6 +311,7 @@ class AdapterMetaJson(TypedDict):
     previous_version: int | None
     baselines: list[BaselineJson]
     held_out: HeldOut | None
+    gate: GateJson | None
     version: int | None
     created: str | None
 
@@ -336,6 +346,7 @@ class AdapterMeta:
     previous_version: int | None = None
     baselines: list[BaselineJson] = field(default_factory=list)  # refitted with the update (scoring.serving.baselines_of)
     held_out: HeldOut | None = None  # the adapted model against them on held-out windows
+    gate: GateJson | None = None  # how the gate decided (None in adapters from before it was recorded)
     version: int | None = None
     created: str | None = None  # iso8601
     extra: JsonObject = field(default_factory=dict)  # free-form: this version does not know them
@@ -400,6 +411,7 @@ def adapter_meta(
         previous_version=previous_version,
         baselines=baselines,
         held_out=held_out,
+        gate=report.gate,
     )
 
 

@@ -1,0 +1,135 @@
+"""The gate on permanent and recurring changes of the sample motor (`python benchmarks/adapt.py --cases`).
+
+Per case and seed: three days of the sample motor at 10 s (the old regime, or days alternating
+between old and new), then one hour of the new regime; a base pretrained on the old regime; one
+update on that hour with replay from the older days. Three decisions on the same data: always
+accept, today's gate (the fixed `gate_tolerance`, no retry) and the new gate (the old regime
+weighed by its chance of return from the history's bucket signatures, `training.recurrence`, with
+one retry before a rejection for forgetting). MAE (normalised units) after each decision on the
+next hours of the new regime and on the old regime when it is next seen (the next day for the
+alternating case; held-out old data otherwise); a rejected update leaves the base.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from _common import mae, pretrain
+
+from edge_daemon.config import LoraConfigSection, TrainConfig
+from edge_daemon.model import Forecaster, ForecasterConfig
+from edge_daemon.training.loop import update
+from edge_daemon.training.plan import plan_from_config
+from edge_daemon.training.recurrence import bucket_signatures, estimate
+from sample_sensors.generate import CHANNELS, generate_labeled
+
+PERIOD_S = 10.0
+DAY = int(86400 / PERIOD_S)
+HOUR = int(3600 / PERIOD_S)
+CASES = ("permanent", "alternating", "recalibration")
+
+
+def motor(case: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ts, values (N, 3), is_new (N,)) for three days, the change's hour and a day after it."""
+    n = 4 * DAY + HOUR
+    if case == "alternating":
+        old = generate_labeled(n, PERIOD_S, seed=seed)
+        new = generate_labeled(n, PERIOD_S, seed=seed, regime_change_at=0, ramp_steps=1)
+        is_new = (np.arange(n) // DAY) % 2 == 1  # day 1 and day 3 (the change's) are new
+        is_new[3 * DAY + 2 * HOUR :] = False  # ... and day 3 gives way to the old regime again after 2 h
+        is_new[3 * DAY : 3 * DAY + 2 * HOUR] = True
+        values = np.where(is_new[:, None], np.stack([new.values[c] for c in CHANNELS], 1), np.stack([old.values[c] for c in CHANNELS], 1))
+        return old.ts, values, is_new
+    regime = "bearing_wear" if case == "permanent" else "current_recalibration"
+    data = generate_labeled(n, PERIOD_S, seed=seed, regime_change_at=3 * DAY, regime=regime, ramp_steps=6)
+    is_new = np.arange(n) >= 3 * DAY
+    return data.ts, np.stack([data.values[c] for c in CHANNELS], 1), is_new
+
+
+def cut(x: torch.Tensor, idx: np.ndarray, length: int, stride: int) -> torch.Tensor:
+    starts = [int(i) for i in idx[::stride] if i + length <= len(x)]
+    return torch.stack([x[i : i + length] for i in starts]) if starts else torch.empty(0, length, x.shape[1])
+
+
+def run_case(case: str, seed: int, args: Any) -> dict[str, Any]:
+    ts, values, is_new = motor(case, seed)
+    change = 3 * DAY
+    now = change + HOUR  # the update runs one hour into the new regime
+    mean, std = values[:change][~is_new[:change]].mean(0), values[:change][~is_new[:change]].std(0) + 1e-6
+    x = torch.from_numpy(((values - mean) / std).astype(np.float32))
+    length = args.window + 1
+    old_rows = np.flatnonzero(~is_new[:change])
+    torch.manual_seed(seed)
+    base = Forecaster(ForecasterConfig(n_channels=3, window=args.window, d_model=32, n_layers=2, d_ff=64))
+    pretrain(base, cut(x, old_rows[old_rows < change - DAY // 2], length, 5), args.pretrain_steps, seed=seed)
+    recent = cut(x, np.arange(change, now - length), length, 1)
+    n_val = max(1, len(recent) // 5)
+    rng = np.random.default_rng(seed)
+    history = np.arange(0, change - length)
+    replay = cut(x, np.sort(rng.choice(history, size=min(len(history), 400), replace=False)), length, 1)
+    perm = torch.from_numpy(rng.permutation(len(replay)))
+    replay = replay[perm]
+    n_rval = len(replay) // 5
+    data = {"recent_train": recent[:-n_val], "recent_val": recent[-n_val:], "replay_train": replay[n_rval:], "replay_val": replay[:n_rval]}
+    # Held out: the next hours of the new regime, and the old regime when next seen.
+    new_later = np.flatnonzero(is_new[now:]) + now
+    old_next = np.flatnonzero(~is_new[now:]) + now if case == "alternating" else old_rows[old_rows >= change - DAY // 2]
+    new_eval = cut(x, new_later[: 3 * HOUR], length, 7)
+    old_eval = cut(x, old_next[: 6 * HOUR], length, 7)
+    starts, counts, stats = bucket_signatures(ts[:now], values[:now])
+    cfg = TrainConfig(steps=args.steps)
+    recurrence = estimate(starts, counts, stats, list(CHANNELS), float(ts[change]), float(ts[now - 1]), min_weight=cfg.gate_min_weight, settle_hours=cfg.gate_settle_hours)
+    lora_cfg = LoraConfigSection()
+    out: dict[str, Any] = {"case": case, "seed": seed, "weight": recurrence.weight, "evidence": recurrence.summary}
+    started = time.monotonic()
+    fixed_cfg = cfg.model_copy(update={"gate_recurrence": False, "gate_retry": "off"})
+    fixed = update(base, **data, lora_cfg=lora_cfg, train_cfg=fixed_cfg, plan=plan_from_config(fixed_cfg), seed=seed, keep_rejected=True)
+    out["base"] = (mae(base, new_eval), mae(base, old_eval))
+    out["always"] = (mae(fixed.adapted, new_eval), mae(fixed.adapted, old_eval), True)
+    out["today"] = out["always"] if fixed.accepted else (*out["base"], False)
+    out["today_reason"] = fixed.reason
+    for retry in ("replay", "anchor"):
+        new_cfg = cfg.model_copy(update={"gate_retry": retry})
+        gated = update(base, **data, lora_cfg=lora_cfg, train_cfg=new_cfg, plan=plan_from_config(new_cfg), seed=seed, keep_rejected=True, recurrence=recurrence)
+        after = (mae(gated.adapted, new_eval), mae(gated.adapted, old_eval), True) if gated.accepted else (*out["base"], False)
+        out[f"new_{retry}"] = after
+        out[f"new_{retry}_retried"] = len(gated.gate["attempts"]) > 1 if gated.gate else False
+        out[f"new_{retry}_reason"] = gated.reason
+    out["seconds"] = time.monotonic() - started
+    return out
+
+
+def report(runs: list[dict[str, Any]]) -> None:
+    policies = [("always accept", "always"), ("today's gate", "today"), ("new gate (retry: heavier replay)", "new_replay"), ("new gate (retry: anchor to base)", "new_anchor")]
+    for case in CASES:
+        rows = [r for r in runs if r["case"] == case]
+        if not rows:
+            continue
+        print(f"\n### {case}\n")
+        for r in rows:
+            print(f"- seed {r['seed']}: weight {r['weight']:.2f}; {r['evidence']}")
+            print(f"  - today's gate: {r['today_reason']}")
+            print(f"  - new gate: {r['new_replay_reason']}" + (" (after a retry)" if r["new_replay_retried"] else ""))
+        base_new = statistics.fmean(r["base"][0] for r in rows)
+        base_old = statistics.fmean(r["base"][1] for r in rows)
+        print(f"\nfrozen base: new-regime MAE {base_new:.4f}, old-regime MAE {base_old:.4f}\n")
+        print("| decision | accepted | new-regime MAE | vs base | old-regime MAE | forgetting (vs base) | retries |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for label, key in policies:
+            acc = sum(r[key][2] for r in rows)
+            new = statistics.fmean(r[key][0] for r in rows)
+            old = statistics.fmean(r[key][1] for r in rows)
+            retries = sum(r.get(f"{key}_retried", False) for r in rows)
+            print(f"| {label} | {acc}/{len(rows)} | {new:.4f} | {new / base_new - 1:+.1%} | {old:.4f} | {old / base_old - 1:+.1%} | {retries if key.startswith('new') else '-'} |")
+        print(f"\n(seconds per seed, all decisions: {statistics.fmean(r['seconds'] for r in rows):.0f})")
+
+
+def main(args: Any) -> None:
+    torch.set_num_threads(1)
+    runs = [run_case(case, seed, args) for case in args.cases for seed in range(args.seeds)]
+    print(f"sample motor at {PERIOD_S:g} s, window {args.window}, model d_model 32 x 2 layers, update {args.steps} steps, {args.pretrain_steps} pretrain steps, {args.seeds} seeds")
+    report(runs)
