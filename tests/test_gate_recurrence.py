@@ -10,9 +10,12 @@ import torch
 
 from edge_daemon.config import LoraConfigSection, TrainConfig
 from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
-from edge_daemon.training.loop import update
+from edge_daemon.training.loop import UpdateResult, update
 from edge_daemon.training.plan import plan_from_config
 from edge_daemon.training.recurrence import Recurrence, bucket_signatures, estimate
+
+# Small models on shared cores: a second thread only contends.
+torch.set_num_threads(1)
 
 WINDOW = 16
 CHANNELS = ["m/a", "m/b"]
@@ -79,9 +82,26 @@ def cfg(**kw: object) -> TrainConfig:
     return TrainConfig(**{"steps": 15, "batch_size": 16, "micro_batch": 16, "lr": 1e-2, "replay_fraction": 0.0, "gate_tolerance": 0.9, "gate_retry": "off", **kw})
 
 
-def run(setup: tuple[Forecaster, dict[str, torch.Tensor]], train_cfg: TrainConfig, rec: Recurrence | None):
+def run(setup: tuple[Forecaster, dict[str, torch.Tensor]], train_cfg: TrainConfig, rec: Recurrence | None) -> UpdateResult:
     base, data = setup
     return update(base, **data, lora_cfg=LoraConfigSection(r=4), train_cfg=train_cfg, plan=plan_from_config(train_cfg), seed=0, recurrence=rec)
+
+
+# Each update runs once for the module: a few seconds of real training in all.
+@pytest.fixture(scope="module")
+def permanent_fixed(setup) -> UpdateResult:
+    return run(setup, cfg(gate_recurrence=False), recurrence(False))
+
+
+@pytest.fixture(scope="module")
+def permanent_weighed(setup) -> UpdateResult:
+    return run(setup, cfg(), recurrence(False))
+
+
+@pytest.fixture(scope="module")
+def alternating_retried(setup) -> UpdateResult:
+    """The alternating case with the retry on: its first attempt is the gate without a retry."""
+    return run(setup, cfg(gate_retry="replay", gate_retry_replay_fraction=0.8), recurrence(True))
 
 
 def test_the_evidence_tells_a_permanent_change_from_a_recurring_one() -> None:
@@ -92,29 +112,29 @@ def test_the_evidence_tells_a_permanent_change_from_a_recurring_one() -> None:
     assert "came back 1 time before, after at most 24 h away" in alternating.summary
 
 
-def test_a_permanent_change_is_accepted_where_the_fixed_rule_rejects(setup) -> None:
-    fixed = run(setup, cfg(gate_recurrence=False), recurrence(False))
-    assert not fixed.accepted and "forgets the old regime" in fixed.reason
-    weighed = run(setup, cfg(), recurrence(False))
+def test_a_permanent_change_is_accepted_where_the_fixed_rule_rejects(permanent_fixed, permanent_weighed) -> None:
+    assert not permanent_fixed.accepted and "forgets the old regime" in permanent_fixed.reason
+    weighed = permanent_weighed
     assert weighed.accepted, weighed.reason
     assert "old regime not seen since" in weighed.reason
     assert "accepted although it forgets the old regime by" in weighed.reason
     assert weighed.gate is not None and weighed.gate["weight"] == pytest.approx(0.05) and weighed.gate["forgetting"] > 0.9
 
 
-def test_an_alternating_regime_is_held_to_the_tolerance(setup) -> None:
-    result = run(setup, cfg(), recurrence(True))
-    assert not result.accepted
-    assert result.gate is not None and result.gate["failed_on"] == "forgetting" and result.gate["weight"] == 1.0
-    assert "came back 1 time before" in result.reason and "rejected: it forgets the old regime by" in result.reason
+def test_an_alternating_regime_is_held_to_the_tolerance(alternating_retried) -> None:
+    first = alternating_retried.gate["attempts"][0] if alternating_retried.gate else None
+    assert first is not None and first["kind"] == "first" and not first["accepted"]
+    assert "came back 1 time before" in first["reason"] and "rejected: it forgets the old regime by" in first["reason"]
+    assert alternating_retried.gate is not None and alternating_retried.gate["weight"] == 1.0
 
 
-def test_one_more_attempt_before_a_rejection_for_forgetting(setup) -> None:
-    result = run(setup, cfg(gate_retry="replay", gate_retry_replay_fraction=0.8), recurrence(True))
+def test_one_more_attempt_before_a_rejection_for_forgetting(alternating_retried) -> None:
+    result = alternating_retried
     assert result.gate is not None
     attempts = result.gate["attempts"]
     assert [a["kind"] for a in attempts] == ["first", "heavier replay"]
     assert attempts[0]["accepted"] is False and attempts[1]["replay_fraction"] == 0.8
     assert result.steps == 30 and result.replay_windows_seen > 0
-    # The second attempt forgets less than the first.
+    # The second attempt forgets less than the first, within the tolerance: accepted.
     assert attempts[1]["replay_val_loss"] < attempts[0]["replay_val_loss"]
+    assert result.accepted and attempts[1]["accepted"], result.reason
