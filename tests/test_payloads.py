@@ -81,9 +81,9 @@ def test_each_alert_record_builds_its_documented_example() -> None:
     built = payloads.drift_alert(drift["channel"], drift["kind"], drift["ts"], drift["detections"], drift["residual_level"], drift["residual_baseline"])
     same_json(built, drift)
     accepted = example("alert-adapter_accepted")
-    same_json(payloads.adapter_accepted_alert(accepted["version"], accepted["reason"], accepted["metrics_before"], accepted["metrics_after"]), accepted)
+    same_json(payloads.adapter_accepted_alert(accepted["version"], accepted["reason"], accepted["metrics_before"], accepted["metrics_after"], accepted["gate"]), accepted)
     rejected = example("alert-adapter_rejected")
-    same_json(payloads.adapter_rejected_alert(rejected["reason"], rejected["metrics_before"], rejected["metrics_after"]), rejected)
+    same_json(payloads.adapter_rejected_alert(rejected["reason"], rejected["metrics_before"], rejected["metrics_after"], rejected["gate"]), rejected)
     same_json(payloads.base_model_alert(), example("alert-base_model"))
     same_json(payloads.rollback_alert(1), example("alert-rollback"))
     # Input drift says so in its message.

@@ -86,7 +86,7 @@ def judge(
     forgetting = replay_after / replay_before - 1.0
     allowed = weigh_limit(tolerance, weight)
     limit = "no limit" if math.isinf(allowed) else f"at most {allowed:.0%}"
-    counts = "" if weight >= 1.0 else f" (the old regime counts {weight:.2g}: {limit})"
+    counts = f" ({limit})" if weight >= 1.0 else f" (the old regime counts {weight:.2g}: {limit})"
     if not math.isfinite(replay_after) or not forgetting <= allowed:
         return GateVerdict(
             False,
