@@ -356,6 +356,11 @@ class TrainConfig(_Section):
         0.0, ge=0, lt=1, description="recent validation loss must fall by at least this fraction to accept an adapter"
     )
     rss_sample_interval_s: float = Field(0.01, gt=0, description="how often an update samples its RSS to find its peak")
+    gate_recent_statistic: Literal["median", "mean"] = Field(
+        "median",
+        description="whether the recent loss improves, judged by the median of the per-window differences against the incumbent "
+        "(a few impacts in the held-out minutes do not decide) or by the mean losses",
+    )
     gate_recurrence: bool = Field(
         True, description="weigh the replayed loss's worsening by how likely the old regime is to return (false: the fixed gate_tolerance)"
     )

@@ -10,6 +10,7 @@ import torch
 
 from edge_daemon.config import LoraConfigSection, TrainConfig
 from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
+from edge_daemon.training.gate import judge
 from edge_daemon.training.loop import UpdateResult, update
 from edge_daemon.training.plan import plan_from_config
 from edge_daemon.training.recurrence import Recurrence, bucket_signatures, estimate
@@ -118,6 +119,7 @@ def test_a_permanent_change_is_accepted_where_the_fixed_rule_rejects(permanent_f
     assert weighed.accepted, weighed.reason
     assert "old regime not seen since" in weighed.reason
     assert "accepted although it forgets the old regime by" in weighed.reason
+    assert "lower in the median held-out window" in weighed.reason  # judged window by window
     assert weighed.gate is not None and weighed.gate["weight"] == pytest.approx(0.05) and weighed.gate["forgetting"] > 0.9
 
 
@@ -138,3 +140,21 @@ def test_one_more_attempt_before_a_rejection_for_forgetting(alternating_retried)
     # The second attempt forgets less than the first, within the tolerance: accepted.
     assert attempts[1]["replay_val_loss"] < attempts[0]["replay_val_loss"]
     assert result.accepted and attempts[1]["accepted"], result.reason
+
+
+def test_the_recent_loss_is_judged_in_the_median_window_not_by_a_few_impacts() -> None:
+    before = {"recent_val_loss": 1.0, "replay_val_loss": None}
+    incumbent = torch.ones(20)
+    # Better on 17 of 20 held-out windows, far worse on the 3 that hold an impact: the mean worsens.
+    spiked = torch.cat([torch.full((17,), 0.9), torch.full((3,), 3.0)])
+    after = {"recent_val_loss": float(spiked.mean()), "replay_val_loss": None}
+    assert not judge(before, after, 0.3).accepted  # the means alone reject it
+    verdict = judge(before, after, 0.3, recent_windows=(incumbent, spiked))
+    assert verdict.accepted and "recent loss 10% lower in the median held-out window" in verdict.reason
+    # Worse on 15 of 20 windows, the mean pulled down by 5: rejected, though the mean improves.
+    lucky = torch.cat([torch.full((15,), 1.05), torch.full((5,), 0.1)])
+    after = {"recent_val_loss": float(lucky.mean()), "replay_val_loss": None}
+    assert judge(before, after, 0.3).accepted
+    verdict = judge(before, after, 0.3, recent_windows=(incumbent, lucky))
+    assert not verdict.accepted and verdict.failed_on == "recent"
+    assert "does not improve in the median held-out window (+5%" in verdict.reason

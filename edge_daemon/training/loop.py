@@ -31,7 +31,7 @@ from edge_daemon.training.plan import EightBitPayoff, Fp32State, PlanChange, Tra
 from edge_daemon.training.records import ProgressEvent, TrainingStep, UpdateReport
 from edge_daemon.training.batches import BatchMixer
 from edge_daemon.training.blocks import choose_blocks
-from edge_daemon.training.gate import AttemptJson, GateVerdict, evaluate_loss, judge
+from edge_daemon.training.gate import AttemptJson, GateVerdict, evaluate_loss, judge, window_losses
 from edge_daemon.training.lora import build_lora_model, set_checkpointing
 from edge_daemon.training.recurrence import Recurrence
 from edge_daemon.training.optimizer import Optimizer, make_optimizer, optimizer_state_bytes
@@ -173,6 +173,8 @@ def _update(
         "recent_val_loss": evaluate_loss(reference, recent_val, plan.micro_batch),
         "replay_val_loss": evaluate_loss(reference, replay_val, plan.micro_batch),
     }
+    # The incumbent's loss on each recent held-out window, for the gate's paired (median) judgement.
+    recent_before = window_losses(reference, recent_val, plan.micro_batch) if train_cfg.gate_recent_statistic == "median" else None
     del reference
 
     # 3. Selective freezing: rank blocks by gradient norm on a probe batch of recent data.
@@ -266,7 +268,11 @@ def _update(
             "replay_val_loss": evaluate_loss(lora_model, replay_val, state["plan"].micro_batch),
         }
         weighed = recurrence if train_cfg.gate_recurrence else None
-        verdict = judge(before, after, train_cfg.gate_tolerance, train_cfg.gate_min_improvement, weighed)
+        paired = None
+        if recent_before is not None:
+            recent_after = window_losses(lora_model, recent_val, state["plan"].micro_batch)
+            paired = None if recent_after is None else (recent_before, recent_after)
+        verdict = judge(before, after, train_cfg.gate_tolerance, train_cfg.gate_min_improvement, weighed, paired)
         attempts.append({"kind": kind, "replay_fraction": replay_fraction, **after, "accepted": verdict.accepted, "reason": verdict.reason})  # type: ignore[typeddict-item]
         return after, verdict
 
