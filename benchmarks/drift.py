@@ -119,6 +119,8 @@ def main() -> None:
                         help="seeds for the first-day table at 1 reading/s: judges from the base's validation residuals "
                              "against learning for a day (~3 min a seed; 0: skip it)")
     parser.add_argument("--first-day-first-seed", type=int, default=0, help="first seed of the --first-day-seeds table")
+    parser.add_argument("--after-adapter-seeds", type=int, default=0,
+                        help="seeds for the table of the first hour after an accepted adapter at 1 reading/s (~5 min a seed; 0: skip it)")
     parser.add_argument("--skip-inputs", action="store_true", help="only the residual tables")
     args = parser.parse_args()
     global SCALE, DAY
@@ -131,6 +133,8 @@ def main() -> None:
         realtime_table(args.realtime_seeds)
     if args.first_day_seeds:
         first_day_table(args.first_day_seeds, first_seed=args.first_day_first_seed)
+    if args.after_adapter_seeds:
+        after_adapter_table(args.after_adapter_seeds, first_seed=args.first_day_first_seed)
     if args.month_seeds:
         month_table(args.month_seeds, args.month_days, args.month_first_seed, reuse=args.month_reuse)
 
@@ -559,13 +563,79 @@ def first_day_table(seeds: int, change_h: float = 7.0, first_seed: int = 0) -> N
         print(f"| {mode} | {sum(row['alarms'])}{when} | {fmt(row['current'])} | {fmt(row['any'])} | {found} of {seeds} |")
 
 
-def first_day_events(residuals: np.ndarray, t0: float, prior: list | None) -> list[tuple[int, str]]:
-    """Residual drift events (step, channel) of a default monitor started at t0 (from `prior`, or learning)."""
-    mon = DriftMonitor(list(CHANNELS), DriftConfig(), period_s=1.0, residual_prior=prior)
+def first_day_events(
+    residuals: np.ndarray, t0: float, prior: list | None, mon: DriftMonitor | None = None, k0: int = 0
+) -> list[tuple[int, str]]:
+    """Residual drift events (step, channel) of a default monitor started at t0 (from `prior`, or
+    learning), or of `mon` fed on from step k0."""
+    mon = mon or DriftMonitor(list(CHANNELS), DriftConfig(), period_s=1.0, residual_prior=prior)
     events = []
     for k in range(len(residuals)):
-        events += [(k, e.channel) for e in mon.update_residuals(residuals[k], t0 + k)]
+        events += [(k0 + k, e.channel) for e in mon.update_residuals(residuals[k], t0 + k)]
     return events
+
+
+def after_adapter_table(seeds: int, adapter_h: float = 6.5, change_h: float = 7.0, first_seed: int = 0) -> None:
+    """The first hour after an accepted adapter at 1 reading/s: a base pretrained on day 0 serves from
+    00:00 of day 1; at `adapter_h` of day 1 a requested update (the last hour of data, the daemon's
+    update path) is accepted and serves; the overload (current +45% in one step) comes at `change_h`.
+    The judges restart from the adapter's held-out validation residuals (the default, after starting
+    from the base's), or learn as adapters and bases without them get (the window a day, the CUSUM a
+    day after start-up and an hour after the adapter)."""
+    import tempfile
+
+    import torch
+
+    from edge_daemon.artifacts.adapters import AdapterStore
+    from edge_daemon.artifacts.merge import serving_model
+    from edge_daemon.drift.feed import base_residual_prior
+    from edge_daemon.drift.prior import ResidualPrior
+
+    torch.set_num_threads(1)
+    day1, swap, change = DAY_RT, DAY_RT + int(adapter_h * HOUR_RT), DAY_RT + int(change_h * HOUR_RT)
+    modes = ("from validation residuals (default)", "learning (no validation residuals)")
+    rows: dict[str, dict[str, list]] = {mode: {"alarms": [], "any": [], "current": []} for mode in modes}
+    notes: list[str] = []
+    for seed in range(first_seed, first_seed + seeds):
+        started = time.perf_counter()
+        data = generate_labeled(change + 3 * HOUR_RT, seed=seed, regime_change_at=change, regime="overload", ramp_steps=1)
+        with tempfile.TemporaryDirectory() as root:
+            config = realtime_config(Path(root))
+            base = pretrained_base(data, DAY_RT, config.base_dir)
+            accepted, wall, reason = first_adapter(config, data, None, float(data.ts[swap - 1]))  # type: ignore[arg-type]
+            notes.append(f"seed {seed}: {'accepted' if accepted else 'rejected'} ({reason}; {wall:.0f} s)")
+            if not accepted:
+                print(f"after-adapter seed {seed}: the update was rejected ({reason}); no case", flush=True)
+                continue
+            version = AdapterStore(config.adapters_dir).current()
+            assert version is not None
+            adapter_prior = ResidualPrior.from_json(version.meta.validation_residuals, len(CHANNELS))
+            values = np.stack([data.values[c] for c in CHANNELS], axis=1)
+            before = batched_residuals(base, serving_model(base, None), data.ts[day1:swap], values[day1:swap])
+            lead = base.cfg.window  # the scorer's history fills before the swap
+            after = batched_residuals(base, serving_model(base, version), data.ts[swap - lead :], values[swap - lead :])[lead:]
+        for mode in modes:
+            with_prior = mode == modes[0]
+            mon = DriftMonitor(list(CHANNELS), DriftConfig(), period_s=1.0, residual_prior=base_residual_prior(base) if with_prior else None)
+            events = first_day_events(before, float(data.ts[day1]), None, mon)
+            mon.reset_baseline(float(data.ts[swap]), adapter_prior if with_prior else None)
+            events += first_day_events(after, float(data.ts[swap]), None, mon, swap - day1)
+            at = change - day1
+            row = rows[mode]
+            row["alarms"].append(sum(1 for k, _ in events if k < at))
+            row["any"].append(next((k - at for k, _ in events if k >= at), None))
+            row["current"].append(next((k - at for k, ch in events if k >= at and ch == "m1/current"), None))
+        print(f"after-adapter seed {seed}: " + "; ".join(f"{m}: {r['alarms'][-1]} false alarms, overload found after {r['any'][-1]} s"
+                                                        for m, r in rows.items()) + f" ({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    fmt = lambda ds: ", ".join("missed" if d is None else str(d) for d in ds)  # noqa: E731
+    print(f"\nThe first hour after an accepted adapter at 1 reading/s: base pretrained on day 0, serving from 00:00 of day 1, a requested "
+          f"update accepted at {adapter_h:g} h, the overload at {change_h:g} h; seeds {first_seed}..{first_seed + seeds - 1}\n")  # fmt: skip
+    print("| residual judges after the adapter | false alarms 00:00 to the overload | overload: first alarm on current (s after) | first alarm on any channel (s after) | found within 10 min |")
+    print("|---|--:|---|---|--:|")
+    for mode, row in rows.items():
+        found = sum(1 for d in row["any"] if d is not None and d <= 600)
+        print(f"| {mode} | {sum(row['alarms'])} | {fmt(row['current'])} | {fmt(row['any'])} | {found} of {len(row['any'])} |")
+    print("\nThe updates: " + "; ".join(notes))
 
 
 def residual_table(seeds: int) -> None:

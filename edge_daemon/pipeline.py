@@ -320,6 +320,12 @@ class ResidualDrift:
         residuals (a meta's `validation_residuals`) when it recorded them."""
         self._monitor.reset_baseline(t, ResidualPrior.from_json(validation, len(self._monitor.channels)))
 
+    def start_from(self, validation: Mapping[str, Any] | None) -> None:
+        """At start-up: the residual judges start from the served model's held-out validation
+        residuals (an adapter's meta's; None: the base's, as the monitor was built with)."""
+        if validation is not None:
+            self._monitor.set_residual_prior(ResidualPrior.from_json(validation, len(self._monitor.channels)))
+
     def status(self) -> DriftStatus:
         """The `drift` section of `status`."""
         return self._monitor.status()

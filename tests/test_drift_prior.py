@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edge_daemon.artifacts.base import CONFIG_FILE, load_base
 from edge_daemon.artifacts.merge import serving_model
@@ -129,3 +130,31 @@ def test_the_prior_is_saved_with_the_base_and_the_adapter_and_old_ones_fall_back
     assert base_residual_prior(old) is None
     pipeline = ScoringPipeline(cfg, lambda *args: None, Scorer(old, serving_model(old, None), 6.0))
     assert {ch["residual_window"]["baseline"] for ch in pipeline.drift.status()["channels"].values()} == {"learning"}
+
+
+@pytest.mark.slow  # ~10 s alone (peft merges three adapters), more beside other work
+def test_the_update_path_hands_the_served_adapters_validation_residuals_to_the_drift_judges(tmp_path: Path) -> None:
+    """At start-up the judges start from the served adapter's; a rollback to one from before they
+    were recorded learns from the stream (the base here recorded none either)."""
+    from edge_daemon.adaptation.commands import handle_rollback
+    from edge_daemon.artifacts.adapters import AdapterStore
+    from tests.test_adaptation import _adaptation, _commit, _save_base
+
+    config = make_config(tmp_path)
+    _save_base(config.base_dir, seed=0)
+    base = load_base(config.base_dir, config.channels.names, 1.0)
+    held_out = validation_residuals(residuals(900, seed=7), T0 + np.arange(900.0))
+    store = AdapterStore(config.adapters_dir)
+    recorded = _commit(store, base.model, AdapterMeta(reason="requested", base_fingerprint=base.fingerprint, validation_residuals=held_out), seed=1)
+    older = _commit(store, base.model, AdapterMeta(reason="requested", base_fingerprint=base.fingerprint), seed=2)
+    store.make_current(recorded)
+
+    pipeline = ScoringPipeline(config, lambda *args, **kwargs: None)
+    adaptation = _adaptation(config, store, pipeline)
+    adaptation.start()
+    baselines = lambda: {ch["residual_window"]["baseline"] for ch in pipeline.drift.status()["channels"].values()}  # noqa: E731
+    assert baselines() == {"validation"}
+    handle_rollback(adaptation, {"cmd": "rollback", "version": older})
+    assert baselines() == {"learning"}
+    handle_rollback(adaptation, {"cmd": "rollback", "version": recorded})
+    assert baselines() == {"validation"}

@@ -73,6 +73,8 @@ class DriftSignal(Protocol):
 
     def reset(self, t: float | None = None, validation: Mapping[str, Any] | None = None) -> None: ...
 
+    def start_from(self, validation: Mapping[str, Any] | None) -> None: ...
+
 
 class ServingSwap(Protocol):
     """The scorer's side of serving (pipeline.ScoringPipeline): a new scorer (a new base), a new
@@ -213,6 +215,8 @@ class Adaptation:
         scorer = self.load_serving()
         if scorer is not None:
             self.serving.set_scorer(scorer)
+            if scorer.version is not None:  # the drift judges start from the served adapter's validation residuals
+                self.drift.start_from(self._validation_residuals(self.adapters.get(scorer.version)))
 
     def stop(self, timeout: float | None = None) -> None:
         """End a running update at its next micro-batch boundary (nothing partial is saved);

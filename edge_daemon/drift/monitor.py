@@ -210,7 +210,7 @@ class DriftMonitor:
             channel.residual_expected = expected
             window.use_prior(max(2, round(3600.0 / self.period_s)))
             if profile is not None:
-                profile.seed(expected)
+                profile.seed(list(prior.hourly), scale)
             if cusum is not None and prior.block_cv is not None:
                 # The spread of block means shrinks with the square root of the block's length.
                 cv = prior.block_cv * math.sqrt(prior.block_s / (self._cusum_block * self.period_s))

@@ -71,12 +71,15 @@ class TimeOfDayProfile:
                   if self._count[b] and start <= (b + 0.5) * self._bin_s < end]  # fmt: skip
         return sum(values) / len(values) if values else None
 
-    def seed(self, hourly: list[float | None]) -> None:
-        """Start every slice whose hour `hourly` (24 UTC hours) covers from that typical value,
-        counted as one day of values: the first day of the stream refines it half-way, later days
-        further. Slices it does not cover keep what they learnt (nothing, at start-up)."""
+    def seed(self, hourly: list[float | None], scale: float | None = None) -> None:
+        """Start every slice whose UTC hour `hourly` (24 values) covers from that typical value,
+        and (with `scale`) every other slice that has learnt one from that value times `scale`,
+        each counted as one day of values: the first day of the stream refines it half-way, later
+        days further. Slices neither covers keep what they had (nothing, at start-up)."""
         for b in range(self.bins):
-            typical = hourly[int(((b + 0.5) * self._bin_s % 86400.0) // 3600.0) % len(hourly)] if self.day_s == 86400.0 else None
+            typical = hourly[int(((b + 0.5) * self._bin_s % 86400.0) // 3600.0)]
+            if typical is None and scale is not None and self._count[b]:
+                typical = self._mean[b] * scale
             if typical is None:
                 self._seeded[b] = False
                 continue
