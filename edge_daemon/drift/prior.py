@@ -30,7 +30,7 @@ import numpy as np
 
 HOURS = 24
 BLOCK_S = 30.0  # the CUSUM's default block ([drift] cusum_block_s): the spread is of means this long
-MIN_HOUR_VALUES = 20  # residuals an hour needs to say what is typical then
+MIN_HOUR_VALUES = 30  # residuals an hour needs to say what is typical then
 MIN_BLOCKS = 10  # half-minute means needed for a spread
 
 

@@ -54,7 +54,7 @@ MIN_TRAIN_WINDOWS = 16
 # on the default model), speed hardly does past a few tens.
 EVAL_BATCH = 32
 # Training windows whose residuals fill the hours of the day the held-out ones miss (drift/prior.py).
-PRIOR_TRAIN_SAMPLE = 1024
+PRIOR_TRAIN_SAMPLE = 4096
 # Periodic validation looks at an even sample of this many windows; the final
 # numbers use all of them.
 EVAL_SAMPLE = 1024
