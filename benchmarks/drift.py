@@ -3,6 +3,7 @@
     python benchmarks/drift.py                          # 3 seeds x 30 stationary days, regime changes
     python benchmarks/drift.py --time-scale 1 --seeds 1 --days 3   # real time: 86,400 steps a day
     python benchmarks/drift.py --skip-inputs --residual-seeds 0 --realtime-seeds 2 --month-seeds 1   # 30 days at 1 reading/s
+    python benchmarks/drift.py --skip-inputs --residual-seeds 0 --realtime-seeds 0 --first-day-seeds 3   # the first day after start-up
 
 The sample motor (sample_sensors) runs its daily cycle, batch cycle and
 weather; by default one simulated day is 600 steps (time_scale 144), so whole
@@ -46,12 +47,22 @@ first hour is checked against `Scorer.add_step`, and the run stops if they
 differ), then fed step by step to a `DriftMonitor` with the window alone and
 one with the CUSUM on (the default). `--month-reuse` feeds residuals saved by
 an earlier run instead, to try drift settings. The base stays frozen for the
-month: no routine adapter updates, as in the other residual tables.
+month: no routine adapter updates, as in the other residual tables. Its last
+row starts the default judges from the base's validation residuals, as the
+daemon does with a base that recorded them (the base trained on 00:00-04:00
+covers those hours only; the other rows learn from the stream alone).
+
+The first day after start-up at 1 reading/s (`--first-day-seeds`, ~3 min a
+seed on one idle core): a base pretrained on day 0 (00:00-24:00), the default
+judges started from its held-out validation residuals against the same
+judges learning for a day (what a base without them gets), on a stationary
+first day and on a first day with the overload at 07:00.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -104,6 +115,12 @@ def main() -> None:
     parser.add_argument("--month-reuse", action="store_true",
                         help="reuse the month's residuals saved by an earlier run of the same code (benchmarks/.data); "
                              "for trying drift settings, not for published figures")
+    parser.add_argument("--first-day-seeds", type=int, default=0,
+                        help="seeds for the first-day table at 1 reading/s: judges from the base's validation residuals "
+                             "against learning for a day (~3 min a seed; 0: skip it)")
+    parser.add_argument("--first-day-first-seed", type=int, default=0, help="first seed of the --first-day-seeds table")
+    parser.add_argument("--after-adapter-seeds", type=int, default=0,
+                        help="seeds for the table of the first hour after an accepted adapter at 1 reading/s (~5 min a seed; 0: skip it)")
     parser.add_argument("--skip-inputs", action="store_true", help="only the residual tables")
     args = parser.parse_args()
     global SCALE, DAY
@@ -114,6 +131,10 @@ def main() -> None:
         residual_table(args.residual_seeds)
     if args.realtime_seeds:
         realtime_table(args.realtime_seeds)
+    if args.first_day_seeds:
+        first_day_table(args.first_day_seeds, first_seed=args.first_day_first_seed)
+    if args.after_adapter_seeds:
+        after_adapter_table(args.after_adapter_seeds, first_seed=args.first_day_first_seed)
     if args.month_seeds:
         month_table(args.month_seeds, args.month_days, args.month_first_seed, reuse=args.month_reuse)
 
@@ -237,24 +258,30 @@ RESIDUAL_MODES: dict[str, dict[str, object]] = {
     },
 }
 DEFAULT_MODE = "window + CUSUM by time of day (default)"
+# The month table's extra row: the default judges started from the base's validation residuals, as
+# the daemon starts them from a base that recorded them (the other rows learn from the stream).
+PRIOR_MODE = "window + CUSUM by time of day, from the base's validation residuals (default)"
 
 
 def residual_events(
-    residuals: np.ndarray, settings: dict[str, object], period_s: float, t0: float = 0.0, peaks: list | None = None
+    residuals: np.ndarray, settings: dict[str, object], period_s: float, t0: float = 0.0, peaks: list | None = None,
+    prior: list | None = None,
 ) -> tuple[list[tuple[int, str]], float]:
     """Residual drift events (step, channel) of a monitor fed `residuals` (step k at time t0 + k * period_s),
     and us per update_residuals. With `peaks`, the highest sum each channel's CUSUM reached is appended
     to it (read every 10 steps: a CUSUM moves once per half-minute mean; not timed)."""
-    events, _, per_call_us = residual_monitor(residuals, settings, period_s, t0, peaks)
+    events, _, per_call_us = residual_monitor(residuals, settings, period_s, t0, peaks, prior)
     return events, per_call_us
 
 
 def residual_monitor(
-    residuals: np.ndarray, settings: dict[str, object], period_s: float, t0: float = 0.0, peaks: list | None = None
+    residuals: np.ndarray, settings: dict[str, object], period_s: float, t0: float = 0.0, peaks: list | None = None,
+    prior: list | None = None,
 ) -> tuple[list[tuple[int, str]], DriftMonitor, float]:
-    """`residual_events`, and the monitor after the last residual."""
+    """`residual_events`, and the monitor after the last residual (started from `prior`, the base's
+    validation residuals, when given)."""
     cfg = DriftConfig(**settings)  # type: ignore[arg-type]
-    mon = DriftMonitor(list(CHANNELS), cfg, period_s=period_s)
+    mon = DriftMonitor(list(CHANNELS), cfg, period_s=period_s, residual_prior=prior)
     events = []
     top = [0.0] * len(CHANNELS)
     elapsed = 0.0
@@ -405,7 +432,10 @@ def month_table(
     from edge_daemon.artifacts.merge import serving_model
 
     torch.set_num_threads(1)
-    modes = [mode for mode in RESIDUAL_MODES if mode != "stream"]
+    from edge_daemon.drift.feed import base_residual_prior
+    from edge_daemon.drift.prior import ResidualPrior
+
+    modes = [mode for mode in RESIDUAL_MODES if mode != "stream"] + [PRIOR_MODE]
     alarms: dict[str, list[list[tuple[int, str]]]] = {mode: [] for mode in modes}
     peaks, us, diffs, calendar = [], {mode: [] for mode in modes}, [], None
     defaults = DriftConfig()
@@ -413,13 +443,16 @@ def month_table(
         started = time.perf_counter()
         n_train, n_test = int(train_h * HOUR_RT), days * DAY_RT
         saved = DATA_DIR / f"month-residuals-seed{seed}-days{days}-train{train_h:g}h.npy"
-        if reuse and saved.is_file():
+        saved_prior = saved.with_suffix(".prior.json")
+        if reuse and saved.is_file() and saved_prior.is_file():
             residuals = np.load(saved)
+            prior = ResidualPrior.from_json(json.loads(saved_prior.read_text()), len(CHANNELS))
             print(f"month seed {seed}: residuals reused from {saved.name}", flush=True)
-            month_alarms(residuals, n_train, seed, modes, alarms, us, peaks, started)
+            month_alarms(residuals, n_train, seed, modes, alarms, us, peaks, started, prior)
             continue
         data = generate_labeled(n_train + n_test, seed=seed)
         base = pretrained_base(data, n_train)
+        prior = base_residual_prior(base)
         calendar = base.cfg.calendar_s
         model = serving_model(base, None)  # what the scorer serves with no adapter
         ts, values = data.ts[n_train:], np.stack([data.values[c][n_train:] for c in CHANNELS], axis=1)
@@ -440,7 +473,8 @@ def month_table(
         del values
         DATA_DIR.mkdir(exist_ok=True)
         np.save(saved, residuals)
-        month_alarms(residuals, n_train, seed, modes, alarms, us, peaks, started)
+        saved_prior.write_text(json.dumps(base.meta.get("validation_residuals")))
+        month_alarms(residuals, n_train, seed, modes, alarms, us, peaks, started, prior)
     total_days = seeds * days
     print(f"\nResidual drift at 1 reading/s over {seeds} seed(s) ({first_seed}..{first_seed + seeds - 1}) x {days} stationary days ({days * DAY_RT:,} steps a seed), "
           f"default-size base pretrained on 00:00-0{train_h:g}:00 of day 0 (calendar inputs: {list(calendar or ()) or 'none'}), "
@@ -456,12 +490,16 @@ def month_table(
 
 
 def month_alarms(
-    residuals: np.ndarray, n_train: int, seed: int, modes: list[str], alarms: dict, us: dict, peaks: list, started: float
+    residuals: np.ndarray, n_train: int, seed: int, modes: list[str], alarms: dict, us: dict, peaks: list, started: float,
+    prior: list | None = None,
 ) -> None:
     """Feed a month's residuals to each mode's monitor; add its alarms, cost and the CUSUM's peak statistic."""
     for mode in modes:
-        settings = {**RESIDUAL_MODES[mode], "residual_window_s": 86400.0}
-        events, cost = residual_events(residuals, settings, 1.0, DEFAULT_START_TS + n_train, peaks if mode == DEFAULT_MODE else None)
+        settings = {**RESIDUAL_MODES[DEFAULT_MODE if mode == PRIOR_MODE else mode], "residual_window_s": 86400.0}
+        if mode == PRIOR_MODE and prior is None:
+            raise AssertionError("the base recorded no validation residuals")
+        events, cost = residual_events(residuals, settings, 1.0, DEFAULT_START_TS + n_train, peaks if mode == DEFAULT_MODE else None,
+                                       prior if mode == PRIOR_MODE else None)  # fmt: skip
         alarms[mode].append(events)
         us[mode].append(cost)
     peak = peaks[-1]
@@ -473,6 +511,131 @@ def month_alarms(
     when = lambda events: ", ".join(f"{ch.split('/')[-1]} {clock(k + n_train)}" for k, ch in events) or "none"  # noqa: E731
     print(f"month seed {seed}: " + "; ".join(f"{m} {len(alarms[m][-1])} alarms ({when(alarms[m][-1])})" for m in modes)
           + f"; peak CUSUM {', '.join(f'{p:.1f}' for p in peak)}; {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+
+
+def first_day_table(seeds: int, change_h: float = 7.0, first_seed: int = 0) -> None:
+    """The first day after start-up at 1 reading/s, with the residual judges started from the base's
+    held-out validation residuals (the default) and without them (learning for a day, as bases
+    without `validation_residuals` in their meta are judged). A default-size base is pretrained
+    on day 0 (00:00-24:00); the daemon then starts twice: at 00:00 of day 1, which stays stationary
+    (false alarms over a whole first day), and at 00:00 of day 2, with the abrupt overload (current
+    +45% in one step) at `change_h` of that first day. Residuals batched as in the month table."""
+    import torch
+
+    from edge_daemon.artifacts.merge import serving_model
+    from edge_daemon.drift.feed import base_residual_prior
+
+    torch.set_num_threads(1)
+    change = 2 * DAY_RT + int(change_h * HOUR_RT)
+    modes = ("from validation residuals (default)", "learning for a day (no validation residuals)")
+    rows: dict[str, dict[str, list]] = {mode: {"alarms": [], "when": [], "current": [], "any": []} for mode in modes}
+    for seed in range(first_seed, first_seed + seeds):
+        started = time.perf_counter()
+        data = generate_labeled(change + 3 * HOUR_RT, seed=seed, regime_change_at=change, regime="overload", ramp_steps=1)
+        base = pretrained_base(data, DAY_RT)
+        prior = base_residual_prior(base)
+        assert prior is not None, "the base recorded no validation residuals"
+        values = np.stack([data.values[c][DAY_RT:] for c in CHANNELS], axis=1)
+        residuals = batched_residuals(base, serving_model(base, None), data.ts[DAY_RT:], values)
+        day1, day2 = residuals[:DAY_RT], residuals[DAY_RT:]
+        t1, t2 = float(data.ts[DAY_RT]), float(data.ts[2 * DAY_RT])
+        at = int(change_h * HOUR_RT)  # steps into day 2
+        for mode in modes:
+            with_prior = mode == modes[0]
+            stationary = first_day_events(day1, t1, prior if with_prior else None)
+            overload = first_day_events(day2, t2, prior if with_prior else None)
+            row = rows[mode]
+            row["alarms"].append(len(stationary) + sum(1 for k, _ in overload if k < at))
+            row["when"] += [f"{ch.split('/')[-1]} {k // HOUR_RT:02d}:{k % HOUR_RT // 60:02d}" for k, ch in stationary]
+            row["current"].append(next((k - at for k, ch in overload if k >= at and ch == "m1/current"), None))
+            row["any"].append(next((k - at for k, _ in overload if k >= at), None))
+        print(f"first-day seed {seed}: " + "; ".join(f"{m}: {r['alarms'][-1]} false alarms, overload found after {r['any'][-1]} s"
+                                                     for m, r in rows.items()) + f" ({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    fmt = lambda ds: ", ".join("missed" if d is None else str(d) for d in ds)  # noqa: E731
+    hours = seeds * (24 + change_h)
+    print(f"\nThe first day after start-up at 1 reading/s, default-size base pretrained on day 0, seeds {first_seed}..{first_seed + seeds - 1}: a stationary first "
+          f"day (24 h) and a first day with the overload at {change_h:02g}:00 ({change_h:g} stationary hours before it) = {hours:g} stationary hours\n")  # fmt: skip
+    print("| residual judges after start-up | false alarms in stationary hours | overload: first alarm on current (s after) | first alarm on any channel (s after) | found within 10 min |")
+    print("|---|--:|---|---|--:|")
+    for mode, row in rows.items():
+        found = sum(1 for d in row["any"] if d is not None and d <= 600)
+        when = f" ({', '.join(row['when'])})" if row["when"] else ""
+        print(f"| {mode} | {sum(row['alarms'])}{when} | {fmt(row['current'])} | {fmt(row['any'])} | {found} of {seeds} |")
+
+
+def first_day_events(
+    residuals: np.ndarray, t0: float, prior: list | None, mon: DriftMonitor | None = None, k0: int = 0
+) -> list[tuple[int, str]]:
+    """Residual drift events (step, channel) of a default monitor started at t0 (from `prior`, or
+    learning), or of `mon` fed on from step k0."""
+    mon = mon or DriftMonitor(list(CHANNELS), DriftConfig(), period_s=1.0, residual_prior=prior)
+    events = []
+    for k in range(len(residuals)):
+        events += [(k0 + k, e.channel) for e in mon.update_residuals(residuals[k], t0 + k)]
+    return events
+
+
+def after_adapter_table(seeds: int, adapter_h: float = 6.5, change_h: float = 7.0, first_seed: int = 0) -> None:
+    """The first hour after an accepted adapter at 1 reading/s: a base pretrained on day 0 serves from
+    00:00 of day 1; at `adapter_h` of day 1 a requested update (the last hour of data, the daemon's
+    update path) is accepted and serves; the overload (current +45% in one step) comes at `change_h`.
+    The judges restart from the adapter's held-out validation residuals (the default, after starting
+    from the base's), or learn as adapters and bases without them get (the window a day, the CUSUM a
+    day after start-up and an hour after the adapter)."""
+    import tempfile
+
+    import torch
+
+    from edge_daemon.artifacts.adapters import AdapterStore
+    from edge_daemon.artifacts.merge import serving_model
+    from edge_daemon.drift.feed import base_residual_prior
+    from edge_daemon.drift.prior import ResidualPrior
+
+    torch.set_num_threads(1)
+    day1, swap, change = DAY_RT, DAY_RT + int(adapter_h * HOUR_RT), DAY_RT + int(change_h * HOUR_RT)
+    modes = ("from validation residuals (default)", "learning (no validation residuals)")
+    rows: dict[str, dict[str, list]] = {mode: {"alarms": [], "any": [], "current": []} for mode in modes}
+    notes: list[str] = []
+    for seed in range(first_seed, first_seed + seeds):
+        started = time.perf_counter()
+        data = generate_labeled(change + 3 * HOUR_RT, seed=seed, regime_change_at=change, regime="overload", ramp_steps=1)
+        with tempfile.TemporaryDirectory() as root:
+            config = realtime_config(Path(root))
+            base = pretrained_base(data, DAY_RT, config.base_dir)
+            accepted, wall, reason = first_adapter(config, data, None, float(data.ts[swap - 1]))  # type: ignore[arg-type]
+            notes.append(f"seed {seed}: {'accepted' if accepted else 'rejected'} ({reason}; {wall:.0f} s)")
+            if not accepted:
+                print(f"after-adapter seed {seed}: the update was rejected ({reason}); no case", flush=True)
+                continue
+            version = AdapterStore(config.adapters_dir).current()
+            assert version is not None
+            adapter_prior = ResidualPrior.from_json(version.meta.validation_residuals, len(CHANNELS))
+            values = np.stack([data.values[c] for c in CHANNELS], axis=1)
+            before = batched_residuals(base, serving_model(base, None), data.ts[day1:swap], values[day1:swap])
+            lead = base.cfg.window  # the scorer's history fills before the swap
+            after = batched_residuals(base, serving_model(base, version), data.ts[swap - lead :], values[swap - lead :])[lead:]
+        for mode in modes:
+            with_prior = mode == modes[0]
+            mon = DriftMonitor(list(CHANNELS), DriftConfig(), period_s=1.0, residual_prior=base_residual_prior(base) if with_prior else None)
+            events = first_day_events(before, float(data.ts[day1]), None, mon)
+            mon.reset_baseline(float(data.ts[swap]), adapter_prior if with_prior else None)
+            events += first_day_events(after, float(data.ts[swap]), None, mon, swap - day1)
+            at = change - day1
+            row = rows[mode]
+            row["alarms"].append(sum(1 for k, _ in events if k < at))
+            row["any"].append(next((k - at for k, _ in events if k >= at), None))
+            row["current"].append(next((k - at for k, ch in events if k >= at and ch == "m1/current"), None))
+        print(f"after-adapter seed {seed}: " + "; ".join(f"{m}: {r['alarms'][-1]} false alarms, overload found after {r['any'][-1]} s"
+                                                        for m, r in rows.items()) + f" ({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    fmt = lambda ds: ", ".join("missed" if d is None else str(d) for d in ds)  # noqa: E731
+    print(f"\nThe first hour after an accepted adapter at 1 reading/s: base pretrained on day 0, serving from 00:00 of day 1, a requested "
+          f"update accepted at {adapter_h:g} h, the overload at {change_h:g} h; seeds {first_seed}..{first_seed + seeds - 1}\n")  # fmt: skip
+    print("| residual judges after the adapter | false alarms 00:00 to the overload | overload: first alarm on current (s after) | first alarm on any channel (s after) | found within 10 min |")
+    print("|---|--:|---|---|--:|")
+    for mode, row in rows.items():
+        found = sum(1 for d in row["any"] if d is not None and d <= 600)
+        print(f"| {mode} | {sum(row['alarms'])} | {fmt(row['current'])} | {fmt(row['any'])} | {found} of {len(row['any'])} |")
+    print("\nThe updates: " + "; ".join(notes))
 
 
 def residual_table(seeds: int) -> None:

@@ -423,7 +423,7 @@ class DriftConfig(_Section):
     residuals: Literal["window", "stream"] = Field(
         "window",
         description="residual drift: 'window' compares the mean |residual| of a rolling window with the first "
-        "window after start or an accepted adapter; 'stream' runs `detector` on every residual",
+        "window after start or an accepted adapter (while it fills, with `residual_prior`); 'stream' runs `detector` on every residual",
     )
     residual_window_s: float = Field(86400.0, gt=0, description="'window': span of the rolling window; hold whole cycles")
     residual_ratio: float = Field(2.0, gt=1, description="'window': mean |residual| this many times the baseline is drift")
@@ -447,7 +447,11 @@ class DriftConfig(_Section):
     )
     cusum_by_time_of_day: bool = Field(
         True, description="CUSUM: judge each |residual| against the typical one at the same time of day on earlier days "
-        "(it watches once it has seen a whole day), so the daily swing of the model's error is not a shift",
+        "(it watches once it has seen a whole day, or `residual_prior` covers the hour), so the daily swing of the model's error is not a shift",
+    )
+    residual_prior: bool = Field(
+        True, description="'window': after start-up and an accepted adapter, start the residual judges from the served model's "
+        "held-out validation residuals (in its meta) and refine them with the first day; false, or a model without them: learn a day first",
     )
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -22,6 +22,7 @@ from edge_daemon.baselines import MODEL, Baseline, HeldOut
 from edge_daemon.config import Config
 from edge_daemon.drift.feed import DriftFeed
 from edge_daemon.drift.monitor import DriftMonitor
+from edge_daemon.drift.prior import ResidualPrior
 from edge_daemon.mqtt.outputs import Alert, Forecast, Forecaster, ForecastHorizon, ScoredBy, anomaly_alert
 from edge_daemon.control.replies import DriftStatus, LastScore, ScoringCounters, ScoringStatus
 from edge_daemon.scoring.grid import GridAssembler, GridStep
@@ -314,8 +315,16 @@ class ResidualDrift:
         """Per forecast channel: drifted (inputs or residuals) since the last reset."""
         return self._monitor.channels_drifted
 
-    def reset(self, t: float | None = None) -> None:
-        self._monitor.reset_baseline(t)
+    def reset(self, t: float | None = None, validation: Mapping[str, Any] | None = None) -> None:
+        """Restart the judges (an adapter serves); from the served model's held-out validation
+        residuals (a meta's `validation_residuals`) when it recorded them."""
+        self._monitor.reset_baseline(t, ResidualPrior.from_json(validation, len(self._monitor.channels)))
+
+    def start_from(self, validation: Mapping[str, Any] | None) -> None:
+        """At start-up: the residual judges start from the served model's held-out validation
+        residuals (an adapter's meta's; None: the base's, as the monitor was built with)."""
+        if validation is not None:
+            self._monitor.set_residual_prior(ResidualPrior.from_json(validation, len(self._monitor.channels)))
 
     def status(self) -> DriftStatus:
         """The `drift` section of `status`."""

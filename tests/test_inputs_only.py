@@ -184,6 +184,9 @@ def test_an_update_trains_and_refits_the_baselines_with_the_input_only_channel(t
     ridge = next(b for b in meta.baselines if b["kind"] == RIDGE)
     assert np.shape(ridge["coef"]) == (16 * 3 + 1, 2)
     assert len(meta.held_out["rms"][MODEL]) == 2
+    # Where the drift judges restart from once it serves: its held-out residuals on the forecast channels.
+    assert meta.validation_residuals is not None and len(meta.validation_residuals["mean_abs"]) == 2
+    assert meta.validation_residuals["windows"] == meta.windows["recent_val"]
 
 
 def test_the_report_plots_the_input_only_channel_without_a_forecast(trained: tuple[Config, BaseModel, np.ndarray], tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from edge_daemon.adaptation.runner import WORKER_TARGET, UpdateRunner
 from edge_daemon.adaptation.tally import UpdateTally
@@ -71,7 +71,9 @@ class DriftSignal(Protocol):
     @property
     def since(self) -> float | None: ...
 
-    def reset(self, t: float | None = None) -> None: ...
+    def reset(self, t: float | None = None, validation: Mapping[str, Any] | None = None) -> None: ...
+
+    def start_from(self, validation: Mapping[str, Any] | None) -> None: ...
 
 
 class ServingSwap(Protocol):
@@ -213,6 +215,8 @@ class Adaptation:
         scorer = self.load_serving()
         if scorer is not None:
             self.serving.set_scorer(scorer)
+            if scorer.version is not None:  # the drift judges start from the served adapter's validation residuals
+                self.drift.start_from(self._validation_residuals(self.adapters.get(scorer.version)))
 
     def stop(self, timeout: float | None = None) -> None:
         """End a running update at its next micro-batch boundary (nothing partial is saved);
@@ -328,7 +332,16 @@ class Adaptation:
             baselines, held_out = self._baselines_for(self.base, version)
             self.serving.swap_model(model, version.version if version else None, baselines, held_out)
             if reset_drift:
-                self.drift.reset(time.time())
+                self.drift.reset(time.time(), self._validation_residuals(version))
+
+    def _validation_residuals(self, version: AdapterVersion | None) -> Mapping[str, Any] | None:
+        """What the served model's held-out validation residuals say is normal (the adapter's meta,
+        or the base's when no adapter serves): where the drift judges restart from. None for an
+        artifact from before they were recorded: the judges learn from the stream."""
+        if version is None:
+            return None if self.base is None else self.base.meta.get("validation_residuals")
+        recorded = version.meta.validation_residuals
+        return None if recorded is None else dict(recorded)
 
     # -- starting ----------------------------------------------------------------------------
 

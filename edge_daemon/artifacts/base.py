@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
@@ -21,11 +21,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from edge_daemon.baselines import BaselineJson, HeldOut
+
 from edge_daemon.artifacts.files import fsync_path, fsync_tree, read_json, write_json
 from edge_daemon.times import now_iso
 from edge_daemon.errors import BaseFormatError, ModelError
 from edge_daemon.frames import Grid, NormStats, ValueReference, calendar_features, normalise_grid, with_calendar
 from edge_daemon.model import Forecaster, ForecasterConfig
+
+if TYPE_CHECKING:
+    from edge_daemon.drift.prior import ValidationResiduals
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ class BaseMeta(TypedDict, total=False):
     season_steps: int | None
     residual_scale: list[float]
     input_reference: list[ValueReference | None]  # per channel: what input drift is judged against
+    validation_residuals: ValidationResiduals  # held-out |residual| per forecast channel: where residual drift starts from
     train_windows: int
     val_windows: int
     n_params: int

@@ -124,14 +124,16 @@ class PsiStatus(TypedDict):
 class ResidualWindowStatus(TypedDict):
     ratio: float | None
     threshold: float
-    baseline: Literal["learning", "first window"]
+    # "validation": the filling window is judged against the model's held-out residuals
+    baseline: Literal["learning", "validation", "first window"]
     window_filled: float
 
 
 class CusumStatus(TypedDict):
     statistic: float
     threshold: float
-    state: Literal["learning", "watching"]
+    # "validation": watching against the model's held-out residuals until a day of the stream refines them
+    state: Literal["learning", "validation", "watching"]
     samples: int
     time_of_day_learnt: NotRequired[float]  # with [drift] cusum_by_time_of_day
 

@@ -135,6 +135,9 @@ class Channel:
         self.residual_level: float | None = None
         self.residual_baseline: float | None = None
         self.baseline_sum = 0.0
+        # What the model's held-out validation residuals say is typical at each UTC hour (drift/prior.py),
+        # after start-up or the last accepted adapter; None: the judges learn from the stream alone.
+        self.residual_expected: list[float | None] | None = None
 
     def restart_inputs(self) -> None:
         """After input drift: learn the new regime's scale, then watch it afresh.
@@ -200,10 +203,23 @@ class Channel:
         return {
             "statistic": round(cusum.statistic, 3),
             "threshold": cusum.h,
-            "state": "learning" if cusum.learning or (profile is not None and not profile.ready) else "watching",
+            "state": self._cusum_state(),
             "samples": cusum.samples,
             **({} if profile is None else {"time_of_day_learnt": round(profile.learnt_fraction, 3)}),
         }
+
+    def _cusum_state(self) -> Literal["learning", "validation", "watching"]:
+        """"validation": watching against what the held-out residuals say is normal, not yet
+        refined by a whole day of the stream; "learning": silent until it has learnt that."""
+        cusum, profile = self.residual_cusum, self.residual_profile
+        assert cusum is not None
+        if cusum.learning:
+            return "learning"
+        if profile is not None and profile.seeded:
+            return "validation"
+        if profile is not None and not profile.ready:
+            return "learning"
+        return "validation" if self.residual_expected is not None and self.residual_window is not None and self.residual_window.prior else "watching"
 
     def _window_status(self) -> ResidualWindowStatus:
         window = self.residual_window
@@ -211,7 +227,7 @@ class Channel:
         return {
             "ratio": None if window.ratio is None else round(window.ratio, 3),
             "threshold": window.threshold,
-            "baseline": "learning" if window.baseline is None else "first window",
+            "baseline": "validation" if window.prior else "learning" if window.baseline is None else "first window",
             "window_filled": round(window.filled / window.window, 3),
         }
 

@@ -74,6 +74,15 @@ class CUSUM(DriftDetector):
         self._run_up = 0  # values since _sum_up was last zero
         self._run_down = 0
 
+    def seed(self, mean: float, std: float) -> None:
+        """Skip the warm-up: start watching with this mean and std (a prior's, e.g. what a model's
+        held-out residuals say), which the running estimates then refine as values arrive."""
+        self.reset()
+        self._n = self.warmup
+        self._mean = float(mean)
+        self._var = float(std) ** 2
+        self._floor_std()
+
     @property
     def learning(self) -> bool:
         """Whether the detector is still learning the mean and std (and cannot fire)."""

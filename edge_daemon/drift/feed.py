@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge_daemon.drift.monitor import DriftEvent, DriftMonitor
+from edge_daemon.drift.prior import ResidualPrior
 from edge_daemon.drift.reference import forecast_references
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ class DriftFeed:
             config.drift,
             input_reference=None if base is None else forecast_references(base),
             period_s=config.channels.period_s,
+            residual_prior=None if base is None else base_residual_prior(base),
         )
         self._columns = [config.channels.names.index(name) for name in config.channels.forecast]
 
@@ -43,3 +45,10 @@ class DriftFeed:
     def new_base(self, base: BaseModel) -> None:
         """A new base model: its training data is the input reference from now on."""
         self.monitor.set_input_reference(forecast_references(base))
+        self.monitor.set_residual_prior(base_residual_prior(base))
+
+
+def base_residual_prior(base: BaseModel) -> list[ResidualPrior] | None:
+    """What a base's held-out validation residuals say is normal, per forecast channel (None: a
+    base from before they were recorded)."""
+    return ResidualPrior.from_json(base.meta.get("validation_residuals"), base.cfg.n_channels)

@@ -16,6 +16,7 @@ import numpy as np
 
 from edge_daemon.drift.channel import Channel, Kind, iso8601, residual_episode_over
 from edge_daemon.drift.cusum import CUSUM
+from edge_daemon.drift.prior import HOURS, ResidualPrior
 from edge_daemon.drift.profile import TimeOfDayProfile
 from edge_daemon.drift.reference import Reference, ReferenceShift, ResidualRatio
 from edge_daemon.mqtt.outputs import DriftAlert, drift_alert
@@ -82,6 +83,15 @@ class DriftMonitor:
     Each signals once an episode (hysteresis). An accepted adapter restarts
     the residual baseline and makes the next input window the reference.
 
+    With `residual_prior` (what the served model's held-out validation
+    residuals say is normal, drift/prior.py: the base's at start-up and with
+    `set_residual_prior`, an adapter's with `reset_baseline`) the residual
+    judges do not wait for a day: the filling window is judged against the
+    |residual| the prior expects at the hours it has seen, the CUSUM's
+    time-of-day slices start from the prior (counted as one day) and its mean
+    and std from the held-out half-minute means. `cfg.residual_prior = false`
+    ignores it.
+
     The "stream" modes run `cfg.detector` on every value instead:
 
     - residuals: on |residual| divided by the baseline, the mean |residual|
@@ -104,6 +114,7 @@ class DriftMonitor:
         input_scale: tuple[Sequence[float], Sequence[float]] | None = None,
         input_reference: Sequence[Reference | None] | None = None,
         period_s: float = 1.0,
+        residual_prior: Sequence[ResidualPrior] | None = None,
     ) -> None:
         if not channels:
             raise ValueError("channels must not be empty")
@@ -139,6 +150,7 @@ class DriftMonitor:
         self._level_rate = 1.0 - 0.5 ** (1.0 / cfg.residual_halflife_steps)
         self._baseline_since: float | None = None
         self._lock = threading.Lock()
+        self._seed(residual_prior)
 
     def _shift(self, reference: Reference | None) -> ReferenceShift | None:
         if self.cfg.inputs != "reference":
@@ -172,6 +184,48 @@ class DriftMonitor:
     def residual_cusum_statistics(self) -> list[float | None]:
         """Per channel, the residual CUSUM's sum now (its threshold is `cfg.cusum_h`); None without one."""
         return [None if c.residual_cusum is None else c.residual_cusum.statistic for c in self._channels]
+
+    def _seed(self, priors: Sequence[ResidualPrior] | None) -> None:
+        """Start the residual judges of every channel from what a model's held-out validation
+        residuals say is normal (drift/prior.py); None: they learn from the stream alone."""
+        if not self.cfg.residual_prior:
+            priors = None
+        if priors is not None and len(priors) != len(self._channels):
+            log.warning("validation residuals for %d channels, not %d: judging from the stream", len(priors), len(self._channels))
+            priors = None
+        for index, channel in enumerate(self._channels):
+            prior = None if priors is None else priors[index]
+            window, profile, cusum = channel.residual_window, channel.residual_profile, channel.residual_cusum
+            if prior is None or window is None:
+                channel.residual_expected = None
+                continue
+            # Hours the held-out windows miss: what the judges hold for them, scaled by how this
+            # model's held-out residuals compare with it at the hours they cover.
+            previous = channel.residual_expected or [None] * HOURS
+            held = [profile.hour_typical(h) if profile is not None else previous[h] for h in range(HOURS)]
+            pairs = [(p, q) for p, q in zip(prior.hourly, held, strict=True) if p is not None and q is not None]
+            scale = sum(p for p, _ in pairs) / sum(q for _, q in pairs) if pairs else None
+            expected = [p if p is not None else None if q is None or scale is None else q * scale
+                        for p, q in zip(prior.hourly, held, strict=True)]  # fmt: skip
+            channel.residual_expected = expected
+            window.use_prior(max(2, round(3600.0 / self.period_s)))
+            if profile is not None:
+                profile.seed(list(prior.hourly), scale)
+            if cusum is not None and prior.block_cv is not None:
+                # The spread of block means shrinks with the square root of the block's length.
+                cv = prior.block_cv * math.sqrt(prior.block_s / (self._cusum_block * self.period_s))
+                if profile is not None:
+                    cusum.seed(1.0, cv)  # it reads |residual| over the typical one at that time of day
+                else:
+                    cusum.seed(prior.mean_abs, cv * prior.mean_abs)
+
+    def set_residual_prior(self, priors: Sequence[ResidualPrior] | None) -> None:
+        """A new base model: its residuals are judged afresh, from its held-out validation residuals
+        when it recorded them."""
+        with self._lock:
+            for channel in self._channels:
+                channel.reset_residuals()
+            self._seed(priors)
 
     def set_input_reference(self, references: Sequence[Reference | None]) -> None:
         """The training data of a (new) base model becomes the input reference of every channel."""
@@ -240,7 +294,8 @@ class DriftMonitor:
                 channel.residual_samples += 1
                 window = channel.residual_window
                 if window is not None:
-                    slow = window.update(magnitude)
+                    expected = None if channel.residual_expected is None else channel.residual_expected[int((t % 86400.0) // 3600.0)]
+                    slow = window.update(magnitude, expected)
                     cusum, profile = channel.residual_cusum, channel.residual_profile
                     judged: float | None = magnitude
                     if profile is not None:  # against the same time of day on earlier days
@@ -295,9 +350,10 @@ class DriftMonitor:
                 events.append(self._event(channel, "residuals", t))
         return events
 
-    def reset_baseline(self, t: float | None = None) -> None:
+    def reset_baseline(self, t: float | None = None, priors: Sequence[ResidualPrior] | None = None) -> None:
         """An adapter was accepted: restart residual detectors, level and baseline, and the input
-        references (re-learnt from the next window); all states stable."""
+        references (re-learnt from the next window); all states stable. With `priors` (the
+        adapter's held-out validation residuals) the residual judges start from them."""
         with self._lock:
             for channel in self._channels:
                 channel.reset_residuals()
@@ -305,6 +361,7 @@ class DriftMonitor:
                     # The adapter learnt the recent data: inputs are judged against it from now on
                     # (the next full window becomes the reference).
                     channel.shift = self._shift(None)
+            self._seed(priors)
             self._baseline_since = t
         log.info("drift baseline reset%s", f" at {iso8601(t)}" if t is not None else "")
 

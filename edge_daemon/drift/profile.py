@@ -32,8 +32,10 @@ class TimeOfDayProfile:
         self.day_s = float(day_s)
         self._bin_s = self.day_s / self.bins
         self._min_rate = 1.0 / max(1.0, steps_a_day / self.bins * memory_days)
+        self._steps_a_bin = max(1, round(steps_a_day / self.bins))  # one day's values in a slice
         self._mean = [0.0] * self.bins
         self._count = [0] * self.bins
+        self._seeded = [False] * self.bins  # typical value given by a prior, not yet a day of the stream's
         self._ready = False
 
     def _bin(self, t: float) -> int:
@@ -55,15 +57,47 @@ class TimeOfDayProfile:
         return self._mean[b] if self._count[b] else None
 
     def relative(self, t: float, x: float) -> float | None:
-        """x over the typical value at t's time of day; None until the profile is ready."""
-        if not self._ready:
+        """x over the typical value at t's time of day; None until the profile is ready (or the
+        slice was seeded by a prior)."""
+        b = self._bin(t)
+        if not (self._ready or self._seeded[b]):
             return None
-        return x / max(self._mean[self._bin(t)], 1e-12)
+        return x / max(self._mean[b], 1e-12)
+
+    def hour_typical(self, hour: int) -> float | None:
+        """The mean of the slices of a UTC hour that have values (None: none has)."""
+        start, end = hour * 3600.0, (hour + 1) * 3600.0
+        values = [self._mean[b] for b in range(self.bins)
+                  if self._count[b] and start <= (b + 0.5) * self._bin_s < end]  # fmt: skip
+        return sum(values) / len(values) if values else None
+
+    def seed(self, hourly: list[float | None], scale: float | None = None) -> None:
+        """Start every slice whose UTC hour `hourly` (24 values) covers from that typical value,
+        and (with `scale`) every other slice that has learnt one from that value times `scale`,
+        each counted as one day of values: the first day of the stream refines it half-way, later
+        days further. Slices neither covers keep what they had (nothing, at start-up)."""
+        for b in range(self.bins):
+            typical = hourly[int(((b + 0.5) * self._bin_s % 86400.0) // 3600.0)]
+            if typical is None and scale is not None and self._count[b]:
+                typical = self._mean[b] * scale
+            if typical is None:
+                self._seeded[b] = False
+                continue
+            self._mean[b], self._count[b], self._seeded[b] = typical, self._steps_a_bin, True
+        self._ready = all(self._count) and not any(self._seeded)
+
+    @property
+    def seeded(self) -> bool:
+        """Whether any slice still judges by a prior's value rather than a day of the stream's."""
+        return any(self._seeded)
 
     def learn(self, t: float, x: float) -> None:
         """Add a value seen at time t."""
         b = self._bin(t)
         n = self._count[b] = self._count[b] + 1
         self._mean[b] += max(1.0 / n, self._min_rate) * (x - self._mean[b])
-        if not self._ready and n == 1:
-            self._ready = all(self._count)
+        if self._seeded[b] and n >= 2 * self._steps_a_bin:
+            self._seeded[b] = False  # a day of the stream's own values: learnt
+            self._ready = all(self._count) and not any(self._seeded)
+        elif not self._ready and n == 1:
+            self._ready = all(self._count) and not any(self._seeded)

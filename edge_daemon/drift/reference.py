@@ -217,6 +217,12 @@ class ResidualRatio:
     the ratio rises over `threshold`, and not again until it has fallen under
     `rearm`. A window of whole cycles keeps a model that is simply less exact
     at night (or in a batch's run-up) from reading as drift.
+
+    With a prior (`use_prior`, after each reset), the window is judged while it
+    fills too: the mean of the values that came with an `expected` |residual|
+    (what the model's held-out residuals say is typical at that hour) over the
+    mean of those expectations, once `min_values` of them have arrived. Once
+    the window is full its own mean is the baseline, as without a prior.
     """
 
     def __init__(self, window: int, *, threshold: float = 2.0, rearm: float = 1.5, every: int | None = None) -> None:
@@ -240,13 +246,26 @@ class ResidualRatio:
         self.level: float | None = None  # mean |residual| of the window at the last check
         self.ratio: float | None = None
         self.drifted = False
+        self._prior_min: int | None = None  # with a prior: expected values needed before judging
+        self._observed = self._expected = 0.0
+        self._judged = 0
+
+    def use_prior(self, min_values: int) -> None:
+        """Judge the filling window against the `expected` values passed to `update`."""
+        self._prior_min = max(1, int(min_values))
+
+    @property
+    def prior(self) -> bool:
+        """Whether the baseline is still the prior's (the window is filling with a prior)."""
+        return self._prior_min is not None and self._filled < self.window
 
     @property
     def filled(self) -> int:
         return self._filled
 
-    def update(self, magnitude: float) -> bool:
-        """Add one |residual|; True when this value's check signals drift."""
+    def update(self, magnitude: float, expected: float | None = None) -> bool:
+        """Add one |residual| (and, with a prior, the typical one expected at its time); True when
+        this value's check signals drift."""
         self._ring[self._pos] = magnitude
         self._pos = (self._pos + 1) % self.window
         if self._filled < self.window:
@@ -254,7 +273,18 @@ class ResidualRatio:
             if self._filled == self.window:
                 self.baseline = max(float(self._ring.mean(dtype=np.float64)), 1e-9)
                 self.level, self.ratio = self.baseline, 1.0
-            return False
+                return False
+            if self._prior_min is None or expected is None:
+                return False
+            self._observed += magnitude
+            self._expected += expected
+            self._judged += 1
+            if self._judged < self._prior_min or not _due(self):
+                return False
+            self.level = self._observed / self._judged
+            self.baseline = max(self._expected / self._judged, 1e-9)
+            self.ratio = self.level / self.baseline
+            return _episode_starts(self, self.ratio)
         if not _due(self):
             return False
         assert self.baseline is not None

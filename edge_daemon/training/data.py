@@ -29,6 +29,7 @@ class UpdateData:
     replay_val: Any
     recent_range: tuple[float, float]
     replay_spans: list[tuple[float, float]]
+    recent_val_ends: np.ndarray | None = None  # (M,) unix seconds each recent validation window ends
 
 
 def prepare_update_data(
@@ -91,6 +92,7 @@ def prepare_update_data(
         replay_val=GridWindows(replay_rows, order[:n_val], length),
         recent_range=(float(cutoff), float(newest)),
         replay_spans=[(float(a), float(b)) for a, b in spans],
+        recent_val_ends=ends[val],
     )
 
 

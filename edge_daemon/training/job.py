@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from edge_daemon.training.refit import refit_baselines
 from edge_daemon.training.start import AFTER_TRAINING_MB, measure_micro_batch_mb
 from edge_daemon.training.trace import TRACE_INTERVAL_S, UpdateTrace, heavy_modules_loaded
 from edge_daemon.training.worker import MessageWriter, SharedFlag
+
+if TYPE_CHECKING:
+    from edge_daemon.drift.prior import ValidationResiduals
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +267,7 @@ def _update_traced(
     # The baselines refitted on this update's windows, and how the adapted model compares with
     # them on its held-out ones: where serving starts (scoring.serving.ServingRule).
     baselines, held_out = refit_baselines(base, config, data, trained.adapted, batch_size=last_plan[0].micro_batch)
+    validation = adapter_validation_residuals(trained.adapted, data, last_plan[0].micro_batch)
     meta = adapter_meta(
         job,
         result.report,
@@ -274,6 +278,7 @@ def _update_traced(
         previous_version=incumbent_version.version if incumbent_version else None,
         baselines=baselines,
         held_out=held_out,
+        validation_residuals=validation,
     )
     # Stored, not yet current: the daemon points `current` at it once its scorer serves it.
     version = adapters.commit(staging, meta, make_current=False)
@@ -281,6 +286,17 @@ def _update_traced(
     result.adapter_bytes = adapter_bytes(version.path)
     trace.phase("committed")
     return result, version.path
+
+
+def adapter_validation_residuals(model: Any, data: Any, batch_size: int) -> ValidationResiduals | None:
+    """The adapted model's |residual| on the update's recent held-out windows, for its meta: where
+    residual drift starts from once it serves (drift/prior.py)."""
+    from edge_daemon.drift.prior import validation_residuals
+    from edge_daemon.training.pretrain import last_step_errors
+
+    if data.recent_val_ends is None or len(data.recent_val) == 0:
+        return None
+    return validation_residuals(last_step_errors(model, data.recent_val.numpy(), batch_size), data.recent_val_ends)
 
 
 __all__ = ["run_worker"]

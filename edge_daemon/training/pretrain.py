@@ -26,6 +26,7 @@ from edge_daemon.artifacts.base import BaseMeta, save_base
 from edge_daemon.baselines import MODEL, RidgeAR, detect_season, held_out_report, make_baselines
 from edge_daemon.config import ModelConfig
 from edge_daemon.training.csv_readings import read_csv_readings
+from edge_daemon.drift.prior import validation_residuals
 from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.frames import (
     Grid,
@@ -52,6 +53,8 @@ MIN_TRAIN_WINDOWS = 16
 # Windows per forward when evaluating: activations grow with it (256 cost a training worker ~40 MB
 # on the default model), speed hardly does past a few tens.
 EVAL_BATCH = 32
+# Training windows whose residuals fill the hours of the day the held-out ones miss (drift/prior.py).
+PRIOR_TRAIN_SAMPLE = 4096
 # Periodic validation looks at an even sample of this many windows; the final
 # numbers use all of them.
 EVAL_SAMPLE = 1024
@@ -354,7 +357,15 @@ def pretrain(
     residual_scale = residual_scale_of(model, val.windows)
     # A model that loses to a baseline is kept (updates start from it) but not served: the
     # daemon serves the best baseline until a model beats it.
-    held_out = held_out_report(baselines, val.windows[..., :n_sensors], last_step_errors(model, val.windows), n_channels)
+    val_errors = last_step_errors(model, val.windows)
+    held_out = held_out_report(baselines, val.windows[..., :n_sensors], val_errors, n_channels)
+    # Where residual drift starts from (drift/prior.py): the held-out residuals, and an even sample
+    # of the training windows' for the hours of the day the held-out ones miss.
+    sample = np.linspace(0, len(train.windows) - 1, min(PRIOR_TRAIN_SAMPLE, len(train.windows))).astype(int)
+    validation = validation_residuals(
+        val_errors, val.end_times, train_errors=last_step_errors(model, train.windows[sample]),
+        train_end_times=train.end_times[sample], timed=isinstance(data, Grid) or end_times is not None,
+    )  # fmt: skip
     first_time = float(train.end_times.min()) - fcfg.window * period_s if len(train.end_times) else None
     metrics: BaseMeta = {
         "steps": steps,
@@ -373,6 +384,7 @@ def pretrain(
         "residual_scale": residual_scale.tolist(),
         # What input drift is judged against (drift/reference.py): deciles of the raw data.
         "input_reference": input_references_of(data),
+        **({} if validation is None else {"validation_residuals": validation}),
         "train_windows": len(train.windows),
         "val_windows": len(val.windows),
         "n_params": model.n_params(),

@@ -23,6 +23,7 @@ from edge_daemon.control.replies import EightBitJson, GateJson, JobStatus, JsonO
 if TYPE_CHECKING:
     from edge_daemon.artifacts.base import BaseMeta
     from edge_daemon.baselines import BaselineJson, HeldOut
+    from edge_daemon.drift.prior import ValidationResiduals
     from edge_daemon.training.governor import PlanGovernor, UpdateOutcome
     from edge_daemon.training.data import UpdateData
 
@@ -312,6 +313,7 @@ class AdapterMetaJson(TypedDict):
     baselines: list[BaselineJson]
     held_out: HeldOut | None
     gate: GateJson | None
+    validation_residuals: ValidationResiduals | None
     version: int | None
     created: str | None
 
@@ -347,6 +349,9 @@ class AdapterMeta:
     baselines: list[BaselineJson] = field(default_factory=list)  # refitted with the update (scoring.serving.baselines_of)
     held_out: HeldOut | None = None  # the adapted model against them on held-out windows
     gate: GateJson | None = None  # how the gate decided (None in adapters from before it was recorded)
+    # The adapted model's |residual| on its held-out windows: where residual drift starts from once
+    # it serves (None: an adapter from before they were recorded; the judges learn from the stream).
+    validation_residuals: ValidationResiduals | None = None
     version: int | None = None
     created: str | None = None  # iso8601
     extra: JsonObject = field(default_factory=dict)  # free-form: this version does not know them
@@ -382,6 +387,7 @@ def adapter_meta(
     previous_version: int | None,
     baselines: list[BaselineJson],
     held_out: HeldOut | None,
+    validation_residuals: ValidationResiduals | None = None,
 ) -> AdapterMeta:
     """An accepted update's meta.json, from its job, its report and its data (with where its
     adapter stands: when, on which base, after which version, beside which baselines)."""
@@ -412,6 +418,7 @@ def adapter_meta(
         baselines=baselines,
         held_out=held_out,
         gate=report.gate,
+        validation_residuals=validation_residuals,
     )
 
 
