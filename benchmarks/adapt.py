@@ -9,7 +9,7 @@ before and after (forgetting).
 
     python benchmarks/adapt.py [--seeds 3] [--steps 60]
 
-`--cases permanent alternating recalibration` runs the gate's cases on the sample motor instead
+`--cases permanent retuned alternating recalibration` runs the gate's cases on the sample motor instead
 (`adapt_cases.py`: always accept, today's gate and the new gate on the same data).
 """
 
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--max-blocks", type=int, default=LoraConfigSection().max_blocks)
     parser.add_argument("--rank", type=int, default=LoraConfigSection().r)
     parser.add_argument("--extra-modules", nargs="*", default=LoraConfigSection().extra_modules, help="e.g. head embed")
-    parser.add_argument("--cases", nargs="*", choices=("permanent", "alternating", "recalibration"), help="the gate on permanent and recurring changes of the sample motor (window 32 unless --window)")
+    parser.add_argument("--cases", nargs="*", choices=("permanent", "retuned", "alternating", "recalibration"), help="the gate on permanent and recurring changes of the sample motor (window 32 unless --window)")
     args = parser.parse_args()
     if args.cases is not None:
         import adapt_cases

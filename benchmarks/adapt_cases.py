@@ -1,7 +1,8 @@
 """The gate on permanent and recurring changes of the sample motor (`python benchmarks/adapt.py --cases`).
 
 Per case and seed: three days of the sample motor at 10 s (the old regime, or days alternating
-between old and new), then one hour of the new regime; a base pretrained on the old regime; one
+between old and new), then one hour of the new regime (bearing wear; the line retuned for good;
+bearing wear on alternate days; a recalibrated current sensor); a base pretrained on the old regime; one
 update on that hour with replay from the older days. Three decisions on the same data: always
 accept, today's gate (the mean recent loss must improve, the fixed `gate_tolerance`, no retry) and the new gate (the old regime
 weighed by its chance of return from the history's bucket signatures, `training.recurrence`, with
@@ -26,12 +27,22 @@ from edge_daemon.model import Forecaster, ForecasterConfig
 from edge_daemon.training.loop import update
 from edge_daemon.training.plan import plan_from_config
 from edge_daemon.training.recurrence import bucket_signatures, estimate
-from sample_sensors.generate import CHANNELS, generate_labeled
+from sample_sensors.generate import CHANNELS, MotorParams, generate_labeled
 
 PERIOD_S = 10.0
 DAY = int(86400 / PERIOD_S)
 HOUR = int(3600 / PERIOD_S)
-CASES = ("permanent", "alternating", "recalibration")
+CASES = ("permanent", "retuned", "alternating", "recalibration")
+CASE_TITLES = {
+    "permanent": "permanent (bearing wear)",
+    "retuned": "permanent (the line retuned: temperature +8, another batch frequency, current coupled 3x to load)",
+    "alternating": "alternating (daily)",
+    "recalibration": "recalibration (current sensor)",
+}
+# 'retuned': the motor after a change of process, for good: 8 degrees warmer, the batch cycle (and
+# with it the vibration's) at another frequency and deeper, the current three times as dependent on
+# the load (its copper losses rescaled so the winding heats about as much as before).
+RETUNED = MotorParams(ambient_mean_c=28.0, batch_cycle_s=600.0, batch_depth=0.3, current_full_a=36.0, heating_c_per_a2=0.03)
 
 
 def motor(case: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -43,6 +54,12 @@ def motor(case: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         is_new = (np.arange(n) // DAY) % 2 == 1  # day 1 and day 3 (the change's) are new
         is_new[3 * DAY + 2 * HOUR :] = False  # ... and day 3 gives way to the old regime again after 2 h
         is_new[3 * DAY : 3 * DAY + 2 * HOUR] = True
+        values = np.where(is_new[:, None], np.stack([new.values[c] for c in CHANNELS], 1), np.stack([old.values[c] for c in CHANNELS], 1))
+        return old.ts, values, is_new
+    if case == "retuned":
+        old = generate_labeled(n, PERIOD_S, seed=seed)
+        new = generate_labeled(n, PERIOD_S, seed=seed, params=RETUNED)
+        is_new = np.arange(n) >= 3 * DAY
         values = np.where(is_new[:, None], np.stack([new.values[c] for c in CHANNELS], 1), np.stack([old.values[c] for c in CHANNELS], 1))
         return old.ts, values, is_new
     regime = "bearing_wear" if case == "permanent" else "current_recalibration"
@@ -128,7 +145,7 @@ def report(runs: list[dict[str, Any]]) -> None:
         rows = [r for r in runs if r["case"] == case]
         if not rows:
             continue
-        print(f"\n### {case}\n")
+        print(f"\n### {CASE_TITLES[case]}\n")
         for r in rows:
             print(f"- seed {r['seed']}: weight {r['weight']:.2f}; {r['evidence']}")
             print(f"  - today's gate: {r['today_reason']}")

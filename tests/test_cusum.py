@@ -225,12 +225,29 @@ def test_the_profile_learns_a_whole_day_then_judges_each_value_against_its_time_
     profile = TimeOfDayProfile(60.0)
     for k in range(1440):  # a day at 1 reading a minute: 1 by night, 3 from 06:00 to 22:00
         t = 1.7e9 - 1.7e9 % DAY + 60.0 * k
-        assert (profile.relative(t, 1.0) is None) == (k <= 1380)  # nothing is judged before every hour has values
+        assert profile.relative(t, 1.0) is None  # nothing is judged before every hour has been seen whole
         profile.learn(t, 3.0 if 6 <= k / 60 < 22 else 1.0)
-    assert profile.ready
+    assert not profile.ready  # the last hour is learnt once it is over
     midnight = 1.7e9 - 1.7e9 % DAY + DAY
     assert profile.relative(midnight + 3 * 3600, 2.0) == pytest.approx(2.0)
+    assert profile.ready
     assert profile.relative(midnight + 12 * 3600, 6.0) == pytest.approx(2.0)
+
+
+def test_a_slice_learns_its_values_once_it_is_over_so_a_shift_is_not_judged_against_itself() -> None:
+    profile = TimeOfDayProfile(1.0)  # quarter hours
+    midnight = 1.7e9 - 1.7e9 % DAY
+    profile.seed([1.0] * 24)  # a prior's typical value, counted as a day: as after start-up
+    for k in range(899):  # the residuals treble at 07:00 and stay so for the quarter hour
+        t = midnight + 7 * 3600 + k
+        assert profile.relative(t, 3.0) == pytest.approx(3.0)  # judged against the prior all along
+        profile.learn(t, 3.0)
+    assert profile.typical(midnight + 7 * 3600) == pytest.approx(1.0)
+    profile.learn(midnight + 7 * 3600 + 899, 3.0)
+    # Once it is over, the quarter hour refines its slice half-way (a day's values on a day's), and
+    # the next quarter hour's slice is untouched.
+    assert profile.relative(midnight + 7 * 3600 + 900, 3.0) == pytest.approx(3.0)
+    assert profile.typical(midnight + 7 * 3600) == pytest.approx(2.0)
 
 
 def test_the_daily_swing_of_the_residuals_is_not_a_shift_and_an_abrupt_one_is_found_in_minutes() -> None:

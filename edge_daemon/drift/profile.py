@@ -19,9 +19,12 @@ class TimeOfDayProfile:
     A slice's mean is the plain mean of its values until it holds `memory_days`
     days of them, then an exponentially weighted one with that memory, so a
     slow change (a season) is followed while one day's events move it little.
-    `relative(t, x)` is x over the mean of t's slice; None until every slice
-    of the day has values (a day of data): the time the profile needs before
-    it can judge anything.
+    A slice learns its values once it is over: a shift is judged against the
+    same time on earlier days (or a prior's), never against itself, which in a
+    slice seeded by a prior (counted as a day) would absorb half the shift
+    within the slice. `relative(t, x)` is x over the mean of t's slice; None
+    until every slice of the day has values (a day of data): the time the
+    profile needs before it can judge anything.
     """
 
     def __init__(self, period_s: float, day_s: float = 86400.0, memory_days: float = 7.0) -> None:
@@ -37,6 +40,10 @@ class TimeOfDayProfile:
         self._count = [0] * self.bins
         self._seeded = [False] * self.bins  # typical value given by a prior, not yet a day of the stream's
         self._ready = False
+        self._open: int | None = None  # the slice being seen (slices since the epoch): learnt when it is over
+        self._open_bin = 0
+        self._open_sum = 0.0
+        self._open_n = 0
 
     def _bin(self, t: float) -> int:
         return int((t % self.day_s) // self._bin_s) % self.bins
@@ -59,6 +66,7 @@ class TimeOfDayProfile:
     def relative(self, t: float, x: float) -> float | None:
         """x over the typical value at t's time of day; None until the profile is ready (or the
         slice was seeded by a prior)."""
+        self._close_before(t)
         b = self._bin(t)
         if not (self._ready or self._seeded[b]):
             return None
@@ -75,7 +83,9 @@ class TimeOfDayProfile:
         """Start every slice whose UTC hour `hourly` (24 values) covers from that typical value,
         and (with `scale`) every other slice that has learnt one from that value times `scale`,
         each counted as one day of values: the first day of the stream refines it half-way, later
-        days further. Slices neither covers keep what they had (nothing, at start-up)."""
+        days further. Slices neither covers keep what they had (nothing, at start-up). The values
+        of the slice being seen are another model's: dropped."""
+        self._open, self._open_sum, self._open_n = None, 0.0, 0
         for b in range(self.bins):
             typical = hourly[int(((b + 0.5) * self._bin_s % 86400.0) // 3600.0)]
             if typical is None and scale is not None and self._count[b]:
@@ -92,12 +102,21 @@ class TimeOfDayProfile:
         return any(self._seeded)
 
     def learn(self, t: float, x: float) -> None:
-        """Add a value seen at time t."""
-        b = self._bin(t)
-        n = self._count[b] = self._count[b] + 1
-        self._mean[b] += max(1.0 / n, self._min_rate) * (x - self._mean[b])
+        """Add a value seen at time t: its slice learns it once the slice is over."""
+        self._close_before(t)
+        self._open, self._open_bin = int(t // self._bin_s), self._bin(t)
+        self._open_sum += x
+        self._open_n += 1
+
+    def _close_before(self, t: float) -> None:
+        """Learn the slice being seen if t lies past it."""
+        if self._open is None or self._open == int(t // self._bin_s) or not self._open_n:
+            return
+        b, m, mean = self._open_bin, self._open_n, self._open_sum / self._open_n
+        self._open, self._open_sum, self._open_n = None, 0.0, 0
+        n = self._count[b] = self._count[b] + m
+        # m values at once: the plain mean's weight, or the EWMA's after m steps, whichever is larger.
+        self._mean[b] += max(m / n, 1.0 - (1.0 - self._min_rate) ** m) * (mean - self._mean[b])
         if self._seeded[b] and n >= 2 * self._steps_a_bin:
             self._seeded[b] = False  # a day of the stream's own values: learnt
-            self._ready = all(self._count) and not any(self._seeded)
-        elif not self._ready and n == 1:
-            self._ready = all(self._count) and not any(self._seeded)
+        self._ready = all(self._count) and not any(self._seeded)
