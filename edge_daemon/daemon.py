@@ -31,11 +31,11 @@ from edge_daemon.mqtt.ingestor import Ingestor
 from edge_daemon.notify import Heartbeat
 from edge_daemon.parts import HelperPart, Part, StorePart
 from edge_daemon.pipeline import ScoringPipeline
-from edge_daemon.mqtt.outputs import OnlineStatus
+from edge_daemon.mqtt.outputs import OnlineStatus, store_damaged_alert
 from edge_daemon.control.replies import DriftReply, StatusReply
 from edge_daemon.scheduler import JobScheduler
 from edge_daemon.control.status import StatusParts, StatusReport
-from edge_daemon.store import ReplayStore
+from edge_daemon.store import ReplayStore, check_store
 from edge_daemon.memory.pressure import Level
 from edge_daemon.memory.watchdog import MemoryWatchdog
 from edge_daemon.training.worker import WorkerForker
@@ -111,8 +111,11 @@ class Daemon:
         return HelperPart(self.forker, register_worker)
 
     def _build_store(self) -> StorePart:
+        # A damaged store (power lost mid-write on a worn card) is moved aside and a new one
+        # started: an alert and the status say so once the broker is reached.
+        check = check_store(self.config.store_path)
         self.store = ReplayStore(self.config.store_path, self.config.store, self.config.channels.names)
-        self._store_part = StorePart(self.store)
+        self._store_part = StorePart(self.store, check)
         return self._store_part
 
     def _build_watchdog(self) -> MemoryWatchdog:
@@ -136,6 +139,10 @@ class Daemon:
             ingestor.on_disk_full = self._on_disk_full
             # Scoring gets readings as they arrive, not when their batch commits.
             ingestor.on_readings.append(_built(self.pipeline, "scoring").on_batch)
+            check = _built(self._store_part, "store").check
+            if check.moved_to is not None and check.problem is not None:
+                ingestor.on_connect.append(self._once(lambda: _built(self.pipeline, "scoring").alert(
+                    store_damaged_alert(check.problem or "", str(check.moved_to)))))  # fmt: skip
             self._ingestor_built = ingestor
         return self._ingestor_built
 
@@ -385,6 +392,18 @@ class Daemon:
         """Republish the retained status as soon as the adapter served, drift or training changed."""
         if StatusReport(self.status_parts()).online_state() != self._state_published:
             self._publish_status()
+
+    @staticmethod
+    def _once(action: Callable[[], None]) -> Callable[[], None]:
+        """`action` the first time the returned hook is called (an alert at the first connect)."""
+        done = threading.Event()
+
+        def hook() -> None:
+            if not done.is_set():
+                done.set()
+                action()
+
+        return hook
 
     def _on_disk_full(self, full: bool) -> None:
         """In the ingest writer: the disk is full (called before each retry) or has room again."""

@@ -13,8 +13,9 @@ import logging
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
-from edge_daemon.control.replies import StoreStatus
-from edge_daemon.store import ReplayStore
+from edge_daemon.control.replies import StoreCheckStatus, StoreStatus
+from edge_daemon.store import ReplayStore, StoreCheck
+from edge_daemon.times import iso
 from edge_daemon.training.worker import WorkerForker
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ class StorePart:
     the store's section says whether ingestion waits.
     """
 
-    def __init__(self, store: ReplayStore) -> None:
+    def __init__(self, store: ReplayStore, check: StoreCheck) -> None:
         self.store = store
+        self.check = check  # what the check at start found (a damaged store moved aside)
         self._disk_full = False
 
     def start(self) -> None:
@@ -90,7 +92,19 @@ class StorePart:
 
     def status(self) -> StoreStatus:
         store = self.store
-        return StoreStatus(readings=store.count(), bytes=store.size_bytes(), disk_free_bytes=store.free_bytes(), disk_full=self._disk_full)
+        check = self.check
+        return StoreStatus(
+            readings=store.count(), bytes=store.size_bytes(), disk_free_bytes=store.free_bytes(), disk_full=self._disk_full,
+            check=StoreCheckStatus(
+                time=iso(check.checked_unix) or "", seconds=round(check.seconds, 3), problem=check.problem,
+                moved_to=None if check.moved_to is None else str(check.moved_to),
+            ),
+        )  # fmt: skip
+
+    @property
+    def damaged_store_moved(self) -> str | None:
+        """The STATUS= piece while a damaged store was moved aside at start (None: it was intact)."""
+        return None if self.check.moved_to is None else f"store was damaged: moved aside to {self.check.moved_to.name}"
 
 
 class HelperPart:

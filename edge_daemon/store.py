@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import sqlite_utils
 
+from edge_daemon.artifacts.files import fsync_path
 from edge_daemon.config import StoreConfig
 from edge_daemon.errors import DiskFullError, StoreError
 from edge_daemon.store_schema import MIGRATIONS, adopt_legacy_record, migration_set
@@ -100,6 +101,81 @@ def _insert_readings(conn: sqlite3.Connection, flat: list[int | float]) -> None:
         conn.execute(sql, flat[start : start + 3 * k])
         start += 3 * k
         rows -= k
+
+
+def _damaged_order(path: Path, moved: Path) -> tuple[str, int]:
+    """(UTC time, count within that second) of a store moved aside from `path`."""
+    stamp, _, n = moved.name.removeprefix(f"{path.name}.corrupt-").partition("-")
+    return stamp, int(n) if n.isdigit() else 1
+
+
+def damaged_stores(path: Path) -> list[Path]:
+    """The damaged stores `check_store` moved aside from `path`, oldest first."""
+    found = [p for p in path.parent.glob(f"{path.name}.corrupt-*") if not p.name.endswith("-wal")]
+    return sorted(found, key=lambda p: _damaged_order(path, p))
+
+
+class StoreCheck(NamedTuple):
+    """What `check_store` found at start: `problem` is None for an intact store (or none yet)."""
+
+    seconds: float  # PRAGMA quick_check's time (0: no store yet)
+    problem: str | None  # what quick_check or SQLite said of a damaged store
+    moved_to: Path | None  # where the damaged store went (None: it was intact)
+    checked_unix: float
+
+
+CORRUPT_KEEP = 2  # damaged stores kept for inspection, the newest: a card that keeps corrupting must not fill up
+_CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def check_store(path: Path, busy_timeout_s: float = 30.0) -> StoreCheck:
+    """Check an existing store with `PRAGMA quick_check` (its WAL included) before it is opened.
+
+    A damaged one (quick_check's complaints, or SQLite calling the file corrupt or not a
+    database) is moved aside, with its WAL, as `<name>.corrupt-<UTC time>` for inspection (the
+    newest `CORRUPT_KEEP` are kept), so that a new store starts in its place: a damaged file is a
+    state the daemon reports, not one it cannot start from. Any other error (a lock, a
+    permission) is the caller's, as opening the store would be: nothing is moved then."""
+    path = Path(path)
+    now = time.time()
+    if not path.exists():
+        return StoreCheck(0.0, None, None, now)
+    started = time.monotonic()
+    problem: str | None = None
+    try:
+        conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+        if [tuple(r) for r in rows] != [("ok",)]:
+            # One line for the status and the alert: the first complaints, whitespace folded.
+            problem = "; ".join(" ".join(str(r[0]).replace("*** in database main ***", "").split()) for r in rows[:2])
+            problem = (problem[:200] + "...") if len(problem) > 200 else problem
+            problem += f" ({len(rows)} problems)" if len(rows) > 2 else ""
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _CORRUPT_CODES:
+            raise StoreError(f"{path}: cannot check the replay store: {exc}") from exc
+        problem = str(exc)
+    seconds = time.monotonic() - started
+    if problem is None:
+        return StoreCheck(seconds, None, None, now)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    # Damaged again within the second: counted on from the last one moved aside then.
+    n = max((k for t, k in (_damaged_order(path, p) for p in damaged_stores(path)) if t == stamp), default=0) + 1
+    moved = path.with_name(f"{path.name}.corrupt-{stamp}" + (f"-{n}" if n > 1 else ""))
+    for suffix in ("", "-wal"):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            os.replace(source, f"{moved}{suffix}")
+    Path(f"{path}-shm").unlink(missing_ok=True)  # an index of the WAL, rebuilt by SQLite
+    fsync_path(path.parent)
+    for old in damaged_stores(path)[:-CORRUPT_KEEP]:
+        for suffix in ("", "-wal"):
+            Path(f"{old}{suffix}").unlink(missing_ok=True)
+        log.warning("removed %s, an older damaged store (the newest %d are kept)", old.name, CORRUPT_KEEP)
+    log.error("replay store %s is damaged (%s): moved aside to %s; a new store starts", path, problem, moved.name)
+    return StoreCheck(seconds, problem, moved, now)
 
 
 class ReplayStore:

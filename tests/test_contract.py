@@ -323,11 +323,15 @@ OUTPUT_NAMES = [b.attrs["output"] for b in examples("output")] if DOC.exists() e
 
 
 @pytest.mark.parametrize("name", OUTPUT_NAMES)
-def test_output_example_has_the_keys_of_the_real_payload(name: str, live: Live) -> None:
+def test_output_example_has_the_keys_of_the_real_payload(name: str, live: Live, tmp_path: Path) -> None:
     block = one("output", name)
     example = json.loads(block.body)
     optional = frozenset(f"$.{path}" for path in block.attrs.get("optional", "").split(",") if path)
     real = live.of(name)
+    if name == "alert-store_damaged" and not real:
+        # The live run's store is intact: the alert a really damaged one gets (published by the
+        # daemon in tests/test_store_damaged.py).
+        real = [damaged_store_alert(tmp_path)]
     if name == "alert-adapter_rejected" and not real:
         # One update ran and was accepted: a rejection carries the same fields (version null).
         real = [{**payload, "type": "adapter_rejected"} for payload in live.of("alert-adapter_accepted")]
@@ -338,6 +342,17 @@ def test_output_example_has_the_keys_of_the_real_payload(name: str, live: Live) 
         assert payload.get("type", example.get("type")) == example.get("type"), payload
         problems = same_shape(example, payload, optional=optional)
         assert not problems, (problems, json.dumps(payload, indent=2))
+
+
+def damaged_store_alert(tmp_path: Path) -> dict[str, Any]:
+    from edge_daemon.mqtt.outputs import store_damaged_alert
+    from edge_daemon.store import check_store
+
+    path = tmp_path / "store.db"
+    path.write_bytes(b"not a database" * 1000)
+    check = check_store(path)
+    assert check.problem is not None and check.moved_to is not None
+    return dict(store_damaged_alert(check.problem, str(check.moved_to)))
 
 
 def test_every_published_payload_matches_its_schema(live: Live) -> None:

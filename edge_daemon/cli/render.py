@@ -150,7 +150,11 @@ LEVEL_STYLE = {"normal": "green", "elevated": "yellow", "high": "red", "critical
 
 
 def describe_store(store: StoreStatus) -> str:
-    return f"{fmt_int(store['readings'])} readings, {fmt_bytes(store.get('bytes'))}"  # older daemon
+    text = f"{fmt_int(store['readings'])} readings, {fmt_bytes(store.get('bytes'))}"  # older daemon
+    check = store.get("check")  # older daemon: none
+    if check and check.get("moved_to"):
+        text += f"; damaged at start ({check.get('problem')}): moved aside to {check['moved_to']}"
+    return text
 
 
 INGEST_COUNTS = (

@@ -37,11 +37,21 @@ class ErrorReply(TypedDict):
 # -- status sections ------------------------------------------------------------------------------
 
 
+class StoreCheckStatus(TypedDict):
+    """The store's check at start (`store.check_store`)."""
+
+    time: str  # when (ISO 8601)
+    seconds: float  # PRAGMA quick_check's time (0: there was no store yet)
+    problem: str | None  # what it found wrong (None: intact)
+    moved_to: str | None  # the damaged file, moved aside; a new store started in its place
+
+
 class StoreStatus(TypedDict):
     readings: int
     bytes: int
     disk_free_bytes: int
     disk_full: bool  # ingestion waits for disk space
+    check: StoreCheckStatus
 
 
 class ClockStatus(TypedDict):

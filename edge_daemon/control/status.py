@@ -181,6 +181,7 @@ class StatusReport:
         add(self._drift_piece)
         add(lambda: "scoring stalled" if scoring is not None and scoring.stall_warning() else None)
         add(lambda: f"{store.readings} readings" if store is not None else None)
+        add(lambda: store.damaged_store_moved if store is not None else None)
         add(lambda: "disk full: ingestion waiting" if ingest is not None and ingest.disk_full else None)
         add(self._clock_piece)
         add(lambda: ingest.broker_problem if ingest is not None else None)

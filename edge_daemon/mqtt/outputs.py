@@ -132,8 +132,18 @@ class RollbackAlert(TypedDict):
     message: str
 
 
+class StoreDamagedAlert(TypedDict):
+    """The replay store failed its check at start: moved aside (kept for inspection) and a new one
+    started; what it held is not replayed."""
+
+    type: Literal["store_damaged"]
+    problem: str  # what PRAGMA quick_check or SQLite said
+    moved_to: str  # the damaged file's new path
+    message: str
+
+
 # `edge/<id>/alert`: one record per kind, told apart by `type`.
-Alert = AnomalyAlert | DriftAlert | AdapterAcceptedAlert | AdapterRejectedAlert | BaseModelAlert | RollbackAlert
+Alert = AnomalyAlert | DriftAlert | AdapterAcceptedAlert | AdapterRejectedAlert | BaseModelAlert | RollbackAlert | StoreDamagedAlert
 
 
 def anomaly_alert(ts: float, score: float, threshold: float) -> AnomalyAlert:
@@ -196,6 +206,14 @@ def adapter_rejected_alert(
 def base_model_alert() -> BaseModelAlert:
     """A device without a base model trained one from its own store."""
     return BaseModelAlert(type="base_model", message="base model trained from the store")
+
+
+def store_damaged_alert(problem: str, moved_to: str) -> StoreDamagedAlert:
+    """The replay store was damaged at start: moved aside to `moved_to`, a new one started."""
+    name = moved_to.rsplit("/", 1)[-1]
+    return StoreDamagedAlert(
+        type="store_damaged", problem=problem, moved_to=moved_to, message=f"replay store damaged ({problem}): moved aside to {name}, a new store started"
+    )
 
 
 def rollback_alert(version: int) -> RollbackAlert:

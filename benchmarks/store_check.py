@@ -1,0 +1,100 @@
+"""The store's check at start: `PRAGMA quick_check` on a full-size store, and what the daemon's
+start spends on it.
+
+    python benchmarks/store_check.py [--mb 128] [--keep DIR]
+
+Builds a replay store of about `--mb` MB through `ReplayStore.write` (three channels at 1 reading/s,
+the sample motor's sizes of value), closes it, then times `store.check_store` three ways: with the
+file in the page cache (a restart), after dropping the page cache (a boot: needs root; skipped
+otherwise), and on the same store with 64 KiB in the middle overwritten (the damaged case, which
+also moves it aside). Beside it: opening the store (`ReplayStore(...)`), which the daemon does
+anyway, as the baseline the check adds to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from edge_daemon.config import StoreConfig  # noqa: E402
+from edge_daemon.store import Reading, ReplayStore, check_store  # noqa: E402
+
+CHANNELS = ["m1/temperature", "m1/vibration", "m1/current"]
+BATCH = 30_000
+
+
+def build(path: Path, mb: float) -> tuple[int, float]:
+    """Readings written and seconds taken to grow a store at `path` to `mb` MB."""
+    cfg = StoreConfig(budget_mb=mb * 4, recent_hours=24 * 365)
+    started, written, t0 = time.perf_counter(), 0, 1.7e9
+    with ReplayStore(path, cfg, CHANNELS) as store:
+        while store.size_bytes() < mb * 1024 * 1024:
+            store.write([Reading(CHANNELS[k % 3], t0 + (written + k) // 3, 20.0 + ((written + k) % 997) * 0.013) for k in range(BATCH)])
+            written += BATCH
+    return written, time.perf_counter() - started
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(action) -> float:  # noqa: ANN001
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, default=128.0, help="store size to build")
+    parser.add_argument("--keep", type=Path, help="build in (and keep) this directory instead of a temporary one")
+    args = parser.parse_args()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="store-check-"))
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "store.db"
+    try:
+        readings, build_s = build(path, args.mb)
+        size = path.stat().st_size + (Path(f"{path}-wal").stat().st_size if Path(f"{path}-wal").exists() else 0)
+        print(f"store: {readings:,} readings, {size / 1e6:.1f} MB (built in {build_s:.0f} s)\n")
+        cfg = StoreConfig(budget_mb=args.mb * 4, recent_hours=24 * 365)
+        rows = []
+        warm = [check_store(path) for _ in range(3)]
+        assert all(c.problem is None for c in warm), warm
+        rows.append(("quick_check, file in the page cache (a restart), best of 3", min(c.seconds for c in warm)))
+        rows.append(("opening the store (the daemon does it anyway), in the page cache", timed(lambda: ReplayStore(path, cfg, CHANNELS).close())))
+        if drop_caches():
+            cold = check_store(path)
+            assert cold.problem is None
+            rows.append(("quick_check, page cache dropped (a boot)", cold.seconds))
+            drop_caches()
+            rows.append(("opening the store, page cache dropped", timed(lambda: ReplayStore(path, cfg, CHANNELS).close())))
+        with open(path, "r+b") as f:
+            f.seek(path.stat().st_size // 2)
+            f.write(os.urandom(64 * 1024))
+        damaged = check_store(path)
+        assert damaged.problem is not None and damaged.moved_to is not None
+        rows.append((f"quick_check, 64 KiB overwritten mid-file (found: {damaged.problem[:60]})", damaged.seconds))
+        print("| check | seconds |")
+        print("|---|--:|")
+        for label, seconds in rows:
+            print(f"| {label} | {seconds:.2f} |")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
