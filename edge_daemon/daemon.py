@@ -94,6 +94,7 @@ class Daemon:
         self.scheduler: JobScheduler | None = None
         self.exit_code = 0
         self._disk_full_published = False  # what the retained status last said of the disk
+        self._pending_alerts: list[Any] = []  # raised while starting: sent at the first connect
         self._state_published: tuple[object, ...] | None = None  # StatusReport.online_state() last published
         self.stop_signal: str | None = None
         self.heartbeat: Heartbeat | None = None
@@ -128,7 +129,16 @@ class Daemon:
         # Without a scorer: the update path loads the served model into it when it starts.
         store = _built(self._store_part, "store")
         self.pipeline = ScoringPipeline(self.config, self._publish, None, held_rows=lambda: store.held_rows)
+        check = store.check
+        if check.moved_to is not None and check.problem is not None:
+            self.pipeline.alert(store_damaged_alert(check.problem, str(check.moved_to)))
         return self.pipeline
+
+    def _send_pending_alerts(self) -> None:
+        """The alerts raised while starting, before the broker could be reached."""
+        pending, self._pending_alerts = self._pending_alerts, []
+        for payload in pending:
+            self._publish("alert", payload, 1, False)
 
     def _build_ingestor(self) -> Ingestor:
         """The ingestor, built (not started: that comes after the control socket) with the update
@@ -139,10 +149,7 @@ class Daemon:
             ingestor.on_disk_full = self._on_disk_full
             # Scoring gets readings as they arrive, not when their batch commits.
             ingestor.on_readings.append(_built(self.pipeline, "scoring").on_batch)
-            check = _built(self._store_part, "store").check
-            if check.moved_to is not None and check.problem is not None:
-                ingestor.on_connect.append(self._once(lambda: _built(self.pipeline, "scoring").alert(
-                    store_damaged_alert(check.problem or "", str(check.moved_to)))))  # fmt: skip
+            ingestor.on_connect.append(self._once(self._send_pending_alerts))
             self._ingestor_built = ingestor
         return self._ingestor_built
 
@@ -376,6 +383,8 @@ class Daemon:
     def _publish(self, suffix: str, payload: Any, qos: int = 0, retain: bool = False) -> None:
         ingestor = self.ingestor
         if ingestor is None:
+            if suffix == "alert":  # found while starting (a damaged store or adapter): sent at the first connect
+                self._pending_alerts.append(payload)
             return
         try:
             ingestor.publish(suffix, payload, qos=qos, retain=retain)

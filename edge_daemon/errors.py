@@ -47,6 +47,10 @@ class BaseFormatError(ModelError):
     """The base model was saved by an earlier forecaster layout; it must be trained again."""
 
 
+class BaseDamagedError(ModelError):
+    """The base model's files no longer match the sha256 recorded when it was saved."""
+
+
 class AdapterError(EdgeDaemonError):
     """An adapter version is missing, corrupt or cannot be served."""
 

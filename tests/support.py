@@ -41,6 +41,57 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f": {detail()}" if detail else ""))
 
 
+def publish_motor(port: int, start_ts: float, steps: int, client_name: str = "publisher") -> None:
+    """`steps` values maps of the three motor channels (`sensors/m1`, QoS 1, one a second from
+    `start_ts`; temperature counts the steps), all acknowledged by the broker on return."""
+    import uuid
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{client_name}-{uuid.uuid4().hex[:8]}")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    infos = []
+    for k in range(steps):
+        payload = '{"ts": %.1f, "values": {"temperature": %d, "vibration": 0.5, "current": 3}}' % (start_ts + k, k)
+        infos.append(client.publish("sensors/m1", payload, qos=1))
+    for info in infos:
+        info.wait_for_publish(60)
+    client.loop_stop()
+    client.disconnect()
+
+
+class AlertSubscriber:
+    """The device's alerts (`edge/+/alert`), subscribed (SUBACK received) before it returns, so a
+    daemon started next cannot alert before it listens."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+        import uuid
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.received: list[dict[str, Any]] = []
+        subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"alerts-{uuid.uuid4().hex[:8]}")
+        self.client.on_message = lambda c, u, m: self.received.append(json.loads(m.payload))
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe("edge/+/alert", qos=1)
+        self.client.loop_start()
+        assert subscribed.wait(30), "no SUBACK"
+
+    def of(self, kind: str) -> dict[str, Any] | None:
+        """The first alert of `type` kind (None: none yet)."""
+        return next((a for a in self.received if a.get("type") == kind), None)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
 

@@ -103,6 +103,12 @@ def test_base_errors(tmp_path: Path) -> None:
     weights = tmp_path / "base" / "model.safetensors"
     intact = weights.read_bytes()
     weights.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(ModelError, match="damaged"):  # its sha256 no longer matches
+        load_base(tmp_path / "base")
+    # A base saved before checksums were recorded: the readers' own checks still refuse it.
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    del config["sha256"]
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="corrupt"):
         load_base(tmp_path / "base")
     weights.write_bytes(intact)

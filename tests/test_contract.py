@@ -332,6 +332,13 @@ def test_output_example_has_the_keys_of_the_real_payload(name: str, live: Live, 
         # The live run's store is intact: the alert a really damaged one gets (published by the
         # daemon in tests/test_store_damaged.py).
         real = [damaged_store_alert(tmp_path)]
+    if name in ("alert-adapter_damaged", "alert-base_damaged") and not real:
+        # Nor is a file of its models damaged: the alerts' own builders (published by the daemon
+        # in tests/test_artifacts_damaged.py).
+        from edge_daemon.mqtt.outputs import adapter_damaged_alert, base_damaged_alert
+
+        real = [dict(adapter_damaged_alert(3, 2, "adapter v3 is damaged")) if name == "alert-adapter_damaged"
+                else dict(base_damaged_alert("base model is damaged", str(tmp_path / "base.damaged-1")))]  # fmt: skip
     if name == "alert-adapter_rejected" and not real:
         # One update ran and was accepted: a rejection carries the same fields (version null).
         real = [{**payload, "type": "adapter_rejected"} for payload in live.of("alert-adapter_accepted")]

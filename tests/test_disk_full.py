@@ -7,13 +7,10 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.adaptation.trigger import TriggerInputs, UpdateTrigger
 from edge_daemon.broker import LocalBroker
@@ -24,7 +21,7 @@ from edge_daemon.errors import DiskFullError
 from edge_daemon.memory.pressure import Level
 from edge_daemon.store import Reading, ReplayStore
 from tests.conftest import CHANNELS, make_config, start_daemon
-from tests.support import wait_for
+from tests.support import publish_motor, wait_for
 
 STEPS = 20_000  # 60,000 readings: several times what 2 MB holds with the WAL
 HANG_S = 180.0  # bounds a hang only
@@ -112,20 +109,6 @@ def test_updates_wait_while_disk_space_is_short() -> None:
     assert trigger.decide(TriggerInputs(**inputs)).start
 
 
-def _publish(port: int, start_ts: float, steps: int) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"disk-full-publisher-{uuid.uuid4().hex[:8]}")
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    infos = []
-    for k in range(steps):
-        payload = '{"ts": %.1f, "values": {"temperature": %d, "vibration": 0.5, "current": 3}}' % (start_ts + k, k)
-        infos.append(client.publish("sensors/m1", payload, qos=1))
-    for info in infos:
-        info.wait_for_publish(60)
-    client.loop_stop()
-    client.disconnect()
-
-
 def test_a_full_disk_pauses_ingestion_until_there_is_room_and_loses_nothing(tmp_path: Path, broker: LocalBroker, small_fs: Tmpfs) -> None:
     config = make_config(
         tmp_path, port=broker.port, device={"state_dir": str(small_fs.path / "state")}, store={"disk_reserve_mb": 0.25},
@@ -134,7 +117,7 @@ def test_a_full_disk_pauses_ingestion_until_there_is_room_and_loses_nothing(tmp_
     start_daemon(daemon)
     try:
         start_ts = float(int(time.time()) - STEPS - 60)
-        _publish(broker.port, start_ts, STEPS)
+        publish_motor(broker.port, start_ts, STEPS, "disk-full-publisher")
         # The disk fills: the daemon says so everywhere and keeps answering.
         status = wait_for(
             lambda: (s := request(config.device.socket, {"cmd": "status"}))["store"]["disk_full"] and s, HANG_S, "disk full in status",

@@ -5,16 +5,11 @@ damaged as power loss on a worn card damages them."""
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 import time
-import uuid
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_daemon.broker import LocalBroker
 from edge_daemon.cli.render import describe_store
@@ -23,7 +18,7 @@ from edge_daemon.daemon import Daemon
 from edge_daemon.errors import StoreError
 from edge_daemon.store import CORRUPT_KEEP, Reading, ReplayStore, check_store, damaged_stores
 from tests.conftest import CHANNELS, make_config, start_daemon
-from tests.support import wait_for
+from tests.support import AlertSubscriber, publish_motor, wait_for
 
 HANG_S = 120.0  # bounds a hang only
 READINGS = 6_000
@@ -114,49 +109,16 @@ def test_a_locked_store_is_not_called_damaged(tmp_path: Path) -> None:
     assert path.is_file() and not list(path.parent.glob("store.db.corrupt-*"))
 
 
-class Alerts:
-    """A subscriber to the device's alerts, subscribed before the daemon starts."""
-
-    def __init__(self, port: int) -> None:
-        self.received: list[dict] = []
-        self._subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"damaged-alerts-{uuid.uuid4().hex[:8]}")
-        self.client.on_message = lambda c, u, m: self.received.append(json.loads(m.payload))
-        self.client.on_subscribe = lambda *args: self._subscribed.set()
-        self.client.connect("127.0.0.1", port)
-        self.client.subscribe("edge/+/alert", qos=1)
-        self.client.loop_start()
-        assert self._subscribed.wait(30), "no SUBACK"
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-def _publish(port: int, start_ts: float, steps: int) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"damaged-publisher-{uuid.uuid4().hex[:8]}")
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    infos = []
-    for k in range(steps):
-        payload = '{"ts": %.1f, "values": {"temperature": %d, "vibration": 0.5, "current": 3}}' % (start_ts + k, k)
-        infos.append(client.publish("sensors/m1", payload, qos=1))
-    for info in infos:
-        info.wait_for_publish(60)
-    client.loop_stop()
-    client.disconnect()
-
-
 def test_the_daemon_starts_on_a_damaged_store_says_so_and_stores_every_reading_after_it(tmp_path: Path, broker: LocalBroker) -> None:
     config = make_config(tmp_path, port=broker.port)
     path = filled_store(tmp_path)
     assert path == config.store_path
     overwrite(path, path.stat().st_size // 2, 64 * 1024)
-    alerts = Alerts(broker.port)
+    alerts = AlertSubscriber(broker.port)
     daemon = Daemon(config)
     start_daemon(daemon)
     try:
-        alert = wait_for(lambda: next((a for a in alerts.received if a.get("type") == "store_damaged"), None), HANG_S, "the store_damaged alert")
+        alert = wait_for(lambda: alerts.of("store_damaged"), HANG_S, "the store_damaged alert")
         moved = Path(alert["moved_to"])
         assert moved.is_file() and moved.parent == path.parent and alert["problem"] and "moved aside" in alert["message"]
         status = request(config.device.socket, {"cmd": "status"})
@@ -164,7 +126,7 @@ def test_the_daemon_starts_on_a_damaged_store_says_so_and_stores_every_reading_a
         assert "store was damaged" in daemon.status_line()
         assert f"moved aside to {moved}" in describe_store(status["store"])  # what `edge-daemon status` prints
         steps = 2_000
-        _publish(broker.port, float(int(time.time()) - steps - 60), steps)
+        publish_motor(broker.port, float(int(time.time()) - steps - 60), steps)
         assert daemon.store is not None
         wait_for(lambda: daemon.store.count() >= 3 * steps, HANG_S, "every reading stored", detail=lambda: daemon.store.count())
         ts, _idx, _values = daemon.store.read(None, None)

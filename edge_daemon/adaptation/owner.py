@@ -23,19 +23,21 @@ from typing import Any, Protocol
 from edge_daemon.adaptation.runner import WORKER_TARGET, UpdateRunner
 from edge_daemon.adaptation.tally import UpdateTally
 from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger
-from edge_daemon.artifacts.adapters import AdapterStore, AdapterVersion
+from edge_daemon.artifacts.adapters import AdapterDamagedError, AdapterStore, AdapterVersion
 from edge_daemon.artifacts.base import BaseModel, load_base
 from edge_daemon.artifacts.merge import serving_model
 from edge_daemon.baselines import Baseline, HeldOut
 from edge_daemon.config import Config
-from edge_daemon.errors import AdapterError, BaseFormatError, ControlError, ModelError
+from edge_daemon.errors import AdapterError, BaseDamagedError, BaseFormatError, ControlError, ModelError
 from edge_daemon.mqtt.outputs import (
     AdapterAcceptedAlert,
     Alert,
     AdapterRejectedAlert,
     TrainingState,
     adapter_accepted_alert,
+    adapter_damaged_alert,
     adapter_rejected_alert,
+    base_damaged_alert,
     base_model_alert,
     rollback_alert,
 )
@@ -284,27 +286,56 @@ class Adaptation:
             return None
         try:
             base = load_base(cfg.base_dir, cfg.channels.names, cfg.channels.period_s, cfg.channels.inputs_only)
-        except BaseFormatError as exc:
-            # An upgrade changed the forecaster's layout: keep the old base aside, serve nothing
-            # from it (its adapters fit only it) and train a new one from the store.
-            aside = cfg.base_dir.with_name(f"{cfg.base_dir.name}.old-format-{int(time.time())}")
+        except (BaseFormatError, BaseDamagedError) as exc:
+            # An upgrade changed the forecaster's layout, or the card damaged a file: keep the old
+            # base aside, serve nothing from it (its adapters fit only it) and train a new one from
+            # the store.
+            kind = "damaged" if isinstance(exc, BaseDamagedError) else "old-format"
+            aside = cfg.base_dir.with_name(f"{cfg.base_dir.name}.{kind}-{int(time.time())}")
             os.rename(cfg.base_dir, aside)
             self.adapters.use_base()
             log.error("%s; moved it to %s; a new one is trained once enough data is stored", exc, aside)
+            if isinstance(exc, BaseDamagedError):
+                self.serving.alert(base_damaged_alert(str(exc), str(aside)))
             return None
         self.base = base
-        version = self.current_adapter()
-        try:
-            model = serving_model(base, version)
-        except AdapterError as exc:
-            log.error("cannot serve adapter v%s (%s); serving the base model", version.version if version else "?", exc)
-            version = None
-            model = serving_model(base, None)
+        model, version = self._intact_serving(base, self.current_adapter())
         baselines, held_out = self._baselines_for(base, version)
         return Scorer(
             base, model, cfg.outputs.anomaly_threshold, version=version.version if version else None,
             baselines=baselines, held_out=held_out, rule=serving_rule(cfg.outputs),
         )  # fmt: skip
+
+    def _intact_serving(self, base: BaseModel, current: AdapterVersion | None) -> tuple[Any, AdapterVersion | None]:
+        """The model to serve and its version: `current`, or when it cannot be served (damaged
+        files, another base's) the newest earlier version that can, else the base alone. A
+        fallback moves the pointer (recorded in the history) and a damaged adapter is alerted."""
+        candidates: list[AdapterVersion | None] = [current]
+        if current is not None:
+            candidates += [v for v in reversed(self.adapters.list()) if v.version < current.version] + [None]
+        damaged: list[str] = []
+        for candidate in candidates:
+            try:
+                model = serving_model(base, candidate)
+            except AdapterError as exc:
+                log.error("cannot serve adapter v%s: %s", candidate.version if candidate else "?", exc)
+                if isinstance(exc, AdapterDamagedError):
+                    damaged.append(str(exc))
+                continue
+            if current is not None and candidate is not current:
+                try:
+                    if candidate is None:
+                        self.adapters.use_base()
+                    else:
+                        self.adapters.rollback(candidate.version)
+                except AdapterError as exc:  # the pointer stays; what serves is right for this run
+                    log.error("could not record the fallback: %s", exc)
+                served = f"v{candidate.version}" if candidate is not None else "the base model"
+                log.error("adapter v%d cannot be served: serving %s instead", current.version, served)
+                if damaged:
+                    self.serving.alert(adapter_damaged_alert(current.version, None if candidate is None else candidate.version, damaged[0]))
+            return model, candidate
+        raise AssertionError("the base model alone always serves")  # pragma: no cover - candidates end with None
 
     @staticmethod
     def _baselines_for(base: BaseModel, version: AdapterVersion | None) -> tuple[list[Baseline], HeldOut | None]:

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from edge_daemon.artifacts.files import fsync_path, fsync_tree, read_json, replace_atomically, write_json
+from edge_daemon.artifacts.files import damaged_files, fsync_path, fsync_tree, read_json, replace_atomically, sha256_of, write_json
 from edge_daemon.artifacts.peft_format import ADAPTER_CONFIG_FILE, ADAPTER_FILES, ADAPTER_WEIGHTS_FILE
 from edge_daemon.times import iso, now_iso
 from edge_daemon.errors import AdapterError
@@ -174,7 +174,8 @@ class AdapterStore:
             number = max(existing, default=0) + 1
             target = self.root / f"v{number}"
             try:
-                write_json(staging / META_FILE, replace(meta, created=meta.created or now_iso(), version=number).to_json())
+                sums = {name: sha256_of(staging / name) for name in ADAPTER_FILES}
+                write_json(staging / META_FILE, replace(meta, created=meta.created or now_iso(), version=number, sha256=sums).to_json())
                 fsync_tree(staging)
                 os.rename(staging, target)
             except BaseException:
@@ -208,7 +209,8 @@ class AdapterStore:
         """
         with self._locked():
             target = self.get(version)
-            load_lora_state(target.path)  # refuse to point at something we could not serve
+            check_adapter(target)  # refuse to point at something we could not serve
+            load_lora_state(target.path)
             replace_atomically(self.root / POINTER_FILE, f"v{version}\n")
             self._record("rollback", version, data_ts)
         log.info("adapter pointer set to v%d", version)
@@ -260,6 +262,21 @@ class AdapterStore:
             with contextlib.suppress(OSError):
                 if now - stale.stat().st_mtime > STALE_STAGING_S:
                     shutil.rmtree(stale, ignore_errors=True)
+
+
+class AdapterDamagedError(AdapterError):
+    """An adapter's files no longer match the sha256 recorded when it was committed."""
+
+
+def check_adapter(version: AdapterVersion) -> None:
+    """AdapterDamagedError when a file of `version` differs from the sha256 its meta recorded (an
+    adapter from before they were recorded is taken as it is)."""
+    recorded = version.meta.sha256
+    if not recorded:
+        return
+    damaged = damaged_files(version.path, recorded)
+    if damaged:
+        raise AdapterDamagedError(f"adapter v{version.version} is damaged: {', '.join(damaged)} no longer match their sha256")
 
 
 def load_lora_state(version_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from edge_daemon.baselines import BaselineJson, HeldOut
 
-from edge_daemon.artifacts.files import fsync_path, fsync_tree, read_json, write_json
+from edge_daemon.artifacts.files import damaged_files, fsync_path, fsync_tree, read_json, sha256_of, write_json
 from edge_daemon.times import now_iso
-from edge_daemon.errors import BaseFormatError, ModelError
+from edge_daemon.errors import BaseDamagedError, BaseFormatError, ModelError
 from edge_daemon.frames import Grid, NormStats, ValueReference, calendar_features, normalise_grid, with_calendar
 from edge_daemon.model import Forecaster, ForecasterConfig
 
@@ -149,6 +149,7 @@ def save_base(
         # safetensors refuses shared or non-contiguous storage; clone detaches both.
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(tmp / NORM_FILE, {**norm.to_dict(), "residual_scale": residual_scale.astype(float).tolist()})
         write_json(
             tmp / CONFIG_FILE,
             {
@@ -158,9 +159,10 @@ def save_base(
                 "inputs_only": list(channels[cfg.n_channels :]),
                 "period_s": float(period_s),
                 "meta": {"created": now_iso(), **meta},
+                # Checked at every load: a file damaged on the card is refused, never served.
+                "sha256": {name: sha256_of(tmp / name) for name in (WEIGHTS_FILE, NORM_FILE)},
             },
         )
-        write_json(tmp / NORM_FILE, {**norm.to_dict(), "residual_scale": residual_scale.astype(float).tolist()})
         fsync_tree(tmp)
         old = None
         if directory.exists():
@@ -203,6 +205,9 @@ def load_base(
                 f"base model in {directory} has format {config.get('format')}, this version reads {BASE_FORMAT}: "
                 "retrain it with `edge-daemon pretrain`"
             )
+        recorded = config.get("sha256")  # absent in a base saved before they were recorded
+        if isinstance(recorded, dict) and (damaged := damaged_files(directory, {str(k): str(v) for k, v in recorded.items()})):
+            raise BaseDamagedError(f"base model in {directory} is damaged: {', '.join(damaged)} no longer match their sha256")
         norm_data = read_json(directory / NORM_FILE)
         cfg = ForecasterConfig.from_dict(config["forecaster"])
         saved_channels = [str(c) for c in config["channels"]]

@@ -8,6 +8,7 @@ power loss once the call returns: the data and the directory entry are fsynced.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +23,27 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_of(path: Path) -> str:
+    """The file's sha256 (hex): what artifacts record at save and check before they are used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def damaged_files(directory: Path, recorded: dict[str, str]) -> list[str]:
+    """The files of `recorded` (name -> sha256) under `directory` that are missing or differ."""
+    damaged = []
+    for name, expected in recorded.items():
+        try:
+            if sha256_of(directory / name) != expected:
+                damaged.append(name)
+        except OSError:
+            damaged.append(name)
+    return damaged
 
 
 def fsync_tree(directory: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edge_daemon.artifacts.adapters import AdapterVersion, load_lora_state
+from edge_daemon.artifacts.adapters import AdapterVersion, check_adapter, load_lora_state
 from edge_daemon.artifacts.base import BaseModel
 from edge_daemon.artifacts.peft_format import PEFT_PREFIX
 from edge_daemon.errors import AdapterError
@@ -88,5 +88,6 @@ def serving_model(base: BaseModel, version: AdapterVersion | None) -> Forecaster
             f"adapter v{version.version} was trained on base {trained_on}, the base now is {base.fingerprint}: "
             "it fits only the base it was trained on"
         )
+    check_adapter(version)  # a damaged file is never merged
     tensors, lora_cfg = load_lora_state(version.path)
     return merge_lora(base.model, tensors, lora_cfg)

@@ -142,8 +142,33 @@ class StoreDamagedAlert(TypedDict):
     message: str
 
 
+class AdapterDamagedAlert(TypedDict):
+    """The current adapter's files no longer match the sha256 recorded at its commit: the newest
+    earlier version that is intact serves instead (`serving`; null: the base model alone)."""
+
+    type: Literal["adapter_damaged"]
+    version: int  # the damaged one
+    serving: int | None
+    problem: str
+    message: str
+
+
+class BaseDamagedAlert(TypedDict):
+    """The base model's files no longer match the sha256 recorded when it was saved: refused,
+    moved aside (`moved_to`), and a new one is trained from the store once it holds enough data
+    (nothing is forecast meanwhile)."""
+
+    type: Literal["base_damaged"]
+    problem: str
+    moved_to: str
+    message: str
+
+
 # `edge/<id>/alert`: one record per kind, told apart by `type`.
-Alert = AnomalyAlert | DriftAlert | AdapterAcceptedAlert | AdapterRejectedAlert | BaseModelAlert | RollbackAlert | StoreDamagedAlert
+Alert = (
+    AnomalyAlert | DriftAlert | AdapterAcceptedAlert | AdapterRejectedAlert | BaseModelAlert | RollbackAlert | StoreDamagedAlert
+    | AdapterDamagedAlert | BaseDamagedAlert
+)
 
 
 def anomaly_alert(ts: float, score: float, threshold: float) -> AnomalyAlert:
@@ -214,6 +239,23 @@ def store_damaged_alert(problem: str, moved_to: str) -> StoreDamagedAlert:
     return StoreDamagedAlert(
         type="store_damaged", problem=problem, moved_to=moved_to, message=f"replay store damaged ({problem}): moved aside to {name}, a new store started"
     )
+
+
+def adapter_damaged_alert(version: int, serving: int | None, problem: str) -> AdapterDamagedAlert:
+    """Adapter `version` is damaged: `serving` (None: the base model) serves instead."""
+    instead = f"v{serving}" if serving is not None else "the base model"
+    return AdapterDamagedAlert(
+        type="adapter_damaged", version=version, serving=serving, problem=problem, message=f"adapter v{version} is damaged: serving {instead} instead"
+    )
+
+
+def base_damaged_alert(problem: str, moved_to: str) -> BaseDamagedAlert:
+    """The base model is damaged: moved aside to `moved_to`; a new one is trained from the store."""
+    name = moved_to.rsplit("/", 1)[-1]
+    return BaseDamagedAlert(
+        type="base_damaged", problem=problem, moved_to=moved_to,
+        message=f"base model damaged: moved aside to {name}; a new one is trained from the store",
+    )  # fmt: skip
 
 
 def rollback_alert(version: int) -> RollbackAlert:

@@ -314,6 +314,7 @@ class AdapterMetaJson(TypedDict):
     held_out: HeldOut | None
     gate: GateJson | None
     validation_residuals: ValidationResiduals | None
+    sha256: dict[str, str] | None
     version: int | None
     created: str | None
 
@@ -352,6 +353,9 @@ class AdapterMeta:
     # The adapted model's |residual| on its held-out windows: where residual drift starts from once
     # it serves (None: an adapter from before they were recorded; the judges learn from the stream).
     validation_residuals: ValidationResiduals | None = None
+    # sha256 of each of the adapter's files, written at commit and checked before it is served
+    # (None: an adapter from before they were recorded, served unchecked).
+    sha256: dict[str, str] | None = None
     version: int | None = None
     created: str | None = None  # iso8601
     extra: JsonObject = field(default_factory=dict)  # free-form: this version does not know them
