@@ -110,6 +110,12 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily(PREFIX + "store_readings", "Readings (rows) in the replay store", value=store["readings"])
         yield GaugeMetricFamily(PREFIX + "store_size_bytes", "Bytes of the replay store on disk (database and WAL)", value=store["bytes"])
         yield GaugeMetricFamily(PREFIX + "store_disk_free_bytes", "Free bytes on the store's file system", value=store["disk_free_bytes"])
+        check = store["check"]
+        yield GaugeMetricFamily(PREFIX + "store_check_seconds", "Time of the store's PRAGMA quick_check at start", value=check["seconds"])
+        yield GaugeMetricFamily(
+            PREFIX + "store_damaged_at_start", "1 when the store failed its check at start and was moved aside for a new one",
+            value=int(check["moved_to"] is not None),
+        )  # fmt: skip
 
     def _scoring(self, report: StatusReport) -> Iterator[Metric]:
         scoring = report.scoring()

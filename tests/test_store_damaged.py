@@ -19,6 +19,7 @@ from edge_daemon.errors import StoreError
 from edge_daemon.store import CORRUPT_KEEP, Reading, ReplayStore, check_store, damaged_stores
 from tests.conftest import CHANNELS, make_config, start_daemon
 from tests.support import AlertSubscriber, publish_motor, wait_for
+from tests.test_metrics import scrape, value
 
 HANG_S = 120.0  # bounds a hang only
 READINGS = 6_000
@@ -110,7 +111,7 @@ def test_a_locked_store_is_not_called_damaged(tmp_path: Path) -> None:
 
 
 def test_the_daemon_starts_on_a_damaged_store_says_so_and_stores_every_reading_after_it(tmp_path: Path, broker: LocalBroker) -> None:
-    config = make_config(tmp_path, port=broker.port)
+    config = make_config(tmp_path, port=broker.port, metrics={"listen": "127.0.0.1:0"})
     path = filled_store(tmp_path)
     assert path == config.store_path
     overwrite(path, path.stat().st_size // 2, 64 * 1024)
@@ -125,6 +126,7 @@ def test_the_daemon_starts_on_a_damaged_store_says_so_and_stores_every_reading_a
         assert status["store"]["check"]["moved_to"] == str(moved) and status["store"]["check"]["problem"] == alert["problem"]
         assert "store was damaged" in daemon.status_line()
         assert f"moved aside to {moved}" in describe_store(status["store"])  # what `edge-daemon status` prints
+        assert value(scrape(daemon), "edge_daemon_store_damaged_at_start") == 1
         steps = 2_000
         publish_motor(broker.port, float(int(time.time()) - steps - 60), steps)
         assert daemon.store is not None
