@@ -97,6 +97,34 @@ def test_an_accepted_adapter_restarts_the_judges_from_its_validation_residuals()
     assert status["residual_cusum"]["state"] == "learning" and status["residual_window"]["baseline"] == "learning"
 
 
+def test_an_adapter_validated_on_a_noisy_quarter_hour_is_judged_by_how_it_compares_with_the_incumbent() -> None:
+    """An update's held-out windows are its newest minutes, say the line's start-up, when every
+    model's residuals are twice the hour's usual. Scaling the other hours by that quarter hour
+    over the whole hour would judge them as twice as noisy; compared with the incumbent on the
+    same windows (as good), they are judged as before, and a shift at 07:00 is found."""
+    monitor = DriftMonitor(list(CHANNELS), DriftConfig(), residual_prior=prior_of())
+    events_of(monitor, residuals(HOUR, seed=8), T0 + 6 * HOUR)
+    typical_before = monitor.residual_typical("m1/vibration", T0 + 7 * HOUR)
+    assert typical_before is not None
+    start_up = residuals(900, seed=9) * 2.0  # 06:45-07:00
+    summary = validation_residuals(start_up, T0 + 7 * HOUR - 900 + np.arange(900.0))
+    assert summary is not None
+    summary["incumbent_mean_abs"] = [float(v) for v in np.mean(np.abs(start_up), axis=0)]  # the incumbent did as well there
+    adapter = ResidualPrior.from_json(json.loads(json.dumps(summary)), 3)
+    assert adapter is not None and adapter[1].incumbent_ratio == pytest.approx(1.0)
+    monitor.reset_baseline(T0 + 7 * HOUR, adapter)
+    assert monitor.residual_typical("m1/vibration", T0 + 7 * HOUR) == pytest.approx(typical_before)
+    stream = residuals(HOUR, seed=10)
+    stream[600:, 1] *= 2.5
+    events = events_of(monitor, stream, T0 + 7 * HOUR)
+    assert [ch for _, ch in events] == ["m1/vibration"] and events[0][0] - 600 <= 10 * 60, events
+    # Without the incumbent's (an adapter from before it was recorded) the quarter hour's scale
+    # doubles the typical |residual| of every hour, and the same shift goes unseen for longer.
+    del summary["incumbent_mean_abs"]
+    monitor.reset_baseline(T0 + 7 * HOUR, ResidualPrior.from_json(json.loads(json.dumps(summary)), 3))
+    assert (monitor.residual_typical("m1/vibration", T0 + 7 * HOUR) or 0.0) > 1.5 * typical_before
+
+
 def test_the_prior_is_saved_with_the_base_and_the_adapter_and_old_ones_fall_back(tmp_path: Path) -> None:
     steps = HOUR + 600
     data = generate_labeled(steps, seed=3)

@@ -181,6 +181,14 @@ class DriftMonitor:
             return None
         return TimeOfDayProfile(period_s)
 
+    def residual_typical(self, channel: str, t: float) -> float | None:
+        """The typical |residual| the CUSUM judges `channel`'s at time t against (its time-of-day
+        profile's slice); None without a profile or before the slice has one."""
+        with self._lock:
+            found = next((c for c in self._channels if c.name == channel), None)
+            profile = None if found is None else found.residual_profile
+            return None if profile is None else profile.typical(t)
+
     def residual_cusum_statistics(self) -> list[float | None]:
         """Per channel, the residual CUSUM's sum now (its threshold is `cfg.cusum_h`); None without one."""
         return [None if c.residual_cusum is None else c.residual_cusum.statistic for c in self._channels]
@@ -203,14 +211,21 @@ class DriftMonitor:
             # model's held-out residuals compare with it at the hours they cover.
             previous = channel.residual_expected or [None] * HOURS
             held = [profile.hour_typical(h) if profile is not None else previous[h] for h in range(HOURS)]
-            pairs = [(p, q) for p, q in zip(prior.hourly, held, strict=True) if p is not None and q is not None]
-            scale = sum(p for p, _ in pairs) / sum(q for _, q in pairs) if pairs else None
+            if prior.incumbent_ratio is not None:
+                # An adapter's: every hour the judges know, times how its held-out residuals compare
+                # with the incumbent's on the same windows; its own hourly values only where they know nothing.
+                scale: float | None = prior.incumbent_ratio
+                own = [p if q is None else None for p, q in zip(prior.hourly, held, strict=True)]
+            else:
+                pairs = [(p, q) for p, q in zip(prior.hourly, held, strict=True) if p is not None and q is not None]
+                scale = sum(p for p, _ in pairs) / sum(q for _, q in pairs) if pairs else None
+                own = list(prior.hourly)
             expected = [p if p is not None else None if q is None or scale is None else q * scale
-                        for p, q in zip(prior.hourly, held, strict=True)]  # fmt: skip
+                        for p, q in zip(own, held, strict=True)]  # fmt: skip
             channel.residual_expected = expected
             window.use_prior(max(2, round(3600.0 / self.period_s)))
             if profile is not None:
-                profile.seed(list(prior.hourly), scale)
+                profile.seed(own, scale)
             if cusum is not None and prior.block_cv is not None:
                 # The spread of block means shrinks with the square root of the block's length.
                 cv = prior.block_cv * math.sqrt(prior.block_s / (self._cusum_block * self.period_s))

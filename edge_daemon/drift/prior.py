@@ -13,8 +13,11 @@ and the adapter's meta as `validation_residuals`. The drift monitor reads them b
   (counted as one day of observations, so the first day refines it half-way and later days
   further), and the CUSUM's mean and std with what the held-out half-minute means say.
 
-Hours the validation windows do not cover are filled from the training windows' residuals at
-that hour, scaled by how much larger the held-out residuals are than the training ones (a model
+An adapter's validation windows are its update's newest few minutes: every hour is judged from
+what the judges held for it (learnt from the stream, or the base's prior), times the adapter's
+mean |residual| over the incumbent's on those same windows (`incumbent_mean_abs`), a paired
+comparison that the time of day of those minutes does not bias. A base's hours the validation
+windows do not cover are filled from the training windows' residuals at that hour, scaled by how much larger the held-out residuals are than the training ones (a model
 is never assumed better off its training data than on it); hours neither covers stay unknown and
 are learnt from the stream, as without a prior.
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
@@ -43,6 +46,9 @@ class ValidationResiduals(TypedDict):
     block_s: float  # seconds of the means whose spread `block_cv` is
     block_cv: list[float | None]  # std / mean of the block means of |residual| over the typical at their hour (None: too few blocks)
     hourly_mean_abs: list[list[float | None]]  # per channel, 24 UTC hours: typical |residual| (None: not covered)
+    # An adapter's: the incumbent's mean |residual| on the same held-out windows (absent for a base,
+    # and for adapters from before it was recorded)
+    incumbent_mean_abs: NotRequired[list[float]]
 
 
 def _hourly(magnitudes: np.ndarray, hours: np.ndarray) -> list[list[float | None]]:
@@ -116,6 +122,9 @@ class ResidualPrior:
     hourly: tuple[float | None, ...]  # 24
     block_cv: float | None
     block_s: float
+    # An adapter's mean |residual| over the incumbent's on the same held-out windows (None: a base's
+    # prior, or an adapter from before it was recorded)
+    incumbent_ratio: float | None = None
 
     @staticmethod
     def from_json(data: Mapping[str, Any] | None, n_channels: int) -> list[ResidualPrior] | None:
@@ -128,15 +137,20 @@ class ResidualPrior:
             block_s = float(data["block_s"])
             if not (len(means) == len(cvs) == len(hourly) == n_channels) or not block_s > 0:
                 return None
+            incumbent = data.get("incumbent_mean_abs")
+            if incumbent is not None and len(incumbent) != n_channels:
+                incumbent = None
             priors = []
-            for mean, cv, hours in zip(means, cvs, hourly, strict=True):
+            for c, (mean, cv, hours) in enumerate(zip(means, cvs, hourly, strict=True)):
                 if len(hours) != HOURS or not (math.isfinite(mean) and mean > 0):
                     return None
+                other = None if incumbent is None else float(incumbent[c])
                 priors.append(ResidualPrior(
                     float(mean),
                     tuple(None if h is None or not (math.isfinite(h) and h > 0) else float(h) for h in hours),
                     None if cv is None or not (math.isfinite(cv) and cv > 0) else float(cv),
                     block_s,
+                    float(mean) / other if other is not None and math.isfinite(other) and other > 0 else None,
                 ))  # fmt: skip
             return priors
         except (KeyError, TypeError, ValueError):

@@ -267,7 +267,7 @@ def _update_traced(
     # The baselines refitted on this update's windows, and how the adapted model compares with
     # them on its held-out ones: where serving starts (scoring.serving.ServingRule).
     baselines, held_out = refit_baselines(base, config, data, trained.adapted, batch_size=last_plan[0].micro_batch)
-    validation = adapter_validation_residuals(trained.adapted, data, last_plan[0].micro_batch)
+    validation = adapter_validation_residuals(trained.adapted, data, last_plan[0].micro_batch, trained.incumbent_val_mean_abs)
     meta = adapter_meta(
         job,
         result.report,
@@ -288,15 +288,21 @@ def _update_traced(
     return result, version.path
 
 
-def adapter_validation_residuals(model: Any, data: Any, batch_size: int) -> ValidationResiduals | None:
+def adapter_validation_residuals(
+    model: Any, data: Any, batch_size: int, incumbent_mean_abs: list[float] | None = None
+) -> ValidationResiduals | None:
     """The adapted model's |residual| on the update's recent held-out windows, for its meta: where
-    residual drift starts from once it serves (drift/prior.py)."""
+    residual drift starts from once it serves (drift/prior.py); with the incumbent's on the same
+    windows, to say how the two compare."""
     from edge_daemon.drift.prior import validation_residuals
     from edge_daemon.training.pretrain import last_step_errors
 
     if data.recent_val_ends is None or len(data.recent_val) == 0:
         return None
-    return validation_residuals(last_step_errors(model, data.recent_val.numpy(), batch_size), data.recent_val_ends)
+    summary = validation_residuals(last_step_errors(model, data.recent_val.numpy(), batch_size), data.recent_val_ends)
+    if summary is not None and incumbent_mean_abs is not None and len(incumbent_mean_abs) == len(summary["mean_abs"]):
+        summary["incumbent_mean_abs"] = [float(v) for v in incumbent_mean_abs]
+    return summary
 
 
 __all__ = ["run_worker"]

@@ -31,7 +31,7 @@ from edge_daemon.training.plan import EightBitPayoff, Fp32State, PlanChange, Tra
 from edge_daemon.training.records import ProgressEvent, TrainingStep, UpdateReport
 from edge_daemon.training.batches import BatchMixer
 from edge_daemon.training.blocks import choose_blocks
-from edge_daemon.training.gate import AttemptJson, GateVerdict, evaluate_loss, judge, window_losses
+from edge_daemon.training.gate import AttemptJson, GateVerdict, evaluate_loss, judge, last_step_mean_abs, window_losses
 from edge_daemon.training.lora import build_lora_model, set_checkpointing
 from edge_daemon.training.recurrence import Recurrence
 from edge_daemon.training.optimizer import Optimizer, make_optimizer, optimizer_state_bytes
@@ -49,6 +49,9 @@ class UpdateResult(UpdateReport):
     """The update's report with the adapted model (only when accepted, or `keep_rejected`)."""
 
     adapted: nn.Module | None = field(default=None, repr=False)
+    # The incumbent's mean |residual| per forecast channel on the recent held-out windows: how the
+    # adapter's own compare with it there (drift/prior.py).
+    incumbent_val_mean_abs: list[float] | None = field(default=None, repr=False)
 
     @property
     def report(self) -> UpdateReport:
@@ -175,6 +178,7 @@ def _update(
     }
     # The incumbent's loss on each recent held-out window, for the gate's paired (median) judgement.
     recent_before = window_losses(reference, recent_val, plan.micro_batch) if train_cfg.gate_recent_statistic == "median" else None
+    incumbent_val_mean_abs = last_step_mean_abs(reference, recent_val, plan.micro_batch)
     del reference
 
     # 3. Selective freezing: rank blocks by gradient norm on a probe batch of recent data.
@@ -324,6 +328,7 @@ def _update(
         eight_bit=payoff,
         gate=verdict.to_json(),
         adapted=lora_model if accepted or keep_rejected else None,
+        incumbent_val_mean_abs=incumbent_val_mean_abs,
     )
 
 
