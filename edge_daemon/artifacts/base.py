@@ -4,7 +4,6 @@ and read back checked against the config, with the fingerprint adapters record.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -112,14 +111,6 @@ class BaseModel:
         return np.concatenate([self.norm.apply(self.in_model_order(raw)), calendar]).astype(np.float32)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def save_base(
     directory: Path,
     model: Forecaster,
@@ -206,7 +197,8 @@ def load_base(
                 "retrain it with `edge-daemon pretrain`"
             )
         recorded = config.get("sha256")  # absent in a base saved before they were recorded
-        if isinstance(recorded, dict) and (damaged := damaged_files(directory, {str(k): str(v) for k, v in recorded.items()})):
+        recorded = {str(k): str(v) for k, v in recorded.items()} if isinstance(recorded, dict) else {}
+        if damaged := damaged_files(directory, recorded):
             raise BaseDamagedError(f"base model in {directory} is damaged: {', '.join(damaged)} no longer match their sha256")
         norm_data = read_json(directory / NORM_FILE)
         cfg = ForecasterConfig.from_dict(config["forecaster"])
@@ -253,6 +245,7 @@ def load_base(
         residual_scale=residual_scale,
         meta=meta,
         path=directory,
-        fingerprint=_sha256(directory / WEIGHTS_FILE),
+        # The weights' sha256, read once: checked above when the base recorded it.
+        fingerprint=(recorded.get(WEIGHTS_FILE) or sha256_of(directory / WEIGHTS_FILE))[:16],
         source_columns=source_columns,
     )

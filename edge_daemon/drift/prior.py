@@ -17,9 +17,10 @@ An adapter's validation windows are its update's newest few minutes: every hour 
 what the judges held for it (learnt from the stream, or the base's prior), times the adapter's
 mean |residual| over the incumbent's on those same windows (`incumbent_mean_abs`), a paired
 comparison that the time of day of those minutes does not bias. A base's hours the validation
-windows do not cover are filled from the training windows' residuals at that hour, scaled by how much larger the held-out residuals are than the training ones (a model
-is never assumed better off its training data than on it); hours neither covers stay unknown and
-are learnt from the stream, as without a prior.
+windows do not cover are filled from the training windows' residuals at that hour, scaled by how
+much larger the held-out residuals are than the training ones (a model is never assumed better
+off its training data than on it); hours neither covers stay unknown and are learnt from the
+stream, as without a prior.
 """
 
 from __future__ import annotations

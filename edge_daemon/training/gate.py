@@ -33,26 +33,6 @@ def evaluate_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 32)
     return total / len(windows)
 
 
-def last_step_mean_abs(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> list[float] | None:
-    """Mean |forecast - actual| per forecast channel at the windows' last position (what the scorer
-    feeds drift), without autograd; None when there are no windows."""
-    if len(windows) == 0:
-        return None
-    was_training = model.training
-    model.eval()
-    total: torch.Tensor | None = None
-    try:
-        with torch.inference_mode():
-            for chunk in windows.split(max(1, batch_size)):
-                forecast = model(chunk[:, :-1])[:, -1]
-                errors = (forecast - chunk[:, -1, : forecast.shape[-1]]).abs().double().sum(0)
-                total = errors if total is None else total + errors
-    finally:
-        model.train(was_training)
-    assert total is not None
-    return [float(v) / len(windows) for v in total]
-
-
 def window_losses(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> torch.Tensor | None:
     """`forecast_loss` of each window on its own, (N,) (None when there are none), without autograd."""
     if len(windows) == 0:

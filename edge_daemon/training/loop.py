@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,9 +32,10 @@ from edge_daemon.training.plan import EightBitPayoff, Fp32State, PlanChange, Tra
 from edge_daemon.training.records import ProgressEvent, TrainingStep, UpdateReport
 from edge_daemon.training.batches import BatchMixer
 from edge_daemon.training.blocks import choose_blocks
-from edge_daemon.training.gate import AttemptJson, GateVerdict, evaluate_loss, judge, last_step_mean_abs, window_losses
+from edge_daemon.training.gate import AttemptJson, GateVerdict, evaluate_loss, judge, window_losses
 from edge_daemon.training.lora import build_lora_model, set_checkpointing
 from edge_daemon.training.recurrence import Recurrence
+from edge_daemon.training.pretrain import last_step_errors
 from edge_daemon.training.optimizer import Optimizer, make_optimizer, optimizer_state_bytes
 
 if TYPE_CHECKING:
@@ -178,7 +180,9 @@ def _update(
     }
     # The incumbent's loss on each recent held-out window, for the gate's paired (median) judgement.
     recent_before = window_losses(reference, recent_val, plan.micro_batch) if train_cfg.gate_recent_statistic == "median" else None
-    incumbent_val_mean_abs = last_step_mean_abs(reference, recent_val, plan.micro_batch)
+    incumbent_val_mean_abs = (
+        [float(v) for v in np.abs(last_step_errors(reference, recent_val.numpy(), plan.micro_batch)).mean(0)] if len(recent_val) else None
+    )
     del reference
 
     # 3. Selective freezing: rank blocks by gradient norm on a probe batch of recent data.
