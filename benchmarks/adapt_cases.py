@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from _common import mae, pretrain
 
+from edge_daemon.baselines import fit_ridge
 from edge_daemon.config import LoraConfigSection, TrainConfig
 from edge_daemon.model import Forecaster, ForecasterConfig
 from edge_daemon.training.loop import update
@@ -81,6 +82,21 @@ def channel_mae(model: torch.nn.Module, data: torch.Tensor) -> list[float]:
     return [float(e) for e in errors.mean(0)]
 
 
+def last_position_mae(model: torch.nn.Module | None, data: torch.Tensor, ridge: Any = None) -> float:
+    """Mean absolute next-step error at the last position of (N, T+1, C) windows, over channels:
+    of `model`, of a fitted RidgeAR (`ridge`), or of persistence (neither)."""
+    x = data.numpy().astype(np.float64)
+    if ridge is not None:
+        forecast = np.stack([ridge.predict(w[:-1]) for w in x])
+    elif model is not None:
+        model.eval()
+        with torch.inference_mode():
+            forecast = torch.cat([model(chunk[:, :-1])[:, -1] for chunk in data.split(64)]).numpy()
+    else:
+        forecast = x[:, -2]
+    return float(np.abs(forecast - x[:, -1]).mean())
+
+
 def run_case(case: str, seed: int, args: Any) -> dict[str, Any]:
     ts, values, is_new = motor(case, seed)
     change = 3 * DAY
@@ -127,6 +143,8 @@ def run_case(case: str, seed: int, args: Any) -> dict[str, Any]:
         out[f"new_{retry}_by_channel"] = channel_mae(gated.adapted, new_eval) if gated.accepted else out["base_by_channel"]
         out[f"new_{retry}_retried"] = len(gated.gate["attempts"]) > 1 if gated.gate else False
         out[f"new_{retry}_reason"] = gated.reason
+        if retry == "replay":
+            served = gated.adapted if gated.accepted else base  # what the default gate leaves serving
     # The ceiling: the base fully fine-tuned on many hours of the new regime after the evaluated
     # ones (what any update of this model could reach; the new regime's noise is the rest).
     later = new_later[3 * HOUR :]
@@ -135,6 +153,16 @@ def run_case(case: str, seed: int, args: Any) -> dict[str, Any]:
         pretrain(ceiling, cut(x, later[: 20 * HOUR], length, 3), 400, seed=seed)
         out["ceiling"] = (mae(ceiling, new_eval), mae(ceiling, old_eval), True)
         out["ceiling_by_channel"] = channel_mae(ceiling, new_eval)
+    # The baselines the daemon serves beside the model, on the same steps (the last position of
+    # the new-regime windows): persistence, and the ridge autoregression refitted on the same hour
+    # the update learns from (as an update refits it).
+    ridge = fit_ridge(torch.cat([data["recent_train"], data["recent_val"]]).numpy(), lags=8)
+    out["last"] = {
+        "persistence": last_position_mae(None, new_eval),
+        "ridge (the update's hour)": last_position_mae(None, new_eval, ridge) if ridge is not None else float("nan"),
+        "frozen base": last_position_mae(base, new_eval),
+        "new gate": last_position_mae(served, new_eval),
+    }
     out["seconds"] = time.monotonic() - started
     return out
 
@@ -170,6 +198,10 @@ def report(runs: list[dict[str, Any]]) -> None:
         print("\nnew-regime MAE by channel (" + ", ".join(CHANNELS) + "):", "; ".join(
             f"{label} " + " / ".join(f"{statistics.fmean(r[key][c] for r in rows):.4f}" for c in range(len(CHANNELS)))
             for label, key in by_channel if all(key in r for r in rows)
+        ))  # fmt: skip
+        labels = list(rows[0]["last"])
+        print("\nlast position of the new-regime windows, the same steps for all (MAE, normalised): " + "; ".join(
+            f"{label} {statistics.fmean(r['last'][label] for r in rows):.4f}" for label in labels
         ))  # fmt: skip
         print(f"\n(seconds per seed, all decisions: {statistics.fmean(r['seconds'] for r in rows):.0f})")
 
