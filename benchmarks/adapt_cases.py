@@ -8,7 +8,9 @@ accept, today's gate (the mean recent loss must improve, the fixed `gate_toleran
 weighed by its chance of return from the history's bucket signatures, `training.recurrence`, with
 one retry before a rejection for forgetting, the recent loss judged in the median window). MAE (normalised units) after each decision on the
 next hours of the new regime and on the old regime when it is next seen (the next day for the
-alternating case; held-out old data otherwise); a rejected update leaves the base.
+alternating case; held-out old data otherwise); a rejected update leaves the base. Beside them,
+on the same steps (the last position of the new-regime windows): persistence and the ridge
+autoregression refitted on the update's hour, the baselines the daemon serves beside the model.
 """
 
 from __future__ import annotations
