@@ -41,10 +41,12 @@ for this tree only, as an older revision need not read them).
 retention) receives single-reading QoS 1 messages at 1, 10 and 100 readings/s;
 the bytes it made the kernel write to storage (`write_bytes` in
 /proc/<pid>/io: commits to the WAL, its checkpoints into store.db, retention)
-are divided by the readings stored. Each rate runs with the current defaults
-and with the earlier `[store] flush_interval_s` of 0.2 s, side by side.
+are divided by the readings stored. Each rate runs with the current defaults,
+with each `--wear-flush` as `[store] flush_interval_s` (default: 5 s, the
+earlier default) and with the daemon of each `--checkout` (its own defaults),
+all side by side in the same run.
 
-    python benchmarks/ingest.py --wear [--wear-seconds 150]
+    python benchmarks/ingest.py --wear [--wear-seconds 150] [--wear-flush 5] [--checkout ../old-main]
 
 `--scrape` measures instead what the Prometheus endpoint (`[metrics] listen`) costs: the real
 daemon, with a store of `--scrape-hours` hours of readings on `--channels` channels, scraped
@@ -427,8 +429,8 @@ def _write_bytes(pid: int) -> int:
     raise RuntimeError(f"no write_bytes for pid {pid}")
 
 
-def wear_run(rate: float, seconds: float, store: dict[str, object], workdir: Path) -> dict[str, float]:
-    """One daemon, one rate: bytes written to storage per stored reading."""
+def wear_run(rate: float, seconds: float, store: dict[str, object], workdir: Path, tree: Path = ROOT) -> dict[str, float]:
+    """One daemon (of the checkout `tree`), one rate: bytes written to storage per stored reading."""
     from edge_daemon.control.client import request
     from tests.support import config_toml, daemon_status, wait_for
 
@@ -447,7 +449,7 @@ def wear_run(rate: float, seconds: float, store: dict[str, object], workdir: Pat
         (state / "config.toml").write_text(config_toml(sections))
         daemon = subprocess.Popen(
             [sys.executable, "-m", "edge_daemon", "run", "--config", str(state / "config.toml")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)),
         )  # fmt: skip
         socket_path = state / "control.sock"
         try:
@@ -468,18 +470,18 @@ def wear_run(rate: float, seconds: float, store: dict[str, object], workdir: Pat
     return {"rate": rate, "readings": stored, "bytes": written, "per_reading": written / max(1, stored)}
 
 
-def wear(seconds: float, flushes: Sequence[float] = (0.2,)) -> None:
-    variants = [("defaults", {})] + [
-        (f"flush_interval_s = {flush:g}" + (" (before)" if flush == 0.2 else ""), {"flush_interval_s": flush}) for flush in flushes
-    ]
+def wear(seconds: float, flushes: Sequence[float] = (5.0,), checkouts: Sequence[Path] = ()) -> None:
+    variants: list[tuple[str, dict[str, object], Path]] = [(f"{_revision(ROOT)}: defaults", {}, ROOT)]
+    variants += [(f"{_revision(ROOT)}: flush_interval_s = {flush:g}", {"flush_interval_s": flush}, ROOT) for flush in flushes]
+    variants += [(f"{_revision(c)}: its defaults", {}, c.resolve()) for c in checkouts]
     defaults = parse_config({"device": {"id": "x"}, "mqtt": {}, "channels": {"names": ["a/b"]}}).store
     results: dict[tuple[str, float], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         threads = []
-        for label, store in variants:
+        for label, store, tree in variants:
             for rate in (1.0, 10.0, 100.0):
-                def run(label: str = label, store: dict[str, object] = store, rate: float = rate) -> None:
-                    results[(label, rate)] = wear_run(rate, seconds, store, Path(tmp))
+                def run(label: str = label, store: dict[str, object] = store, rate: float = rate, tree: Path = tree) -> None:
+                    results[(label, rate)] = wear_run(rate, seconds, store, Path(tmp), tree)
                 threads.append(threading.Thread(target=run))
         for thread in threads:  # one daemon each: their I/O counters are their own
             thread.start()
@@ -492,7 +494,7 @@ def wear(seconds: float, flushes: Sequence[float] = (0.2,)) -> None:
     )
     print("| store settings | readings/s | readings stored | bytes written | bytes per reading | a year at this rate |")
     print("| --- | --: | --: | --: | --: | --: |")
-    for label, _store in variants:
+    for label, _store, _tree in variants:
         for rate in (1.0, 10.0, 100.0):
             r = results[(label, rate)]
             print(
@@ -756,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wear", action="store_true", help="bytes written to storage per stored reading instead")
     parser.add_argument("--tls", action="store_true", help="QoS 1 native ingest over plaintext and over TLS instead, side by side")
     parser.add_argument("--wear-seconds", type=float, default=150.0, help="seconds of readings per wear run")
-    parser.add_argument("--wear-flush", type=float, action="append", default=None, help="also run with this flush_interval_s (repeatable; default 0.2)")
+    parser.add_argument("--wear-flush", type=float, action="append", default=None, help="also run with this flush_interval_s (repeatable; default 5)")
     parser.add_argument("--scrape", action="store_true", help="the metrics endpoint's cost per scrape instead (and the daemon's idle CPU with and without it)")
     parser.add_argument("--scrapes", type=int, default=200, help="scrapes measured with --scrape")
     parser.add_argument("--scrape-hours", type=float, default=1.0, help="hours of 1 s readings in the store with --scrape")
@@ -766,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         scrape_costs(args.scrapes, args.channels, args.scrape_hours)
         return 0
     if args.wear:
-        wear(args.wear_seconds, args.wear_flush or (0.2,))
+        wear(args.wear_seconds, args.wear_flush or (5.0,), args.checkout)
         return 0
     if args.tls:
         tls_ingest(args)

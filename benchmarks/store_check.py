@@ -8,7 +8,9 @@ the sample motor's sizes of value), closes it, then times `store.check_store` th
 file in the page cache (a restart), after dropping the page cache (a boot: needs root; skipped
 otherwise), and on the same store with 64 KiB in the middle overwritten (the damaged case, which
 also moves it aside). Beside it: opening the store (`ReplayStore(...)`), which the daemon does
-anyway, as the baseline the check adds to.
+anyway, as the baseline the check adds to; and opening a store of the same readings written with
+the earlier (channel_id, ts) key, which moves them to the time-keyed table once (its time and the
+file's size before and after).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from edge_daemon.config import StoreConfig  # noqa: E402
 from edge_daemon.store import Reading, ReplayStore, check_store  # noqa: E402
+from tests.support import legacy_store  # noqa: E402
 
 CHANNELS = ["m1/temperature", "m1/vibration", "m1/current"]
 BATCH = 30_000
@@ -81,6 +84,19 @@ def main() -> None:
             rows.append(("quick_check, page cache dropped (a boot)", cold.seconds))
             drop_caches()
             rows.append(("opening the store, page cache dropped", timed(lambda: ReplayStore(path, cfg, CHANNELS).close())))
+        legacy = root / "legacy" / "store.db"
+        legacy.parent.mkdir(exist_ok=True)
+        t0 = 1.7e9
+        legacy_store(legacy, ((CHANNELS[i % 3], t0 + i // 3, 20.0 + (i % 997) * 0.013) for i in range(readings)))
+        legacy_size = legacy.stat().st_size
+        moved_s = timed(lambda: ReplayStore(legacy, cfg, CHANNELS).close())
+        rows.append(
+            (
+                f"opening a store of the earlier (channel_id, ts) key: moving its readings ({legacy_size / 1e6:.1f} MB"
+                f" before, {legacy.stat().st_size / 1e6:.1f} MB after)",
+                moved_s,
+            )
+        )
         with open(path, "r+b") as f:
             f.seek(path.stat().st_size // 2)
             f.write(os.urandom(64 * 1024))

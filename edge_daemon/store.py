@@ -1,6 +1,8 @@
 """SQLite replay store: batched writes, held readings, retention, replay sampling.
 
-Readings are keyed by (channel, ts) so a redelivered MQTT message is stored once. The file is
+Readings are keyed by time first, then channel (one integer: ts in microseconds x 1024 + channel
+id), so a redelivered MQTT message is stored once and a commit appends to the newest pages of
+the file whatever the channel count (few bytes written per reading: SD cards). The file is
 kept under a byte budget: recent readings are kept whole, older ones as a uniform reservoir of
 whole time segments, so older regimes survive for replay in a small file.
 
@@ -32,7 +34,14 @@ import sqlite_utils
 from edge_daemon.artifacts.files import fsync_path
 from edge_daemon.config import StoreConfig
 from edge_daemon.errors import DiskFullError, StoreError
-from edge_daemon.store_schema import MIGRATIONS, adopt_legacy_record, migration_set
+from edge_daemon.store_schema import (
+    CHANNEL_BITS,
+    CHANNEL_MASK,
+    LEGACY_READINGS,
+    MIGRATIONS,
+    adopt_legacy_record,
+    migration_set,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +86,44 @@ def segment_of(ts: float, segment_s: float) -> int:
     return k
 
 
-# Rows per INSERT statement: 3 parameters each stays under 999, the variable limit of SQLite
+# Page size of a new store. A commit writes whole pages to the WAL (and a checkpoint writes them
+# again to the file): small pages keep a commit's few partly filled ones small. Measured with
+# `benchmarks/ingest.py --wear`; an existing store keeps the page size it was made with.
+NEW_STORE_PAGE_SIZE = 1024
+# Readings the move from the (channel_id, ts) table of a store made before 0003 takes per
+# transaction: each chunk commits on its own, so a move killed midway resumes where it stopped.
+LEGACY_CHUNK = 50_000
+# The lowest and highest sample keys, for reads without a bound.
+_KEY_MIN, _KEY_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def sample_keys(ts: np.ndarray, channel_ids: np.ndarray) -> np.ndarray:
+    """The keys of readings stamped `ts` (unix seconds, kept to the microsecond, half up) on
+    `channel_ids`: ts in microseconds shifted left by CHANNEL_BITS, plus the channel id."""
+    micros = np.floor(np.asarray(ts, dtype=np.float64) * 1e6 + 0.5).astype(np.int64)
+    return (micros << CHANNEL_BITS) | np.asarray(channel_ids, dtype=np.int64)
+
+
+def stored_ts(ts: float) -> float:
+    """The timestamp the store keeps of `ts`: unix seconds to the microsecond, half up."""
+    return math.floor(ts * 1e6 + 0.5) / 1e6
+
+
+def key_bound(ts: float | None, default: int) -> int:
+    """The first key at or after `ts` (None or an infinity: `default`): the keys of readings
+    with ts >= x are exactly those >= key_bound(x), and of those with ts < x, those below it."""
+    if ts is None or not math.isfinite(ts):
+        return default
+    return math.ceil(ts * 1e6) << CHANNEL_BITS
+
+
+def decode_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ts float64 unix seconds, channel id int64) of sample keys."""
+    keys = np.asarray(keys, dtype=np.int64)
+    return (keys >> CHANNEL_BITS) / 1e6, keys & CHANNEL_MASK
+
+
+# Rows per INSERT statement: 2 parameters each stays under 999, the variable limit of SQLite
 # builds before 3.32. One multi-row statement is one sqlite3_step: executemany binds and steps
 # row by row, releasing and retaking the GIL each time, which starves the MQTT network thread.
 INSERT_CHUNK = 256
@@ -85,21 +131,21 @@ _insert_sql: dict[int, str] = {}
 
 
 def _insert_readings(conn: sqlite3.Connection, flat: list[int | float]) -> None:
-    """INSERT OR IGNORE the rows in `flat` (channel_id, ts, value, channel_id, ...).
+    """INSERT OR IGNORE the rows in `flat` (key, value, key, ...) into `samples`.
 
     Chunks are powers of two up to INSERT_CHUNK rows, so a handful of distinct statements
     cover every batch size and stay in the connection's prepared-statement cache.
     """
-    rows = len(flat) // 3
+    rows = len(flat) // 2
     start = 0
     while rows:
         k = INSERT_CHUNK if rows >= INSERT_CHUNK else 1 << (rows.bit_length() - 1)
         sql = _insert_sql.get(k)
         if sql is None:
-            values = ",".join(["(?,?,?)"] * k)
-            sql = _insert_sql[k] = f"INSERT OR IGNORE INTO readings (channel_id, ts, value) VALUES {values}"
-        conn.execute(sql, flat[start : start + 3 * k])
-        start += 3 * k
+            values = ",".join(["(?,?)"] * k)
+            sql = _insert_sql[k] = f"INSERT OR IGNORE INTO samples (key, value) VALUES {values}"
+        conn.execute(sql, flat[start : start + 2 * k])
+        start += 2 * k
         rows -= k
 
 
@@ -199,7 +245,8 @@ class ReplayStore:
             self._conn = self._connect(writer=True)
             self._db = sqlite_utils.Database(self._conn)
             self._migrate()
-            self._segment_s = self._check_segment_size()
+            moved = self._move_legacy_readings()
+            self._segment_s = self._check_segment_size(recount=moved)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open replay store: {exc}") from exc
         self._channel_ids: dict[str, int] = {
@@ -215,7 +262,9 @@ class ReplayStore:
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) below.
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         if writer:
-            # Must precede the first table: lets retention hand freed pages back to the file
+            # Both must precede the first table (on an existing store they change nothing).
+            conn.execute(f"PRAGMA page_size = {NEW_STORE_PAGE_SIZE}")
+            # Lets retention hand freed pages back to the file
             # system with `incremental_vacuum` instead of a full VACUUM every time.
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         # WAL: readers (status, trainer) never block the ingest writer, nor it them, and a commit
@@ -289,28 +338,71 @@ class ReplayStore:
         with self._reader() as conn:
             return [m.name for m in migration_set().applied(sqlite_utils.Database(conn))]
 
-    def _check_segment_size(self) -> float:
-        """Record segment_s; if the config changed it, rebuild the segment table from the readings."""
+    def _move_legacy_readings(self) -> bool:
+        """Move the rows of a store made before 0003 from its (channel_id, ts) table into
+        `samples`, LEGACY_CHUNK at a time, each chunk in a transaction of its own (the rows
+        deleted from the old table free the pages the new rows take, so the file does not
+        grow by more than a chunk); a move killed midway resumes at the next open. Returns
+        whether there was anything to move."""
+        conn = self._conn
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (LEGACY_READINGS,)).fetchone():
+            return False
+        started = time.monotonic()
+        moved = 0
+        with self._write_lock:
+            while True:
+                with self._transaction(conn):
+                    rows = conn.execute(
+                        f"SELECT channel_id, ts, value FROM {LEGACY_READINGS} ORDER BY channel_id, ts LIMIT ?", (LEGACY_CHUNK,)
+                    ).fetchall()
+                    if not rows:
+                        conn.execute(f"DROP TABLE {LEGACY_READINGS}")
+                        break
+                    cids, stamps, values = zip(*rows)
+                    if max(cids) > CHANNEL_MASK:
+                        raise StoreError(f"{self.path}: channel id {max(cids)} is above {CHANNEL_MASK}")
+                    keys = sample_keys(np.asarray(stamps), np.asarray(cids)).tolist()
+                    _insert_readings(conn, list(chain.from_iterable(zip(keys, values))))
+                    last_cid, last_ts = rows[-1][0], rows[-1][1]
+                    conn.execute(
+                        f"DELETE FROM {LEGACY_READINGS} WHERE channel_id < ? OR (channel_id = ? AND ts <= ?)",
+                        (last_cid, last_cid, last_ts),
+                    )
+                moved += len(rows)
+                log.info("store %s: moved %d readings to the time-keyed table", self.path, moved)
+            conn.execute("PRAGMA incremental_vacuum")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        log.info(
+            "store %s: readings keyed by time (%d moved in this run, %.1f s)", self.path, moved, time.monotonic() - started
+        )
+        return True
+
+    def _check_segment_size(self, recount: bool = False) -> float:
+        """Record segment_s; if the config changed it (or `recount`), rebuild the segment table
+        from the readings. A segment that stays keeps its priority (its place in the reservoir)."""
         segment_s = float(self.cfg.segment_s)
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'segment_s'").fetchone()
-        if row is not None and float(row[0]) == segment_s:
+        if row is not None and float(row[0]) == segment_s and not recount:
             return segment_s
         per_segment: dict[int, int] = {}
         with self._write_lock, self._transaction(self._conn):
-            for (ts,) in self._conn.execute("SELECT ts FROM readings"):
-                seg = segment_of(ts, segment_s)
-                per_segment[seg] = per_segment.get(seg, 0) + 1
+            cursor = self._conn.execute("SELECT key FROM samples")
+            while chunk := cursor.fetchmany(65536):
+                stamps, _ = decode_keys(np.asarray(chunk, dtype=np.int64).reshape(-1))
+                for seg in map(lambda t: segment_of(t, segment_s), stamps.tolist()):
+                    per_segment[seg] = per_segment.get(seg, 0) + 1
+            kept = dict(self._conn.execute("SELECT id, priority FROM segments").fetchall()) if recount else {}
             self._conn.execute("DELETE FROM segments")
             self._conn.executemany(
                 "INSERT INTO segments (id, priority, rows) VALUES (?, ?, ?)",
-                [(seg, float(self._rng.random()), n) for seg, n in per_segment.items()],
+                [(seg, float(kept.get(seg, self._rng.random())), n) for seg, n in per_segment.items()],
             )
             self._conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('segment_s', ?)"
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (repr(segment_s),),
             )
-        if row is not None:
+        if row is not None and not recount:
             log.info("store %s: segment_s changed to %s; rebuilt %d segments", self.path, segment_s, len(per_segment))
         return segment_s
 
@@ -319,6 +411,9 @@ class ReplayStore:
         if cid is None:
             cur = self._conn.execute("INSERT INTO channels (name) VALUES (?)", (name,))
             cid = int(cur.lastrowid or 0)
+            if cid > CHANNEL_MASK:
+                # Raised inside the write's transaction: the rollback removes the row again.
+                raise StoreError(f"{self.path}: no channel id left for {name!r} (a store holds at most {CHANNEL_MASK} channels)")
             self._channel_ids[name] = cid
         return cid
 
@@ -340,13 +435,13 @@ class ReplayStore:
                 with self._transaction(self._conn) as conn:
                     added_total = self._insert(conn, readings) if readings else 0
                     if held:
-                        flat = self._flat(held)  # may add channels: counted before the rows
+                        cids = self._ids([r.channel for r in held])  # may add channels: counted before the rows
                         at = time.time() if held_at is None else float(held_at)
                         before = conn.total_changes
                         # A rare path (a wrong clock): one statement per row is fine here.
                         conn.executemany(
                             "INSERT OR IGNORE INTO held (channel_id, ts, value, held_at) VALUES (?, ?, ?, ?)",
-                            [(flat[i], flat[i + 1], flat[i + 2], at) for i in range(0, len(flat), 3)],
+                            [(cid, r.ts, r.value, at) for cid, r in zip(cids, held)],
                         )
                         added_held = conn.total_changes - before
                 if held:
@@ -361,29 +456,35 @@ class ReplayStore:
                 raise StoreError(f"{self.path}: write failed: {exc}") from exc
         return added_total
 
-    def _flat(self, readings: Sequence[Reading]) -> list[int | float]:
-        """(channel_id, ts, value, ...) of `readings`, new channels added (inside a transaction)."""
+    def _ids(self, channels: Sequence[str]) -> list[int]:
+        """The channel ids of `channels`, new channels added (inside a transaction)."""
         ids = self._channel_ids
-        channels, stamps, values = zip(*readings)
         if not ids.keys() >= set(channels):
             for name in channels:
                 self._channel_id(name)
-        # One flat parameter list built by C iterators.
-        return list(chain.from_iterable(zip(map(ids.__getitem__, channels), stamps, values)))
+        return list(map(ids.__getitem__, channels))
 
     def _insert(self, conn: sqlite3.Connection, readings: Sequence[Reading]) -> int:
-        """Insert into `readings` and count the rows in their segments; returns rows added."""
+        """Insert into `samples` and count the rows in their segments; returns rows added.
+
+        Timestamps are kept to the microsecond: segments are those of the stored ts.
+        """
         segment_s = self._segment_s
-        flat = self._flat(readings)
-        stamps = flat[1::3]
-        first = segment_of(min(stamps), segment_s)
-        if first == segment_of(max(stamps), segment_s):
+        channels, stamps, values = zip(*readings)
+        keys_array = sample_keys(np.asarray(stamps, dtype=np.float64), np.asarray(self._ids(channels), dtype=np.int64))
+        keys = keys_array.tolist()
+        # One flat parameter list built by C iterators.
+        flat = list(chain.from_iterable(zip(keys, values)))
+        low, high = decode_keys(keys_array[[int(keys_array.argmin()), int(keys_array.argmax())]])[0].tolist()
+        first = segment_of(low, segment_s)
+        if first == segment_of(high, segment_s):
             # The usual case, a batch within one segment: no per-row grouping.
             by_segment = {first: flat}
         else:
             by_segment = {}
-            for i in range(0, len(flat), 3):
-                by_segment.setdefault(segment_of(flat[i + 1], segment_s), []).extend(flat[i : i + 3])
+            stored_ts = decode_keys(keys_array)[0].tolist()
+            for i, ts in enumerate(stored_ts):
+                by_segment.setdefault(segment_of(ts, segment_s), []).extend(flat[2 * i : 2 * i + 2])
         added_total = 0
         for seg, seg_flat in by_segment.items():
             before = conn.total_changes
@@ -516,20 +617,13 @@ class ReplayStore:
 
     def time_range(self) -> tuple[float, float] | None:
         """(oldest ts, newest ts) over every stored reading, or None when empty."""
-        lows: list[float] = []
-        highs: list[float] = []
-        with self._reader() as conn, self._transaction(conn, immediate=False):
-            for (cid,) in conn.execute("SELECT id FROM channels").fetchall():
-                # Separate MIN and MAX queries: each is one descent of the primary key.
-                low = conn.execute("SELECT MIN(ts) FROM readings WHERE channel_id = ?", (cid,)).fetchone()[0]
-                if low is None:
-                    continue
-                high = conn.execute("SELECT MAX(ts) FROM readings WHERE channel_id = ?", (cid,)).fetchone()[0]
-                lows.append(low)
-                highs.append(high)
-        if not lows:
+        with self._reader() as conn:
+            # Each of MIN and MAX is one descent of the time-first key.
+            low, high = conn.execute("SELECT MIN(key), MAX(key) FROM samples").fetchone()
+        if low is None:
             return None
-        return float(min(lows)), float(max(highs))
+        stamps, _ = decode_keys(np.asarray([low, high], dtype=np.int64))
+        return float(stamps[0]), float(stamps[1])
 
     def read(
         self, since: float | None = None, until: float | None = None
@@ -538,28 +632,31 @@ class ReplayStore:
 
         Returns (ts float64, channel_idx int64, value float64); channel_idx indexes `channels`.
         """
-        low = -math.inf if since is None else float(since)
-        high = math.inf if until is None else float(until)
-        parts: list[tuple[np.ndarray, int]] = []
+        low, high = key_bound(since, _KEY_MIN), key_bound(until, _KEY_MAX)
+        keys: list[np.ndarray] = []
+        values: list[np.ndarray] = []
         with self._reader() as conn, self._transaction(conn, immediate=False):
             ids = {name: int(cid) for cid, name in conn.execute("SELECT id, name FROM channels")}
-            for idx, name in enumerate(self.channels):
-                cid = ids.get(name)
-                if cid is None:
-                    continue
-                rows = conn.execute(
-                    "SELECT ts, value FROM readings WHERE channel_id = ? AND ts >= ? AND ts < ?", (cid, low, high)
-                ).fetchall()
-                if rows:
-                    parts.append((np.asarray(rows, dtype=np.float64).reshape(-1, 2), idx))
-        if not parts:
+            # One range of the time-first key, every channel; in chunks, so the rows are held
+            # as arrays rather than as a list of Python tuples.
+            cursor = conn.execute("SELECT key, value FROM samples WHERE key >= ? AND key < ?", (low, high))
+            while chunk := cursor.fetchmany(65536):
+                keys.append(np.fromiter((row[0] for row in chunk), dtype=np.int64, count=len(chunk)))
+                values.append(np.fromiter((row[1] for row in chunk), dtype=np.float64, count=len(chunk)))
+        if not keys:
             return np.empty(0, np.float64), np.empty(0, np.int64), np.empty(0, np.float64)
-        ts = np.concatenate([p[:, 0] for p, _ in parts])
-        values = np.concatenate([p[:, 1] for p, _ in parts])
-        channel_idx = np.concatenate([np.full(len(p), idx, dtype=np.int64) for p, idx in parts])
-        # Stable: readings sharing a ts keep the configured channel order.
-        order = np.argsort(ts, kind="stable")
-        return ts[order], channel_idx[order], values[order]
+        ts, cids = decode_keys(np.concatenate(keys))
+        # Configured channel index by channel id (-1: a channel not configured).
+        index = np.full(CHANNEL_MASK + 1, -1, dtype=np.int64)
+        for idx, name in enumerate(self.channels):
+            if name in ids:
+                index[ids[name]] = idx
+        channel_idx = index[cids]
+        keep = channel_idx >= 0
+        ts, channel_idx, value = ts[keep], channel_idx[keep], np.concatenate(values)[keep]
+        # Ordered by ts, then by the configured channel order (the key orders by channel id).
+        order = np.lexsort((channel_idx, ts))
+        return ts[order], channel_idx[order], value[order]
 
     def bucket_stats(self, bucket_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per time bucket [k * bucket_s, (k + 1) * bucket_s) and configured channel: the readings'
@@ -572,16 +669,14 @@ class ReplayStore:
         per: dict[int, dict[int, tuple[int, float, float]]] = {}
         with self._reader() as conn, self._transaction(conn, immediate=False):
             ids = {name: int(cid) for cid, name in conn.execute("SELECT id, name FROM channels")}
-            for idx, name in enumerate(self.channels):
-                cid = ids.get(name)
-                if cid is None:
-                    continue
-                for k, n, s1, s2 in conn.execute(
-                    "SELECT CAST(ts / ? AS INTEGER) AS k, COUNT(*), AVG(value), AVG(value * value)"
-                    " FROM readings WHERE channel_id = ? GROUP BY k ORDER BY k",
-                    (size, cid),
-                ):
-                    per.setdefault(int(k), {})[idx] = (int(n), float(s1), float(s2))
+            idx_of = {ids[name]: idx for idx, name in enumerate(self.channels) if name in ids}
+            for k, cid, n, s1, s2 in conn.execute(
+                f"SELECT CAST(((key >> {CHANNEL_BITS}) / 1e6) / ? AS INTEGER) AS k, key & {CHANNEL_MASK} AS cid,"
+                " COUNT(*), AVG(value), AVG(value * value) FROM samples GROUP BY k, cid",
+                (size,),
+            ):
+                if cid in idx_of:
+                    per.setdefault(int(k), {})[idx_of[cid]] = (int(n), float(s1), float(s2))
         keys = sorted(per)
         n_ch = len(self.channels)
         counts = np.zeros((len(keys), n_ch), dtype=np.int64)
@@ -711,15 +806,15 @@ class ReplayStore:
                         drop.append(seg_id)
                 report["reservoir_segments"] = kept_segments
                 report["recent_rows"] = recent_rows
-                channel_ids = [int(r[0]) for r in self._conn.execute("SELECT id FROM channels")]
                 with self._transaction(self._conn) as conn:
                     for seg_id in drop:
                         start, end = seg_id * segment_s, (seg_id + 1) * segment_s
-                        for cid in channel_ids:
-                            cur = conn.execute(
-                                "DELETE FROM readings WHERE channel_id = ? AND ts >= ? AND ts < ?", (cid, start, end)
-                            )
-                            deleted_rows += cur.rowcount
+                        # A segment is one range of the time-first key, every channel.
+                        cur = conn.execute(
+                            "DELETE FROM samples WHERE key >= ? AND key < ?",
+                            (key_bound(start, _KEY_MIN), key_bound(end, _KEY_MAX)),
+                        )
+                        deleted_rows += cur.rowcount
                         conn.execute("DELETE FROM segments WHERE id = ?", (seg_id,))
                 deleted_segments = len(drop)
                 if deleted_segments:

@@ -41,13 +41,38 @@ def _create_held(db: sqlite_utils.Database) -> None:
     db.conn.execute("CREATE INDEX held_by_age ON held (held_at)")
 
 
+def _readings_by_time(db: sqlite_utils.Database) -> None:
+    # Readings keyed by time first, in a rowid table: key = ts in whole microseconds x 1024 +
+    # channel id. Live readings arrive in time order, so a commit appends to the rightmost leaf,
+    # which SQLite fills completely (its quick balance for rowid tables) before opening the
+    # next: a commit writes the pages its rows fill plus a few, whatever the channel count.
+    # The (channel_id, ts) key it replaces put each channel's newest rows in a page of their
+    # own and left index leaves half full. The rows stay unique per (channel, ts).
+    conn = db.conn
+    conn.execute(f"ALTER TABLE readings RENAME TO {LEGACY_READINGS}")
+    conn.execute("CREATE TABLE samples (key INTEGER PRIMARY KEY, value REAL NOT NULL)")
+    # The readings as (channel_id, ts, value) rows, for people and tools reading the file.
+    conn.execute(
+        f"CREATE VIEW readings AS SELECT key & {CHANNEL_MASK} AS channel_id,"
+        f" (key >> {CHANNEL_BITS}) / 1e6 AS ts, value FROM samples"
+    )
+
+
 # Named schema migrations, applied in order by sqlite-utils' `Migrations` (each in one
 # transaction with its record in `_sqlite_migrations`, under the set MIGRATION_SET). Append
 # only: never edit or reorder an entry that has shipped.
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _create_schema),
     ("0002_held", _create_held),
+    ("0003_readings_by_time", _readings_by_time),
 ]
+# 0003 renames the (channel_id, ts) table to this; the store moves its rows into `samples` in
+# chunks of their own transactions when it opens (resumable) and then drops it.
+LEGACY_READINGS = "readings_by_channel"
+# A sample's key: ts in whole microseconds, shifted left by CHANNEL_BITS, plus the channel id.
+# 10 bits leave 1023 channel ids and timestamps up to the year 2255 in a signed 64-bit key.
+CHANNEL_BITS = 10
+CHANNEL_MASK = (1 << CHANNEL_BITS) - 1
 MIGRATION_SET = "edge-daemon"
 # Where versions before sqlite-utils' migrations recorded theirs: (name, applied_at unix s).
 LEGACY_MIGRATIONS_TABLE = "migrations"

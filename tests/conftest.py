@@ -54,6 +54,9 @@ def make_config(tmp_path: Path, port: int = 1883, **sections: dict) -> Config:
         # reconnects to a broker now on a reused port must not take over this test's session.
         "mqtt": {"host": "127.0.0.1", "port": port, "topics": ["sensors/#"], "qos": 1, "client_id": f"edge-daemon-test-{uuid.uuid4().hex[:8]}"},
         "channels": {"names": list(CHANNELS), "period_s": 1.0},
+        # Commits every 0.5 s at most rather than the default 30 s: tests wait for readings to
+        # be stored, not for SD-card-sparing batches (benchmarks/ingest.py --wear measures those).
+        "store": {"flush_interval_s": 0.5},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +115,45 @@ def openssl_signed(
     _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
              "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=directory)  # fmt: skip
     return directory / f"{name}.crt", directory / f"{name}.key"
+
+
+def legacy_store(
+    path: Path, readings: Iterable[tuple[str, float, float]], migrations: int = 2, segment_s: float = 300.0
+) -> None:
+    """A store file as a version before its readings were keyed by time left it: the first
+    `migrations` schema migrations applied, `readings` (channel, ts, value) in the (channel_id,
+    ts) table, counted in their segments of `segment_s`."""
+    import itertools
+    import random
+
+    import sqlite_utils
+
+    from edge_daemon.store import segment_of
+    from edge_daemon.store_schema import MIGRATION_SET, MIGRATIONS
+
+    if migrations > 2:
+        raise ValueError("a legacy store has at most the first two migrations")
+    db = sqlite_utils.Database(path)
+    db.conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    db.conn.execute("PRAGMA journal_mode = WAL")
+    record = sqlite_utils.Migrations(MIGRATION_SET)
+    for name, apply in MIGRATIONS[:migrations]:
+        record(name=name)(apply)
+    record.apply(db)
+    rng = random.Random(1)
+    ids: dict[str, int] = {}
+    per: dict[int, int] = {}
+    rows = iter(readings)
+    while chunk := list(itertools.islice(rows, 100_000)):
+        with db.conn:
+            for channel, _, _ in chunk:
+                if channel not in ids:
+                    ids[channel] = int(db.conn.execute("INSERT INTO channels (name) VALUES (?)", (channel,)).lastrowid or 0)
+            db.conn.executemany("INSERT INTO readings (channel_id, ts, value) VALUES (?, ?, ?)", [(ids[c], ts, v) for c, ts, v in chunk])
+        for _, ts, _ in chunk:
+            k = segment_of(ts, segment_s)
+            per[k] = per.get(k, 0) + 1
+    with db.conn:
+        db.conn.executemany("INSERT INTO segments (id, priority, rows) VALUES (?, ?, ?)", [(k, rng.random(), n) for k, n in per.items()])
+        db.conn.execute("INSERT INTO meta (key, value) VALUES ('segment_s', ?)", (repr(float(segment_s)),))
+    db.conn.close()

@@ -19,6 +19,7 @@ from edge_daemon.mqtt.payload import HOLD_FLOOR_TS, PayloadLimits, parse_payload
 from edge_daemon.store import MIGRATIONS, Reading, ReplayStore
 from conftest import CHANNELS
 from test_ingest import HANG_S, config_for, publisher, wait_for
+from tests.support import legacy_store
 
 NOW = 1_800_000_000.0
 LIMITS = PayloadLimits(max_payload_bytes=1024, max_age_s=7 * 86400, max_skew_s=300)
@@ -126,14 +127,8 @@ def test_held_readings_expire_by_how_long_each_has_waited(tmp_path: Path) -> Non
 
 
 def test_a_store_from_before_the_hold_gains_it_and_keeps_its_readings(tmp_path: Path) -> None:
-    path = tmp_path / "store.db"
-    first, _ = MIGRATIONS[0]
-    store = open_store(tmp_path)
-    store.write([Reading("m1/current", NOW, 1.0)])
-    store.close()
-    with sqlite3.connect(path) as conn:  # the file as the version before the hold left it
-        conn.execute("DROP TABLE held")
-        conn.execute("DELETE FROM _sqlite_migrations WHERE name != ?", (first,))
+    # The file as the version before the hold left it.
+    legacy_store(tmp_path / "store.db", [("m1/current", NOW, 1.0)], migrations=1)
     store = open_store(tmp_path)
     assert store.migrations() == [name for name, _ in MIGRATIONS]
     assert store.count() == 1 and store.held_rows == 0
@@ -193,7 +188,7 @@ def _publish_readings(broker: LocalBroker, client_id: str, start: float, count: 
     infos = []
     for i in range(count):
         channel = CHANNELS[i % 3]
-        ts = start + (i // 3) * 0.5
+        ts = round(start + (i // 3) * 0.5, 3)  # stamped to the millisecond, as sensors do
         infos.append(pub.publish(f"sensors/{channel}", json.dumps({"ts": ts, "value": float(i)}), qos=1))
         expected.append((channel, ts, float(i)))
     for info in infos:

@@ -23,7 +23,7 @@ from payload_schemas import violations
 from edge_daemon.broker import LocalBroker
 from edge_daemon.config import StoreConfig
 from edge_daemon.control.client import request
-from edge_daemon.store import ReplayStore
+from edge_daemon.store import ReplayStore, stored_ts
 
 REPO = Path(__file__).resolve().parents[1]
 # Bounds a wait for something that must happen; never how long anything is expected to take.
@@ -184,7 +184,7 @@ def test_zero_loss_across_sigkills(tmp_path: Path, broker: LocalBroker, daemon: 
             publisher.kill()
     assert kills == 2
     assert status["store"]["readings"] == total
-    expected = {(i % 3, base + (i // 3) * 0.01) for i in range(total)}
+    expected = {(i % 3, stored_ts(base + (i // 3) * 0.01)) for i in range(total)}  # kept to the microsecond
     assert stored_keys(tmp_path) == expected
 
 

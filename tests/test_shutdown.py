@@ -32,7 +32,7 @@ from edge_daemon.control.client import request
 from edge_daemon.daemon import Daemon
 from edge_daemon.frames import build_grid
 from edge_daemon.training.pretrain import pretrain
-from edge_daemon.store import Reading, ReplayStore
+from edge_daemon.store import Reading, ReplayStore, stored_ts
 from test_daemon_ingest import PUBLISHER, stored_keys, wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -353,7 +353,7 @@ def test_sigterm_while_readings_flow_loses_nothing(tmp_path: Path, broker: Local
         if publisher.poll() is None:
             publisher.kill()
         service.close()
-    assert stored_keys(tmp_path) == {(i % 3, base + (i // 3) * 0.01) for i in range(total)}
+    assert stored_keys(tmp_path) == {(i % 3, stored_ts(base + (i // 3) * 0.01)) for i in range(total)}
 
 
 # -- SIGTERM during an update -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 from edge_daemon.config import StoreConfig
 from edge_daemon.errors import StoreError
 from edge_daemon.store import Reading, ReplayStore, segment_of
+from tests.support import legacy_store
 
 CHANNELS = ["m1/temperature", "m1/vibration", "m1/current"]
 NOW = 1_800_000_000.0
@@ -107,11 +108,11 @@ def test_empty_store(tmp_path: Path) -> None:
 def test_wal_mode_and_migrations_recorded_once(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     store.write([Reading("m1/current", NOW, 1.0)])
-    assert store.migrations() == ["0001_initial", "0002_held"]
+    assert store.migrations() == ["0001_initial", "0002_held", "0003_readings_by_time"]
     store.close()
     with sqlite3.connect(tmp_path / "store.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT COUNT(*) FROM _sqlite_migrations").fetchone()[0] == 2
+        assert conn.execute("SELECT COUNT(*) FROM _sqlite_migrations").fetchone()[0] == 3
         # A migration this version does not know means a newer version wrote the file.
         conn.execute(
             "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES ('edge-daemon', '9999_future', '')"
@@ -121,15 +122,13 @@ def test_wal_mode_and_migrations_recorded_once(tmp_path: Path) -> None:
 
 
 def test_a_store_from_before_sqlite_utils_migrations_keeps_its_record_and_data(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
-    assert fill(store, NOW, 60) == 180
-    store.close()
+    legacy_store(tmp_path / "store.db", [(name, NOW + i, float(i)) for i in range(60) for name in CHANNELS])
     with sqlite3.connect(tmp_path / "store.db") as conn:  # the record as earlier versions kept it
         conn.execute("DROP TABLE _sqlite_migrations")
         conn.execute("CREATE TABLE migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
         conn.executemany("INSERT INTO migrations VALUES (?, ?)", [("0001_initial", NOW), ("0002_held", NOW + 1)])
     store = open_store(tmp_path)  # applying 0001_initial again would fail: its tables exist
-    assert store.migrations() == ["0001_initial", "0002_held"]
+    assert store.migrations() == ["0001_initial", "0002_held", "0003_readings_by_time"]
     assert store.count() == 180
     store.close()
     with sqlite3.connect(tmp_path / "store.db") as conn:
