@@ -39,9 +39,10 @@ for this tree only, as an older revision need not read them).
 `--wear` measures instead what storing costs an SD card: the real daemon
 (`python -m edge_daemon run`, no model, so nothing but ingestion and
 retention) receives single-reading QoS 1 messages at 1, 10 and 100 readings/s;
-the bytes it made the kernel write to storage (`write_bytes` in
-/proc/<pid>/io: commits to the WAL, its checkpoints into store.db, retention)
-are divided by the readings stored. Each rate runs with the current defaults,
+the bytes it made the kernel write to storage from the first reading until it
+exited after a SIGTERM (`write_bytes` in /proc/<pid>/io at the start, its
+rusage at the end: commits to the WAL, checkpoints into store.db, retention,
+the checkpoint at the stop) are divided by the readings stored. Each rate runs with the current defaults,
 with each `--wear-flush` as `[store] flush_interval_s` (default: 5 s, the
 earlier default) and with the daemon of each `--checkout` (its own defaults),
 all side by side in the same run.
@@ -416,9 +417,6 @@ client.disconnect()
 client.loop_stop()
 print(n)
 """
-# A retention run (which checkpoints the WAL into store.db) every this many seconds in the wear
-# runs, and the idle wait after the last reading: the bytes of every checkpoint are counted.
-WEAR_RETENTION_S = 30.0
 
 
 def _write_bytes(pid: int) -> int:
@@ -441,7 +439,7 @@ def wear_run(rate: float, seconds: float, store: dict[str, object], workdir: Pat
             "device": {"id": f"wear-{time.time_ns()}", "state_dir": str(state / "state"), "socket": str(state / "control.sock")},
             "mqtt": {"port": broker.port, "qos": 1},
             "channels": {"names": [f"bench/c{k:02d}" for k in range(channels)], "period_s": 1.0},
-            "store": {"retention_interval_s": WEAR_RETENTION_S, **store},
+            "store": store,
             # Nothing but ingestion: no base model is trained from the store, no update asked for.
             "model": {"bootstrap_min_windows": 10**9},
             "train": {"start_on": ["request"]},
@@ -461,12 +459,17 @@ def wear_run(rate: float, seconds: float, store: dict[str, object], workdir: Pat
             )  # fmt: skip
             sent = int(publisher.stdout.strip())
             wait_for(lambda: request(socket_path, {"cmd": "status"})["store"]["readings"] >= sent, 120, "every reading stored")
-            time.sleep(WEAR_RETENTION_S + 5)  # the last checkpoint of what came in
-            written = _write_bytes(daemon.pid) - before
             stored = request(socket_path, {"cmd": "status"})["store"]["readings"]
-        finally:
+            # Stopped, the daemon checkpoints its WAL into store.db: what it wrote until it
+            # exited, that last checkpoint included, is in its rusage (ru_oublock counts the
+            # same bytes as write_bytes, in 512-byte blocks).
             daemon.terminate()
-            daemon.wait(60)
+            _, _, usage = os.wait4(daemon.pid, 0)
+            written = usage.ru_oublock * 512 - before
+        finally:
+            if daemon.poll() is None:
+                daemon.terminate()
+                daemon.wait(60)
     return {"rate": rate, "readings": stored, "bytes": written, "per_reading": written / max(1, stored)}
 
 
@@ -490,7 +493,8 @@ def wear(seconds: float, flushes: Sequence[float] = (5.0,), checkouts: Sequence[
     year = 365 * 24 * 3600
     print(
         f"\n{seconds:.0f} s per run; store defaults: flush_interval_s {defaults.flush_interval_s}, batch_size "
-        f"{defaults.batch_size}, synchronous {defaults.synchronous}; retention every {WEAR_RETENTION_S:.0f} s\n"
+        f"{defaults.batch_size}, synchronous {defaults.synchronous}, retention every {defaults.retention_interval_s:g} s; "
+        "bytes until the daemon exited (its last checkpoint included)\n"
     )
     print("| store settings | readings/s | readings stored | bytes written | bytes per reading | a year at this rate |")
     print("| --- | --: | --: | --: | --: | --: |")

@@ -58,7 +58,7 @@ class MqttConfig(_Section):
     max_payload_bytes: int = Field(16384, ge=64, description="larger payloads are rejected unparsed")
     protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version ('3.1.1' for brokers without MQTT 5)")
     receive_maximum: int = Field(
-        4000, ge=1, le=65535, description="MQTT 5: unacknowledged QoS 1 messages the broker may send us at once (a batch commits at half of it)"
+        8000, ge=1, le=65535, description="MQTT 5: unacknowledged QoS 1 messages the broker may send us at once (a batch commits at half of it)"
     )
     broker_inflight: int = Field(
         20, ge=1, description="MQTT 3.1.1: the broker's in-flight limit per client (mosquitto max_inflight_messages)"
@@ -233,7 +233,7 @@ class StoreConfig(_Section):
         4000, ge=1, description="commit a write batch at this many readings (~24 bytes each: 4000 fill ~94 pages of 1 kB)"
     )
     flush_interval_s: float = Field(
-        30.0,
+        60.0,
         gt=0,
         description="... or once its oldest reading has waited this long: the bound on acknowledging a QoS 1 message"
         " (each commit writes its partly filled pages again: fewer, fuller commits, less SD wear; scoring does not wait)",

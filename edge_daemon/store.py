@@ -602,6 +602,12 @@ class ReplayStore:
                 pass
         return total
 
+    def _wal_bytes(self) -> int:
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            return 0
+
     def free_bytes(self) -> int:
         """Free space on the store's file system."""
         return free_bytes(self.path.parent)
@@ -768,7 +774,9 @@ class ReplayStore:
             rows_total = self.count()
             used = (page_count - freelist) * page_size
             report["rows_before"] = rows_total
-            if rows_total and used > HIGH_WATER * budget:
+            # What the file system holds (free pages and the WAL included) counts, not only
+            # the pages in use: the budget is for the file.
+            if rows_total and max(used, self.size_bytes()) > HIGH_WATER * budget:
                 bytes_per_row = used / rows_total
                 allowed = int(LOW_WATER * budget / bytes_per_row)
                 # Recent data yields to the configured budget only.
@@ -821,9 +829,17 @@ class ReplayStore:
                     log.info(
                         "store %s: retention removed %d readings in %d segments", self.path, deleted_rows, deleted_segments
                     )
-            # VACUUM only for the configured budget: under a disk-capped one that recent data
-            # keeps exceeded, it would rewrite the whole file at every run and free nothing.
-            vacuumed = self._reclaim(configured)
+            # Only a run that freed pages, or a file over its budget, checkpoints the WAL and
+            # hands pages back: a checkpoint writes every page the commits since the last one
+            # touched, so the pages each commit rewrites (its last, partly filled leaf, the tree
+            # above it) reach the file once per WAL (SQLite's own checkpoint at
+            # wal_autocheckpoint pages) rather than once per retention run.
+            # Nor may the WAL grow large beside the file system's free space: a checkpoint
+            # copies it into store.db, which needs room of its own while the WAL still holds it.
+            if deleted_rows or self.size_bytes() > budget or self._wal_bytes() * 4 > self.free_bytes():
+                # VACUUM only for the configured budget: under a disk-capped one that recent
+                # data keeps exceeded, it would rewrite the whole file at every run and free nothing.
+                vacuumed = self._reclaim(configured)
             report["rows_after"] = self.count()
         report.update(
             deleted_rows=deleted_rows,

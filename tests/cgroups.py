@@ -53,6 +53,15 @@ class MemoryCgroup:
                 return int(value) / MB
         return 0.0
 
+    def anon_mb(self) -> float:
+        """Anonymous memory the group is charged for (heap, stacks; no page cache of files)."""
+        name = "anon" if self.version == 2 else "total_rss"
+        for line in (self.path / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value) / MB
+        return 0.0
+
     def charge_mb(self) -> float:
         """What the kernel charges the group, less inactive page cache (reclaimed before any OOM kill)."""
         return self.usage_mb() - self.inactive_file_mb()

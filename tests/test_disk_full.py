@@ -23,7 +23,7 @@ from edge_daemon.store import Reading, ReplayStore
 from tests.conftest import CHANNELS, make_config, start_daemon
 from tests.support import publish_motor, wait_for
 
-STEPS = 20_000  # 60,000 readings: several times what 2 MB holds with the WAL
+STEPS = 50_000  # 150,000 readings (~24 bytes each): about twice what 2 MB holds with the WAL
 HANG_S = 180.0  # bounds a hang only
 
 
