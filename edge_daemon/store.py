@@ -340,36 +340,55 @@ class ReplayStore:
 
     def _move_legacy_readings(self) -> bool:
         """Move the rows of a store made before 0003 from its (channel_id, ts) table into
-        `samples`, LEGACY_CHUNK at a time, each chunk in a transaction of its own (the rows
-        deleted from the old table free the pages the new rows take, so the file does not
-        grow by more than a chunk); a move killed midway resumes at the next open. Returns
-        whether there was anything to move."""
+        `samples`, oldest first, a time window of about LEGACY_CHUNK readings at a time, each in
+        a transaction of its own: the new rows append to the time-keyed table (its pages filled
+        whole), and the rows deleted from the old table free the pages the next window takes,
+        so the file does not grow by more than a window. A move killed midway resumes at the
+        next open. Returns whether there was anything to move."""
         conn = self._conn
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (LEGACY_READINGS,)).fetchone():
             return False
         started = time.monotonic()
         moved = 0
+        ids = [int(cid) for (cid,) in conn.execute("SELECT id FROM channels")]
+        if ids and max(ids) > CHANNEL_MASK:
+            raise StoreError(f"{self.path}: channel id {max(ids)} is above {CHANNEL_MASK}")
         with self._write_lock:
             while True:
-                with self._transaction(conn):
-                    rows = conn.execute(
-                        f"SELECT channel_id, ts, value FROM {LEGACY_READINGS} ORDER BY channel_id, ts LIMIT ?", (LEGACY_CHUNK,)
-                    ).fetchall()
-                    if not rows:
-                        conn.execute(f"DROP TABLE {LEGACY_READINGS}")
-                        break
-                    cids, stamps, values = zip(*rows)
-                    if max(cids) > CHANNEL_MASK:
-                        raise StoreError(f"{self.path}: channel id {max(cids)} is above {CHANNEL_MASK}")
-                    keys = sample_keys(np.asarray(stamps), np.asarray(cids)).tolist()
-                    _insert_readings(conn, list(chain.from_iterable(zip(keys, values))))
-                    last_cid, last_ts = rows[-1][0], rows[-1][1]
-                    conn.execute(
-                        f"DELETE FROM {LEGACY_READINGS} WHERE channel_id < ? OR (channel_id = ? AND ts <= ?)",
-                        (last_cid, last_cid, last_ts),
-                    )
-                moved += len(rows)
-                log.info("store %s: moved %d readings to the time-keyed table", self.path, moved)
+                # Each a descent of the old key per channel: no scan of the table.
+                bounds = [
+                    conn.execute(f"SELECT MIN(ts), MAX(ts) FROM {LEGACY_READINGS} WHERE channel_id = ?", (cid,)).fetchone()
+                    for cid in ids
+                ]
+                bounds = [b for b in bounds if b[0] is not None]
+                if not bounds:
+                    conn.execute(f"DROP TABLE {LEGACY_READINGS}")
+                    break
+                low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
+                rows_left = int(conn.execute("SELECT COALESCE(SUM(rows), 0) FROM segments").fetchone()[0]) - moved
+                window = max(1e-3, LEGACY_CHUNK * (high - low + 1.0) / max(1, rows_left))
+                t = low
+                while t <= high:
+                    with self._transaction(conn):
+                        rows = []
+                        for cid in ids:
+                            rows += conn.execute(
+                                f"SELECT channel_id, ts, value FROM {LEGACY_READINGS} WHERE channel_id = ? AND ts >= ? AND ts < ?",
+                                (cid, t, t + window),
+                            ).fetchall()
+                        if rows:
+                            cids, stamps, values = zip(*rows)
+                            keys = sample_keys(np.asarray(stamps), np.asarray(cids))
+                            order = np.argsort(keys, kind="stable")
+                            _insert_readings(conn, list(chain.from_iterable(zip(keys[order].tolist(), np.asarray(values)[order].tolist()))))
+                            for cid in ids:
+                                conn.execute(
+                                    f"DELETE FROM {LEGACY_READINGS} WHERE channel_id = ? AND ts >= ? AND ts < ?", (cid, t, t + window)
+                                )
+                    t += window
+                    if rows:
+                        moved += len(rows)
+                        log.info("store %s: moved %d readings to the time-keyed table", self.path, moved)
             conn.execute("PRAGMA incremental_vacuum")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         log.info(

@@ -105,6 +105,7 @@ def test_a_store_keyed_by_channel_is_moved_to_the_time_key_keeping_every_reading
     legacy_store(path, rows)
     with sqlite3.connect(path) as conn:
         segments_before = sorted(conn.execute("SELECT id, priority, rows FROM segments").fetchall())
+        pages_before = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
     store = open_store(path, channels)
     assert store.migrations() == [name for name, _ in MIGRATIONS]
     assert store.count() == len(rows)
@@ -116,6 +117,9 @@ def test_a_store_keyed_by_channel_is_moved_to_the_time_key_keeping_every_reading
         assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = ?", (LEGACY_READINGS,)).fetchone()[0] == 0
         # The reservoir's sample is the one it was: every segment keeps its priority and count.
         assert sorted(conn.execute("SELECT id, priority, rows FROM segments").fetchall()) == segments_before
+        # Moved oldest first, the rows fill the new table's pages whole: the file does not grow.
+        pages_after = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+        assert pages_after < pages_before, (pages_after, pages_before)
 
 
 MOVE_AND_DIE = r"""
@@ -146,10 +150,11 @@ def test_a_move_killed_midway_resumes_at_the_next_open_and_stores_every_reading_
     legacy_store(path, rows)
     died = subprocess.run([sys.executable, "-c", MOVE_AND_DIE, str(path), "2000"], capture_output=True, text=True, timeout=120)
     assert died.returncode == -signal.SIGKILL, died.stderr
-    with sqlite3.connect(path) as conn:  # killed between two chunks: some moved, the rest waiting
-        left = conn.execute(f"SELECT COUNT(*) FROM {LEGACY_READINGS}").fetchone()[0]
+    with sqlite3.connect(path) as conn:  # killed between two windows: the oldest moved, the rest waiting
+        left = conn.execute(f"SELECT channel_id, ts, value FROM {LEGACY_READINGS}").fetchall()
         moved = conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
-    assert (left, moved) == (len(rows) - 4000, 4000)
+    assert 3000 < moved < 5000 and moved + len(left) == len(rows)
+    assert min(ts for _, ts, _ in left) > max(ts for _, ts, _ in sorted(rows, key=lambda r: r[1])[:moved])
     store = open_store(path, channels)
     assert store.count() == len(rows)
     ts, idx, values = store.read()
