@@ -393,6 +393,8 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="run in (and keep) this directory")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    # A SIGTERM ends the run through its cleanup (the daemon, its cgroup and the broker).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     f = run(args.days, args.speed, args.budget_mb, args.recent_hours, args.keep)
     charges = f["charges_mb"]
     growth = f["charge_growth_mb"]

@@ -45,22 +45,21 @@ class MemoryCgroup:
     def pids(self) -> list[int]:
         return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
 
-    def inactive_file_mb(self) -> float:
-        name = "inactive_file" if self.version == 2 else "total_inactive_file"
+    def _stat_mb(self, v2_name: str, v1_name: str) -> float:
+        """A `memory.stat` field (v2 name, v1 name) in MB; 0 where the kernel has no such field."""
+        name = v2_name if self.version == 2 else v1_name
         for line in (self.path / "memory.stat").read_text().splitlines():
             key, _, value = line.partition(" ")
             if key == name:
                 return int(value) / MB
         return 0.0
 
+    def inactive_file_mb(self) -> float:
+        return self._stat_mb("inactive_file", "total_inactive_file")
+
     def anon_mb(self) -> float:
         """Anonymous memory the group is charged for (heap, stacks; no page cache of files)."""
-        name = "anon" if self.version == 2 else "total_rss"
-        for line in (self.path / "memory.stat").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == name:
-                return int(value) / MB
-        return 0.0
+        return self._stat_mb("anon", "total_rss")
 
     def charge_mb(self) -> float:
         """What the kernel charges the group, less inactive page cache (reclaimed before any OOM kill)."""

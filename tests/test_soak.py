@@ -28,6 +28,7 @@ def test_three_days_in_minutes_keep_every_recent_reading_once_within_budget_and_
          "--keep", str(tmp_path / "run"), "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
+    (tmp_path / "soak.md").write_text(run.stdout)  # the benchmark's table, kept with the run
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     f = json.loads(out.read_text())
     assert f["recent_stored"] == f["recent_expected"] > 0
