@@ -106,7 +106,7 @@ def sample_keys(ts: np.ndarray, channel_ids: np.ndarray) -> np.ndarray:
 
 def stored_ts(ts: float) -> float:
     """The timestamp the store keeps of `ts`: unix seconds to the microsecond, half up."""
-    return math.floor(ts * 1e6 + 0.5) / 1e6
+    return float(decode_keys(sample_keys(np.asarray([ts]), np.zeros(1, dtype=np.int64)))[0][0])
 
 
 def key_bound(ts: float | None, default: int) -> int:
@@ -613,17 +613,11 @@ class ReplayStore:
 
     def size_bytes(self) -> int:
         """Bytes on disk: the database file plus its WAL."""
-        total = 0
-        for suffix in ("", "-wal"):
-            try:
-                total += os.stat(f"{self.path}{suffix}").st_size
-            except FileNotFoundError:
-                pass
-        return total
+        return self._file_bytes("") + self._file_bytes("-wal")
 
-    def _wal_bytes(self) -> int:
+    def _file_bytes(self, suffix: str) -> int:
         try:
-            return os.stat(f"{self.path}-wal").st_size
+            return os.stat(f"{self.path}{suffix}").st_size
         except FileNotFoundError:
             return 0
 
@@ -855,7 +849,7 @@ class ReplayStore:
             # wal_autocheckpoint pages) rather than once per retention run.
             # Nor may the WAL grow large beside the file system's free space: a checkpoint
             # copies it into store.db, which needs room of its own while the WAL still holds it.
-            if deleted_rows or self.size_bytes() > budget or self._wal_bytes() * 4 > self.free_bytes():
+            if deleted_rows or self.size_bytes() > budget or self._file_bytes("-wal") * 4 > self.free_bytes():
                 # VACUUM only for the configured budget: under a disk-capped one that recent
                 # data keeps exceeded, it would rewrite the whole file at every run and free nothing.
                 vacuumed = self._reclaim(configured)
