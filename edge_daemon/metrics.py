@@ -127,7 +127,8 @@ class DaemonCollector(Collector):
             PREFIX + "readings_late", "Readings that arrived after their grid step was completed: stored, dropped from scoring", value=scoring["late_readings"]
         )
         yield CounterMetricFamily(PREFIX + "readings_outliers", "Readings far ahead of the stream, set aside and dropped unconfirmed", value=scoring["outliers"])
-        yield CounterMetricFamily(PREFIX + "scoring_batches_dropped", "Batches dropped from scoring while its queue was full (they are stored)", value=scoring["dropped_batches"])
+        yield CounterMetricFamily(PREFIX + "scoring_batches_dropped", "Batches dropped from scoring while it was behind (they are stored)", value=scoring["dropped_batches"])
+        yield CounterMetricFamily(PREFIX + "scoring_readings_dropped", "Readings dropped from scoring while it was behind (they are stored)", value=scoring["dropped_readings"])
         yield CounterMetricFamily(PREFIX + "anomaly_alerts", "Anomaly alerts published (score over the threshold)", value=scoring["anomalies"])
         yield GaugeMetricFamily(PREFIX + "anomaly_threshold", "Anomaly score over which an alert is published ([outputs] anomaly_threshold)", value=self.config.outputs.anomaly_threshold)
         last = scoring["last"]

@@ -9,9 +9,9 @@ alerts.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -36,9 +36,11 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[str, Any, int, bool], Any]
 
-# Batches waiting for the scoring thread; beyond this the oldest are dropped from
-# scoring only (they are already stored) so memory stays bounded on a slow device.
-MAX_PENDING_BATCHES = 1000
+# Readings waiting for the scoring thread (about 110 bytes each). Beyond this the oldest batches
+# are dropped from scoring only (they are stored): memory stays bounded on a device that scores
+# slower than readings arrive (a slow CPU, a burst of redelivered readings), and what scoring
+# catches up to is the live stream, not a past it would forecast too late to matter.
+MAX_PENDING_READINGS = 20_000
 # Scoring that fails this many batches (or clock flushes) in a row is broken, not unlucky: the
 # thread ends, the part is dead and the daemon exits non-zero for the service manager to restart.
 MAX_FAILURES_IN_A_ROW = 20
@@ -76,13 +78,17 @@ class ScoringPipeline:
         self._drift_feed = DriftFeed(config, None if scorer is None else scorer.base)
         self.drift = self._drift_feed.monitor
         self.drift_signal = ResidualDrift(self.drift)
-        self._queue: queue.Queue[Sequence[Reading] | None] = queue.Queue(MAX_PENDING_BATCHES)
+        self._pending: deque[Sequence[Reading]] = deque()
+        self._pending_readings = 0
+        self._pending_changed = threading.Condition()
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.steps = 0
         self.scored = 0
         self.anomalies = 0
         self.dropped_batches = 0
+        self.dropped_readings = 0
         self.last_score: LastScore | None = None
         self.heartbeat = time.monotonic()
         self.failures = 0  # batches (or flushes) failed in a row
@@ -96,10 +102,34 @@ class ScoringPipeline:
     # -- input (ingest writer thread) ------------------------------------------------------
 
     def on_batch(self, readings: Sequence[Reading]) -> None:
-        try:
-            self._queue.put_nowait(readings)
-        except queue.Full:
-            self.dropped_batches += 1
+        dropped = 0
+        with self._pending_changed:
+            self._pending.append(readings)
+            self._pending_readings += len(readings)
+            while self._pending_readings > MAX_PENDING_READINGS and len(self._pending) > 1:
+                oldest = self._pending.popleft()
+                self._pending_readings -= len(oldest)
+                dropped += len(oldest)
+                self.dropped_batches += 1
+            self._pending_changed.notify()
+        if dropped:
+            if not self.dropped_readings:
+                log.warning(
+                    "scoring is behind by more than %d readings: the oldest waiting are dropped from scoring (they are"
+                    " stored); counted in status scoring.dropped_readings", MAX_PENDING_READINGS,
+                )  # fmt: skip
+            self.dropped_readings += dropped
+
+    def _next_batch(self, timeout: float) -> Sequence[Reading] | None:
+        """The oldest batch waiting; None after `timeout` with none, or once stopping."""
+        with self._pending_changed:
+            if not self._pending and not self._stopping:
+                self._pending_changed.wait(timeout)
+            if self._stopping or not self._pending:
+                return None
+            batch = self._pending.popleft()
+            self._pending_readings -= len(batch)
+            return batch
 
     # -- worker ----------------------------------------------------------------------------
 
@@ -110,7 +140,9 @@ class ScoringPipeline:
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is None:
             return
-        self._queue.put(None)
+        with self._pending_changed:
+            self._stopping = True
+            self._pending_changed.notify()
         self._thread.join(timeout)
 
     @property
@@ -120,14 +152,13 @@ class ScoringPipeline:
 
     def _run(self) -> None:
         while self.failures < MAX_FAILURES_IN_A_ROW:
-            try:
-                batch = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                self.flush_by_clock()
-                continue
-            if batch is None:
+            batch = self._next_batch(1.0)
+            if self._stopping:
                 log.info("scoring thread exiting")
                 return
+            if batch is None:
+                self.flush_by_clock()
+                continue
             self.feed(batch)
         log.error("scoring failed %d times in a row; the scoring thread stops", self.failures)
 
@@ -287,6 +318,7 @@ class ScoringPipeline:
             **self.counters(),
             "anomalies": self.anomalies,
             "dropped_batches": self.dropped_batches,
+            "dropped_readings": self.dropped_readings,
             "failures_in_a_row": self.failures,
             "last": self.last_score,
             # Who is served, and the live mean |error| of the model and each baseline.

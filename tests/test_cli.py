@@ -313,7 +313,7 @@ def test_json_output_skips_rich_and_pydantic(sock: Path) -> None:
 
 
 def test_status_human_says_what_scoring_could_not_use(capsys: pytest.CaptureFixture[str], sock: Path, fake: FakeDaemon) -> None:
-    scoring = {"steps": 1300, "scored": 1200, "anomalies": 2, "dropped_batches": 0, "failures_in_a_row": 0, "last": None, "serving": None,
+    scoring = {"steps": 1300, "scored": 1200, "anomalies": 2, "dropped_batches": 0, "dropped_readings": 0, "failures_in_a_row": 0, "last": None, "serving": None,
                "late_readings": 45, "last_late": "2024-05-01T12:00:03+00:00", "held": 3, "outliers": 1, "set_aside": 0, "stalled": None}  # fmt: skip
     fake.status = {"device": "pump-07", "uptime_s": 5, "scoring": scoring}
     code, out, _ = run(capsys, "status", "--socket", str(sock))

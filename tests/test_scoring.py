@@ -447,3 +447,30 @@ def test_the_clock_flush_follows_the_accepted_stream_not_a_reading_set_aside(tmp
     pipeline.feed([Reading(name, start + t, 1.0) for t in range(100, 200) for name in config.channels.names])
     assert pipeline.assembler.stats.late == 0 and pipeline.steps == 198
     assert pipeline.assembler.stats.outliers == 1 and pipeline.counters()["outliers"] == 1
+
+
+def test_a_scoring_backlog_is_bounded_by_readings_and_the_oldest_are_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Batches handed over faster than scoring takes them (a slow device, a burst of redelivered
+    readings): at most MAX_PENDING_READINGS wait, the oldest batches go first (they are stored;
+    scoring catches up to the live stream), and status counts them."""
+    from conftest import make_config
+
+    from edge_daemon.pipeline import MAX_PENDING_READINGS
+
+    config = make_config(tmp_path)
+    pipeline = ScoringPipeline(config, lambda *args: None)  # not started: nothing takes the batches
+    names = config.channels.names
+    per_batch = 1000
+    batches = 3 * MAX_PENDING_READINGS // per_batch
+    with caplog.at_level(logging.WARNING, logger="edge_daemon.pipeline"):
+        for b in range(batches):
+            pipeline.on_batch([(names[k % len(names)], float(b * per_batch + k), 1.0) for k in range(per_batch)])
+    kept = MAX_PENDING_READINGS // per_batch
+    status = pipeline.status()
+    assert (status["dropped_batches"], status["dropped_readings"]) == (batches - kept, (batches - kept) * per_batch)
+    assert sum("scoring is behind" in r.getMessage() for r in caplog.records) == 1  # once, not per batch
+    waiting = []
+    while (batch := pipeline._next_batch(0.0)) is not None:
+        waiting.append(batch)
+    assert len(waiting) == kept and waiting[0][0][1] == float((batches - kept) * per_batch)  # the newest kept, in order
+    assert [b[0][1] for b in waiting] == sorted(b[0][1] for b in waiting)

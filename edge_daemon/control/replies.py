@@ -225,7 +225,8 @@ class ScoringCounters(TypedDict):
 
 class ScoringStatus(ScoringCounters):
     anomalies: int
-    dropped_batches: int
+    dropped_batches: int  # batches dropped from scoring while it was behind (stored all the same)
+    dropped_readings: int  # the readings in them
     failures_in_a_row: int
     last: LastScore | None
     serving: ServingComparison | None  # None while there is no base model
