@@ -241,6 +241,12 @@ class StoreConfig(_Section):
     recent_hours: float = Field(24.0, gt=0, description="readings newer than this are always kept whole")
     reservoir_fraction: float = Field(0.3, gt=0, lt=1, description="share of the budget kept as a sample of older data")
     retention_interval_s: float = Field(60.0, gt=0, description="how often retention runs")
+    check_interval_s: float = Field(
+        86400.0,
+        ge=0,
+        description="how often the running store is checked for damage (PRAGMA quick_check: reads the whole file, writes"
+        " nothing; a damaged store is moved aside for a new one); 0: only at start and after an error",
+    )
     max_age_s: float = Field(7 * 24 * 3600.0, gt=0, description="readings older than this are rejected")
     max_skew_s: float = Field(300.0, ge=0, description="readings this far ahead of the device clock are rejected")
     clock_trust: Literal["kernel", "always", "never"] = Field(

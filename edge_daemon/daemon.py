@@ -132,6 +132,9 @@ class Daemon:
         check = store.check
         if check.moved_to is not None and check.problem is not None:
             self.pipeline.alert(store_damaged_alert(check.problem, str(check.moved_to)))
+        # One found damaged while running is replaced by the store itself; the alert goes out then.
+        pipeline = self.pipeline
+        store.store.on_replaced.append(lambda check: pipeline.alert(store_damaged_alert(check.problem or "", str(check.moved_to))))
         return self.pipeline
 
     def _send_pending_alerts(self) -> None:
@@ -195,6 +198,8 @@ class Daemon:
         scheduler.add("idle", adaptation.idle.sample, interval_s=max(1.0, cfg.train.idle_window_s / 30), run_now=True)
         scheduler.add("update-trigger", adaptation.check, interval_s=cfg.train.check_interval_s)
         scheduler.add("retention", store.run_retention, interval_s=cfg.store.retention_interval_s)
+        if cfg.store.check_interval_s:
+            scheduler.add("store-check", store.check_now, interval_s=cfg.store.check_interval_s)
         scheduler.add("status", self._publish_status, interval_s=cfg.outputs.status_interval_s)
         scheduler.add("status-changes", self._publish_status_on_change, interval_s=STATUS_CHANGE_CHECK_S)
         self.scheduler = scheduler

@@ -26,6 +26,11 @@ class StoreError(EdgeDaemonError):
     """The replay store cannot be opened, migrated or written."""
 
 
+class StoreReplacedError(StoreError):
+    """The store was found damaged while running and replaced by a new one: what failed may be
+    tried again at once (it goes to the new store)."""
+
+
 class DiskFullError(StoreError):
     """The file system holding the store has no room for the write; nothing of it was stored."""
 

@@ -111,10 +111,10 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily(PREFIX + "store_size_bytes", "Bytes of the replay store on disk (database and WAL)", value=store["bytes"])
         yield GaugeMetricFamily(PREFIX + "store_disk_free_bytes", "Free bytes on the store's file system", value=store["disk_free_bytes"])
         check = store["check"]
-        yield GaugeMetricFamily(PREFIX + "store_check_seconds", "Time of the store's PRAGMA quick_check at start", value=check["seconds"])
-        yield GaugeMetricFamily(
-            PREFIX + "store_damaged_at_start", "1 when the store failed its check at start and was moved aside for a new one",
-            value=int(check["moved_to"] is not None),
+        yield GaugeMetricFamily(PREFIX + "store_check_seconds", "Time of the store's newest PRAGMA quick_check (at start or scheduled)", value=check["seconds"])
+        yield CounterMetricFamily(
+            PREFIX + "store_damaged", "Damaged stores moved aside for a new one since the daemon started (at start and while running)",
+            value=store["damaged"],
         )  # fmt: skip
 
     def _scoring(self, report: StatusReport) -> Iterator[Metric]:

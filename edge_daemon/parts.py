@@ -52,7 +52,7 @@ class StorePart:
 
     def __init__(self, store: ReplayStore, check: StoreCheck) -> None:
         self.store = store
-        self.check = check  # what the check at start found (a damaged store moved aside)
+        self.check = check  # what the check at start found (a damaged store moved aside); later ones are the store's
         self._disk_full = False
 
     def start(self) -> None:
@@ -92,19 +92,31 @@ class StorePart:
 
     def status(self) -> StoreStatus:
         store = self.store
-        check = self.check
+        check = self.newest_check
         return StoreStatus(
             readings=store.count(), bytes=store.size_bytes(), disk_free_bytes=store.free_bytes(), disk_full=self._disk_full,
             check=StoreCheckStatus(
                 time=iso(check.checked_unix) or "", seconds=round(check.seconds, 3), problem=check.problem,
-                moved_to=None if check.moved_to is None else str(check.moved_to),
+                moved_to=None if check.moved_to is None else str(check.moved_to), cause=check.cause,
             ),
+            damaged=len(self.damaged),
         )  # fmt: skip
 
     @property
+    def newest_check(self) -> StoreCheck:
+        """The check at start, or a newer one made while running."""
+        return self.store.last_check or self.check
+
+    @property
+    def damaged(self) -> list[StoreCheck]:
+        """The checks that moved a damaged store aside, oldest first (at start, while running)."""
+        return ([self.check] if self.check.moved_to is not None else []) + self.store.replaced
+
+    @property
     def damaged_store_moved(self) -> str | None:
-        """The STATUS= piece while a damaged store was moved aside at start (None: it was intact)."""
-        return None if self.check.moved_to is None else f"store was damaged: moved aside to {self.check.moved_to.name}"
+        """The STATUS= piece once a damaged store was moved aside (None: none was)."""
+        damaged = self.damaged
+        return None if not damaged else f"store was damaged: moved aside to {damaged[-1].moved_to.name}"  # type: ignore[union-attr]
 
 
 class HelperPart:

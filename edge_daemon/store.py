@@ -16,24 +16,25 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import math
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import sqlite_utils
 
 from edge_daemon.artifacts.files import fsync_path
 from edge_daemon.config import StoreConfig
-from edge_daemon.errors import DiskFullError, StoreError
+from edge_daemon.errors import DiskFullError, StoreError, StoreReplacedError
 from edge_daemon.store_schema import (
     CHANNEL_BITS,
     CHANNEL_MASK,
@@ -44,6 +45,8 @@ from edge_daemon.store_schema import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Retention starts trimming when the data pages pass HIGH_WATER of the budget and trims down to
 # LOW_WATER, so the file has room to grow (and the WAL to fill) between two retention runs.
@@ -162,50 +165,53 @@ def damaged_stores(path: Path) -> list[Path]:
 
 
 class StoreCheck(NamedTuple):
-    """What `check_store` found at start: `problem` is None for an intact store (or none yet)."""
+    """What a check of the store found: `problem` is None for an intact store (or none yet)."""
 
     seconds: float  # PRAGMA quick_check's time (0: no store yet)
     problem: str | None  # what quick_check or SQLite said of a damaged store
     moved_to: Path | None  # where the damaged store went (None: it was intact)
     checked_unix: float
+    cause: str = "start"  # why it was checked: "start", "scheduled", or the SQLite error met while running
 
 
 CORRUPT_KEEP = 2  # damaged stores kept for inspection, the newest: a card that keeps corrupting must not fill up
 _CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+# Errors met while running after which the store is checked: damage, or the I/O error a failing
+# card gives (the check then tells the two apart).
+_CHECK_CODES = (*_CORRUPT_CODES, sqlite3.SQLITE_IOERR)
 
 
-def check_store(path: Path, busy_timeout_s: float = 30.0) -> StoreCheck:
-    """Check an existing store with `PRAGMA quick_check` (its WAL included) before it is opened.
+def _code(exc: BaseException) -> int:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF
 
-    A damaged one (quick_check's complaints, or SQLite calling the file corrupt or not a
-    database) is moved aside, with its WAL, as `<name>.corrupt-<UTC time>` for inspection (the
-    newest `CORRUPT_KEEP` are kept), so that a new store starts in its place: a damaged file is a
-    state the daemon reports, not one it cannot start from. Any other error (a lock, a
-    permission) is the caller's, as opening the store would be: nothing is moved then."""
-    path = Path(path)
-    now = time.time()
-    if not path.exists():
-        return StoreCheck(0.0, None, None, now)
-    started = time.monotonic()
-    problem: str | None = None
+
+def calls_for_check(exc: BaseException) -> bool:
+    """Whether an SQLite error met while running says the store may be damaged."""
+    return isinstance(exc, sqlite3.DatabaseError) and _code(exc) in _CHECK_CODES
+
+
+def quick_check(conn: sqlite3.Connection) -> str | None:
+    """`PRAGMA quick_check` on `conn`: None when intact, else one line for the status and the
+    alert. SQLite calling the file corrupt or not a database is an answer too; any other
+    error (a lock, a permission) is raised."""
     try:
-        conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
-        try:
-            rows = conn.execute("PRAGMA quick_check").fetchall()
-        finally:
-            conn.close()
-        if [tuple(r) for r in rows] != [("ok",)]:
-            # One line for the status and the alert: the first complaints, whitespace folded.
-            problem = "; ".join(" ".join(str(r[0]).replace("*** in database main ***", "").split()) for r in rows[:2])
-            problem = (problem[:200] + "...") if len(problem) > 200 else problem
-            problem += f" ({len(rows)} problems)" if len(rows) > 2 else ""
+        rows = conn.execute("PRAGMA quick_check").fetchall()
     except sqlite3.DatabaseError as exc:
-        if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _CORRUPT_CODES:
-            raise StoreError(f"{path}: cannot check the replay store: {exc}") from exc
-        problem = str(exc)
-    seconds = time.monotonic() - started
-    if problem is None:
-        return StoreCheck(seconds, None, None, now)
+        if _code(exc) not in _CORRUPT_CODES:
+            raise
+        return str(exc)
+    if [tuple(r) for r in rows] == [("ok",)]:
+        return None
+    # The first complaints, whitespace folded.
+    problem = "; ".join(" ".join(str(r[0]).replace("*** in database main ***", "").split()) for r in rows[:2])
+    problem = (problem[:200] + "...") if len(problem) > 200 else problem
+    return problem + (f" ({len(rows)} problems)" if len(rows) > 2 else "")
+
+
+def move_aside(path: Path, problem: str, now: float) -> Path:
+    """Move the damaged store `path` (and its WAL) aside as `<name>.corrupt-<UTC time>` for
+    inspection, keeping the newest CORRUPT_KEEP; returns where it went. No connection to it
+    may be open."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     # Damaged again within the second: counted on from the last one moved aside then.
     n = max((k for t, k in (_damaged_order(path, p) for p in damaged_stores(path)) if t == stamp), default=0) + 1
@@ -221,7 +227,52 @@ def check_store(path: Path, busy_timeout_s: float = 30.0) -> StoreCheck:
             Path(f"{old}{suffix}").unlink(missing_ok=True)
         log.warning("removed %s, an older damaged store (the newest %d are kept)", old.name, CORRUPT_KEEP)
     log.error("replay store %s is damaged (%s): moved aside to %s; a new store starts", path, problem, moved.name)
-    return StoreCheck(seconds, problem, moved, now)
+    return moved
+
+
+def check_store(path: Path, busy_timeout_s: float = 30.0, cause: str = "start") -> StoreCheck:
+    """Check an existing store with `PRAGMA quick_check` (its WAL included) before it is opened.
+
+    A damaged one (quick_check's complaints, or SQLite calling the file corrupt or not a
+    database) is moved aside (`move_aside`), so that a new store starts in its place: a damaged
+    file is a state the daemon reports, not one it cannot start from. Any other error (a lock,
+    a permission) is the caller's, as opening the store would be: nothing is moved then."""
+    path = Path(path)
+    now = time.time()
+    if not path.exists():
+        return StoreCheck(0.0, None, None, now, cause)
+    started = time.monotonic()
+    try:
+        conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
+        try:
+            problem = quick_check(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot check the replay store: {exc}") from exc
+    seconds = time.monotonic() - started
+    moved = None if problem is None else move_aside(path, problem, now)
+    return StoreCheck(seconds, problem, moved, now, cause)
+
+
+def _recovers(method: Callable[..., T]) -> Callable[..., T]:
+    """A ReplayStore method after which an SQLite error that calls for a check (damage, an I/O
+    error) checks the store and, if it is damaged, replaces it (`ReplayStore.recover`)."""
+
+    @functools.wraps(method)
+    def checked(self: ReplayStore, *args: object, **kwargs: object) -> T:
+        generation = self._generation
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, StoreError) as exc:
+            error = exc.__cause__ if isinstance(exc, StoreError) else exc
+            if isinstance(exc, StoreReplacedError) or error is None or not calls_for_check(error):
+                raise
+            if self.recover(str(error), generation).moved_to is not None:
+                raise StoreReplacedError(f"{self.path}: the store was damaged ({error}) and replaced by a new one") from exc
+            raise
+
+    return checked
 
 
 class ReplayStore:
@@ -236,25 +287,37 @@ class ReplayStore:
         self.cfg = cfg
         self.channels = list(channels)
         self._rng = np.random.default_rng(seed)
-        self._write_lock = threading.Lock()
+        # Reentrant: a method holding it may meet damage and replace the store (`recover`).
+        self._write_lock = threading.RLock()
         self._idle_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        self._generation = 0  # counts the files opened: a reader lent out before a replacement is closed on return
+        # Damaged stores replaced while running (`recover`), oldest first, and what is called
+        # with each (outside the store's locks).
+        self.replaced: list[StoreCheck] = []
+        self.on_replaced: list[Callable[[StoreCheck], None]] = []
+        self.last_check: StoreCheck | None = None  # the newest check made while running
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._open()
+
+    def _open(self) -> None:
+        """Open (or create) the file at `path`: the writer connection, migrations, the segment
+        table, the channel ids and the hold's count."""
         try:
             self._conn = self._connect(writer=True)
             self._db = sqlite_utils.Database(self._conn)
             self._migrate()
             moved = self._move_legacy_readings()
             self._segment_s = self._check_segment_size(recount=moved)
+            self._channel_ids: dict[str, int] = {
+                name: int(cid) for cid, name in self._conn.execute("SELECT id, name FROM channels")
+            }
+            self._held_rows = 0
+            self._held_span: tuple[float, float] | None = None
+            self._count_held()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open replay store: {exc}") from exc
-        self._channel_ids: dict[str, int] = {
-            name: int(cid) for cid, name in self._conn.execute("SELECT id, name FROM channels")
-        }
-        self._held_rows = 0
-        self._held_span: tuple[float, float] | None = None
-        self._count_held()
 
     # -- connections -------------------------------------------------------------------------
 
@@ -293,13 +356,14 @@ class ReplayStore:
             if self._closed:
                 raise StoreError("replay store is closed")
             conn = self._idle_readers.pop() if self._idle_readers else None
+            generation = self._generation
         if conn is None:
             conn = self._connect(writer=False)
         try:
             yield conn
         finally:
             with self._readers_lock:
-                if self._closed or len(self._idle_readers) >= 4:
+                if self._closed or generation != self._generation or len(self._idle_readers) >= 4:
                     conn.close()
                 else:
                     self._idle_readers.append(conn)
@@ -438,6 +502,7 @@ class ReplayStore:
 
     # -- writes ------------------------------------------------------------------------------
 
+    @_recovers
     def write(self, readings: Sequence[Reading], held: Sequence[Reading] = (), held_at: float | None = None) -> int:
         """Store a batch in one transaction; duplicates of stored (channel, ts) keys are ignored.
 
@@ -469,7 +534,8 @@ class ReplayStore:
                     span = self._held_span
                     self._held_span = (low, high) if span is None else (min(span[0], low), max(span[1], high))
             except sqlite3.Error as exc:
-                self._after_failed_write()
+                if not calls_for_check(exc):  # a damaged file is replaced instead (`_recovers`)
+                    self._after_failed_write()
                 if is_disk_full(exc):
                     raise DiskFullError(f"{self.path}: no space left for {len(readings) + len(held)} readings: {exc}") from exc
                 raise StoreError(f"{self.path}: write failed: {exc}") from exc
@@ -546,6 +612,7 @@ class ReplayStore:
         """(oldest ts, newest ts) of the held readings, or None when the hold is empty."""
         return self._held_span
 
+    @_recovers
     def release_held(self, low: float, high: float) -> tuple[list[Reading], int]:
         """Move the held readings with low <= ts <= high into the store, in one transaction.
 
@@ -572,12 +639,14 @@ class ReplayStore:
                 self._held_rows -= len(moved)
                 self._held_span = span_left
             except sqlite3.Error as exc:
-                self._after_failed_write()
+                if not calls_for_check(exc):
+                    self._after_failed_write()
                 if is_disk_full(exc):
                     raise DiskFullError(f"{self.path}: no space left to release held readings: {exc}") from exc
                 raise StoreError(f"{self.path}: releasing held readings failed: {exc}") from exc
         return moved, stored
 
+    @_recovers
     def drop_held(self, before: float, held_before: float = math.inf) -> tuple[int, int]:
         """Drop the held readings held before `held_before` (default: all of them).
 
@@ -600,12 +669,14 @@ class ReplayStore:
                 self._held_rows -= int(total)
                 self._held_span = span_left
             except sqlite3.Error as exc:
-                self._count_held()
+                if not calls_for_check(exc):
+                    self._count_held()
                 raise StoreError(f"{self.path}: dropping held readings failed: {exc}") from exc
         return int(older), int(total) - int(older)
 
     # -- reads -------------------------------------------------------------------------------
 
+    @_recovers
     def count(self) -> int:
         """Readings in the store (every channel, configured or not)."""
         with self._reader() as conn:
@@ -634,6 +705,7 @@ class ReplayStore:
         """Less free space than the reserve: the store may not grow, nor may updates write."""
         return self.free_bytes() < self.cfg.disk_reserve_mb * 1024 * 1024
 
+    @_recovers
     def time_range(self) -> tuple[float, float] | None:
         """(oldest ts, newest ts) over every stored reading, or None when empty."""
         with self._reader() as conn:
@@ -644,6 +716,7 @@ class ReplayStore:
         stamps, _ = decode_keys(np.asarray([low, high], dtype=np.int64))
         return float(stamps[0]), float(stamps[1])
 
+    @_recovers
     def read(
         self, since: float | None = None, until: float | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -677,6 +750,7 @@ class ReplayStore:
         order = np.lexsort((channel_idx, ts))
         return ts[order], channel_idx[order], value[order]
 
+    @_recovers
     def bucket_stats(self, bucket_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per time bucket [k * bucket_s, (k + 1) * bucket_s) and configured channel: the readings'
         count, mean and standard deviation, aggregated in SQLite (nothing the size of the store is read;
@@ -706,6 +780,7 @@ class ReplayStore:
                 stats[row, idx] = (s1, math.sqrt(max(0.0, s2 - s1 * s1)))
         return np.asarray(keys, dtype=np.float64) * size, counts, stats
 
+    @_recovers
     def replay_segments(self, before: float, rng: np.random.Generator, max_segments: int) -> list[tuple[float, float]]:
         """Up to max_segments (start, end) spans, drawn uniformly without replacement from the
         stored segments that end at or before `before`; sorted by start.
@@ -751,6 +826,7 @@ class ReplayStore:
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return True
 
+    @_recovers
     def run_retention(self, now: float | None = None) -> dict[str, float | int | bool]:
         """Keep the file under the budget; returns what was done.
 
@@ -861,6 +937,62 @@ class ReplayStore:
             bytes_after=self.size_bytes(),
         )
         return report
+
+    # -- damage ------------------------------------------------------------------------------
+
+    def check_now(self) -> StoreCheck:
+        """`PRAGMA quick_check` of the live store (a snapshot: writes go on meanwhile), for damage
+        no read has met yet; a damaged store is replaced (`recover`). Returns what was found."""
+        generation = self._generation
+        started = time.monotonic()
+        try:
+            with self._reader() as conn:
+                problem = quick_check(conn)
+        except sqlite3.Error as exc:
+            if not calls_for_check(exc):
+                raise StoreError(f"{self.path}: cannot check the replay store: {exc}") from exc
+            problem = str(exc)
+        if problem is not None:
+            return self.recover(problem, generation, cause="scheduled")
+        self.last_check = StoreCheck(time.monotonic() - started, None, None, time.time(), "scheduled")
+        return self.last_check
+
+    def recover(self, error: str, generation: int | None = None, cause: str | None = None) -> StoreCheck:
+        """After `error` (damage or an I/O error met while running): close every connection,
+        check the file (`check_store`) and open it again, or a new store in its place if it is
+        damaged (the damaged one moved aside, an `on_replaced` call made). Nothing is lost that
+        a later write brings: a batch that failed on the damaged store is written to the new one.
+
+        `generation` is the file the error was met on: if another thread has replaced it since,
+        nothing is done."""
+        with self._write_lock:
+            if self._closed:
+                raise StoreError("replay store is closed")
+            if generation is not None and generation != self._generation:
+                return self.last_check or StoreCheck(0.0, None, None, time.time(), error)
+            log.warning("store %s: %s; checking the store", self.path, error)
+            with self._readers_lock:
+                self._generation += 1
+                for conn in self._idle_readers:
+                    conn.close()
+                self._idle_readers.clear()
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            try:
+                check = check_store(self.path, cause=cause or error)
+            finally:
+                self._open()
+            self.last_check = check
+            if check.moved_to is None:
+                log.warning("store %s passed its check (%.1f s): carrying on with it", self.path, check.seconds)
+                return check
+            self.replaced.append(check)
+        for hook in self.on_replaced:
+            try:
+                hook(check)
+            except Exception:
+                log.exception("on_replaced hook %r failed", hook)
+        return check
 
     # -- lifecycle ---------------------------------------------------------------------------
 

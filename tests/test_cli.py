@@ -336,7 +336,7 @@ def test_status_against_a_real_daemon(capsys: pytest.CaptureFixture[str], tmp_pa
         assert (code, err) == (0, "")
         reply = json.loads(out)
         assert reply["ok"] is True and reply["device"] == "test-dev"
-        assert set(reply["store"]) == {"readings", "bytes", "disk_free_bytes", "disk_full", "check"}
+        assert set(reply["store"]) == {"readings", "bytes", "disk_free_bytes", "disk_full", "check", "damaged"}
         assert set(reply["ingest"]) >= {"received", "stored", "rejected", "rejected_by_reason"}
         code, out, _ = run(capsys, "status", "--socket", str(daemon.socket_path))
         assert code == 0

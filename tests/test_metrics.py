@@ -123,10 +123,10 @@ def test_scrape_serves_every_metric_with_the_prefix_and_no_timestamp_labels(runn
         "edge_daemon_readings_late_total", "edge_daemon_anomaly_alerts_total", "edge_daemon_drift", "edge_daemon_memory_usage_bytes",
         "edge_daemon_memory_budget_bytes", "edge_daemon_memory_level", "edge_daemon_updates_total", "edge_daemon_adapter_version",
         "edge_daemon_store_readings", "edge_daemon_store_size_bytes", "edge_daemon_broker_connected",
-        "edge_daemon_store_check_seconds", "edge_daemon_store_damaged_at_start",
+        "edge_daemon_store_check_seconds", "edge_daemon_store_damaged_total",
     ):  # fmt: skip
         assert expected in names, expected
-    assert value(samples, "edge_daemon_store_damaged_at_start") == 0  # tests/test_store_damaged.py: 1
+    assert value(samples, "edge_daemon_store_damaged_total") == 0  # tests/test_store_damaged.py: 1
     info = next(s for s in samples.values() if s.name == "edge_daemon_info")
     assert info.labels["device"] == "test-dev" and info.labels["version"]
     assert value(samples, "edge_daemon_broker_connected") == 1

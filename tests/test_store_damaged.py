@@ -6,7 +6,9 @@ damaged as power loss on a worn card damages them."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from edge_daemon.broker import LocalBroker
 from edge_daemon.cli.render import describe_store
 from edge_daemon.control.client import request
 from edge_daemon.daemon import Daemon
-from edge_daemon.errors import StoreError
+from edge_daemon.errors import StoreError, StoreReplacedError
 from edge_daemon.store import CORRUPT_KEEP, Reading, ReplayStore, check_store, damaged_stores
 from tests.conftest import CHANNELS, make_config, start_daemon
 from tests.support import AlertSubscriber, publish_motor, wait_for
@@ -48,10 +50,8 @@ def test_an_intact_store_passes_and_a_damaged_one_is_moved_aside_for_a_new_one(t
     check = check_store(path)
     assert check.problem is None and check.moved_to is None and check.seconds > 0
     overwrite(path, path.stat().st_size // 2, 64 * 1024)  # 64 KiB in the middle
-    with pytest.raises(StoreError):  # what opening it anyway would have met on the first write
-        with ReplayStore(path, make_config(tmp_path).store, CHANNELS) as store:
-            store.write([Reading(CHANNELS[0], 1.8e9 + k, 1.0) for k in range(READINGS)])
-            store.read(None, None)
+    with sqlite3.connect(path) as conn, pytest.raises(sqlite3.DatabaseError, match="malformed"):
+        conn.execute("SELECT COUNT(*), SUM(value) FROM samples").fetchone()  # what reading it anyway meets
     check = check_store(path)
     assert check.problem and check.moved_to is not None, check
     assert check.moved_to.is_file() and check.moved_to.name.startswith("store.db.corrupt-") and not path.exists()
@@ -126,7 +126,7 @@ def test_the_daemon_starts_on_a_damaged_store_says_so_and_stores_every_reading_a
         assert status["store"]["check"]["moved_to"] == str(moved) and status["store"]["check"]["problem"] == alert["problem"]
         assert "store was damaged" in daemon.status_line()
         assert f"moved aside to {moved}" in describe_store(status["store"])  # what `edge-daemon status` prints
-        assert value(scrape(daemon), "edge_daemon_store_damaged_at_start") == 1
+        assert value(scrape(daemon), "edge_daemon_store_damaged_total") == 1
         steps = 2_000
         publish_motor(broker.port, float(int(time.time()) - steps - 60), steps)
         assert daemon.store is not None
@@ -146,3 +146,126 @@ def test_the_daemon_starts_on_a_damaged_store_says_so_and_stores_every_reading_a
         assert status["store"]["check"]["problem"] is None and status["store"]["readings"] == 3 * steps
     finally:
         daemon.stop()
+
+
+# ------------------------------------------------------------------ damage met while running
+
+
+def damage_under(store: ReplayStore, offset_of: Callable[[int], int], size: int) -> None:
+    """Garbage at `offset_of(file size)` of the running store's file, as a worn card leaves it:
+    another connection first commits (so the store's connections drop their page caches, as
+    they do after any other writer) and checkpoints the WAL into the file, so reads of the
+    damaged pages go to the file."""
+    other = sqlite3.connect(store.path, isolation_level=None, timeout=30)
+    try:
+        other.execute("UPDATE meta SET value = value WHERE key = 'segment_s'")
+        busy, _frames, _done = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0
+    finally:
+        other.close()
+    overwrite(store.path, offset_of(store.path.stat().st_size), size)
+
+
+def batch(start: float, n: int) -> list[Reading]:
+    return [Reading(CHANNELS[k % 3], start + k // 3, float(k)) for k in range(n)]
+
+
+def test_damage_a_read_meets_while_running_replaces_the_store_once_and_it_carries_on(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+        replaced: list = []
+        store.on_replaced.append(replaced.append)
+        store.write(batch(1.7e9, READINGS))
+        assert store.count() == READINGS  # a pooled reader, with pages of the old file cached
+        damage_under(store, lambda size: size // 2, 64 * 1024)
+        with pytest.raises(StoreReplacedError):
+            store.read(None, None)
+        assert [c.moved_to for c in replaced] == [c.moved_to for c in store.replaced] and len(replaced) == 1
+        check = replaced[0]
+        assert check.moved_to is not None and check.moved_to.is_file() and check.problem and "malformed" in check.cause
+        assert store.last_check == check
+        # A thread that met the same damage on the old file afterwards replaces nothing more.
+        assert store.recover("database disk image is malformed", generation=0) == check and len(store.replaced) == 1
+        assert store.count() == 0 and store.time_range() is None
+        assert store.write(batch(1.8e9, 600)) == 600 and store.count() == 600
+        assert len(store.read(None, None)[0]) == 600
+    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+        assert store.count() == 600 and check_store(config.store_path).problem is None
+
+
+def test_damage_a_write_meets_replaces_the_store_and_the_batch_can_go_to_the_new_one(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+        store.write(batch(1.7e9, READINGS))
+        damage_under(store, lambda size: size - 16 * 1024, 16 * 1024)  # the newest pages, where a commit appends
+        new = batch(1.8e9, 600)
+        with pytest.raises(StoreReplacedError):
+            store.write(new)
+        assert len(store.replaced) == 1 and store.count() == 0
+        assert store.write(new) == 600 and store.write(new) == 0  # once
+        assert store.count() == 600
+
+
+def test_the_scheduled_check_finds_damage_no_read_has_met_and_passes_an_intact_store(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+        store.write(batch(1.7e9, READINGS))
+        check = store.check_now()
+        assert (check.problem, check.moved_to, check.cause) == (None, None, "scheduled") and check.seconds > 0
+        assert store.last_check == check and not store.replaced
+        damage_under(store, lambda size: size // 2, 64 * 1024)
+        check = store.check_now()
+        assert check.problem and check.moved_to is not None and check.moved_to.is_file() and check.cause == "scheduled"
+        assert store.replaced == [check] and store.count() == 0
+        assert store.write(batch(1.8e9, 600)) == 600
+
+
+def test_an_error_after_which_the_store_passes_its_check_keeps_the_store(tmp_path: Path) -> None:
+    """An I/O error a card gave once: the store is checked, found intact, and kept as it is."""
+    config = make_config(tmp_path)
+    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+        store.write(batch(1.7e9, READINGS))
+        count = store.count()  # a pooled reader, closed by the check
+        check = store.recover("disk I/O error")
+        assert (check.problem, check.moved_to, check.cause) == (None, None, "disk I/O error")
+        assert not store.replaced and store.count() == count == READINGS
+        assert store.write(batch(1.8e9, 600)) == 600 and store.count() == READINGS + 600
+    assert not list(config.store_path.parent.glob("store.db.corrupt-*"))
+
+
+def test_a_running_daemon_whose_store_a_commit_finds_damaged_replaces_it_and_stores_every_reading_after(
+    tmp_path: Path, broker: LocalBroker
+) -> None:
+    """The writer's commit meets the damage: the store is replaced while the daemon runs (no
+    restart), the batch goes to the new store before it is acknowledged, and every reading sent
+    after the damage is stored once; the alert, `status`, STATUS= and /metrics say so."""
+    config = make_config(tmp_path, port=broker.port, metrics={"listen": "127.0.0.1:0"}, store={"check_interval_s": 0})
+    alerts = AlertSubscriber(broker.port)
+    daemon = Daemon(config)
+    start_daemon(daemon)
+    try:
+        store = daemon.store
+        assert store is not None
+        before = READINGS // 3
+        publish_motor(broker.port, float(int(time.time()) - 2 * before - 600), before)
+        wait_for(lambda: store.count() >= READINGS, HANG_S, "the first readings stored", detail=lambda: store.count())
+        damage_under(store, lambda size: size - 16 * 1024, 16 * 1024)
+        steps = 2_000
+        publish_motor(broker.port, float(int(time.time()) - steps - 60), steps)
+        alert = wait_for(lambda: alerts.of("store_damaged"), HANG_S, "the store_damaged alert")
+        moved = Path(alert["moved_to"])
+        assert moved.is_file() and "malformed" in alert["problem"]
+        wait_for(lambda: store.count() >= 3 * steps, HANG_S, "every reading after the damage stored", detail=lambda: store.count())
+        ts, _idx, _values = store.read(None, None)
+        assert len(ts) == 3 * steps == store.count()  # once each, none of the damaged store's
+        status = request(config.device.socket, {"cmd": "status"})
+        assert status["store"]["check"]["moved_to"] == str(moved) and "malformed" in status["store"]["check"]["cause"]
+        assert status["store"]["damaged"] == 1 and status["ingest"]["stored"] == READINGS + 3 * steps
+        assert "store was damaged" in daemon.status_line()
+        assert "damaged after database disk image is malformed" in describe_store(status["store"])
+        assert value(scrape(daemon), "edge_daemon_store_damaged_total") == 1
+        assert all(part.alive for part in daemon.parts.values()), [name for name, p in daemon.parts.items() if not p.alive]
+    finally:
+        daemon.stop()
+        alerts.close()
+    assert [a["type"] for a in alerts.received].count("store_damaged") == 1

@@ -153,7 +153,11 @@ def describe_store(store: StoreStatus) -> str:
     text = f"{fmt_int(store['readings'])} readings, {fmt_bytes(store.get('bytes'))}"  # older daemon
     check = store.get("check")  # older daemon: none
     if check and check.get("moved_to"):
-        text += f"; damaged at start ({check.get('problem')}): moved aside to {check['moved_to']}"
+        cause = check.get("cause", "start")  # older daemon: checked at start only
+        when = {"start": "at start", "scheduled": "at its scheduled check"}.get(cause, f"after {cause}")
+        text += f"; damaged {when} ({check.get('problem')}): moved aside to {check['moved_to']}"
+    if store.get("damaged", 0) > 1:
+        text += f" ({store['damaged']} damaged stores since start)"
     return text
 
 

@@ -38,12 +38,14 @@ class ErrorReply(TypedDict):
 
 
 class StoreCheckStatus(TypedDict):
-    """The store's check at start (`store.check_store`)."""
+    """The store's newest check (`store.check_store` at start, `ReplayStore.check_now` or
+    `ReplayStore.recover` while running)."""
 
     time: str  # when (ISO 8601)
     seconds: float  # PRAGMA quick_check's time (0: there was no store yet)
     problem: str | None  # what it found wrong (None: intact)
     moved_to: str | None  # the damaged file, moved aside; a new store started in its place
+    cause: str  # why it was checked: "start", "scheduled", or the SQLite error met while running
 
 
 class StoreStatus(TypedDict):
@@ -52,6 +54,7 @@ class StoreStatus(TypedDict):
     disk_free_bytes: int
     disk_full: bool  # ingestion waits for disk space
     check: StoreCheckStatus
+    damaged: int  # damaged stores moved aside for a new one since the daemon started (at start and while running)
 
 
 class ClockStatus(TypedDict):

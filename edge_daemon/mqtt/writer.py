@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 
 from edge_daemon.clock import ClockWatch
 from edge_daemon.config import Config
-from edge_daemon.errors import DiskFullError, PayloadError, StoreError
+from edge_daemon.errors import DiskFullError, PayloadError, StoreError, StoreReplacedError
 from edge_daemon.mqtt.client import Connection
 from edge_daemon.mqtt.formats import InputRouter, Outcome
 from edge_daemon.mqtt.payload import PayloadLimits, parse_payload
@@ -463,7 +463,8 @@ class Writer:
                 if attempt == WRITE_ATTEMPTS:
                     raise
                 log.warning("store write failed (attempt %d of %d): %s", attempt, WRITE_ATTEMPTS, exc)
-                time.sleep(0.5 * attempt)
+                if not isinstance(exc, StoreReplacedError):  # a new store: the batch goes to it at once
+                    time.sleep(0.5 * attempt)
                 continue
             if self._disk_full_since is not None:
                 log.warning("disk space back after %.0f s: ingestion resumed", time.monotonic() - self._disk_full_since)
