@@ -57,6 +57,11 @@ READY_BROKER_WAIT_S = 30.0
 # or training changed since it was published (it is then republished at once, so a consumer such
 # as Home Assistant is not minutes behind `[outputs] status_interval_s`).
 STATUS_CHANGE_CHECK_S = 1.0
+# Opening the store can outlast TimeoutStartSec on a large store and a slow card: its check reads
+# the whole file (taken at STORE_CHECK_BYTES_PER_S, a slow SD card's read rate, plus the grace),
+# and the move of an older store's readings takes a window at a time (the grace after each).
+STORE_OPEN_GRACE_S = 120.0
+STORE_CHECK_BYTES_PER_S = 5 * 2**20
 
 
 T = TypeVar("T")
@@ -114,10 +119,22 @@ class Daemon:
     def _build_store(self) -> StorePart:
         # A damaged store (power lost mid-write on a worn card) is moved aside and a new one
         # started: an alert and the status say so once the broker is reached.
-        check = check_store(self.config.store_path)
-        self.store = ReplayStore(self.config.store_path, self.config.store, self.config.channels.names)
+        path = self.config.store_path
+        if path.exists():
+            # Reading a large store from a slow card: the service manager is told, and waits longer.
+            notify.status(f"checking the replay store ({path.stat().st_size / 2**20:.0f} MB)")
+            notify.extend_timeout(STORE_OPEN_GRACE_S + path.stat().st_size / STORE_CHECK_BYTES_PER_S)
+        check = check_store(path)
+        self.store = ReplayStore(path, self.config.store, self.config.channels.names, progress=self._opening_store)
         self._store_part = StorePart(self.store, check)
         return self._store_part
+
+    @staticmethod
+    def _opening_store(text: str) -> None:
+        """A step of a long store open (the move of an older store's readings, a window at a
+        time): `systemctl status` shows it, and the start timeout is extended past the next step."""
+        notify.status(text)
+        notify.extend_timeout(STORE_OPEN_GRACE_S)
 
     def _build_watchdog(self) -> MemoryWatchdog:
         forker = _built(self.forker, "training helper")

@@ -282,8 +282,13 @@ class ReplayStore:
     are serialised by a lock); any thread may read, each on its own connection.
     """
 
-    def __init__(self, path: Path, cfg: StoreConfig, channels: list[str], seed: int | None = None) -> None:
+    def __init__(
+        self, path: Path, cfg: StoreConfig, channels: list[str], seed: int | None = None, progress: Callable[[str], None] | None = None
+    ) -> None:
+        """`progress` is told what a long open does (the move of an older store's readings), a
+        line at a time, for the service manager."""
         self.path = Path(path)
+        self._progress = progress
         self.cfg = cfg
         self.channels = list(channels)
         self._rng = np.random.default_rng(seed)
@@ -453,6 +458,8 @@ class ReplayStore:
                     if rows:
                         moved += len(rows)
                         log.info("store %s: moved %d readings to the time-keyed table", self.path, moved)
+                        if self._progress is not None:
+                            self._progress(f"moving stored readings to the time-keyed table: {moved:,} of about {rows_left:,}")
             conn.execute("PRAGMA incremental_vacuum")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         log.info(

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,9 @@ from edge_daemon.config import StoreConfig
 from edge_daemon.errors import StoreError
 from edge_daemon.store import Reading, ReplayStore, stored_ts
 from edge_daemon.store_schema import CHANNEL_MASK, LEGACY_READINGS, MIGRATIONS
+from edge_daemon.broker import LocalBroker
 from tests.support import legacy_store
+from tests.test_notify import NotifyListener, listener  # noqa: F401 - the fixture
 
 NOW = 1_800_000_000.0
 CHANNELS = [f"m{k}/current" for k in range(10)]
@@ -160,3 +163,37 @@ def test_a_move_killed_midway_resumes_at_the_next_open_and_stores_every_reading_
     ts, idx, values = store.read()
     assert list(zip(ts.tolist(), idx.tolist(), values.tolist())) == sorted((t, channels.index(c), v) for c, t, v in rows)
     store.close()
+
+
+def test_the_service_manager_is_told_of_the_store_check_and_each_window_of_a_move_before_ready(
+    tmp_path: Path, broker: LocalBroker, listener: NotifyListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a large older store outlasts TimeoutStartSec on a slow card unless systemd hears
+    of it: STATUS= says what is done, and each step extends the start timeout."""
+    import edge_daemon.store as store_module
+    from edge_daemon.daemon import Daemon
+    from tests.conftest import CHANNELS as MOTOR, make_config, start_daemon
+
+    monkeypatch.setattr(store_module, "LEGACY_CHUNK", 5_000)
+    config = make_config(tmp_path, port=broker.port)
+    config.store_path.parent.mkdir(parents=True)
+    rows = legacy_readings(2.0, MOTOR)  # 21,600 readings: five windows
+    legacy_store(config.store_path, rows)
+    daemon = Daemon(config)
+    # Started in a thread while this one reads the notifications, as systemd does: a datagram
+    # socket nobody reads fills up and blocks the sender.
+    starting = threading.Thread(target=start_daemon, args=(daemon,))
+    starting.start()
+    try:
+        before = []  # what systemd hears while the daemon starts (READY=1 comes after, from `run`)
+        while starting.is_alive():
+            before += listener.pending()
+            starting.join(0.05)
+        before += listener.pending()
+        assert before[0].startswith("STATUS=checking the replay store (") and before[1].startswith("EXTEND_TIMEOUT_USEC=")
+        moves = [k for k, m in enumerate(before) if m.startswith("STATUS=moving stored readings to the time-keyed table: ")]
+        assert len(moves) >= 4 and before[moves[-1]].endswith(f"of about {len(rows):,}"), before
+        assert all(before[k + 1] == "EXTEND_TIMEOUT_USEC=120000000" for k in moves)
+        assert daemon.store is not None and daemon.store.count() == len(rows)
+    finally:
+        daemon.stop()
