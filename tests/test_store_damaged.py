@@ -269,3 +269,39 @@ def test_a_running_daemon_whose_store_a_commit_finds_damaged_replaces_it_and_sto
         daemon.stop()
         alerts.close()
     assert [a["type"] for a in alerts.received].count("store_damaged") == 1
+
+
+def test_a_wal_cut_short_mid_write_loses_only_its_unfinished_commit_and_the_daemon_stores_every_reading_after(
+    tmp_path: Path, broker: LocalBroker
+) -> None:
+    """Power lost while the card wrote the WAL: the file ends partway through a frame. SQLite
+    keeps every commit before it and drops the unfinished one; the store passes its check and
+    the daemon carries on from there."""
+    import shutil
+
+    source = make_config(tmp_path / "before")
+    with ReplayStore(source.store_path, source.store, CHANNELS) as store:
+        for b in range(5):
+            store.write(batch(1.7e9 + 1000 * b, 3000))
+        # The files as a power cut leaves them: the WAL not yet checkpointed into store.db.
+        config = make_config(tmp_path, port=broker.port)
+        config.store_path.parent.mkdir(parents=True)
+        for suffix in ("", "-wal"):
+            shutil.copy(f"{source.store_path}{suffix}", f"{config.store_path}{suffix}")
+    wal = Path(f"{config.store_path}-wal")
+    os.truncate(wal, wal.stat().st_size - 700)  # into the last commit's last frame
+    daemon = Daemon(config)
+    start_daemon(daemon)
+    try:
+        status = request(config.device.socket, {"cmd": "status"})
+        assert status["store"]["check"]["problem"] is None and status["store"]["damaged"] == 0
+        assert status["store"]["readings"] == 4 * 3000  # every commit before the cut
+        steps = 2_000
+        publish_motor(broker.port, float(int(time.time()) - steps - 60), steps)
+        assert daemon.store is not None
+        wait_for(lambda: daemon.store.count() >= 4 * 3000 + 3 * steps, HANG_S, "every reading stored", detail=lambda: daemon.store.count())
+        assert len(daemon.store.read(None, None)[0]) == daemon.store.count() == 4 * 3000 + 3 * steps
+        assert all(part.alive for part in daemon.parts.values())
+    finally:
+        daemon.stop()
+    assert not list(config.store_path.parent.glob("store.db.corrupt-*"))
