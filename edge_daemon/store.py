@@ -230,6 +230,23 @@ def move_aside(path: Path, problem: str, now: float) -> Path:
     return moved
 
 
+def drop_cached_pages(path: Path) -> None:
+    """Ask the kernel to drop the store file's clean pages from the page cache. A check reads
+    the whole file: left cached, a second read (the next check, a restart's) marks those pages
+    active, and the service's cgroup charge (less inactive page cache: what the memory watchdog
+    reads) would carry the store's size until the kernel needs the room."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def check_store(path: Path, busy_timeout_s: float = 30.0, cause: str = "start") -> StoreCheck:
     """Check an existing store with `PRAGMA quick_check` (its WAL included) before it is opened.
 
@@ -248,6 +265,7 @@ def check_store(path: Path, busy_timeout_s: float = 30.0, cause: str = "start") 
             problem = quick_check(conn)
         finally:
             conn.close()
+            drop_cached_pages(path)
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot check the replay store: {exc}") from exc
     seconds = time.monotonic() - started
@@ -955,6 +973,7 @@ class ReplayStore:
         try:
             with self._reader() as conn:
                 problem = quick_check(conn)
+            drop_cached_pages(self.path)
         except sqlite3.Error as exc:
             if not calls_for_check(exc):
                 raise StoreError(f"{self.path}: cannot check the replay store: {exc}") from exc

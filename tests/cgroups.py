@@ -57,6 +57,10 @@ class MemoryCgroup:
     def inactive_file_mb(self) -> float:
         return self._stat_mb("inactive_file", "total_inactive_file")
 
+    def cache_mb(self) -> float:
+        """Page cache of files the group is charged for."""
+        return self._stat_mb("file", "total_cache")
+
     def anon_mb(self) -> float:
         """Anonymous memory the group is charged for (heap, stacks; no page cache of files)."""
         return self._stat_mb("anon", "total_rss")

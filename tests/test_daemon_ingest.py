@@ -372,7 +372,7 @@ def test_cli_validate_config_and_status(tmp_path: Path, broker: LocalBroker, dae
     reply = json.loads(result.stdout)
     assert reply["ok"] is True and reply["device"] == "test-dev"
     assert set(reply["ingest"]) >= {"received", "stored", "rejected", "rejected_by_reason"}
-    assert set(reply["store"]) == {"readings", "bytes", "disk_free_bytes", "disk_full", "check"}
+    assert set(reply["store"]) == {"readings", "bytes", "disk_free_bytes", "disk_full", "check", "damaged"}
     human = run_cli("status", "--socket", str(tmp_path / "control.sock"))
     assert human.returncode == 0 and "test-dev" in human.stdout and "readings" in human.stdout
     assert daemon.terminate() == 0

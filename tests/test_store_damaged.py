@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +21,11 @@ from edge_daemon.control.client import request
 from edge_daemon.daemon import Daemon
 from edge_daemon.errors import StoreError, StoreReplacedError
 from edge_daemon.store import CORRUPT_KEEP, Reading, ReplayStore, check_store, damaged_stores
+from tests.cgroups import MemoryCgroup
 from tests.conftest import CHANNELS, make_config, start_daemon
 from tests.support import AlertSubscriber, publish_motor, wait_for
 from tests.test_metrics import scrape, value
+from tests.test_watchdog import memory_cgroup  # noqa: F401 - the fixture
 
 HANG_S = 120.0  # bounds a hang only
 READINGS = 6_000
@@ -305,3 +309,35 @@ def test_a_wal_cut_short_mid_write_loses_only_its_unfinished_commit_and_the_daem
     finally:
         daemon.stop()
     assert not list(config.store_path.parent.glob("store.db.corrupt-*"))
+
+
+CHECK_IN_CHILD = r"""
+import sys
+from pathlib import Path
+from edge_daemon.store import check_store
+print(check_store(Path(sys.argv[1])).problem, flush=True)
+"""
+
+
+def test_the_check_leaves_no_page_cache_of_the_store_charged_to_the_service(tmp_path: Path, memory_cgroup: MemoryCgroup) -> None:
+    """A check reads the whole store; its pages must not stay charged to the daemon's cgroup,
+    where a second read would make them active and the memory watchdog count the store's size."""
+    config = make_config(tmp_path)
+    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+        for b in range(20):
+            store.write(batch(1.7e9 + 20_000 * b, 60_000))
+    size_mb = config.store_path.stat().st_size / 2**20
+    assert size_mb > 8
+    fd = os.open(config.store_path, os.O_RDONLY)
+    try:  # cold, as after a boot: the child's reads are charged to its cgroup
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    before = memory_cgroup.cache_mb()
+    child = subprocess.run(
+        [sys.executable, "-c", CHECK_IN_CHILD, str(config.store_path)], preexec_fn=memory_cgroup.enter_fn(),
+        capture_output=True, text=True, timeout=HANG_S, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert child.returncode == 0 and child.stdout.strip() == "None", child.stderr
+    # Python, torch-free imports and SQLite's own pages stay; not the 8+ MB the check read.
+    assert memory_cgroup.cache_mb() - before < size_mb / 4, (memory_cgroup.cache_mb(), before, size_mb)
