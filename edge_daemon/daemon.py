@@ -125,7 +125,8 @@ class Daemon:
             notify.status(f"checking the replay store ({path.stat().st_size / 2**20:.0f} MB)")
             notify.extend_timeout(STORE_OPEN_GRACE_S + path.stat().st_size / STORE_CHECK_BYTES_PER_S)
         check = check_store(path)
-        self.store = ReplayStore(path, self.config.store, self.config.channels.names, progress=self._opening_store)
+        # The daemon's store, and only it, replaces a file found damaged while running.
+        self.store = ReplayStore(path, self.config.store, self.config.channels.names, progress=self._opening_store, recovers=True)
         self._store_part = StorePart(self.store, check)
         return self._store_part
 

@@ -176,9 +176,10 @@ class StoreCheck(NamedTuple):
 
 CORRUPT_KEEP = 2  # damaged stores kept for inspection, the newest: a card that keeps corrupting must not fill up
 _CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
-# Errors met while running after which the store is checked: damage, or the I/O error a failing
-# card gives (the check then tells the two apart).
-_CHECK_CODES = (*_CORRUPT_CODES, sqlite3.SQLITE_IOERR)
+# The I/O errors (extended codes) of a file the card cannot read back: a plain SQLITE_IOERR, a
+# failed or short read, the file system's own damage. Not those of a full disk (fsync, the
+# shared-memory index), of memory or of locks: those are retried, never called damage.
+_READ_ERRORS = (10, 266, 522, 8458)  # SQLITE_IOERR, _READ, _SHORT_READ, _CORRUPTFS
 
 
 def _code(exc: BaseException) -> int:
@@ -186,8 +187,11 @@ def _code(exc: BaseException) -> int:
 
 
 def calls_for_check(exc: BaseException) -> bool:
-    """Whether an SQLite error met while running says the store may be damaged."""
-    return isinstance(exc, sqlite3.DatabaseError) and _code(exc) in _CHECK_CODES
+    """Whether an SQLite error met while running says the store may be damaged: SQLite calls
+    it corrupt or not a database, or the file cannot be read back."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    return _code(exc) in _CORRUPT_CODES or getattr(exc, "sqlite_errorcode", 0) in _READ_ERRORS
 
 
 def quick_check(conn: sqlite3.Connection) -> str | None:
@@ -197,7 +201,7 @@ def quick_check(conn: sqlite3.Connection) -> str | None:
     try:
         rows = conn.execute("PRAGMA quick_check").fetchall()
     except sqlite3.DatabaseError as exc:
-        if _code(exc) not in _CORRUPT_CODES:
+        if not calls_for_check(exc):  # an unreadable page is damage too
             raise
         return str(exc)
     if [tuple(r) for r in rows] == [("ok",)]:
@@ -269,7 +273,10 @@ def check_store(path: Path, busy_timeout_s: float = 30.0, cause: str = "start") 
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot check the replay store: {exc}") from exc
     seconds = time.monotonic() - started
-    moved = None if problem is None else move_aside(path, problem, now)
+    try:
+        moved = None if problem is None else move_aside(path, problem, now)
+    except OSError as exc:  # a card remounted read-only, say
+        raise StoreError(f"{path}: damaged ({problem}) and cannot be moved aside: {exc}") from exc
     return StoreCheck(seconds, problem, moved, now, cause)
 
 
@@ -286,6 +293,8 @@ def _recovers(method: Callable[..., T]) -> Callable[..., T]:
             error = exc.__cause__ if isinstance(exc, StoreError) else exc
             if isinstance(exc, StoreReplacedError) or error is None or not calls_for_check(error):
                 raise
+            if not self.recovers:
+                raise StoreError(f"{self.path}: {error} (the store may be damaged: the daemon checks it)") from exc
             if self.recover(str(error), generation).moved_to is not None:
                 raise StoreReplacedError(f"{self.path}: the store was damaged ({error}) and replaced by a new one") from exc
             raise
@@ -301,12 +310,22 @@ class ReplayStore:
     """
 
     def __init__(
-        self, path: Path, cfg: StoreConfig, channels: list[str], seed: int | None = None, progress: Callable[[str], None] | None = None
+        self,
+        path: Path,
+        cfg: StoreConfig,
+        channels: list[str],
+        seed: int | None = None,
+        progress: Callable[[str], None] | None = None,
+        recovers: bool = False,
     ) -> None:
         """`progress` is told what a long open does (the move of an older store's readings), a
-        line at a time, for the service manager."""
+        line at a time, for the service manager. `recovers`: this instance replaces the file when
+        it meets damage (`recover`); only the daemon's may, as moving the file aside from under
+        it would send its acknowledged readings to the file moved aside. Any other process's
+        store (a training worker's, the report's) raises the error and leaves it to the daemon."""
         self.path = Path(path)
         self._progress = progress
+        self.recovers = recovers
         self.cfg = cfg
         self.channels = list(channels)
         self._rng = np.random.default_rng(seed)
@@ -316,6 +335,10 @@ class ReplayStore:
         self._readers_lock = threading.Lock()
         self._closed = False
         self._generation = 0  # counts the files opened: a reader lent out before a replacement is closed on return
+        self._recovering = False  # a replacement is under way: readers wait for it (`_readers_changed`)
+        self._readers_changed = threading.Condition(self._readers_lock)
+        self._broken: str | None = None  # why the file could not be opened again after a check
+        self._checking = False  # a scheduled check holds a snapshot: retention does not wait to checkpoint
         # Damaged stores replaced while running (`recover`), oldest first, and what is called
         # with each (outside the store's locks).
         self.replaced: list[StoreCheck] = []
@@ -376,8 +399,13 @@ class ReplayStore:
         """A reader connection from a small pool: threads come and go (one per control client),
         so connections are lent out per call rather than kept per thread."""
         with self._readers_lock:
+            # Not while the store is being replaced: a reader opened then would read the file
+            # moved aside (or make an empty one where the new store goes).
+            self._readers_changed.wait_for(lambda: not self._recovering)
             if self._closed:
                 raise StoreError("replay store is closed")
+            if self._broken is not None:
+                raise StoreError(f"{self.path}: replay store unavailable: {self._broken}")
             conn = self._idle_readers.pop() if self._idle_readers else None
             generation = self._generation
         if conn is None:
@@ -540,6 +568,7 @@ class ReplayStore:
         with self._write_lock:
             if self._closed:
                 raise StoreError("replay store is closed")
+            self._reopen_if_broken()
             try:
                 with self._transaction(self._conn) as conn:
                     added_total = self._insert(conn, readings) if readings else 0
@@ -611,8 +640,11 @@ class ReplayStore:
 
     def _after_failed_write(self) -> None:
         # The in-memory channel ids may name rows the rollback removed; so may the held count.
-        self._channel_ids = {name: int(cid) for cid, name in self._conn.execute("SELECT id, name FROM channels")}
-        self._count_held()
+        try:
+            self._channel_ids = {name: int(cid) for cid, name in self._conn.execute("SELECT id, name FROM channels")}
+            self._count_held()
+        except sqlite3.Error as exc:  # the write's own error is the one raised
+            log.warning("store %s: re-reading channel ids after a failed write failed too: %s", self.path, exc)
 
     # -- the hold ----------------------------------------------------------------------------
 
@@ -832,7 +864,13 @@ class ReplayStore:
         return page_size, page_count, freelist
 
     def _reclaim(self, budget: float) -> bool:
-        """Give freed pages back to the file system and empty the WAL; VACUUM if that is not enough."""
+        """Give freed pages back to the file system and empty the WAL; VACUUM if that is not enough.
+
+        Not while a scheduled check holds its snapshot of the whole file: a TRUNCATE checkpoint
+        would wait for it (with the write lock held, ingestion too); the next run does it."""
+        if self._checking:
+            log.info("store %s: a check is under way; pages are handed back at the next retention run", self.path)
+            return False
         # TRUNCATE also resets the WAL file to zero bytes; it can only be partial while a reader
         # holds an old snapshot, which the next run catches up on.
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -884,6 +922,8 @@ class ReplayStore:
         with self._write_lock:
             if self._closed:
                 raise StoreError("replay store is closed")
+            if self._broken is not None:
+                raise StoreError(f"{self.path}: replay store unavailable: {self._broken}")
             page_size, page_count, freelist = self._page_stats()
             rows_total = self.count()
             used = (page_count - freelist) * page_size
@@ -970,15 +1010,18 @@ class ReplayStore:
         no read has met yet; a damaged store is replaced (`recover`). Returns what was found."""
         generation = self._generation
         started = time.monotonic()
+        self._checking = True
         try:
             with self._reader() as conn:
                 problem = quick_check(conn)
             drop_cached_pages(self.path)
         except sqlite3.Error as exc:
-            if not calls_for_check(exc):
-                raise StoreError(f"{self.path}: cannot check the replay store: {exc}") from exc
-            problem = str(exc)
+            raise StoreError(f"{self.path}: cannot check the replay store: {exc}") from exc
+        finally:
+            self._checking = False
         if problem is not None:
+            if not self.recovers:
+                raise StoreError(f"{self.path}: the replay store is damaged: {problem}")
             return self.recover(problem, generation, cause="scheduled")
         self.last_check = StoreCheck(time.monotonic() - started, None, None, time.time(), "scheduled")
         return self.last_check
@@ -998,27 +1041,60 @@ class ReplayStore:
                 return self.last_check or StoreCheck(0.0, None, None, time.time(), error)
             log.warning("store %s: %s; checking the store", self.path, error)
             with self._readers_lock:
+                self._recovering = True
                 self._generation += 1
                 for conn in self._idle_readers:
                     conn.close()
                 self._idle_readers.clear()
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.close()
             try:
-                check = check_store(self.path, cause=cause or error)
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+                try:
+                    check = check_store(self.path, cause=cause or error)
+                except StoreError as exc:
+                    self._reopen(f"the check failed: {exc}")
+                    raise
+                # Recorded (and told, below) before the file opens again: the damaged one has
+                # gone aside whether or not the new one can be made.
+                self.last_check = check
+                if check.moved_to is not None:
+                    self.replaced.append(check)
+                self._reopen("" if check.moved_to is None else f"a new store after {check.moved_to.name}")
             finally:
-                self._open()
-            self.last_check = check
-            if check.moved_to is None:
-                log.warning("store %s passed its check (%.1f s): carrying on with it", self.path, check.seconds)
-                return check
-            self.replaced.append(check)
+                with self._readers_lock:
+                    self._recovering = False
+                    self._generation += 1
+                    self._readers_changed.notify_all()
+        if check.moved_to is None:
+            log.warning("store %s passed its check (%.1f s): carrying on with it", self.path, check.seconds)
+            return check
         for hook in self.on_replaced:
             try:
                 hook(check)
             except Exception:
                 log.exception("on_replaced hook %r failed", hook)
         return check
+
+    def _reopen(self, what: str) -> None:
+        """Open the file again after a check (with the write lock held). If it cannot be opened,
+        the store is unavailable (every call raises StoreError) until a later write opens it."""
+        try:
+            self._open()
+            self._broken = None
+        except StoreError as exc:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._broken = f"{what}: {exc}" if what else str(exc)
+            log.error("store %s: cannot be opened again after its check: %s", self.path, exc)
+
+    def _reopen_if_broken(self) -> None:
+        """A write (with the write lock held) to a store left unavailable by a failed reopen
+        tries to open it once more first."""
+        if self._broken is None:
+            return
+        self._reopen("")
+        if self._broken is not None:
+            raise StoreError(f"{self.path}: replay store unavailable: {self._broken}")
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -43,3 +43,5 @@ def test_three_days_in_minutes_keep_every_recent_reading_once_within_budget_and_
     # Anonymous memory: a restarted process finds the libraries' pages in the page cache and
     # activates them, which the charge (usage less inactive file pages) counts once more.
     assert f["anon_growth_mb"] <= 10.0, f["charges_mb"]
+    # And the charge with clean page cache dropped: what the process holds.
+    assert f["held_growth_mb"] <= 10.0, f["charges_mb"]

@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -159,12 +160,11 @@ def damage_under(store: ReplayStore, offset_of: Callable[[int], int], size: int)
     """Garbage at `offset_of(file size)` of the running store's file, as a worn card leaves it:
     another connection first commits (so the store's connections drop their page caches, as
     they do after any other writer) and checkpoints the WAL into the file, so reads of the
-    damaged pages go to the file."""
+    damaged pages go to the file (again until no reader of the daemon holds an older snapshot)."""
     other = sqlite3.connect(store.path, isolation_level=None, timeout=30)
     try:
         other.execute("UPDATE meta SET value = value WHERE key = 'segment_s'")
-        busy, _frames, _done = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        assert busy == 0
+        wait_for(lambda: other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0, HANG_S, "a whole checkpoint")
     finally:
         other.close()
     overwrite(store.path, offset_of(store.path.stat().st_size), size)
@@ -176,7 +176,7 @@ def batch(start: float, n: int) -> list[Reading]:
 
 def test_damage_a_read_meets_while_running_replaces_the_store_once_and_it_carries_on(tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+    with ReplayStore(config.store_path, config.store, CHANNELS, recovers=True) as store:
         replaced: list = []
         store.on_replaced.append(replaced.append)
         store.write(batch(1.7e9, READINGS))
@@ -199,7 +199,7 @@ def test_damage_a_read_meets_while_running_replaces_the_store_once_and_it_carrie
 
 def test_damage_a_write_meets_replaces_the_store_and_the_batch_can_go_to_the_new_one(tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+    with ReplayStore(config.store_path, config.store, CHANNELS, recovers=True) as store:
         store.write(batch(1.7e9, READINGS))
         damage_under(store, lambda size: size - 16 * 1024, 16 * 1024)  # the newest pages, where a commit appends
         new = batch(1.8e9, 600)
@@ -210,9 +210,69 @@ def test_damage_a_write_meets_replaces_the_store_and_the_batch_can_go_to_the_new
         assert store.count() == 600
 
 
+def test_a_store_that_does_not_recover_leaves_a_damaged_file_where_it_is(tmp_path: Path) -> None:
+    """Another process's store (a training worker's, the report's) meets the damage: it raises,
+    and the file stays for the daemon's store to replace (moving it from under the daemon would
+    send the daemon's acknowledged readings to the file moved aside)."""
+    config = make_config(tmp_path)
+    with ReplayStore(config.store_path, config.store, CHANNELS, recovers=True) as daemon_store:
+        daemon_store.write(batch(1.7e9, READINGS))
+        damage_under(daemon_store, lambda size: size // 2, 64 * 1024)
+        with ReplayStore(config.store_path, config.store, CHANNELS) as other:
+            with pytest.raises(StoreError) as raised:
+                other.read(None, None)
+            assert not isinstance(raised.value, StoreReplacedError)
+            with pytest.raises(StoreError, match="damaged"):
+                other.check_now()
+        assert config.store_path.is_file() and not damaged_stores(config.store_path) and not daemon_store.replaced
+        with pytest.raises(StoreReplacedError):  # the daemon's own store does replace it
+            daemon_store.read(None, None)
+        assert len(damaged_stores(config.store_path)) == 1
+
+
+def test_readers_during_a_replacement_read_the_new_store(tmp_path: Path) -> None:
+    """Threads reading while the store is replaced (the status, scoring, the control socket): a
+    connection opened then must not stay pooled on the file moved aside."""
+    config = make_config(tmp_path)
+    with ReplayStore(config.store_path, config.store, CHANNELS, recovers=True) as store:
+        store.write(batch(1.7e9, READINGS))
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            while not stop.is_set():
+                try:
+                    store.count()
+                except StoreError:
+                    pass  # the reader that met the damage, or one during the replacement
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+                    return
+
+        readers = [threading.Thread(target=read) for _ in range(4)]
+        for thread in readers:
+            thread.start()
+        try:
+            # A few replacements: a reader that opens during one is a race each time.
+            for rounds in range(1, 6):
+                damage_under(store, lambda size: size // 2, 64 * 1024)
+                with pytest.raises(StoreReplacedError):
+                    store.read(None, None)
+                assert store.write(batch(1.8e9, 600)) == 600
+                # Every pooled reader is on the new file (one left on the old would count more).
+                assert [store.count() for _ in range(8)] == [600] * 8, rounds
+                store.write(batch(1.9e9, READINGS))  # enough for the next round's damage
+        finally:
+            stop.set()
+            for thread in readers:
+                thread.join(HANG_S)
+        assert not errors, errors
+        assert len(store.replaced) == rounds
+
+
 def test_the_scheduled_check_finds_damage_no_read_has_met_and_passes_an_intact_store(tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+    with ReplayStore(config.store_path, config.store, CHANNELS, recovers=True) as store:
         store.write(batch(1.7e9, READINGS))
         check = store.check_now()
         assert (check.problem, check.moved_to, check.cause) == (None, None, "scheduled") and check.seconds > 0
@@ -227,7 +287,7 @@ def test_the_scheduled_check_finds_damage_no_read_has_met_and_passes_an_intact_s
 def test_an_error_after_which_the_store_passes_its_check_keeps_the_store(tmp_path: Path) -> None:
     """An I/O error a card gave once: the store is checked, found intact, and kept as it is."""
     config = make_config(tmp_path)
-    with ReplayStore(config.store_path, config.store, CHANNELS) as store:
+    with ReplayStore(config.store_path, config.store, CHANNELS, recovers=True) as store:
         store.write(batch(1.7e9, READINGS))
         count = store.count()  # a pooled reader, closed by the check
         check = store.recover("disk I/O error")
