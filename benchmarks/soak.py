@@ -21,9 +21,8 @@ cache) is read then, so the points compare the same idle state. A process that h
 than a day of readings holds less (its day-long windows are not full; a restarted daemon does
 not refill them), so growth is taken over the points whose process has seen a day.
 
-At the end (the daemon stopped with SIGTERM) the store is read back: every reading within
-`recent_hours` of the stop by the clock (kept whole; the data's clock ends where the run
-started) must be there exactly once, every older segment kept by the
+At the end (the daemon stopped with SIGTERM) the store is read back: every reading of the last
+`recent_hours` (kept whole) must be there exactly once, every older segment kept by the
 reservoir must be whole, the store must never have been over its budget (sampled every
 second), and the reservoir must still hold segments of the first regime. Prints one table and,
 with `--json`, the figures.
@@ -228,7 +227,7 @@ def drop_clean_page_cache() -> None:
 
 def idle_charge(daemon: Daemon, publisher: Publisher, store_path: Path, last_ts: Any) -> tuple[float, float, float]:
     """Pause the publisher, wait until the store holds every step it sent and scoring stops
-    moving, read the cgroup's charge, resume."""
+    moving, read the cgroup's charge, and read it again after dropping clean page cache."""
     wait_for(lambda: publisher.acked >= publisher.sent > 0, HANG_S, "the broker acknowledged every step sent")
     sent = publisher.sent
     wait_for(lambda: (newest_stored(store_path) or 0) >= last_ts(sent), HANG_S, f"step {sent} stored")
@@ -345,7 +344,6 @@ def run(days: int, speed: float, budget_mb: float, recent_hours: float, keep: Pa
         charges.append(("the end", mb, anon, (publisher.sent - started_at[0]) / DAY, held))
         figures["wall_s"] = time.monotonic() - started
         figures["restarts"] = daemon.starts - 1
-        figures["stopped_unix"] = time.time()
         figures["stop_code"] = daemon.stop()
     finally:
         stop_sampling.set()
@@ -355,7 +353,7 @@ def run(days: int, speed: float, budget_mb: float, recent_hours: float, keep: Pa
             daemon.proc.kill()
         cgroup.remove(60)
         broker.stop()
-    figures.update(check_store(store_path, start_ts, steps_total, recent_hours, float(cfg.store.segment_s), figures["stopped_unix"]))
+    figures.update(check_store(store_path, start_ts, steps_total, recent_hours, float(cfg.store.segment_s)))
     figures["charges_mb"] = charges
     # Growth against the first point: over the points whose process has seen a day of readings
     # (its day-long windows full), as a process younger than that holds less.
@@ -371,21 +369,15 @@ def run(days: int, speed: float, budget_mb: float, recent_hours: float, keep: Pa
     return figures
 
 
-def check_store(path: Path, start_ts: float, steps: int, recent_hours: float, segment_s: float, stopped_unix: float) -> dict[str, Any]:
-    """What the stopped daemon left: the recent readings whole and once, older segments whole,
-    and how far back the reservoir reaches.
-
-    Recent is what retention keeps whole: readings of the last `recent_hours` by the device
-    clock when it last ran. The run's readings are stamped to end when it started (compressed
-    time), so by the end of the run the clock is that much further on, and the oldest of the data's
-    last `recent_hours` are older than that, kept only as the reservoir's sample of segments:
-    recent here starts at the first whole segment inside `recent_hours` before the stop."""
+def check_store(path: Path, start_ts: float, steps: int, recent_hours: float, segment_s: float) -> dict[str, Any]:
+    """What the stopped daemon left: the recent readings (within `recent_hours` of the newest)
+    whole and once, older segments whole, and how far back the reservoir reaches."""
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
         keys = np.fromiter((k for (k,) in conn.execute("SELECT key FROM samples")), dtype=np.int64)
         size = path.stat().st_size
     ts, _ = decode_keys(keys)
     end_ts = start_ts + steps - 1
-    recent_from = max(end_ts - recent_hours * 3600 + 1, (segment_of(stopped_unix - recent_hours * 3600, segment_s) + 1) * segment_s)
+    recent_from = end_ts - recent_hours * 3600 + 1
     recent = ts >= recent_from
     expected_recent = 3 * int(end_ts - recent_from + 1)
     segments = np.asarray([segment_of(t, segment_s) for t in ts[~recent].tolist()], dtype=np.int64)
@@ -397,7 +389,6 @@ def check_store(path: Path, start_ts: float, steps: int, recent_hours: float, se
     return {
         "store_bytes_end": size,
         "recent_expected": expected_recent,
-        "recent_hours_checked": (end_ts - recent_from + 1) / 3600,
         "recent_stored": int(recent.sum()),
         "duplicates": int(len(keys) - len(np.unique(keys))),
         "old_segments": int(inside.sum()),
@@ -425,7 +416,7 @@ def main() -> None:
           f"budget {f['budget_mb']:g} MB, recent {f['recent_hours']:g} h\n")
     print("| figure | value | target |")
     print("| --- | --: | --- |")
-    print(f"| recent readings stored (the data's last {f['recent_hours_checked']:.2f} h: within {f['recent_hours']:g} h of the stop by the clock) | {f['recent_stored']:,} of {f['recent_expected']:,} | all, once |")
+    print(f"| recent readings stored (last {f['recent_hours']:g} h) | {f['recent_stored']:,} of {f['recent_expected']:,} | all, once |")
     print(f"| duplicates | {f['duplicates']} | 0 |")
     print(f"| older segments kept / of them partial | {f['old_segments']} / {f['old_segments_partial']} | whole |")
     print(f"| older segments from the first regime (days 0-{f['days'] // 3}) | {f['old_segments_first_regime']} | > 0 |")

@@ -906,10 +906,11 @@ class ReplayStore:
             # Recent by the newest stored reading where the clock runs ahead of the data (a clock
             # set wrong must not turn recent data into old data and sample it away).
             now = time.time()
-            with self._reader() as conn:
-                newest_segment = conn.execute("SELECT MAX(id) FROM segments").fetchone()[0]
-            if newest_segment is not None:
-                now = min(now, (newest_segment + 1) * self._segment_s)
+            # The newest reading, not its segment's end: that would count up to a segment of
+            # readings within recent_hours of the newest as old.
+            newest = self.time_range()
+            if newest is not None:
+                now = min(now, newest[1])
         now = float(now)
         configured = self.cfg.budget_mb * 1024 * 1024
         budget = max(0.0, min(configured, self.disk_budget_bytes()))

@@ -225,6 +225,24 @@ def test_retention_judges_recent_by_the_newest_reading_when_the_clock_runs_ahead
     store.close()
 
 
+@pytest.mark.parametrize("into_segment_s", [20.0, 50.0])
+def test_retention_keeps_every_reading_within_recent_hours_of_the_newest_when_it_ends_mid_segment(
+    tmp_path: Path, into_segment_s: float
+) -> None:
+    """The data's newest reading partway into a segment, the clock ahead: recent is measured from
+    that reading, not from its segment's end (which would count up to a segment of the last
+    hour as old)."""
+    store = open_store(tmp_path, budget_mb=1.0, recent_hours=1.0, segment_s=60.0, reservoir_fraction=0.3)
+    end = math.floor(time.time() / 60.0) * 60.0 - 30 * 86400 + into_segment_s
+    fill(store, end - 12 * 3600, 12 * 3600, step=2.0)
+    report = store.run_retention()
+    assert report["deleted_rows"] > 0
+    ts, _, _ = store.read()
+    newest = float(ts.max())
+    assert int(np.sum(ts > newest - 3600)) == 1800 * 3  # every reading within the hour before the newest
+    store.close()
+
+
 def test_retention_under_budget_deletes_nothing(tmp_path: Path) -> None:
     store = open_store(tmp_path, budget_mb=64.0, recent_hours=1.0, segment_s=60.0)
     fill(store, NOW - 6 * 3600, 6 * 3600, step=10.0)
