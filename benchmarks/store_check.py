@@ -10,7 +10,9 @@ otherwise), and on the same store with 64 KiB in the middle overwritten (the dam
 also moves it aside). Beside it: opening the store (`ReplayStore(...)`), which the daemon does
 anyway, as the baseline the check adds to; and opening a store of the same readings written with
 the earlier (channel_id, ts) key, which moves them to the time-keyed table once (its time and the
-file's size before and after).
+file's size before and after). Last, the daemon's whole start on that store
+(`python -m edge_daemon run`, a broker up, no base model: from the process's start until its
+control socket answers `status`), with the file in the page cache and after dropping it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,9 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from edge_daemon.broker import LocalBroker  # noqa: E402
 from edge_daemon.config import StoreConfig  # noqa: E402
 from edge_daemon.store import Reading, ReplayStore, check_store  # noqa: E402
-from tests.support import legacy_store  # noqa: E402
+from tests.support import config_toml, daemon_status, legacy_store  # noqa: E402
 
 CHANNELS = ["m1/temperature", "m1/vibration", "m1/current"]
 BATCH = 30_000
@@ -60,6 +65,48 @@ def timed(action) -> float:  # noqa: ANN001
     return time.perf_counter() - started
 
 
+def daemon_start(root: Path, store: Path, mb: float, cold: bool) -> float:
+    """Seconds from starting `python -m edge_daemon run` on `store` until its control socket
+    answers `status` (a broker up; the page cache dropped first when `cold`); then SIGTERM."""
+    state = root / "daemon-state"
+    state.mkdir(exist_ok=True)
+    if store.resolve() != (state / "store.db").resolve():
+        os.replace(store, state / "store.db")
+    (root / "broker").mkdir(exist_ok=True)
+    broker = LocalBroker(workdir=root / "broker")
+    broker.start()
+    sock = root / "control.sock"
+    config = root / "daemon.toml"
+    config.write_text(config_toml({
+        "device": {"id": "store-check", "state_dir": str(state), "socket": str(sock)},
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "topics": ["sensors/#"]},
+        "channels": {"names": CHANNELS, "period_s": 1.0},
+        "store": {"budget_mb": mb * 4, "recent_hours": 24 * 365},
+        "train": {"start_on": ["request"]},
+    }))  # fmt: skip
+    try:
+        if cold and not drop_caches():
+            return float("nan")
+        started = time.perf_counter()
+        with open(root / "daemon.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "edge_daemon", "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            while daemon_status(sock) is None:
+                if proc.poll() is not None:
+                    raise SystemExit(f"the daemon exited ({proc.returncode}):\n{(root / 'daemon.log').read_text()[-3000:]}")
+                time.sleep(0.05)
+            seconds = time.perf_counter() - started
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+        return seconds
+    finally:
+        broker.stop()
+        os.replace(state / "store.db", store)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{state / 'store.db'}{suffix}").unlink(missing_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=128.0, help="store size to build")
@@ -84,6 +131,10 @@ def main() -> None:
             rows.append(("quick_check, page cache dropped (a boot)", cold.seconds))
             drop_caches()
             rows.append(("opening the store, page cache dropped", timed(lambda: ReplayStore(path, cfg, CHANNELS).close())))
+        daemon_start(root, path, args.mb, cold=False)  # a first start: the libraries into the page cache
+        rows.append(("the daemon's whole start (until `status` answers), in the page cache", daemon_start(root, path, args.mb, cold=False)))
+        if os.geteuid() == 0:
+            rows.append(("the daemon's whole start, page cache dropped (a boot)", daemon_start(root, path, args.mb, cold=True)))
         legacy = root / "legacy" / "store.db"
         legacy.parent.mkdir(exist_ok=True)
         t0 = 1.7e9
