@@ -120,10 +120,11 @@ class Daemon:
         # A damaged store (power lost mid-write on a worn card) is moved aside and a new one
         # started: an alert and the status say so once the broker is reached.
         path = self.config.store_path
-        if path.exists():
+        size = path.stat().st_size if path.exists() else None
+        if size is not None:
             # Reading a large store from a slow card: the service manager is told, and waits longer.
-            notify.status(f"checking the replay store ({path.stat().st_size / 2**20:.0f} MB)")
-            notify.extend_timeout(STORE_OPEN_GRACE_S + path.stat().st_size / STORE_CHECK_BYTES_PER_S)
+            notify.status(f"checking the replay store ({size / 2**20:.0f} MB)")
+            notify.extend_timeout(STORE_OPEN_GRACE_S + size / STORE_CHECK_BYTES_PER_S)
         check = check_store(path)
         # The daemon's store, and only it, replaces a file found damaged while running.
         self.store = ReplayStore(path, self.config.store, self.config.channels.names, progress=self._opening_store, recovers=True)
