@@ -179,6 +179,46 @@ def test_concurrent_reader_while_writing(tmp_path: Path) -> None:
     store.close()
 
 
+def sqlite_heap_bytes() -> int:
+    """Heap memory SQLite holds in this process (its page caches included)."""
+    import _sqlite3
+    import ctypes
+
+    used = ctypes.CDLL(_sqlite3.__file__).sqlite3_memory_used
+    used.restype = ctypes.c_int64
+    return int(used())
+
+
+def test_connections_keep_a_small_page_cache_after_reading_the_whole_store(tmp_path: Path) -> None:
+    """SQLite's default page cache (2 MB per connection) stays on the heap for the connection's
+    life: a daemon's writer and pooled readers grew by megabytes as the store filled."""
+    store = open_store(tmp_path, budget_mb=64.0)
+    fill(store, NOW - 150_000, 150_000)
+    assert store.size_bytes() > 5 * 2**20
+    base = sqlite_heap_bytes()
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def reader() -> None:
+        try:
+            start.wait(timeout=30)
+            for _ in range(2):
+                assert len(store.read()[0]) == 450_000
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    grown = sqlite_heap_bytes() - base
+    # Four pooled readers, each holding at most its 256 KiB cache (plus page headers).
+    assert grown < 2 * 2**20, f"SQLite heap grew {grown / 2**20:.1f} MB"
+    store.close()
+
+
 def test_retention_keeps_file_under_budget_recent_whole_and_old_as_segment_reservoir(tmp_path: Path) -> None:
     budget_mb = 1.0
     store = open_store(tmp_path, budget_mb=budget_mb, recent_hours=1.0, segment_s=60.0, reservoir_fraction=0.3)
