@@ -75,7 +75,7 @@ class ScoringPipeline:
         self.assembler = GridAssembler(
             config.channels.names, config.channels.period_s, config.channels.max_fill_steps, config.channels.lateness_s, mono
         )
-        self._drift_feed = DriftFeed(config, None if scorer is None else scorer.base)
+        self._drift_feed = DriftFeed(config, None if scorer is None or scorer.base.stand_in else scorer.base)
         self.drift = self._drift_feed.monitor
         self.drift_signal = ResidualDrift(self.drift)
         self._pending: deque[Sequence[Reading]] = deque()
@@ -213,9 +213,10 @@ class ScoringPipeline:
         if result is None or result.residual is None:
             return
         self.scored += 1
-        model_residual = result.model_residual if result.model_residual is not None else result.residual
-        for event in self._drift_feed.scored(model_residual, t):
-            self._alert(event.alert())
+        # Drift is judged on the model's residuals; baselines alone (no base yet) give none.
+        if result.model_residual is not None:
+            for event in self._drift_feed.scored(result.model_residual, t):
+                self._alert(event.alert())
         score = float(result.score) if result.score is not None else None
         self.last_score = {"ts": t, "score": score, "version": result.model_version, "served_by": result.served_by}
         if len(self.history) >= 20000:
@@ -241,9 +242,13 @@ class ScoringPipeline:
     # -- model changes (update monitor / control threads) ----------------------------------
 
     def set_scorer(self, scorer: Scorer) -> None:
+        """Score with `scorer` from the next step: a new base's (bootstrapped from the store), or
+        while there is none, a stand-in of baselines alone (which the drift judges do not use)."""
         with self._lock:
             previous = self.scorer
             self.scorer = scorer
+        if scorer.base.stand_in:
+            return
         if previous is None or previous.base.fingerprint != scorer.base.fingerprint:
             self._drift_feed.new_base(scorer.base)  # e.g. bootstrapped from the store
 
@@ -254,7 +259,7 @@ class ScoringPipeline:
         the next step; nothing while no scorer serves yet."""
         with self._lock:
             scorer = self.scorer
-        if scorer is not None:
+        if scorer is not None and not scorer.base.stand_in:
             scorer.swap_model(model, version, baselines, held_out)
 
     @property

@@ -63,10 +63,10 @@ def publish_motor(port: int, start_ts: float, steps: int, client_name: str = "pu
 
 
 class AlertSubscriber:
-    """The device's alerts (`edge/+/alert`), subscribed (SUBACK received) before it returns, so a
-    daemon started next cannot alert before it listens."""
+    """The device's alerts (`edge/+/alert`; or another of its outputs, `topic`), subscribed (SUBACK
+    received) before it returns, so a daemon started next cannot alert before it listens."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, topic: str = "edge/+/alert") -> None:
         import threading
         import uuid
 
@@ -79,7 +79,7 @@ class AlertSubscriber:
         self.client.on_message = lambda c, u, m: self.received.append(json.loads(m.payload))
         self.client.on_subscribe = lambda *args: subscribed.set()
         self.client.connect("127.0.0.1", port)
-        self.client.subscribe("edge/+/alert", qos=1)
+        self.client.subscribe(topic, qos=1)
         self.client.loop_start()
         assert subscribed.wait(30), "no SUBACK"
 

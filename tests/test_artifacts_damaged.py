@@ -1,7 +1,8 @@
 """Adapters and the base carry the sha256 of their files, checked before they are served: a byte
 flipped on the card is never merged into a forecast. A damaged current adapter gives way to the
 newest earlier version that is intact (or the base), a damaged base is moved aside for a new one
-trained from the store; each with an alert, the daemon running on. Real files, a real broker."""
+trained from the store, the best baseline served meanwhile; each with an alert, the daemon
+running on. Real files, a real broker."""
 
 from __future__ import annotations
 
@@ -114,6 +115,7 @@ def test_a_damaged_base_is_moved_aside_and_the_daemon_runs_on(tmp_path: Path, br
     commit_adapter(AdapterStore(config.adapters_dir), base, 1)
     flip_byte(config.base_dir / "model.safetensors")
     alerts = AlertSubscriber(broker.port)
+    forecasts = AlertSubscriber(broker.port, "edge/+/forecast")
     daemon = Daemon(config)
     start_daemon(daemon)
     try:
@@ -123,10 +125,25 @@ def test_a_damaged_base_is_moved_aside_and_the_daemon_runs_on(tmp_path: Path, br
         assert "model.safetensors" in alert["problem"]
         status = request(config.device.socket, {"cmd": "status"})
         assert status["adapter"]["version"] is None and AdapterStore(config.adapters_dir).current_version() is None
-        publish_motor(broker.port, float(int(time.time()) - 600), 200)
+        start = float(int(time.time()) - 600)
+        publish_motor(broker.port, start, 200)
         assert daemon.store is not None
         wait_for(lambda: daemon.store.count() >= 600, HANG_S, "every reading stored", detail=lambda: daemon.store.count())
+        # Until a new base is trained, the best baseline fitted on the stored readings is served.
+        serving = wait_for(
+            lambda: (request(config.device.socket, {"cmd": "status"})["scoring"]["serving"] or {}).get("baselines_only"),
+            HANG_S, "baselines served", detail=lambda: request(config.device.socket, {"cmd": "status"})["scoring"],
+        )  # fmt: skip
+        assert serving
+        publish_motor(broker.port, start + 200, 100, client_name="later")
+        wait_for(lambda: len(forecasts.received) >= 20, HANG_S, "forecasts", detail=lambda: len(forecasts.received))
+        made_by = {f["model"] for f in forecasts.received}
+        assert made_by <= {"persistence", "seasonal_naive", "ridge", "mixed"} and all(f["adapter_version"] is None for f in forecasts.received), made_by
+        status = request(config.device.socket, {"cmd": "status"})
+        assert status["adapter"]["base"] is False and status["scoring"]["serving"]["baselines_only"], status["scoring"]
+        assert "model" not in status["scoring"]["serving"]["mae"]
         assert all(part.alive for part in daemon.parts.values())
     finally:
         daemon.stop()
         alerts.close()
+        forecasts.close()

@@ -324,6 +324,12 @@ def test_status_human_says_what_scoring_could_not_use(capsys: pytest.CaptureFixt
     fake.status["scoring"] = {**scoring, "late_readings": 0, "held": 0, "outliers": 0, "stalled": "scoring stalled: no grid step for 61 s"}
     code, out, _ = run(capsys, "status", "--socket", str(sock))
     assert "scoring 1,200 steps scored, 2 anomalies; scoring stalled: no grid step for 61 s" in " ".join(out.split())
+    serving = {"served": "ridge", "served_by_channel": {"m1/temperature": "ridge"}, "mode": "best", "steps_compared": 600,
+               "baselines_only": True, "mae": {"persistence": 0.5, "ridge": 0.25}, "mae_by_channel": {}, "switches": 0, "horizons": {}}  # fmt: skip
+    fake.status["scoring"] = {**scoring, "late_readings": 0, "held": 0, "outliers": 0, "serving": serving}
+    code, out, _ = run(capsys, "status", "--socket", str(sock))
+    assert ("serving ridge (no base model yet: baselines fitted on the store) (mean |error| persistence 0.5, ridge 0.25 over "
+            "600 steps)") in " ".join(out.split())  # fmt: skip
 
 
 def test_status_against_a_real_daemon(capsys: pytest.CaptureFixture[str], tmp_path: Path, broker: LocalBroker) -> None:

@@ -474,3 +474,38 @@ def test_a_scoring_backlog_is_bounded_by_readings_and_the_oldest_are_dropped(tmp
         waiting.append(batch)
     assert len(waiting) == kept and waiting[0][0][1] == float((batches - kept) * per_batch)  # the newest kept, in order
     assert [b[0][1] for b in waiting] == sorted(b[0][1] for b in waiting)
+
+
+# ---------------------------------------------------------------- no base: baselines alone
+
+
+def test_without_a_base_the_best_baseline_fitted_on_the_data_is_served_and_scored() -> None:
+    from edge_daemon.errors import TrainingError
+    from edge_daemon.training.pretrain import stand_in_base
+
+    cfg = ModelConfig(window=16, d_model=16, n_heads=2, n_layers=1, d_ff=32, season_max_steps=64)
+    stand_in = stand_in_base(Grid(0.0, 1.0, _signal(600).astype(np.float32)), CHANNELS, cfg)
+    assert stand_in.stand_in and stand_in.model is None
+    held_out = stand_in.meta["held_out"]
+    assert "model" not in held_out["mae"] and held_out["serve"] != "persistence", held_out  # smooth sines: persistence loses
+    scorer = Scorer(stand_in, None, anomaly_threshold=6.0, rule=ServingRule(mode="best", compare_steps=50))
+    data = _signal(300, start=600, seed=3)
+    data[250, 0] += 3.0
+    results = [scorer.add_step(float(600 + i), row) for i, row in enumerate(data)]
+    scored = {i: r for i, r in enumerate(results) if r is not None and r.score is not None}
+    assert min(scored) == 16  # forecasts from a whole window on, as with a model
+    first = scored[16]
+    assert first.model_residual is None and first.model_version is None and first.served_by == held_out["serve"]
+    assert "model" not in first.residuals and first.forecast_by in {"persistence", "seasonal_naive", "ridge", "mixed"}
+    # Forecasts in raw units, near the data; anomaly scores ~1 by the served baseline's held-out scale.
+    assert np.abs(results[-1].forecast - data[-1]).max() < 1.0
+    normal = [r.score for i, r in scored.items() if i < 250]
+    assert np.median(normal) < 2.0 and not any(r.anomaly for i, r in scored.items() if i < 250)
+    assert scored[250].anomaly
+    comparison = scorer.comparison()
+    assert comparison["baselines_only"] and "model" not in comparison["mae"] and comparison["steps_compared"] == 50
+    with pytest.raises(ValueError):
+        scorer.swap_model(torch.nn.Linear(1, 1), 1)
+    # Too little data for a held-out judgement: nothing is served.
+    with pytest.raises(TrainingError, match="not enough data"):
+        stand_in_base(Grid(0.0, 1.0, _signal(30).astype(np.float32)), CHANNELS, cfg)

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+import numpy as np
+
 from edge_daemon.adaptation.runner import WORKER_TARGET, UpdateRunner
 from edge_daemon.adaptation.tally import UpdateTally
 from edge_daemon.adaptation.trigger import IdleDetector, TriggerInputs, UpdateTrigger
@@ -28,7 +30,7 @@ from edge_daemon.artifacts.base import BaseModel, load_base
 from edge_daemon.artifacts.merge import serving_model
 from edge_daemon.baselines import Baseline, HeldOut
 from edge_daemon.config import Config
-from edge_daemon.errors import AdapterError, BaseDamagedError, BaseFormatError, ControlError, ModelError
+from edge_daemon.errors import AdapterError, BaseDamagedError, BaseFormatError, ControlError, ModelError, TrainingError
 from edge_daemon.mqtt.outputs import (
     AdapterAcceptedAlert,
     Alert,
@@ -58,6 +60,12 @@ log = logging.getLogger(__name__)
 # An update after drift trains on the data since the change once it spans this many windows
 # (about 11 minutes at 1 s with the default window): enough to train and hold some out.
 UPDATE_MIN_WINDOWS_SINCE_CHANGE = 10
+# While there is no base, the baselines served are fitted on at most this much of the newest
+# stored data (a day: every hour of it, a few MB read once), and fitted again each time the
+# stored span has doubled since the last fit.
+STAND_IN_SPAN_S = 86400.0
+# A fit that failed (too few gap-free windows yet) is tried again after this long.
+STAND_IN_RETRY_S = 300.0
 
 
 # -- the ports: what the update path needs of the other parts, and nothing more --------------
@@ -116,6 +124,8 @@ class ReplayData(Protocol):
     def count(self) -> int: ...
 
     def time_range(self) -> tuple[float, float] | None: ...
+
+    def read(self, since: float | None = None, until: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
     def disk_short(self) -> bool: ...
 
@@ -201,6 +211,8 @@ class Adaptation:
         self.runner = UpdateRunner(cfg, self.governor, forker, self.on_result)
         self._model_lock = threading.Lock()
         self._bootstrap_not_before = 0.0
+        self._stand_in_span_s: float | None = None  # data span the served stand-in was fitted on
+        self._stand_in_not_before = 0.0
         self.last_decision: str | None = None  # why the trigger last did (not) start an update
         self.trigger_checks = 0  # decisions taken so far
         self.updates = UpdateTally()  # every job that ended, by cause and outcome (the metrics read it)
@@ -213,8 +225,11 @@ class Adaptation:
     # -- the part ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Serve what was served before the restart (nothing while there is no base yet)."""
+        """Serve what was served before the restart; while there is no base yet, the best
+        baseline fitted on the store (once it holds enough)."""
         scorer = self.load_serving()
+        if scorer is None:
+            self.serve_stand_in()
         if scorer is not None:
             self.serving.set_scorer(scorer)
             if scorer.version is not None:  # the drift judges start from the served adapter's validation residuals
@@ -294,7 +309,7 @@ class Adaptation:
             aside = cfg.base_dir.with_name(f"{cfg.base_dir.name}.{kind}-{int(time.time())}")
             os.rename(cfg.base_dir, aside)
             self.adapters.use_base()
-            log.error("%s; moved it to %s; a new one is trained once enough data is stored", exc, aside)
+            log.error("%s; moved it to %s; baselines fitted on the store are served until a new one is trained from it", exc, aside)
             if isinstance(exc, BaseDamagedError):
                 self.serving.alert(base_damaged_alert(str(exc), str(aside)))
             return None
@@ -382,6 +397,7 @@ class Adaptation:
             return
         base = self.base
         if base is None:
+            self.serve_stand_in()
             self._maybe_bootstrap()
             return
         decision = self.trigger.decide(
@@ -452,6 +468,44 @@ class Adaptation:
         self.trigger.started()
         self.new_windows.reset()
         return True
+
+    def serve_stand_in(self) -> None:
+        """No base: serve the best of the baselines (persistence, seasonal naive, ridge) fitted on
+        the newest stored readings, so forecasts and anomaly scores go on while a base is trained
+        (on a new device, or after a damaged base was moved aside). Fitted again as the data grows."""
+        if self.base is not None or time.monotonic() < self._stand_in_not_before:
+            return
+        stored = self.replay.time_range()
+        if stored is None:
+            return
+        span = min(stored[1] - stored[0], STAND_IN_SPAN_S)
+        fitted = self._stand_in_span_s
+        if fitted is not None and (span < 2 * fitted or fitted >= STAND_IN_SPAN_S):
+            return
+        from edge_daemon.frames import build_grid
+        from edge_daemon.training.pretrain import stand_in_base
+
+        cfg = self.config
+        ts, channel_idx, values = self.replay.read(stored[1] - span, None)
+        grid = build_grid(ts, channel_idx, values, len(cfg.channels.names), cfg.channels.period_s, cfg.channels.max_fill_steps)
+        del ts, channel_idx, values
+        try:
+            base = stand_in_base(grid, cfg.channels.names, cfg.model, inputs_only=cfg.channels.inputs_only)
+        except TrainingError as exc:
+            log.debug("no baselines to serve yet: %s", exc)
+            self._stand_in_not_before = time.monotonic() + STAND_IN_RETRY_S
+            return
+        scorer = Scorer(base, None, cfg.outputs.anomaly_threshold, rule=serving_rule(cfg.outputs))
+        with self._model_lock:
+            if self.base is not None:  # a base was trained meanwhile: it serves
+                return
+            self.serving.set_scorer(scorer)
+            self._stand_in_span_s = span
+        held_out = base.meta["held_out"]
+        log.info(
+            "no base model: serving %s, fitted on %.1f h of stored readings (held-out one-step MAE: %s) until one is trained",
+            scorer.served, span / 3600, ", ".join(f"{name} {mae:.4g}" for name, mae in held_out["mae"].items()),
+        )  # fmt: skip
 
     def _maybe_bootstrap(self) -> None:
         """No base model yet: train one in a worker once the store holds enough gap-free windows."""
@@ -541,9 +595,11 @@ class Adaptation:
     def _on_pretrained(self, result: JobResult) -> None:
         if result.accepted:
             log.info("base model trained from the store")
-            scorer = self.load_serving()
+            with self._model_lock:  # not interleaved with a stand-in being served
+                scorer = self.load_serving()
+                if scorer is not None:
+                    self.serving.set_scorer(scorer)
             if scorer is not None:
-                self.serving.set_scorer(scorer)
                 self.serving.alert(base_model_alert())
             return
         # Usually too few gap-free windows yet; each try costs a worker.

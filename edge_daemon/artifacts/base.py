@@ -75,7 +75,9 @@ class BaseMeta(TypedDict, total=False):
 class BaseModel:
     """The frozen base forecaster and everything needed to feed it."""
 
-    model: Forecaster  # in eval mode
+    # In eval mode. None in a stand-in of baselines alone (`pretrain.stand_in_base`), served while
+    # no base exists; such a base is never adapted, saved or loaded.
+    model: Forecaster | None
     cfg: ForecasterConfig
     norm: NormStats  # per channel, in `channels` order
     channels: list[str]  # model order: the forecast channels, then the inputs only
@@ -86,6 +88,11 @@ class BaseModel:
     fingerprint: str  # sha256 prefix of the weights: adapters record which base they were trained on
     # Column of each of `channels` in the raw values fed in (config order); None: already in model order.
     source_columns: np.ndarray | None = None
+
+    @property
+    def stand_in(self) -> bool:
+        """A stand-in of baselines alone: no model forecasts."""
+        return self.model is None
 
     @property
     def targets(self) -> list[str]:

@@ -196,7 +196,7 @@ def describe_ingest(ingest: IngestStatus) -> str:
     return text
 
 
-NO_BASE = "no base model yet (one is trained from the store once it holds enough data)"
+NO_BASE = "no base model yet (baselines served until one is trained from the store)"
 
 
 def describe_adapter(adapter: AdapterSummary) -> str:
@@ -244,6 +244,8 @@ def describe_scoring(scoring: ScoringStatus) -> str:
         if served == "mixed":
             served = ", ".join(f"{name} for {channel}" for channel, name in serving["served_by_channel"].items())
         text += f"; serving [bold]{esc(served)}[/bold]"
+        if serving.get("baselines_only"):  # an older daemon does not send it
+            text += " (no base model yet: baselines fitted on the store)"
         if serving["steps_compared"]:
             errors = ", ".join(f"{esc(name)} {fmt_float(value)}" for name, value in serving["mae"].items() if value is not None)
             text += f" (mean |error| {errors} over {serving['steps_compared']:,} steps)"

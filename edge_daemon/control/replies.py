@@ -207,6 +207,7 @@ class ServingComparison(TypedDict):
     served_by_channel: dict[str, str]
     mode: str
     steps_compared: int
+    baselines_only: bool  # no base yet: the best baseline fitted on the store is served
     mae: dict[str, float | None]
     mae_by_channel: dict[str, list[float] | None]
     switches: int

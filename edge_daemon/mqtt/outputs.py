@@ -156,7 +156,7 @@ class AdapterDamagedAlert(TypedDict):
 class BaseDamagedAlert(TypedDict):
     """The base model's files no longer match the sha256 recorded when it was saved: refused,
     moved aside (`moved_to`), and a new one is trained from the store once it holds enough data
-    (nothing is forecast meanwhile)."""
+    (meanwhile the best baseline fitted on the store is served)."""
 
     type: Literal["base_damaged"]
     problem: str
@@ -250,11 +250,12 @@ def adapter_damaged_alert(version: int, serving: int | None, problem: str) -> Ad
 
 
 def base_damaged_alert(problem: str, moved_to: str) -> BaseDamagedAlert:
-    """The base model is damaged: moved aside to `moved_to`; a new one is trained from the store."""
+    """The base model is damaged: moved aside to `moved_to`; a new one is trained from the store,
+    and the best baseline fitted on it is served meanwhile."""
     name = moved_to.rsplit("/", 1)[-1]
     return BaseDamagedAlert(
         type="base_damaged", problem=problem, moved_to=moved_to,
-        message=f"base model damaged: moved aside to {name}; a new one is trained from the store",
+        message=f"base model damaged: moved aside to {name}; the best baseline is served until a new one is trained from the store",
     )  # fmt: skip
 
 

@@ -116,12 +116,16 @@ class Scorer:
     model and each baseline forecast the next one; what is served (published,
     scored for anomalies) follows `ServingRule`, starting from the choice made
     on held-out windows when the model was trained (`held_out["serve"]`).
+
+    Without a model (`merged_model` None: a stand-in base of baselines alone, while no base
+    exists) the baselines alone forecast and the best of them is served; the first of them
+    (persistence) stands where the model would: what a missing forecast falls back to.
     """
 
     def __init__(
         self,
         base: BaseModel,
-        merged_model: Forecaster,
+        merged_model: Forecaster | None,
         anomaly_threshold: float,
         min_history: int | None = None,
         version: int | None = None,
@@ -137,10 +141,12 @@ class Scorer:
         self.anomaly_threshold = float(anomaly_threshold)
         self.rule = rule or ServingRule()
         self._lock = threading.Lock()
-        self._model = merged_model.eval()
+        self._model = merged_model.eval() if merged_model is not None else None
         self._version = version
         if baselines is None:
             baselines = baselines_of(base.meta.get("baselines"))
+        # Whose forecasts every channel falls back to, and whose record the comparison counts.
+        self._anchor = MODEL if merged_model is not None else baselines[0].name
         self._set_forecasters(baselines, held_out if held_out is not None else base.meta.get("held_out"))
         self._capacity = max([self.window] + [b.history_steps for b in self._baselines])
         # Each step is written twice, at i and i + capacity, so the newest `capacity` steps are always
@@ -160,16 +166,18 @@ class Scorer:
 
     def _set_forecasters(self, baselines: list[Baseline], held_out: HeldOut | None) -> None:
         self._baselines = list(baselines)
-        names = [MODEL] + [b.name for b in self._baselines]
+        names = ([MODEL] if self._model is not None else []) + [b.name for b in self._baselines]
         n = self.base.cfg.n_channels  # forecast channels
         self._tallies = {name: _Tally(self.rule.compare_steps, n) for name in names}
         scale = self.base.residual_scale.astype(np.float32)
         rms: dict[str, list[float]] = held_out.get("rms", {}) if held_out else {}
         self._scales = {name: torch.as_tensor(np.maximum(np.asarray(rms.get(name, scale), np.float32), 1e-6)) for name in names}
-        self._scales[MODEL] = self.base.residual_scale_tensor()
-        choice = held_out.get("serve", MODEL) if held_out else MODEL
+        if self._model is not None:
+            self._scales[MODEL] = self.base.residual_scale_tensor()
+        choice = held_out.get("serve", self._anchor) if held_out else self._anchor
         # Per channel: a baseline may forecast one channel best and the model another.
-        self._served = [choice if self.rule.mode == "best" and choice in names else MODEL] * n
+        served = choice if (self.rule.mode == "best" or self._model is None) and choice in names else self._anchor
+        self._served = [served] * n
         self._switches = 0
         # Each further horizon is compared and served on its own, starting from the next step's choice.
         self._far_tallies = {h: {name: _Tally(self.rule.compare_steps, n) for name in names} for h in self.base.cfg.horizons[1:]}
@@ -180,8 +188,8 @@ class Scorer:
         return self._version
 
     @property
-    def model(self) -> Forecaster:
-        """The merged model being served."""
+    def model(self) -> Forecaster | None:
+        """The merged model being served (None: baselines alone)."""
         with self._lock:
             return self._model
 
@@ -201,7 +209,8 @@ class Scorer:
                 "served": _label(self._served),
                 "served_by_channel": self.served_by_channel,
                 "mode": self.rule.mode,
-                "steps_compared": len(self._tallies[MODEL].values),
+                "steps_compared": len(self._tallies[self._anchor].values),
+                "baselines_only": self._model is None,
                 # Mean over channels, then per channel.
                 "mae": {name: (float(t.mean.mean()) if t.values else None) for name, t in self._tallies.items()},
                 "mae_by_channel": {name: (t.mean.tolist() if t.values else None) for name, t in self._tallies.items()},
@@ -209,7 +218,7 @@ class Scorer:
                 "horizons": {
                     str(h): {
                         "served_by_channel": dict(zip(self.base.targets, self._far_served[h], strict=True)),
-                        "steps_compared": len(tallies[MODEL].values),
+                        "steps_compared": len(tallies[self._anchor].values),
                         "mae": {name: (float(t.mean.mean()) if t.values else None) for name, t in tallies.items()},
                     }
                     for h, tallies in self._far_tallies.items()
@@ -225,6 +234,8 @@ class Scorer:
         The live comparison starts again: the new model's record is its own. `baselines` refitted
         with the update replace the old ones; `held_out` is the update's held-out comparison.
         """
+        if self._model is None:
+            raise ValueError("a scorer of baselines alone has no model to swap: it is replaced once a base exists")
         merged_model.eval()
         with self._lock:
             self._model = merged_model
@@ -252,8 +263,8 @@ class Scorer:
 
     def _choose(self, tallies: dict[str, _Tally], served: list[str], steps: int = 1) -> None:
         """Per channel, switch `served` to the forecaster with the lowest mean |error| in `tallies`."""
-        compared = len(tallies[MODEL].values)
-        if self.rule.mode != "best" or compared < self.rule.compare_steps:
+        compared = len(tallies[self._anchor].values)
+        if (self.rule.mode != "best" and self._model is not None) or compared < self.rule.compare_steps:
             return
         means = {name: t.mean for name, t in tallies.items() if len(t.values) == compared}
         for c, channel in enumerate(self.base.targets):
@@ -286,20 +297,21 @@ class Scorer:
 
             # Residuals of the forecasts made for this step, and the live comparison.
             residuals = {name: (f - x).astype(np.float32) for name, f in self._pending.items()}
-            if MODEL in residuals and not self._fresh_tallies:
+            anchor = self._anchor
+            if anchor in residuals and not self._fresh_tallies:
                 for name, r in residuals.items():
                     if name in self._tallies:
                         self._tallies[name].add(np.abs(r).astype(np.float64))
                 self._choose(self._tallies, self._served)
             self._fresh_tallies = False
             # Each channel's residual is its served forecaster's (the model's where that one is gone).
-            scored = [name if name in residuals else MODEL for name in self._pending_served] if MODEL in residuals else None
+            scored = [name if name in residuals else anchor for name in self._pending_served] if anchor in residuals else None
             residual = score = None
             anomaly = False
             if scored is not None:
                 columns = range(len(scored))
                 residual = np.array([residuals[name][c] for c, name in zip(columns, scored, strict=True)], dtype=np.float32)
-                scale = torch.stack([self._scales.get(name, self._scales[MODEL])[c] for c, name in zip(columns, scored, strict=True)])
+                scale = torch.stack([self._scales.get(name, self._scales[anchor])[c] for c, name in zip(columns, scored, strict=True)])
                 score = float(anomaly_score(torch.from_numpy(residual), scale))
                 anomaly = score > self.anomaly_threshold
             scored_version = self._pending_version
@@ -326,10 +338,14 @@ class Scorer:
                 self._pending = {}
                 return None
 
-            history = torch.from_numpy(self._history(min(self._filled, self.window))).unsqueeze(0)
-            every = forecast_windows(model, history, horizons=bool(self._far))[0]  # (H, C)
-            pending = {MODEL: every[0]}
-            far = [{MODEL: every[i + 1]} for i in range(len(self._far))]
+            pending: dict[str, np.ndarray] = {}
+            far: list[dict[str, np.ndarray]] = [{} for _ in self._far]
+            if model is not None:
+                history = torch.from_numpy(self._history(min(self._filled, self.window))).unsqueeze(0)
+                every = forecast_windows(model, history, horizons=bool(self._far))[0]  # (H, C)
+                pending[MODEL] = every[0]
+                for i, made in enumerate(far):
+                    made[MODEL] = every[i + 1]
             for b in self._baselines:  # each sees only the history it uses
                 recent = self._history(min(self._filled, b.history_steps), channels_only=True)
                 pending[b.name] = np.asarray(b.predict(recent)[:n], dtype=np.float32)
@@ -344,7 +360,7 @@ class Scorer:
             horizons = []
             for steps, made in zip(self._far, far, strict=True):
                 self._far_pending[steps][k + steps] = made
-                by = tuple(name if name in made else MODEL for name in self._far_served[steps])
+                by = tuple(name if name in made else anchor for name in self._far_served[steps])
                 values = np.array([made[name][c] for c, name in enumerate(by)], dtype=np.float32)
                 horizons.append(HorizonForecast(steps, t + steps * period, self.base.norm.invert(values), by))
             return ScoreResult(

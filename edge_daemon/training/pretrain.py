@@ -12,6 +12,8 @@ exist only for that run. Reading a CSV is in csv_readings.py.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import time
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from edge_daemon.artifacts.base import BaseMeta, save_base
+from edge_daemon.artifacts.base import BaseMeta, BaseModel, save_base
 from edge_daemon.baselines import MODEL, RidgeAR, detect_season, held_out_report, make_baselines
 from edge_daemon.config import ModelConfig
 from edge_daemon.training.csv_readings import read_csv_readings
@@ -409,6 +411,64 @@ def pretrain(
             held_out["serve"], held_out["mae"][held_out["serve"]], held_out["mae"][MODEL], held_out["serve"],
         )  # fmt: skip
     return metrics
+
+
+def stand_in_base(
+    grid: Grid,
+    channels: list[str],
+    model_cfg: ModelConfig,
+    *,
+    inputs_only: Sequence[str] = (),
+    val_fraction: float | None = None,
+) -> BaseModel:
+    """A base of baselines alone, fitted on a raw grid (config order) with no model trained: what
+    the daemon serves while it has no base (a new device, or a damaged base moved aside).
+
+    Persistence, seasonal naive where a season shows and the ridge autoregression, fitted and
+    judged held-out as `pretrain` fits and judges them; the best is served. The normalisation
+    and the anomaly scale (the served baseline's held-out RMS error) come from the same data.
+    TrainingError when the grid has too few gap-free windows.
+    """
+    config_order = list(channels)
+    channels, ordered = _in_model_order(grid, config_order, set(inputs_only))
+    assert isinstance(ordered, Grid)
+    n_channels = len(channels) - len(inputs_only)
+    fcfg = forecaster_config(model_cfg, n_channels, (), grid.period_s, n_covariates=len(inputs_only))
+    norm, train, val = _prepare(ordered, grid.period_s, fcfg.window + 1, val_fraction or model_cfg.pretrain_val_fraction, None, 1)
+    if len(train.windows) < MIN_TRAIN_WINDOWS or len(val.windows) < 1:
+        raise TrainingError(
+            f"not enough data to fit the baselines: {len(train.windows)} training and {len(val.windows)} "
+            f"validation windows of {fcfg.window + 1} gap-free steps (need {MIN_TRAIN_WINDOWS} and 1)"
+        )
+    season = model_cfg.season_steps or _detected_season(ordered, norm, model_cfg.season_max_steps, n_channels)
+    baselines = make_baselines(train.windows, season, fcfg.lags, fcfg.horizons, n_channels)
+    held_out = held_out_report(baselines, val.windows, None, n_channels)
+    residual_scale = np.maximum(np.asarray(held_out["rms"][held_out["serve"]], dtype=np.float32), 1e-6)
+    described = json.dumps([b.to_dict() for b in baselines], sort_keys=True) + json.dumps(norm.to_dict(), sort_keys=True)
+    meta: BaseMeta = {
+        "source": "store",
+        "baselines": [b.to_dict() for b in baselines],
+        "held_out": held_out,
+        "season_steps": season,
+        "residual_scale": residual_scale.tolist(),
+        "input_reference": input_references_of(ordered),
+        "train_windows": len(train.windows),
+        "val_windows": len(val.windows),
+        "data_start": float(train.end_times.min()) - fcfg.window * grid.period_s,
+        "data_end": float(val.end_times.max()),
+    }
+    return BaseModel(
+        model=None,
+        cfg=fcfg,
+        norm=norm,
+        channels=channels,
+        period_s=grid.period_s,
+        residual_scale=residual_scale,
+        meta=meta,
+        path=Path(),
+        fingerprint="baselines-" + hashlib.sha256(described.encode()).hexdigest()[:16],
+        source_columns=None if channels == config_order else np.array([config_order.index(c) for c in channels], dtype=np.int64),
+    )
 
 
 def _in_model_order(
