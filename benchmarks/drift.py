@@ -121,6 +121,9 @@ def main() -> None:
     parser.add_argument("--first-day-first-seed", type=int, default=0, help="first seed of the --first-day-seeds table")
     parser.add_argument("--after-adapter-seeds", type=int, default=0,
                         help="seeds for the table of the first hour after an accepted adapter at 1 reading/s (~5 min a seed; 0: skip it)")
+    parser.add_argument("--level-seeds", type=int, default=0,
+                        help="seeds for the level-judge tables at 1 reading/s (a stationary month and three overload cases; ~4 min a seed)")
+    parser.add_argument("--level-first-seed", type=int, default=0, help="first seed of the --level-seeds tables")
     parser.add_argument("--skip-inputs", action="store_true", help="only the residual tables")
     args = parser.parse_args()
     global SCALE, DAY
@@ -135,6 +138,8 @@ def main() -> None:
         first_day_table(args.first_day_seeds, first_seed=args.first_day_first_seed)
     if args.after_adapter_seeds:
         after_adapter_table(args.after_adapter_seeds, first_seed=args.first_day_first_seed)
+    if args.level_seeds:
+        level_table(args.level_seeds, args.month_days, args.level_first_seed)
     if args.month_seeds:
         month_table(args.month_seeds, args.month_days, args.month_first_seed, reuse=args.month_reuse)
 
@@ -636,6 +641,95 @@ def after_adapter_table(seeds: int, adapter_h: float = 6.5, change_h: float = 7.
         found = sum(1 for d in row["any"] if d is not None and d <= 600)
         print(f"| {mode} | {sum(row['alarms'])} | {fmt(row['current'])} | {fmt(row['any'])} | {found} of {len(row['any'])} |")
     print("\nThe updates: " + "; ".join(notes))
+
+
+LEVEL_CHANNELS = ("m1/vibration", "m1/current")
+
+
+def level_events(values: np.ndarray, ts: np.ndarray, prior: tuple[np.ndarray, np.ndarray] | None,
+                 reset_at: int | None = None, channels: tuple[str, ...] = LEVEL_CHANNELS) -> tuple[list[tuple[int, str]], float]:  # fmt: skip
+    """Level drift events (step, channel) of a `DriftMonitor` with `[drift] level_channels` on current
+    and vibration (the daemon's judge, fed every step's inputs as the pipeline does), started from
+    `prior` (times and values of the store's newest stored data, as the daemon at start-up);
+    `reset_at`: the step an adapter is accepted at. Returns the events and us per update_inputs."""
+    from edge_daemon.drift.level import LevelPrior
+
+    mon = DriftMonitor(list(CHANNELS), DriftConfig(level_channels=list(channels)), period_s=1.0)
+    if prior is not None:
+        pts, pvalues = prior
+        mon.seed_levels([LevelPrior.of(pts, pvalues[:, c], mon.level_block_s) if name in channels else None
+                         for c, name in enumerate(CHANNELS)])  # fmt: skip
+    events: list[tuple[int, str]] = []
+    started = time.perf_counter()
+    for k in range(len(values)):
+        if k == reset_at:
+            mon.reset_baseline(float(ts[k]))
+        events += [(k, e.channel) for e in mon.update_inputs(values[k], float(ts[k])) if e.kind == "level"]
+    return events, (time.perf_counter() - started) / len(values) * 1e6
+
+
+def level_table(seeds: int, days: int, first_seed: int = 0) -> None:
+    """The level judges (`[drift] level_channels` = vibration and current) at 1 reading/s, as the
+    daemon runs them: started from the store's newest day (or four hours), fed every step's values.
+    No model is involved: an adapter accepted before the overload changes nothing unless a shift is
+    under way. Per seed: `days` stationary days after day 0 (false alarms; the judges start at 00:00
+    of day 1 from day 0); the overload (current +45% in one step) at 07:00 of the first day after
+    start-up (started at 00:00 of day 2 from day 1), at 07:00 half an hour after an accepted
+    adapter (started at 00:00 of day 1 from day 0, the adapter at 06:30), and at 07:00 of day 2
+    after starting at 04:00 of day 0 with only 00:00-04:00 stored (the real-time table's case)."""
+    month: list[tuple[int, str]] = []
+    when: list[str] = []
+    cases: dict[str, list[int | None]] = {
+        "first day after start-up": [], "first day after start-up, nothing stored (learning a day; the baseline)": [],
+        "half an hour after an accepted adapter": [], "day 2, started with 4 h stored": [],
+    }  # fmt: skip
+    false_alarms = {case: 0 for case in cases}
+    us: list[float] = []
+    temperature = 0
+    for seed in range(first_seed, first_seed + seeds):
+        started = time.perf_counter()
+        data = generate_labeled((days + 1) * DAY_RT, seed=seed)
+        ts, values = np.asarray(data.ts), np.stack([data.values[c] for c in CHANNELS], axis=1)
+        del data
+        # Temperature judged too, for comparison only: its judge is independent of the others'.
+        events, cost = level_events(values[DAY_RT:], ts[DAY_RT:], (ts[:DAY_RT], values[:DAY_RT]), channels=tuple(CHANNELS))
+        us.append(cost)
+        temperature += sum(1 for _, ch in events if ch not in LEVEL_CHANNELS)
+        events = [(k, ch) for k, ch in events if ch in LEVEL_CHANNELS]
+        month += events
+        when += [f"seed {seed} {ch.split('/')[-1]} day {1 + k // DAY_RT} {k % DAY_RT // 3600:02d}:{k % 3600 // 60:02d}" for k, ch in events]
+        del ts, values
+        change = 2 * DAY_RT + 7 * HOUR_RT
+        data = generate_labeled(change + 3 * HOUR_RT, seed=seed, regime_change_at=change, regime="overload", ramp_steps=1)
+        ts, values = np.asarray(data.ts), np.stack([data.values[c] for c in CHANNELS], axis=1)
+        runs: dict[str, tuple[int, tuple[int, int] | None, int | None]] = {
+            "first day after start-up": (2 * DAY_RT, (DAY_RT, 2 * DAY_RT), None),
+            "first day after start-up, nothing stored (learning a day; the baseline)": (2 * DAY_RT, None, None),
+            "half an hour after an accepted adapter": (DAY_RT, (0, DAY_RT), DAY_RT + int(6.5 * HOUR_RT)),
+            "day 2, started with 4 h stored": (4 * HOUR_RT, (0, 4 * HOUR_RT), None),
+        }
+        for case, (begin, stored, reset_at) in runs.items():
+            prior = None if stored is None else (ts[stored[0] : stored[1]], values[stored[0] : stored[1]])
+            events, _ = level_events(values[begin:], ts[begin:], prior, None if reset_at is None else reset_at - begin)
+            at = change - begin
+            false_alarms[case] += sum(1 for k, _ in events if k < at)
+            cases[case].append(next((k - at for k, ch in events if k >= at and ch == "m1/current"), None))
+        print(f"level seed {seed}: {len(month)} month alarms so far; overload found after "
+              + ", ".join(f"{case} {found[-1]} s" for case, found in cases.items()) + f" ({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    total = seeds * days
+    fmt = lambda ds: ", ".join("missed" if d is None else str(d) for d in ds)  # noqa: E731
+    print(f"\nLevel judges on vibration and current at 1 reading/s (k = 2, h = 20, half-minute medians, quarter-hour slices), "
+          f"seeds {first_seed}..{first_seed + seeds - 1}\n")  # fmt: skip
+    print("| stationary days | false alarms (vibration / current) | alarms per 30 days | temperature, not named (for comparison): alarms per 30 days | us per update_inputs (3 channels, PSI included) |")
+    print("|--:|--:|--:|--:|--:|")
+    counts = " / ".join(str(sum(1 for _, ch in month if ch == c)) for c in LEVEL_CHANNELS)
+    print(f"| {total} | {len(month)} ({counts}){' (' + ', '.join(when) + ')' if when else ''} | {len(month) / total * 30:.2f} "
+          f"| {temperature / total * 30:.1f} | {float(np.median(us)):.1f} |")  # fmt: skip
+    print("\n| overload (current +45%, 1 step) at 07:00 | false alarms before it | first level alarm on current (s after) | found within 10 min |")
+    print("|---|--:|---|--:|")
+    for case, found in cases.items():
+        within = sum(1 for d in found if d is not None and d <= 600)
+        print(f"| {case} | {false_alarms[case]} | {fmt(found)} | {within} of {len(found)} |")
 
 
 def residual_table(seeds: int) -> None:

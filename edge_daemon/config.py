@@ -460,6 +460,19 @@ class DriftConfig(_Section):
         True, description="CUSUM: judge each |residual| against the typical one at the same time of day on earlier days "
         "(it watches once it has seen a whole day, or `residual_prior` covers the hour), so the daily swing of the model's error is not a shift",
     )
+    # Level judges (drift/level.py), from benchmarks/drift.py --level-seeds at 1 reading/s on the
+    # sample motor: on current and vibration, k=2 and h=20 raised no false alarm in 90 stationary
+    # days and found the 45% current jump in 3-4 minutes, from the first day on. The motor's
+    # temperature follows the weather (days of warm or cold that no clock explains): it raised a
+    # shift every few hours there, so channels are named, not all judged.
+    level_channels: list[str] = Field(
+        default_factory=list, description="forecast channels whose level is judged against the same time of day on earlier days "
+        "(half-minute medians, a two-sided CUSUM): an abrupt lasting shift (an overload) is drift in minutes, and a reason to "
+        "adapt. For channels the process sets (current, load, vibration, flow), not weather-driven ones",
+    )
+    level_k: float = Field(2.0, ge=0, lt=10, description="level CUSUM slack: shifts under this many standard deviations never add up")
+    level_h: float = Field(20.0, gt=0, description="level CUSUM threshold: accumulated standard deviations that signal a shift")
+    level_block_s: float = Field(30.0, gt=0, description="level judges read the median of each this many seconds (at least one step)")
     residual_prior: bool = Field(
         True, description="'window': after start-up and an accepted adapter, start the residual judges from the served model's "
         "held-out validation residuals (in its meta) and refine them with the first day; false, or a model without them: learn a day first",
@@ -606,6 +619,13 @@ class Config(_Section):
         deep = [name for name in self.channels.names if name.count("/") != 1]
         if deep and all(mapping.format == "native" for mapping in self.inputs):
             raise ValueError(f"channels.names: {deep} have more than two levels, which only [[inputs]] of other formats give")
+        return self
+
+    @model_validator(mode="after")
+    def _level_channels_forecast(self) -> Config:
+        unknown = [name for name in self.drift.level_channels if name not in self.channels.forecast]
+        if unknown:
+            raise ValueError(f"drift.level_channels: {unknown} are not forecast channels ({self.channels.forecast})")
         return self
 
     @model_validator(mode="after")

@@ -142,7 +142,7 @@ class DaemonCollector(Collector):
         drift = report.drift()
         if drift is None:
             return
-        state = GaugeMetricFamily(PREFIX + "drift", "1 while a forecast channel is in drift (inputs or residuals), else 0", labels=["channel"])
+        state = GaugeMetricFamily(PREFIX + "drift", "1 while a forecast channel is in drift (inputs, residuals or level), else 0", labels=["channel"])
         detections = CounterMetricFamily(PREFIX + "drift_detections", "Drift detections per forecast channel since start", labels=["channel"])
         for channel, detail in sorted(drift["channels"].items()):
             state.add_metric([channel], int(detail["state"] == "drift"))

@@ -21,6 +21,7 @@ from edge_daemon.times import iso
 from edge_daemon.baselines import MODEL, Baseline, HeldOut
 from edge_daemon.config import Config
 from edge_daemon.drift.feed import DriftFeed
+from edge_daemon.drift.level import LevelPrior
 from edge_daemon.drift.monitor import DriftMonitor
 from edge_daemon.drift.prior import ResidualPrior
 from edge_daemon.mqtt.outputs import Alert, Forecast, Forecaster, ForecastHorizon, ScoredBy, anomaly_alert
@@ -77,7 +78,7 @@ class ScoringPipeline:
         )
         self._drift_feed = DriftFeed(config, None if scorer is None or scorer.base.stand_in else scorer.base)
         self.drift = self._drift_feed.monitor
-        self.drift_signal = ResidualDrift(self.drift)
+        self.drift_signal = ResidualDrift(self.drift, config.channels.names)
         self._pending: deque[Sequence[Reading]] = deque()
         self._pending_readings = 0
         self._pending_changed = threading.Condition()
@@ -336,20 +337,22 @@ class ResidualDrift:
     judges' estimate of the change), and a restart once a new adapter serves. Thread-safe: the
     monitor takes its lock for each."""
 
-    def __init__(self, monitor: DriftMonitor) -> None:
+    def __init__(self, monitor: DriftMonitor, names: Sequence[str]) -> None:
         self._monitor = monitor
+        self._names = list(names)  # the config's channels, in the store's channel order
 
     @property
     def detected(self) -> bool:
-        return self._monitor.residual_drift_detected
+        """The residuals, or the level of a channel judged for it, drifted since the last reset."""
+        return self._monitor.update_drift_detected
 
     @property
     def since(self) -> float | None:
-        return self._monitor.residual_change_from
+        return self._monitor.change_from
 
     @property
     def channels(self) -> dict[str, bool]:
-        """Per forecast channel: drifted (inputs or residuals) since the last reset."""
+        """Per forecast channel: drifted (inputs, residuals or level) since the last reset."""
         return self._monitor.channels_drifted
 
     def reset(self, t: float | None = None, validation: Mapping[str, Any] | None = None) -> None:
@@ -362,6 +365,19 @@ class ResidualDrift:
         residuals (an adapter's meta's; None: the base's, as the monitor was built with)."""
         if validation is not None:
             self._monitor.set_residual_prior(ResidualPrior.from_json(validation, len(self._monitor.channels)))
+
+    def start_levels(self, ts: np.ndarray, channel_idx: np.ndarray, values: np.ndarray) -> None:
+        """At start-up: the level judges start from stored readings (the newest day; `channel_idx`
+        indexes the config's channels) instead of learning a day first."""
+        monitor, names = self._monitor, self._names
+        priors = []
+        for name in monitor.channels:
+            if name not in monitor.cfg.level_channels:
+                priors.append(None)
+                continue
+            mask = channel_idx == names.index(name)
+            priors.append(LevelPrior.of(ts[mask], values[mask], monitor.level_block_s))
+        monitor.seed_levels(priors)
 
     def status(self) -> DriftStatus:
         """The `drift` section of `status`."""

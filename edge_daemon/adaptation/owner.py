@@ -64,6 +64,8 @@ UPDATE_MIN_WINDOWS_SINCE_CHANGE = 10
 # stored data (a day: every hour of it, a few MB read once), and fitted again each time the
 # stored span has doubled since the last fit.
 STAND_IN_SPAN_S = 86400.0
+# The level judges start from this much of the newest stored data (a day: every time of day).
+LEVEL_PRIOR_S = 86400.0
 # A fit that failed (too few gap-free windows yet) is tried again after this long.
 STAND_IN_RETRY_S = 300.0
 
@@ -72,8 +74,9 @@ STAND_IN_RETRY_S = 300.0
 
 
 class DriftSignal(Protocol):
-    """Whether the model's residuals drifted (what warrants an update), since when, and the
-    restart of the judges once a new adapter serves (pipeline.ResidualDrift)."""
+    """Whether the model's residuals (or a judged channel's level) drifted, what warrants an
+    update, since when, and the restart of the judges once a new adapter serves
+    (pipeline.ResidualDrift)."""
 
     @property
     def detected(self) -> bool: ...
@@ -84,6 +87,8 @@ class DriftSignal(Protocol):
     def reset(self, t: float | None = None, validation: Mapping[str, Any] | None = None) -> None: ...
 
     def start_from(self, validation: Mapping[str, Any] | None) -> None: ...
+
+    def start_levels(self, ts: np.ndarray, channel_idx: np.ndarray, values: np.ndarray) -> None: ...
 
 
 class ServingSwap(Protocol):
@@ -230,6 +235,11 @@ class Adaptation:
         scorer = self.load_serving()
         if scorer is None:
             self.serve_stand_in()
+        if self.config.drift.level_channels:
+            # The level judges start from the newest stored day instead of learning one.
+            stored = self.replay.time_range()
+            if stored is not None:
+                self.drift.start_levels(*self.replay.read(stored[1] - LEVEL_PRIOR_S, None))
         if scorer is not None:
             self.serving.set_scorer(scorer)
             if scorer.version is not None:  # the drift judges start from the served adapter's validation residuals

@@ -151,6 +151,17 @@ class CusumStatus(TypedDict):
     time_of_day_learnt: NotRequired[float]  # with [drift] cusum_by_time_of_day
 
 
+class LevelStatus(DriftTrackStatus):
+    """The level judge of a channel in [drift] level_channels (drift/level.py)."""
+
+    statistic: float  # the larger CUSUM sum, in standard deviations
+    threshold: float
+    # "shift": in an episode (the level has not been back to normal since it fired)
+    judging: Literal["learning", "watching", "shift"]
+    time_of_day_learnt: float  # share of the slices of the day with a typical level
+    change_from: str | None  # when the shift began, at the first detection since the last reset
+
+
 class ChannelDriftStatus(DriftTrackStatus):
     """One channel: both tracks together, then each; the judges present depend on [drift]."""
 
@@ -163,6 +174,7 @@ class ChannelDriftStatus(DriftTrackStatus):
     residual_window: NotRequired[ResidualWindowStatus]  # residuals = "window"
     residual_change_from: NotRequired[str | None]  # residuals = "window"
     residual_cusum: NotRequired[CusumStatus]  # residuals = "window" with cusum
+    level: NotRequired[LevelStatus]  # a channel in level_channels
 
 
 class DriftStatus(TypedDict):

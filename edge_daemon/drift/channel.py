@@ -10,16 +10,24 @@ from edge_daemon.times import iso
 from edge_daemon.drift.adwin import ADWIN
 from edge_daemon.drift.base import DriftDetector
 from edge_daemon.drift.cusum import CUSUM
+from edge_daemon.drift.level import LevelJudge
 from edge_daemon.drift.profile import TimeOfDayProfile
 from edge_daemon.drift.kswin import KSWIN
 from edge_daemon.drift.page_hinkley import PageHinkley
 from edge_daemon.drift.reference import ReferenceShift, ResidualRatio
-from edge_daemon.control.replies import ChannelDriftStatus, CusumStatus, DriftTrackStatus, PsiStatus, ResidualWindowStatus
+from edge_daemon.control.replies import (
+    ChannelDriftStatus,
+    CusumStatus,
+    DriftTrackStatus,
+    LevelStatus,
+    PsiStatus,
+    ResidualWindowStatus,
+)
 
 if TYPE_CHECKING:
     from edge_daemon.config import DriftConfig
 
-Kind = Literal["inputs", "residuals"]
+Kind = Literal["inputs", "residuals", "level"]
 
 
 def iso8601(t: float | None) -> str | None:
@@ -50,7 +58,7 @@ def make_detector(cfg: DriftConfig, *, kind: Kind, seed: int = 0) -> DriftDetect
 
 
 class Track:
-    """Detection bookkeeping of one stream (inputs or residuals) of one channel."""
+    """Detection bookkeeping of one judged stream (inputs, residuals, level) of one channel."""
 
     __slots__ = ("detections", "since_reset", "last_t")
 
@@ -86,8 +94,14 @@ class Channel:
         residual_window: ResidualRatio | None = None,
         residual_cusum: CUSUM | None = None,
         residual_profile: TimeOfDayProfile | None = None,
+        level: LevelJudge | None = None,
     ) -> None:
         self.name = name
+        # A channel in [drift] level_channels: its level against the same time of day (a reason
+        # to adapt, like residual drift), with its own detections and the time the shift began.
+        self.level_judge = level
+        self.level = Track()
+        self.level_change_from: float | None = None
         # cfg.residuals == "window": the rolling mean |residual| against its first window,
         # and (cfg.cusum) a CUSUM on every |residual| that sees an abrupt shift in minutes.
         self.residual_window = residual_window
@@ -170,17 +184,29 @@ class Channel:
         self.inputs.since_reset = 0
         self.residuals.since_reset = 0
 
+    def reset_level(self) -> None:
+        """An adapter was accepted: a shift under way is the new normal (the adapter learnt it)."""
+        if self.level_judge is not None:
+            self.level_judge.rebase()
+        self.level.since_reset = 0
+        self.level_change_from = None
+
     @property
     def detections(self) -> int:
-        return self.inputs.detections + self.residuals.detections
+        return self.inputs.detections + self.residuals.detections + self.level.detections
 
     @property
     def last_t(self) -> float | None:
-        times = [t for t in (self.inputs.last_t, self.residuals.last_t) if t is not None]
+        times = [t for t in (self.inputs.last_t, self.residuals.last_t, self.level.last_t) if t is not None]
         return max(times) if times else None
 
+    @property
+    def drifted(self) -> bool:
+        """Any detection (inputs, residuals, level) since the last reset."""
+        return bool(self.inputs.since_reset or self.residuals.since_reset or self.level.since_reset)
+
     def status(self) -> ChannelDriftStatus:
-        drifted = self.inputs.since_reset or self.residuals.since_reset
+        drifted = self.drifted
         return {
             "state": "drift" if drifted else "stable",
             "detections": self.detections,
@@ -195,6 +221,19 @@ class Channel:
             **({} if self.residual_window is None else {
                 "residual_window": self._window_status(), "residual_change_from": iso8601(self.residual_change_from)}),
             **({} if self.residual_cusum is None else {"residual_cusum": self._cusum_status()}),
+            **({} if self.level_judge is None else {"level": self._level_status()}),
+        }
+
+    def _level_status(self) -> LevelStatus:
+        judge = self.level_judge
+        assert judge is not None
+        return {
+            **self.level.status(),
+            "statistic": round(judge.statistic, 3),
+            "threshold": judge.h,
+            "judging": judge.state,
+            "time_of_day_learnt": round(judge.learnt_fraction, 3),
+            "change_from": iso8601(self.level_change_from),
         }
 
     def _cusum_status(self) -> CusumStatus:

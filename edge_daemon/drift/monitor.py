@@ -16,6 +16,7 @@ import numpy as np
 
 from edge_daemon.drift.channel import Channel, Kind, iso8601, residual_episode_over
 from edge_daemon.drift.cusum import CUSUM
+from edge_daemon.drift.level import LevelJudge, LevelPrior
 from edge_daemon.drift.prior import HOURS, ResidualPrior
 from edge_daemon.drift.profile import TimeOfDayProfile
 from edge_daemon.drift.reference import Reference, ReferenceShift, ResidualRatio
@@ -144,6 +145,7 @@ class DriftMonitor:
                 self._residual_window(period_s),
                 self._residual_cusum(),
                 self._residual_profile(period_s),
+                self._level(name, period_s),
             )
             for index, name in enumerate(channels)
         ]
@@ -175,6 +177,26 @@ class DriftMonitor:
         # forecast that turns biased (either sign) and one that turns noisier both raise it.
         warmup = max(2, self.cfg.cusum_warmup_steps // self._cusum_block)
         return CUSUM(k=self.cfg.cusum_k, h=self.cfg.cusum_h, warmup=warmup, clip=CUSUM_CLIP, mode="up")
+
+    def _level(self, name: str, period_s: float) -> LevelJudge | None:
+        if name not in self.cfg.level_channels:
+            return None
+        return LevelJudge(period_s, block_s=self.cfg.level_block_s, k=self.cfg.level_k, h=self.cfg.level_h)
+
+    def seed_levels(self, priors: Sequence[LevelPrior | None]) -> None:
+        """Start each level judge's slices that know nothing yet from a prior (the store's newest
+        day, at start-up): they judge from the first hour instead of after a day."""
+        if len(priors) != len(self._channels):
+            raise ValueError(f"need {len(self._channels)} priors, got {len(priors)}")
+        with self._lock:
+            for channel, prior in zip(self._channels, priors, strict=True):
+                if channel.level_judge is not None and prior is not None:
+                    channel.level_judge.seed(prior)
+
+    @property
+    def level_block_s(self) -> float:
+        """Seconds each level median covers (what a prior must be made with)."""
+        return max(self.cfg.level_block_s, self.period_s)
 
     def _residual_profile(self, period_s: float) -> TimeOfDayProfile | None:
         if self.cfg.residuals != "window" or not self.cfg.cusum or not self.cfg.cusum_by_time_of_day:
@@ -263,6 +285,14 @@ class DriftMonitor:
                 if not math.isfinite(x):
                     continue
                 channel.input_samples += 1
+                judge = channel.level_judge
+                if judge is not None and judge.update(t, x):
+                    # Dated by the CUSUM; an update after it learns from there.
+                    if channel.level_change_from is None:
+                        channel.level_change_from = judge.onset
+                    channel.level.record(t)
+                    events.append(self._event(channel, "level", t))
+                    log.info("level shift on %s (CUSUM by time of day), began about %s", channel.name, iso8601(judge.onset))
                 if channel.shift is not None:
                     if channel.shift.update(x):
                         channel.inputs.record(t)
@@ -372,6 +402,7 @@ class DriftMonitor:
         with self._lock:
             for channel in self._channels:
                 channel.reset_residuals()
+                channel.reset_level()
                 if channel.shift is not None:
                     # The adapter learnt the recent data: inputs are judged against it from now on
                     # (the next full window becomes the reference).
@@ -384,9 +415,9 @@ class DriftMonitor:
 
     @property
     def drift_detected(self) -> bool:
-        """Whether any channel drifted (inputs or residuals) since the last reset."""
+        """Whether any channel drifted (inputs, residuals or level) since the last reset."""
         with self._lock:
-            return any(c.inputs.since_reset or c.residuals.since_reset for c in self._channels)
+            return any(c.drifted for c in self._channels)
 
     @property
     def residual_drift_detected(self) -> bool:
@@ -395,11 +426,27 @@ class DriftMonitor:
             return any(c.residuals.since_reset for c in self._channels)
 
     @property
+    def update_drift_detected(self) -> bool:
+        """Whether what warrants adapting the model drifted since the last reset: the residuals of
+        any channel, or the level of one in `level_channels` (input drift by PSI also follows
+        seasonal swings, and does not)."""
+        with self._lock:
+            return any(c.residuals.since_reset or c.level.since_reset for c in self._channels)
+
+    @property
+    def change_from(self) -> float | None:
+        """Unix seconds at which what warrants adapting began to drift, as dated at the first
+        detection since the last reset (residuals or level; the earliest over channels)."""
+        with self._lock:
+            starts = [t for c in self._channels for t in (c.residual_change_from, c.level_change_from) if t is not None]
+            return min(starts) if starts else None
+
+    @property
     def channels_drifted(self) -> dict[str, bool]:
-        """Per channel: whether its inputs or residuals drifted since the last reset (its
+        """Per channel: whether its inputs, residuals or level drifted since the last reset (its
         `state` in `status()`, without building the rest)."""
         with self._lock:
-            return {c.name: bool(c.inputs.since_reset or c.residuals.since_reset) for c in self._channels}
+            return {c.name: c.drifted for c in self._channels}
 
     @property
     def residual_change_from(self) -> float | None:
@@ -448,6 +495,6 @@ class DriftMonitor:
             kind=kind,
             t=t,
             detections=channel.detections,
-            residual_level=channel.residual_level,
-            residual_baseline=channel.residual_baseline,
+            residual_level=None if kind == "level" else channel.residual_level,
+            residual_baseline=None if kind == "level" else channel.residual_baseline,
         )

@@ -30,7 +30,7 @@ from edge_daemon.times import iso
 Forecaster = Literal["base", "adapter", "persistence", "seasonal_naive", "ridge", "mixed"]
 # Who made the forecast an anomaly score judges: the model, a baseline, or several.
 ScoredBy = Literal["model", "persistence", "seasonal_naive", "ridge", "mixed"]
-DriftKind = Literal["inputs", "residuals"]
+DriftKind = Literal["inputs", "residuals", "level"]
 # What the update path is doing: training an update (or a base), waiting out a memory back-off, or nothing.
 TrainingState = Literal["idle", "running", "paused"]
 
@@ -79,12 +79,13 @@ class AnomalyAlert(TypedDict):
 
 
 class DriftAlert(TypedDict):
-    """A channel's inputs or the model's residuals on it drifted; residual_level / residual_baseline
-    are the recent and the reference mean |residual| (normalised; null for input drift or unknown)."""
+    """A channel's inputs, the model's residuals on it, or its level judged against the same time
+    of day ([drift] level_channels) drifted; residual_level / residual_baseline are the recent and
+    the reference mean |residual| (normalised; null for input and level drift, or unknown)."""
 
     type: Literal["drift"]
     channel: str
-    kind: DriftKind  # the channel's inputs or the model's residuals on it
+    kind: DriftKind  # the channel's inputs, the model's residuals on it, or its level by time of day
     ts: float
     time: str  # to the millisecond: a grid step
     detections: int  # the channel's, this one included
@@ -181,8 +182,9 @@ def anomaly_alert(ts: float, score: float, threshold: float) -> AnomalyAlert:
 def drift_alert(
     channel: str, kind: DriftKind, ts: float, detections: int, residual_level: float | None, residual_baseline: float | None
 ) -> DriftAlert:
-    """A channel's inputs or the model's residuals on it drifted (at grid step `ts`)."""
-    what = "input" if kind == "inputs" else "residual"
+    """A channel's inputs, the model's residuals on it, or its level against the same time of day
+    drifted (at grid step `ts`)."""
+    what = {"inputs": "input drift", "residuals": "residual drift", "level": "level shift"}[kind]
     return DriftAlert(
         type="drift",
         channel=channel,
@@ -192,7 +194,7 @@ def drift_alert(
         detections=detections,
         residual_level=residual_level,
         residual_baseline=residual_baseline,
-        message=f"{what} drift on {channel}",
+        message=f"{what} on {channel}",
     )
 
 
@@ -276,7 +278,7 @@ class OnlineStatus(TypedDict):
     started: str
     adapter_version: int | None
     drift: NotRequired[bool]  # residual drift; once scoring runs
-    drift_channels: NotRequired[dict[str, bool]]  # per forecast channel: drifted (inputs or residuals); once scoring runs
+    drift_channels: NotRequired[dict[str, bool]]  # per forecast channel: drifted (inputs, residuals or level); once scoring runs
     scoring: NotRequired[ScoringCounters]  # once scoring runs
     training: NotRequired[TrainingState]  # once the update path runs
     readings: NotRequired[int]  # readings in the store; once the store is open
