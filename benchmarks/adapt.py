@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--max-blocks", type=int, default=LoraConfigSection().max_blocks)
     parser.add_argument("--rank", type=int, default=LoraConfigSection().r)
     parser.add_argument("--extra-modules", nargs="*", default=LoraConfigSection().extra_modules, help="e.g. head embed")
-    parser.add_argument("--cases", nargs="*", choices=("permanent", "retuned", "alternating", "recalibration"), help="the gate on permanent and recurring changes of the sample motor (window 32 unless --window)")
+    parser.add_argument("--cases", nargs="*", choices=("permanent", "retuned", "alternating", "recalibration", "forgetting"), help="the gate on permanent and recurring changes of the sample motor (window 32 unless --window)")
     args = parser.parse_args()
     if args.cases is not None:
         import adapt_cases

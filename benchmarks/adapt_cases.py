@@ -35,13 +35,18 @@ from sample_sensors.generate import CHANNELS, MotorParams, generate_labeled
 PERIOD_S = 10.0
 DAY = int(86400 / PERIOD_S)
 HOUR = int(3600 / PERIOD_S)
-CASES = ("permanent", "retuned", "alternating", "recalibration")
+CASES = ("permanent", "retuned", "alternating", "recalibration", "forgetting")
 CASE_TITLES = {
     "permanent": "permanent (bearing wear)",
     "retuned": "permanent (the line retuned: temperature +8, another batch frequency, current coupled 3x to load)",
     "alternating": "alternating (daily)",
     "recalibration": "recalibration (current sensor)",
+    "forgetting": "alternating, an update made to forget (no replay in its first attempt, 3x the learning rate)",
 }
+# 'forgetting': the alternating case with an update that forgets the returning regime, so the gate
+# rejects its first attempt for forgetting and the two retries (heavier replay, anchored to the
+# base) are measured against each other; the other cases forget too little for any retry to run.
+FORGETTING = {"replay_fraction": 0.0, "lr": 3 * TrainConfig().lr}
 # 'retuned': the motor after a change of process, for good: 8 degrees warmer, the batch cycle (and
 # with it the vibration's) at another frequency and deeper, the current three times as dependent on
 # the load (its copper losses rescaled so the winding heats about as much as before).
@@ -51,7 +56,7 @@ RETUNED = MotorParams(ambient_mean_c=28.0, batch_cycle_s=600.0, batch_depth=0.3,
 def motor(case: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ts, values (N, 3), is_new (N,)) for three days, the change's hour and a day after it."""
     n = 4 * DAY + HOUR
-    if case == "alternating":
+    if case in ("alternating", "forgetting"):
         old = generate_labeled(n, PERIOD_S, seed=seed)
         new = generate_labeled(n, PERIOD_S, seed=seed, regime_change_at=0, ramp_steps=1)
         is_new = (np.arange(n) // DAY) % 2 == 1  # day 1 and day 3 (the change's) are new
@@ -121,11 +126,11 @@ def run_case(case: str, seed: int, args: Any) -> dict[str, Any]:
     data = {"recent_train": recent[:-n_val], "recent_val": recent[-n_val:], "replay_train": replay[n_rval:], "replay_val": replay[:n_rval]}
     # Held out: the next hours of the new regime, and the old regime when next seen.
     new_later = np.flatnonzero(is_new[now:]) + now
-    old_next = np.flatnonzero(~is_new[now:]) + now if case == "alternating" else old_rows[old_rows >= change - DAY // 2]
+    old_next = np.flatnonzero(~is_new[now:]) + now if case in ("alternating", "forgetting") else old_rows[old_rows >= change - DAY // 2]
     new_eval = cut(x, new_later[: 3 * HOUR], length, 7)
     old_eval = cut(x, old_next[: 6 * HOUR], length, 7)
     starts, counts, stats = bucket_signatures(ts[:now], values[:now])
-    cfg = TrainConfig(steps=args.steps)
+    cfg = TrainConfig(steps=args.steps, **(FORGETTING if case == "forgetting" else {}))
     recurrence = estimate(starts, counts, stats, list(CHANNELS), float(ts[change]), float(ts[now - 1]), min_weight=cfg.gate_min_weight, settle_hours=cfg.gate_settle_hours)
     lora_cfg = LoraConfigSection()
     out: dict[str, Any] = {"case": case, "seed": seed, "weight": recurrence.weight, "evidence": recurrence.summary}
@@ -180,6 +185,8 @@ def report(runs: list[dict[str, Any]]) -> None:
             print(f"- seed {r['seed']}: weight {r['weight']:.2f}; {r['evidence']}")
             print(f"  - today's gate: {r['today_reason']}")
             print(f"  - new gate: {r['new_replay_reason']}" + (" (after a retry)" if r["new_replay_retried"] else ""))
+            if r["new_anchor_retried"]:
+                print(f"  - new gate, anchored retry: {r['new_anchor_reason']}")
         base_new = statistics.fmean(r["base"][0] for r in rows)
         base_old = statistics.fmean(r["base"][1] for r in rows)
         print(f"\nfrozen base: new-regime MAE {base_new:.4f}, old-regime MAE {base_old:.4f}\n")
