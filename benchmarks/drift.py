@@ -4,6 +4,7 @@
     python benchmarks/drift.py --time-scale 1 --seeds 1 --days 3   # real time: 86,400 steps a day
     python benchmarks/drift.py --skip-inputs --residual-seeds 0 --realtime-seeds 2 --month-seeds 1   # 30 days at 1 reading/s
     python benchmarks/drift.py --skip-inputs --residual-seeds 0 --realtime-seeds 0 --first-day-seeds 3   # the first day after start-up
+    python benchmarks/drift.py --skip-inputs --residual-seeds 0 --realtime-seeds 0 --level-seeds 5   # level judges: a month, the overload
 
 The sample motor (sample_sensors) runs its daily cycle, batch cycle and
 weather; by default one simulated day is 600 steps (time_scale 144), so whole
@@ -57,6 +58,11 @@ seed on one idle core): a base pretrained on day 0 (00:00-24:00), the default
 judges started from its held-out validation residuals against the same
 judges learning for a day (what a base without them gets), on a stationary
 first day and on a first day with the overload at 07:00.
+
+The level judges (`--level-seeds`, ~1 min a seed): `[drift] level_channels` on vibration and
+current, fed the values as the daemon feeds them, started from the store's newest day; false
+alarms over `--month-days` stationary days and the overload's delay in three cases (see
+`level_table`).
 """
 
 from __future__ import annotations
@@ -657,7 +663,7 @@ def level_events(values: np.ndarray, ts: np.ndarray, prior: tuple[np.ndarray, np
     mon = DriftMonitor(list(CHANNELS), DriftConfig(level_channels=list(channels)), period_s=1.0)
     if prior is not None:
         pts, pvalues = prior
-        mon.seed_levels([LevelPrior.of(pts, pvalues[:, c], mon.level_block_s) if name in channels else None
+        mon.seed_levels([LevelPrior.of(pts, pvalues[:, c], mon.level_block_s, min_values=mon.level_min_values) if name in channels else None
                          for c, name in enumerate(CHANNELS)])  # fmt: skip
     events: list[tuple[int, str]] = []
     started = time.perf_counter()

@@ -460,11 +460,11 @@ class DriftConfig(_Section):
         True, description="CUSUM: judge each |residual| against the typical one at the same time of day on earlier days "
         "(it watches once it has seen a whole day, or `residual_prior` covers the hour), so the daily swing of the model's error is not a shift",
     )
-    # Level judges (drift/level.py), from benchmarks/drift.py --level-seeds at 1 reading/s on the
-    # sample motor: on current and vibration, k=2 and h=20 raised no false alarm in 90 stationary
-    # days and found the 45% current jump in 3-4 minutes, from the first day on. The motor's
-    # temperature follows the weather (days of warm or cold that no clock explains): it raised a
-    # shift every few hours there, so channels are named, not all judged.
+    # Level judges (drift/level.py), from benchmarks/drift.py --level-seeds 5 at 1 reading/s on the
+    # sample motor: on current and vibration, k=2 and h=20 raised no false alarm in 150 stationary
+    # days and found the 45% current jump in 1.5-2 minutes, from the first day after start-up on.
+    # The motor's temperature follows the weather (days of warm or cold that no clock explains): a
+    # judge there saw a shift about twice a day, so channels are named, not all judged.
     level_channels: list[str] = Field(
         default_factory=list, description="forecast channels whose level is judged against the same time of day on earlier days "
         "(half-minute medians, a two-sided CUSUM): an abrupt lasting shift (an overload) is drift in minutes, and a reason to "

@@ -260,7 +260,9 @@ class ScoringPipeline:
         the next step; nothing while no scorer serves yet."""
         with self._lock:
             scorer = self.scorer
-        if scorer is not None and not scorer.base.stand_in:
+        if scorer is not None and scorer.base.stand_in:
+            log.warning("adapter v%s not served: only baselines are served while there is no base", version)
+        elif scorer is not None:
             scorer.swap_model(model, version, baselines, held_out)
 
     @property
@@ -376,7 +378,7 @@ class ResidualDrift:
                 priors.append(None)
                 continue
             mask = channel_idx == names.index(name)
-            priors.append(LevelPrior.of(ts[mask], values[mask], monitor.level_block_s))
+            priors.append(LevelPrior.of(ts[mask], values[mask], monitor.level_block_s, min_values=monitor.level_min_values))
         monitor.seed_levels(priors)
 
     def status(self) -> DriftStatus:

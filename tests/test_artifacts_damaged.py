@@ -125,17 +125,17 @@ def test_a_damaged_base_is_moved_aside_and_the_daemon_runs_on(tmp_path: Path, br
         assert "model.safetensors" in alert["problem"]
         status = request(config.device.socket, {"cmd": "status"})
         assert status["adapter"]["version"] is None and AdapterStore(config.adapters_dir).current_version() is None
-        start = float(int(time.time()) - 600)
-        publish_motor(broker.port, start, 200)
+        start = float(int(time.time()) - 900)
+        publish_motor(broker.port, start, 450)  # enough for the baselines' held-out judgement (30 windows)
         assert daemon.store is not None
-        wait_for(lambda: daemon.store.count() >= 600, HANG_S, "every reading stored", detail=lambda: daemon.store.count())
+        wait_for(lambda: daemon.store.count() >= 1350, HANG_S, "every reading stored", detail=lambda: daemon.store.count())
         # Until a new base is trained, the best baseline fitted on the stored readings is served.
         serving = wait_for(
             lambda: (request(config.device.socket, {"cmd": "status"})["scoring"]["serving"] or {}).get("baselines_only"),
             HANG_S, "baselines served", detail=lambda: request(config.device.socket, {"cmd": "status"})["scoring"],
         )  # fmt: skip
         assert serving
-        publish_motor(broker.port, start + 200, 100, client_name="later")
+        publish_motor(broker.port, start + 450, 100, client_name="later")
         wait_for(lambda: len(forecasts.received) >= 20, HANG_S, "forecasts", detail=lambda: len(forecasts.received))
         made_by = {f["model"] for f in forecasts.received}
         assert made_by <= {"persistence", "seasonal_naive", "ridge", "mixed"} and all(f["adapter_version"] is None for f in forecasts.received), made_by

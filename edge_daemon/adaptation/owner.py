@@ -61,8 +61,9 @@ log = logging.getLogger(__name__)
 # (about 11 minutes at 1 s with the default window): enough to train and hold some out.
 UPDATE_MIN_WINDOWS_SINCE_CHANGE = 10
 # While there is no base, the baselines served are fitted on at most this much of the newest
-# stored data (a day: every hour of it, a few MB read once), and fitted again each time the
-# stored span has doubled since the last fit.
+# stored data (a day: every hour of it; at 1 s and 3 channels about 6 MB read, and windows every
+# few steps, pretrain.STAND_IN_MAX_WINDOWS), and fitted again each time the span of data they
+# were fitted on could double.
 STAND_IN_SPAN_S = 86400.0
 # The level judges start from this much of the newest stored data (a day: every time of day).
 LEVEL_PRIOR_S = 86400.0
@@ -483,26 +484,32 @@ class Adaptation:
         """No base: serve the best of the baselines (persistence, seasonal naive, ridge) fitted on
         the newest stored readings, so forecasts and anomaly scores go on while a base is trained
         (on a new device, or after a damaged base was moved aside). Fitted again as the data grows."""
-        if self.base is not None or time.monotonic() < self._stand_in_not_before:
+        if self.base is not None or time.monotonic() < self._stand_in_not_before or self.memory.level != Level.NORMAL:
             return
         stored = self.replay.time_range()
         if stored is None:
             return
         span = min(stored[1] - stored[0], STAND_IN_SPAN_S)
-        fitted = self._stand_in_span_s
-        if fitted is not None and (span < 2 * fitted or fitted >= STAND_IN_SPAN_S):
+        fitted = self._stand_in_span_s  # the span of the data the served stand-in was fitted on
+        if fitted is not None and (fitted >= STAND_IN_SPAN_S or span < min(2 * fitted, STAND_IN_SPAN_S)):
             return
         from edge_daemon.frames import build_grid
         from edge_daemon.training.pretrain import stand_in_base
 
         cfg = self.config
-        ts, channel_idx, values = self.replay.read(stored[1] - span, None)
-        grid = build_grid(ts, channel_idx, values, len(cfg.channels.names), cfg.channels.period_s, cfg.channels.max_fill_steps)
-        del ts, channel_idx, values
         try:
+            ts, channel_idx, values = self.replay.read(stored[1] - span, None)
+            # What was read, not the store's range: an old reading before a long gap spans a day.
+            read_span = float(ts[-1] - ts[0]) if len(ts) else 0.0
+            grid = build_grid(ts, channel_idx, values, len(cfg.channels.names), cfg.channels.period_s, cfg.channels.max_fill_steps)
+            del ts, channel_idx, values
             base = stand_in_base(grid, cfg.channels.names, cfg.model, inputs_only=cfg.channels.inputs_only)
         except TrainingError as exc:
             log.debug("no baselines to serve yet: %s", exc)
+            self._stand_in_not_before = time.monotonic() + STAND_IN_RETRY_S
+            return
+        except Exception:  # noqa: BLE001 - the scheduler's job must go on; tried again later
+            log.exception("fitting the baselines to serve without a base failed; trying again in %.0f s", STAND_IN_RETRY_S)
             self._stand_in_not_before = time.monotonic() + STAND_IN_RETRY_S
             return
         scorer = Scorer(base, None, cfg.outputs.anomaly_threshold, rule=serving_rule(cfg.outputs))
@@ -510,11 +517,11 @@ class Adaptation:
             if self.base is not None:  # a base was trained meanwhile: it serves
                 return
             self.serving.set_scorer(scorer)
-            self._stand_in_span_s = span
+            self._stand_in_span_s = read_span
         held_out = base.meta["held_out"]
         log.info(
             "no base model: serving %s, fitted on %.1f h of stored readings (held-out one-step MAE: %s) until one is trained",
-            scorer.served, span / 3600, ", ".join(f"{name} {mae:.4g}" for name, mae in held_out["mae"].items()),
+            scorer.served, read_span / 3600, ", ".join(f"{name} {mae:.4g}" for name, mae in held_out["mae"].items()),
         )  # fmt: skip
 
     def _maybe_bootstrap(self) -> None:

@@ -185,9 +185,9 @@ class Channel:
         self.residuals.since_reset = 0
 
     def reset_level(self) -> None:
-        """An adapter was accepted: a shift under way is the new normal (the adapter learnt it)."""
-        if self.level_judge is not None:
-            self.level_judge.rebase()
+        """An adapter serves (or a new base): a level shift seen before is no reason to adapt
+        again. The judge itself goes on: a shift under way stays one episode, learnt by none of
+        its slices, until the level is back to normal or, after a day of it, the new normal."""
         self.level.since_reset = 0
         self.level_change_from = None
 

@@ -9,11 +9,14 @@ hour), so it is judged against what is typical at that time of day.
 
 Half-minute medians of the channel (robust to spikes, which are anomalies alerted on their
 own) are compared with the mean and spread of the medians of the same quarter hour on earlier
-days, the spread floored at the channel's typical one. A two-sided CUSUM on the standardised
-medians (slack `k`, threshold `h`, in standard deviations) signals a shift; the episode lasts
-until the level is back to normal for `rearm_blocks` medians in a row, and meanwhile the slices
-learn nothing (a shift must not teach itself as normal). An accepted adapter, or a shift that
-has lasted a whole day, makes the shifted level the new normal (`rebase`).
+days (fewer, longer slices where a quarter hour holds fewer than four medians), the spread
+floored at the channel's typical one and at a share of its daily range (a channel off half the
+day, constant there, would otherwise have no spread to judge by). A two-sided CUSUM on the
+standardised medians (slack `k`, threshold `h`, in standard deviations) signals a shift; the
+episode lasts until the level has been back to normal for `calm_s` (medians within `k`), and
+meanwhile the slices learn nothing: a shift must not teach itself as normal, and a slice that
+learnt part of one would see a shift at that time every day. A shift that lasts a whole day is
+the new normal: every slice takes what it read during that day (`rebase`).
 
 A slice learns its day once it is over, with weight max(`min_rate`, 1 / (days learnt + 1)). It
 starts from a prior (`LevelPrior`: the same statistics of the store's newest day, counted as one
@@ -51,8 +54,11 @@ class LevelPrior:
     std: tuple[float | None, ...]
 
     @classmethod
-    def of(cls, ts: np.ndarray, values: np.ndarray, block_s: float = BLOCK_S, day_s: float = 86400.0) -> LevelPrior:
-        """From raw values at times `ts` (one channel; NaN skipped)."""
+    def of(
+        cls, ts: np.ndarray, values: np.ndarray, block_s: float = BLOCK_S, day_s: float = 86400.0, min_values: int = 1
+    ) -> LevelPrior:
+        """From raw values at times `ts` (one channel; NaN skipped); a block with fewer than
+        `min_values` values (a gap's edge) is no median."""
         bins = slice_count(block_s, day_s)
         ts = np.asarray(ts, dtype=np.float64)
         values = np.asarray(values, dtype=np.float64)
@@ -66,8 +72,10 @@ class LevelPrior:
         order = np.argsort(block, kind="stable")
         block, values = block[order], values[order]
         starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]])
-        medians = np.array([np.median(part) for part in np.split(values, starts[1:])])
-        slices = (((block[starts] * block_s) % day_s) // (day_s / bins)).astype(np.int64) % bins
+        parts = np.split(values, starts[1:])
+        whole = np.array([len(part) >= min_values for part in parts])
+        medians = np.array([np.median(part) for part, keep in zip(parts, whole, strict=True) if keep])
+        slices = (((block[starts][whole] * block_s) % day_s) // (day_s / bins)).astype(np.int64) % bins
         for b in range(bins):
             found = medians[slices == b]
             if len(found) >= 2:
@@ -86,22 +94,26 @@ class LevelJudge:
         k: float = 2.0,
         h: float = 20.0,
         clip: float = 10.0,
-        rearm_blocks: int = 30,
+        calm_s: float = 900.0,
         min_rate: float = 0.1,
+        range_floor: float = 0.02,
         day_s: float = 86400.0,
     ) -> None:
         if period_s <= 0 or block_s <= 0 or h <= 0 or k < 0 or clip <= k:
             raise ValueError("period_s, block_s and h must be > 0, k >= 0 and clip > k")
         self.block_s = max(float(block_s), float(period_s))
         self.k, self.h, self.clip = float(k), float(h), float(clip)
-        self.rearm_blocks = int(rearm_blocks)
         self.min_rate = float(min_rate)
+        self.range_floor = float(range_floor)
         self.day_s = float(day_s)
         self.bins = slice_count(self.block_s, self.day_s)
         self._bin_s = self.day_s / self.bins
         # A median needs half the block's values: a gap's leftovers are not a level.
-        self._min_values = max(1, int(self.block_s / period_s) // 2)
+        self.min_values = max(1, int(self.block_s / period_s) // 2)
         self._episode_max_blocks = int(self.day_s / self.block_s)
+        # Medians back within k in a row that end an episode: `calm_s` of them, at least three,
+        # and well under a day's (else an episode could only end by becoming the new normal).
+        self.calm_blocks = max(3, min(math.ceil(calm_s / self.block_s), self._episode_max_blocks // 4))
         self._mean = [0.0] * self.bins
         self._var = [0.0] * self.bins
         self._days = [0.0] * self.bins  # days learnt per slice (a prior counts as one)
@@ -131,16 +143,12 @@ class LevelJudge:
         self._refloor()
 
     def rebase(self) -> None:
-        """The level of the episode under way is the new normal (an accepted adapter learnt it,
-        or it has lasted a day): the slices it covered start from what it read there, counted as
-        a day; the others learn afresh (how a shift of one hour carries to another, by an
-        offset or a factor, is not known), and the episode ends."""
+        """A shift that has lasted a whole day is the new normal: every slice it saw whole takes
+        what it read there (counted as a day), and the episode ends. The slice under way learns
+        what it reads when it is over, as one that has learnt nothing."""
         if self.episode:
-            seen = self._episode_slices
-            if self._slice_medians and self._slice is not None:
-                seen = {**seen, self._slice % self.bins: self._slice_medians}
             for b in range(self.bins):
-                medians = seen.get(b)
+                medians = self._episode_slices.get(b)
                 if medians is not None and len(medians) >= 2:
                     self._mean[b], self._var[b], self._days[b] = float(np.mean(medians)), float(np.var(medians)), 1.0
                 else:
@@ -184,7 +192,7 @@ class LevelJudge:
         assert self._block is not None
         values, start = self._values, self._block * self.block_s
         self._values = []
-        if len(values) < self._min_values:
+        if len(values) < self.min_values:
             return False
         median = float(np.median(values))
         whole_slice = int(start // self._bin_s)
@@ -206,7 +214,7 @@ class LevelJudge:
         if self.episode:
             self._episode_blocks += 1
             self._calm_blocks = self._calm_blocks + 1 if abs(z) <= self.k else 0
-            if self._calm_blocks >= self.rearm_blocks:
+            if self._calm_blocks >= self.calm_blocks:
                 self._end_episode()  # back to normal
             elif self._episode_blocks >= self._episode_max_blocks:
                 self.rebase()  # a day of it: the new normal
@@ -228,7 +236,10 @@ class LevelJudge:
         assert self._slice is not None
         b = self._slice % self.bins
         if self.episode:
-            self._episode_slices[b] = medians  # what a rebase starts from
+            # What a rebase starts from: the slice whole within the episode (its first medians
+            # may precede the shift, so a slice the episode began in is not one of them).
+            if self._episode_blocks >= len(medians):
+                self._episode_slices[b] = medians
             return
         if len(medians) < 2:
             return
@@ -245,9 +256,16 @@ class LevelJudge:
 
     def _refloor(self) -> None:
         """The spread floor: the typical slice's spread (a quiet slice judged by its own tiny
-        spread would read a small wobble as a shift)."""
-        spreads = [math.sqrt(v) for v, d in zip(self._var, self._days, strict=True) if d > 0]
-        self._floor = float(np.median(spreads)) if spreads else 0.0
+        spread would read a small wobble as a shift), and `range_floor` of the range of the
+        slices' means (a channel constant much of the day, such as a current that is 0 while
+        the machine is off, has a typical spread of 0)."""
+        known = [b for b in range(self.bins) if self._days[b] > 0]
+        if not known:
+            self._floor = 0.0
+            return
+        spreads = [math.sqrt(self._var[b]) for b in known]
+        means = [self._mean[b] for b in known]
+        self._floor = max(float(np.median(spreads)), self.range_floor * (max(means) - min(means)))
 
     def _end_episode(self) -> None:
         self.episode = False

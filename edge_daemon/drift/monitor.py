@@ -198,6 +198,11 @@ class DriftMonitor:
         """Seconds each level median covers (what a prior must be made with)."""
         return max(self.cfg.level_block_s, self.period_s)
 
+    @property
+    def level_min_values(self) -> int:
+        """Values a level median needs (half its block's): what a prior must be made with."""
+        return max(1, int(self.level_block_s / self.period_s) // 2)
+
     def _residual_profile(self, period_s: float) -> TimeOfDayProfile | None:
         if self.cfg.residuals != "window" or not self.cfg.cusum or not self.cfg.cusum_by_time_of_day:
             return None
@@ -262,6 +267,7 @@ class DriftMonitor:
         with self._lock:
             for channel in self._channels:
                 channel.reset_residuals()
+                channel.reset_level()  # a shift seen before the base is in its training data
             self._seed(priors)
 
     def set_input_reference(self, references: Sequence[Reference | None]) -> None:

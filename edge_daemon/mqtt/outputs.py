@@ -277,7 +277,7 @@ class OnlineStatus(TypedDict):
     version: str
     started: str
     adapter_version: int | None
-    drift: NotRequired[bool]  # residual drift; once scoring runs
+    drift: NotRequired[bool]  # drift that warrants adapting (residuals, or a judged level); once scoring runs
     drift_channels: NotRequired[dict[str, bool]]  # per forecast channel: drifted (inputs, residuals or level); once scoring runs
     scoring: NotRequired[ScoringCounters]  # once scoring runs
     training: NotRequired[TrainingState]  # once the update path runs

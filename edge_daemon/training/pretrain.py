@@ -52,6 +52,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_TRAIN_WINDOWS = 16
+# Baselines fitted without a base (`stand_in_base`): held-out windows their anomaly scale needs
+# (a few would give a scale of ~0 on a quantised channel, and every step an anomaly), the floor
+# of that scale (normalised units: 1% of the channel's std), and how many windows are built.
+STAND_IN_MIN_VAL_WINDOWS = 30
+STAND_IN_VAL_FRACTION = 0.2  # the newest fifth held out: a judgement within minutes of a new device's data
+STAND_IN_MIN_SCALE = 0.01
+STAND_IN_MAX_WINDOWS = 8192
 # Windows per forward when evaluating: activations grow with it (256 cost a training worker ~40 MB
 # on the default model), speed hardly does past a few tens.
 EVAL_BATCH = 32
@@ -426,24 +433,27 @@ def stand_in_base(
 
     Persistence, seasonal naive where a season shows and the ridge autoregression, fitted and
     judged held-out as `pretrain` fits and judges them; the best is served. The normalisation
-    and the anomaly scale (the served baseline's held-out RMS error) come from the same data.
-    TrainingError when the grid has too few gap-free windows.
+    and the anomaly scale (the served baseline's held-out RMS error, at least
+    STAND_IN_MIN_SCALE) come from the same data. Windows are taken every few steps so that at
+    most about STAND_IN_MAX_WINDOWS are built: it runs in the daemon's own process.
+    TrainingError when the grid has too few gap-free windows for a held-out judgement.
     """
     config_order = list(channels)
     channels, ordered = _in_model_order(grid, config_order, set(inputs_only))
     assert isinstance(ordered, Grid)
     n_channels = len(channels) - len(inputs_only)
     fcfg = forecaster_config(model_cfg, n_channels, (), grid.period_s, n_covariates=len(inputs_only))
-    norm, train, val = _prepare(ordered, grid.period_s, fcfg.window + 1, val_fraction or model_cfg.pretrain_val_fraction, None, 1)
-    if len(train.windows) < MIN_TRAIN_WINDOWS or len(val.windows) < 1:
+    stride = max(1, math.ceil(len(ordered.values) / STAND_IN_MAX_WINDOWS))
+    norm, train, val = _prepare(ordered, grid.period_s, fcfg.window + 1, val_fraction or STAND_IN_VAL_FRACTION, None, stride)
+    if len(train.windows) < MIN_TRAIN_WINDOWS or len(val.windows) < STAND_IN_MIN_VAL_WINDOWS:
         raise TrainingError(
             f"not enough data to fit the baselines: {len(train.windows)} training and {len(val.windows)} "
-            f"validation windows of {fcfg.window + 1} gap-free steps (need {MIN_TRAIN_WINDOWS} and 1)"
+            f"validation windows of {fcfg.window + 1} gap-free steps (need {MIN_TRAIN_WINDOWS} and {STAND_IN_MIN_VAL_WINDOWS})"
         )
     season = model_cfg.season_steps or _detected_season(ordered, norm, model_cfg.season_max_steps, n_channels)
     baselines = make_baselines(train.windows, season, fcfg.lags, fcfg.horizons, n_channels)
     held_out = held_out_report(baselines, val.windows, None, n_channels)
-    residual_scale = np.maximum(np.asarray(held_out["rms"][held_out["serve"]], dtype=np.float32), 1e-6)
+    residual_scale = np.maximum(np.asarray(held_out["rms"][held_out["serve"]], dtype=np.float32), STAND_IN_MIN_SCALE)
     described = json.dumps([b.to_dict() for b in baselines], sort_keys=True) + json.dumps(norm.to_dict(), sort_keys=True)
     meta: BaseMeta = {
         "source": "store",
