@@ -16,6 +16,7 @@ autoregression refitted on the update's hour, the baselines the daemon serves be
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from typing import Any
@@ -53,25 +54,29 @@ FORGETTING = {"replay_fraction": 0.0, "lr": 3 * TrainConfig().lr}
 RETUNED = MotorParams(ambient_mean_c=28.0, batch_cycle_s=600.0, batch_depth=0.3, current_full_a=36.0, heating_c_per_a2=0.03)
 
 
-def motor(case: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ts, values (N, 3), is_new (N,)) for three days, the change's hour and a day after it."""
+def motor(case: str, seed: int, noiseless: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ts, values (N, 3), is_new (N,)) for three days, the change's hour and a day after it;
+    `noiseless`: the same motor without its measurement noise and spikes (the same random draws
+    otherwise, so the same load, wander and weather)."""
     n = 4 * DAY + HOUR
+    quiet = {"noise": {c: 0.0 for c in CHANNELS}, "spike_rate": 0.0} if noiseless else {}
+    default, retuned = dataclasses.replace(MotorParams(), **quiet), dataclasses.replace(RETUNED, **quiet)
     if case in ("alternating", "forgetting"):
-        old = generate_labeled(n, PERIOD_S, seed=seed)
-        new = generate_labeled(n, PERIOD_S, seed=seed, regime_change_at=0, ramp_steps=1)
+        old = generate_labeled(n, PERIOD_S, seed=seed, params=default)
+        new = generate_labeled(n, PERIOD_S, seed=seed, regime_change_at=0, ramp_steps=1, params=default)
         is_new = (np.arange(n) // DAY) % 2 == 1  # day 1 and day 3 (the change's) are new
         is_new[3 * DAY + 2 * HOUR :] = False  # ... and day 3 gives way to the old regime again after 2 h
         is_new[3 * DAY : 3 * DAY + 2 * HOUR] = True
         values = np.where(is_new[:, None], np.stack([new.values[c] for c in CHANNELS], 1), np.stack([old.values[c] for c in CHANNELS], 1))
         return old.ts, values, is_new
     if case == "retuned":
-        old = generate_labeled(n, PERIOD_S, seed=seed)
-        new = generate_labeled(n, PERIOD_S, seed=seed, params=RETUNED)
+        old = generate_labeled(n, PERIOD_S, seed=seed, params=default)
+        new = generate_labeled(n, PERIOD_S, seed=seed, params=retuned)
         is_new = np.arange(n) >= 3 * DAY
         values = np.where(is_new[:, None], np.stack([new.values[c] for c in CHANNELS], 1), np.stack([old.values[c] for c in CHANNELS], 1))
         return old.ts, values, is_new
     regime = "bearing_wear" if case == "permanent" else "current_recalibration"
-    data = generate_labeled(n, PERIOD_S, seed=seed, regime_change_at=3 * DAY, regime=regime, ramp_steps=6)
+    data = generate_labeled(n, PERIOD_S, seed=seed, regime_change_at=3 * DAY, regime=regime, ramp_steps=6, params=default)
     is_new = np.arange(n) >= 3 * DAY
     return data.ts, np.stack([data.values[c] for c in CHANNELS], 1), is_new
 
@@ -160,6 +165,12 @@ def run_case(case: str, seed: int, args: Any) -> dict[str, Any]:
         pretrain(ceiling, cut(x, later[: 20 * HOUR], length, 3), 400, seed=seed)
         out["ceiling"] = (mae(ceiling, new_eval), mae(ceiling, old_eval), True)
         out["ceiling_by_channel"] = channel_mae(ceiling, new_eval)
+    # The floor: the generator's own signal without its noise and spikes, as a forecast of the
+    # same steps. It knows every step's load and wander too: what separates it from the readings
+    # is noise (and spikes) that no forecast removes, a bound on what any forecaster can reach.
+    _, clean, _ = motor(case, seed, noiseless=True)
+    gap = (x - torch.from_numpy(((clean - mean) / std).astype(np.float32))).abs()
+    out["floor"] = (float(cut(gap, new_later[: 3 * HOUR], length, 7)[:, 1:].mean()), float(cut(gap, old_next[: 6 * HOUR], length, 7)[:, 1:].mean()), True)
     # The baselines the daemon serves beside the model, on the same steps (the last position of
     # the new-regime windows): persistence, and the ridge autoregression refitted on the same hour
     # the update learns from (as an update refits it).
@@ -203,6 +214,9 @@ def report(runs: list[dict[str, Any]]) -> None:
             new = statistics.fmean(c[0] for c in ceiling)
             old = statistics.fmean(c[1] for c in ceiling)
             print(f"| ceiling: base fully fine-tuned on 20 h of the new regime (not a decision) | - | {new:.4f} | {new / base_new - 1:+.1%} | {old:.4f} | {old / base_old - 1:+.1%} | - |")
+        floor = [r["floor"] for r in rows]
+        new = statistics.fmean(f[0] for f in floor)
+        print(f"| floor: the motor's own signal without its noise and spikes, as a forecast (it knows every step's load and wander) | - | {new:.4f} | {new / base_new - 1:+.1%} | - | - | - |")
         by_channel = [("frozen base", "base_by_channel"), ("new gate (heavier replay)", "new_replay_by_channel"), ("ceiling", "ceiling_by_channel")]
         print("\nnew-regime MAE by channel (" + ", ".join(CHANNELS) + "):", "; ".join(
             f"{label} " + " / ".join(f"{statistics.fmean(r[key][c] for r in rows):.4f}" for c in range(len(CHANNELS)))
