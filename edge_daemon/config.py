@@ -464,7 +464,7 @@ class DriftConfig(_Section):
     # sample motor: on current and vibration, k=2 and h=20 raised no false alarm in 150 stationary
     # days and found the 45% current jump in 1.5-2 minutes, from the first day after start-up on.
     # The motor's temperature follows the weather (days of warm or cold that no clock explains): a
-    # judge there saw a shift about twice a day, so channels are named, not all judged.
+    # judge there saw a shift nearly twice a day, so channels are named, not all judged.
     level_channels: list[str] = Field(
         default_factory=list, description="forecast channels whose level is judged against the same time of day on earlier days "
         "(half-minute medians, a two-sided CUSUM): an abrupt lasting shift (an overload) is drift in minutes, and a reason to "
