@@ -658,13 +658,10 @@ def level_events(values: np.ndarray, ts: np.ndarray, prior: tuple[np.ndarray, np
     and vibration (the daemon's judge, fed every step's inputs as the pipeline does), started from
     `prior` (times and values of the store's newest stored data, as the daemon at start-up);
     `reset_at`: the step an adapter is accepted at. Returns the events and us per update_inputs."""
-    from edge_daemon.drift.level import LevelPrior
-
     mon = DriftMonitor(list(CHANNELS), DriftConfig(level_channels=list(channels)), period_s=1.0)
     if prior is not None:
         pts, pvalues = prior
-        mon.seed_levels([LevelPrior.of(pts, pvalues[:, c], mon.level_block_s, min_values=mon.level_min_values) if name in channels else None
-                         for c, name in enumerate(CHANNELS)])  # fmt: skip
+        mon.seed_levels_from([(pts, pvalues[:, c]) for c in range(len(CHANNELS))])
     events: list[tuple[int, str]] = []
     started = time.perf_counter()
     for k in range(len(values)):

@@ -21,7 +21,6 @@ from edge_daemon.times import iso
 from edge_daemon.baselines import MODEL, Baseline, HeldOut
 from edge_daemon.config import Config
 from edge_daemon.drift.feed import DriftFeed
-from edge_daemon.drift.level import LevelPrior
 from edge_daemon.drift.monitor import DriftMonitor
 from edge_daemon.drift.prior import ResidualPrior
 from edge_daemon.mqtt.outputs import Alert, Forecast, Forecaster, ForecastHorizon, ScoredBy, anomaly_alert
@@ -371,15 +370,8 @@ class ResidualDrift:
     def start_levels(self, ts: np.ndarray, channel_idx: np.ndarray, values: np.ndarray) -> None:
         """At start-up: the level judges start from stored readings (the newest day; `channel_idx`
         indexes the config's channels) instead of learning a day first."""
-        monitor, names = self._monitor, self._names
-        priors = []
-        for name in monitor.channels:
-            if name not in monitor.cfg.level_channels:
-                priors.append(None)
-                continue
-            mask = channel_idx == names.index(name)
-            priors.append(LevelPrior.of(ts[mask], values[mask], monitor.level_block_s, min_values=monitor.level_min_values))
-        monitor.seed_levels(priors)
+        masks = [channel_idx == self._names.index(name) for name in self._monitor.channels]
+        self._monitor.seed_levels_from([(ts[mask], values[mask]) for mask in masks])
 
     def status(self) -> DriftStatus:
         """The `drift` section of `status`."""

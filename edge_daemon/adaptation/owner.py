@@ -60,13 +60,11 @@ log = logging.getLogger(__name__)
 # An update after drift trains on the data since the change once it spans this many windows
 # (about 11 minutes at 1 s with the default window): enough to train and hold some out.
 UPDATE_MIN_WINDOWS_SINCE_CHANGE = 10
-# While there is no base, the baselines served are fitted on at most this much of the newest
-# stored data (a day: every hour of it; at 1 s and 3 channels about 6 MB read, and windows every
-# few steps, pretrain.STAND_IN_MAX_WINDOWS), and fitted again each time the span of data they
-# were fitted on could double.
-STAND_IN_SPAN_S = 86400.0
-# The level judges start from this much of the newest stored data (a day: every time of day).
-LEVEL_PRIOR_S = 86400.0
+# The newest stored data the baselines served while there is no base are fitted on (fitted
+# again each time the span of data they were fitted on could double), and the level judges start
+# from: a day, every hour of it (at 1 s and 3 channels about 6 MB read; the baselines' windows
+# every few steps, pretrain.STAND_IN_MAX_WINDOWS).
+NEWEST_DAY_S = 86400.0
 # A fit that failed (too few gap-free windows yet) is tried again after this long.
 STAND_IN_RETRY_S = 300.0
 
@@ -234,13 +232,16 @@ class Adaptation:
         """Serve what was served before the restart; while there is no base yet, the best
         baseline fitted on the store (once it holds enough)."""
         scorer = self.load_serving()
-        if scorer is None:
-            self.serve_stand_in()
-        if self.config.drift.level_channels:
-            # The level judges start from the newest stored day instead of learning one.
-            stored = self.replay.time_range()
-            if stored is not None:
-                self.drift.start_levels(*self.replay.read(stored[1] - LEVEL_PRIOR_S, None))
+        stored = self.replay.time_range()
+        if stored is not None and (scorer is None or self.config.drift.level_channels):
+            # The store's newest day, read once: what baselines are fitted on while there is no
+            # base, and where the level judges start instead of learning a day.
+            newest = self.replay.read(stored[1] - NEWEST_DAY_S, None)
+            if scorer is None:
+                self.serve_stand_in(newest)
+            if self.config.drift.level_channels:
+                self.drift.start_levels(*newest)
+            del newest
         if scorer is not None:
             self.serving.set_scorer(scorer)
             if scorer.version is not None:  # the drift judges start from the served adapter's validation residuals
@@ -480,25 +481,26 @@ class Adaptation:
         self.new_windows.reset()
         return True
 
-    def serve_stand_in(self) -> None:
+    def serve_stand_in(self, newest: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
         """No base: serve the best of the baselines (persistence, seasonal naive, ridge) fitted on
         the newest stored readings, so forecasts and anomaly scores go on while a base is trained
-        (on a new device, or after a damaged base was moved aside). Fitted again as the data grows."""
+        (on a new device, or after a damaged base was moved aside). Fitted again as the data grows.
+        `newest`: the store's newest day, when the caller has read it already."""
         if self.base is not None or time.monotonic() < self._stand_in_not_before or self.memory.level != Level.NORMAL:
             return
         stored = self.replay.time_range()
         if stored is None:
             return
-        span = min(stored[1] - stored[0], STAND_IN_SPAN_S)
+        span = min(stored[1] - stored[0], NEWEST_DAY_S)
         fitted = self._stand_in_span_s  # the span of the data the served stand-in was fitted on
-        if fitted is not None and (fitted >= STAND_IN_SPAN_S or span < min(2 * fitted, STAND_IN_SPAN_S)):
+        if fitted is not None and (fitted >= NEWEST_DAY_S or span < min(2 * fitted, NEWEST_DAY_S)):
             return
         from edge_daemon.frames import build_grid
         from edge_daemon.training.pretrain import stand_in_base
 
         cfg = self.config
         try:
-            ts, channel_idx, values = self.replay.read(stored[1] - span, None)
+            ts, channel_idx, values = newest if newest is not None else self.replay.read(stored[1] - span, None)
             # What was read, not the store's range: an old reading before a long gap spans a day.
             read_span = float(ts[-1] - ts[0]) if len(ts) else 0.0
             grid = build_grid(ts, channel_idx, values, len(cfg.channels.names), cfg.channels.period_s, cfg.channels.max_fill_steps)

@@ -27,7 +27,6 @@ stream.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -129,7 +128,6 @@ class LevelJudge:
         self._calm_blocks = 0
         self._episode_slices: dict[int, list[float]] = {}  # slice -> its medians in the episode (the last day's)
         self.onset: float | None = None  # when the shift began, at its detection (Page's estimate)
-        self.blocks = 0  # medians judged so far
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -141,6 +139,10 @@ class LevelJudge:
             if self._days[b] == 0 and mean is not None and std is not None:
                 self._mean[b], self._var[b], self._days[b] = mean, std * std, 1.0
         self._refloor()
+
+    def prior_of(self, ts: np.ndarray, values: np.ndarray) -> LevelPrior:
+        """The prior of this judge's slices from raw values at times `ts` (its blocks, its day)."""
+        return LevelPrior.of(ts, values, self.block_s, self.day_s, self.min_values)
 
     def rebase(self) -> None:
         """A shift that has lasted a whole day is the new normal: every slice it saw whole takes
@@ -206,7 +208,6 @@ class LevelJudge:
         typical = self._mean[b]
         z = (median - typical) / max(math.sqrt(self._var[b]), self._floor, 1e-9 * (1.0 + abs(typical)))
         z = max(-self.clip, min(self.clip, z))
-        self.blocks += 1
         self._up = max(0.0, self._up + z - self.k)
         self._down = max(0.0, self._down - z - self.k)
         self._run_up = self._run_up + 1 if self._up > 0 else 0
@@ -275,7 +276,3 @@ class LevelJudge:
         self._up = self._down = 0.0
         self._run_up = self._run_down = 0
 
-
-def priors_of(ts: np.ndarray, columns: Sequence[np.ndarray], block_s: float = BLOCK_S) -> list[LevelPrior]:
-    """One `LevelPrior` per column of values at times `ts`."""
-    return [LevelPrior.of(ts, column, block_s) for column in columns]

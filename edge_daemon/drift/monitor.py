@@ -193,15 +193,18 @@ class DriftMonitor:
                 if channel.level_judge is not None and prior is not None:
                     channel.level_judge.seed(prior)
 
+    def seed_levels_from(self, readings: Sequence[tuple[np.ndarray, np.ndarray] | None]) -> None:
+        """`seed_levels` with each judge's prior made from raw readings (times, values) of its
+        channel, by the judge's own blocks and day (None: nothing stored for that channel)."""
+        with self._lock:
+            judges = [c.level_judge for c in self._channels]
+        self.seed_levels([None if judge is None or data is None else judge.prior_of(*data)
+                          for judge, data in zip(judges, readings, strict=True)])  # fmt: skip
+
     @property
     def level_block_s(self) -> float:
         """Seconds each level median covers (what a prior must be made with)."""
         return max(self.cfg.level_block_s, self.period_s)
-
-    @property
-    def level_min_values(self) -> int:
-        """Values a level median needs (half its block's): what a prior must be made with."""
-        return max(1, int(self.level_block_s / self.period_s) // 2)
 
     def _residual_profile(self, period_s: float) -> TimeOfDayProfile | None:
         if self.cfg.residuals != "window" or not self.cfg.cusum or not self.cfg.cusum_by_time_of_day:

@@ -147,6 +147,8 @@ class Scorer:
             baselines = baselines_of(base.meta.get("baselines"))
         # Whose forecasts every channel falls back to, and whose record the comparison counts.
         self._anchor = MODEL if merged_model is not None else baselines[0].name
+        # Serve the best by the comparison (baselines alone have no model to pin).
+        self._best = self.rule.mode == "best" or merged_model is None
         self._set_forecasters(baselines, held_out if held_out is not None else base.meta.get("held_out"))
         self._capacity = max([self.window] + [b.history_steps for b in self._baselines])
         # Each step is written twice, at i and i + capacity, so the newest `capacity` steps are always
@@ -176,7 +178,7 @@ class Scorer:
             self._scales[MODEL] = self.base.residual_scale_tensor()
         choice = held_out.get("serve", self._anchor) if held_out else self._anchor
         # Per channel: a baseline may forecast one channel best and the model another.
-        served = choice if (self.rule.mode == "best" or self._model is None) and choice in names else self._anchor
+        served = choice if self._best and choice in names else self._anchor
         self._served = [served] * n
         self._switches = 0
         # Each further horizon is compared and served on its own, starting from the next step's choice.
@@ -264,7 +266,7 @@ class Scorer:
     def _choose(self, tallies: dict[str, _Tally], served: list[str], steps: int = 1) -> None:
         """Per channel, switch `served` to the forecaster with the lowest mean |error| in `tallies`."""
         compared = len(tallies[self._anchor].values)
-        if (self.rule.mode != "best" and self._model is not None) or compared < self.rule.compare_steps:
+        if not self._best or compared < self.rule.compare_steps:
             return
         means = {name: t.mean for name, t in tallies.items() if len(t.values) == compared}
         for c, channel in enumerate(self.base.targets):
