@@ -509,3 +509,16 @@ def test_without_a_base_the_best_baseline_fitted_on_the_data_is_served_and_score
     # Too little data for a held-out judgement: nothing is served.
     with pytest.raises(TrainingError, match="not enough data"):
         stand_in_base(Grid(0.0, 1.0, _signal(30).astype(np.float32)), CHANNELS, cfg)
+
+
+def test_a_channel_constant_in_the_held_out_windows_gets_the_floor_scale_not_zero() -> None:
+    """Baselines fitted without a base: a channel that did not move in the held-out windows has a
+    held-out error of 0; its anomaly scale is floored (STAND_IN_MIN_SCALE), not 1e-6, which made
+    every later change of it an anomaly a million times over."""
+    from edge_daemon.training.pretrain import STAND_IN_MIN_SCALE, stand_in_base
+
+    data = _signal(600).astype(np.float32)
+    data[:, 1] = 1.0  # a quantised reading that has not moved (a set-point, a closed valve)
+    stand_in = stand_in_base(Grid(0.0, 1.0, data), CHANNELS, TINY)
+    assert stand_in.residual_scale[1] == pytest.approx(STAND_IN_MIN_SCALE, rel=1e-6)
+    assert stand_in.residual_scale[0] > STAND_IN_MIN_SCALE
