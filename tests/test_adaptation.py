@@ -124,3 +124,33 @@ def test_status_reports_when_a_job_finished_not_when_it_was_asked() -> None:
     assert result.ran_to_end and not result.stopped_for_memory
     assert "candidates" not in job.to_json() and job.to_json()["started"] is not None
     assert Progress("training", plan=plan, step=3).to_json() == {"phase": "training", "plan": plan.to_dict(), "step": 3}
+
+
+def test_without_a_base_baselines_are_served_and_fitted_again_once_the_data_has_doubled(tmp_path: Path) -> None:
+    """No base: start() serves baselines fitted on the store; a check on the same data keeps them,
+    and once the stored span has doubled they are fitted again on it."""
+    config = make_config(tmp_path, model={"window": 16})
+    pipeline = ScoringPipeline(config, lambda *args, **kwargs: None)
+    adaptation = _adaptation(config, AdapterStore(config.adapters_dir), pipeline)
+    replay = adaptation.replay
+    rng = np.random.default_rng(0)
+    start = 1_800_000_000.0
+
+    def store(first: int, last: int) -> None:
+        replay.write([Reading(name, start + t, float(np.sin(t / 30) + 0.05 * rng.normal())) for t in range(first, last) for name in CHANNELS])  # type: ignore[attr-defined]
+
+    store(0, 600)
+    adaptation.start()
+    first = pipeline.scorer
+    assert first is not None and first.base.stand_in and adaptation.base is None
+    assert first.base.meta["data_end"] <= start + 600
+    adaptation.serve_stand_in()
+    assert pipeline.scorer is first  # nothing new to fit on
+    store(600, 1000)  # 1,000 s stored: not yet twice the 600 s fitted on
+    adaptation.serve_stand_in()
+    assert pipeline.scorer is first
+    store(1000, 1300)  # now more than twice
+    adaptation.serve_stand_in()
+    again = pipeline.scorer
+    assert again is not first and again is not None and again.base.stand_in
+    assert again.base.meta["data_end"] > first.base.meta["data_end"] + 600
