@@ -37,21 +37,27 @@ SERVE_HOURS = 6
 RULE = ServingRule()  # the daemon's default: best per channel over the last 600 steps
 
 
-def served_mae(base: BaseModel, values: np.ndarray, t0: float) -> tuple[np.ndarray, np.ndarray, str]:
-    """(C,) raw MAE of the served forecasts and of persistence on the same steps, and who was served last."""
+def served_mae(base: BaseModel, values: np.ndarray, t0: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
+    """(C,) raw MAE of the served forecasts, of persistence and of the ridge autoregression the
+    scorer runs beside them (None without one), on the same steps; and who was served last."""
     scorer = Scorer(base, base.model, anomaly_threshold=6.0, rule=RULE)
     errors: list[np.ndarray] = []
     naive: list[np.ndarray] = []
+    ridge: list[np.ndarray] = []
     pending: np.ndarray | None = None
     served = ""
+    n = base.cfg.n_channels
     for i, row in enumerate(values):
         if pending is not None:
             errors.append(np.abs(pending - row))
             naive.append(np.abs(values[i - 1] - row))
         result = scorer.add_step(t0 + i, row)
+        if pending is not None and result is not None and result.residuals and "ridge" in result.residuals:
+            ridge.append(np.abs(result.residuals["ridge"]) * base.norm.std[:n])  # raw units
         pending = result.forecast if result is not None else None
         served = scorer.served
-    return np.mean(errors, axis=0), np.mean(naive, axis=0), served
+    ridge_mae = np.mean(ridge, axis=0) if len(ridge) == len(errors) else None
+    return np.mean(errors, axis=0), np.mean(naive, axis=0), ridge_mae, served
 
 
 def main() -> None:
@@ -81,15 +87,19 @@ def main() -> None:
             stand_in = stand_in_base(grid, list(CHANNELS), cfg)
             fits.setdefault(h, []).append(time.perf_counter() - started)
             later = values[cut : cut + SERVE_HOURS * 3600]
-            mae, naive, served = served_mae(stand_in, later, t0 + cut)
+            mae, naive, ridge, served = served_mae(stand_in, later, t0 + cut)
             served_by.setdefault(h, []).append(served)
             rows.setdefault((h, "persistence"), []).append((float(np.mean(naive)), 0.0))
+            if ridge is not None:
+                rows.setdefault((h, "ridge autoregression alone (fitted on the same hours)"), []).append(
+                    (float(np.mean(ridge)), float(np.mean(1 - ridge / naive)))
+                )
             rows.setdefault((h, "baselines served (no base)"), []).append((float(np.mean(mae)), float(np.mean(1 - mae / naive))))
             if not args.no_base:
                 with tempfile.TemporaryDirectory() as out:
                     pretrain(grid, list(CHANNELS), 1.0, cfg, Path(out), steps=args.pretrain_steps, seed=seed)
                     base = load_base(Path(out))
-                mae, naive, _ = served_mae(base, later, t0 + cut)
+                mae, naive, _, _ = served_mae(base, later, t0 + cut)
                 rows.setdefault((h, f"base pretrained on the same hours ({args.pretrain_steps} steps), served"), []).append(
                     (float(np.mean(mae)), float(np.mean(1 - mae / naive)))
                 )
