@@ -276,6 +276,13 @@ class ModelConfig(_Section):
     n_layers: int = Field(3, ge=1, description="transformer blocks")
     d_ff: int = Field(128, ge=4, description="feed-forward width")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout in training")
+    reversible: bool = Field(
+        False,
+        description="reversible (RevNet) blocks: training keeps no block's activations, whatever n_layers, and "
+        "recomputes them in backward from the last block's outputs (as checkpointing does: ~1.4x the time of a "
+        "forward+backward); gradient checkpointing then has nothing left to save and is ignored. A base is trained "
+        "for it: changing it needs a new base",
+    )
     bootstrap_min_windows: int = Field(512, ge=16, description="windows needed before a device trains its own base model")
     pretrain_steps: int = Field(600, ge=1, description="optimizer steps of base-model training (~30 s on one idle core at the defaults)")
     pretrain_batch_size: int = Field(32, ge=1, description="windows per base-model training step")

@@ -11,7 +11,8 @@ working-day flag) follow the forecast channels and are read by both paths like
 them; calendar inputs (sine and cosine of the time of day and of the week,
 `calendar_s`) come last. Neither is forecast. The transformer's output head starts at zero,
 so an untrained model is exactly its linear path, and training can only add
-what the linear path misses.
+what the linear path misses. With `reversible`, the blocks are RevNet-style
+couplings: training keeps the activations of none of them, whatever the depth.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class ForecasterConfig:
     calendar_s: tuple[float, ...] = ()  # periods (s) whose phase is an input: 86400.0 for the time of day
     horizons: tuple[int, ...] = (1,)  # steps ahead it forecasts: 1, then further ones (at most window // 2)
     n_covariates: int = 0  # channels read but not forecast: the input columns after the forecast ones
+    # Reversible (RevNet) blocks: backward rebuilds each block's input from its output instead of
+    # keeping it. Not in a base saved before it existed: from_dict gives False, the blocks it was trained as.
+    reversible: bool = False
 
     def __post_init__(self) -> None:
         assert self.n_channels >= 1, "need at least one channel"
@@ -96,6 +100,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
+    """Attention then feed-forward, each added to the residual stream.
+
+    A reversible model couples the same two branches across a pair of streams
+    (`coupled`) instead, so the modules and their names, which LoRA targets
+    and the block probe go by, are the same in both kinds of model.
+    """
+
     def __init__(self, cfg: ForecasterConfig) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
@@ -105,10 +116,23 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention branch (F of a reversible block)."""
+        return self.drop(self.attn(self.ln1(x)))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward branch (G of a reversible block)."""
+        return self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
-        x = x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
+        x = x + self.attend(x)
+        x = x + self.feed_forward(x)
         return x  # (B, T, d_model)
+
+    def coupled(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One reversible step: (x1, x2) -> (y1, y2), from which (x1, x2) can be computed back."""
+        y1 = x1 + self.attend(x2)
+        return y1, x2 + self.feed_forward(y1)
 
 
 def lag_features(x: torch.Tensor, lags: int) -> torch.Tensor:
@@ -165,6 +189,93 @@ def recompute(fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _Recompute.apply(fn, x, anchor)
 
 
+def run_coupled(blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
+    """Reversible blocks as a plain loop, from both streams equal to `h` to their mean: what
+    inference runs, and what keeps every block's activations if run with grad."""
+    x1, x2 = h, h
+    for block in blocks:
+        x1, x2 = block.coupled(x1, x2)
+    return (x1 + x2) / 2
+
+
+def _draws_random(blocks: nn.ModuleList) -> bool:
+    # Dropout of the blocks (SDPA's reads the same rate) or of their LoRA layers.
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in blocks.modules())
+
+
+class _Reversible(torch.autograd.Function):
+    """`run_coupled(blocks, h)` keeping only the last block's outputs for backward.
+
+    Backward walks the blocks from the last, rebuilding each one's inputs from
+    its outputs (x2 = y2 - G(y1), x1 = y1 - F(x2)) and running each branch
+    again with grad on detached copies: the input gradients come out, and the
+    parameter gradients accumulate as in an ordinary backward. So the
+    activations kept grow with nothing but the batch and window; one block's
+    are built and freed at a time during backward. The random state before
+    each branch is kept when a dropout is active, so the recomputation draws
+    the forward's masks. As in `_Recompute`: `(out * grad).sum().backward()`,
+    not torch.autograd.backward, which would import sympy; `anchor` requires
+    grad so backward runs when `h` comes from frozen layers.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, blocks: nn.ModuleList, h: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        ctx.blocks = blocks
+        random = _draws_random(blocks)
+        ctx.rng_states = []  # per block: the state before F, then before G
+        x1, x2 = h, h
+        for block in blocks:  # grad is off inside a Function's forward
+            if random:
+                ctx.rng_states.append(torch.get_rng_state())
+            x1 = x1 + block.attend(x2)
+            if random:
+                ctx.rng_states.append(torch.get_rng_state())
+            x2 = x2 + block.feed_forward(x1)
+        ctx.save_for_backward(x1, x2)
+        return (x1 + x2) / 2
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, torch.Tensor | None, None]:
+        y1, y2 = ctx.saved_tensors
+        blocks: nn.ModuleList = ctx.blocks
+        # Below the lowest block with trainable weights nothing is left to compute, unless h needs its gradient.
+        trainable = [i for i, block in enumerate(blocks) if any(p.requires_grad for p in block.parameters())]
+        lowest = 0 if ctx.needs_input_grad[1] or not trainable else trainable[0]
+        dy1 = dy2 = grad_out / 2
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            for i in range(len(blocks) - 1, lowest - 1, -1):
+                block = blocks[i]
+                # G(y1), to get x2 back, and the gradient through y2 = x2 + G(y1) into y1 and G's weights.
+                y1 = y1.detach().requires_grad_(True)
+                if ctx.rng_states:
+                    torch.set_rng_state(ctx.rng_states[2 * i + 1])
+                g = block.feed_forward(y1)
+                (g * dy2).sum().backward()
+                assert y1.grad is not None
+                dy1 = dy1 + y1.grad
+                x2 = (y2 - g.detach()).requires_grad_(True)
+                del g
+                # F(x2), to get x1 back, and the gradient through y1 = x1 + F(x2) into x2 and F's weights.
+                if ctx.rng_states:
+                    torch.set_rng_state(ctx.rng_states[2 * i])
+                f = block.attend(x2)
+                (f * dy1).sum().backward()
+                assert x2.grad is not None
+                dy2 = dy2 + x2.grad
+                y1, y2 = y1.detach() - f.detach(), x2.detach()
+                del f
+        # Both streams start as h.
+        return None, (dy1 + dy2 if ctx.needs_input_grad[1] else None), None
+
+
+def run_reversible(blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
+    """`run_coupled` for training: backward recomputes the blocks instead of reading kept activations."""
+    if not h.requires_grad and not any(p.requires_grad for p in blocks.parameters()):
+        return run_coupled(blocks, h)  # frozen blocks on frozen input keep no activations anyway
+    anchor = torch.empty(0, requires_grad=True)
+    return _Reversible.apply(blocks, h, anchor)
+
+
 class Forecaster(nn.Module):
     """Next-step forecaster: (B, T, n_inputs) -> (B, T, n_channels), each position's next step;
     `forward_horizons` adds the further horizons: (B, T, H, n_channels)."""
@@ -186,7 +297,8 @@ class Forecaster(nn.Module):
         self.far_linear = nn.ModuleList(nn.Linear(n_features, cfg.n_channels) for _ in cfg.horizons[1:])
         self.far_head = nn.ModuleList(nn.Linear(cfg.d_model, cfg.n_channels) for _ in cfg.horizons[1:])
         # Recompute each block's activations in backward instead of keeping
-        # them; switched by the training plan, ignored outside training.
+        # them; switched by the training plan, ignored outside training. A
+        # reversible model ignores it too: its blocks keep nothing to save.
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
         nn.init.normal_(self.pos, std=0.02)
@@ -210,11 +322,13 @@ class Forecaster(nn.Module):
         features = torch.cat([lag_features(values, self.cfg.lags), calendar], dim=2)  # (B, T, F)
         # Channels relative to the window's first step (causal: every position knows it).
         h = self.embed(torch.cat([values - values[:, :1], calendar], dim=2)) + self.pos[:, :T]  # (B, T, d_model)
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = recompute(block, h)
-            else:
-                h = block(h)
+        training = self.training and torch.is_grad_enabled()
+        if self.cfg.reversible:
+            # Reversible blocks recompute everything in backward already: checkpointing has nothing left to save.
+            h = run_reversible(self.blocks, h) if training else run_coupled(self.blocks, h)
+        else:
+            for block in self.blocks:
+                h = recompute(block, h) if self.gradient_checkpointing and training else block(h)
         return values[..., : self.cfg.n_channels], features, self.ln_f(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -105,6 +105,7 @@ def forecaster_config(
         n_layers=model_cfg.n_layers,
         d_ff=model_cfg.d_ff,
         dropout=model_cfg.dropout,
+        reversible=model_cfg.reversible,
         lags=min(model_cfg.ridge_lags, model_cfg.window),
         calendar_s=calendar_s,
         horizons=(1,) if period_s is None else horizon_steps(model_cfg, period_s),
