@@ -256,7 +256,7 @@ def _update_traced(
         raise TrainingError(f"disk space short (under the {config.store.disk_reserve_mb:g} MB reserve): the accepted adapter is not saved")
     staging = adapters.staging_dir()
     try:
-        save_adapter(trained.adapted, staging)
+        save_adapter(trained.adapted, staging, config.lora.save)
     except BaseException:
         adapters.discard(staging)  # half written: never committed, so never served
         raise
