@@ -13,6 +13,8 @@ the worker together. The tree's PSS and its summed RSS are printed beside it.
     python benchmarks/memory.py --checkout ../old-main # the same rows for another checkout's daemon
     python benchmarks/memory.py --idle-minutes 30 --checkout ../old-main  # idle, side by side
     python benchmarks/memory.py --operator-stack      # idle with ON_SECTIONS ([metrics] and [homeassistant] discovery) vs without
+    python benchmarks/memory.py --techniques --no-search  # an update with each low-memory technique alone, and the planner's choice
+    python benchmarks/memory.py --search-only --search-rung both  # the limit search with and without the forward-only rung
 
 The limit search runs the default model under real cgroup limits, as multiples
 of its serving charge, and bisects the smallest under which the daemon, by its
@@ -61,6 +63,8 @@ SERVING_S = 20.0  # serving is the median charge over this long
 SAMPLE_S = 0.05
 HANG_S = 900.0  # bounds a hang only; every wait is for an event
 HELD_S = 90.0
+# Only the benchmark's request starts an update, at once.
+TRAIN: dict[str, Any] = {"start_on": ["request"], "idle_cpu_percent": 100, "idle_window_s": 1, "check_interval_s": 0.5, "min_interval_s": 0}
 UNLIMITED_MB = 16 * 1024  # the cgroup's limit for rows without one: far above anything measured  # a request still not started after this long under a limit counts as held back
 
 
@@ -87,6 +91,8 @@ class Row:
     worker_imports: list[str] | None = None
     new_modules: list[str] | None = None  # modules the worker imported that the helper had not
     plans: list[str] = field(default_factory=list)
+    adapter_bytes: int | None = None  # the accepted adapter's files
+    techniques: list[str] | None = None  # what the update says it ran
     phases: list[dict[str, Any]] = field(default_factory=list)  # per phase of the worker: its private MB, the service's
 
     @property
@@ -117,11 +123,11 @@ def prepare_state(workdir: Path, size: str, port: int, extra: dict[str, dict[str
         "mqtt": {"host": "127.0.0.1", "port": port},
         "channels": {"names": list(CHANNELS), "period_s": 1.0},
         "model": MODELS[size],
-        # Only the benchmark's request starts an update, at once.
-        "train": {"start_on": ["request"], "idle_cpu_percent": 100, "idle_window_s": 1, "check_interval_s": 0.5, "min_interval_s": 0},
+        "train": dict(TRAIN),
         "memory": {"sample_interval_s": SAMPLE_S},
-        **(extra or {}),
     }
+    for name, values in (extra or {}).items():
+        sections[name] = {**sections.get(name, {}), **values}
     config_file = workdir / "config.toml"
     config_file.write_text(config_toml(sections))
     cfg = parse_config({k: v for k, v in sections.items()})
@@ -221,9 +227,9 @@ def serving(size: str, checkout: Path, extra: dict[str, dict[str, Any]] | None =
             broker.stop()
 
 
-def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None = None) -> Row:
+def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None = None, extra: dict[str, dict[str, Any]] | None = None) -> Row:
     row = Row(label, size, limit_multiple)
-    with serving(size, checkout) as (service, first):
+    with serving(size, checkout, extra) as (service, first):
         daemon, cgroup, socket_path, workdir, alive_status = service.daemon, service.cgroup, service.socket_path, service.workdir, service.alive_status
         wait_for(lambda: ((alive_status() or {}).get("scoring") or {}).get("steps", 0) >= first + SETTLE_SCORED, HANG_S, "live scoring to settle", interval=0.1)
         charges = []
@@ -261,6 +267,10 @@ def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None 
             plan = training.get("plan")
             if plan:
                 text = f"{plan['micro_batch']}x{plan['accumulation']}{' ckpt' if plan['checkpointing'] else ''} {plan['optimizer']}"
+                if plan.get("forward_only"):
+                    text = f"{plan['micro_batch']}x{plan['accumulation']} forward-only"
+                elif plan.get("step_in_backward"):
+                    text += " step-in-backward"
                 if not row.plans or row.plans[-1] != text:
                     row.plans.append(text)
             if training.get("last") is not None:
@@ -288,6 +298,9 @@ def run_row(label: str, size: str, checkout: Path, limit_multiple: float | None 
             else:
                 row.outcome = "completed"
             row.wall_s = last.get("duration_s")
+            row.techniques = last.get("techniques")
+            if row.accepted and after is not None:
+                row.adapter_bytes = (after.get("adapter") or {}).get("size_bytes")
             row.val_loss_before = (last.get("metrics_before") or {}).get("recent_val_loss")
             row.val_loss_after = (last.get("metrics_after") or {}).get("recent_val_loss")
             traces = sorted((workdir / "state" / "updates").glob("*.json"))
@@ -419,28 +432,78 @@ def phase_peaks(trace: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def search_limit(checkout: Path, lo: float, hi: float, probes: int) -> list[Row]:
-    """Bisect the smallest limit multiple under which a requested update completes."""
+def search_limit(checkout: Path, lo: float, hi: float, probes: int, rung: str = "auto") -> list[Row]:
+    """Bisect the smallest limit multiple under which a requested update completes (`rung`: the
+    `[train] forward_only` setting: "auto" with the forward-only rung, "off" without)."""
     rows: list[Row] = []
+    label = "limit" if rung == "auto" else "limit, no forward-only rung"
+    extra = {"train": {**TRAIN, "forward_only": rung}}
 
     def ok(row: Row) -> bool:
         return row.outcome == "completed" and row.oom_kills == 0 and row.daemon_alive and row.stored_during_update > 0
 
     for multiple in (hi, lo):
-        rows.append(run_row("limit", "default", checkout, multiple))
+        rows.append(run_row(label, "default", checkout, multiple, extra))
         print(_line(rows[-1]), flush=True)
     if ok(rows[-1]) or not ok(rows[-2]):
         return rows  # the bracket holds no boundary
     good, bad = hi, lo
     for _ in range(probes):
         mid = round((good + bad) / 2, 3)
-        rows.append(run_row("limit", "default", checkout, mid))
+        rows.append(run_row(label, "default", checkout, mid, extra))
         print(_line(rows[-1]), flush=True)
         if ok(rows[-1]):
             good = mid
         else:
             bad = mid
     return rows
+
+
+# Each low-memory technique alone: the loosest plan (the whole batch in one micro-batch, no
+# checkpointing, fp32 Adam state) with that one thing changed; then the planner's own choice.
+ALONE = {"gradient_checkpointing": "off", "optimizer": "adamw", "step_in_backward": "off", "forward_only": "off"}
+TECHNIQUES: list[tuple[str, dict[str, dict[str, Any]]]] = [
+    ("none", {"train": ALONE}),
+    ("micro-batches of 4, accumulated", {"train": {**ALONE, "micro_batch": 4}}),
+    ("gradient checkpointing", {"train": {**ALONE, "gradient_checkpointing": "on"}}),
+    ("8-bit optimizer state", {"train": {**ALONE, "optimizer": "adamw8bit"}}),
+    ("optimizer step in backward", {"train": {**ALONE, "step_in_backward": "on"}}),
+    ("reversible blocks", {"train": ALONE, "model": {"reversible": True}}),
+    ("int8 adapter", {"train": ALONE, "lora": {"save": "int8"}}),
+    ("forward-only", {"train": {**ALONE, "forward_only": "on"}}),
+    ("the planner's choice", {}),
+]
+# The large model's rows train 10 steps (forward-only: 160) rather than 60: the same for every row.
+LARGE_STEPS = 10
+
+
+def technique_rows(sizes: list[str]) -> list[Row]:
+    rows: list[Row] = []
+    print(TECHNIQUE_HEADER)
+    print("|" + " --- |" * (TECHNIQUE_HEADER.count("|") - 1))
+    for size in sizes:
+        for label, extra in TECHNIQUES:
+            if size == "large":
+                extra = {**extra, "train": {**extra.get("train", {}), "steps": LARGE_STEPS}}
+            row = run_row(label, size, ROOT, None, extra)
+            rows.append(row)
+            print(_technique_line(row), flush=True)
+    return rows
+
+
+TECHNIQUE_HEADER = (
+    "| technique | model | plan(s) | serving MB | update peak MB | added MB | peak / serving | outcome | wall s "
+    "| val loss before -> after | adapter bytes | techniques it reports |"
+)
+
+
+def _technique_line(row: Row) -> str:
+    added = None if row.update_peak_mb is None else row.update_peak_mb - row.serving_mb
+    return (
+        f"| {row.label} | {row.size} | {', '.join(row.plans) or '-'} | {_fmt(row.serving_mb)} | {_fmt(row.update_peak_mb)} | {_fmt(added, 1)} "
+        f"| {_fmt(row.ratio, 3)} | {row.outcome}{' (OOM kills: %d)' % row.oom_kills if row.oom_kills else ''} | {_fmt(row.wall_s, 1)} "
+        f"| {_fmt(row.val_loss_before, 4)} -> {_fmt(row.val_loss_after, 4)} | {row.adapter_bytes or '-'} | {', '.join(row.techniques or []) or '-'} |"
+    )
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:
@@ -515,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-lo", type=float, default=1.05)
     parser.add_argument("--search-hi", type=float, default=1.5)
     parser.add_argument("--probes", type=int, default=4)
+    parser.add_argument("--search-rung", choices=["auto", "off", "both"], default="auto", help="the search with the forward-only rung, without it, or both")
+    parser.add_argument("--techniques", action="store_true", help="instead of the plain rows: an update with each technique alone, and the planner's")
     parser.add_argument("--json", type=Path, help="write every row here")
     parser.add_argument("--idle-minutes", type=int, default=0, help="instead: each daemon idle (serving) this long, side by side")
     parser.add_argument("--operator-stack", action="store_true", help="instead: idle memory with ON_SECTIONS ([metrics] ...) vs without")
@@ -537,19 +602,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = ["default", "large"] if args.size == "both" else [args.size]
     rows: list[Row] = []
+    if args.techniques:
+        rows += technique_rows(sizes)
+        print()
     print(HEADER)
     print("|" + " --- |" * (HEADER.count("|") - 1))
-    for size in [] if args.search_only else sizes:
+    for size in [] if args.search_only or args.techniques else sizes:
         for label, checkout in daemons:
             for _ in range(args.repeat):
                 rows.append(run_row(label, size, checkout))
                 print(_line(rows[-1]), flush=True)
     if not args.no_search:
-        rows += search_limit(ROOT, args.search_lo, args.search_hi, args.probes)
-        done = [r for r in rows if r.label == "limit" and r.outcome == "completed" and r.oom_kills == 0]
-        if done:
-            best = min(done, key=lambda r: r.limit_multiple or 0)
-            print(f"\nsmallest limit with a completed update: {best.limit_multiple:.3f}x serving ({best.limit_mb:.0f} MB)")
+        for rung in ("auto", "off") if args.search_rung == "both" else (args.search_rung,):
+            found = search_limit(ROOT, args.search_lo, args.search_hi, args.probes, rung)
+            rows += found
+            done = [r for r in found if r.outcome == "completed" and r.oom_kills == 0]
+            if done:
+                best = min(done, key=lambda r: r.limit_multiple or 0)
+                print(f"\n{found[0].label}: smallest limit with a completed update: {best.limit_multiple:.3f}x serving ({best.limit_mb:.0f} MB)\n")
     phased = [r for r in rows if r.phases]
     if phased:
         print("\nwhere an update's memory goes: the worker's private MB (its own pages) and the service's usage, at their peaks in each phase")

@@ -398,6 +398,21 @@ class TrainConfig(_Section):
     )
     gate_retry_replay_fraction: float = Field(0.8, ge=0, lt=1, description="replay share of each batch in the 'replay' retry")
     gate_retry_anchor: float = Field(1.0, ge=0, description="strength of the 'anchor' retry's pull toward the adapter's start (the base)")
+    step_in_backward: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="step each weight and free its gradient as soon as backward makes it; 'auto' where a full set of gradients is >= 1 MB (never for the default LoRA); plans with accumulation only run without it",
+    )
+    forward_only: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="forward-only (zeroth-order) updates, whose memory is a scoring pass's: 'auto' as the last rung, at critical memory or where no backward fits; 'on' always",
+    )
+    forward_only_lr: float = Field(
+        15.0, gt=0, description="forward-only: step along each random direction per unit of measured slope, times the adapter's weight count"
+    )
+    forward_only_eps: float = Field(1e-3, gt=0, description="forward-only: size of the perturbation whose two losses give the slope")
+    forward_only_step_factor: int = Field(
+        16, ge=1, description="forward-only: steps for each optimizer step it replaces (each follows one random direction, so it needs more)"
+    )
 
 
 class MemoryConfig(_Section):

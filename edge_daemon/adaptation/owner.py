@@ -43,7 +43,7 @@ from edge_daemon.mqtt.outputs import (
     base_model_alert,
     rollback_alert,
 )
-from edge_daemon.training.plan import plan_ladder
+from edge_daemon.training.plan import forward_only, plan_ladder
 from edge_daemon.training.records import JobResult, UpdateCause, UpdateJob, resets_drift_baseline
 from edge_daemon.scoring.serving import Scorer, baselines_of, serving_rule
 from edge_daemon.training.job import run_worker
@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 # An update after drift trains on the data since the change once it spans this many windows
 # (about 11 minutes at 1 s with the default window): enough to train and hold some out.
 UPDATE_MIN_WINDOWS_SINCE_CHANGE = 10
+# Before a forward-only worker has run, it is expected to add this share of what an ordinary one is
+# expected to (`[memory] update_share` of the service's usage): it has no backward, gradients or
+# optimizer state to pay for, only its data and its copies of the pages it writes.
+FORWARD_ONLY_WORKER_SHARE = 0.5
 # The newest stored data the baselines served while there is no base are fitted on (fitted
 # again each time the span of data they were fitted on could double), and the level judges start
 # from: a day, every hour of it (at 1 s and 3 channels about 6 MB read; the baselines' windows
@@ -210,7 +214,7 @@ class Adaptation:
         self.idle = IdleDetector(cfg.train.idle_cpu_percent, cfg.train.idle_window_s)
         self.base: BaseModel | None = None  # None until one is stored (then trained from the store)
         # The plan governor reads the level the watchdog shares with the helper and its workers.
-        self.governor = PlanGovernor.from_config(cfg.memory, forker.level, plan_ladder(cfg.train))
+        self.governor = PlanGovernor.from_config(cfg.memory, forker.level, plan_ladder(cfg.train), train=cfg.train)
         self.governor.stop_event = forker.stop_flag
         self.runner = UpdateRunner(cfg, self.governor, forker, self.on_result)
         self._model_lock = threading.Lock()
@@ -224,6 +228,8 @@ class Adaptation:
         # finished (peak usage while it ran, less the usage when it started); before any, what
         # its plan is chosen to stay within ([memory] update_share of the usage).
         self.measured_worker_mb: float | None = None
+        self.measured_forward_only_mb: float | None = None  # the same, of a worker that started forward-only
+        self._forward_only_worker = False  # the running (or last) worker started forward-only
         self._usage_at_worker_start: float | None = None
 
     # -- the part ----------------------------------------------------------------------------
@@ -422,7 +428,7 @@ class Adaptation:
                 drift_detected=self.drift.detected,
                 new_windows=self.new_windows.count,
                 has_base=True,
-                headroom_mb=self.worker_headroom_mb(),
+                headroom_mb=max(self.worker_headroom_mb(), self.worker_headroom_mb(forward_only=True)),
                 disk_short=self.disk_short(),
             )
         )
@@ -450,27 +456,50 @@ class Adaptation:
         """Ingestion waits for disk space, or the free space is under `[store] disk_reserve_mb`."""
         return self.ingest.disk_full or self.replay.disk_short()
 
-    def worker_headroom_mb(self) -> float:
-        """MB under the critical threshold left once a training worker of the expected size runs.
+    def worker_headroom_mb(self, forward_only: bool = False) -> float:
+        """MB under the critical threshold left once a training worker of the expected size runs
+        (`forward_only`: one that starts forward-only, where `[train] forward_only` allows it; -inf
+        where it does not).
 
         Below it the watchdog tightens the plan as levels rise; at it the update stops. An update
         expected to reach it would stop at its first boundaries, so it does not start.
         """
+        if forward_only and self.config.train.forward_only == "off":
+            return float("-inf")
         limit = self.config.memory.critical * self.memory.budget_mb
-        return limit - (self.memory.usage_mb + self.expected_worker_mb())
+        return limit - (self.memory.usage_mb + self.expected_worker_mb(forward_only))
 
-    def expected_worker_mb(self) -> float:
+    def expected_worker_mb(self, forward_only: bool = False) -> float:
+        """What the next worker is expected to add at its peak: what the last one that ran to its
+        end added, else a share of the service's usage (`[memory] update_share`; for a forward-only
+        worker FORWARD_ONLY_WORKER_SHARE of it, which has no backward to pay for)."""
+        if forward_only:
+            if self.measured_forward_only_mb is not None:
+                return self.measured_forward_only_mb
+            return FORWARD_ONLY_WORKER_SHARE * self.config.memory.update_share * self.memory.usage_mb
         if self.measured_worker_mb is not None:
             return self.measured_worker_mb
         return self.config.memory.update_share * self.memory.usage_mb
 
+    def _starts_forward_only(self) -> bool:
+        """The update must start forward-only: `[train] forward_only = "on"`, or only a forward-only
+        worker fits under the critical line."""
+        if self.config.train.forward_only == "on":
+            return True
+        return self.worker_headroom_mb() < 0 <= self.worker_headroom_mb(forward_only=True)
+
     def start_update(self, reason: str, cause: UpdateCause, since: float | None = None) -> bool:
+        candidates = tuple(self.governor.start_candidates())
+        self._forward_only_worker = self._starts_forward_only()
+        if self._forward_only_worker and not candidates[-1].forward_only:
+            log.info("only a forward-only update fits under the critical line: starting one")
+            candidates = (forward_only(candidates[-1]),)
         job = UpdateJob(
             "update",
             reason,
             cause=cause,
             since=since,
-            candidates=tuple(self.governor.start_candidates()),
+            candidates=candidates,
             baseline_mb=self.memory.usage_mb,
             budget_mb=self.memory.budget_mb,
             seed=int(time.time()),
@@ -540,6 +569,7 @@ class Adaptation:
             return
         if self.replay.count() < self.config.model.bootstrap_min_windows * len(self.config.channels.names):
             return
+        self._forward_only_worker = False
         if self._start_worker(UpdateJob("pretrain", "no base model")):
             self.trigger.started()
 
@@ -563,13 +593,17 @@ class Adaptation:
         self._usage_at_worker_start = None
         if added <= 0:
             return
-        expected = self.expected_worker_mb()
-        if finished:
-            log.info("the training worker added %.0f MB at its peak (expected %.0f MB)", added, expected)
-            self.measured_worker_mb = added
-        elif added > expected:
-            log.info("the training worker reached +%.0f MB before it ended (expected %.0f MB in all)", added, expected)
-            self.measured_worker_mb = added
+        forward = self._forward_only_worker
+        expected = self.expected_worker_mb(forward)
+        if finished or added > expected:
+            log.info(
+                "the %straining worker %s %.0f MB (expected %.0f MB)", "forward-only " if forward else "",
+                "added at its peak" if finished else "reached before it ended, in all:", added, expected,
+            )  # fmt: skip
+            if forward:
+                self.measured_forward_only_mb = added
+            else:
+                self.measured_worker_mb = added
 
     # -- results -----------------------------------------------------------------------------
 

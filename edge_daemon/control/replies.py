@@ -255,6 +255,8 @@ class PlanStatus(TypedDict):
     accumulation: int
     checkpointing: bool
     optimizer: str
+    step_in_backward: bool
+    forward_only: bool
 
 
 class PlanChangeJson(TypedDict):
@@ -360,6 +362,7 @@ class LastUpdate(TypedDict):
     outcome: OutcomeStatus | None
     finished: str | None
     gate: GateJson | None  # how the gate decided (None: no verdict, or a pretraining job)
+    techniques: list[str] | None  # the low-memory techniques the update ran (None: it did not train, or a pretraining job)
 
 
 class TrainingStatus(TypedDict):

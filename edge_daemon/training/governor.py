@@ -18,6 +18,10 @@ from edge_daemon.control.replies import OutcomeStatus
 
 log = logging.getLogger(__name__)
 
+# After an update turns forward-only at critical, how long the level may stay critical while the
+# worker gives its backward's memory back (the watchdog samples every 0.2 s by default) before it stops.
+FORWARD_ONLY_GRACE_S = 2.0
+
 
 @dataclass(frozen=True)
 class UpdateOutcome:
@@ -56,7 +60,9 @@ class PlanGovernor:
     then `outcome()`.
 
     Within an update a plan only ever tightens: each rise of the level
-    applies that level's tightening once; critical stops. Between updates a
+    applies that level's tightening once; critical stops, or with
+    `forward_only_rung` turns the update forward-only first and stops only if
+    critical comes again, or stays FORWARD_ONLY_GRACE_S after the switch. Between updates a
     calm update (never above normal) loosens the start plan one ladder step;
     one that needed tightening starts the next where it ended; one stopped
     for memory backs off (`retry_after_s`, doubling) and retries with the
@@ -69,6 +75,8 @@ class PlanGovernor:
     retry_max_s: float = 3600.0
     stop_event: Any = None  # threading.Event / multiprocessing.Event: shutdown
     clock: Callable[[], float] = time.monotonic
+    forward_only_rung: bool = False
+    _forward_only_at: float | None = field(default=None, init=False)
     _start_index: int = field(default=0, init=False)
     _failures: int = field(default=0, init=False)
     _retry_at: float = field(default=0.0, init=False)
@@ -87,10 +95,11 @@ class PlanGovernor:
 
     @classmethod
     def from_config(
-        cls, memory: Any, level_reader: Callable[[], Level], ladder: Sequence[TrainingPlan] = (), stop_event: Any = None
+        cls, memory: Any, level_reader: Callable[[], Level], ladder: Sequence[TrainingPlan] = (), stop_event: Any = None, train: Any = None
     ) -> PlanGovernor:
-        """Built from the `[memory]` config section (back-off times)."""
-        return cls(level_reader, ladder, memory.retry_after_s, memory.retry_max_s, stop_event)
+        """Built from the `[memory]` config section (back-off times) and `[train] forward_only`."""
+        rung = train is not None and train.forward_only == "auto"
+        return cls(level_reader, ladder, memory.retry_after_s, memory.retry_max_s, stop_event, forward_only_rung=rung)
 
     # -- between updates (daemon) -------------------------------------------
 
@@ -122,6 +131,7 @@ class PlanGovernor:
         self._worst = Level.NORMAL
         self._stopped = False
         self._history = []
+        self._forward_only_at = self.clock() if plan.forward_only else None
 
     def end_update(self, outcome: UpdateOutcome | None = None) -> None:
         """Record how the update went (`outcome` from the child, or this object's own)."""
@@ -151,6 +161,8 @@ class PlanGovernor:
         self._plan = None
 
     def _ladder_index(self, plan: TrainingPlan) -> int:
+        if plan.forward_only:
+            return len(self.ladder) - 1  # tighter than any plan that trains by backward
         for index, candidate in enumerate(self.ladder):
             if _at_least_as_tight(candidate, plan):
                 return index
@@ -164,7 +176,7 @@ class PlanGovernor:
             self.begin_update(plan)
         level = self.level_reader()
         self._worst = max(self._worst, level)
-        if level >= Level.CRITICAL:
+        if level >= Level.CRITICAL and self._must_stop(plan, level):
             if not self._stopped:
                 log.warning("memory critical: stopping the update at this micro-batch boundary")
             self._stopped = True
@@ -172,8 +184,10 @@ class PlanGovernor:
             return None
         new_plan = plan
         if level > self._acted:
-            new_plan = tighten(plan, level)
+            new_plan = tighten(plan, level, self.forward_only_rung)
             assert new_plan is not None
+            if new_plan.forward_only and not plan.forward_only:
+                self._forward_only_at = self.clock()
         # Re-entering a level later (after the level fell back) acts again.
         self._acted = level
         if new_plan != plan:
@@ -186,11 +200,23 @@ class PlanGovernor:
         """True on shutdown or at critical memory."""
         if self.stop_event is not None and self.stop_event.is_set():
             return True
-        if self.level_reader() >= Level.CRITICAL:
+        level = self.level_reader()
+        if level >= Level.CRITICAL and self._must_stop(self._plan, level):
             self._worst = Level.CRITICAL
             self._stopped = True
             return True
         return False
+
+    def _must_stop(self, plan: TrainingPlan | None, level: Level) -> bool:
+        """At critical: stop, unless the forward-only rung is still to take, or was taken on this
+        entry into critical less than FORWARD_ONLY_GRACE_S ago (its memory is being given back)."""
+        if not self.forward_only_rung or plan is None:
+            return True
+        if not plan.forward_only:
+            return False
+        if self._acted < Level.CRITICAL or self._forward_only_at is None:
+            return True  # a new entry into critical, or critical while forward-only from the start
+        return self.clock() - self._forward_only_at >= FORWARD_ONLY_GRACE_S
 
     @property
     def current_plan(self) -> TrainingPlan | None:

@@ -25,12 +25,12 @@ from edge_daemon.artifacts.traces import TraceJob, save_adapter_trace, save_upda
 from edge_daemon.config import Config
 from edge_daemon.training.governor import PlanGovernor
 from edge_daemon.memory.pressure import SharedLevel
-from edge_daemon.training.plan import PlanChange
+from edge_daemon.training.plan import PlanChange, TrainingPlan, forward_only
 from edge_daemon.training.records import JobResult, Progress, ProgressEvent, UpdateJob, WorkerOrder, adapter_meta
 from edge_daemon.training.data import prepare_update_data
 from edge_daemon.training.recurrence import from_store
 from edge_daemon.training.refit import refit_baselines
-from edge_daemon.training.start import AFTER_TRAINING_MB, measure_micro_batch_mb
+from edge_daemon.training.start import AFTER_TRAINING_MB, AUTOGRAD_SETUP_MB, measure_micro_batch_mb
 from edge_daemon.training.trace import TRACE_INTERVAL_S, UpdateTrace, heavy_modules_loaded
 from edge_daemon.training.worker import MessageWriter, SharedFlag
 
@@ -189,17 +189,21 @@ def _update_traced(
     # the service's usage.
     candidates = list(job.candidates)
     targets = list(config.lora.target_modules)
-    # A process's first backward sets torch's autograd up (~13 MB measured on the default model):
-    # done once here, it is counted with what the worker holds, not as the tightest plan's cost
-    # (which, scaled by the micro-batch, would rule out every looser plan).
-    measure_micro_batch_mb(base.model, data.recent_train, candidates[-1], targets)
-    held_mb = max(0.0, (private_mb() or 0.0) - private_from) + AFTER_TRAINING_MB
-    plan = choose_start_plan(
-        candidates,
-        lambda p: measure_micro_batch_mb(base.model, data.recent_train, p, targets),
-        baseline_mb=job.baseline_mb + held_mb,
-        limit_mb=plan_limit_mb(job.baseline_mb, job.budget_mb, config.memory.critical, config.memory.update_share),
-    )
+    limit_mb = plan_limit_mb(job.baseline_mb, job.budget_mb, config.memory.critical, config.memory.update_share)
+    plan = _forward_only_start(config, job, base.model, data.recent_train, targets, private_from, limit_mb)
+    if plan is None:
+        # A process's first backward sets torch's autograd up (~13 MB measured on the default model):
+        # done once here, it is counted with what the worker holds, not as the tightest plan's cost
+        # (which, scaled by the micro-batch, would rule out every looser plan).
+        measure_micro_batch_mb(base.model, data.recent_train, candidates[-1], targets)
+        held_mb = max(0.0, (private_mb() or 0.0) - private_from) + AFTER_TRAINING_MB
+        plan = choose_start_plan(
+            candidates,
+            lambda p: measure_micro_batch_mb(base.model, data.recent_train, p, targets),
+            baseline_mb=job.baseline_mb + held_mb,
+            limit_mb=limit_mb,
+            fallback=forward_only(candidates[-1]) if config.train.forward_only == "auto" else None,
+        )
     _check_stop(stop_event)
     governor.begin_update(plan)
     trace.phase("training")
@@ -286,6 +290,34 @@ def _update_traced(
     result.adapter_bytes = adapter_bytes(version.path)
     trace.phase("committed")
     return result, version.path
+
+
+def _forward_only_start(
+    config: Config, job: UpdateJob, model: Any, windows: Any, targets: list[str], private_from: float, limit_mb: float
+) -> TrainingPlan | None:
+    """The forward-only plan where the update must start with it, else None (dry-run the ladder).
+
+    It must where the daemon offers nothing else (`[train] forward_only = "on"`, or its start rule
+    found room for a forward-only worker only), and where the last rung is on and even the first
+    backward would cross the limit: what the worker holds, one forward of the tightest plan's
+    micro-batch and the autograd set-up a backward pays once (AUTOGRAD_SETUP_MB). The backward is
+    then never run, so the worker never pays for it.
+    """
+    from edge_daemon.memory.usage import private_mb
+
+    candidates = list(job.candidates)
+    if candidates[0].forward_only:
+        return candidates[0]
+    if config.train.forward_only != "auto":
+        return None
+    rung = forward_only(candidates[-1])
+    forward_mb = measure_micro_batch_mb(model, windows, rung, targets)
+    held_mb = max(0.0, (private_mb() or 0.0) - private_from) + AFTER_TRAINING_MB
+    needed = job.baseline_mb + held_mb + AUTOGRAD_SETUP_MB + forward_mb
+    if needed < limit_mb:
+        return None
+    log.info("a backward would need %.0f MB of the %.0f MB limit: starting forward-only", needed, limit_mb)
+    return rung
 
 
 def adapter_validation_residuals(

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,12 +28,21 @@ from edge_daemon.errors import TrainingAborted, TrainingError
 from edge_daemon.memory.sampling import RssSampler
 from edge_daemon.memory.usage import release_memory
 from edge_daemon.model import Forecaster, forecast_loss
-from edge_daemon.training.plan import EightBitPayoff, Fp32State, PlanChange, TrainingPlan, with_fp32_state
+from edge_daemon.training.forward_only import forward_only_step
+from edge_daemon.training.plan import (
+    MIN_STEP_IN_BACKWARD_SAVING_MB,
+    EightBitPayoff,
+    Fp32State,
+    PlanChange,
+    TrainingPlan,
+    with_fp32_state,
+    with_step_in_backward,
+)
 from edge_daemon.training.records import ProgressEvent, TrainingStep, UpdateReport
 from edge_daemon.training.batches import BatchMixer
 from edge_daemon.training.blocks import choose_blocks
 from edge_daemon.training.gate import AttemptJson, GateVerdict, evaluate_loss, judge, window_losses
-from edge_daemon.training.lora import build_lora_model, set_checkpointing
+from edge_daemon.training.lora import build_lora_model, forecaster_of, lora_layers, set_checkpointing
 from edge_daemon.training.recurrence import Recurrence
 from edge_daemon.training.pretrain import last_step_errors
 from edge_daemon.training.optimizer import Optimizer, make_optimizer, optimizer_state_bytes
@@ -209,7 +218,11 @@ def _update(
         if plan_source is not None:
             plan_source = Fp32State(plan_source, plan)
         plan = with_fp32_state(plan)
-    optimizer = make_optimizer(trainable, plan.optimizer, train_cfg.lr, train_cfg.weight_decay, train_cfg.min_8bit_size)
+    # The optimizer step in backward where it pays (a full set of gradients of at least
+    # MIN_STEP_IN_BACKWARD_SAVING_MB) or is asked for, on the plans that allow it.
+    in_backward = train_cfg.step_in_backward == "on" or (train_cfg.step_in_backward == "auto" and StepInBackward.pays(trainable_params))
+    plan = with_step_in_backward(plan, in_backward)
+    optimizer = None if plan.forward_only else make_optimizer(trainable, plan.optimizer, train_cfg.lr, train_cfg.weight_decay, train_cfg.min_8bit_size)
 
     # 5. The loop: one optimizer step per effective batch, fed in micro-batches.
     effective = plan.effective_batch
@@ -219,56 +232,94 @@ def _update(
     train_losses: list[float] = []
     grad_norms: list[float] = []
     counts = [0, 0]  # windows seen, replay windows seen
-    state = {"plan": plan, "optimizer": optimizer}
+    max_norm = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else math.inf
+    state: dict[str, Any] = {"plan": plan, "optimizer": optimizer, "hooks": None}
+    if plan.step_in_backward:
+        state["hooks"] = StepInBackward(trainable, optimizer, max_norm)
+
+    def take_plan(step: int, total: int, done: int) -> None:
+        """A micro-batch boundary: stop if asked, else take any tighter plan."""
+        if should_stop is not None and should_stop():
+            raise TrainingAborted(f"stopped at step {step}/{total}, window {done}/{effective}")
+        if plan_source is None:
+            return
+        new_plan = plan_source(state["plan"])
+        if new_plan is None:
+            return
+        new_plan = with_step_in_backward(new_plan, in_backward)
+        if new_plan == state["plan"]:
+            return
+        _apply_plan(state, new_plan, lora_model, trainable, train_cfg, max_norm)
+        history.append(PlanChange(step, done, new_plan))
+        if on_progress is not None:
+            on_progress(history[-1])
 
     def run_steps(replay_fraction: float, anchor: float, first_step: int) -> None:
-        """`train_cfg.steps` optimizer steps; `anchor` > 0 adds anchor * |theta - theta_0|^2 / n
-        (L2-SP toward the adapter's start, i.e. toward the base)."""
+        """`train_cfg.steps` optimizer steps (each of those left turns into
+        `forward_only_step_factor` steps once the plan is forward-only); `anchor` > 0 adds
+        anchor * |theta - theta_0|^2 / n (L2-SP toward the adapter's start, i.e. toward the base)."""
         mixer = BatchMixer(recent_train, replay_train, effective, replay_fraction, generator)
         start = [p.detach().clone() for p in trainable] if anchor > 0 else []
         n_params = max(1, sum(p.numel() for p in trainable))
-        total = first_step + train_cfg.steps
-        for step in range(first_step, total):
+        factor = train_cfg.forward_only_step_factor
+
+        def penalty() -> torch.Tensor:
+            return sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, start)) * (anchor / n_params)  # type: ignore[return-value]
+
+        step, total = first_step, first_step + train_cfg.steps * (factor if state["plan"].forward_only else 1)
+        while step < total:
             windows, is_replay = mixer.next_batch()  # (effective, T+1, C), (effective,)
             done = 0
             step_loss = 0.0
-            while done < effective:
-                # Micro-batch boundary: stop if asked, else take any tighter plan.
-                if should_stop is not None and should_stop():
-                    raise TrainingAborted(f"stopped at step {step}/{total}, window {done}/{effective}")
-                if plan_source is not None:
-                    new_plan = plan_source(state["plan"])
-                    if new_plan is not None and new_plan != state["plan"]:
-                        state["optimizer"] = _apply_plan(state["plan"], new_plan, lora_model, trainable, state["optimizer"], train_cfg)
-                        state["plan"] = new_plan
-                        history.append(PlanChange(step, done, new_plan))
-                        if on_progress is not None:
-                            on_progress(history[-1])
+            asked = False
+            while done < effective and not state["plan"].forward_only:
+                take_plan(step, total, done)
+                asked = True
+                if state["plan"].forward_only:
+                    # Turned forward-only: this step's gradients are gone with the optimizer;
+                    # the step starts again forward-only, and each one left becomes `factor`.
+                    total = step + (total - step) * factor
+                    break
                 chunk = windows[done : done + state["plan"].micro_batch]
                 loss = forecast_loss(lora_model, chunk)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
                 # Scale by the chunk's share so the summed gradients equal the full batch's mean.
                 share = len(chunk) / effective
-                (loss * share).backward()
                 step_loss += loss.item() * share
                 done += len(chunk)
-                del loss, chunk
-            if anchor > 0:
-                penalty = sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, start)) * (anchor / n_params)
-                penalty.backward()  # type: ignore[union-attr]
-            # Clip the accumulated gradient, step, and free the gradients (not zero them).
-            # An infinite max_norm only measures: the norm is kept as telemetry either way.
-            max_norm = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else math.inf
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, max_norm)))
-            state["optimizer"].step()
-            state["optimizer"].zero_grad(set_to_none=True)
+                # The anchor's pull joins the step's last backward: one backward per step when
+                # the optimizer steps in it.
+                objective = loss * share + (penalty() if anchor > 0 and done >= effective else 0.0)
+                objective.backward()
+                del loss, chunk, objective
+            if state["plan"].forward_only:
+                if not asked:
+                    take_plan(step, total, 0)  # a step is a forward-only update's boundary
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+                step_loss, slope = forward_only_step(
+                    lora_model, trainable, windows, state["plan"].micro_batch, train_cfg.forward_only_lr, train_cfg.forward_only_eps, seed,
+                    penalty=(lambda: float(penalty())) if anchor > 0 else None,
+                )  # fmt: skip
+                if not math.isfinite(step_loss) or not math.isfinite(slope):
+                    raise TrainingError(f"non-finite loss {step_loss} at step {step}")
+                grad_norms.append(abs(slope))
+            elif state["hooks"] is not None:
+                grad_norms.append(state["hooks"].take_norm())  # stepped and freed in backward
+            else:
+                # Clip the accumulated gradient, step, and free the gradients (not zero them).
+                # An infinite max_norm only measures: the norm is kept as telemetry either way.
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, max_norm)))
+                state["optimizer"].step()
+                state["optimizer"].zero_grad(set_to_none=True)
             counts[0] += effective
             counts[1] += int(is_replay.sum())
             train_losses.append(step_loss)
             del windows, is_replay
+            step += 1
             if on_progress is not None:
-                on_progress(TrainingStep(step + 1, total, step_loss, mixer.n_recent, mixer.n_replay, state["plan"]))
+                on_progress(TrainingStep(step, total, step_loss, mixer.n_recent, mixer.n_replay, state["plan"]))
+        steps_done.append(step - first_step)
 
     def judged(kind: str, replay_fraction: float) -> tuple[dict[str, float | None], GateVerdict]:
         after = {
@@ -285,23 +336,23 @@ def _update(
         return after, verdict
 
     attempts: list[AttemptJson] = []
+    steps_done: list[int] = []
     run_steps(train_cfg.replay_fraction, 0.0, 0)
     # 6. Gate: better on recent held-out windows, not much worse on replayed ones (weighed).
     after, verdict = judged("first", train_cfg.replay_fraction)
-    steps_run = train_cfg.steps
     if verdict.failed_on == "forgetting" and train_cfg.gate_retry != "off" and len(replay_train):
         # One more attempt before rejecting for forgetting, from where the first left off.
         heavier = train_cfg.gate_retry == "replay"
         fraction = max(train_cfg.replay_fraction, train_cfg.gate_retry_replay_fraction) if heavier else train_cfg.replay_fraction
         log.info("rejected for forgetting (%s); retrying with %s", verdict.reason, "heavier replay" if heavier else "an anchor to the incumbent")
-        run_steps(fraction, 0.0 if heavier else train_cfg.gate_retry_anchor, steps_run)
-        steps_run += train_cfg.steps
+        run_steps(fraction, 0.0 if heavier else train_cfg.gate_retry_anchor, sum(steps_done))
         after, verdict = judged("heavier replay" if heavier else "anchored to the incumbent", fraction)
     verdict.attempts = attempts
+    if state["hooks"] is not None:
+        state["hooks"].remove()
     optimizer = state["optimizer"]
-    plan = state["plan"]
     windows_seen, replay_seen = counts
-    state_bytes = optimizer_state_bytes(optimizer)
+    state_bytes = {} if optimizer is None else optimizer_state_bytes(optimizer)
     del optimizer
     state.clear()
     gc.collect()
@@ -320,7 +371,7 @@ def _update(
         target_modules=choice.target_modules,
         trainable_params=trainable_params,
         total_params=total_params,
-        steps=steps_run,
+        steps=sum(steps_done),
         windows_seen=windows_seen,
         replay_windows_seen=replay_seen,
         train_losses=train_losses,
@@ -331,37 +382,108 @@ def _update(
         start_rss_bytes=0,
         eight_bit=payoff,
         gate=verdict.to_json(),
+        techniques=techniques_of(lora_model, history),
         adapted=lora_model if accepted or keep_rejected else None,
         incumbent_val_mean_abs=incumbent_val_mean_abs,
     )
 
 
 def _apply_plan(
-    old: TrainingPlan,
-    new: TrainingPlan,
-    lora_model: nn.Module,
-    trainable: list[nn.Parameter],
-    optimizer: Optimizer,
-    train_cfg: TrainConfig,
-) -> Optimizer:
-    """Switch to `new` between micro-batches; returns the optimizer to use from now on.
+    state: dict[str, Any], new: TrainingPlan, lora_model: nn.Module, trainable: list[nn.Parameter], train_cfg: TrainConfig, max_norm: float
+) -> None:
+    """Switch `state` ("plan", "optimizer", "hooks") to `new` between micro-batches.
 
     The micro-batch size takes effect with the next chunk (the step's remaining
     windows are re-split; its effective batch is kept). A change of optimizer
     starts a fresh one: Adam moments are not carried across (bias correction
     restarts too), which costs a few steps of warm-up, not correctness.
-    Gradients accumulated so far in this step are kept.
+    Gradients accumulated so far in this step are kept, except when the plan
+    turns forward-only: gradients, optimizer state and the step-in-backward
+    hooks all go, which is the memory the switch is for.
     """
+    old: TrainingPlan = state["plan"]
     log.info("plan %s -> %s", old.describe(), new.describe())
     if new.effective_batch != old.effective_batch:
         log.warning("plan changes the effective batch (%d -> %d); this update keeps %d", old.effective_batch, new.effective_batch, old.effective_batch)
+    state["plan"] = new
     if new.checkpointing != old.checkpointing:
         set_checkpointing(lora_model, new.checkpointing)
-    if new.optimizer != old.optimizer:
-        del optimizer
+    if state["hooks"] is not None and not new.step_in_backward:
+        state["hooks"].remove()
+        state["hooks"] = None
+    if new.forward_only:
+        for p in trainable:
+            p.grad = None
+        state["optimizer"] = None
         gc.collect()
-        return make_optimizer(trainable, new.optimizer, train_cfg.lr, train_cfg.weight_decay, train_cfg.min_8bit_size)
-    return optimizer
+        release_memory()
+        return
+    if new.optimizer != old.optimizer:
+        state["optimizer"] = None
+        gc.collect()
+        state["optimizer"] = make_optimizer(trainable, new.optimizer, train_cfg.lr, train_cfg.weight_decay, train_cfg.min_8bit_size)
+    if new.step_in_backward and state["hooks"] is None:
+        state["hooks"] = StepInBackward(trainable, state["optimizer"], max_norm)
+
+
+# What every update runs: adapters on a few blocks chosen by gradient norm, and attention that
+# never builds the T x T matrix in Python (torch's scaled_dot_product_attention).
+ALWAYS = ["lora", "selective_freezing", "memory_efficient_attention"]
+
+
+def techniques_of(lora_model: nn.Module, history: list[PlanChange]) -> list[str]:
+    """The low-memory techniques an update ran: ALWAYS, the model's own (reversible blocks,
+    int8-trained adapters) and every plan's, in a fixed order."""
+    names = list(ALWAYS)
+    if getattr(forecaster_of(lora_model).cfg, "reversible", False):
+        names.append("reversible_blocks")
+    if any(getattr(layer, "fake_quant", False) for layer in lora_layers(lora_model).values()):
+        names.append("int8_adapter")
+    for change in history:
+        names += [name for name in change.plan.techniques if name not in names]
+    return names
+
+
+class StepInBackward:
+    """The optimizer step fused into backward: each trainable parameter is stepped, and its
+    gradient freed, by a hook that runs as soon as backward has accumulated it, so the update
+    never holds a full set of gradients (`TrainingPlan.step_in_backward`).
+
+    Clipping cannot wait for the global norm: each parameter's gradient is clipped to its share,
+    max_norm / sqrt(number of parameters), which bounds the global norm by max_norm. Under the
+    bound, the weights are exactly the ordinary step's."""
+
+    def __init__(self, params: list[nn.Parameter], optimizer: Optimizer, max_norm: float) -> None:
+        self._squares = 0.0
+        per_param = max_norm / math.sqrt(max(1, len(params)))
+
+        def step_now(param: torch.Tensor) -> None:
+            grad = param.grad
+            assert grad is not None
+            norm = float(grad.norm())
+            self._squares += norm * norm
+            if norm > per_param:
+                grad.mul_(per_param / (norm + 1e-6))
+            optimizer.step_param(param)
+            param.grad = None
+
+        self._handles = [p.register_post_accumulate_grad_hook(step_now) for p in params]
+
+    @staticmethod
+    def pays(trainable_params: int) -> bool:
+        """Whether freeing each gradient as it is made saves at least MIN_STEP_IN_BACKWARD_SAVING_MB
+        (a full set of fp32 gradients): never for a LoRA of a few thousand weights."""
+        return trainable_params * 4 / 2**20 >= MIN_STEP_IN_BACKWARD_SAVING_MB
+
+    def take_norm(self) -> float:
+        """The norm of the gradients stepped since the last call, before clipping."""
+        norm, self._squares = math.sqrt(self._squares), 0.0
+        return norm
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 __all__ = ["PlanChange", "UpdateResult", "update"]

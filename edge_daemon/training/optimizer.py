@@ -47,29 +47,35 @@ class AdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        beta1, beta2 = self.betas
         for param in self.params:
-            grad = param.grad
-            if grad is None:
-                continue
-            state = self.state.get(param)
-            if state is None:
-                state = self.state[param] = {
-                    "step": 0,
-                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
-                }
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            assert isinstance(exp_avg, torch.Tensor) and isinstance(exp_avg_sq, torch.Tensor)
-            state["step"] = step = int(state["step"]) + 1
-            if self.weight_decay != 0:
-                param.mul_(1 - self.lr * self.weight_decay)
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            bias_correction1 = 1 - beta1**step
-            bias_correction2_sqrt = (1 - beta2**step) ** 0.5  # as torch has it (not math.sqrt: the last bit may differ)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-            param.addcdiv_(exp_avg, denom, value=-self.lr / bias_correction1)
+            self.step_param(param)
+
+    @torch.no_grad()
+    def step_param(self, param: torch.nn.Parameter) -> None:
+        """Step one parameter with its gradient (none: nothing), as `step` does each: the optimizer
+        step in backward (`training.loop`) calls it as each gradient is ready."""
+        grad = param.grad
+        if grad is None:
+            return
+        beta1, beta2 = self.betas
+        state = self.state.get(param)
+        if state is None:
+            state = self.state[param] = {
+                "step": 0,
+                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            }
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        assert isinstance(exp_avg, torch.Tensor) and isinstance(exp_avg_sq, torch.Tensor)
+        state["step"] = step = int(state["step"]) + 1
+        if self.weight_decay != 0:
+            param.mul_(1 - self.lr * self.weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5  # as torch has it (not math.sqrt: the last bit may differ)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+        param.addcdiv_(exp_avg, denom, value=-self.lr / bias_correction1)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for param in self.params:

@@ -1,10 +1,12 @@
 """The training plan: how one update spends memory, the ladder of plans and where an update starts.
 
 A plan is the knob set the memory watchdog turns (micro-batch size, gradient
-accumulation, gradient checkpointing, optimizer state precision); the trainer
-runs whatever plan it is handed at each micro-batch boundary. The ladder runs
-from the loosest plan to the tightest; `tighten` steps down it for a pressure
-level and `choose_start_plan` picks the start by dry runs. Where 8-bit optimizer state does
+accumulation, gradient checkpointing, optimizer state precision, the optimizer
+step in backward, forward-only updates); the trainer runs whatever plan it is
+handed at each micro-batch boundary. The ladder runs from the loosest plan to
+the tightest, and a forward-only plan is its last rung before a pause; `tighten`
+steps down it for a pressure level and `choose_start_plan` picks the start by
+dry runs. Where 8-bit optimizer state does
 not pay for its import (`EightBitPayoff`), `Fp32State` runs every plan with fp32 state
 instead. No torch here.
 """
@@ -35,12 +37,20 @@ class TrainingPlan:
     accumulation: int  # micro-batches summed per optimizer step
     checkpointing: bool  # recompute block activations in backward instead of keeping them
     optimizer: OptimizerKind  # adamw8bit keeps Adam moments in 8 bits
+    # Each parameter stepped, and its gradient freed, as soon as backward has made it: no full set
+    # of gradients is ever held. One backward per step, so no accumulation; our own AdamW only.
+    step_in_backward: bool = False
+    # Forward passes only (two per perturbation of the adapter, regenerated from a seed): an
+    # update's memory is a scoring pass's. The last rung before an update pauses.
+    forward_only: bool = False
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.accumulation < 1:
             raise ValueError(f"micro_batch and accumulation must be >= 1, got {self.micro_batch}, {self.accumulation}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if self.step_in_backward and (self.accumulation != 1 or self.optimizer != "adamw" or self.forward_only):
+            raise ValueError("the optimizer step in backward needs accumulation 1, fp32 AdamW and a backward pass")
 
     @property
     def effective_batch(self) -> int:
@@ -56,11 +66,28 @@ class TrainingPlan:
             accumulation=int(data["accumulation"]),
             checkpointing=bool(data["checkpointing"]),
             optimizer=data["optimizer"],
+            # Plans recorded before these knobs existed ran without them.
+            step_in_backward=bool(data.get("step_in_backward", False)),
+            forward_only=bool(data.get("forward_only", False)),
         )
 
     def describe(self) -> str:
-        """Short human form for logs: `8x4 ckpt adamw8bit`."""
-        return f"{self.micro_batch}x{self.accumulation} {'ckpt' if self.checkpointing else 'no-ckpt'} {self.optimizer}"
+        """Short human form for logs: `8x4 ckpt adamw8bit`, `32x1 no-ckpt adamw step-in-backward`,
+        `8x4 forward-only`."""
+        if self.forward_only:
+            return f"{self.micro_batch}x{self.accumulation} forward-only"
+        text = f"{self.micro_batch}x{self.accumulation} {'ckpt' if self.checkpointing else 'no-ckpt'} {self.optimizer}"
+        return text + " step-in-backward" if self.step_in_backward else text
+
+    @property
+    def techniques(self) -> list[str]:
+        """The low-memory techniques this plan runs, by name (for an update's meta and status)."""
+        if self.forward_only:
+            return ["forward_only"] + (["micro_batching"] if self.accumulation > 1 else [])
+        names = ["micro_batching"] if self.accumulation > 1 else []
+        names += ["checkpointing"] if self.checkpointing else []
+        names += ["8bit_optimizer_state"] if self.optimizer == "adamw8bit" else []
+        return names + (["step_in_backward"] if self.step_in_backward else [])
 
 
 @dataclass(frozen=True)
@@ -85,12 +112,13 @@ def plan_from_config(train: TrainConfig) -> TrainingPlan:
     """
     limit = min(train.micro_batch, train.batch_size)
     micro = max(d for d in range(1, limit + 1) if train.batch_size % d == 0)
-    return TrainingPlan(
+    plan = TrainingPlan(
         micro_batch=micro,
         accumulation=train.batch_size // micro,
         checkpointing=train.gradient_checkpointing == "on",
         optimizer="adamw8bit" if train.optimizer == "adamw8bit" else "adamw",
     )
+    return forward_only(plan) if train.forward_only == "on" else plan
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -100,17 +128,27 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return 1
 
 
-def tighten(plan: TrainingPlan, level: Level) -> TrainingPlan | None:
+def forward_only(plan: TrainingPlan) -> TrainingPlan:
+    """The last rung: `plan`'s batches, forward passes only (no backward, gradients or optimizer state)."""
+    return TrainingPlan(plan.micro_batch, plan.accumulation, False, "adamw", forward_only=True)
+
+
+def tighten(plan: TrainingPlan, level: Level, forward_only_rung: bool = False) -> TrainingPlan | None:
     """The plan for `level`, never looser than `plan`; None means stop the update.
 
     elevated: gradient checkpointing on. high: micro-batch halved (to the
     largest divisor of the effective batch at or below half, so the effective
     batch stays exact), accumulation raised to match, 8-bit optimizer state
-    and checkpointing. Each call at high halves again: the caller decides how
-    often to apply it (PlanGovernor: once per entry into high).
+    and checkpointing (the step in backward ends: it excludes accumulation).
+    Each call at high halves again: the caller decides how often to apply it
+    (PlanGovernor: once per entry into high). critical: with
+    `forward_only_rung`, the forward-only plan; a forward-only plan at critical
+    stops, and a forward-only plan stays one below it.
     """
     if level >= Level.CRITICAL:
-        return None
+        return forward_only(plan) if forward_only_rung and not plan.forward_only else None
+    if plan.forward_only:
+        return plan  # nothing left to tighten but the pause
     if level == Level.HIGH:
         effective = plan.effective_batch
         micro = _largest_divisor_at_most(effective, plan.micro_batch // 2)
@@ -143,7 +181,10 @@ def plan_candidates(effective_batch: int, max_micro: int) -> list[TrainingPlan]:
 
 def plan_ladder(train: TrainConfig) -> list[TrainingPlan]:
     """The plans an update may train with, tightest last, within `[train]`'s choices of
-    checkpointing and optimizer (all of them where the choices leave none)."""
+    checkpointing and optimizer (where they leave none, as 8-bit state without checkpointing does,
+    the one plan they name); with `forward_only = "on"`, the forward-only plan alone."""
+    if train.forward_only == "on":
+        return [plan_from_config(train)]
     ladder = plan_candidates(train.batch_size, plan_from_config(train).micro_batch)
     return [
         p
@@ -152,7 +193,7 @@ def plan_ladder(train: TrainConfig) -> list[TrainingPlan]:
         and not (train.gradient_checkpointing == "on" and not p.checkpointing)
         and not (train.optimizer == "adamw" and p.optimizer == "adamw8bit")
         and not (train.optimizer == "adamw8bit" and p.optimizer == "adamw")
-    ] or ladder
+    ] or [plan_from_config(train)]
 
 # What 8-bit state costs a training process that has torch but neither of these loaded, measured
 # here: bitsandbytes ~44 MB, and its optimizer, a torch.optim one, loads torch._dynamo ~70 MB.
@@ -181,6 +222,18 @@ class EightBitPayoff:
 
     def to_dict(self) -> EightBitJson:
         return {"saving_mb": round(self.saving_mb, 3), "import_mb": self.import_mb, "pays": self.pays}
+
+
+# The optimizer step in backward frees a full set of gradients: worth its per-parameter clipping
+# (no global norm) only where that is at least this much.
+MIN_STEP_IN_BACKWARD_SAVING_MB = 1.0
+
+
+def with_step_in_backward(plan: TrainingPlan, wanted: bool) -> TrainingPlan:
+    """`plan` with the optimizer step in backward where it is `wanted` and the plan allows it (one
+    micro-batch a step, fp32 AdamW, a backward pass), without it elsewhere."""
+    allowed = wanted and plan.accumulation == 1 and plan.optimizer == "adamw" and not plan.forward_only
+    return plan if plan.step_in_backward == allowed else replace(plan, step_in_backward=allowed)
 
 
 def with_fp32_state(plan: TrainingPlan) -> TrainingPlan:
@@ -230,6 +283,7 @@ def choose_start_plan(
     measure_peak_mb: Callable[[TrainingPlan], float],
     baseline_mb: float,
     limit_mb: float,
+    fallback: TrainingPlan | None = None,
 ) -> TrainingPlan:
     """The loosest candidate whose one-micro-batch dry run stays under `limit_mb` (`plan_limit_mb`).
 
@@ -243,8 +297,9 @@ def choose_start_plan(
     scaled by the micro-batch ratio, times CHECKPOINTING_SAVES where it drops
     checkpointing. Measuring stops at the first that does not fit, predicted
     or measured. Where twice the loosest's predicted cost fits, it is measured
-    right after the tightest. If even the tightest does not fit, it is
-    returned (logged): the watchdog stops it if it reaches critical.
+    right after the tightest. If even the tightest does not fit, `fallback`
+    (the forward-only plan) is returned, or without one the tightest (logged):
+    the watchdog stops it if it reaches critical.
     """
     if not candidates:
         raise ValueError("no candidate plans")
@@ -282,6 +337,7 @@ def choose_start_plan(
             break
         chosen, last_cost = plan, cost
     if chosen is None:
-        log.warning("no plan fits under %.0f MB; starting with the tightest %s", limit_mb, candidates[-1].describe())
-        return candidates[-1]
+        start = fallback or candidates[-1]
+        log.warning("no plan with a backward fits under %.0f MB; starting with %s", limit_mb, start.describe())
+        return start
     return chosen

@@ -150,6 +150,7 @@ class UpdateReportJson(TypedDict):
     start_rss_bytes: int
     eight_bit: EightBitJson | None
     gate: GateJson | None
+    techniques: list[str]
 
 
 @dataclass
@@ -182,6 +183,7 @@ class UpdateReport:
     start_rss_bytes: int
     eight_bit: EightBitPayoff | None = None  # whether 8-bit state paid for its import
     gate: GateJson | None = None  # how the gate decided: the old regime's weight, its evidence, the attempts
+    techniques: list[str] = field(default_factory=list)  # the low-memory techniques that ran (`training.loop.techniques_of`)
 
     @property
     def trainable_fraction(self) -> float:
@@ -219,6 +221,7 @@ class UpdateReport:
             "peak_rss_bytes": self.peak_rss_bytes,
             "start_rss_bytes": self.start_rss_bytes,
             "eight_bit": None if self.eight_bit is None else self.eight_bit.to_dict(),
+            "techniques": list(self.techniques),
             "gate": self.gate,
         }
 
@@ -278,6 +281,7 @@ class JobResult:
             "outcome": None if self.outcome is None else self.outcome.to_json(),
             "finished": iso(self.finished_unix),
             "gate": self.gate,
+            "techniques": None if self.report is None else list(self.report.techniques),
         }
 
 
@@ -314,6 +318,7 @@ class AdapterMetaJson(TypedDict):
     held_out: HeldOut | None
     gate: GateJson | None
     validation_residuals: ValidationResiduals | None
+    techniques: list[str]
     sha256: dict[str, str] | None
     version: int | None
     created: str | None
@@ -353,6 +358,7 @@ class AdapterMeta:
     # The adapted model's |residual| on its held-out windows: where residual drift starts from once
     # it serves (None: an adapter from before they were recorded; the judges learn from the stream).
     validation_residuals: ValidationResiduals | None = None
+    techniques: list[str] = field(default_factory=list)  # the low-memory techniques its update ran (empty: from before they were recorded)
     # sha256 of each of the adapter's files, written at commit and checked before it is served
     # (None: an adapter from before they were recorded, served unchecked).
     sha256: dict[str, str] | None = None
@@ -423,6 +429,7 @@ def adapter_meta(
         held_out=held_out,
         gate=report.gate,
         validation_residuals=validation_residuals,
+        techniques=list(report.techniques),
     )
 
 

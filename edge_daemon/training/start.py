@@ -13,10 +13,14 @@ from edge_daemon.training.plan import TrainingPlan
 # the metrics after, the saved adapter, the baselines refitted (measured on the default model:
 # 4-5 MB, the update's peak when the plan's activations are small). The plan leaves room for it.
 AFTER_TRAINING_MB = 6.0
+# What a process's first backward adds, once, to set torch's autograd up (measured on the default
+# model: ~13 MB); a forward-only update never pays it.
+AUTOGRAD_SETUP_MB = 13.0
 
 
 def measure_micro_batch_mb(base_model: Any, windows: Any, plan: TrainingPlan, targets: list[str]) -> float:
-    """Peak MB one forward/backward of `plan.micro_batch` windows adds (kernel high-water mark).
+    """Peak MB one forward/backward of `plan.micro_batch` windows adds (kernel high-water mark);
+    of a forward-only plan, one forward without gradients, as its steps run.
 
     Every target Linear of every block gets gradients: an upper bound on what
     LoRA on a subset of blocks keeps, cheap to set up, no peft needed. Runs on
@@ -42,10 +46,15 @@ def measure_micro_batch_mb(base_model: Any, windows: Any, plan: TrainingPlan, ta
         release_memory()
         before = process_tree_rss_mb(os.getpid())
         reset_peak_rss()
-        loss = forecast_loss(model, batch)
-        loss.backward()
+        if plan.forward_only:
+            with torch.no_grad():
+                forecast_loss(model, batch)
+        else:
+            loss = forecast_loss(model, batch)
+            loss.backward()
+            del loss
         peak = peak_rss_mb()
-        del loss, batch
+        del batch
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
@@ -56,4 +65,4 @@ def measure_micro_batch_mb(base_model: Any, windows: Any, plan: TrainingPlan, ta
     return max(0.0, peak - before)
 
 
-__all__ = ["AFTER_TRAINING_MB", "measure_micro_batch_mb"]
+__all__ = ["AFTER_TRAINING_MB", "AUTOGRAD_SETUP_MB", "measure_micro_batch_mb"]

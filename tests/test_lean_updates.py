@@ -1,0 +1,259 @@
+"""The optimizer step in backward and forward-only updates: the same weights as the ordinary step,
+no gradient ever held, the memory of a scoring pass, the last rung before a pause."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from edge_daemon.memory.pressure import Level
+from edge_daemon.model import forecast_loss
+from edge_daemon.training.forward_only import Direction, forward_only_step
+from edge_daemon.training.governor import FORWARD_ONLY_GRACE_S, PlanGovernor
+from edge_daemon.training.loop import StepInBackward, update
+from edge_daemon.training.lora import attach_lora
+from edge_daemon.training.optimizer import AdamW
+from edge_daemon.training.plan import TrainingPlan, choose_start_plan, forward_only, plan_from_config, plan_ladder, tighten, with_step_in_backward
+from tests.test_trainer import base, data, lora, regime, train_cfg  # noqa: F401  (fixtures)
+
+N, E, H, C = Level.NORMAL, Level.ELEVATED, Level.HIGH, Level.CRITICAL
+TARGETS = ["blocks.0.attn.qkv", "blocks.1.fc1", "blocks.2.fc2"]
+
+
+def adapted(model: torch.nn.Module) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    lora_model = attach_lora(copy.deepcopy(model), TARGETS, r=4, alpha=8.0)
+    # B starts at zero; move it so every adapter weight has a gradient.
+    with torch.no_grad():
+        for name, p in lora_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return lora_model, [p for p in lora_model.parameters() if p.requires_grad]
+
+
+def test_the_step_in_backward_gives_the_ordinary_steps_weights_and_holds_no_gradient(base) -> None:  # noqa: F811
+    batch = regime(8, 12, seed=9)
+    ordinary, ordinary_params = adapted(base)
+    fused = copy.deepcopy(ordinary)
+    fused_params = [p for p in fused.parameters() if p.requires_grad]
+    ordinary_opt, fused_opt = AdamW(ordinary_params, lr=1e-2), AdamW(fused_params, lr=1e-2)
+    hooks = StepInBackward(fused_params, fused_opt, max_norm=float("inf"))
+    held: list[int] = []
+    # Each hook sees the gradients present when it runs: at most its own, the rest already freed.
+    watch = [p.register_post_accumulate_grad_hook(lambda _p: held.append(sum(q.grad is not None for q in fused_params))) for p in fused_params]
+    for _ in range(2):
+        forecast_loss(ordinary, batch).backward()
+        ordinary_opt.step()
+        ordinary_opt.zero_grad()
+        forecast_loss(fused, batch).backward()
+    for handle in watch:
+        handle.remove()
+    hooks.remove()
+    assert all(p.grad is None for p in fused_params)
+    assert max(held) <= 1
+    for a, b in zip(ordinary_params, fused_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert hooks.take_norm() > 0
+
+
+def test_the_step_in_backward_clips_each_gradient_to_its_share() -> None:
+    p = torch.nn.Parameter(torch.zeros(4))
+    optimizer = AdamW([p], lr=0.0)
+    seen: list[float] = []
+    hooks = StepInBackward([p, torch.nn.Parameter(torch.zeros(1))], optimizer, max_norm=1.0)
+    p.register_post_accumulate_grad_hook(lambda q: seen.append(0.0))  # runs after the step: the gradient is gone
+    (p * torch.tensor([30.0, 40.0, 0.0, 0.0])).sum().backward()
+    assert optimizer.state[p]["exp_avg"].norm() == pytest.approx(0.1 * (1.0 / 2**0.5), rel=1e-4)  # (1 - beta1) x the clipped norm
+    assert hooks.take_norm() == pytest.approx(50.0)
+
+
+def test_an_update_with_the_step_in_backward_trains_like_the_ordinary_one(base, data) -> None:  # noqa: F811
+    """The whole update with `[train] step_in_backward = "on"`: the same adapter after one step
+    (no clipping), and the plan and the meta's techniques say so."""
+    results = {}
+    for setting in ("off", "on"):
+        cfg = train_cfg(steps=1, max_grad_norm=0.0, step_in_backward=setting)
+        results[setting] = update(base, **data, lora_cfg=lora(), train_cfg=cfg, plan=plan_from_config(cfg), seed=3, keep_rejected=True)
+    off, on = results["off"], results["on"]
+    assert on.plan_history[0].plan.step_in_backward and not off.plan_history[0].plan.step_in_backward
+    assert "step_in_backward" in on.techniques and "step_in_backward" not in off.techniques
+    for (name, a), (_, b) in zip(off.adapted.named_parameters(), on.adapted.named_parameters(), strict=True):
+        if "lora_" in name:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    assert on.grad_norms[0] == pytest.approx(off.grad_norms[0], rel=1e-5)
+
+
+def test_plans_with_the_step_in_backward_exclude_accumulation_and_8bit_state() -> None:
+    with pytest.raises(ValueError):
+        TrainingPlan(8, 4, False, "adamw", step_in_backward=True)
+    with pytest.raises(ValueError):
+        TrainingPlan(32, 1, False, "adamw8bit", step_in_backward=True)
+    loose = with_step_in_backward(TrainingPlan(32, 1, False, "adamw"), True)
+    assert loose.step_in_backward and "step_in_backward" in loose.techniques
+    assert with_step_in_backward(TrainingPlan(8, 4, False, "adamw"), True) == TrainingPlan(8, 4, False, "adamw")
+    # High halves the micro-batch: accumulation, so the step in backward ends.
+    assert not tighten(loose, H).step_in_backward
+    assert tighten(loose, E).step_in_backward
+    # Plans recorded before the knobs existed read as without them.
+    legacy = {"micro_batch": 8, "accumulation": 4, "checkpointing": True, "optimizer": "adamw"}
+    assert TrainingPlan.from_dict(legacy) == TrainingPlan(8, 4, True, "adamw")  # type: ignore[arg-type]
+    assert TrainingPlan.from_dict(loose.to_dict()) == loose
+
+
+def test_a_direction_is_drawn_again_from_its_seed(base) -> None:  # noqa: F811
+    model, params = adapted(base)
+    before = [p.detach().clone() for p in params]
+    direction = Direction(params, seed=11)
+    direction.move(0.5)
+    moved = [p.detach().clone() for p in params]
+    Direction(params, seed=11).move(-0.5)
+    for a, b, c in zip(before, params, moved, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert not torch.equal(a, c)
+
+
+def test_a_forward_only_step_keeps_nothing_for_a_backward_and_moves_downhill(base) -> None:  # noqa: F811
+    model, params = adapted(base)
+    batch = regime(16, 12, seed=9)
+    saved: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, slope = forward_only_step(model, params, batch, 8, lr=1.0, eps=1e-3, seed=5)
+    assert saved == [] and all(p.grad is None for p in params)
+    # Along its direction, a small enough step lowers the loss by about lr x slope^2 / n.
+    model2 = copy.deepcopy(model)
+    params2 = [p for p in model2.parameters() if p.requires_grad]
+    with torch.no_grad():
+        start = float(forecast_loss(model2, batch))
+    forward_only_step(model2, params2, batch, 16, lr=50.0, eps=1e-3, seed=5)
+    with torch.no_grad():
+        assert float(forecast_loss(model2, batch)) < start
+
+
+def test_a_forward_only_update_adapts_and_says_so(base, data) -> None:  # noqa: F811
+    cfg = train_cfg(steps=20, forward_only="on", forward_only_step_factor=8, gate_retry="off")
+    plan = plan_from_config(cfg)
+    assert plan.forward_only and plan_ladder(cfg) == [plan]
+    result = update(base, **data, lora_cfg=lora(), train_cfg=cfg, plan=plan, seed=1, keep_rejected=True)
+    assert result.steps == 160 and result.optimizer_state == {}
+    assert result.techniques[-1] == "forward_only"
+    assert result.metrics_after["recent_val_loss"] < 0.95 * result.metrics_before["recent_val_loss"]
+
+
+def test_an_update_turns_forward_only_at_critical_and_carries_on(base, data) -> None:  # noqa: F811
+    """The governor's last rung inside a real update: critical in the middle of a step drops that
+    step's gradients and optimizer state, and the steps left run forward-only."""
+    # Each micro-batch boundary reads the level twice (should_stop, then plan_source): critical
+    # comes at the fourth, step 1 after its first micro-batch.
+    levels = iter([N] * 6 + [C, C] + [H] * 1000)
+    governor = PlanGovernor(lambda: next(levels), forward_only_rung=True)
+    cfg = train_cfg(steps=4, batch_size=8, micro_batch=4, forward_only_step_factor=3)
+    start = plan_from_config(cfg)
+    result = update(base, **data, lora_cfg=lora(), train_cfg=cfg, plan=start, plan_source=governor.plan_source, should_stop=governor.should_stop, seed=2, keep_rejected=True)
+    plans = [change.plan for change in result.plan_history]
+    assert plans == [start, forward_only(start)]
+    # The switch came in step 2 (0-based 1) after one micro-batch: steps 1..3 forward-only, three each.
+    assert result.plan_history[1].step == 1 and result.plan_history[1].window == 4
+    assert result.steps == 1 + 3 * 3
+    assert not governor.outcome().stopped and governor.outcome().final_plan == forward_only(start)
+
+
+def test_the_governor_stops_a_forward_only_update_at_critical_again_or_after_its_grace() -> None:
+    now = [0.0]
+    level = [N]
+    governor = PlanGovernor(lambda: level[0], forward_only_rung=True, clock=lambda: now[0])
+    loose = TrainingPlan(8, 4, True, "adamw")
+    governor.begin_update(loose)
+    level[0] = C
+    assert not governor.should_stop()  # the rung is still to take
+    plan = governor.plan_source(loose)
+    assert plan == forward_only(loose)
+    now[0] += FORWARD_ONLY_GRACE_S / 2
+    assert not governor.should_stop() and governor.plan_source(plan) == plan  # giving memory back
+    now[0] += FORWARD_ONLY_GRACE_S
+    assert governor.should_stop() and governor.outcome().stopped  # still critical: pause
+
+    governor.begin_update(loose)
+    level[0] = C
+    plan = governor.plan_source(loose)
+    level[0] = H
+    assert governor.plan_source(plan) == plan  # nothing tighter than forward-only short of a pause
+    level[0] = C
+    assert governor.plan_source(plan) is None  # critical again
+
+    # Without the rung, critical stops as before; a forward-only start is the last rung already.
+    plain = PlanGovernor(lambda: C)
+    plain.begin_update(loose)
+    assert plain.should_stop()
+    started = PlanGovernor(lambda: C, forward_only_rung=True)
+    started.begin_update(forward_only(loose))
+    assert started.should_stop()
+
+
+def test_the_start_plan_falls_back_to_forward_only_where_no_backward_fits() -> None:
+    ladder = [TrainingPlan(8, 4, True, "adamw"), TrainingPlan(1, 32, True, "adamw8bit")]
+    rung = forward_only(ladder[-1])
+    assert choose_start_plan(ladder, lambda p: 50.0, baseline_mb=100.0, limit_mb=120.0, fallback=rung) == rung
+    assert choose_start_plan(ladder, lambda p: 50.0, baseline_mb=100.0, limit_mb=120.0) == ladder[-1]
+    assert choose_start_plan(ladder, lambda p: 0.5 * p.micro_batch, baseline_mb=100.0, limit_mb=120.0, fallback=rung) == ladder[0]
+
+
+PEAK_SCRIPT = textwrap.dedent(
+    """
+    import json, torch
+    from edge_daemon.training.worker import _tight_malloc
+    _tight_malloc()  # as in a training worker: freed blocks go back to the kernel at once
+    from edge_daemon.memory.usage import peak_rss_mb, release_memory, reset_peak_rss, process_tree_rss_mb
+    from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
+    from edge_daemon.training.forward_only import forward_only_step
+    from edge_daemon.training.lora import attach_lora
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = Forecaster(ForecasterConfig(n_channels=4, window=64))
+    model = attach_lora(model, ["blocks.0.attn.qkv", "blocks.0.fc1", "blocks.1.attn.qkv", "blocks.1.fc1"], r=4, alpha=8.0)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch, other = torch.randn(32, 65, 4), torch.randn(32, 65, 4)
+
+    def peak(run):
+        run(other)  # first use of every kernel on another batch: set-up is not the step's
+        release_memory()
+        before = process_tree_rss_mb("self")
+        reset_peak_rss()
+        run(batch)
+        return peak_rss_mb() - before
+
+    def scoring(x):
+        with torch.inference_mode():
+            forecast_loss(model, x)
+
+    def forward_only(x):
+        forward_only_step(model, params, x, 32, lr=1.0, eps=1e-3, seed=1)
+
+    def backward(x):
+        forecast_loss(model, x).backward()
+        model.zero_grad(set_to_none=True)
+
+    print(json.dumps({"scoring": peak(scoring), "forward_only": peak(forward_only), "backward": peak(backward)}))
+    """
+)
+
+
+def test_a_forward_only_steps_peak_is_a_scoring_passs() -> None:
+    """Measured by the kernel (VmHWM) in a process of its own, on the default model at micro-batch
+    32: a forward-only step's peak is within 2 MB of a scoring pass over the same windows, where a
+    backward's is several times more."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, check=True, timeout=300)
+    peaks = json.loads(out.stdout.strip().splitlines()[-1])
+    assert peaks["forward_only"] <= peaks["scoring"] + 2.0, peaks
+    assert peaks["backward"] > peaks["forward_only"] + 5.0, peaks
