@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,14 @@ from edge_daemon.artifacts.peft_format import ADAPTER_CONFIG_FILE, ADAPTER_INT8_
 from edge_daemon.config import LoraConfigSection, TrainConfig
 from edge_daemon.errors import AdapterError
 from edge_daemon.frames import NormStats
-from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
+from edge_daemon.model import Forecaster, ForecasterConfig
 from edge_daemon.training.blocks import block_target_modules, expand_modules
 from edge_daemon.training.gate import evaluate_loss
 from edge_daemon.training.loop import update
 from edge_daemon.training.lora import LoraLinear, attach_lora, build_lora_model, lora_layers, lora_state_dict, save_adapter
 from edge_daemon.training.plan import TrainingPlan
 from edge_daemon.training.records import AdapterMeta
+from tests.test_trainer import base, data  # noqa: F401  (fixtures)
 
 torch.set_num_threads(1)
 
@@ -171,35 +171,9 @@ def test_gradients_pass_straight_through_to_the_float_weights() -> None:
 # --- accuracy after training ---------------------------------------------------------
 
 
-def _regime(n: int, period: float, seed: int, length: int = 33) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(length, dtype=torch.float32)
-    phase = torch.rand(n, 1, generator=g) * 2 * math.pi
-    w = 2 * math.pi / period
-    x = torch.stack([torch.sin(w * t + phase), torch.cos(w * t + phase), 0.5 * torch.sin(2 * w * t + phase)], -1)
-    return x + 0.05 * torch.randn(n, length, 3, generator=g)
-
-
 @pytest.fixture(scope="module")
-def regime_change() -> tuple[Forecaster, dict[str, torch.Tensor]]:
+def regime_change(base: Forecaster, data: dict[str, torch.Tensor]) -> tuple[Forecaster, dict[str, torch.Tensor]]:
     """A small base that learned regime A (period 16), and the windows of regime B (period 12)."""
-    torch.manual_seed(0)
-    base = Forecaster(ForecasterConfig(n_channels=3, window=32, d_model=32, n_heads=4, n_layers=3, d_ff=64))
-    windows = _regime(512, 16, seed=1)
-    optimizer = torch.optim.AdamW(base.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        loss = forecast_loss(base, windows[torch.randint(0, 512, (16,), generator=g)])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    base.eval()
-    data = {
-        "recent_train": _regime(128, 12, seed=2),
-        "recent_val": _regime(32, 12, seed=3),
-        "replay_train": _regime(128, 16, seed=4),
-        "replay_val": _regime(32, 16, seed=5),
-    }
     return base, data
 
 

@@ -23,6 +23,7 @@ from edge_daemon.training.loop import update
 from edge_daemon.training.lora import attach_lora
 from edge_daemon.training.plan import TrainingPlan
 from edge_daemon.training.pretrain import pretrain
+from tests.test_pretrain import _values
 
 torch.set_num_threads(1)
 
@@ -200,15 +201,6 @@ def test_the_config_records_reversibility_and_an_older_base_loads_as_standard(tm
     del config["forecaster"]["reversible"]
     (tmp_path / "base" / CONFIG_FILE).write_text(json.dumps(config))
     assert load_base(tmp_path / "base").cfg.reversible is False
-
-
-def _values(n: int, seed: int = 0) -> np.ndarray:
-    t = np.arange(n)
-    rng = np.random.default_rng(seed)
-    clean = np.stack(
-        [20 + 3 * np.sin(2 * np.pi * t / 40), 1 + 0.5 * np.cos(2 * np.pi * t / 25), 5 + np.sin(2 * np.pi * t / 90)], axis=1
-    )
-    return (clean + rng.normal(0, 0.05, clean.shape)).astype(np.float32)
 
 
 def test_pretraining_and_a_lora_update_train_a_reversible_base(tmp_path: Path) -> None:
