@@ -13,6 +13,7 @@ import torch
 
 from edge_daemon.memory.pressure import Level
 from edge_daemon.model import forecast_loss
+from edge_daemon.training.blocks import estimate_block_grad_norms, measure_block_grad_norms
 from edge_daemon.training.forward_only import Direction, forward_only_step
 from edge_daemon.training.governor import FORWARD_ONLY_GRACE_S, PlanGovernor
 from edge_daemon.training.loop import StepInBackward, update
@@ -104,6 +105,19 @@ def test_plans_with_the_step_in_backward_exclude_accumulation_and_8bit_state() -
     assert TrainingPlan.from_dict(loose.to_dict()) == loose
 
 
+def test_the_block_probe_without_a_backward_ranks_like_the_gradients(base) -> None:  # noqa: F811
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        model.blocks[1].fc2.weight.mul_(8.0)  # block 1 now dominates the loss's sensitivity
+    probe = regime(16, 12, seed=2)
+    targets = ["attn.qkv", "attn.proj", "fc1", "fc2"]
+    before = [p.detach().clone() for p in model.parameters()]
+    estimated, measured = estimate_block_grad_norms(model, probe, targets), measure_block_grad_norms(model, probe, targets)
+    assert max(range(3), key=lambda b: estimated[b]) == max(range(3), key=lambda b: measured[b]) == 1
+    assert all(0.4 < e / m < 2.5 for e, m in zip(estimated, measured, strict=True)), (estimated, measured)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # restored exactly
+
+
 def test_a_direction_is_drawn_again_from_its_seed(base) -> None:  # noqa: F811
     model, params = adapted(base)
     before = [p.detach().clone() for p in params]
@@ -138,11 +152,18 @@ def test_a_forward_only_step_keeps_nothing_for_a_backward_and_moves_downhill(bas
         assert float(forecast_loss(model2, batch)) < start
 
 
-def test_a_forward_only_update_adapts_and_says_so(base, data) -> None:  # noqa: F811
+def test_a_forward_only_update_adapts_without_a_backward_and_says_so(base, data) -> None:  # noqa: F811
     cfg = train_cfg(steps=20, forward_only="on", forward_only_step_factor=8, gate_retry="off")
     plan = plan_from_config(cfg)
     assert plan.forward_only and plan_ladder(cfg) == [plan]
-    result = update(base, **data, lora_cfg=lora(), train_cfg=cfg, plan=plan, seed=1, keep_rejected=True)
+    model = copy.deepcopy(base)
+    # A backward anywhere (the block probe's included) would accumulate a gradient into the
+    # weights it reaches; the adapters are made inside the update, the probe ranks the base's.
+    reached: list[str] = []
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _p, name=name: reached.append(name))
+    result = update(model, **data, lora_cfg=lora(), train_cfg=cfg, plan=plan, seed=1, keep_rejected=True, in_place=True)
+    assert reached == []
     assert result.steps == 160 and result.optimizer_state == {}
     assert result.techniques[-1] == "forward_only"
     assert result.metrics_after["recent_val_loss"] < 0.95 * result.metrics_before["recent_val_loss"]

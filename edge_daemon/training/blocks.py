@@ -87,9 +87,59 @@ def measure_block_grad_norms(model: Forecaster, probe: torch.Tensor, targets: Se
     return [math.sqrt(s) for s in squares]
 
 
-def choose_blocks(model: Forecaster, probe: torch.Tensor, lora_cfg: LoraConfigSection, checkpointing: bool = False) -> BlockChoice:
-    """Pick the `lora_cfg.max_blocks` blocks whose target weights get the largest gradients."""
-    norms = measure_block_grad_norms(model, probe, lora_cfg.target_modules, checkpointing)
+# Random directions per block whose slopes estimate its gradient's norm without a backward.
+FORWARD_PROBE_DIRECTIONS = 16
+FORWARD_PROBE_EPS = 1e-3
+
+
+@torch.no_grad()
+def estimate_block_grad_norms(model: Forecaster, probe: torch.Tensor, targets: Sequence[str], seed: int = 0) -> list[float]:
+    """The gradient norm of the probe loss w.r.t. each block's target weights, estimated by forward
+    passes alone: for a direction z of independent standard normals, the slope of the loss along
+    z, (L(W + eps z) - L(W - eps z)) / 2 eps, has E[slope^2] = |grad|^2. FORWARD_PROBE_DIRECTIONS
+    of them per block (2 forwards each): a forward-only update must not pay for a first backward
+    (~13 MB of autograd set-up) to rank its blocks. Weights are restored exactly after each direction.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    norms = []
+    mode = model.training
+    model.eval()
+    try:
+        for block in range(len(model.blocks)):
+            weights = [model.get_submodule(name).weight for name in block_target_modules(model, block, targets)]
+            if not weights:
+                norms.append(0.0)
+                continue
+            squares = 0.0
+            for _ in range(FORWARD_PROBE_DIRECTIONS):
+                saved = [w.clone() for w in weights]
+                directions = [torch.randn(w.shape, generator=generator) for w in weights]
+                for w, z in zip(weights, directions, strict=True):
+                    w.add_(z, alpha=FORWARD_PROBE_EPS)
+                plus = float(forecast_loss(model, probe))
+                for w, z in zip(weights, directions, strict=True):
+                    w.add_(z, alpha=-2 * FORWARD_PROBE_EPS)
+                minus = float(forecast_loss(model, probe))
+                for w, original in zip(weights, saved, strict=True):
+                    w.copy_(original)
+                squares += ((plus - minus) / (2 * FORWARD_PROBE_EPS)) ** 2
+            norms.append(math.sqrt(squares / FORWARD_PROBE_DIRECTIONS))
+    finally:
+        model.train(mode)
+    if not all(math.isfinite(n) for n in norms):
+        raise TrainingError(f"probe loss is not finite (slopes {norms})")
+    return norms
+
+
+def choose_blocks(
+    model: Forecaster, probe: torch.Tensor, lora_cfg: LoraConfigSection, checkpointing: bool = False, forward_only: bool = False
+) -> BlockChoice:
+    """Pick the `lora_cfg.max_blocks` blocks whose target weights get the largest gradients
+    (`forward_only`: estimated without a backward)."""
+    if forward_only:
+        norms = estimate_block_grad_norms(model, probe, lora_cfg.target_modules)
+    else:
+        norms = measure_block_grad_norms(model, probe, lora_cfg.target_modules, checkpointing)
     ranked = sorted(range(len(norms)), key=lambda b: norms[b], reverse=True)
     chosen = ranked[: lora_cfg.max_blocks]
     modules = [name for b in sorted(chosen) for name in block_target_modules(model, b, lora_cfg.target_modules)]
@@ -112,4 +162,4 @@ def expand_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
     return expanded
 
 
-__all__ = ["BlockChoice", "block_target_modules", "choose_blocks", "expand_modules", "measure_block_grad_norms"]
+__all__ = ["BlockChoice", "block_target_modules", "choose_blocks", "estimate_block_grad_norms", "expand_modules", "measure_block_grad_norms"]

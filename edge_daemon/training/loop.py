@@ -197,7 +197,7 @@ def _update(
     # 3. Selective freezing: rank blocks by gradient norm on a probe batch of recent data.
     n_probe = min(lora_cfg.probe_windows, plan.micro_batch, len(recent_train))
     probe = recent_train[torch.randperm(len(recent_train), generator=generator)[:n_probe]]
-    choice = choose_blocks(model, probe, lora_cfg, checkpointing=plan.checkpointing)
+    choice = choose_blocks(model, probe, lora_cfg, checkpointing=plan.checkpointing, forward_only=plan.forward_only)
     del probe
     log.info(
         "adapting blocks %s (gradient norms %s)", choice.blocks, ", ".join(f"{n:.3g}" for n in choice.grad_norms)
