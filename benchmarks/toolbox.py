@@ -3,6 +3,7 @@
     python benchmarks/toolbox.py                  # both tables (needs root for the cgroups; ~3 min)
     python benchmarks/toolbox.py --only reversible
     python benchmarks/toolbox.py --only step-in-backward
+    python benchmarks/toolbox.py --only forward-only
 
 Every configuration runs in a fresh interpreter in a memory cgroup of its own (v1 or v2), with a
 training worker's malloc settings (freed blocks from 128 kB go back to the kernel at once) and one
@@ -23,6 +24,10 @@ the tightest plan's activations: one window, checkpointed), with the
 ordinary step (a full set of gradients, then the step) and with the step in backward (each
 gradient stepped and freed as backward makes it). The warm-up pass makes the Adam state, so the
 measured step holds it already, as every step after an update's first does.
+
+forward-only: on the default and the large model with the default adapter (micro-batch 32 and 8),
+a scoring pass (inference mode), one forward-only step (two forwards along a random direction and
+the move along it) and one backward of the same windows.
 """
 
 from __future__ import annotations
@@ -202,6 +207,54 @@ def child_step(size: str, what: str, fused: bool) -> dict[str, float | None]:
     return {"charged_mb": meter.charged_mb, "rss_mb": meter.rss_mb, "trainable": sum(p.numel() for p in params), "gradients_mb": grads_mb}
 
 
+def child_forward(size: str, kind: str) -> dict[str, float | None]:
+    _worker_malloc()
+    import torch
+
+    from edge_daemon.model import LARGE, Forecaster, ForecasterConfig, forecast_loss
+    from edge_daemon.training.forward_only import forward_only_step
+    from edge_daemon.training.lora import attach_lora
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(n_channels=CHANNELS, **(dict(LARGE) if size == "large" else {})))
+    attach_lora(model, [f"blocks.{b}.{t}" for b in (0, 1) for t in TARGETS], r=4, alpha=8.0)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro = 8 if size == "large" else BATCH
+    warm, batch = _batches(model.cfg.window, micro)
+
+    def run(x: torch.Tensor) -> None:
+        if kind == "scoring":
+            with torch.inference_mode():
+                forecast_loss(model, x)
+        elif kind == "forward-only":
+            forward_only_step(model, params, x, micro, lr=1.0, eps=1e-3, seed=1)
+        else:
+            forecast_loss(model, x).backward()
+            model.zero_grad(set_to_none=True)
+
+    run(warm)
+    with Meter() as meter:
+        run(batch)
+    return {"charged_mb": meter.charged_mb, "rss_mb": meter.rss_mb}
+
+
+def forward_table() -> list[str]:
+    lines = [
+        "The default adapter (2 blocks), micro-batch 32 on the default model, 8 on the large one, 1 thread",
+        "",
+        "| model | pass | charged MB (cgroup) | peak RSS MB |",
+        "| --- | --- | --: | --: |",
+    ]
+    for size in ("default", "large"):
+        for kind in ("scoring", "forward-only", "backward"):
+            r = _in_cgroup(["--child-forward", size, kind])
+            label = {"scoring": "scoring pass", "forward-only": "forward-only step", "backward": "forward and backward"}[kind]
+            lines.append(f"| {size} | {label} | {_mb(r['charged_mb'])} | {r['rss_mb']:.1f} |")
+    return lines
+
+
 def _in_cgroup(args: list[str]) -> dict:
     """Run this script with `args` in a fresh memory cgroup (where one can be made) and read its JSON line."""
     sys.path.insert(0, str(ROOT))
@@ -262,7 +315,8 @@ def step_table() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["reversible", "step-in-backward"])
+    parser.add_argument("--only", choices=["reversible", "step-in-backward", "forward-only"])
+    parser.add_argument("--child-forward", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-reversible", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-timing", help=argparse.SUPPRESS)
     parser.add_argument("--child-step", nargs=3, help=argparse.SUPPRESS)
@@ -273,6 +327,9 @@ def main() -> None:
     if args.child_timing:
         print(json.dumps(child_timing(int(args.child_timing))))
         return
+    if args.child_forward:
+        print(json.dumps(child_forward(*args.child_forward)))
+        return
     if args.child_step:
         size, what, fused = args.child_step
         print(json.dumps(child_step(size, what, fused == "1")))
@@ -282,7 +339,9 @@ def main() -> None:
     if args.only in (None, "reversible"):
         print("\n".join(reversible_table()) + "\n")
     if args.only in (None, "step-in-backward"):
-        print("\n".join(step_table()))
+        print("\n".join(step_table()) + "\n")
+    if args.only in (None, "forward-only"):
+        print("\n".join(forward_table()))
 
 
 if __name__ == "__main__":

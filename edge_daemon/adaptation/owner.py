@@ -60,10 +60,6 @@ log = logging.getLogger(__name__)
 # An update after drift trains on the data since the change once it spans this many windows
 # (about 11 minutes at 1 s with the default window): enough to train and hold some out.
 UPDATE_MIN_WINDOWS_SINCE_CHANGE = 10
-# Before a forward-only worker has run, it is expected to add this share of what an ordinary one is
-# expected to (`[memory] update_share` of the service's usage): it has no backward, gradients or
-# optimizer state to pay for, only its data and its copies of the pages it writes.
-FORWARD_ONLY_WORKER_SHARE = 0.5
 # The newest stored data the baselines served while there is no base are fitted on (fitted
 # again each time the span of data they were fitted on could double), and the level judges start
 # from: a day, every hour of it (at 1 s and 3 channels about 6 MB read; the baselines' windows
@@ -229,7 +225,6 @@ class Adaptation:
         # its plan is chosen to stay within ([memory] update_share of the usage).
         self.measured_worker_mb: float | None = None
         self.measured_forward_only_mb: float | None = None  # the same, of a worker that started forward-only
-        self._forward_only_worker = False  # the running (or last) worker started forward-only
         self._usage_at_worker_start: float | None = None
 
     # -- the part ----------------------------------------------------------------------------
@@ -471,12 +466,12 @@ class Adaptation:
 
     def expected_worker_mb(self, forward_only: bool = False) -> float:
         """What the next worker is expected to add at its peak: what the last one that ran to its
-        end added, else a share of the service's usage (`[memory] update_share`; for a forward-only
-        worker FORWARD_ONLY_WORKER_SHARE of it, which has no backward to pay for)."""
-        if forward_only:
-            if self.measured_forward_only_mb is not None:
-                return self.measured_forward_only_mb
-            return FORWARD_ONLY_WORKER_SHARE * self.config.memory.update_share * self.memory.usage_mb
+        end added, else `[memory] update_share` of the service's usage. A worker that starts
+        forward-only is expected to add what the last such one did, and until one has run, what
+        any other would: its training costs a scoring pass, but most of what a worker adds on the
+        default model is its own (its copies of the pages it writes, its data), measured alike."""
+        if forward_only and self.measured_forward_only_mb is not None:
+            return self.measured_forward_only_mb
         if self.measured_worker_mb is not None:
             return self.measured_worker_mb
         return self.config.memory.update_share * self.memory.usage_mb
@@ -490,8 +485,7 @@ class Adaptation:
 
     def start_update(self, reason: str, cause: UpdateCause, since: float | None = None) -> bool:
         candidates = tuple(self.governor.start_candidates())
-        self._forward_only_worker = self._starts_forward_only()
-        if self._forward_only_worker and not candidates[-1].forward_only:
+        if self._starts_forward_only() and not candidates[-1].forward_only:
             log.info("only a forward-only update fits under the critical line: starting one")
             candidates = (forward_only(candidates[-1]),)
         job = UpdateJob(
@@ -569,7 +563,6 @@ class Adaptation:
             return
         if self.replay.count() < self.config.model.bootstrap_min_windows * len(self.config.channels.names):
             return
-        self._forward_only_worker = False
         if self._start_worker(UpdateJob("pretrain", "no base model")):
             self.trigger.started()
 
@@ -582,7 +575,7 @@ class Adaptation:
         self._usage_at_worker_start = usage
         return True
 
-    def _learn_worker_increment(self, finished: bool) -> None:
+    def _learn_worker_increment(self, finished: bool, forward: bool = False) -> None:
         """After a worker that ran to its end: what it added to the service at its peak is the next
         worker's expected cost. One stopped or killed on the way needed at least what it reached:
         the next must have room for more than that (a start rule that kept expecting less would
@@ -593,7 +586,6 @@ class Adaptation:
         self._usage_at_worker_start = None
         if added <= 0:
             return
-        forward = self._forward_only_worker
         expected = self.expected_worker_mb(forward)
         if finished or added > expected:
             log.info(
@@ -619,7 +611,9 @@ class Adaptation:
             self.trigger.finished(stopped_for_memory=result.stopped_for_memory, backoff_s=backoff)
 
     def _handle_result(self, result: JobResult) -> None:
-        self._learn_worker_increment(finished=result.ran_to_end)
+        # A worker that started forward-only (asked to, or finding no backward fits) is learnt apart.
+        started = result.outcome.start_plan if result.outcome is not None else None
+        self._learn_worker_increment(finished=result.ran_to_end, forward=started is not None and started.forward_only)
         release_memory()
         if result.aborted and self.stop_event.is_set():
             # Stopped for shutdown at a micro-batch boundary: nothing was saved, and it is no
