@@ -266,6 +266,10 @@ def _update(
         def penalty() -> torch.Tensor:
             return sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, start)) * (anchor / n_params)  # type: ignore[return-value]
 
+        @torch.no_grad()
+        def penalty_value() -> float:
+            return float(penalty())
+
         step, total = first_step, first_step + train_cfg.steps * (factor if state["plan"].forward_only else 1)
         while step < total:
             windows, is_replay = mixer.next_batch()  # (effective, T+1, C), (effective,)
@@ -299,7 +303,7 @@ def _update(
                 seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
                 step_loss, slope = forward_only_step(
                     lora_model, trainable, windows, state["plan"].micro_batch, train_cfg.forward_only_lr, train_cfg.forward_only_eps, seed,
-                    penalty=(lambda: float(penalty())) if anchor > 0 else None,
+                    penalty=penalty_value if anchor > 0 else None,
                 )  # fmt: skip
                 if not math.isfinite(step_loss) or not math.isfinite(slope):
                     raise TrainingError(f"non-finite loss {step_loss} at step {step}")
