@@ -343,7 +343,8 @@ def quantize_per_rank(weight: torch.Tensor, rank_dim: int) -> tuple[torch.Tensor
     one scale per tensor does), for r scales per tensor. One per row of B would add a 4-byte scale
     for every r = 4 int8 weights of B. Measured on the default adapter after a regime change: per
     tensor 7.8 kB with 7.7e-3 relative error in B @ A, per rank component 8.0 kB and 6.5e-3, per
-    row of B 11.5 kB and 5.2e-3; none moved the held-out loss by more than 0.2%.
+    row of B 11.5 kB (+43%) and 5.2e-3; all three, even applied after float32 training, kept the
+    held-out loss within 0.4% of the float32 adapter's.
     """
     w = weight.detach().to(torch.float32)
     amax = w.abs().amax(dim=1 - rank_dim)
