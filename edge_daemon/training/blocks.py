@@ -13,6 +13,7 @@ from torch import nn
 
 from edge_daemon.errors import TrainingError
 from edge_daemon.model import Forecaster, forecast_loss
+from edge_daemon.training.forward_only import Direction
 
 if TYPE_CHECKING:
     from edge_daemon.config import LoraConfigSection
@@ -113,12 +114,10 @@ def estimate_block_grad_norms(model: Forecaster, probe: torch.Tensor, targets: S
             squares = 0.0
             for _ in range(FORWARD_PROBE_DIRECTIONS):
                 saved = [w.clone() for w in weights]
-                directions = [torch.randn(w.shape, generator=generator) for w in weights]
-                for w, z in zip(weights, directions, strict=True):
-                    w.add_(z, alpha=FORWARD_PROBE_EPS)
+                direction = Direction(weights, int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+                direction.move(FORWARD_PROBE_EPS)
                 plus = float(forecast_loss(model, probe))
-                for w, z in zip(weights, directions, strict=True):
-                    w.add_(z, alpha=-2 * FORWARD_PROBE_EPS)
+                direction.move(-2 * FORWARD_PROBE_EPS)
                 minus = float(forecast_loss(model, probe))
                 for w, original in zip(weights, saved, strict=True):
                     w.copy_(original)
