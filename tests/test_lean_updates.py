@@ -118,6 +118,15 @@ def test_the_block_probe_without_a_backward_ranks_like_the_gradients(base) -> No
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # restored exactly
 
 
+def test_a_config_that_leaves_no_ladder_plan_runs_the_one_it_names() -> None:
+    """8-bit state without checkpointing: no rung of the ladder has both, so the ladder is that one
+    plan rather than every rung, which would ignore both settings."""
+    from edge_daemon.config import TrainConfig
+
+    cfg = TrainConfig(gradient_checkpointing="off", optimizer="adamw8bit")
+    assert plan_ladder(cfg) == [TrainingPlan(32, 1, False, "adamw8bit")]
+
+
 def test_a_direction_is_drawn_again_from_its_seed(base) -> None:  # noqa: F811
     model, params = adapted(base)
     before = [p.detach().clone() for p in params]
@@ -278,3 +287,51 @@ def test_a_forward_only_steps_peak_is_a_scoring_passs() -> None:
     peaks = json.loads(out.stdout.strip().splitlines()[-1])
     assert peaks["forward_only"] <= peaks["scoring"] + 2.0, peaks
     assert peaks["backward"] > peaks["forward_only"] + 5.0, peaks
+
+
+def test_a_worker_with_no_room_for_a_backward_starts_forward_only_and_never_runs_one(tmp_path, caplog) -> None:
+    """The worker's own check (training.job): where what it holds, a forward and the first
+    backward's set-up would cross the plan's limit, the update starts forward-only and trains to
+    its gate; with the rung off, it dry-runs the ladder and trains by backward as before."""
+    import threading
+
+    from edge_daemon.artifacts.adapters import AdapterStore
+    from edge_daemon.frames import build_grid
+    from edge_daemon.store import Reading, ReplayStore
+    from edge_daemon.training.job import _run_update
+    from edge_daemon.training.pretrain import pretrain
+    from edge_daemon.training.records import UpdateJob
+    from sample_sensors.generate import CHANNELS, generate_labeled, readings
+    from tests.conftest import make_config
+
+    config = make_config(
+        tmp_path,
+        model={"window": 16, "d_model": 16, "n_heads": 2, "n_layers": 2, "d_ff": 32},
+        train={"steps": 4, "batch_size": 8, "micro_batch": 8, "forward_only_step_factor": 2, "recent_hours": 400 / 3600, "gate_tolerance": 5.0},
+    )
+    data = generate_labeled(1600, start_ts=1.7e9, seed=3)
+    with ReplayStore(config.store_path, config.store, list(CHANNELS)) as store:
+        store.write([Reading(c, float(data.ts[k]), float(data.values[c][k])) for k in range(1600) for c in CHANNELS])
+    pretrain(build_grid(*readings(data, 0, 1200), 3, 1.0, config.channels.max_fill_steps), list(CHANNELS), 1.0, config.model, config.base_dir, steps=30)
+
+    class Sink:
+        def put(self, message: object) -> None:
+            pass
+
+    def run(cfg, budget_mb: float):  # type: ignore[no-untyped-def]
+        governor = PlanGovernor(lambda: N, plan_ladder(cfg.train), forward_only_rung=cfg.train.forward_only == "auto")
+        # The critical line of this budget sits 1 MB above the service's usage: no backward fits.
+        job = UpdateJob("update", "requested", candidates=tuple(governor.start_candidates()), baseline_mb=300.0, budget_mb=budget_mb, seed=1)
+        return _run_update(cfg, job, governor, threading.Event(), Sink())
+
+    tight = 301.0 / config.memory.critical
+    with caplog.at_level("INFO", logger="edge_daemon.training.plan"):
+        result = run(config, tight)
+    # No plan with a backward was dry-run (each dry run is logged): the check came before them.
+    assert not [r for r in caplog.records if "dry run" in r.getMessage()], caplog.text
+    assert result.report is not None and result.report.plan_history[0].plan.forward_only, result
+    assert result.report.steps == 2 * 4 and "forward_only" in result.report.techniques
+    assert result.outcome is not None and result.outcome.start_plan.forward_only
+    without = run(config.model_copy(update={"train": config.train.model_copy(update={"forward_only": "off"})}), tight)
+    assert without.report is not None and not without.report.plan_history[0].plan.forward_only
+    assert AdapterStore(config.adapters_dir).current() is None  # committed, not yet current: nothing served by the test
