@@ -12,9 +12,11 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from edge_daemon.model import Forecaster, forecast_loss
+from edge_daemon.baselines import fit_ridge
+from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,20 @@ def mae(model: torch.nn.Module, data: torch.Tensor, batch: int = 32) -> float:
         for chunk in data.split(batch):
             total += float((model(chunk[:, :-1]) - chunk[:, 1:]).abs().mean()) * len(chunk)
     return total / len(data)
+
+
+def baseline_models(cfg: ForecasterConfig, train: torch.Tensor) -> dict[str, Forecaster]:
+    """Persistence and the ridge autoregression as forecasters of `cfg`'s shape, so they are scored
+    by the same loss on the same windows as the models beside them: an untrained forecaster is
+    persistence exactly (both its paths start silent), and the ridge fit on `train` (N, L, C)
+    windows loads into the linear path as pretraining loads it (every horizon it has)."""
+    ridge_model = Forecaster(cfg)
+    ridge = fit_ridge(train.numpy().astype(np.float64), lags=cfg.lags, horizons=cfg.horizons)
+    if ridge is not None:
+        ridge_model.set_linear(torch.as_tensor(ridge.coef, dtype=torch.float32))
+        for horizon, coef in ridge.ahead.items():
+            ridge_model.set_linear(torch.as_tensor(coef, dtype=torch.float32), horizon)
+    return {"persistence": Forecaster(cfg), "ridge": ridge_model}
 
 
 def run_update(config: Any, reason: str = "requested", since: float | None = None, seed: int = 0) -> Any:

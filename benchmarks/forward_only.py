@@ -9,8 +9,10 @@ same windows and seed: the frozen base, the update by backpropagation (the proje
 and the forward-only update (`[train] forward_only = "on"`: SPSA on the same LoRA, two forwards a
 step, `forward_only_step_factor` steps for each of the backpropagation's). MAE in normalised units
 on the next 3 hours of the new regime; "share of the gain" is how much of backpropagation's cut
-of the frozen base's MAE the forward-only update makes. Both adapters are measured whether or not
-the gate accepts them (its verdict is beside them). Wall time is the update's alone.
+of the frozen base's MAE the forward-only update makes. Beside them, on the same windows and
+positions: persistence and the ridge autoregression fitted on the update's hour. Both adapters are
+measured whether or not the gate accepts them (its verdict is beside them). Wall time is the
+update's alone.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import mae, pretrain  # noqa: E402
+from _common import baseline_models, mae, pretrain  # noqa: E402
 from adapt_cases import DAY, HOUR, cut, motor  # noqa: E402
 
 from edge_daemon.config import LoraConfigSection, TrainConfig  # noqa: E402
@@ -67,6 +69,9 @@ def run(case: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     base, data, new_eval = case_data(case, seed, args.pretrain_steps)
     frozen = mae(base, new_eval)
     rows: list[dict[str, Any]] = []
+    hour = torch.cat([data["recent_train"], data["recent_val"]])
+    for label, model in baseline_models(base.cfg, hour).items():
+        rows.append({"case": case, "seed": seed, "update": label, "frozen": frozen, "after": mae(model, new_eval), "share": float("nan"), "accepted": None, "steps": 0, "wall_s": 0.0})
     settings: list[tuple[str, dict[str, Any]]] = [("backprop", {"forward_only": "off"})]
     settings += [(f"forward-only lr {lr:g}", {"forward_only": "on", "forward_only_lr": lr, "forward_only_step_factor": args.factor}) for lr in args.lr]
     backprop = None
@@ -104,6 +109,9 @@ def main() -> None:
             sel = [r for r in rows if r["case"] == case and r["update"] == label]
             frozen, after = statistics.mean(r["frozen"] for r in sel), statistics.mean(r["after"] for r in sel)
             share = statistics.mean(r["share"] for r in sel)
+            if sel[0]["accepted"] is None:  # a baseline: no update, no gate
+                print(f"| {case} | {label} | {frozen:.4f} | {after:.4f} | {100 * (1 - after / frozen):.1f}% | - | - | - | - |")
+                continue
             print(f"| {case} | {label} | {frozen:.4f} | {after:.4f} | {100 * (1 - after / frozen):.1f}% | {share:.2f} | "
                   f"{sum(r['accepted'] for r in sel)}/{len(sel)} | {sel[0]['steps']} | {statistics.mean(r['wall_s'] for r in sel):.1f} |")  # fmt: skip
 

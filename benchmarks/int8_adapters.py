@@ -5,7 +5,8 @@ A base learns the old regime; one update (project defaults: `loop.update`, 2 blo
 modules plus the heads and linear paths, 60 steps) adapts it to the new one, once in float32 and
 once with fake quantisation (`[lora] save = "int8"`). Each adapter is saved, read back and merged
 into the base the way serving does it, and scored on the held-out new-regime windows
-(`recent_val`, the gate's `forecast_loss`). "naive PTQ" is the float32 adapter quantised at save.
+(`recent_val`, the gate's `forecast_loss`), beside persistence and the ridge autoregression fitted
+on the update's windows, on the same windows and loss. "naive PTQ" is the float32 adapter quantised at save.
 The scale granularity is compared too: per tensor, per rank component (the file format) and per
 row of lora_B (per row of lora_A = per rank component), each trained with fake quantisation and
 applied after training (on the large model only after training: its updates take minutes each).
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from _common import OLD, make_data, pretrain, regime_windows
+from _common import OLD, baseline_models, make_data, pretrain, regime_windows
 
 from edge_daemon.artifacts.adapters import load_lora_state
 from edge_daemon.artifacts.merge import merge_lora
@@ -124,6 +125,8 @@ def run_seed(model: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     data = make_data(MODELS[model]["window"], seed=10 * seed)
     val = data["recent_val"]
     out: dict[str, Any] = {"seed": seed, "base": evaluate_loss(base, val)}
+    for name, model in baseline_models(base.cfg, data["recent_train"]).items():
+        out[name] = evaluate_loss(model, val)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = train(base, data, "fp32", args.steps, seed)
         save_adapter(fp32.adapted, Path(tmp) / "fp32", "fp32")
@@ -169,20 +172,20 @@ def main() -> None:
     torch.set_num_threads(1)
     for model in args.models:
         print(f"\n## {model} model {MODELS[model]}, r {LoraConfigSection().r}\n")
-        print("| seed | base | fp32 | int8 (fake-quant, served) | int8 in training | naive PTQ int8 | int8 vs fp32 | PTQ vs fp32 | accepted fp32/int8 | s |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |", flush=True)
+        print("| seed | persistence | ridge | base | fp32 | int8 (fake-quant, served) | int8 in training | naive PTQ int8 | int8 vs fp32 | PTQ vs fp32 | accepted fp32/int8 | s |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |", flush=True)
         runs = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             r = run_seed(model, seed, args)
             runs.append(r)
             print(
-                f"| {r['seed']} | {r['base']:.5f} | {r['fp32']:.5f} | {r['int8']:.5f} | {r['int8_in_training']:.5f} | {r['ptq']:.5f} | "
+                f"| {r['seed']} | {r['persistence']:.5f} | {r['ridge']:.5f} | {r['base']:.5f} | {r['fp32']:.5f} | {r['int8']:.5f} | {r['int8_in_training']:.5f} | {r['ptq']:.5f} | "
                 f"{r['int8'] / r['fp32'] - 1:+.3%} | {r['ptq'] / r['fp32'] - 1:+.3%} | {r['accepted']} | {r['seconds']:.0f} |",
                 flush=True,
             )
         r0 = runs[0]
-        mean = {k: statistics.fmean(r[k] for r in runs) for k in ("fp32", "int8", "ptq")}
-        print(f"| mean | | {mean['fp32']:.5f} | {mean['int8']:.5f} | | {mean['ptq']:.5f} | {mean['int8'] / mean['fp32'] - 1:+.3%} | {mean['ptq'] / mean['fp32'] - 1:+.3%} | | |")
+        mean = {k: statistics.fmean(r[k] for r in runs) for k in ("persistence", "ridge", "fp32", "int8", "ptq")}
+        print(f"| mean | {mean['persistence']:.5f} | {mean['ridge']:.5f} | | {mean['fp32']:.5f} | {mean['int8']:.5f} | | {mean['ptq']:.5f} | {mean['int8'] / mean['fp32'] - 1:+.3%} | {mean['ptq'] / mean['fp32'] - 1:+.3%} | | |")
         print(f"\n{r0['modules']} adapted modules, {r0['trainable']} LoRA weights; weights file: fp32 {r0['fp32_bytes']} B, "
               f"int8 {r0['int8_bytes']} B, {r0['fp32_bytes'] / r0['int8_bytes']:.2f}x smaller")
         print("\nscale granularity (mean over seeds; loss relative to the fp32 adapter):\n")
