@@ -14,6 +14,7 @@ the worker together. The tree's PSS and its summed RSS are printed beside it.
     python benchmarks/memory.py --idle-minutes 30 --checkout ../old-main  # idle, side by side
     python benchmarks/memory.py --operator-stack      # idle with ON_SECTIONS ([metrics] and [homeassistant] discovery) vs without
     python benchmarks/memory.py --techniques --no-search  # an update with each low-memory technique alone, and the planner's choice
+    python benchmarks/memory.py --techniques --technique forward-only --size default --no-search  # one row
     python benchmarks/memory.py --search-only --search-rung both  # the limit search with and without the forward-only rung
 
 The limit search runs the default model under real cgroup limits, as multiples
@@ -477,12 +478,14 @@ TECHNIQUES: list[tuple[str, dict[str, dict[str, Any]]]] = [
 LARGE_STEPS = 10
 
 
-def technique_rows(sizes: list[str]) -> list[Row]:
+def technique_rows(sizes: list[str], only: list[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     print(TECHNIQUE_HEADER)
     print("|" + " --- |" * (TECHNIQUE_HEADER.count("|") - 1))
     for size in sizes:
         for label, extra in TECHNIQUES:
+            if only and not any(name in label for name in only):
+                continue
             if size == "large":
                 extra = {**extra, "train": {**extra.get("train", {}), "steps": LARGE_STEPS}}
             row = run_row(label, size, ROOT, None, extra)
@@ -580,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes", type=int, default=4)
     parser.add_argument("--search-rung", choices=["auto", "off", "both"], default="auto", help="the search with the forward-only rung, without it, or both")
     parser.add_argument("--techniques", action="store_true", help="instead of the plain rows: an update with each technique alone, and the planner's")
+    parser.add_argument("--technique", action="append", help="with --techniques: only the rows whose label holds this (repeatable)")
     parser.add_argument("--json", type=Path, help="write every row here")
     parser.add_argument("--idle-minutes", type=int, default=0, help="instead: each daemon idle (serving) this long, side by side")
     parser.add_argument("--operator-stack", action="store_true", help="instead: idle memory with ON_SECTIONS ([metrics] ...) vs without")
@@ -603,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = ["default", "large"] if args.size == "both" else [args.size]
     rows: list[Row] = []
     if args.techniques:
-        rows += technique_rows(sizes)
+        rows += technique_rows(sizes, args.technique)
         print()
     print(HEADER)
     print("|" + " --- |" * (HEADER.count("|") - 1))

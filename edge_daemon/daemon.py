@@ -264,11 +264,13 @@ class Daemon:
         """Start every part in order; if one fails, stop those already started and re-raise."""
         # Scoring forwards one small step at a time: a second intra-op thread only contends with
         # ingestion and whatever else the device runs, and with the other core busy it makes a
-        # forward many times slower (benchmarks/scoring.py). Training runs in its own process
-        # and sets its own.
+        # forward many times slower (benchmarks/scoring.py). A training worker sets its own.
         import torch
 
+        from edge_daemon.memory.usage import tight_malloc
+
         torch.set_num_threads(1)
+        tight_malloc()  # before the helper's fork and any thread: freed memory goes back at once
         for name, build in self.builders():
             try:
                 part = build()

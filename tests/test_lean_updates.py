@@ -239,8 +239,8 @@ def test_the_start_plan_falls_back_to_forward_only_where_no_backward_fits() -> N
 PEAK_SCRIPT = textwrap.dedent(
     """
     import json, torch
-    from edge_daemon.training.worker import _tight_malloc
-    _tight_malloc()  # as in a training worker: freed blocks go back to the kernel at once
+    from edge_daemon.memory.usage import tight_malloc
+    tight_malloc()  # as in the daemon and its workers: freed blocks go back to the kernel at once
     from edge_daemon.memory.usage import peak_rss_mb, release_memory, reset_peak_rss, process_tree_rss_mb
     from edge_daemon.model import Forecaster, ForecasterConfig, forecast_loss
     from edge_daemon.training.forward_only import forward_only_step
@@ -289,6 +289,29 @@ def test_a_forward_only_steps_peak_is_a_scoring_passs() -> None:
     assert peaks["backward"] > peaks["forward_only"] + 5.0, peaks
 
 
+def _stored_with_a_base(tmp_path, **train):  # type: ignore[no-untyped-def]
+    """A config whose store holds 1600 s of the sample sensors and whose base is trained on them."""
+    from edge_daemon.frames import build_grid
+    from edge_daemon.store import Reading, ReplayStore
+    from edge_daemon.training.pretrain import pretrain
+    from sample_sensors.generate import CHANNELS, generate_labeled, readings
+    from tests.conftest import make_config
+
+    config = make_config(
+        tmp_path,
+        model={"window": 16, "d_model": 16, "n_heads": 2, "n_layers": 2, "d_ff": 32},
+        train={
+            "steps": 4, "batch_size": 8, "micro_batch": 8, "forward_only_step_factor": 2, "recent_hours": 400 / 3600,
+            "gate_tolerance": 5.0, **train,
+        },
+    )  # fmt: skip
+    data = generate_labeled(1600, start_ts=1.7e9, seed=3)
+    with ReplayStore(config.store_path, config.store, list(CHANNELS)) as store:
+        store.write([Reading(c, float(data.ts[k]), float(data.values[c][k])) for k in range(1600) for c in CHANNELS])
+    pretrain(build_grid(*readings(data, 0, 1200), 3, 1.0, config.channels.max_fill_steps), list(CHANNELS), 1.0, config.model, config.base_dir, steps=30)
+    return config
+
+
 def test_a_worker_with_no_room_for_a_backward_starts_forward_only_and_never_runs_one(tmp_path, caplog) -> None:
     """The worker's own check (training.job): where what it holds, a forward and the first
     backward's set-up would cross the plan's limit, the update starts forward-only and trains to
@@ -296,23 +319,10 @@ def test_a_worker_with_no_room_for_a_backward_starts_forward_only_and_never_runs
     import threading
 
     from edge_daemon.artifacts.adapters import AdapterStore
-    from edge_daemon.frames import build_grid
-    from edge_daemon.store import Reading, ReplayStore
     from edge_daemon.training.job import _run_update
-    from edge_daemon.training.pretrain import pretrain
     from edge_daemon.training.records import UpdateJob
-    from sample_sensors.generate import CHANNELS, generate_labeled, readings
-    from tests.conftest import make_config
 
-    config = make_config(
-        tmp_path,
-        model={"window": 16, "d_model": 16, "n_heads": 2, "n_layers": 2, "d_ff": 32},
-        train={"steps": 4, "batch_size": 8, "micro_batch": 8, "forward_only_step_factor": 2, "recent_hours": 400 / 3600, "gate_tolerance": 5.0},
-    )
-    data = generate_labeled(1600, start_ts=1.7e9, seed=3)
-    with ReplayStore(config.store_path, config.store, list(CHANNELS)) as store:
-        store.write([Reading(c, float(data.ts[k]), float(data.values[c][k])) for k in range(1600) for c in CHANNELS])
-    pretrain(build_grid(*readings(data, 0, 1200), 3, 1.0, config.channels.max_fill_steps), list(CHANNELS), 1.0, config.model, config.base_dir, steps=30)
+    config = _stored_with_a_base(tmp_path)
 
     class Sink:
         def put(self, message: object) -> None:
@@ -335,3 +345,65 @@ def test_a_worker_with_no_room_for_a_backward_starts_forward_only_and_never_runs
     without = run(config.model_copy(update={"train": config.train.model_copy(update={"forward_only": "off"})}), tight)
     assert without.report is not None and not without.report.plan_history[0].plan.forward_only
     assert AdapterStore(config.adapters_dir).current() is None  # committed, not yet current: nothing served by the test
+
+
+def _not_here(order, out, level, stop):  # type: ignore[no-untyped-def]
+    """The helper's update entry point in the test below: reports that a worker ran the job."""
+    from edge_daemon.training.records import JobResult
+
+    out.put(JobResult(order.job.kind, accepted=False, error="ran in a forked worker"))
+    out.close()
+
+
+def test_an_update_that_starts_forward_only_runs_in_the_service_and_stops_when_asked(tmp_path) -> None:
+    """Started forward-only, an update runs on a thread of the daemon, not in a forked worker (whose
+    own pages would cost more than its forward passes): it trains to its gate, its trace records the
+    service's usage, and a stop ends it at its next boundary with nothing saved."""
+    import json
+    import threading
+
+    from edge_daemon.adaptation.runner import UpdateRunner
+    from edge_daemon.training.records import JobResult, UpdateJob
+    from edge_daemon.training.worker import WorkerForker
+
+    config = _stored_with_a_base(tmp_path)
+    forker = WorkerForker()
+    forker.register("update", _not_here)
+    forker.start()
+    try:
+        governor = PlanGovernor(forker.level, plan_ladder(config.train), forward_only_rung=True)
+        governor.stop_event = forker.stop_flag
+        results: list[JobResult] = []
+        ended = threading.Event()
+
+        def on_result(result: JobResult) -> None:
+            results.append(result)
+            ended.set()
+
+        runner = UpdateRunner(config, governor, forker, on_result)
+        rung = forward_only(governor.start_candidates()[-1])
+        assert runner.start(UpdateJob("update", "requested", candidates=(rung,), baseline_mb=100.0, budget_mb=1000.0, seed=1))
+        assert runner.running and runner.child_pid is None and runner.job is not None and runner.job.in_service
+        assert ended.wait(300), "the update in the service must end"
+        (result,) = results
+        assert result.error is None and result.report is not None, result
+        assert result.report.steps == 2 * 4 and "forward_only" in result.report.techniques
+        assert result.job is not None and result.job.to_json()["in_service"] is True
+        assert not runner.running and runner.last is result
+        trace = json.loads(next((config.device.state_dir / "updates").glob("*.json")).read_text())
+        assert any(v is not None for v in trace["samples"]["service_mb"]), trace["samples"]
+
+        # Long enough to be stopped on its way: the stop flag ends it at a boundary.
+        long = config.model_copy(update={"train": config.train.model_copy(update={"steps": 100_000})})
+        runner = UpdateRunner(long, governor, forker, on_result)
+        ended.clear()
+        assert runner.start(UpdateJob("update", "requested", candidates=(rung,), baseline_mb=100.0, budget_mb=1000.0, seed=2))
+        while runner.running and not (runner.progress.step or 0) > 0:
+            ended.wait(0.05)  # until its first step is reported
+        assert runner.running, results[-1]
+        runner.stop(timeout=120)
+        assert ended.wait(120)
+        stopped = results[-1]
+        assert stopped.aborted and stopped.version is None and "TrainingAborted" in (stopped.error or ""), stopped
+    finally:
+        forker.stop()

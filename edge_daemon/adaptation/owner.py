@@ -67,6 +67,12 @@ UPDATE_MIN_WINDOWS_SINCE_CHANGE = 10
 NEWEST_DAY_S = 86400.0
 # A fit that failed (too few gap-free windows yet) is tried again after this long.
 STAND_IN_RETRY_S = 300.0
+# What an update that starts forward-only (in the service: its data, the base it adapts, a scoring
+# pass's activations, its metrics and refitted baselines) is expected to add before one has been
+# measured, as a share of what a worker is expected to add before one has. Measured on the default
+# model (benchmarks/memory.py): 11.8 MB over a serving charge of 181 MB, 0.43 of the worker's
+# 0.15 x 181 MB.
+FORWARD_ONLY_SHARE = 0.5
 
 
 # -- the ports: what the update path needs of the other parts, and nothing more --------------
@@ -224,7 +230,7 @@ class Adaptation:
         # finished (peak usage while it ran, less the usage when it started); before any, what
         # its plan is chosen to stay within ([memory] update_share of the usage).
         self.measured_worker_mb: float | None = None
-        self.measured_forward_only_mb: float | None = None  # the same, of a worker that started forward-only
+        self.measured_forward_only_mb: float | None = None  # the same, of an update that started forward-only
         self._usage_at_worker_start: float | None = None
 
     # -- the part ----------------------------------------------------------------------------
@@ -452,9 +458,9 @@ class Adaptation:
         return self.ingest.disk_full or self.replay.disk_short()
 
     def worker_headroom_mb(self, forward_only: bool = False) -> float:
-        """MB under the critical threshold left once a training worker of the expected size runs
-        (`forward_only`: one that starts forward-only, where `[train] forward_only` allows it; -inf
-        where it does not).
+        """MB under the critical threshold left once a training job of the expected size runs
+        (`forward_only`: an update that starts forward-only, in the service, where `[train]
+        forward_only` allows it; -inf where it does not).
 
         Below it the watchdog tightens the plan as levels rise; at it the update stops. An update
         expected to reach it would stop at its first boundaries, so it does not start.
@@ -466,19 +472,21 @@ class Adaptation:
 
     def expected_worker_mb(self, forward_only: bool = False) -> float:
         """What the next worker is expected to add at its peak: what the last one that ran to its
-        end added, else `[memory] update_share` of the service's usage. A worker that starts
-        forward-only is expected to add what the last such one did, and until one has run, what
-        any other would: its training costs a scoring pass, but most of what a worker adds on the
-        default model is its own (its copies of the pages it writes, its data), measured alike."""
-        if forward_only and self.measured_forward_only_mb is not None:
-            return self.measured_forward_only_mb
+        end added, else `[memory] update_share` of the service's usage. An update that starts
+        forward-only runs on a thread of the daemon, without a worker's own pages: it is expected
+        to add what the last such one did, and until one has run, FORWARD_ONLY_SHARE of what a
+        worker is expected to before any has."""
+        if forward_only:
+            if self.measured_forward_only_mb is not None:
+                return self.measured_forward_only_mb
+            return FORWARD_ONLY_SHARE * self.config.memory.update_share * self.memory.usage_mb
         if self.measured_worker_mb is not None:
             return self.measured_worker_mb
         return self.config.memory.update_share * self.memory.usage_mb
 
     def _starts_forward_only(self) -> bool:
-        """The update must start forward-only: `[train] forward_only = "on"`, or only a forward-only
-        worker fits under the critical line."""
+        """The update must start forward-only (and so in the service): `[train] forward_only =
+        "on"`, or only a forward-only update fits under the critical line."""
         if self.config.train.forward_only == "on":
             return True
         return self.worker_headroom_mb() < 0 <= self.worker_headroom_mb(forward_only=True)
@@ -486,7 +494,7 @@ class Adaptation:
     def start_update(self, reason: str, cause: UpdateCause, since: float | None = None) -> bool:
         candidates = tuple(self.governor.start_candidates())
         if self._starts_forward_only() and not candidates[-1].forward_only:
-            log.info("only a forward-only update fits under the critical line: starting one")
+            log.info("only a forward-only update fits under the critical line: starting one in the service")
             candidates = (forward_only(candidates[-1]),)
         job = UpdateJob(
             "update",

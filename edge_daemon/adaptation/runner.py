@@ -1,9 +1,11 @@
-"""The daemon's side of a training worker: start one job, relay its progress, report how it ended.
+"""The daemon's side of a training job: start one, relay its progress, report how it ended.
 
-The worker is forked from the training helper (`worker.py`) and runs
+A job runs in a worker forked from the training helper (`worker.py`), running
 `training.job.run_worker`; it sends `Progress` messages and one `JobResult`. A
 worker that dies without a result (the OOM killer, a crash) is reported as a
-failed result built from its exit status.
+failed result built from its exit status. An update that starts forward-only
+costs a scoring pass and runs on a thread of the daemon instead
+(`training.job.run_in_service`), writing the same messages into a pipe.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from edge_daemon.config import Config
+from edge_daemon.training.job import run_in_service
 from edge_daemon.training.records import JobResult, Progress, UpdateJob, WorkerOrder
 from edge_daemon.training.governor import PlanGovernor, UpdateOutcome
 from edge_daemon.memory.pressure import Level
-from edge_daemon.training.worker import WorkerForker, read_messages
+from edge_daemon.training.worker import MessageWriter, WorkerForker, read_messages
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class UpdateRunner:
         self.forker = forker
         self.on_result = on_result
         self._pid: int | None = None
+        self._in_service: threading.Thread | None = None  # the thread running a forward-only update
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._killing = False  # stop() sent SIGKILL: not an OOM kill
@@ -50,7 +55,7 @@ class UpdateRunner:
 
     @property
     def running(self) -> bool:
-        return self._pid is not None
+        return self._pid is not None or self._in_service is not None
 
     @property
     def child_pid(self) -> int | None:
@@ -59,21 +64,31 @@ class UpdateRunner:
     def start(self, job: UpdateJob) -> bool:
         """Start a worker for `job`; False if one is running."""
         with self._lock:
-            if self._pid is not None:
+            if self.running:
                 return False
             self.forker.stop_flag.clear()
             self._killing = False
-            # The governor travels without its level reader and stop event (shared memory the
-            # worker inherits from the helper instead).
-            governor = copy.copy(self.governor)
-            governor.level_reader, governor.stop_event = None, None  # type: ignore[assignment]
-            job = job.started()
-            order = WorkerOrder(job, self.config.model_dump(mode="json"), governor, os.getpid())
-            pid, messages = self.forker.launch(WORKER_TARGET, order)
-            self._pid = pid
+            governor = copy.copy(self.governor)  # the job's own, as a worker's is
+            if job.kind == "update" and job.candidates and job.candidates[0].forward_only:
+                job = replace(job, in_service=True).started()
+                read_fd, write_fd = os.pipe()
+                self._in_service = threading.Thread(
+                    target=run_in_service, args=(self.config, job, governor, self.forker.stop_flag, MessageWriter(write_fd)),
+                    name="update-in-service", daemon=True,
+                )  # fmt: skip
+                self._in_service.start()
+                messages = read_fd
+                log.info("%s started forward-only in the service (%s)", job.kind, job.reason)
+            else:
+                # The governor travels without its level reader and stop event (shared memory the
+                # worker inherits from the helper instead).
+                governor.level_reader, governor.stop_event = None, None  # type: ignore[assignment]
+                job = job.started()
+                order = WorkerOrder(job, self.config.model_dump(mode="json"), governor, os.getpid())
+                self._pid, messages = self.forker.launch(WORKER_TARGET, order)
+                log.info("%s started in worker pid %d (%s)", job.kind, self._pid, job.reason)
             self.job = job
             self.progress = Progress("starting")
-            log.info("%s started in worker pid %d (%s)", job.kind, pid, job.reason)
             self._thread = threading.Thread(target=self._monitor, args=(messages, job), name="update-monitor", daemon=True)
             self._thread.start()
             return True
@@ -85,11 +100,16 @@ class UpdateRunner:
                 result = message
             elif isinstance(message, Progress):
                 self.progress = message
-        ended = self.forker.wait()
-        killed = ended is not None and ended.signal == signal.SIGKILL and not self._killing
-        if result is None:
-            how = ended.describe() if ended is not None else "ended (the training helper is gone)"
-            result = JobResult(job.kind, accepted=False, error=f"training worker {how} with no result")
+        if job.in_service:
+            killed = False
+            if result is None:  # run_in_service writes a result whatever happens, unless the process ends
+                result = JobResult(job.kind, accepted=False, error="the update in the service ended with no result")
+        else:
+            ended = self.forker.wait()
+            killed = ended is not None and ended.signal == signal.SIGKILL and not self._killing
+            if result is None:
+                how = ended.describe() if ended is not None else "ended (the training helper is gone)"
+                result = JobResult(job.kind, accepted=False, error=f"training worker {how} with no result")
         result.job = job
         result.finished_unix = time.time()
         result.duration_s = result.finished_unix - (job.started_unix or result.finished_unix)
@@ -106,6 +126,7 @@ class UpdateRunner:
                 result.outcome = outcome
         with self._lock:
             self._pid = None
+            self._in_service = None
             self.last = result
             self.job = None
             self.progress = Progress("idle")
@@ -115,12 +136,16 @@ class UpdateRunner:
             log.exception("handling the update result failed")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Ask a running worker to stop at its next micro-batch boundary; kill it after `timeout`."""
+        """Ask a running job to stop at its next micro-batch boundary; kill its worker after
+        `timeout` (a thread in the service cannot be killed: it is left to the process's exit)."""
         thread = self._thread
-        if self._pid is None or thread is None:
+        if not self.running or thread is None:
             return
         self.forker.stop_flag.set()
         thread.join(timeout)
+        if thread.is_alive() and self._in_service is not None:
+            log.warning("the update in the service did not stop within %.0f s", timeout)
+            return
         pid = self._pid
         if thread.is_alive() and pid is not None:
             log.warning("training worker did not stop within %.0f s; killing it", timeout)

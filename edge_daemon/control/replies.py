@@ -299,6 +299,7 @@ class JobStatus(TypedDict):
     budget_mb: float
     seed: int
     started: float | None  # unix seconds
+    in_service: bool  # runs on a thread of the daemon (an update that starts forward-only), not in a worker
 
 
 class OutcomeStatus(TypedDict):

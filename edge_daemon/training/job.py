@@ -61,11 +61,38 @@ def run_worker(order: WorkerOrder, out: MessageWriter, level: SharedLevel, stop_
     from edge_daemon.config import parse_config
 
     config = parse_config(order.config)
+    _run_job(config, job, governor, stop_event, out, service_pid=order.service_pid, modules_at_fork=modules_at_fork)
+
+
+def run_in_service(config: Config, job: UpdateJob, governor: PlanGovernor, stop_event: Any, out: MessageWriter) -> None:
+    """An update that starts forward-only, run on a thread of the daemon itself: write one
+    `JobResult` to `out`.
+
+    Its memory is that of a scoring pass, which the daemon already makes; a forked worker would
+    add its own pages (the copies of what it writes after the fork, ~17 MB on the default model)
+    for nothing a forward pass needs isolating from. The thread's own priority is lowered (Linux
+    keeps a nice value per thread); the governor is the daemon's level and stop flag.
+    """
+    import threading
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + config.train.nice)
+    except (OSError, AttributeError, ValueError):
+        pass  # best effort, as in a worker
+    _run_job(config, job, governor, stop_event, out, service_pid=os.getpid(), modules_at_fork=None)
+
+
+def _run_job(
+    config: Config, job: UpdateJob, governor: PlanGovernor, stop_event: Any, out: Any,
+    service_pid: int | None, modules_at_fork: frozenset[str] | None,
+) -> None:  # fmt: skip
+    """Run the job and write its one `JobResult` (a failure included) to `out`, then close it."""
     try:
         if job.kind == "pretrain":
             result = _run_pretrain(config, stop_event, out)
         else:
-            result = _run_update(config, job, governor, stop_event, out, service_pid=order.service_pid, modules_at_fork=modules_at_fork)
+            result = _run_update(config, job, governor, stop_event, out, service_pid=service_pid, modules_at_fork=modules_at_fork)
         out.put(result)
     except Exception as exc:  # reported to the daemon, which logs it: a failed update is not fatal
         from edge_daemon.errors import TrainingAborted
@@ -111,9 +138,9 @@ def _run_update(
 ) -> JobResult:
     """One update with its memory/plan trace saved under the state dir whatever the outcome.
 
-    In the daemon's training worker, `service_pid` is the daemon (whose service's usage the trace
-    records) and `modules_at_fork` what the worker had imported when it was forked; run in-process
-    (tests, benchmarks) there is neither.
+    `service_pid` is the daemon, whose service's usage the trace records (in its training worker,
+    or on its own thread for an update that starts forward-only); `modules_at_fork` what a worker
+    had imported when it was forked. Run in-process in tests and benchmarks there is neither.
     """
     from edge_daemon.errors import TrainingAborted
 
@@ -337,4 +364,4 @@ def adapter_validation_residuals(
     return summary
 
 
-__all__ = ["run_worker"]
+__all__ = ["run_in_service", "run_worker"]

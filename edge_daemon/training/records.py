@@ -61,6 +61,7 @@ class UpdateJob:
     seed: int = 0
     started_unix: float | None = None  # set when a worker takes it
     cause: UpdateCause | None = None  # what started an update (None: a pretraining job)
+    in_service: bool = False  # runs on a thread of the daemon (an update that starts forward-only), not in a worker
 
     def started(self) -> UpdateJob:
         return replace(self, started_unix=time.time())
@@ -76,6 +77,7 @@ class UpdateJob:
             "budget_mb": self.budget_mb,
             "seed": self.seed,
             "started": self.started_unix,
+            "in_service": self.in_service,
         }
 
 

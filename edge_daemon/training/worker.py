@@ -50,6 +50,7 @@ import edge_daemon.store
 import edge_daemon.training.loop
 import edge_daemon.training.lora  # noqa: F401  (with numpy.random and the others above)
 from edge_daemon.memory.pressure import SharedLevel
+from edge_daemon.memory.usage import tight_malloc
 
 log = logging.getLogger(__name__)
 
@@ -333,38 +334,13 @@ def _helper_main(sock: socket.socket, targets: dict[str, WorkerMain], level: Sha
             return
 
 
-# glibc mallopt(3) parameters.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-# Blocks from this size up are mapped on their own and unmapped when freed. glibc's default
-# threshold rises to the largest block freed so far (up to 32 MB), after which such blocks come
-# from the heap, where freed memory stays with the process: a worker would keep its largest
-# activations' worth of memory after the batch that needed it. Measured on the default model
-# (benchmarks/memory.py): peak 1.24x serving and 8-9 s at 128 kB, 1.33x and 6.4 s at 1 MB,
-# 1.39x and 5.7 s at 4 MB.
-WORKER_MMAP_THRESHOLD = 128 * 1024
-
-
-def _tight_malloc() -> None:
-    """Make the worker's freed memory go back to the kernel at once (glibc; elsewhere nothing)."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return
-    try:
-        libc = ctypes.CDLL(libc_name)
-        libc.mallopt(M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, WORKER_MMAP_THRESHOLD)
-        libc.mallopt(M_ARENA_MAX, 1)  # the worker's sampler threads share its one heap
-    except (OSError, AttributeError):
-        pass
-
-
 def _worker_setup() -> None:
     """Lower the worker's claim on the device: OOM-killed first, lower CPU and I/O priority."""
     helper_pid = os.getppid()
     _parent_death_signal(signal.SIGKILL)
     if os.getppid() != helper_pid:
         os._exit(1)
-    _tight_malloc()
+    tight_malloc()  # the daemon set it before the fork; set again where a worker is forked by another program
     try:
         with open("/proc/self/oom_score_adj", "w") as handle:
             handle.write(str(WORKER_OOM_SCORE_ADJ))
