@@ -8,6 +8,7 @@ where none can be created) and trains under a limit just above serving.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -221,12 +224,10 @@ def test_pressure_during_an_update_tightens_the_plan_and_ingestion_goes_on(
 # ------------------------------------------------------------------ real limit
 
 
-# ~25 s (a daemon process, its training worker, shutdown): out of the default run.
-@pytest.mark.slow
-def test_daemon_under_a_cgroup_limit_just_above_serving_trains_without_oom(
-    tmp_path: Path, broker: LocalBroker, memory_cgroup: MemoryCgroup
-) -> None:
-    sections = _sections(train={"steps": 20}, memory={"retry_after_s": 0})
+@contextlib.contextmanager
+def _serving_in_a_cgroup(tmp_path: Path, broker: LocalBroker, memory_cgroup: MemoryCgroup, sections: dict[str, dict[str, Any]]) -> Iterator[Serving]:
+    """`python -m edge_daemon run` in `memory_cgroup`, its history stored and scored: the serving
+    footprint. SIGTERM at the end (exit 0, no OOM kill); the log printed whatever happens."""
     cfg = make_config(tmp_path, port=broker.port, **sections)
     data = _data_and_base(cfg, seed=4)
     config_file = tmp_path / "config.toml"
@@ -254,15 +255,43 @@ def test_daemon_under_a_cgroup_limit_just_above_serving_trains_without_oom(
             return scoring.get("steps") == HISTORY_STEPS and (scoring.get("last") or {}).get("ts") == newest
 
         wait_for(scored_all, HANG_S, "scoring to reach the newest step", detail=lambda: (daemon_status(socket_path) or {}).get("scoring"))
-        critical = cfg.memory.critical
         # What the daemon counts is the cgroup's charge (its own figure is checked against the
         # kernel's below); the larger of the two readings leaves the margins below on the safe side.
         serving = daemon_status(socket_path) or {}
         serving_mb = max(memory_cgroup.charge_mb(), serving["memory"]["usage_mb"])
-        # Before any worker has run, the start rule expects the update's share of the usage.
+        # Before any update has run, the start rule expects the update's share of the usage.
         assert serving["training"]["expected_worker_measured"] is False
         expected_mb = serving["training"]["expected_worker_mb"]
         assert expected_mb == pytest.approx(cfg.memory.update_share * serving["memory"]["usage_mb"], rel=0.2)
+        yield Serving(cfg, daemon, socket_path, serving_mb, expected_mb)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(HANG_S) == 0
+        assert memory_cgroup.oom_kills() == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        print(log_file.read_text()[-3000:])
+
+
+@dataclass
+class Serving:
+    cfg: Config
+    daemon: subprocess.Popen[bytes]
+    socket_path: Path
+    serving_mb: float  # the cgroup's charge, serving
+    expected_mb: float  # what the start rule expects a worker to add
+
+
+# ~25 s each (a daemon process, its training worker, shutdown): out of the default run.
+@pytest.mark.slow
+def test_daemon_under_a_cgroup_limit_just_above_serving_trains_without_oom(
+    tmp_path: Path, broker: LocalBroker, memory_cgroup: MemoryCgroup
+) -> None:
+    sections = _sections(train={"steps": 20}, memory={"retry_after_s": 0})
+    with _serving_in_a_cgroup(tmp_path, broker, memory_cgroup, sections) as run:
+        cfg, daemon, socket_path, serving_mb, expected_mb = run.cfg, run.daemon, run.socket_path, run.serving_mb, run.expected_mb
+        critical = cfg.memory.critical
         # Room for only a quarter of the expected worker under the critical line (and for half
         # what an update that starts forward-only, in the service, is expected to add): the
         # trigger holds the request rather than start an update that would stop at once.
@@ -333,11 +362,42 @@ def test_daemon_under_a_cgroup_limit_just_above_serving_trains_without_oom(
         else:
             assert last["version"] is None and "rejected" in last["reason"] and last["gate"] is not None, last
             assert not (cfg.adapters_dir / "v1").exists()
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(HANG_S) == 0
-        assert memory_cgroup.oom_kills() == 0
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        print(log_file.read_text()[-3000:])
+
+
+@pytest.mark.slow
+def test_daemon_with_room_for_a_forward_only_update_only_runs_one_in_the_service(
+    tmp_path: Path, broker: LocalBroker, memory_cgroup: MemoryCgroup
+) -> None:
+    """Under a limit that leaves room under the critical line for what an update that starts
+    forward-only is expected to add, but not for a worker: the update starts forward-only on a
+    thread of the daemon (no worker forked), trains to the gate and ends unstopped, no OOM kill."""
+    sections = _sections(train={"steps": 10}, memory={"retry_after_s": 0})
+    with _serving_in_a_cgroup(tmp_path, broker, memory_cgroup, sections) as run:
+        socket_path = run.socket_path
+        # Three quarters of the worker's expected increment: a worker does not fit, and an update
+        # in the service, expected to add half of it, does.
+        limit_mb = (run.serving_mb + 0.75 * run.expected_mb) / run.cfg.memory.critical
+        memory_cgroup.set_limit_mb(limit_mb)
+        wait_for(lambda: (s := daemon_status(socket_path)) and abs(s["memory"]["budget_mb"] - limit_mb) < 1, HANG_S, "the cgroup limit as budget")
+        reply = request(socket_path, {"cmd": "train"})
+        assert reply["ok"] and reply["accepted"]
+        jobs: list[dict[str, Any]] = []
+
+        def finished() -> dict[str, Any] | None:
+            s = daemon_status(socket_path)
+            if s is None:
+                return None
+            if s["training"]["job"]:
+                jobs.append(s["training"]["job"])
+            return s["training"]["last"]
+
+        last = wait_for(finished, HANG_S, "the update to end", interval=0.1)
+        print(f"serving {run.serving_mb:.0f} MB, limit {limit_mb:.0f} MB, last {last}")
+        assert jobs and all(job["in_service"] for job in jobs), jobs
+        outcome = last["outcome"]
+        assert outcome is not None and outcome["start_plan"]["forward_only"] and outcome["stopped"] is False, last
+        assert "forward_only" in last["techniques"] and last["metrics_before"] and last["metrics_after"], last
+        # No worker was forked: the trace of an update in the service records no worker's modules.
+        (trace,) = [json.loads(p.read_text()) for p in (Path(run.cfg.device.state_dir) / "updates").glob("*.json")]
+        assert trace["worker_new_modules"] is None and any(v is not None for v in trace["samples"]["service_mb"]), trace["samples"]
+        assert run.daemon.poll() is None and memory_cgroup.oom_kills() == 0
