@@ -16,6 +16,7 @@ adapter's meta.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, NotRequired, TypedDict
 
@@ -27,7 +28,8 @@ RIDGE = "ridge"
 MODEL = "model"
 
 RIDGE_PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # per row; the best on held-out rows is kept
-MAX_RIDGE_ROWS = 50_000  # enough for lags x channels coefficients; keeps the fit to a few MB
+MAX_RIDGE_ROWS = 50_000  # enough for lags x channels coefficients
+RIDGE_CHUNK_ROWS = 512  # windows whose features the ridge fit forms at a time
 
 
 class BaselineJson(TypedDict):
@@ -164,25 +166,46 @@ def _fit_ahead(
     windows: np.ndarray, lags: int, steps: int, rng: np.random.Generator | None, outputs: int
 ) -> tuple[np.ndarray, float]:
     """Coefficients and penalty of the change of the first `outputs` channels from a window's
-    step -1 - steps to its last step."""
+    step -1 - steps to its last step.
+
+    The fit sums the normal equations over RIDGE_CHUNK_ROWS windows at a time: it holds (lags x
+    channels)^2 sums and one chunk's features, never every window's (on a device's update, ~4
+    MB of features in float64 against ~0.2 MB).
+    """
+    windows = np.asarray(windows)
     n = len(windows)
-    windows = np.asarray(np.asarray(windows)[:, -steps - lags :], dtype=np.float64)  # only what the fit reads
+    rows = np.arange(n)
     if n > MAX_RIDGE_ROWS:
-        keep = np.sort((rng or np.random.default_rng(0)).choice(n, MAX_RIDGE_ROWS, replace=False))
-        windows, n = windows[keep], MAX_RIDGE_ROWS
-    x = _features(windows[:, :lags])
-    y = windows[:, -1, :outputs] - windows[:, lags - 1, :outputs]
+        rows, n = np.sort((rng or np.random.default_rng(0)).choice(n, MAX_RIDGE_ROWS, replace=False)), MAX_RIDGE_ROWS
     split = int(n * 0.8)
 
-    def solve(rows: slice, penalty: float) -> np.ndarray:
-        a, b = x[rows], y[rows]
-        gram = a.T @ a + penalty * len(a) * np.eye(a.shape[1])
-        gram[-1, -1] -= penalty * len(a)  # the constant is not shrunk
-        return np.linalg.solve(gram, a.T @ b)
+    def chunks(first: int, stop: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for at in range(first, stop, RIDGE_CHUNK_ROWS):
+            chunk = np.asarray(windows[rows[at : min(stop, at + RIDGE_CHUNK_ROWS)], -steps - lags :], dtype=np.float64)  # only what the fit reads
+            yield _features(chunk[:, :lags]), chunk[:, -1, :outputs] - chunk[:, lags - 1, :outputs]
 
-    errors = {p: float(np.mean((x[split:] @ solve(slice(0, split), p) - y[split:]) ** 2)) for p in RIDGE_PENALTIES}
-    penalty = min(errors, key=errors.__getitem__)
-    return solve(slice(None), penalty), penalty
+    def sums(first: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        width = lags * windows.shape[2] + 1
+        gram, cross = np.zeros((width, width)), np.zeros((width, outputs))
+        for x, y in chunks(first, stop):
+            gram += x.T @ x
+            cross += x.T @ y
+        return gram, cross
+
+    def solve(gram: np.ndarray, cross: np.ndarray, count: int, penalty: float) -> np.ndarray:
+        gram = gram + penalty * count * np.eye(len(gram))
+        gram[-1, -1] -= penalty * count  # the constant is not shrunk
+        return np.linalg.solve(gram, cross)
+
+    fit_gram, fit_cross = sums(0, split)
+    coefs = {p: solve(fit_gram, fit_cross, split, p) for p in RIDGE_PENALTIES}
+    squared = dict.fromkeys(RIDGE_PENALTIES, 0.0)
+    for x, y in chunks(split, n):
+        for p, coef in coefs.items():
+            squared[p] += float(((x @ coef - y) ** 2).sum())
+    penalty = min(squared, key=squared.__getitem__)
+    val_gram, val_cross = sums(split, n)
+    return solve(fit_gram + val_gram, fit_cross + val_cross, n, penalty), penalty
 
 
 def detect_season(values: np.ndarray, max_lag: int, min_lag: int = 4, threshold: float = 0.3) -> int | None:

@@ -31,7 +31,7 @@ def refit_baselines(
     # The ridge fit reads the last lags + horizon steps of each window (seasonal naive and
     # persistence read none): those of every window, not whole windows.
     tail = base.cfg.lags + max(base.cfg.horizons)
-    train = np.concatenate([data.recent_train.tails(tail), data.replay_train.tails(tail)])[..., :n_sensors]
+    train = np.concatenate([data.recent_train.tails(tail)[..., :n_sensors], data.replay_train.tails(tail)[..., :n_sensors]])
     season = base.meta.get("season_steps") or config.model.season_steps or None
     baselines = make_baselines(train, season, base.cfg.lags, base.cfg.horizons, base.cfg.n_channels)
     val = data.recent_val.numpy()
