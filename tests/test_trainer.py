@@ -562,3 +562,28 @@ def test_grid_windows_read_as_the_windows_they_stand_for() -> None:
     assert held * 8 < expected.numel() * 4
     with pytest.raises(ValueError, match="past the grid"):
         GridWindows(torch.from_numpy(values), torch.tensor([390]), 33)
+
+
+def test_an_update_started_from_an_adapter_starts_where_that_adapter_is(base: Forecaster, data: dict) -> None:
+    """A fleet's adapter is where an update may start: on its modules (no probe), from its factors.
+    One step of a vanishing learning rate leaves the model where the adapter had it; the same step
+    from a fresh adapter leaves it where the base is."""
+    from edge_daemon.errors import TrainingError
+    from edge_daemon.training.lora import lora_layers
+
+    first = update(base, **data, lora_cfg=lora(), train_cfg=train_cfg(steps=30, replay_fraction=0.75, gate_tolerance=1.0), plan=plan(8, 1))
+    assert first.accepted and first.adapted is not None, first.reason
+    factors = {name: (layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone()) for name, layer in lora_layers(first.adapted).items()}
+    still = train_cfg(steps=1, lr=1e-12, replay_fraction=0.75, gate_tolerance=1.0, gate_retry="off")
+    started = update(base, **data, lora_cfg=lora(), train_cfg=still, plan=plan(8, 1), keep_rejected=True, start_from=factors)
+    fresh = update(base, **data, lora_cfg=lora(), train_cfg=still, plan=plan(8, 1), keep_rejected=True)
+    adapted_loss = first.metrics_after["recent_val_loss"]
+    assert started.metrics_after["recent_val_loss"] == pytest.approx(adapted_loss, rel=1e-4)
+    assert fresh.metrics_after["recent_val_loss"] == pytest.approx(fresh.metrics_before["recent_val_loss"], rel=1e-4)
+    assert fresh.metrics_after["recent_val_loss"] > 1.2 * adapted_loss
+    assert started.target_modules == sorted(factors) and started.chosen_blocks == sorted({int(n.split(".")[1]) for n in factors if n.startswith("blocks.")})
+
+    with pytest.raises(TrainingError, match="the adapter to start from has lora_A"):
+        update(base, **data, lora_cfg=lora(r=2), train_cfg=still, plan=plan(8, 1), start_from=factors)
+    with pytest.raises(TrainingError, match="has no modules"):
+        update(base, **data, lora_cfg=lora(), train_cfg=still, plan=plan(8, 1), start_from={})

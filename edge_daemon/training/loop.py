@@ -16,7 +16,7 @@ import gc
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,7 @@ from edge_daemon.training.plan import (
 )
 from edge_daemon.training.records import ProgressEvent, TrainingStep, UpdateReport
 from edge_daemon.training.batches import BatchMixer
-from edge_daemon.training.blocks import choose_blocks
+from edge_daemon.training.blocks import BlockChoice, choose_blocks
 from edge_daemon.training.gate import AttemptJson, GateVerdict, evaluate_loss, judge, window_losses
 from edge_daemon.training.lora import build_lora_model, forecaster_of, lora_layers, set_checkpointing
 from edge_daemon.training.recurrence import Recurrence
@@ -97,6 +97,7 @@ def update(
     keep_rejected: bool = False,
     in_place: bool = False,
     recurrence: Recurrence | None = None,
+    start_from: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> UpdateResult:
     """Train one LoRA adapter on a copy of `base_model` (or, `in_place`, on `base_model` itself:
     a training worker's own, which nothing else uses) and gate it.
@@ -111,7 +112,9 @@ def update(
     carries the adapted model only if accepted (or if `keep_rejected`, for
     benchmarks and tests). `recurrence` weighs the replayed loss in the gate (how likely the old
     regime is to return; None: in full, the fixed rule). Before a rejection for forgetting the
-    adapter trains once more (`[train] gate_retry`) and is judged again.
+    adapter trains once more (`[train] gate_retry`) and is judged again. `start_from` (a fleet's
+    adapter: (lora_A, lora_B) of rank `[lora] r` by module name) is where the adapter starts, on
+    its modules, instead of a fresh one on the blocks the probe chooses.
 
     Raises TrainingAborted (stopped; nothing kept) or TrainingError (non-finite
     loss, no data). In both cases every reference to the training copy is
@@ -128,7 +131,7 @@ def update(
             torch.manual_seed(seed)
             result = _update(
                 base_model, recent_train, recent_val, replay_train, replay_val, lora_cfg, train_cfg, plan,
-                plan_source, should_stop, on_progress, seed, incumbent, keep_rejected, in_place, recurrence,
+                plan_source, should_stop, on_progress, seed, incumbent, keep_rejected, in_place, recurrence, start_from,
             )  # fmt: skip
     except (TrainingAborted, TrainingError) as exc:
         # A fresh exception, logged as text only: the original's traceback (also
@@ -151,6 +154,33 @@ def update(
     return result
 
 
+def _start_choice(start_from: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> BlockChoice:
+    """The modules an adapter that starts from `start_from` adapts: its own (no probe, so no norms)."""
+    if not start_from:
+        raise TrainingError("the adapter to start from has no modules")
+    targets = sorted(start_from)
+    blocks = sorted({int(name.split(".")[1]) for name in targets if name.startswith("blocks.") and name.split(".")[1].isdigit()})
+    return BlockChoice(blocks, [], targets)
+
+
+def load_factors(lora_model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Set every LoRA layer's lora_A and lora_B to `factors` (by module name); TrainingError where a
+    module is missing or a shape differs (another model, or another `[lora] r`)."""
+    layers = lora_layers(lora_model)
+    if set(layers) != set(factors):
+        raise TrainingError(f"the adapter to start from covers {sorted(factors)}, the LoRA layers are {sorted(layers)}")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            a, b = factors[name]
+            if tuple(a.shape) != tuple(layer.lora_A.weight.shape) or tuple(b.shape) != tuple(layer.lora_B.weight.shape):
+                raise TrainingError(
+                    f"{name}: the adapter to start from has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                    f"this model's LoRA {tuple(layer.lora_A.weight.shape)} and {tuple(layer.lora_B.weight.shape)}"
+                )  # fmt: skip
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
+
+
 def _update(
     base_model: Forecaster,
     recent_train: torch.Tensor,
@@ -168,6 +198,7 @@ def _update(
     keep_rejected: bool,
     in_place: bool,
     recurrence: Recurrence | None,
+    start_from: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> UpdateResult:
     if len(recent_val) == 0:
         raise TrainingError("no recent validation windows for the gate")
@@ -194,17 +225,24 @@ def _update(
     )
     del reference
 
-    # 3. Selective freezing: rank blocks by gradient norm on a probe batch of recent data.
-    n_probe = min(lora_cfg.probe_windows, plan.micro_batch, len(recent_train))
-    probe = recent_train[torch.randperm(len(recent_train), generator=generator)[:n_probe]]
-    choice = choose_blocks(model, probe, lora_cfg, checkpointing=plan.checkpointing, forward_only=plan.forward_only)
-    del probe
-    log.info(
-        "adapting blocks %s (gradient norms %s)", choice.blocks, ", ".join(f"{n:.3g}" for n in choice.grad_norms)
-    )
+    # 3. Selective freezing: rank blocks by gradient norm on a probe batch of recent data (or the
+    # modules of the adapter it starts from).
+    if start_from is None:
+        n_probe = min(lora_cfg.probe_windows, plan.micro_batch, len(recent_train))
+        probe = recent_train[torch.randperm(len(recent_train), generator=generator)[:n_probe]]
+        choice = choose_blocks(model, probe, lora_cfg, checkpointing=plan.checkpointing, forward_only=plan.forward_only)
+        del probe
+        log.info(
+            "adapting blocks %s (gradient norms %s)", choice.blocks, ", ".join(f"{n:.3g}" for n in choice.grad_norms)
+        )
+    else:
+        choice = _start_choice(start_from)
+        log.info("adapting from the given adapter's %d modules (blocks %s)", len(choice.target_modules), choice.blocks)
 
     # 4. LoRA on the chosen blocks; the copy's own weights stay frozen.
     lora_model = build_lora_model(model, choice.target_modules, lora_cfg)
+    if start_from is not None:
+        load_factors(lora_model, start_from)
     lora_model.train()
     trainable = [p for p in lora_model.parameters() if p.requires_grad]
     trainable_params = sum(p.numel() for p in trainable)
