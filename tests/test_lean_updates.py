@@ -234,6 +234,10 @@ def test_the_start_plan_falls_back_to_forward_only_where_no_backward_fits() -> N
     assert choose_start_plan(ladder, lambda p: 50.0, baseline_mb=100.0, limit_mb=120.0, fallback=rung) == rung
     assert choose_start_plan(ladder, lambda p: 50.0, baseline_mb=100.0, limit_mb=120.0) == ladder[-1]
     assert choose_start_plan(ladder, lambda p: 0.5 * p.micro_batch, baseline_mb=100.0, limit_mb=120.0, fallback=rung) == ladder[0]
+    # Over the update's share but under the critical line, the tightest plan with a backward runs:
+    # forward-only is for where even it would stop.
+    assert choose_start_plan(ladder, lambda p: 50.0, baseline_mb=100.0, limit_mb=120.0, fallback=rung, critical_mb=200.0) == ladder[-1]
+    assert choose_start_plan(ladder, lambda p: 50.0, baseline_mb=100.0, limit_mb=120.0, fallback=rung, critical_mb=140.0) == rung
 
 
 PEAK_SCRIPT = textwrap.dedent(
@@ -344,6 +348,11 @@ def test_a_worker_with_no_room_for_a_backward_starts_forward_only_and_never_runs
     assert result.outcome is not None and result.outcome.start_plan.forward_only
     without = run(config.model_copy(update={"train": config.train.model_copy(update={"forward_only": "off"})}), tight)
     assert without.report is not None and not without.report.plan_history[0].plan.forward_only
+    # Far under the critical line but over a tiny share of the usage: the backward fits where the
+    # update would not stop, so the update trains by backward (the ladder's tightest plan).
+    small_share = config.model_copy(update={"memory": config.memory.model_copy(update={"update_share": 0.001})})
+    roomy = run(small_share, 10_000.0)
+    assert roomy.report is not None and not roomy.report.plan_history[0].plan.forward_only, roomy.report.plan_history
     assert AdapterStore(config.adapters_dir).current() is None  # committed, not yet current: nothing served by the test
 
 

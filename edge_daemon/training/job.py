@@ -217,7 +217,7 @@ def _update_traced(
     candidates = list(job.candidates)
     targets = list(config.lora.target_modules)
     limit_mb = plan_limit_mb(job.baseline_mb, job.budget_mb, config.memory.critical, config.memory.update_share)
-    plan = _forward_only_start(config, job, base.model, data.recent_train, targets, private_from, limit_mb)
+    plan = _forward_only_start(config, job, base.model, data.recent_train, targets, private_from)
     if plan is None:
         # A process's first backward sets torch's autograd up (~13 MB measured on the default model):
         # done once here, it is counted with what the worker holds, not as the tightest plan's cost
@@ -230,6 +230,7 @@ def _update_traced(
             baseline_mb=job.baseline_mb + held_mb,
             limit_mb=limit_mb,
             fallback=forward_only(candidates[-1]) if config.train.forward_only == "auto" else None,
+            critical_mb=config.memory.critical * job.budget_mb,
         )
     _check_stop(stop_event)
     governor.begin_update(plan)
@@ -320,15 +321,16 @@ def _update_traced(
 
 
 def _forward_only_start(
-    config: Config, job: UpdateJob, model: Any, windows: Any, targets: list[str], private_from: float, limit_mb: float
+    config: Config, job: UpdateJob, model: Any, windows: Any, targets: list[str], private_from: float
 ) -> TrainingPlan | None:
     """The forward-only plan where the update must start with it, else None (dry-run the ladder).
 
     It must where the daemon offers nothing else (`[train] forward_only = "on"`, or its start rule
-    found room for a forward-only worker only), and where the last rung is on and even the first
-    backward would cross the limit: what the worker holds, one forward of the tightest plan's
-    micro-batch and the autograd set-up a backward pays once (AUTOGRAD_SETUP_MB). The backward is
-    then never run, so the worker never pays for it.
+    found room for a forward-only update only), and where the last rung is on and even the first
+    backward would cross the critical line (where the update would stop): what the worker holds,
+    one forward of the tightest plan's micro-batch and the autograd set-up a backward pays once
+    (AUTOGRAD_SETUP_MB). The backward is then never run, so the worker never pays for it. Above
+    the update's share of the usage but under the critical line, the ladder's tightest plan runs.
     """
     from edge_daemon.memory.usage import private_mb
 
@@ -341,9 +343,10 @@ def _forward_only_start(
     forward_mb = measure_micro_batch_mb(model, windows, rung, targets)
     held_mb = max(0.0, (private_mb() or 0.0) - private_from) + AFTER_TRAINING_MB
     needed = job.baseline_mb + held_mb + AUTOGRAD_SETUP_MB + forward_mb
-    if needed < limit_mb:
+    critical_mb = config.memory.critical * job.budget_mb
+    if needed < critical_mb:
         return None
-    log.info("a backward would need %.0f MB of the %.0f MB limit: starting forward-only", needed, limit_mb)
+    log.info("a backward would need %.0f MB, over the critical line at %.0f MB: starting forward-only", needed, critical_mb)
     return rung
 
 

@@ -294,6 +294,7 @@ def choose_start_plan(
     baseline_mb: float,
     limit_mb: float,
     fallback: TrainingPlan | None = None,
+    critical_mb: float | None = None,
 ) -> TrainingPlan:
     """The loosest candidate whose one-micro-batch dry run stays under `limit_mb` (`plan_limit_mb`).
 
@@ -307,9 +308,10 @@ def choose_start_plan(
     scaled by the micro-batch ratio, times CHECKPOINTING_SAVES where it drops
     checkpointing. Measuring stops at the first that does not fit, predicted
     or measured. Where twice the loosest's predicted cost fits, it is measured
-    right after the tightest. If even the tightest does not fit, `fallback`
-    (the forward-only plan) is returned, or without one the tightest (logged):
-    the watchdog stops it if it reaches critical.
+    right after the tightest. If even the tightest does not fit, it is still
+    the plan (logged: the watchdog tightens it and stops it at critical),
+    unless it would cross `critical_mb` (the critical line; None: `limit_mb` is
+    it) and there is a `fallback` (the forward-only plan), which is returned.
     """
     if not candidates:
         raise ValueError("no candidate plans")
@@ -347,7 +349,10 @@ def choose_start_plan(
             break
         chosen, last_cost = plan, cost
     if chosen is None:
-        start = fallback or candidates[-1]
-        log.warning("no plan with a backward fits under %.0f MB; starting with %s", limit_mb, start.describe())
-        return start
+        line = limit_mb if critical_mb is None else critical_mb
+        if fallback is not None and baseline_mb + last_cost >= line:
+            log.warning("no plan with a backward fits under the critical line (%.0f MB); starting with %s", line, fallback.describe())
+            return fallback
+        log.warning("no plan fits under %.0f MB; starting with the tightest, %s", limit_mb, tightest.describe())
+        return tightest
     return chosen
