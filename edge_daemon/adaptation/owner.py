@@ -70,8 +70,8 @@ STAND_IN_RETRY_S = 300.0
 # What an update that starts forward-only (in the service: its data, the base it adapts, a scoring
 # pass's activations, its metrics and refitted baselines) is expected to add before one has been
 # measured, as a share of what a worker is expected to add before one has. Measured on the default
-# model (benchmarks/memory.py): 10.7 to 11.8 MB over a serving charge of 181 to 184 MB, 0.39 to
-# 0.43 of a worker's 0.15 x usage; half of it leaves a margin.
+# model (benchmarks/memory.py, five runs): 8.2 to 11.8 MB over a serving charge of 181 to 191 MB,
+# 0.29 to 0.43 of a worker's 0.15 x usage; half of it leaves a margin.
 FORWARD_ONLY_SHARE = 0.5
 
 
