@@ -62,7 +62,8 @@ class UpdateRunner:
         return self._pid
 
     def start(self, job: UpdateJob) -> bool:
-        """Start a worker for `job`; False if one is running."""
+        """Start `job` in a worker (an update that starts forward-only: on a thread of the
+        daemon); False if one is running."""
         with self._lock:
             if self.running:
                 return False

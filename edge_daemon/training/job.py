@@ -80,7 +80,10 @@ def run_in_service(config: Config, job: UpdateJob, governor: PlanGovernor, stop_
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + config.train.nice)
     except (OSError, AttributeError, ValueError):
         pass  # best effort, as in a worker
-    _run_job(config, job, governor, stop_event, out, service_pid=os.getpid(), modules_at_fork=None)
+    try:
+        _run_job(config, job, governor, stop_event, out, service_pid=os.getpid(), modules_at_fork=None)
+    finally:
+        out.close()  # whatever ended the thread, the runner's monitor sees the end of the pipe
 
 
 def _run_job(
