@@ -4,6 +4,7 @@
     python benchmarks/toolbox.py --only reversible
     python benchmarks/toolbox.py --only step-in-backward
     python benchmarks/toolbox.py --only forward-only
+    python benchmarks/toolbox.py --only in-service
 
 Every configuration runs in a fresh interpreter in a memory cgroup of its own (v1 or v2), with a
 training worker's malloc settings (freed blocks from 128 kB go back to the kernel at once) and one
@@ -28,13 +29,15 @@ measured step holds it already, as every step after an update's first does.
 forward-only: on the default and the large model with the default adapter (micro-batch 32 and 8),
 a scoring pass (inference mode), one forward-only step (two forwards along a random direction and
 the move along it) and one backward of the same windows.
+
+in-service: forward-only steps on a thread of their own after scoring passes on the main thread,
+as an update that starts forward-only runs in the daemon, with glibc's malloc defaults and with
+the daemon's settings, at each micro-batch from 32 to 1: the charge and the time a step.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import gc
 import json
 import os
@@ -95,10 +98,9 @@ class Meter:
 
 
 def _worker_malloc() -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, as training/worker.py sets it
-    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    libc.mallopt(-8, 1)  # M_ARENA_MAX
+    from edge_daemon.memory.usage import tight_malloc
+
+    tight_malloc()  # as the daemon and its workers set it
 
 
 def _batches(length: int, n: int = BATCH):  # -> (warm-up batch, measured batch)
@@ -240,6 +242,65 @@ def child_forward(size: str, kind: str) -> dict[str, float | None]:
     return {"charged_mb": meter.charged_mb, "rss_mb": meter.rss_mb}
 
 
+IN_SERVICE_STEPS = 40
+IN_SERVICE_MICRO = (32, 16, 8, 4, 1)
+
+
+def child_in_service(malloc: str, micro: int) -> dict[str, float | None]:
+    """Forward-only steps on a thread of their own, as an update in the daemon runs them, after
+    scoring passes on the main thread: the cgroup's high-water mark over the steps, and the time a
+    step (a batch of 32 windows in micro-batches of `micro`). `malloc`: "daemon" (the daemon's
+    settings) or "glibc" (its defaults)."""
+    if malloc == "daemon":
+        _worker_malloc()
+    import threading
+    import time
+
+    import torch
+
+    from edge_daemon.model import Forecaster, ForecasterConfig
+    from edge_daemon.training.forward_only import forward_only_step
+    from edge_daemon.training.lora import attach_lora
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(n_channels=CHANNELS))
+    with torch.inference_mode():
+        for _ in range(20):
+            model(torch.randn(1, model.cfg.window, CHANNELS))
+    attach_lora(model, [f"blocks.{b}.{t}" for b in (0, 1) for t in TARGETS], r=4, alpha=8.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    _warm, batch = _batches(model.cfg.window)
+    took: list[float] = []
+
+    def steps() -> None:
+        started = time.perf_counter()
+        for k in range(IN_SERVICE_STEPS):
+            forward_only_step(model, params, batch, micro, lr=1.0, eps=1e-3, seed=k)
+        took.append((time.perf_counter() - started) / IN_SERVICE_STEPS)
+
+    with Meter() as meter:
+        thread = threading.Thread(target=steps)
+        thread.start()
+        thread.join()
+    return {"charged_mb": meter.charged_mb, "rss_mb": meter.rss_mb, "ms_per_step": 1000 * took[0]}
+
+
+def in_service_table() -> list[str]:
+    lines = [
+        f"{IN_SERVICE_STEPS} forward-only steps of 32 windows on a thread of their own, default model and adapter, 1 thread",
+        "",
+        "| malloc | micro-batch | charged MB (cgroup) | peak RSS MB | ms a step |",
+        "| --- | --: | --: | --: | --: |",
+    ]
+    for malloc in ("glibc", "daemon"):
+        for micro in IN_SERVICE_MICRO:
+            r = _in_cgroup(["--child-in-service", malloc, str(micro)])
+            label = "glibc's defaults" if malloc == "glibc" else "the daemon's (tight_malloc)"
+            lines.append(f"| {label} | {micro} | {_mb(r['charged_mb'])} | {r['rss_mb']:.1f} | {r['ms_per_step']:.1f} |")
+    return lines
+
+
 def forward_table() -> list[str]:
     lines = [
         "The default adapter (2 blocks), micro-batch 32 on the default model, 8 on the large one, 1 thread",
@@ -315,7 +376,8 @@ def step_table() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["reversible", "step-in-backward", "forward-only"])
+    parser.add_argument("--only", choices=["reversible", "step-in-backward", "forward-only", "in-service"])
+    parser.add_argument("--child-in-service", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-forward", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-reversible", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-timing", help=argparse.SUPPRESS)
@@ -326,6 +388,9 @@ def main() -> None:
         return
     if args.child_timing:
         print(json.dumps(child_timing(int(args.child_timing))))
+        return
+    if args.child_in_service:
+        print(json.dumps(child_in_service(args.child_in_service[0], int(args.child_in_service[1]))))
         return
     if args.child_forward:
         print(json.dumps(child_forward(*args.child_forward)))
@@ -341,7 +406,9 @@ def main() -> None:
     if args.only in (None, "step-in-backward"):
         print("\n".join(step_table()) + "\n")
     if args.only in (None, "forward-only"):
-        print("\n".join(forward_table()))
+        print("\n".join(forward_table()) + "\n")
+    if args.only in (None, "in-service"):
+        print("\n".join(in_service_table()))
 
 
 if __name__ == "__main__":

@@ -110,3 +110,30 @@ def test_baselines_forecast_further_horizons() -> None:
     errors = [(ridge.predict_ahead(w[:-6], 6) - w[-1], w[-7] - w[-1]) for w in test[:500]]
     ridge_mae, persistence_mae = (np.mean([np.abs(e[i]).mean() for e in errors]) for i in (0, 1))
     assert ridge_mae < 0.8 * persistence_mae, (ridge_mae, persistence_mae)
+
+
+def test_the_ridge_fit_holds_a_chunk_of_features_not_every_windows() -> None:
+    """4,400 windows of 16 lags x 3 channels: every window's features in float64 are 1.7 MB and the
+    windows' float64 copy 1.8 MB more (4.9 MB at the peak, measured, when formed at once); summed
+    chunk by chunk the fit stays under 1.5 MB (0.85 MB measured) and matches the normal
+    equations solved on all rows at once."""
+    import tracemalloc
+
+    from edge_daemon.baselines import RIDGE_CHUNK_ROWS, _features, fit_ridge
+
+    rng = np.random.default_rng(0)
+    windows = rng.normal(size=(4400, 17, 3)).cumsum(axis=1).astype(np.float32)
+    tracemalloc.start()
+    try:
+        ridge = fit_ridge(windows, lags=16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ridge is not None and len(windows) > 4 * RIDGE_CHUNK_ROWS
+    assert peak < 1.5 * 2**20, f"{peak / 2**20:.2f} MB"
+    wide = windows.astype(np.float64)
+    x = _features(wide[:, :16])
+    y = wide[:, -1] - wide[:, 15]
+    gram = x.T @ x + ridge.penalty * len(x) * np.eye(x.shape[1])
+    gram[-1, -1] -= ridge.penalty * len(x)
+    np.testing.assert_allclose(ridge.coef, np.linalg.solve(gram, x.T @ y), rtol=1e-9, atol=1e-12)

@@ -228,6 +228,12 @@ def test_the_governor_stops_a_forward_only_update_at_critical_again_or_after_its
     assert started.should_stop()
 
 
+def test_a_forward_only_plan_runs_micro_batches_of_at_most_8_and_keeps_the_batch_exact() -> None:
+    assert forward_only(TrainingPlan(32, 1, False, "adamw")) == TrainingPlan(8, 4, False, "adamw", forward_only=True)
+    assert forward_only(TrainingPlan(30, 1, True, "adamw8bit")) == TrainingPlan(6, 5, False, "adamw", forward_only=True)
+    assert forward_only(TrainingPlan(1, 32, True, "adamw")) == TrainingPlan(1, 32, False, "adamw", forward_only=True)
+
+
 def test_the_start_plan_falls_back_to_forward_only_where_no_backward_fits() -> None:
     ladder = [TrainingPlan(8, 4, True, "adamw"), TrainingPlan(1, 32, True, "adamw8bit")]
     rung = forward_only(ladder[-1])

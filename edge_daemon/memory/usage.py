@@ -228,7 +228,8 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 # activations' worth of memory after the batch that needed it. Measured on the default model
 # (benchmarks/memory.py, a training worker): peak 1.24x serving and 8-9 s at 128 kB, 1.33x and
 # 6.4 s at 1 MB, 1.39x and 5.7 s at 4 MB. Forward-only steps on a thread of their own at micro-batch
-# 32: +8.7 MB at their peak with this and one arena, +16.7 MB with glibc's defaults.
+# 32 (benchmarks/toolbox.py --only in-service): charged 6.7 MB with this and one arena, 14.4 MB with
+# glibc's defaults, at 46 ms a step against 28 (each large block mapped and unmapped).
 MMAP_THRESHOLD = 128 * 1024
 
 

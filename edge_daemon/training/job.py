@@ -80,17 +80,15 @@ def run_in_service(config: Config, job: UpdateJob, governor: PlanGovernor, stop_
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + config.train.nice)
     except (OSError, AttributeError, ValueError):
         pass  # best effort, as in a worker
-    try:
-        _run_job(config, job, governor, stop_event, out, service_pid=os.getpid(), modules_at_fork=None)
-    finally:
-        out.close()  # whatever ended the thread, the runner's monitor sees the end of the pipe
+    _run_job(config, job, governor, stop_event, out, service_pid=os.getpid(), modules_at_fork=None)
 
 
 def _run_job(
     config: Config, job: UpdateJob, governor: PlanGovernor, stop_event: Any, out: Any,
     service_pid: int | None, modules_at_fork: frozenset[str] | None,
 ) -> None:  # fmt: skip
-    """Run the job and write its one `JobResult` (a failure included) to `out`, then close it."""
+    """Run the job and write its one `JobResult` (a failure included) to `out`, then close it
+    whatever ends it: the daemon's monitor waits for the end of the pipe."""
     try:
         if job.kind == "pretrain":
             result = _run_pretrain(config, stop_event, out)
@@ -111,7 +109,8 @@ def _run_job(
                 outcome=governor.outcome() if job.kind == "update" and governor.current_plan is not None else None,
             )
         )
-    out.close()
+    finally:
+        out.close()
 
 
 def _check_stop(stop_event: Any) -> None:
@@ -220,7 +219,8 @@ def _update_traced(
     candidates = list(job.candidates)
     targets = list(config.lora.target_modules)
     limit_mb = plan_limit_mb(job.baseline_mb, job.budget_mb, config.memory.critical, config.memory.update_share)
-    plan = _forward_only_start(config, job, base.model, data.recent_train, targets, private_from)
+    critical_mb = config.memory.critical * job.budget_mb  # where the update would stop
+    plan = _forward_only_start(config, job, base.model, data.recent_train, targets, private_from, critical_mb)
     if plan is None:
         # A process's first backward sets torch's autograd up (~13 MB measured on the default model):
         # done once here, it is counted with what the worker holds, not as the tightest plan's cost
@@ -233,7 +233,7 @@ def _update_traced(
             baseline_mb=job.baseline_mb + held_mb,
             limit_mb=limit_mb,
             fallback=forward_only(candidates[-1]) if config.train.forward_only == "auto" else None,
-            critical_mb=config.memory.critical * job.budget_mb,
+            critical_mb=critical_mb,
         )
     _check_stop(stop_event)
     governor.begin_update(plan)
@@ -324,7 +324,7 @@ def _update_traced(
 
 
 def _forward_only_start(
-    config: Config, job: UpdateJob, model: Any, windows: Any, targets: list[str], private_from: float
+    config: Config, job: UpdateJob, model: Any, windows: Any, targets: list[str], private_from: float, critical_mb: float
 ) -> TrainingPlan | None:
     """The forward-only plan where the update must start with it, else None (dry-run the ladder).
 
@@ -346,7 +346,6 @@ def _forward_only_start(
     forward_mb = measure_micro_batch_mb(model, windows, rung, targets)
     held_mb = max(0.0, (private_mb() or 0.0) - private_from) + AFTER_TRAINING_MB
     needed = job.baseline_mb + held_mb + AUTOGRAD_SETUP_MB + forward_mb
-    critical_mb = config.memory.critical * job.budget_mb
     if needed < critical_mb:
         return None
     log.info("a backward would need %.0f MB, over the critical line at %.0f MB: starting forward-only", needed, critical_mb)

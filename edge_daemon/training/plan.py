@@ -128,9 +128,10 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return 1
 
 
-# The largest micro-batch a forward-only plan runs: its step costs the same time from 32 windows a
-# pass down to 8 (20-21 ms on the default model, one thread; 25 ms at 4, 50 ms at 1), and a
-# forward of 32 keeps ~4 MB more of activations than one of 8.
+# The largest micro-batch a forward-only plan runs. Measured (benchmarks/toolbox.py --only
+# in-service; default model, one thread, a batch of 32): 28 ms a step at 32 and at 8 with glibc's
+# malloc defaults (33 at 4, 65 at 1), 46 and 53 ms with the daemon's settings; charged 14.4 MB
+# against 4.5 MB (glibc's), 6.7 against 2.2 MB (the daemon's).
 FORWARD_ONLY_MAX_MICRO_BATCH = 8
 
 
