@@ -363,7 +363,7 @@ def test_client_that_vanishes_mid_reply_does_not_hurt_the_server(tmp_path: Path,
             srv.client_timeout_s = 0.5
             stuck = connect(srv.path)
             stuck.sendall(b'{"cmd": "big"}\n')
-            wait_for(lambda: srv.stats["timeouts"] == 1, "the server to drop the client that stopped reading")
+            wait_for(lambda: srv.stats["timeouts"] == 1 and "stopped reading" in caplog.text, "the server to drop the client that stopped reading")
             assert "stopped reading" in caplog.text
             stuck.close()
             srv.client_timeout_s = HANG_S

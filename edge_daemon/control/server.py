@@ -357,8 +357,8 @@ class _Client(socketserver.StreamRequestHandler):
                 if not self._send(control.dispatch(line, peer)):
                     return
         except TimeoutError:
-            control._count("timeouts")
             log.debug("control client silent for %.1f s; dropped", control.client_timeout_s)
+            control._count("timeouts")  # counted once it is said: the count marks the drop as done
         except OSError as exc:
             log.debug("control client went away: %s", exc)
         except Exception:
@@ -375,8 +375,8 @@ class _Client(socketserver.StreamRequestHandler):
             self.connection.sendall(data, socket.MSG_NOSIGNAL)
             return True
         except TimeoutError:
-            control._count("timeouts")
             log.debug("control client stopped reading; dropped")
+            control._count("timeouts")  # counted once it is said
         except OSError as exc:  # BrokenPipeError, ConnectionResetError
             log.debug("control client vanished before its reply: %s", exc)
         return False
